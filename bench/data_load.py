@@ -1,0 +1,48 @@
+"""Time loading an image zip: the first load decodes it, the second comes from the cache.
+
+    python bench/data_load.py [ZIP] [--cache-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+from kdtool.data import load_data  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("zip", nargs="?", type=Path,
+                        default=REPO.parent / "shared/data/cifar10/train45k.zip")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="dataset cache (default: a fresh temp dir, deleted afterwards)")
+    args = parser.parse_args()
+    cache_dir = args.cache_dir or Path(tempfile.mkdtemp(prefix="kdtool-bench-"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            data = load_data(str(args.zip), cache_dir=cache_dir)
+            times.append(time.perf_counter() - start)
+    finally:
+        if args.cache_dir is None:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+    n = len(data)
+    print(f"{args.zip}: {n} images {data.channels}x{data.image_size[0]}x{data.image_size[1]}, "
+          f"{data.num_classes} classes, {cores} cores")
+    for label, t in zip(("first load (decode)", "second load (cache)"), times, strict=True):
+        print(f"{label:20s} {t:7.2f} s  {n / t:12,.0f} img/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# GPU recipe and throughput for `kdtool train` (issue: ResNet-18 >= 93% on CIFAR-10 val5k in
+# <= 3 minutes on one H100). Needs the CIFAR-10 zips in $DATA (copy ../shared/data/cifar10).
+#   DATA=.data/cifar10 OUT=runs bash bench/gpu_recipe.sh
+set -uo pipefail
+DATA=${DATA:-.data/cifar10}
+OUT=${OUT:-runs}
+export KDTOOL_CACHE=${KDTOOL_CACHE:-/tmp/kdtool-cache}
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+python3 -m pip install -q -e . --no-deps --no-build-isolation >/dev/null 2>&1 \
+  || export PYTHONPATH=$PWD
+KD="python3 -m kdtool"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
+
+python3 -m pytest -q -m gpu tests/kdtool/test_train_gpu.py -p no:cacheprovider 2>&1 | tail -3
+
+python3 bench/train_throughput.py --arch resnet8 resnet18 resnet34 --images 16384 \
+  --batch-size 512 --epochs 2 2>/dev/null | tee "$OUT/throughput.txt"
+
+for epochs in ${EPOCHS:-18 30}; do
+  start=$(date +%s.%N)
+  $KD train --arch resnet18 --data "$DATA/train45k.zip" --val "$DATA/val5k.zip" \
+    --epochs "$epochs" --batch-size 512 --lr 0.4 --label-smoothing 0.1 \
+    --out "${MODELS:-$OUT}/r18_e$epochs.safetensors" --force --json > "$OUT/recipe_e$epochs.json" \
+    2> "$OUT/recipe_e$epochs.log"
+  end=$(date +%s.%N)
+  python3 - "$OUT/recipe_e$epochs.json" "$start" "$end" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+wall = float(sys.argv[3]) - float(sys.argv[2])
+train_s = sum(h["seconds"] for h in r["history"])
+print(f"epochs {r['epochs']}: best val {r['val_top1']:.2f}% (epoch {r['best_epoch']}), "
+      f"final {r['history'][-1]['val_top1']:.2f}%, wall {wall:.1f} s incl. data decode + "
+      f"start-up, training steps {train_s:.1f} s, {r['images_per_s']:,.0f} img/s")
+PY
+done

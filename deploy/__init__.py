@@ -1,0 +1,1 @@
+"""kdtool.deploy: benchmarks across backends and an ONNX Runtime inference server."""

@@ -1,0 +1,1 @@
+"""kdtool.export: ONNX export and TensorRT engines."""

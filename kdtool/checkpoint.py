@@ -1,0 +1,252 @@
+"""Self-describing checkpoints: safetensors weights + kdtool's JSON metadata in one file.
+
+The metadata (architecture and its arguments, classes, input, normalisation,
+provenance) lives in the safetensors header under the key ``kdtool``, so a
+checkpoint is loaded from the file alone.  Foreign checkpoints (a plain
+state_dict in ``.pt``/``.pth``/``.bin``/``.safetensors``) load with
+``torch.load(weights_only=True)`` or safetensors plus a ``ForeignSpec``;
+nothing a user hands in is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from kdtool.errors import KdtoolError
+from kdtool.io import atomic_write_bytes, check_output
+from kdtool.models import TV_PREFIX, create_model
+
+FORMAT = "kdtool.checkpoint"
+FORMAT_VERSION = 1
+META_KEY = "kdtool"
+FOREIGN_SUFFIXES = (".pt", ".pth", ".bin")
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+@dataclass
+class ModelMeta:
+    """Everything needed to rebuild and feed a model, and where it came from."""
+
+    arch: str
+    num_classes: int
+    in_chans: int
+    input_size: list[int]  # [height, width]
+    mean: list[float]
+    std: list[float]
+    class_names: list[str] = field(default_factory=list)
+    arch_args: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    # Stage-specific records ("train", "distill", "calibrate", ...), each a JSON object.
+    stages: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)})
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> ModelMeta:
+        try:
+            d = json.loads(text)
+            if d.pop("format", None) != FORMAT:
+                raise ValueError("format tag missing")
+            version = d.pop("format_version", None)
+            if not isinstance(version, int) or version > FORMAT_VERSION:
+                raise KdtoolError(
+                    f"'{source}' was written by a newer kdtool (format {version})",
+                    "upgrade kdtool: pip install -U kdtool",
+                )
+            meta = cls(**d)
+        except KdtoolError:
+            raise
+        except (ValueError, TypeError) as e:
+            raise KdtoolError(f"'{source}' has malformed kdtool metadata: {e}") from e
+        meta.validate(source)
+        return meta
+
+    def validate(self, source: str) -> None:
+        problems = []
+        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
+            problems.append(f"mean/std need {self.in_chans} values")
+        if any(s <= 0 for s in self.std):
+            problems.append("std must be positive")
+        if self.class_names and len(self.class_names) != self.num_classes:
+            problems.append(f"{len(self.class_names)} class names for {self.num_classes} classes")
+        if len(self.input_size) != 2:
+            problems.append("input_size must be [height, width]")
+        if problems:
+            raise KdtoolError(f"'{source}' has inconsistent metadata: " + "; ".join(problems))
+
+    def build(self) -> nn.Module:
+        return create_model(
+            self.arch, num_classes=self.num_classes, in_chans=self.in_chans, **self.arch_args
+        )
+
+
+@dataclass
+class ForeignSpec:
+    """What a plain state_dict does not say about itself (the CLI's --arch and friends)."""
+
+    arch: str
+    num_classes: int = 10
+    in_chans: int = 3
+    input_size: list[int] | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    class_names: list[str] = field(default_factory=list)
+
+    def to_meta(self, source: str) -> ModelMeta:
+        from kdtool.models import model_spec
+
+        spec = model_spec(self.arch)
+        mean, std = self.mean, self.std
+        if mean is None or std is None:
+            if not self.arch.startswith(TV_PREFIX):
+                raise KdtoolError(
+                    f"'{source}' is a plain state_dict and its normalisation is unknown",
+                    "pass --mean and --std (the values the model was trained with)",
+                )
+            mean, std = IMAGENET_MEAN, IMAGENET_STD  # torchvision's own weights use these
+        if self.in_chans != len(mean):
+            mean, std = mean[:1] * self.in_chans, std[:1] * self.in_chans
+        meta = ModelMeta(
+            arch=self.arch,
+            num_classes=self.num_classes,
+            in_chans=self.in_chans,
+            input_size=list(self.input_size or spec.input_size),
+            mean=list(mean),
+            std=list(std),
+            class_names=list(self.class_names),
+            provenance={"imported_from": str(source)},
+        )
+        meta.validate(source)
+        return meta
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: ModelMeta, force: bool) -> Path:
+    """Write ``model``'s state_dict and ``meta`` atomically; refuse to overwrite without force."""
+    path = check_output(path, force, "checkpoint")
+    meta.validate(str(path))
+    # clone(): safetensors refuses tensors that share storage (tied weights, views).
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    atomic_write_bytes(path, st_save(tensors, metadata={META_KEY: meta.to_json()}))
+    return path
+
+
+def _require_file(path: Path) -> None:
+    if not path.exists():
+        raise KdtoolError(f"checkpoint '{path}' does not exist", "check the path")
+    if path.is_dir():
+        raise KdtoolError(f"checkpoint '{path}' is a directory", "pass a .safetensors file")
+
+
+def _safetensors_header(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise KdtoolError(
+            f"'{path}' is not a readable safetensors file ({e})",
+            "the file is corrupt or truncated: copy it again or re-create it",
+        ) from e
+
+
+def read_meta(path: str | Path) -> ModelMeta:
+    """Read a kdtool checkpoint's metadata without loading its weights."""
+    path = Path(path)
+    _require_file(path)
+    if path.suffix.lower() in FOREIGN_SUFFIXES:
+        raise KdtoolError(
+            f"'{path}' is a plain PyTorch file, not a kdtool checkpoint",
+            "convert it first: kdtool convert FILE --arch ARCH --out model.safetensors",
+        )
+    header = _safetensors_header(path)
+    if META_KEY not in header:
+        raise KdtoolError(
+            f"'{path}' is a safetensors file without kdtool metadata",
+            "pass --arch (and --num-classes, --mean, --std) to load it as a plain state_dict",
+        )
+    return ModelMeta.from_json(header[META_KEY], str(path))
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix.lower() in FOREIGN_SUFFIXES:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for bad pickles and refused globals
+            raise KdtoolError(
+                f"cannot read '{path}' as a PyTorch state_dict: {str(e).splitlines()[0]}",
+                "save it with torch.save(model.state_dict(), path); "
+                "only tensors and plain containers are accepted",
+            ) from e
+        return _unwrap_state_dict(obj, path)
+    try:
+        return st_load(path.read_bytes())
+    except (SafetensorError, ValueError) as e:
+        raise KdtoolError(
+            f"'{path}' is corrupt or truncated ({e})", "copy it again or re-create it"
+        ) from e
+
+
+def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    # Training scripts often wrap the weights: {"state_dict": ...}, {"model": ...}.
+    for key in ("state_dict", "model_state_dict", "model", "net"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise KdtoolError(
+            f"'{path}' does not hold a state_dict (a mapping of names to tensors)",
+            "save it with torch.save(model.state_dict(), path)",
+        )
+    # DataParallel / DDP / torch.compile prefixes
+    for prefix in ("module.", "_orig_mod."):
+        if obj and all(k.startswith(prefix) for k in obj):
+            obj = {k[len(prefix):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` strictly, naming the first mismatching tensor on failure."""
+    expected = model.state_dict()
+    for name, tensor in expected.items():
+        if name not in state:
+            raise KdtoolError(
+                f"'{source}' lacks tensor '{name}' that the architecture needs",
+                "check --arch and its arguments against the model that wrote the file",
+            )
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise KdtoolError(
+                f"shape mismatch in '{source}' at '{name}': file {tuple(state[name].shape)}, "
+                f"architecture {tuple(tensor.shape)}",
+                "check --arch, --num-classes and --in-chans",
+            )
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise KdtoolError(
+            f"'{source}' has tensor '{extra[0]}' the architecture does not have"
+            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""),
+            "check --arch against the model that wrote the file",
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def load_checkpoint(
+    path: str | Path, foreign: ForeignSpec | None = None
+) -> tuple[nn.Module, ModelMeta]:
+    """Load a kdtool checkpoint (or a plain state_dict described by ``foreign``), in eval mode."""
+    path = Path(path)
+    _require_file(path)
+    meta = foreign.to_meta(str(path)) if foreign is not None else read_meta(path)
+    model = meta.build()
+    load_into(model, _read_state_dict(path), str(path))
+    return model.eval(), meta

@@ -1,0 +1,69 @@
+"""The typer application and the one place where errors become exit codes."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+try:  # typer >= 0.22 vendors its own copy of click
+    from typer._click.exceptions import UsageError
+except ImportError:  # older typer runs on click itself
+    from click.exceptions import UsageError
+
+from kdtool import __version__
+from kdtool.errors import KdtoolError
+from kdtool.runinfo import set_command_line
+
+app = typer.Typer(
+    name="kdtool",
+    help="Turn a trained image classifier into a small, fast student without its training "
+    "data (noise-engineered data-free knowledge distillation), then calibrate, export "
+    "and deploy it.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"kdtool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """kdtool: data-free distillation of image classifiers for the edge."""
+
+
+def _error(message: str) -> None:
+    # One plain line: no rich wrapping, so a long path never splits the message.
+    prefix = "\x1b[1;31merror:\x1b[0m" if sys.stderr.isatty() else "error:"
+    sys.stderr.write(f"{prefix} {message}\n")
+    sys.stderr.flush()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors print one line and exit 1; bugs keep their traceback."""
+    set_command_line(sys.argv[1:] if argv is None else argv)
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="kdtool", standalone_mode=False)
+    except KdtoolError as e:
+        _error(str(e))
+        sys.exit(1)
+    except UsageError as e:
+        where = e.ctx.command_path if e.ctx is not None else "kdtool"
+        _error(f"{e.format_message()} (see '{where} --help')")
+        sys.exit(1)
+    except (typer.Abort, KeyboardInterrupt):
+        _error("interrupted")
+        sys.exit(130)
+    sys.exit(code or 0)

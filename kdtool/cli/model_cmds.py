@@ -1,0 +1,158 @@
+"""``kdtool models``, ``kdtool info`` and ``kdtool convert``."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kdtool.cli.app import app
+from kdtool.cli.options import Arch, Force, InChans, Json, Mean, NumClasses, Std, foreign_spec
+
+
+@app.command("models")
+def models_cmd(
+    torchvision: Annotated[bool, typer.Option(
+        "--torchvision", help="Also list torchvision classifiers (use them as tv:NAME).")] = False,
+    as_json: Json = False,
+) -> None:
+    """List the registered architectures with parameter counts and input size.
+
+    Example: [bold]kdtool models[/bold]
+    """
+    import torch
+
+    from kdtool import console
+    from kdtool.models import count_params, create_model, list_models, model_spec
+
+    rows = []
+    names = list_models()
+    if torchvision:
+        from kdtool.models.torchvision_models import list_names
+
+        names += ["tv:" + n for n in list_names()]
+    for name in names:
+        spec = model_spec(name)
+        with torch.device("meta"):  # count parameters without allocating them
+            params = count_params(create_model(name, num_classes=10 if not
+                                               name.startswith("tv:") else 1000))
+        rows.append({"name": name, "family": spec.family, "params": params,
+                     "input_size": list(spec.input_size), "description": spec.description})
+
+    def render(result):
+        console.out.print(console.table(
+            "kdtool architectures (parameters for 10 classes; 1000 for tv:)",
+            ["name", "family", "params (M)", "input", "description"],
+            [[r["name"], r["family"], f"{r['params'] / 1e6:.2f}",
+              "x".join(map(str, r["input_size"])), r["description"]]
+             for r in result["models"]]))
+
+    console.emit({"models": rows}, as_json, render)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@app.command("info")
+def info_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="A kdtool .safetensors checkpoint.")],
+    as_json: Json = False,
+) -> None:
+    """Print a checkpoint's metadata: architecture, classes, input, normalisation, provenance.
+
+    Example: [bold]kdtool info teacher.safetensors[/bold]
+    """
+    from dataclasses import asdict
+
+    from safetensors import safe_open
+
+    from kdtool import console
+    from kdtool.checkpoint import read_meta
+
+    meta = read_meta(checkpoint)
+    with safe_open(str(checkpoint), framework="pt") as f:
+        keys = list(f.keys())
+        n_values = sum(_numel(f.get_slice(k).get_shape()) for k in keys)
+    result = {"file": str(checkpoint), "bytes": checkpoint.stat().st_size,
+              "sha256": file_sha256(checkpoint), "tensors": len(keys), "values": n_values,
+              **asdict(meta)}
+
+    def render(r):
+        prov = r["provenance"]
+        rows = [["architecture", r["arch"] + (f" {r['arch_args']}" if r["arch_args"] else "")],
+                ["classes", f"{r['num_classes']}: " + ", ".join(r["class_names"][:20])
+                 + (" ..." if len(r["class_names"]) > 20 else "")],
+                ["input", f"{r['in_chans']}x{r['input_size'][0]}x{r['input_size'][1]}"],
+                ["mean / std", f"{_fmt_list(r['mean'])} / {_fmt_list(r['std'])}"],
+                ["tensors", f"{r['tensors']} ({r['values']:,} values)"],
+                ["file", f"{r['bytes']:,} bytes, sha256 {r['sha256'][:16]}..."]]
+        rows += [[k, str(v)] for k, v in prov.items() if k != "metrics"]
+        rows += [[f"metric {k}", f"{v:.4g}" if isinstance(v, float) else str(v)]
+                 for k, v in prov.get("metrics", {}).items()]
+        rows += [[f"stage {k}", ", ".join(f"{a}={b}" for a, b in v.items()
+                                          if not isinstance(b, list | dict))]
+                 for k, v in r["stages"].items()]
+        console.print_kv(str(r["file"]), rows)
+
+    console.emit(result, as_json, render)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _fmt_list(values) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
+@app.command("convert")
+def convert_cmd(
+    state_dict: Annotated[Path, typer.Argument(help="A plain state_dict: .pt, .pth, .bin or "
+                                               ".safetensors without kdtool metadata.")],
+    arch: Arch = None,
+    num_classes: NumClasses = 10,
+    in_chans: InChans = 3,
+    mean: Mean = None,
+    std: Std = None,
+    class_names: Annotated[str | None, typer.Option(
+        "--class-names", help="Comma-separated class names, in label order.")] = None,
+    out: Annotated[Path, typer.Option("--out", help="The kdtool checkpoint to write.")] = Path(
+        "model.safetensors"),
+    force: Force = False,
+    as_json: Json = False,
+) -> None:
+    """Turn a plain PyTorch state_dict into a self-describing kdtool checkpoint.
+
+    The file is read with torch.load(weights_only=True): it is never unpickled.
+
+    Example: [bold]kdtool convert resnet18.pth --arch tv:resnet18 --num-classes 1000 --out
+    teacher.safetensors[/bold]
+    """
+    from kdtool import console
+    from kdtool.checkpoint import load_checkpoint, save_checkpoint
+    from kdtool.errors import KdtoolError
+    from kdtool.runinfo import provenance
+
+    if arch is None:
+        raise KdtoolError(f"converting '{state_dict}' needs its architecture",
+                          "pass --arch (see 'kdtool models')")
+    spec = foreign_spec(state_dict, arch, num_classes, in_chans, mean, std)
+    if class_names is not None:
+        spec.class_names = [c.strip() for c in class_names.split(",")]
+    model, meta = load_checkpoint(state_dict, foreign=spec)
+    meta.provenance = provenance(imported_from=str(state_dict),
+                                 imported_sha256=file_sha256(state_dict))
+    path = save_checkpoint(out, model, meta, force=force)
+    console.emit({"out": str(path), "arch": meta.arch, "num_classes": meta.num_classes},
+                 as_json, lambda r: console.info(f"wrote {r['out']} ({r['arch']}, "
+                                                 f"{r['num_classes']} classes)"))

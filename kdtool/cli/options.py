@@ -1,0 +1,59 @@
+"""Options shared by several commands, and parsers for their values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kdtool.errors import KdtoolError
+
+Json = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
+Force = Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists.")]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same run.")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+DATA_HELP = ("A dataset: an ImageFolder directory (<class>/<image>), a zip of one, an .npz "
+             "(x uint8 NHWC, y int), or the embedded 'digits' / 'digits:test'.")
+
+# For plain state_dicts (.pt/.pth), which do not describe themselves.
+Arch = Annotated[str | None, typer.Option(
+    "--arch", help="Architecture of a plain state_dict (kdtool models; tv:NAME for torchvision).",
+    rich_help_panel="Plain state_dict")]
+NumClasses = Annotated[int, typer.Option(
+    "--num-classes", help="Classes of a plain state_dict.", rich_help_panel="Plain state_dict")]
+InChans = Annotated[int, typer.Option(
+    "--in-chans", help="Input channels of a plain state_dict.", rich_help_panel="Plain state_dict")]
+Mean = Annotated[str | None, typer.Option(
+    "--mean", help="Normalisation mean per channel, e.g. 0.4914,0.4822,0.4465.",
+    rich_help_panel="Normalisation")]
+Std = Annotated[str | None, typer.Option(
+    "--std", help="Normalisation std per channel, e.g. 0.2023,0.1994,0.2010.",
+    rich_help_panel="Normalisation")]
+
+
+def parse_floats(text: str | None, option: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise KdtoolError(f"{option} '{text}' is not a comma-separated list of numbers",
+                          f"e.g. {option} 0.5,0.5,0.5") from None
+    if not values:
+        raise KdtoolError(f"{option} is empty", f"e.g. {option} 0.5,0.5,0.5")
+    return values
+
+
+def foreign_spec(path: Path, arch: str | None, num_classes: int, in_chans: int,
+                 mean: str | None, std: str | None):
+    """A ForeignSpec when the user described a plain state_dict, else None (kdtool file)."""
+    from kdtool.checkpoint import FOREIGN_SUFFIXES, ForeignSpec
+
+    if arch is None:
+        if path.suffix.lower() in FOREIGN_SUFFIXES:
+            raise KdtoolError(f"'{path}' is a plain state_dict and does not name its architecture",
+                              "pass --arch (see 'kdtool models'), --num-classes and --mean/--std")
+        return None
+    return ForeignSpec(arch=arch, num_classes=num_classes, in_chans=in_chans,
+                       mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"))

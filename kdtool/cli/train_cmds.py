@@ -1,0 +1,158 @@
+"""``kdtool train`` and ``kdtool eval``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kdtool.cli.app import app
+from kdtool.cli.options import (
+    DATA_HELP,
+    Arch,
+    Device,
+    Force,
+    InChans,
+    Json,
+    Mean,
+    NumClasses,
+    Seed,
+    Std,
+    foreign_spec,
+    parse_floats,
+)
+
+
+@app.command("train")
+def train_cmd(
+    data: Annotated[str, typer.Option("--data", help="Training data. " + DATA_HELP)],
+    arch: Annotated[str, typer.Option("--arch", help="Architecture (see 'kdtool models').")] = (
+        "resnet18"),
+    val: Annotated[str | None, typer.Option(
+        "--val", help="Validation data (same forms as --data); the best epoch by it is kept.")
+    ] = None,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training data.")] = 30,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step.")] = 128,
+    optimizer: Annotated[str, typer.Option(
+        "--optimizer", help="sgd (Nesterov; fast default) or adam (the paper's).")] = "sgd",
+    schedule: Annotated[str | None, typer.Option(
+        "--schedule", help="onecycle, cosine or plateau (default: onecycle for sgd, plateau "
+        "for adam).")] = None,
+    lr: Annotated[float | None, typer.Option(
+        "--lr", help="Peak learning rate (default 0.1 for sgd, 1e-3 for adam).")] = None,
+    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 5e-4,
+    label_smoothing: Annotated[float, typer.Option("--label-smoothing")] = 0.0,
+    augment: Annotated[bool | None, typer.Option(
+        "--augment/--no-augment", help="Random crop (pad 4) + flip; default on except for "
+        "images under 16 px.", show_default=False)] = None,
+    image_size: Annotated[int | None, typer.Option(
+        "--image-size", help="Resize images to this size (default: keep).")] = None,
+    mean: Mean = None,
+    std: Std = None,
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    out: Annotated[Path, typer.Option("--out", help="Checkpoint to write.")] = Path(
+        "teacher.safetensors"),
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue the interrupted run that writes --out.")] = False,
+    force: Force = False,
+    seed: Seed = 0,
+    device: Device = "auto",
+    as_json: Json = False,
+) -> None:
+    """Train a classifier (a teacher) on real data; the data decide classes, channels and size.
+
+    Example: [bold]kdtool train --arch resnet8 --data digits --val digits:test --epochs 15
+    --out teacher.safetensors[/bold]
+    """
+    from kdtool import console
+    from kdtool.train import TrainConfig, Trainer
+
+    cfg = TrainConfig(arch=arch, data=data, val=val, epochs=epochs, batch_size=batch_size,
+                      optimizer=optimizer, schedule=schedule, lr=lr, weight_decay=weight_decay,
+                      label_smoothing=label_smoothing, augment=augment, image_size=image_size,
+                      mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"),
+                      seed=seed, device=device, compile=compile_)
+    try:
+        result = Trainer(cfg, out, force=force, resume=resume).run()
+    except KeyboardInterrupt:
+        console.warn("interrupted; continue with the same command and --resume")
+        raise typer.Exit(130) from None
+
+    def render(r):
+        rows = [["output", r["out"]], ["best epoch", f"{r['best_epoch']}/{r['epochs']}"],
+                ["train loss", f"{r['loss']:.4f}"], ["train top-1", f"{r['train_top1']:.2f}%"]]
+        if "val_top1" in r:
+            rows.append(["val top-1", f"{r['val_top1']:.2f}%"])
+        rows.append(["throughput", f"{r['images_per_s']:,.0f} img/s on {r['device']}"])
+        console.print_kv("kdtool train", rows)
+
+    console.emit(result, as_json, render)
+
+
+@app.command("eval")
+def eval_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="A kdtool checkpoint (or a plain "
+                                               "state_dict with --arch).")],
+    data: Annotated[str, typer.Option("--data", help="Labelled data. " + DATA_HELP)],
+    bn: Annotated[str, typer.Option(
+        "--bn", help="BatchNorm statistics: running (deployment) or current (batch statistics,"
+        " the paper's evaluation of a noise student).")] = "running",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch.")] = 256,
+    per_class: Annotated[bool, typer.Option(
+        "--per-class/--no-per-class", help="Show accuracy per class.")] = True,
+    arch: Arch = None,
+    num_classes: NumClasses = 10,
+    in_chans: InChans = 3,
+    mean: Mean = None,
+    std: Std = None,
+    seed: Seed = 0,
+    device: Device = "auto",
+    as_json: Json = False,
+) -> None:
+    """Top-1 accuracy (overall and per class) of a checkpoint on a labelled dataset.
+
+    Example: [bold]kdtool eval student.safetensors --data digits:test --bn current
+    --batch-size 256[/bold]
+    """
+    from kdtool import console
+    from kdtool.bn import BN_MODES
+    from kdtool.checkpoint import load_checkpoint
+    from kdtool.data import check_fits, load_data
+    from kdtool.errors import KdtoolError, check_choice
+    from kdtool.evaluate import evaluate
+    from kdtool.train import resolve_device
+
+    check_choice(bn, BN_MODES, "--bn value")
+    if batch_size < 1:
+        raise KdtoolError(f"--batch-size must be >= 1, got {batch_size}")
+    model, meta = load_checkpoint(checkpoint, foreign_spec(checkpoint, arch, num_classes,
+                                                           in_chans, mean, std))
+    if arch is None and (mean or std):  # a kdtool file knows its normalisation; flags override
+        meta.mean = parse_floats(mean, "--mean") or meta.mean
+        meta.std = parse_floats(std, "--std") or meta.std
+    dev = resolve_device(device)
+    ds = load_data(data, channels=meta.in_chans)
+    check_fits(ds, num_classes=meta.num_classes, in_chans=meta.in_chans,
+               input_size=tuple(meta.input_size), what=f"checkpoint '{checkpoint}'")
+    if meta.class_names and ds.class_names and ds.class_names != meta.class_names:
+        console.warn(f"class names of '{data}' differ from the checkpoint's; labels are "
+                     "matched by index")
+    rep = evaluate(model.to(dev), ds, meta.mean, meta.std, batch_size=batch_size, device=dev,
+                   bn=bn, seed=seed)
+    result = {"checkpoint": str(checkpoint), "data": data, "bn": bn, "batch_size": batch_size,
+              **rep}
+    if not per_class:
+        result.pop("per_class")
+
+    def render(r):
+        rows = [["images", r["images"]], ["top-1", f"{r['top1']:.2f}%"]]
+        if "top5" in r:
+            rows.append(["top-5", f"{r['top5']:.2f}%"])
+        console.print_kv(
+            f"{r['checkpoint']} on {r['data']} (BN {r['bn']}, batch {r['batch_size']})", rows)
+        if r.get("per_class"):
+            console.out.print(console.table("per class", ["class", "top-1 %"],
+                                            [[k, f"{v:.2f}"] for k, v in r["per_class"].items()]))
+
+    console.emit(result, as_json, render)

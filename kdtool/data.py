@@ -1,0 +1,460 @@
+"""Image data sets: load a dataset spec into uint8 tensors.
+
+``load_data(spec)`` accepts:
+
+* ``digits`` (= ``digits:train``) and ``digits:test``: scikit-learn's 8x8 handwritten
+  digits (shipped with scikit-learn, no download), values 0..16 mapped to
+  ``round(v * 255 / 16)``, classes "0".."9".  The split is fixed:
+  ``train_test_split(test_size=0.2, stratify=y, random_state=0)`` gives 1437 train and
+  360 test images, each kept in the original dataset order.
+* a directory in ImageFolder layout ``<class>/<image>`` (classes = sorted subfolder
+  names, label = index, images sorted by relative path, hidden files ignored); a
+  directory with images directly inside and no class subfolders is unlabeled
+  (y = -1, no class names).
+* a ``.zip`` with the same layout, optionally under one common top folder (so a
+  zip holding only ``<folder>/<image>`` is unlabeled), read without extracting.
+* an ``.npz`` with ``x`` (uint8, NHWC or NHW) and ``y`` (int; all -1 = unlabeled) and
+  an optional ``class_names`` str array; never unpickled.
+
+A zip or directory is decoded once (in parallel) and cached as safetensors under
+``cache_dir``, ``$KDTOOL_CACHE`` or ``~/.cache/kdtool/datasets``, keyed by the
+absolute path, the file sizes and mtimes, image_size and channels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+import re
+import sys
+import tempfile
+import zipfile
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from kdtool import console
+from kdtool.errors import InternalError, KdtoolError, check_choice, suggest
+
+BUILTIN_DATASETS = ("digits", "digits:train", "digits:test")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+CACHE_FORMAT = 1
+PARALLEL_MIN_IMAGES = 2000  # below this, starting worker processes costs more than it saves
+_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N"}
+# What a broken image file can raise from PIL / zipfile while it is decoded.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, zipfile.BadZipFile, zlib.error,
+                  Image.DecompressionBombError)
+_FORMS_HINT = ("give a directory of <class>/<image> folders, a .zip or .npz file, or one of: "
+               + ", ".join(BUILTIN_DATASETS))
+
+
+@dataclass
+class ImageData:
+    x: torch.Tensor  # uint8, N x C x H x W, contiguous, CPU
+    y: torch.Tensor  # int64, N; -1 for every image when unlabeled
+    class_names: list[str] = field(default_factory=list)  # [] when unlabeled
+    source: str = ""  # the spec as the user gave it
+
+    def __post_init__(self):
+        if self.x.dtype != torch.uint8 or self.x.ndim != 4 or self.y.dtype != torch.int64 \
+                or self.y.shape != (self.x.shape[0],):
+            raise InternalError(f"bad ImageData tensors: x {self.x.dtype} {tuple(self.x.shape)},"
+                                f" y {self.y.dtype} {tuple(self.y.shape)}")
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def channels(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return (self.x.shape[2], self.x.shape[3])
+
+    @property
+    def labeled(self) -> bool:
+        return bool(self.class_names)
+
+    def subset(self, index: torch.Tensor | slice) -> ImageData:
+        return ImageData(self.x[index].contiguous(), self.y[index].contiguous(),
+                         list(self.class_names), self.source)
+
+    def channel_stats(self) -> tuple[list[float], list[float]]:
+        """Per-channel mean and (population) std of ``x / 255``."""
+        # A 256-bin histogram per channel is exact and avoids a float copy of the data.
+        counts = torch.zeros(self.channels, 256, dtype=torch.int64)
+        for start in range(0, len(self), 4096):
+            chunk = self.x[start:start + 4096]
+            for c in range(self.channels):
+                counts[c] += torch.bincount(chunk[:, c].reshape(-1), minlength=256)
+        values = torch.arange(256, dtype=torch.float64) / 255
+        n = counts.sum(1).to(torch.float64)
+        mean = (counts * values).sum(1) / n
+        var = (counts * (values - mean[:, None]) ** 2).sum(1) / n
+        return mean.tolist(), var.sqrt().tolist()
+
+
+def load_data(spec: str, *, image_size: int | tuple[int, int] | None = None,
+              channels: int | None = None, cache_dir: str | Path | None = None) -> ImageData:
+    """Load a dataset spec (see the module docstring) as uint8 N x C x H x W tensors."""
+    spec = str(spec)  # a Path works too
+    size = _check_size(image_size)
+    if channels not in (None, 1, 3):
+        raise KdtoolError(f"channels must be 1 or 3, not {channels!r}",
+                          "pass 1 (grayscale) or 3 (RGB)")
+    path = Path(spec).expanduser()
+    if spec in BUILTIN_DATASETS:
+        x, y, names = _load_digits(spec)
+    elif path.is_dir() or (path.is_file() and path.suffix.lower() == ".zip"):
+        return _load_images_cached(spec, path.resolve(), size, channels, cache_dir)
+    elif path.is_file() and path.suffix.lower() == ".npz":
+        x, y, names = _load_npz(path)
+    elif path.exists():
+        raise KdtoolError(f"unsupported dataset file {path}", _FORMS_HINT)
+    elif spec.startswith("digits:"):
+        check_choice(spec, BUILTIN_DATASETS, "built-in dataset")
+        raise InternalError("check_choice accepted an unknown split")
+    else:
+        # Suggest a built-in only for what looks like a name, not like a path.
+        looks_like_name = not ("/" in spec or os.sep in spec or path.suffix)
+        guess = suggest(spec, BUILTIN_DATASETS) if looks_like_name else None
+        raise KdtoolError(f"dataset '{spec}' not found: no such file or directory",
+                          f"did you mean '{guess}'?" if guess else _FORMS_HINT)
+    x = _conform(x, channels, size)
+    return _to_data(x, y, names, spec)
+
+
+def check_fits(data: ImageData, *, num_classes: int, in_chans: int,
+               input_size: tuple[int, int] | None, what: str) -> None:
+    """Raise if ``data`` cannot feed the model ``what`` (channels, class count); warn on size."""
+    if data.channels != in_chans:
+        raise KdtoolError(
+            f"{data.source} has {data.channels}-channel images but {what} expects {in_chans}",
+            f"convert the data to {in_chans} channel(s), e.g. pass --channels {in_chans}")
+    if data.labeled and data.num_classes != num_classes:
+        raise KdtoolError(
+            f"{data.source} has {data.num_classes} classes but {what} has {num_classes}",
+            "use data labelled with the model's classes, or unlabeled data")
+    if input_size is not None and tuple(input_size) != data.image_size:
+        # Not an error: global-pooling models (CIFAR-style) run at any size.
+        h, w = data.image_size
+        console.warn(f"{data.source} has {h}x{w} images but {what} was built for "
+                     f"{input_size[0]}x{input_size[1]}; pass --image-size to resize")
+
+
+def _check_size(image_size) -> tuple[int, int] | None:
+    if image_size is None:
+        return None
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+        raise KdtoolError(f"bad image size {image_size!r}",
+                          "give a positive int or (height, width)")
+    return size  # type: ignore[return-value]
+
+
+def _to_data(x: np.ndarray, y: np.ndarray, names: list[str], source: str) -> ImageData:
+    xt = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous()
+    return ImageData(xt, torch.from_numpy(np.asarray(y, dtype=np.int64)), list(names), source)
+
+
+# ----------------------------------------------------------------------------- arrays
+
+
+def _load_digits(spec: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    y = digits.target.astype(np.int64)
+    train, test = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y, random_state=0)
+    index = np.sort(test if spec == "digits:test" else train)
+    x = np.rint(digits.images[index] * 255 / 16).astype(np.uint8)[..., None]
+    return x, y[index], [str(d) for d in range(10)]
+
+
+def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    how = "save it with np.savez(path, x=uint8 NHWC images, y=int labels (-1 = unlabeled))"
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in ("x", "y") if k not in f.files]
+            if missing:
+                raise KdtoolError(f"{path} has no array {' or '.join(map(repr, missing))}", how)
+            x, y = f["x"], f["y"]
+            names = f["class_names"] if "class_names" in f.files else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, AttributeError) as e:
+        # AttributeError: a plain .npy named .npz has no .files.
+        raise KdtoolError(f"cannot read {path} as .npz: {e}", how) from None
+    if x.dtype != np.uint8:
+        raise KdtoolError(f"{path}: x has dtype {x.dtype}, expected uint8 (0..255)", how)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[3] not in (1, 3):
+        raise KdtoolError(f"{path}: x has shape {x.shape}, expected N x H x W (x 1 or 3)", how)
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise KdtoolError(f"{path}: y has dtype {y.dtype} and shape {y.shape}, expected 1-d int",
+                          how)
+    if len(x) != len(y):
+        raise KdtoolError(f"{path}: x has {len(x)} images but y has {len(y)} labels", how)
+    if len(x) == 0:
+        raise KdtoolError(f"{path} holds no images", how)
+    if (y == -1).all():
+        return x, y, []
+    if names is not None and (names.ndim != 1 or names.dtype.kind != "U"):
+        raise KdtoolError(f"{path}: class_names must be a 1-d str array, not {names.dtype}", how)
+    n_names = len(names) if names is not None else int(y.max()) + 1
+    if y.min() < 0 or y.max() >= n_names:
+        raise KdtoolError(f"{path}: labels span {y.min()}..{y.max()} but there are {n_names}"
+                          " class names", "labels must be 0..len(class_names)-1, or all -1")
+    return x, y, [str(s) for s in names] if names is not None else [str(i) for i in range(n_names)]
+
+
+def _prepare(im: Image.Image, channels: int | None, size: tuple[int, int] | None) -> np.ndarray:
+    """A PIL image as H x W x C uint8, grayscale (C=1) unless it has colour or channels=3."""
+    target = channels or (1 if im.mode in _GRAY_MODES else 3)
+    if im.mode.startswith("I"):  # 16/32-bit grayscale: scale to 8 bits (PIL's convert clips)
+        im = Image.fromarray((np.asarray(im).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8))
+    mode = "L" if target == 1 else "RGB"
+    if im.mode != mode:
+        im = im.convert(mode)
+    if size is not None and im.size != (size[1], size[0]):
+        im = im.resize((size[1], size[0]), Image.BILINEAR)  # PIL antialiases when shrinking
+    arr = np.asarray(im)
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def _conform(x: np.ndarray, channels: int | None, size: tuple[int, int] | None) -> np.ndarray:
+    """Convert N x H x W x C arrays to ``channels`` / ``size`` (same conversions as for files)."""
+    if size in (None, x.shape[1:3]) and channels in (None, x.shape[3]):
+        return x
+    if size in (None, x.shape[1:3]) and x.shape[3] == 1:
+        return np.repeat(x, 3, axis=3)  # gray -> RGB replicates, exactly as PIL does
+    out = [_prepare(Image.fromarray(img[..., 0] if img.shape[2] == 1 else img), channels, size)
+           for img in x]
+    return np.stack(out)
+
+
+# ----------------------------------------------------------------------------- image files
+
+
+def _is_hidden(parts: list[str]) -> bool:
+    # __MACOSX holds resource forks that macOS's zip tool adds next to the real files.
+    return any(p.startswith(".") or p == "__MACOSX" for p in parts)
+
+
+def _list_dir(root: Path) -> tuple[list[str], list[tuple]]:
+    """Image paths relative to ``root`` (posix), and (path, size, mtime_ns) for the cache key."""
+    names, stamp = [], []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not _is_hidden([d])]
+        rel = Path(dirpath).relative_to(root).as_posix()
+        for f in filenames:
+            if f.lower().endswith(IMAGE_EXTS) and not _is_hidden([f]):
+                name = f if rel == "." else f"{rel}/{f}"
+                st = os.stat(os.path.join(dirpath, f))
+                names.append(name)
+                stamp.append((name, st.st_size, st.st_mtime_ns))
+    return sorted(names), sorted(stamp)
+
+
+def _list_zip(path: Path) -> tuple[list[str], int]:
+    """Member names of images in the zip, and how many leading folders to strip (0 or 1)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = [i.filename for i in zf.infolist() if not i.is_dir()]
+    except (OSError, zipfile.BadZipFile) as e:
+        raise KdtoolError(f"cannot read zip file {path}: {e}",
+                          "re-create or re-download it") from None
+    names = sorted(n for n in names
+                   if n.lower().endswith(IMAGE_EXTS) and not _is_hidden(n.split("/")))
+    tops = {n.split("/")[0] for n in names}
+    strip = int(len(tops) == 1 and all("/" in n for n in names))
+    return names, strip
+
+
+def _labels(path: Path, rels: list[str], is_dir: bool) -> tuple[list[int], list[str]]:
+    """Labels from ``<class>/...`` relative paths; unlabeled when all images are at the top."""
+    nested = [r for r in rels if "/" in r]
+    if not nested:
+        return [-1] * len(rels), []
+    classes = sorted({r.split("/")[0] for r in nested})
+    if is_dir:  # torchvision-style: every subfolder is a class, so an empty one is a mistake
+        empty = sorted(d.name for d in path.iterdir()
+                       if d.is_dir() and not _is_hidden([d.name]) and d.name not in classes)
+        if empty:
+            raise KdtoolError(f"class folder {path / empty[0]} has no images",
+                              "add images or remove the folder (it would shift the labels)")
+    if len(nested) < len(rels):
+        console.warn(f"{path}: ignoring {len(rels) - len(nested)} images outside class folders")
+    index = {c: i for i, c in enumerate(classes)}
+    return [index[r.split("/")[0]] for r in nested], classes
+
+
+class _Decoder:
+    """Decodes lists of image names from one directory or zip (one per process)."""
+
+    def __init__(self, path: str, is_zip: bool, channels: int | None, size):
+        self.path, self.channels, self.size = path, channels, size
+        # Opened in each process: a zip handle inherited by fork would share its file offset.
+        self.zip = zipfile.ZipFile(path) if is_zip else None
+
+    def close(self) -> None:
+        if self.zip:
+            self.zip.close()
+
+    def read(self, name: str) -> np.ndarray:
+        where = f"{self.path}:{name}" if self.zip else os.path.join(self.path, name)
+        try:
+            src = io.BytesIO(self.zip.read(name)) if self.zip else where
+            with Image.open(src) as im:
+                return _prepare(im, self.channels, self.size)
+        except _DECODE_ERRORS as e:
+            raise KdtoolError(f"cannot read image {where}: {e}",
+                              "delete or replace the file, then load again") from None
+
+    def __call__(self, names: list[str]) -> tuple[np.ndarray | None, tuple | None]:
+        """Stacked N x H x W x C images, or (None, two names + sizes) when sizes differ."""
+        images = [self.read(n) for n in names]
+        for n, im in zip(names, images, strict=True):
+            if im.shape[:2] != images[0].shape[:2]:
+                return None, (names[0], images[0].shape[:2], n, im.shape[:2])
+        c = max(im.shape[2] for im in images)
+        return np.stack([_promote(im, c) for im in images]), None
+
+
+def _promote(x: np.ndarray, c: int) -> np.ndarray:
+    return np.repeat(x, c, axis=-1) if x.shape[-1] < c else x
+
+
+_worker: _Decoder | None = None
+
+
+def _init_worker(*args) -> None:
+    global _worker
+    _worker = _Decoder(*args)
+
+
+def _decode_in_worker(names: list[str]):
+    return _worker(names)  # type: ignore[misc]
+
+
+def _decode_images(path: Path, names: list[str], is_zip: bool, channels, size) -> np.ndarray:
+    """Decode ``names`` (files under a dir or members of a zip) into N x H x W x C uint8."""
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux: the cores this process may use
+    workers = min(len(affinity(0)) if affinity else os.cpu_count() or 1, 8)
+    step = max(200, min(2000, len(names) // (workers * 8) + 1))
+    chunks = [names[i:i + step] for i in range(0, len(names), step)]
+    args = (str(path), is_zip, channels, size)
+    # Daemonic processes (e.g. DataLoader workers) cannot start children.
+    if len(names) < PARALLEL_MIN_IMAGES or workers == 1 or mp.current_process().daemon:
+        with contextlib.closing(_Decoder(*args)) as decoder:
+            return _gather(path, chunks, map(decoder, chunks), channels)
+    # fork skips re-importing torch in each worker; other platforms cannot fork safely.
+    ctx = mp.get_context("fork" if sys.platform == "linux" else None)
+    with ProcessPoolExecutor(workers, ctx, initializer=_init_worker, initargs=args) as pool:
+        try:
+            return _gather(path, chunks, pool.map(_decode_in_worker, chunks), channels)
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # a bad file: don't wait for the rest to decode
+            raise
+
+
+def _gather(path: Path, chunks: list[list[str]], results, channels) -> np.ndarray:
+    """Join decoded chunks as they arrive (with progress), checking that sizes agree."""
+    parts: list[np.ndarray] = []
+    with console.progress_task(f"decode {path.name}", sum(map(len, chunks)), unit="img") as advance:
+        for chunk, (x, mismatch) in zip(chunks, results, strict=True):
+            if mismatch is None and parts and x.shape[1:3] != parts[0].shape[1:3]:
+                mismatch = (chunks[0][0], parts[0].shape[1:3], chunk[0], x.shape[1:3])
+            if mismatch is not None:
+                a, sa, b, sb = mismatch
+                raise KdtoolError(f"images in {path} differ in size: {a} is {sa[0]}x{sa[1]}, "
+                                  f"{b} is {sb[0]}x{sb[1]}", "pass --image-size to resize them")
+            parts.append(x)
+            advance(len(chunk))
+    c = channels or max(x.shape[3] for x in parts)
+    return np.concatenate([_promote(x, c) for x in parts])
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def _load_images_cached(spec: str, path: Path, size, channels, cache_dir) -> ImageData:
+    is_zip = path.is_file()
+    if is_zip:
+        names, strip = _list_zip(path)
+        st = path.stat()
+        stamp: object = (st.st_size, st.st_mtime_ns)
+    else:
+        names, stamp = _list_dir(path)
+        strip = 0
+    if not names:
+        raise KdtoolError(f"no images found in {path}",
+                          f"looked for {' '.join(IMAGE_EXTS)} files (any case) in class folders"
+                          " or directly inside")
+    key = json.dumps([CACHE_FORMAT, str(path), stamp, size, channels])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", path.name)[:40]  # readable, safe file name
+    root = Path(cache_dir or os.environ.get("KDTOOL_CACHE") or "~/.cache/kdtool/datasets")
+    cache = root.expanduser() / f"{stem}-{digest}.safetensors"
+    cached = _read_cache(cache, str(path))
+    if cached is not None:
+        return ImageData(*cached, spec)
+    rels = ["/".join(n.split("/")[strip:]) for n in names]
+    labels, classes = _labels(path, rels, not is_zip)
+    if classes and len(labels) < len(names):  # drop images outside class folders
+        names = [n for n, r in zip(names, rels, strict=True) if "/" in r]
+    data = _to_data(_decode_images(path, names, is_zip, channels, size), np.array(labels),
+                    classes, spec)
+    _write_cache(cache, data, str(path))
+    return data
+
+
+def _read_cache(cache: Path, source: str) -> tuple[torch.Tensor, torch.Tensor, list[str]] | None:
+    if not cache.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(cache), framework="pt") as f:
+            meta = json.loads(f.metadata()["kdtool"])
+            x, y = f.get_tensor("x"), f.get_tensor("y")
+        names = meta["class_names"]
+        ImageData(x, y, names)  # validates dtypes and shapes
+        if meta["format"] != CACHE_FORMAT or meta["source"] != source:
+            raise ValueError("stale entry")
+        return x, y, [str(n) for n in names]
+    except Exception as e:  # any damage to the file: rebuild instead of failing the run
+        console.warn(f"ignoring unreadable cache file {cache} ({type(e).__name__}); rebuilding")
+        return None
+
+
+def _write_cache(cache: Path, data: ImageData, source: str) -> None:
+    from safetensors.torch import save_file
+
+    meta = {"format": CACHE_FORMAT, "source": source, "class_names": data.class_names}
+    tmp = None
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        # Temp file + rename: a crash or a concurrent load never sees a half-written entry.
+        fd, tmp = tempfile.mkstemp(prefix=cache.name, suffix=".tmp", dir=cache.parent)
+        os.close(fd)
+        save_file({"x": data.x, "y": data.y}, tmp, metadata={"kdtool": json.dumps(meta)})
+        os.replace(tmp, cache)
+    except OSError as e:  # a read-only or full disk costs speed next time, not this run
+        console.warn(f"could not write dataset cache {cache}: {e}")
+        if tmp and os.path.exists(tmp):
+            os.unlink(tmp)

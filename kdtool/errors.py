@@ -1,0 +1,48 @@
+"""Error types.
+
+``KdtoolError`` is the one type for *user* errors (bad file, bad value, missing
+dependency): the CLI prints its message on one line and exits 1, without a
+traceback.  Anything else that escapes is a bug in kdtool and keeps its
+traceback; ``InternalError`` marks broken invariants explicitly.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class KdtoolError(Exception):
+    """A user error: names the file or value at fault and how to fix it."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message} ({self.hint})"
+
+
+class InternalError(RuntimeError):
+    """A broken invariant inside kdtool: a bug, reported with its traceback."""
+
+
+def suggest(value: str, choices: Iterable[str]) -> str | None:
+    """The closest of ``choices`` to a mistyped ``value``, or None."""
+    choices = list(choices)
+    lowered = {c.lower(): c for c in choices}
+    if value.lower() in lowered:
+        return lowered[value.lower()]
+    match = difflib.get_close_matches(value.lower(), list(lowered), n=1, cutoff=0.6)
+    return lowered[match[0]] if match else None
+
+
+def check_choice(value: str, choices: Iterable[str], what: str) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise with 'did you mean'."""
+    choices = list(choices)
+    if value in choices:
+        return value
+    guess = suggest(value, choices)
+    hint = f"did you mean '{guess}'?" if guess else "choose one of: " + ", ".join(choices)
+    raise KdtoolError(f"unknown {what} '{value}'", hint)

@@ -1,0 +1,85 @@
+"""Accuracy of a classifier on a dataset, with BN on running or on current batch statistics."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+
+from kdtool.bn import BN_MODES, batch_stats, bn_layers
+from kdtool.data import ImageData
+from kdtool.errors import KdtoolError, check_choice
+from kdtool.loader import DeviceLoader
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA (tensor cores), nothing elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    data: ImageData,
+    mean: list[float],
+    std: list[float],
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    bn: str = "running",
+    seed: int = 0,
+    channels_last: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (float32, CPU) and labels of ``data`` in the order they were evaluated.
+
+    With ``bn="current"`` every BN layer normalises with the statistics of its
+    batch (the paper's evaluation of a noise student); the order is then
+    shuffled with ``seed``, because image folders are sorted by class and a
+    batch of one class has statistics unlike any real batch.
+    """
+    check_choice(bn, BN_MODES, "BN mode")
+    if bn == "current" and not bn_layers(model):
+        raise KdtoolError("--bn current needs BatchNorm layers and the model has none",
+                          "use --bn running")
+    device = torch.device(device)
+    model.eval()
+    loader = DeviceLoader(data, batch_size, device, mean, std, shuffle=(bn == "current"),
+                          seed=seed, channels_last=channels_last)
+    logits, labels = [], []
+    ctx = batch_stats(model) if bn == "current" else nullcontext()
+    with ctx, autocast_for(device):
+        for x, y in loader.epoch(0):
+            if bn == "current" and len(y) == 1:
+                # one image has no batch statistics; BN would divide by zero variance
+                raise KdtoolError("--bn current needs batches of 2 or more images",
+                                  "choose a --batch-size that does not leave one image over")
+            logits.append(model(x).float().cpu())
+            labels.append(y.cpu())
+    return torch.cat(logits), torch.cat(labels)
+
+
+def accuracy_report(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict:
+    """Top-1 (and top-5 where there are > 5 classes) accuracy, overall and per class, in %."""
+    pred = logits.argmax(1)
+    correct = pred == labels
+    report = {"images": len(labels), "top1": 100.0 * correct.float().mean().item()}
+    if logits.shape[1] > 5:
+        top5 = logits.topk(5, dim=1).indices.eq(labels[:, None]).any(1)
+        report["top5"] = 100.0 * top5.float().mean().item()
+    per_class = {}
+    for c, name in enumerate(class_names):
+        mask = labels == c
+        if mask.any():
+            per_class[name] = 100.0 * correct[mask].float().mean().item()
+    report["per_class"] = per_class
+    return report
+
+
+def evaluate(model, data, mean, std, **kwargs) -> dict:
+    if not data.labeled:
+        raise KdtoolError(f"dataset '{data.source}' has no labels",
+                          "evaluate on a folder of class subfolders, a zip of one, or an npz")
+    logits, labels = predict(model, data, mean, std, **kwargs)
+    return accuracy_report(logits, labels, data.class_names)

@@ -1,0 +1,55 @@
+"""Safe file output: atomic writes and no silent overwrites."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from kdtool.errors import KdtoolError
+
+
+def check_output(path: str | Path, force: bool, what: str = "output") -> Path:
+    """Refuse to overwrite ``path`` without ``force``; create its folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise KdtoolError(f"{what} '{path}' is a directory", "pass a file path to --out")
+    if path.exists() and not force:
+        raise KdtoolError(f"{what} '{path}' already exists", "pass --force to overwrite it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise KdtoolError(f"cannot create folder '{path.parent}': {e.strerror}") from e
+    return path
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it over ``path``.
+
+    A crash or an exception leaves the old file (or nothing) in place, never a
+    half-written one: the rename is atomic within a filesystem.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())

@@ -1,0 +1,71 @@
+"""Model registry and factory (timm style): ``@register_model`` + ``create_model``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+
+from kdtool.errors import KdtoolError, check_choice
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    fn: Callable[..., nn.Module]
+    family: str
+    input_size: tuple[int, int]  # expected (height, width)
+    description: str = ""
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+TV_PREFIX = "tv:"
+
+
+def register_model(
+    family: str, input_size: tuple[int, int] = (32, 32), description: str = "", tags=()
+):
+    """Decorator: register ``fn(num_classes=..., in_chans=..., **kw) -> nn.Module`` by its name."""
+
+    def wrap(fn):
+        name = fn.__name__
+        if name in _REGISTRY:
+            raise ValueError(f"model '{name}' registered twice")
+        _REGISTRY[name] = ModelSpec(name, fn, family, tuple(input_size), description, tuple(tags))
+        return fn
+
+    return wrap
+
+
+def list_models(include_test: bool = True) -> list[str]:
+    return sorted(n for n, s in _REGISTRY.items() if include_test or "test" not in s.tags)
+
+
+def model_spec(name: str) -> ModelSpec:
+    if name.startswith(TV_PREFIX):
+        from kdtool.models import torchvision_models
+
+        return torchvision_models.spec(name[len(TV_PREFIX):])
+    check_choice(name, list(_REGISTRY), "architecture")
+    return _REGISTRY[name]
+
+
+def create_model(name: str, num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.Module:
+    """Build architecture ``name`` with random weights.
+
+    ``name`` is a registered kdtool architecture (``kdtool models``) or
+    ``tv:<torchvision name>``.
+    """
+    if num_classes < 1:
+        raise KdtoolError(f"num_classes must be >= 1, got {num_classes}")
+    if in_chans < 1:
+        raise KdtoolError(f"input channels must be >= 1, got {in_chans}")
+    spec = model_spec(name)
+    return spec.fn(num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,35 @@
+"""Provenance: who made a file, how, and with what result."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import shlex
+import sys
+from typing import Any
+
+_command_line: list[str] | None = None
+
+
+def set_command_line(args: list[str]) -> None:
+    """Record the CLI arguments (the CLI may be called with an explicit argv, as in tests)."""
+    global _command_line
+    _command_line = list(args)
+
+
+def provenance(seed: int | None = None, metrics: dict | None = None, **extra) -> dict[str, Any]:
+    import torch
+
+    import kdtool
+
+    args = _command_line if _command_line is not None else sys.argv[1:]
+    return {
+        "kdtool_version": kdtool.__version__,
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "command": shlex.join(["kdtool", *args]),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "seed": seed,
+        "metrics": metrics or {},
+        **extra,
+    }

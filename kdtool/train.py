@@ -1,0 +1,257 @@
+"""``kdtool train``: supervised training of a teacher on real data.
+
+Fast default: SGD + Nesterov with a one-cycle schedule; the paper's recipe:
+Adam 1e-3 + ReduceLROnPlateau.  On CUDA: bf16 autocast, channels_last and
+augmentation on the GPU.  The run state is saved after every epoch and
+``--resume`` continues exactly; the best-by-validation model is the output.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from kdtool import console
+from kdtool.checkpoint import ModelMeta, save_checkpoint
+from kdtool.data import ImageData, check_fits, load_data
+from kdtool.errors import KdtoolError, check_choice
+from kdtool.evaluate import autocast_for, evaluate
+from kdtool.io import check_output
+from kdtool.loader import Augment, DeviceLoader
+from kdtool.models import create_model, model_spec
+from kdtool.runinfo import provenance
+from kdtool.runstate import check_same_config, load_state, save_state, state_path_for
+
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("onecycle", "cosine", "plateau")
+DEFAULT_SCHEDULE = {"sgd": "onecycle", "adam": "plateau"}
+DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}
+
+
+@dataclass
+class TrainConfig:
+    arch: str = "resnet18"
+    data: str = "digits"
+    val: str | None = None
+    epochs: int = 30
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    schedule: str | None = None  # None: the optimiser's default
+    lr: float | None = None  # None: the optimiser's default
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    augment: bool | None = None  # None: on, except for images under 16 px (digits)
+    image_size: int | None = None
+    mean: list[float] | None = None  # None: the training data's channel statistics
+    std: list[float] | None = None
+    seed: int = 0
+    device: str = "auto"
+    compile: bool = False
+
+    def resolved(self) -> TrainConfig:
+        """Validate user values and fill the defaults that depend on other options."""
+        check_choice(self.optimizer, OPTIMIZERS, "optimizer")
+        model_spec(self.arch)  # unknown architecture -> "did you mean"
+        c = TrainConfig(**asdict(self))
+        c.schedule = c.schedule or DEFAULT_SCHEDULE[c.optimizer]
+        check_choice(c.schedule, SCHEDULES, "schedule")
+        c.lr = c.lr if c.lr is not None else DEFAULT_LR[c.optimizer]
+        for name, value, low in (("--epochs", c.epochs, 1), ("--batch-size", c.batch_size, 1)):
+            if value < low:
+                raise KdtoolError(f"{name} must be >= {low}, got {value}")
+        if not c.lr > 0:
+            raise KdtoolError(f"--lr must be positive, got {c.lr}")
+        if not 0 <= c.label_smoothing < 1:
+            raise KdtoolError(f"--label-smoothing must be in [0, 1), got {c.label_smoothing}")
+        return c
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise KdtoolError(f"unknown device '{name}'", "use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KdtoolError(f"device '{name}' asked for but no CUDA GPU is available",
+                          "use --device cpu")
+    return device
+
+
+def make_optimizer(model: nn.Module, c: TrainConfig, steps_per_epoch: int):
+    # No weight decay on BN and bias parameters (standard for short schedules).
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": c.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if c.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=c.lr, momentum=0.9, nesterov=True)
+    else:
+        opt = torch.optim.Adam(groups, lr=c.lr)
+    total = c.epochs * steps_per_epoch
+    if c.schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=c.lr, total_steps=total, pct_start=0.25, anneal_strategy="linear",
+            div_factor=10.0, final_div_factor=100.0, cycle_momentum=False)
+    elif c.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    else:  # the paper's: reduce x0.1 after 10 epochs without improvement
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=10)
+    return opt, sched
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, out: str | Path, force: bool = False,
+                 resume: bool = False):
+        self.cfg = cfg.resolved()
+        self.out = Path(out)
+        self.state_path = state_path_for(self.out)
+        self.resume = resume
+        if not resume:
+            check_output(self.out, force, "output")
+            if self.state_path.exists() and not force:
+                raise KdtoolError(f"a run state '{self.state_path}' exists from an earlier run",
+                                  "pass --resume to continue it or --force to start over")
+        self.device = resolve_device(self.cfg.device)
+
+    def _load_data(self) -> tuple[ImageData, ImageData | None]:
+        c = self.cfg
+        train = load_data(c.data, image_size=c.image_size)
+        if not train.labeled:
+            raise KdtoolError(f"training data '{c.data}' has no labels",
+                              "use a folder of class subfolders, a zip of one, or an npz with y")
+        val = None
+        if c.val:
+            val = load_data(c.val, image_size=c.image_size or None, channels=train.channels)
+            check_fits(val, num_classes=train.num_classes, in_chans=train.channels,
+                       input_size=train.image_size, what=f"training data '{c.data}'")
+        return train, val
+
+    def run(self) -> dict:
+        c = self.cfg
+        torch.manual_seed(c.seed)
+        train, val = self._load_data()
+        if c.mean is None or c.std is None:
+            mean, std = train.channel_stats()
+        else:
+            mean, std = list(c.mean), list(c.std)
+            if len(mean) != train.channels or len(std) != train.channels:
+                raise KdtoolError(f"--mean/--std need {train.channels} values for "
+                                  f"{train.channels}-channel data, got {len(mean)}/{len(std)}")
+        augment = c.augment if c.augment is not None else min(train.image_size) >= 16
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.backends.cudnn.benchmark = True
+        model = create_model(c.arch, num_classes=train.num_classes, in_chans=train.channels)
+        model = model.to(self.device, memory_format=torch.channels_last if cuda else None)
+        loader = DeviceLoader(train, c.batch_size, self.device, mean, std, shuffle=True,
+                              augment=Augment() if augment else None,
+                              drop_last=len(train) >= 2 * c.batch_size, seed=c.seed,
+                              channels_last=cuda)
+        opt, sched = make_optimizer(model, c, len(loader))
+        criterion = nn.CrossEntropyLoss(label_smoothing=c.label_smoothing)
+        step_model = torch.compile(model) if c.compile else model
+
+        config = asdict(c)
+        start, best, history = 0, -math.inf, []
+        if self.resume:
+            state = load_state(self.state_path)
+            check_same_config(state["config"], config, self.state_path)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            start, best, history = state["epoch"] + 1, state["best"], state["history"]
+            console.info(f"resuming {self.state_path} after epoch {start}/{c.epochs}")
+        console.info(f"training {c.arch} on {len(train)} images ({train.num_classes} classes, "
+                     f"{train.channels}x{train.image_size[0]}x{train.image_size[1]}) on "
+                     f"{self.device}, {c.optimizer}+{c.schedule}, augment={augment}")
+
+        def make_meta(metrics: dict, epoch: int) -> ModelMeta:
+            return ModelMeta(
+                arch=c.arch, num_classes=train.num_classes, in_chans=train.channels,
+                input_size=list(train.image_size), mean=mean, std=std,
+                class_names=list(train.class_names),
+                provenance=provenance(seed=c.seed, metrics=metrics),
+                stages={"train": {"config": config, "epoch": epoch, "epochs": c.epochs,
+                                  "history": history}})
+
+        with console.progress_task("train", c.epochs * loader.num_images, unit="img") as advance:
+            advance(start * loader.num_images)
+            for epoch in range(start, c.epochs):
+                torch.manual_seed(c.seed * 100_003 + epoch)  # dropout etc.: exact on resume
+                row = self._train_epoch(step_model, loader, epoch, opt, sched, criterion,
+                                        advance)
+                if val is not None:
+                    rep = evaluate(model, val, mean, std, batch_size=512, device=self.device,
+                                   channels_last=cuda)
+                    row["val_top1"] = rep["top1"]
+                    model.train()
+                metric = row.get("val_top1", -row["loss"])
+                if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    sched.step(-metric if val is not None else row["loss"])
+                history.append(row)
+                console.info(_epoch_line(row, c.epochs))
+                improved = metric > best
+                best = max(best, metric)
+                if improved or val is None:
+                    meta = make_meta(_metrics(row), epoch + 1)
+                    save_checkpoint(self.out, model, meta, force=True)
+                save_state(self.state_path, {
+                    "config": config, "epoch": epoch, "best": best, "history": history,
+                    "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict()})
+        best_row = max(history, key=lambda r: r.get("val_top1", -r["loss"]))
+        return {"out": str(self.out), "state": str(self.state_path), "device": str(self.device),
+                "epochs": c.epochs, "best_epoch": best_row["epoch"], **_metrics(best_row),
+                "images_per_s": sum(r["images_per_s"] for r in history) / len(history),
+                "history": history}
+
+    def _train_epoch(self, model, loader, epoch, opt, sched, criterion, advance) -> dict:
+        model.train()
+        step_sched = not isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        # Sums stay on the device: no host sync per step.
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        seen = reported = 0
+        t0 = time.perf_counter()
+        for i, (x, y) in enumerate(loader.epoch(epoch)):
+            with autocast_for(self.device):
+                logits = model(x)
+                loss = criterion(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            lr = opt.param_groups[0]["lr"]  # the rate this step used
+            opt.step()
+            if step_sched:
+                sched.step()
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+            if i % 20 == 0 or i == len(loader) - 1:
+                advance(seen - reported, info=f"epoch {epoch + 1} loss "
+                        f"{loss_sum.item() / seen:.3f} lr {lr:.2e}")
+                reported = seen
+        secs = time.perf_counter() - t0
+        loss = loss_sum.item() / seen
+        if not math.isfinite(loss):
+            raise KdtoolError(f"training diverged at epoch {epoch + 1} (loss {loss})",
+                              "lower --lr or use --optimizer adam")
+        return {"epoch": epoch + 1, "loss": loss, "train_top1": 100.0 * correct.item() / seen,
+                "lr": lr, "seconds": secs, "images_per_s": seen / secs}
+
+
+def _metrics(row: dict) -> dict:
+    return {k: row[k] for k in ("loss", "train_top1", "val_top1") if k in row}
+
+
+def _epoch_line(row: dict, epochs: int) -> str:
+    val = f" val {row['val_top1']:.2f}%" if "val_top1" in row else ""
+    return (f"epoch {row['epoch']}/{epochs} loss {row['loss']:.4f} train "
+            f"{row['train_top1']:.2f}%{val} lr {row['lr']:.2e} "
+            f"{row['images_per_s']:,.0f} img/s")

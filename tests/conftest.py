@@ -1,0 +1,69 @@
+"""Shared fixtures: run the CLI in-process, and one small digits teacher per session."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdtool.cli import main
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> dict:
+        lines = [ln for ln in self.out.splitlines() if ln.strip()]
+        assert len(lines) == 1, f"expected one JSON line on stdout, got {self.out!r}"
+        return json.loads(lines[0])
+
+
+@pytest.fixture
+def cli(capsys):
+    """``cli("eval", "x.safetensors", ...)`` -> CliResult(code, stdout, stderr)."""
+
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # Decoded-dataset caches go to a temporary folder, never to ~/.cache.
+    monkeypatch.setenv("KDTOOL_CACHE", str(tmp_path_factory.getbasetemp() / "kdtool-cache"))
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory) -> Path:
+    """A resnet8 trained on digits through the CLI (about 5 s on 2 cores)."""
+    torch.set_num_threads(2)
+    out = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    try:
+        main(["train", "--arch", "resnet8", "--data", "digits", "--val", "digits:test",
+              "--epochs", "8", "--batch-size", "64", "--out", str(out), "--json"])
+    except SystemExit as e:
+        assert e.code == 0
+    return out
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

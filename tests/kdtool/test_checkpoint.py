@@ -1,0 +1,124 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdtool.checkpoint import (
+    ForeignSpec,
+    ModelMeta,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+)
+from kdtool.errors import KdtoolError
+from kdtool.models import create_model
+from kdtool.runinfo import provenance
+
+
+def _meta(arch="tiny_cnn", num_classes=10, in_chans=3) -> ModelMeta:
+    return ModelMeta(arch=arch, num_classes=num_classes, in_chans=in_chans, input_size=[32, 32],
+                     mean=[0.5] * in_chans, std=[0.25] * in_chans,
+                     class_names=[f"c{i}" for i in range(num_classes)],
+                     provenance=provenance(seed=3, metrics={"val_top1": 91.5}),
+                     stages={"train": {"epochs": 2}})
+
+
+def _randomised(model: torch.nn.Module) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(0)
+    for name, t in model.state_dict().items():
+        if t.is_floating_point():
+            t.copy_(torch.rand(t.shape, generator=g) + (0.5 if "running_var" in name else 0))
+        else:
+            t.fill_(7)
+    return model
+
+
+def test_round_trip_is_bit_identical(tmp_path: Path):
+    model = _randomised(create_model("tiny_cnn"))
+    saved_meta = _meta()
+    path = save_checkpoint(tmp_path / "m.safetensors", model, saved_meta, force=False)
+    loaded, meta = load_checkpoint(path)
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items(),
+                               strict=True):
+        assert k == k2 and a.dtype == b.dtype and torch.equal(a, b), k
+    assert meta == saved_meta
+    assert meta.provenance["seed"] == 3 and meta.provenance["metrics"] == {"val_top1": 91.5}
+    assert meta.class_names == [f"c{i}" for i in range(10)]
+    assert not loaded.training
+    assert read_meta(path) == meta
+
+
+def test_overwrite_refused_without_force(tmp_path: Path):
+    model = create_model("tiny_cnn")
+    path = save_checkpoint(tmp_path / "m.safetensors", model, _meta(), force=False)
+    before = path.read_bytes()
+    with pytest.raises(KdtoolError, match="already exists.*--force"):
+        save_checkpoint(path, _randomised(create_model("tiny_cnn")), _meta(), force=False)
+    assert path.read_bytes() == before
+    save_checkpoint(path, _randomised(create_model("tiny_cnn")), _meta(), force=True)
+    assert path.read_bytes() != before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp files left
+
+
+def test_truncated_file_is_a_clear_error(tmp_path: Path):
+    path = save_checkpoint(tmp_path / "m.safetensors", create_model("tiny_cnn"), _meta(), False)
+    data = path.read_bytes()
+    for cut in (len(data) - 100, 20, 4):
+        path.write_bytes(data[:cut])
+        with pytest.raises(KdtoolError, match="m.safetensors.*(corrupt|truncated)"):
+            load_checkpoint(path)
+
+
+def test_missing_file_and_not_a_checkpoint(tmp_path: Path):
+    with pytest.raises(KdtoolError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(KdtoolError, match="without kdtool metadata.*--arch"):
+        load_checkpoint(tmp_path / "plain.safetensors")
+    (tmp_path / "text.safetensors").write_text("hello")
+    with pytest.raises(KdtoolError, match="corrupt or truncated"):
+        load_checkpoint(tmp_path / "text.safetensors")
+
+
+def test_wrong_architecture_names_first_mismatch(tmp_path: Path):
+    path = save_checkpoint(tmp_path / "m.safetensors", create_model("resnet8"),
+                           _meta("resnet8"), False)
+    torch.save(create_model("resnet8", num_classes=4).state_dict(), tmp_path / "m4.pt")
+    with pytest.raises(KdtoolError, match=r"'linear.weight'.*\(4, 64\).*\(10, 64\)"):
+        load_checkpoint(tmp_path / "m4.pt", ForeignSpec("resnet8", 10, 3, mean=[0.5] * 3,
+                                                         std=[0.5] * 3))
+    with pytest.raises(KdtoolError, match="lacks tensor"):
+        load_checkpoint(path, ForeignSpec("resnet20", mean=[0.5] * 3, std=[0.5] * 3))
+
+
+def test_foreign_state_dict_loads_without_unpickling(tmp_path: Path):
+    model = _randomised(create_model("tv:resnet18", num_classes=5))
+    torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()}},
+               tmp_path / "r18.pth")
+    loaded, meta = load_checkpoint(tmp_path / "r18.pth", ForeignSpec("tv:resnet18", 5))
+    assert meta.mean == [0.485, 0.456, 0.406] and meta.input_size == [224, 224]
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(loaded(x), model.eval()(x))
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"w": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(KdtoolError, match="evil.pt"):
+        load_checkpoint(tmp_path / "evil.pt", ForeignSpec("tv:resnet18", 5))
+
+
+def test_foreign_zoo_model_needs_normalisation(tmp_path: Path):
+    torch.save(create_model("resnet8").state_dict(), tmp_path / "r8.pt")
+    with pytest.raises(KdtoolError, match="--mean and --std"):
+        load_checkpoint(tmp_path / "r8.pt", ForeignSpec("resnet8"))
+
+
+def test_inconsistent_metadata_is_refused(tmp_path: Path):
+    bad = _meta()
+    bad.mean = [0.5]
+    with pytest.raises(KdtoolError, match="mean/std need 3 values"):
+        save_checkpoint(tmp_path / "m.safetensors", create_model("tiny_cnn"), bad, False)

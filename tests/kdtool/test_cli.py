@@ -1,0 +1,94 @@
+"""The CLI's contract: --help everywhere, --json, one-line errors with exit 1."""
+
+import subprocess
+import sys
+
+import pytest
+
+from kdtool.cli import app
+
+COMMANDS = ["models", "info", "convert", "train", "eval"]
+
+
+def test_every_command_has_help_with_an_example(cli):
+    registered = {c.name for c in app.registered_commands}
+    assert set(COMMANDS) <= registered
+    for name in registered:
+        r = cli(name, "--help")
+        assert r.code == 0, r.err
+        assert "Example" in r.out, f"'kdtool {name} --help' shows no example"
+
+
+def test_version_and_module_entry_point():
+    r = subprocess.run([sys.executable, "-m", "kdtool", "--version"], capture_output=True,
+                       text=True, check=False)
+    assert r.returncode == 0 and r.stdout.startswith("kdtool ")
+
+
+def test_models_lists_the_zoo_with_counts(cli):
+    r = cli("models", "--json")
+    assert r.code == 0
+    rows = {m["name"]: m for m in r.json()["models"]}
+    assert rows["resnet18"]["params"] == 11_173_962
+    assert rows["resnet34"]["params"] == 21_282_122
+    assert rows["resnet18"]["input_size"] == [32, 32]
+    assert {"resnet8", "resnet20", "mobilenetv2", "wrn16_8", "wrn28_10", "densenet121",
+            "densenet169", "tiny_cnn"} <= set(rows)
+
+
+def _one_line_error(r, *fragments):
+    assert r.code == 1, (r.code, r.out, r.err)
+    assert "Traceback" not in r.err
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1, r.err
+    assert lines[0].startswith("error: ")
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["info", "missing.safetensors"], ["missing.safetensors", "does not exist"]),
+        (["eval", "missing.safetensors", "--data", "digits"], ["does not exist"]),
+        (["train", "--data", "digits", "--arch", "resnet19"],
+         ["resnet19", "did you mean 'resnet18'"]),
+        (["train", "--data", "digits", "--optimizer", "sgdd"], ["sgdd", "did you mean 'sgd'"]),
+        (["train", "--data", "digits", "--epochs", "abc"], ["--epochs"]),
+        (["train", "--data", "digits", "--epochs", "0"], ["--epochs must be >= 1"]),
+        (["train", "--data", "digts", "--epochs", "1"], ["digts", "did you mean 'digits'"]),
+        (["train", "--data", "digits", "--mean", "a,b"], ["--mean", "numbers"]),
+        (["train", "--data", "digits", "--optimiser", "sgd"], ["--optimiser", "--optimizer"]),
+        (["trian"], ["trian", "train"]),
+    ],
+)
+def test_user_errors_are_one_line_exit_1(cli, tmp_path, monkeypatch, args, fragments):
+    monkeypatch.chdir(tmp_path)
+    _one_line_error(cli(*args), *fragments)
+
+
+def test_eval_bad_bn_mode_suggests(cli, digits_teacher):
+    _one_line_error(cli("eval", digits_teacher, "--data", "digits:test", "--bn", "curent"),
+                    "did you mean 'current'")
+
+
+def test_eval_plain_state_dict_needs_arch(cli, tmp_path):
+    import torch
+
+    from kdtool.models import create_model
+
+    torch.save(create_model("resnet8").state_dict(), tmp_path / "r8.pt")
+    _one_line_error(cli("eval", tmp_path / "r8.pt", "--data", "digits"), "--arch")
+
+
+def test_internal_bugs_keep_their_traceback(monkeypatch):
+    """A bug is not a user error: it escapes main() as itself, with its traceback."""
+    import kdtool.checkpoint
+    from kdtool.cli import main
+
+    def bug(path):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(kdtool.checkpoint, "read_meta", bug)
+    with pytest.raises(ZeroDivisionError):
+        main(["info", "x.safetensors"])

@@ -1,0 +1,329 @@
+"""kdtool.data: built-in digits, ImageFolder directories and zips, npz, the decode cache, errors."""
+
+from __future__ import annotations
+
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import kdtool.data as data_mod
+from kdtool.data import BUILTIN_DATASETS, ImageData, check_fits, load_data
+from kdtool.errors import KdtoolError
+
+RNG = np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True)
+def _tmp_cache(tmp_path, monkeypatch):
+    """Every test caches under its own tmp dir, never ~/.cache."""
+    monkeypatch.setenv("KDTOOL_CACHE", str(tmp_path / "cache"))
+
+
+def _save(path: Path, shape=(8, 8, 3), value=None) -> np.ndarray:
+    """Write a random (or constant) uint8 image; return its pixels (HWC or HW)."""
+    arr = np.full(shape, value, np.uint8) if value is not None else \
+        RNG.integers(0, 256, shape, dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+    return arr
+
+
+def _decoded(path: Path, mode: str) -> np.ndarray:
+    """What PIL itself decodes from ``path`` in ``mode``, as HWC."""
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert(mode))
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def _rgb_folder(root: Path) -> Path:
+    """Two classes, JPEG and PNG, plus files that must be ignored."""
+    _save(root / "dog" / "b.PNG")
+    _save(root / "dog" / "a.jpg")
+    _save(root / "cat" / "x.jpeg")
+    _save(root / "cat" / ".hidden.png")
+    _save(root / ".git" / "c.png")
+    _save(root / "stray.png")  # outside the class folders: ignored, with a warning
+    (root / "cat" / "notes.txt").write_text("not an image")
+    return root
+
+
+def _zip(src: Path, dest: Path, top: str = "") -> Path:
+    with zipfile.ZipFile(dest, "w") as zf:
+        for f in sorted(src.rglob("*")):
+            if f.is_file():
+                zf.write(f, top + f.relative_to(src).as_posix())
+        zf.writestr("__MACOSX/cat/._x.jpeg", b"resource fork")
+    return dest
+
+
+def _same(a: ImageData, b: ImageData) -> bool:
+    return torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and a.class_names == b.class_names
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+def test_digits_split():
+    train, test = load_data("digits"), load_data("digits:test")
+    assert set(BUILTIN_DATASETS) == {"digits", "digits:train", "digits:test"}
+    assert (len(train), len(test)) == (1437, 360)
+    for d in (train, test):
+        assert d.x.dtype == torch.uint8 and d.y.dtype == torch.int64 and d.x.is_contiguous()
+        assert d.x.shape[1:] == (1, 8, 8) and d.image_size == (8, 8) and d.channels == 1
+        assert d.class_names == [str(i) for i in range(10)] and d.labeled
+    assert int(train.x.max()) == 255 and int(train.x.min()) == 0
+    assert sorted(Counter(test.y.tolist()).values())[0] >= 35  # stratified: ~36 per class
+
+    # Together the splits are exactly the whole data set (a partition: disjoint, complete).
+    from sklearn.datasets import load_digits
+
+    full = load_digits()
+    expected = np.rint(full.images * 255 / 16).astype(np.uint8)
+    rows = lambda xs, ys: Counter((x.tobytes(), int(y)) for x, y in zip(xs, ys, strict=True))  # noqa: E731
+    assert rows(train.x.numpy(), train.y) + rows(test.x.numpy(), test.y) == \
+        rows(expected[:, None], full.target)
+    assert _same(load_data("digits:train"), train)  # deterministic, and digits = digits:train
+
+
+def test_digits_convert():
+    d = load_data("digits:test", image_size=16, channels=3)
+    assert d.x.shape == (360, 3, 16, 16)
+    assert torch.equal(d.x[:, 0], d.x[:, 2])
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def test_image_folder_rgb(tmp_path):
+    root = _rgb_folder(tmp_path / "ds")
+    d = load_data(str(root))
+    assert d.source == str(root) and d.class_names == ["cat", "dog"] and d.num_classes == 2
+    assert d.y.tolist() == [0, 1, 1]  # sorted by relative path: cat/x, dog/a, dog/b
+    assert d.x.shape == (3, 3, 8, 8) and d.x.is_contiguous()
+    for i, f in enumerate(["cat/x.jpeg", "dog/a.jpg", "dog/b.PNG"]):
+        assert np.array_equal(d.x[i].permute(1, 2, 0).numpy(), _decoded(root / f, "RGB"))
+    gray = load_data(str(root), channels=1)
+    assert gray.channels == 1
+    assert np.array_equal(gray.x[2, 0].numpy(), _decoded(root / "dog/b.PNG", "L")[..., 0])
+
+
+def test_grayscale_folder(tmp_path):
+    src = _save(tmp_path / "g" / "a" / "1.png", (6, 5))
+    _save(tmp_path / "g" / "b" / "2.png", (6, 5))
+    big = (RNG.integers(0, 65536, (6, 5))).astype(np.uint16)
+    Image.fromarray(big).save(tmp_path / "g" / "b" / "3.png")  # 16-bit: opens as "I;16"
+    d = load_data(str(tmp_path / "g"))
+    assert d.x.shape == (3, 1, 6, 5) and d.image_size == (6, 5)
+    assert np.array_equal(d.x[0, 0].numpy(), src)
+    assert np.array_equal(d.x[2, 0].numpy(), (big >> 8).astype(np.uint8))
+    rgb = load_data(str(tmp_path / "g"), channels=3)
+    assert rgb.channels == 3 and torch.equal(rgb.x[:, 0], d.x[:, 0])
+
+
+def test_gray_and_rgb_mixed_gives_rgb(tmp_path):
+    _save(tmp_path / "m" / "a" / "1.png", (4, 4))
+    _save(tmp_path / "m" / "a" / "2.png", (4, 4, 3))
+    d = load_data(str(tmp_path / "m"))
+    assert d.channels == 3 and torch.equal(d.x[0, 0], d.x[0, 1])
+
+
+@pytest.mark.parametrize("top", ["", "dataset/"])
+def test_zip_matches_folder(tmp_path, top):
+    root = _rgb_folder(tmp_path / "ds")
+    z = _zip(root, tmp_path / "ds.zip", top)
+    assert _same(load_data(str(z)), load_data(str(root)))
+
+
+def test_unlabeled_folder_and_zip(tmp_path):
+    for i in range(3):
+        _save(tmp_path / "calib" / f"{i}.png")
+    d = load_data(str(tmp_path / "calib"))
+    assert not d.labeled and d.class_names == [] and d.y.tolist() == [-1, -1, -1]
+    assert d.num_classes == 0 and len(d) == 3
+    # A zip of one folder of images: the folder is the top folder, not a class.
+    z = _zip(tmp_path / "calib", tmp_path / "c.zip", "calib/")
+    assert _same(load_data(str(z)), d)
+
+
+def test_npz(tmp_path):
+    x = RNG.integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
+    np.savez(tmp_path / "a.npz", x=x, y=np.array([0, 2, 1, 2, 0]),
+             class_names=np.array(["a", "b", "c"]))
+    d = load_data(str(tmp_path / "a.npz"))
+    assert np.array_equal(d.x.permute(0, 2, 3, 1).numpy(), x)
+    assert d.y.dtype == torch.int64 and d.y.tolist() == [0, 2, 1, 2, 0]
+    assert d.class_names == ["a", "b", "c"]
+
+    np.savez(tmp_path / "g.npz", x=x[..., 0], y=np.array([1, 0, 1, 0, 1], np.int32))
+    g = load_data(str(tmp_path / "g.npz"))
+    assert g.x.shape == (5, 1, 4, 4) and g.class_names == ["0", "1"]
+    np.savez(tmp_path / "u.npz", x=x, y=np.full(5, -1))
+    assert not load_data(str(tmp_path / "u.npz")).labeled
+    assert load_data(str(tmp_path / "a.npz"), image_size=(2, 3)).image_size == (2, 3)
+
+
+def test_subset_and_stats():
+    d = load_data("digits:test")
+    s = d.subset(torch.tensor([3, 1]))
+    assert torch.equal(s.x, d.x[[3, 1]]) and s.class_names == d.class_names
+    assert len(d.subset(slice(0, 360, 2))) == 180 and d.subset(slice(0, 360, 2)).x.is_contiguous()
+    x = RNG.integers(0, 256, (50, 3, 5, 5), dtype=np.uint8)
+    mean, std = ImageData(torch.from_numpy(x), torch.zeros(50, dtype=torch.int64)).channel_stats()
+    xf = x.astype(np.float64) / 255
+    assert np.allclose(mean, xf.mean(axis=(0, 2, 3)), atol=1e-12)
+    assert np.allclose(std, xf.std(axis=(0, 2, 3)), atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- sizes
+
+
+def test_mixed_sizes(tmp_path):
+    _save(tmp_path / "s" / "a" / "1.png", (8, 8, 3))
+    _save(tmp_path / "s" / "a" / "2.png", (6, 9, 3))
+    with pytest.raises(KdtoolError, match=r"1\.png is 8x8.*2\.png is 6x9") as e:
+        load_data(str(tmp_path / "s"))
+    assert "--image-size" in e.value.hint
+    d = load_data(str(tmp_path / "s"), image_size=4)
+    assert d.x.shape == (2, 3, 4, 4)
+    with Image.open(tmp_path / "s" / "a" / "2.png") as im:
+        expected = np.asarray(im.resize((4, 4), Image.BILINEAR))
+    assert np.array_equal(d.x[1].permute(1, 2, 0).numpy(), expected)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_many_chunks(tmp_path, monkeypatch, parallel):
+    """Enough images for several decode chunks, in process and in worker processes."""
+    if parallel:
+        monkeypatch.setattr(data_mod, "PARALLEL_MIN_IMAGES", 0)
+    for i in range(450):
+        _save(tmp_path / "d" / f"{i % 2}" / f"{i:03d}.png", (4, 4), value=i % 251)
+    _save(tmp_path / "d" / "1" / "999.png", (4, 4, 3), value=7)  # one RGB image, in the last chunk
+    d = load_data(str(tmp_path / "d"))
+    assert d.x.shape == (451, 3, 4, 4) and d.y.tolist() == [0] * 225 + [1] * 226
+    assert d.x[0].unique().tolist() == [0] and d.x[225].unique().tolist() == [1]
+    z = _zip(tmp_path / "d", tmp_path / "d.zip")
+    assert _same(load_data(z), d)  # a Path works as spec; with workers, each opens the zip
+    _save(tmp_path / "d" / "1" / "999.png", (5, 4), value=7)
+    with pytest.raises(KdtoolError, match=r"png is 4x4, 1/999\.png is 5x4"):
+        load_data(str(tmp_path / "d"))
+    (tmp_path / "d" / "1" / "999.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(KdtoolError, match=r"cannot read image .*999\.png"):
+        load_data(str(tmp_path / "d"))
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def test_cache_reused(tmp_path, monkeypatch):
+    z = _zip(_rgb_folder(tmp_path / "ds"), tmp_path / "ds.zip")
+    cache = tmp_path / "mycache"
+    first = load_data(str(z), cache_dir=cache)
+    entries = list(cache.glob("*.safetensors"))
+    assert len(entries) == 1 and not list(cache.glob("*.tmp"))
+
+    def no_decode(*args, **kwargs):
+        raise AssertionError("decoded again instead of using the cache")
+
+    monkeypatch.setattr(data_mod, "_decode_images", no_decode)
+    second = load_data(str(z), cache_dir=cache)
+    assert _same(first, second) and second.x.is_contiguous()
+    # Different conversion options are different entries.
+    with pytest.raises(AssertionError):
+        load_data(str(z), cache_dir=cache, channels=1)
+
+
+def test_cache_default_dir_and_invalidation(tmp_path, monkeypatch):
+    root = _rgb_folder(tmp_path / "ds")
+    first = load_data(str(root))  # KDTOOL_CACHE from the autouse fixture
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+    _save(root / "dog" / "c.png")  # a new file changes the key: decoded again
+    assert len(load_data(str(root))) == len(first) + 1
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+
+
+def test_corrupt_cache_rebuilt(tmp_path):
+    root = _rgb_folder(tmp_path / "ds")
+    first = load_data(str(root), cache_dir=tmp_path / "c")
+    (entry,) = (tmp_path / "c").glob("*.safetensors")
+    entry.write_bytes(b"garbage")
+    assert _same(load_data(str(root), cache_dir=tmp_path / "c"), first)
+    assert entry.stat().st_size > 100  # rewritten
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _raises(match: str, spec, **kwargs) -> KdtoolError:
+    with pytest.raises(KdtoolError, match=match) as e:
+        load_data(str(spec), **kwargs)
+    assert e.value.hint and "\n" not in str(e.value)
+    return e.value
+
+
+def test_spec_errors(tmp_path):
+    missing = tmp_path / "nope"
+    _raises(str(missing), missing)
+    assert "'digits'" in _raises("digts", "digts").hint
+    assert "did you mean 'digits" in _raises("digits:val", "digits:val").hint
+    (tmp_path / "a.tar").write_bytes(b"x")
+    _raises("a.tar", tmp_path / "a.tar")
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    (tmp_path / "empty" / "cls" / "a.txt").write_text("x")
+    assert ".png" in _raises("no images found in .*empty", tmp_path / "empty").hint
+    (tmp_path / "bad.zip").write_bytes(b"not a zip")
+    _raises("bad.zip", tmp_path / "bad.zip")
+    _raises("channels", "digits", channels=2)
+    _raises("image size", "digits", image_size=0)
+
+
+def test_image_errors(tmp_path):
+    _save(tmp_path / "ds" / "a" / "1.png")
+    (tmp_path / "ds" / "b").mkdir()
+    _raises(r"class folder .*b has no images", tmp_path / "ds")
+    (tmp_path / "ds" / "b" / "2.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    _raises(r"cannot read image .*b/2\.jpg", tmp_path / "ds")
+    z = _zip(tmp_path / "ds", tmp_path / "ds.zip")
+    _raises(r"ds\.zip:b/2\.jpg", z)
+
+
+def test_npz_errors(tmp_path):
+    x = np.zeros((3, 4, 4, 3), np.uint8)
+    cases = {
+        "nox": dict(y=np.zeros(3, int)),
+        "noy": dict(x=x),
+        "dtype": dict(x=x.astype(np.float32), y=np.zeros(3, int)),
+        "ndim": dict(x=np.zeros((3, 4), np.uint8), y=np.zeros(3, int)),
+        "ydtype": dict(x=x, y=np.zeros(3)),
+        "length": dict(x=x, y=np.zeros(4, int)),
+        "names": dict(x=x, y=np.array([0, 1, 2]), class_names=np.array(["a", "b"])),
+        "mixed": dict(x=x, y=np.array([0, -1, 1])),
+    }
+    match = {"nox": "no array 'x'", "noy": "no array 'y'", "dtype": "float32", "ndim": "shape",
+             "ydtype": "y has dtype", "length": "3 images but y has 4",
+             "names": "2 class names", "mixed": "labels span -1..1"}
+    for name, arrays in cases.items():
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        _raises(f"{name}.npz.*{match[name]}", tmp_path / f"{name}.npz")
+    np.savez(tmp_path / "obj.npz", x=np.array([object()]), y=np.zeros(1, int))
+    _raises("obj.npz", tmp_path / "obj.npz")  # pickled arrays are refused, not loaded
+
+
+def test_check_fits(monkeypatch):
+    d = load_data("digits:test")
+    check_fits(d, num_classes=10, in_chans=1, input_size=(8, 8), what="tiny")
+    with pytest.raises(KdtoolError, match=r"test has 1-channel.*resnet\.ckpt expects 3") as e:
+        check_fits(d, num_classes=10, in_chans=3, input_size=None, what="resnet.ckpt")
+    assert "channels" in e.value.hint
+    with pytest.raises(KdtoolError, match=r"10 classes but resnet\.ckpt has 100"):
+        check_fits(d, num_classes=100, in_chans=1, input_size=None, what="resnet.ckpt")
+    unlabeled = ImageData(d.x, torch.full((len(d),), -1), [], "calib")
+    check_fits(unlabeled, num_classes=100, in_chans=1, input_size=None, what="m")
+    warnings = []
+    monkeypatch.setattr(data_mod.console, "warn", warnings.append)
+    check_fits(d, num_classes=10, in_chans=1, input_size=(32, 32), what="m")  # size: warn only
+    assert warnings and "8x8" in warnings[0]

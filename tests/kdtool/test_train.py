@@ -1,0 +1,106 @@
+import pytest
+import torch
+
+from kdtool.checkpoint import load_checkpoint, read_meta
+from kdtool.errors import KdtoolError
+from kdtool.train import TrainConfig, Trainer
+
+
+@pytest.mark.timeout(60)  # the bound: digits teacher >= 95% within 60 s on CPU
+def test_train_digits_then_eval_reproduces_from_the_file(cli, tmp_path):
+    out = tmp_path / "teacher.safetensors"
+    r = cli("train", "--arch", "resnet8", "--data", "digits", "--val", "digits:test",
+            "--epochs", "12", "--batch-size", "64", "--out", out, "--json")
+    assert r.code == 0, r.err
+    result = r.json()
+    assert result["val_top1"] >= 95.0
+    meta = read_meta(out)
+    assert meta.arch == "resnet8" and meta.in_chans == 1 and meta.input_size == [8, 8]
+    assert meta.class_names == [str(i) for i in range(10)]
+    assert meta.provenance["metrics"]["val_top1"] == pytest.approx(result["val_top1"])
+    assert meta.provenance["seed"] == 0 and "kdtool train" in meta.provenance["command"]
+
+    ev = cli("eval", out, "--data", "digits:test", "--json")  # no --arch: the file says it all
+    assert ev.code == 0, ev.err
+    assert ev.json()["top1"] == pytest.approx(result["val_top1"])
+    assert set(ev.json()["per_class"]) == {str(i) for i in range(10)}
+
+
+def test_eval_current_statistics_leaves_buffers_alone(cli, digits_teacher):
+    before = {k: v.clone() for k, v in load_checkpoint(digits_teacher)[0].state_dict().items()}
+    r = cli("eval", digits_teacher, "--data", "digits:test", "--bn", "current",
+            "--batch-size", "128", "--json")
+    assert r.code == 0, r.err
+    assert r.json()["top1"] > 80  # a real-data teacher on real batches: stats are close
+    after = load_checkpoint(digits_teacher)[0].state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(arch="tiny_cnn", data="digits", epochs=3, batch_size=128, augment=True, seed=5)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    straight = tmp_path / "straight.safetensors"
+    Trainer(_cfg(), straight).run()
+
+    resumed = tmp_path / "resumed.safetensors"
+    real_epoch = Trainer._train_epoch
+
+    def killed_in_third_epoch(self, model, loader, epoch, *a):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_epoch(self, model, loader, epoch, *a)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", killed_in_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_cfg(), resumed).run()
+    monkeypatch.setattr(Trainer, "_train_epoch", real_epoch)
+    Trainer(_cfg(), resumed, resume=True).run()
+
+    a, _ = load_checkpoint(straight)
+    b, _ = load_checkpoint(resumed)
+    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), k
+
+
+def test_same_seed_same_model_other_seed_differs(tmp_path):
+    paths = [tmp_path / f"{i}.safetensors" for i in range(3)]
+    for p, seed in zip(paths, (1, 1, 2), strict=True):
+        Trainer(_cfg(epochs=1, seed=seed), p).run()
+    w = [load_checkpoint(p)[0].state_dict()["conv1.weight"] for p in paths]
+    assert torch.equal(w[0], w[1]) and not torch.equal(w[0], w[2])
+
+
+def test_existing_output_and_state_are_protected(tmp_path):
+    out = tmp_path / "t.safetensors"
+    Trainer(_cfg(epochs=1), out).run()
+    with pytest.raises(KdtoolError, match="already exists.*--force"):
+        Trainer(_cfg(epochs=1), out)
+    out.unlink()
+    with pytest.raises(KdtoolError, match="run state.*--resume"):
+        Trainer(_cfg(epochs=1), out)
+    with pytest.raises(KdtoolError, match="batch_size was 128, now 64"):
+        Trainer(_cfg(epochs=1, batch_size=64), out, resume=True).run()
+    with pytest.raises(KdtoolError, match="no run state"):
+        Trainer(_cfg(epochs=1), tmp_path / "other.safetensors", resume=True).run()
+
+
+def test_adam_plateau_recipe_runs(tmp_path):
+    r = Trainer(_cfg(epochs=2, optimizer="adam", val="digits:test"), tmp_path / "a.safetensors")
+    result = r.run()
+    assert r.cfg.schedule == "plateau" and r.cfg.lr == 1e-3
+    assert result["history"][-1]["loss"] < result["history"][0]["loss"]
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(optimizer="rmsprop"), "unknown optimizer"),
+    (dict(schedule="cosin"), "did you mean 'cosine'"),
+    (dict(lr=-1.0), "--lr must be positive"),
+    (dict(label_smoothing=1.5), "label-smoothing"),
+    (dict(device="cuda:0" if not torch.cuda.is_available() else "tpu"), "device"),
+])
+def test_bad_config_values(tmp_path, kw, match):
+    with pytest.raises(KdtoolError, match=match):
+        Trainer(_cfg(**kw), tmp_path / "x.safetensors").run()
