@@ -14,21 +14,26 @@ KD="python3 -m kdtool"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
 
-python3 -m pytest -q -m gpu tests/kdtool/test_train_gpu.py -p no:cacheprovider 2>&1 | tail -3
+python3 -m pytest -q -m "not slow" ${GPU_TESTS:-tests/kdtool/test_train_gpu.py tests/kdtool/test_loader.py} \
+  -p no:cacheprovider > "$OUT/pytest_gpu.txt" 2>&1; tail -3 "$OUT/pytest_gpu.txt"
 
-python3 bench/train_throughput.py --arch resnet8 resnet18 resnet34 --images 16384 \
-  --batch-size 512 --epochs 2 2>/dev/null | tee "$OUT/throughput.txt"
+[ -n "${SKIP_THROUGHPUT:-}" ] || python3 bench/train_throughput.py --arch resnet8 resnet18 \
+  resnet34 --images 16384 --batch-size 512 --epochs 2 2>/dev/null | tee "$OUT/throughput.txt"
 
-for epochs in ${EPOCHS:-18 30}; do
+# each recipe: batch size : peak learning rate : epochs
+for recipe in ${RECIPES:-256:0.2:40}; do
+  IFS=: read -r bs lr epochs <<< "$recipe"
+  tag="bs${bs}_lr${lr}_e${epochs}"
   start=$(date +%s.%N)
   $KD train --arch resnet18 --data "$DATA/train45k.zip" --val "$DATA/val5k.zip" \
-    --epochs "$epochs" --batch-size 512 --lr 0.4 --label-smoothing 0.1 \
-    --out "${MODELS:-$OUT}/r18_e$epochs.safetensors" --force --json > "$OUT/recipe_e$epochs.json" \
-    2> "$OUT/recipe_e$epochs.log"
+    --epochs "$epochs" --batch-size "$bs" --lr "$lr" --label-smoothing 0.1 ${TRAIN_ARGS:-} \
+    --out "${MODELS:-$OUT}/r18_$tag.safetensors" --force --json > "$OUT/recipe_$tag.json" \
+    2> "$OUT/recipe_$tag.log"
   end=$(date +%s.%N)
-  python3 - "$OUT/recipe_e$epochs.json" "$start" "$end" <<'PY'
+  python3 - "$OUT/recipe_$tag.json" "$start" "$end" "$tag" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
+print(sys.argv[4], end=": ")
 wall = float(sys.argv[3]) - float(sys.argv[2])
 train_s = sum(h["seconds"] for h in r["history"])
 print(f"epochs {r['epochs']}: best val {r['val_top1']:.2f}% (epoch {r['best_epoch']}), "

@@ -22,6 +22,7 @@ from kdtool.data import ImageData
 class Augment:
     pad: int = 4
     flip: bool = True
+    cutout: int = 0  # side of a square erased to the mean colour (DeVries & Taylor 2017)
 
 
 def epoch_generator(seed: int, epoch: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -47,6 +48,22 @@ def random_crop_flip(x: torch.Tensor, aug: Augment, gen: torch.Generator) -> tor
         flip = torch.rand(n, device=x.device, generator=gen) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
     return x
+
+
+def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """Zero a ``size`` x ``size`` square per sample of normalised NCHW ``x`` (0 = mean colour).
+
+    Centres are uniform over the image, so squares may be clipped at the border.
+    """
+    n, _, h, w = x.shape
+    cy = torch.randint(0, h, (n, 1, 1), device=x.device, generator=gen)
+    cx = torch.randint(0, w, (n, 1, 1), device=x.device, generator=gen)
+    rows = torch.arange(h, device=x.device)[None, :, None]
+    cols = torch.arange(w, device=x.device)[None, None, :]
+    half = size // 2
+    inside = (rows >= cy - half) & (rows < cy - half + size) & \
+        (cols >= cx - half) & (cols < cx - half + size)
+    return x * (~inside)[:, None].to(x.dtype)
 
 
 class DeviceLoader:
@@ -102,6 +119,8 @@ class DeviceLoader:
             if self.augment is not None:
                 x = random_crop_flip(x, self.augment, gen)
             x = x.float() * self.scale + self.shift
+            if self.augment is not None and self.augment.cutout > 0:
+                x = cutout(x, self.augment.cutout, gen)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.y[idx]

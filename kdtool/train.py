@@ -46,6 +46,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
     augment: bool | None = None  # None: on, except for images under 16 px (digits)
+    cutout: int = 0  # with augment: side of an erased square (0: off)
     image_size: int | None = None
     mean: list[float] | None = None  # None: the training data's channel statistics
     std: list[float] | None = None
@@ -66,6 +67,8 @@ class TrainConfig:
                 raise KdtoolError(f"{name} must be >= {low}, got {value}")
         if not c.lr > 0:
             raise KdtoolError(f"--lr must be positive, got {c.lr}")
+        if c.cutout < 0:
+            raise KdtoolError(f"--cutout must be >= 0, got {c.cutout}")
         if not 0 <= c.label_smoothing < 1:
             raise KdtoolError(f"--label-smoothing must be in [0, 1), got {c.label_smoothing}")
         return c
@@ -151,7 +154,7 @@ class Trainer:
         model = create_model(c.arch, num_classes=train.num_classes, in_chans=train.channels)
         model = model.to(self.device, memory_format=torch.channels_last if cuda else None)
         loader = DeviceLoader(train, c.batch_size, self.device, mean, std, shuffle=True,
-                              augment=Augment() if augment else None,
+                              augment=Augment(cutout=c.cutout) if augment else None,
                               drop_last=len(train) >= 2 * c.batch_size, seed=c.seed,
                               channels_last=cuda)
         opt, sched = make_optimizer(model, c, len(loader))

@@ -46,6 +46,8 @@ def train_cmd(
     augment: Annotated[bool | None, typer.Option(
         "--augment/--no-augment", help="Random crop (pad 4) + flip; default on except for "
         "images under 16 px.", show_default=False)] = None,
+    cutout: Annotated[int, typer.Option(
+        "--cutout", help="With augmentation: erase a random square of this side (0: off).")] = 0,
     image_size: Annotated[int | None, typer.Option(
         "--image-size", help="Resize images to this size (default: keep).")] = None,
     mean: Mean = None,
@@ -70,7 +72,8 @@ def train_cmd(
 
     cfg = TrainConfig(arch=arch, data=data, val=val, epochs=epochs, batch_size=batch_size,
                       optimizer=optimizer, schedule=schedule, lr=lr, weight_decay=weight_decay,
-                      label_smoothing=label_smoothing, augment=augment, image_size=image_size,
+                      label_smoothing=label_smoothing, augment=augment, cutout=cutout,
+                      image_size=image_size,
                       mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"),
                       seed=seed, device=device, compile=compile_)
     try:

@@ -1,8 +1,9 @@
+import pytest
 import torch
 
 from kdtool.bn import batch_stats, bn_layers
 from kdtool.data import ImageData
-from kdtool.loader import Augment, DeviceLoader, random_crop_flip
+from kdtool.loader import Augment, DeviceLoader, cutout, random_crop_flip
 from kdtool.models import create_model
 
 
@@ -12,19 +13,36 @@ def _data(n=10, c=3, h=6, w=5) -> ImageData:
                      source="test")
 
 
-def test_crop_flip_matches_a_per_sample_reference():
-    x = _data().x
-    gen = torch.Generator().manual_seed(0)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_crop_flip_matches_a_per_sample_reference(device):
+    x = _data().x.to(device)
+    gen = torch.Generator(device).manual_seed(0)
     out = random_crop_flip(x, Augment(pad=2, flip=True), gen)
     # replay the same draws to build the reference one sample at a time
-    gen = torch.Generator().manual_seed(0)
-    dy = torch.randint(0, 5, (10,), generator=gen)
-    dx = torch.randint(0, 5, (10,), generator=gen)
-    flip = torch.rand(10, generator=gen) < 0.5
+    gen = torch.Generator(device).manual_seed(0)
+    dy = torch.randint(0, 5, (10,), generator=gen, device=device)
+    dx = torch.randint(0, 5, (10,), generator=gen, device=device)
+    flip = torch.rand(10, generator=gen, device=device) < 0.5
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
     for i in range(10):
         ref = padded[i, :, dy[i]:dy[i] + 6, dx[i]:dx[i] + 5]
         assert torch.equal(out[i], ref.flip(2) if flip[i] else ref)
+
+
+def test_cutout_erases_one_clipped_square_per_sample():
+    x = torch.ones(64, 2, 12, 12)
+    out = cutout(x, 4, torch.Generator().manual_seed(0))
+    erased = (out == 0).all(1)  # both channels erased together
+    assert ((out == 0) | (out == 1)).all()
+    counts = erased.flatten(1).sum(1)
+    assert counts.max() == 16 and counts.min() >= 4  # whole square, or clipped at a corner
+    for m in erased:  # the erased pixels form one axis-aligned rectangle
+        rows, cols = m.any(1).nonzero().flatten(), m.any(0).nonzero().flatten()
+        assert m.sum() == len(rows) * len(cols)
+        assert rows.max() - rows.min() + 1 == len(rows) <= 4
 
 
 def test_normalisation_and_batches():

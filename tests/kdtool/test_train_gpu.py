@@ -9,9 +9,10 @@ from kdtool.train import TrainConfig, Trainer
 pytestmark = pytest.mark.gpu
 
 
-def test_cuda_training_learns_and_resumes(tmp_path):
+def test_cuda_training_learns(tmp_path):
+    # no augmentation: flips and 4-px shifts destroy 8x8 digits (tested in test_loader)
     cfg = TrainConfig(arch="resnet8", data="digits", val="digits:test", epochs=6, batch_size=64,
-                      augment=True, device="cuda")
+                      device="cuda")
     result = Trainer(cfg, tmp_path / "a.safetensors").run()
     assert result["device"].startswith("cuda")
     assert result["val_top1"] > 90
