@@ -31,7 +31,6 @@ import multiprocessing as mp
 import os
 import re
 import sys
-import tempfile
 import zipfile
 import zlib
 from concurrent.futures import ProcessPoolExecutor
@@ -44,6 +43,7 @@ from PIL import Image
 
 from kdtool import console
 from kdtool.errors import InternalError, KdtoolError, check_choice, suggest
+from kdtool.io import atomic_path
 
 BUILTIN_DATASETS = ("digits", "digits:train", "digits:test")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -144,7 +144,7 @@ def check_fits(data: ImageData, *, num_classes: int, in_chans: int,
     if data.channels != in_chans:
         raise KdtoolError(
             f"{data.source} has {data.channels}-channel images but {what} expects {in_chans}",
-            f"convert the data to {in_chans} channel(s), e.g. pass --channels {in_chans}")
+            f"convert the images to {in_chans} channel(s)")
     if data.labeled and data.num_classes != num_classes:
         raise KdtoolError(
             f"{data.source} has {data.num_classes} classes but {what} has {num_classes}",
@@ -446,15 +446,9 @@ def _write_cache(cache: Path, data: ImageData, source: str) -> None:
     from safetensors.torch import save_file
 
     meta = {"format": CACHE_FORMAT, "source": source, "class_names": data.class_names}
-    tmp = None
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
         # Temp file + rename: a crash or a concurrent load never sees a half-written entry.
-        fd, tmp = tempfile.mkstemp(prefix=cache.name, suffix=".tmp", dir=cache.parent)
-        os.close(fd)
-        save_file({"x": data.x, "y": data.y}, tmp, metadata={"kdtool": json.dumps(meta)})
-        os.replace(tmp, cache)
+        with atomic_path(cache) as tmp:
+            save_file({"x": data.x, "y": data.y}, str(tmp), metadata={"kdtool": json.dumps(meta)})
     except OSError as e:  # a read-only or full disk costs speed next time, not this run
         console.warn(f"could not write dataset cache {cache}: {e}")
-        if tmp and os.path.exists(tmp):
-            os.unlink(tmp)

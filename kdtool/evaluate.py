@@ -7,6 +7,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 
+from kdtool import console
 from kdtool.bn import BN_MODES, batch_stats, bn_layers
 from kdtool.data import ImageData
 from kdtool.errors import KdtoolError, check_choice
@@ -31,6 +32,7 @@ def predict(
     bn: str = "running",
     seed: int = 0,
     channels_last: bool = False,
+    progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (float32, CPU) and labels of ``data`` in the order they were evaluated.
 
@@ -49,8 +51,11 @@ def predict(
                           seed=seed, channels_last=channels_last)
     logits, labels = [], []
     ctx = batch_stats(model) if bn == "current" else nullcontext()
+    batches = loader.epoch(0)
+    if progress:
+        batches = console.track(batches, "evaluate", total=len(loader), unit="batch")
     with ctx, autocast_for(device):
-        for x, y in loader.epoch(0):
+        for x, y in batches:
             if bn == "current" and len(y) == 1:
                 # one image has no batch statistics; BN would divide by zero variance
                 raise KdtoolError("--bn current needs batches of 2 or more images",

@@ -142,7 +142,7 @@ def eval_cmd(
         console.warn(f"class names of '{data}' differ from the checkpoint's; labels are "
                      "matched by index")
     rep = evaluate(model.to(dev), ds, meta.mean, meta.std, batch_size=batch_size, device=dev,
-                   bn=bn, seed=seed)
+                   bn=bn, seed=seed, progress=True)
     result = {"checkpoint": str(checkpoint), "data": data, "bn": bn, "batch_size": batch_size,
               **rep}
     if not per_class:
