@@ -50,3 +50,42 @@ def check_same_config(saved: dict[str, Any], current: dict[str, Any], path: Path
                 f"cannot resume '{path}': {key} was {saved.get(key)!r}, now {current.get(key)!r}",
                 "resume with the same options, or start over with --force",
             )
+
+
+class RunCheckpoint:
+    """The output and resumable state of one long run (``train``, ``distill``).
+
+    Protects existing files (no overwrite without ``force``), restores model,
+    optimiser, scheduler and progress on ``resume`` and saves them after every
+    epoch, so a killed run loses at most the epoch in flight.
+    """
+
+    def __init__(self, out: str | Path, force: bool, resume: bool):
+        from kdtool.io import check_output
+
+        self.out = Path(out)
+        self.path = state_path_for(self.out)
+        self.resume = resume
+        if not resume:
+            check_output(self.out, force, "output")
+            if self.path.exists() and not force:
+                raise KdtoolError(f"a run state '{self.path}' exists from an earlier run",
+                                  "pass --resume to continue it or --force to start over")
+
+    def restore(self, config: dict, model, opt, sched) -> tuple[int, float, list[dict]]:
+        """(first epoch to run, best metric, history): from the state when resuming."""
+        if not self.resume:
+            return 0, float("-inf"), []
+        state = load_state(self.path)
+        check_same_config(state["config"], config, self.path)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        return state["epoch"] + 1, state["best"], state["history"]
+
+    def save(self, config: dict, epoch: int, best: float, history: list[dict], model, opt,
+             sched) -> None:
+        save_state(self.path, {
+            "config": config, "epoch": epoch, "best": best, "history": history,
+            "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict()})

@@ -16,21 +16,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from kdtool import console
+from kdtool import console, optim
 from kdtool.checkpoint import ModelMeta, save_checkpoint
 from kdtool.data import ImageData, check_fits, load_data
-from kdtool.errors import KdtoolError, check_choice
+from kdtool.errors import KdtoolError
 from kdtool.evaluate import autocast_for, evaluate
-from kdtool.io import check_output
 from kdtool.loader import Augment, DeviceLoader
 from kdtool.models import create_model, model_spec
 from kdtool.runinfo import provenance
-from kdtool.runstate import check_same_config, load_state, save_state, state_path_for
-
-OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("onecycle", "cosine", "plateau")
-DEFAULT_SCHEDULE = {"sgd": "onecycle", "adam": "plateau"}
-DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}
+from kdtool.runstate import RunCheckpoint
 
 
 @dataclass
@@ -56,17 +50,12 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """Validate user values and fill the defaults that depend on other options."""
-        check_choice(self.optimizer, OPTIMIZERS, "optimizer")
         model_spec(self.arch)  # unknown architecture -> "did you mean"
         c = TrainConfig(**asdict(self))
-        c.schedule = c.schedule or DEFAULT_SCHEDULE[c.optimizer]
-        check_choice(c.schedule, SCHEDULES, "schedule")
-        c.lr = c.lr if c.lr is not None else DEFAULT_LR[c.optimizer]
+        c.schedule, c.lr = optim.resolve(c.optimizer, c.schedule, c.lr)
         for name, value, low in (("--epochs", c.epochs, 1), ("--batch-size", c.batch_size, 1)):
             if value < low:
                 raise KdtoolError(f"{name} must be >= {low}, got {value}")
-        if not c.lr > 0:
-            raise KdtoolError(f"--lr must be positive, got {c.lr}")
         if c.cutout < 0:
             raise KdtoolError(f"--cutout must be >= 0, got {c.cutout}")
         if not 0 <= c.label_smoothing < 1:
@@ -87,40 +76,12 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def make_optimizer(model: nn.Module, c: TrainConfig, steps_per_epoch: int):
-    # No weight decay on BN and bias parameters (standard for short schedules).
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": c.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    if c.optimizer == "sgd":
-        opt = torch.optim.SGD(groups, lr=c.lr, momentum=0.9, nesterov=True)
-    else:
-        opt = torch.optim.Adam(groups, lr=c.lr)
-    total = c.epochs * steps_per_epoch
-    if c.schedule == "onecycle":
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=c.lr, total_steps=total, pct_start=0.25, anneal_strategy="linear",
-            div_factor=10.0, final_div_factor=100.0, cycle_momentum=False)
-    elif c.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-    else:  # the paper's: reduce x0.1 after 10 epochs without improvement
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=10)
-    return opt, sched
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, out: str | Path, force: bool = False,
                  resume: bool = False):
         self.cfg = cfg.resolved()
-        self.out = Path(out)
-        self.state_path = state_path_for(self.out)
-        self.resume = resume
-        if not resume:
-            check_output(self.out, force, "output")
-            if self.state_path.exists() and not force:
-                raise KdtoolError(f"a run state '{self.state_path}' exists from an earlier run",
-                                  "pass --resume to continue it or --force to start over")
+        self.ckpt = RunCheckpoint(out, force, resume)
+        self.out = self.ckpt.out
         self.device = resolve_device(self.cfg.device)
 
     def _load_data(self) -> tuple[ImageData, ImageData | None]:
@@ -157,20 +118,15 @@ class Trainer:
                               augment=Augment(cutout=c.cutout) if augment else None,
                               drop_last=len(train) >= 2 * c.batch_size, seed=c.seed,
                               channels_last=cuda)
-        opt, sched = make_optimizer(model, c, len(loader))
+        opt, sched = optim.build(model, c.optimizer, c.schedule, c.lr, c.weight_decay,
+                                 c.epochs * len(loader))
         criterion = nn.CrossEntropyLoss(label_smoothing=c.label_smoothing)
         step_model = torch.compile(model) if c.compile else model
 
         config = asdict(c)
-        start, best, history = 0, -math.inf, []
-        if self.resume:
-            state = load_state(self.state_path)
-            check_same_config(state["config"], config, self.state_path)
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            start, best, history = state["epoch"] + 1, state["best"], state["history"]
-            console.info(f"resuming {self.state_path} after epoch {start}/{c.epochs}")
+        start, best, history = self.ckpt.restore(config, model, opt, sched)
+        if start:
+            console.info(f"resuming {self.ckpt.path} after epoch {start}/{c.epochs}")
         console.info(f"training {c.arch} on {len(train)} images ({train.num_classes} classes, "
                      f"{train.channels}x{train.image_size[0]}x{train.image_size[1]}) on "
                      f"{self.device}, {c.optimizer}+{c.schedule}, augment={augment}")
@@ -196,7 +152,7 @@ class Trainer:
                     row["val_top1"] = rep["top1"]
                     model.train()
                 metric = row.get("val_top1", -row["loss"])
-                if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                if not optim.steps_per_iteration(sched):
                     sched.step(-metric if val is not None else row["loss"])
                 history.append(row)
                 console.info(_epoch_line(row, c.epochs))
@@ -205,19 +161,16 @@ class Trainer:
                 if improved or val is None:
                     meta = make_meta(_metrics(row), epoch + 1)
                     save_checkpoint(self.out, model, meta, force=True)
-                save_state(self.state_path, {
-                    "config": config, "epoch": epoch, "best": best, "history": history,
-                    "model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict()})
+                self.ckpt.save(config, epoch, best, history, model, opt, sched)
         best_row = max(history, key=lambda r: r.get("val_top1", -r["loss"]))
-        return {"out": str(self.out), "state": str(self.state_path), "device": str(self.device),
+        return {"out": str(self.out), "state": str(self.ckpt.path), "device": str(self.device),
                 "epochs": c.epochs, "best_epoch": best_row["epoch"], **_metrics(best_row),
                 "images_per_s": sum(r["images_per_s"] for r in history) / len(history),
                 "history": history}
 
     def _train_epoch(self, model, loader, epoch, opt, sched, criterion, advance) -> dict:
         model.train()
-        step_sched = not isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        step_sched = optim.steps_per_iteration(sched)
         # Sums stay on the device: no host sync per step.
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
