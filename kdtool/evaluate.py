@@ -34,12 +34,12 @@ def predict(
     channels_last: bool = False,
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (float32, CPU) and labels of ``data`` in the order they were evaluated.
+    """Logits (float32, CPU) and labels of ``data``, in the dataset's order.
 
     With ``bn="current"`` every BN layer normalises with the statistics of its
-    batch (the paper's evaluation of a noise student); the order is then
-    shuffled with ``seed``, because image folders are sorted by class and a
-    batch of one class has statistics unlike any real batch.
+    batch (the paper's evaluation of a noise student); batches are then drawn
+    in an order shuffled with ``seed``, because image folders are sorted by
+    class and a batch of one class has statistics unlike any real batch.
     """
     check_choice(bn, BN_MODES, "BN mode")
     if bn == "current" and not bn_layers(model):
@@ -49,20 +49,22 @@ def predict(
     model.eval()
     loader = DeviceLoader(data, batch_size, device, mean, std, shuffle=(bn == "current"),
                           seed=seed, channels_last=channels_last)
-    logits, labels = [], []
+    logits, indices = [], []
     ctx = batch_stats(model) if bn == "current" else nullcontext()
-    batches = loader.epoch(0)
+    batches = loader.epoch(0, with_index=True)
     if progress:
         batches = console.track(batches, "evaluate", total=len(loader), unit="batch")
     with ctx, autocast_for(device):
-        for x, y in batches:
+        for x, y, idx in batches:
             if bn == "current" and len(y) == 1:
                 # one image has no batch statistics; BN would divide by zero variance
                 raise KdtoolError("--bn current needs batches of 2 or more images",
                                   "choose a --batch-size that does not leave one image over")
             logits.append(model(x).float().cpu())
-            labels.append(y.cpu())
-    return torch.cat(logits), torch.cat(labels)
+            indices.append(idx.cpu())
+    ordered = torch.empty(len(data), logits[0].shape[1])
+    ordered[torch.cat(indices)] = torch.cat(logits)
+    return ordered, data.y.clone()
 
 
 def accuracy_report(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict:

@@ -105,7 +105,8 @@ class DeviceLoader:
     def num_images(self) -> int:
         return len(self) * self.batch_size if self.drop_last else len(self.y)
 
-    def epoch(self, epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, epoch: int = 0, with_index: bool = False) -> Iterator[tuple]:
+        """Batches ``(x, y)``, or ``(x, y, index into the dataset)`` with ``with_index``."""
         gen = epoch_generator(self.seed, epoch, self.device)
         n = len(self.y)
         order = (
@@ -123,7 +124,7 @@ class DeviceLoader:
                 x = cutout(x, self.augment.cutout, gen)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.y[idx]
+            yield (x, self.y[idx], idx) if with_index else (x, self.y[idx])
 
     def __iter__(self):
         return self.epoch(0)

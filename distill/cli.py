@@ -1,0 +1,105 @@
+"""``kdtool distill``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kdtool.cli.app import app
+from kdtool.cli.options import DATA_HELP, Device, Force, Json, Seed
+
+
+@app.command("distill")
+def distill_cmd(
+    teacher: Annotated[Path, typer.Option("--teacher", help="The teacher: a kdtool checkpoint "
+                                          "(convert a plain state_dict with 'kdtool convert').")],
+    student: Annotated[str, typer.Option("--student", help="Student architecture "
+                                         "(see 'kdtool models').")] = "resnet18",
+    noise: Annotated[str, typer.Option(
+        "--noise", help="gaussian (N(0,1) in the normalised input space, the paper's), uniform "
+        "or dead_leaves.")] = "gaussian",
+    shapes: Annotated[str | None, typer.Option(
+        "--shapes", help="Dead-leaves shapes: mixed, circle, square, rotated_square, rectangle, "
+        "triangle or quadrilateral.", show_default="mixed")] = None,
+    teacher_bn: Annotated[str, typer.Option(
+        "--teacher-bn", help="Teacher BatchNorm statistics: current (batch statistics: the "
+        "method), running (classic KD, the failure baseline) or mixed.")] = "current",
+    running_fraction: Annotated[float | None, typer.Option(
+        "--running-fraction", help="With --teacher-bn mixed: the share of BN layers, chosen "
+        "with --seed, kept on running statistics.")] = None,
+    loss: Annotated[str, typer.Option(
+        "--loss", help="soft_ce (the paper's soft cross-entropy) or kl (KL x T^2).")] = "soft_ce",
+    temperature: Annotated[float, typer.Option("--temperature", help="Softmax temperature.")
+                           ] = 1.0,
+    epochs: Annotated[int, typer.Option("--epochs")] = 200,
+    iters_per_epoch: Annotated[int, typer.Option(
+        "--iters-per-epoch", help="Noise batches per epoch (196 = CIFAR-10 at batch 256).")
+    ] = 196,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", help="Noise images per batch: the batch whose statistics the teacher "
+        "normalises with.")] = 256,
+    optimizer: Annotated[str, typer.Option("--optimizer", help="adam (the paper's) or sgd.")
+                         ] = "adam",
+    schedule: Annotated[str | None, typer.Option(
+        "--schedule", help="plateau (default for adam, the paper's), onecycle or cosine.")
+    ] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate (adam: 1e-3).")] = None,
+    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 0.0,
+    val: Annotated[str | None, typer.Option(
+        "--val", help="Optional labelled real data to validate on. " + DATA_HELP)] = None,
+    val_every: Annotated[int, typer.Option("--val-every", help="Validate every N epochs.")] = 1,
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the student step.")
+                        ] = False,
+    out: Annotated[Path, typer.Option("--out", help="Student checkpoint to write.")] = Path(
+        "student.safetensors"),
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue the interrupted run that writes --out.")] = False,
+    force: Force = False,
+    seed: Seed = 0,
+    device: Device = "auto",
+    as_json: Json = False,
+) -> None:
+    """Distil a teacher into a student from noise alone: no training data.
+
+    The teacher's BatchNorm layers normalise with the statistics of each noise batch
+    (--teacher-bn current), which is what makes noise informative. The teacher is never
+    modified. The student's BN running statistics are noise statistics afterwards:
+    evaluate it with 'kdtool eval --bn current' or fix them with 'kdtool calibrate'.
+
+    Example: [bold]kdtool distill --teacher teacher.safetensors --student resnet8 --noise
+    gaussian --epochs 20 --val digits:test --out student.safetensors[/bold]
+    """
+    from kdtool.distill.loop import DistillConfig, DistillRun
+
+    from kdtool import console
+
+    options = {"shapes": shapes} if shapes is not None else {}
+    cfg = DistillConfig(
+        teacher=str(teacher), student=student, noise=noise, noise_options=options,
+        teacher_bn=teacher_bn, running_fraction=running_fraction, loss=loss,
+        temperature=temperature, epochs=epochs, iters_per_epoch=iters_per_epoch,
+        batch_size=batch_size, optimizer=optimizer, schedule=schedule, lr=lr,
+        weight_decay=weight_decay, val=val, val_every=val_every, seed=seed, device=device,
+        compile=compile_)
+    try:
+        result = DistillRun(cfg, out, force=force, resume=resume).run()
+    except KeyboardInterrupt:
+        console.warn("interrupted: every finished epoch is saved; continue with the same "
+                     "command and --resume")
+        raise typer.Exit(130) from None
+
+    def render(r):
+        rows = [["output", r["out"]], ["student", f"{r['student']} from {r['teacher']}"],
+                ["noise / teacher BN", f"{r['noise']} / {r['teacher_bn']['bn_mode']}"],
+                ["final loss", f"{r['loss']:.4f}"],
+                ["agreement on noise", f"{r['noise_agreement']:.1f}%"]]
+        for bn in ("current", "running"):
+            if f"val_top1_{bn}" in r:
+                rows.append([f"val top-1 ({bn} BN)", f"{r[f'val_top1_{bn}']:.2f}% "
+                             f"(agrees with teacher {r[f'agreement_{bn}']:.1f}%)"])
+        rows.append(["throughput", f"{r['images_per_s']:,.0f} img/s on {r['device']}"])
+        console.print_kv("kdtool distill", rows)
+
+    console.emit(result, as_json, render)

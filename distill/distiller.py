@@ -1,0 +1,65 @@
+"""Distillers (mdistiller style): a student, a frozen teacher, and a loss of named terms."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from kdtool.distill.teacher import FrozenTeacher
+
+from kdtool.errors import KdtoolError, check_choice
+
+KD_LOSSES = ("soft_ce", "kl")
+
+
+class Distiller(nn.Module):
+    """Holds the student (the only trainable part) and calls the teacher.
+
+    ``forward(x)`` returns ``(student_logits, teacher_logits, losses)`` where
+    ``losses`` maps term names to scalar tensors; the training loop minimises
+    their sum and logs each one.
+    """
+
+    def __init__(self, student: nn.Module, teacher: FrozenTeacher):
+        super().__init__()
+        self.student = student
+        self.teacher = teacher  # a plain attribute: FrozenTeacher is not an nn.Module
+
+    def losses(self, student_logits, teacher_logits) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor):
+        with torch.no_grad():
+            teacher_logits = self.teacher(x).float()
+        student_logits = self.student(x)
+        return student_logits, teacher_logits, self.losses(student_logits.float(),
+                                                           teacher_logits)
+
+
+class NoiseKD(Distiller):
+    """Match the teacher's softened outputs on noise.
+
+    ``soft_ce``: cross-entropy between teacher and student softmax at
+    temperature T, as the authors' code (no T^2; equal to KL up to the teacher's
+    entropy, a constant).  ``kl``: KL(teacher || student) x T^2 (Hinton et al.),
+    which keeps gradient size independent of T.
+    """
+
+    def __init__(self, student: nn.Module, teacher: FrozenTeacher, temperature: float = 1.0,
+                 loss: str = "soft_ce"):
+        super().__init__(student, teacher)
+        check_choice(loss, KD_LOSSES, "KD loss")
+        if not temperature > 0:
+            raise KdtoolError(f"--temperature must be positive, got {temperature}")
+        self.temperature = temperature
+        self.loss = loss
+
+    def losses(self, student_logits, teacher_logits) -> dict[str, torch.Tensor]:
+        t = self.temperature
+        log_p_s = F.log_softmax(student_logits / t, dim=1)
+        if self.loss == "soft_ce":
+            p_t = F.softmax(teacher_logits / t, dim=1)
+            return {"soft_ce": -(p_t * log_p_s).sum(1).mean()}
+        log_p_t = F.log_softmax(teacher_logits / t, dim=1)
+        kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+        return {"kl": kl * t * t}

@@ -1,0 +1,225 @@
+"""``kdtool distill``'s run: noise in, teacher outputs as targets, a student out.
+
+Noise is drawn on the training device every iteration from a generator seeded
+by (seed, epoch), so an epoch's noise depends on the seed alone and
+``--resume`` is exact.  The loss terms are summed on the device and read back
+only every ``log_every`` steps: no host synchronisation per iteration.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from kdtool.distill.distiller import NoiseKD
+from kdtool.distill.noise import make_noise
+from kdtool.distill.teacher import TEACHER_BN_MODES, FrozenTeacher
+
+from kdtool import console, optim
+from kdtool.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
+from kdtool.data import check_fits, load_data
+from kdtool.errors import KdtoolError, check_choice
+from kdtool.evaluate import autocast_for, predict
+from kdtool.loader import epoch_generator
+from kdtool.models import create_model, model_spec
+from kdtool.runinfo import provenance
+from kdtool.runstate import RunCheckpoint
+from kdtool.train import resolve_device
+
+MIN_GOOD_BATCH = 32  # below this the teacher's batch statistics get noisy (appendix Fig. 3b)
+
+
+@dataclass
+class DistillConfig:
+    teacher: str
+    student: str = "resnet18"
+    noise: str = "gaussian"
+    noise_options: dict = field(default_factory=dict)
+    teacher_bn: str = "current"
+    running_fraction: float | None = None
+    loss: str = "soft_ce"
+    temperature: float = 1.0
+    epochs: int = 200
+    iters_per_epoch: int = 196  # the length of a CIFAR-10 loader at batch 256 (the paper's)
+    batch_size: int = 256
+    optimizer: str = "adam"
+    schedule: str | None = None
+    lr: float | None = None
+    weight_decay: float = 0.0
+    val: str | None = None
+    val_every: int = 1
+    seed: int = 0
+    device: str = "auto"
+    compile: bool = False
+    log_every: int = 20
+
+    def resolved(self) -> DistillConfig:
+        c = DistillConfig(**asdict(self))
+        model_spec(c.student)
+        check_choice(c.teacher_bn, TEACHER_BN_MODES, "--teacher-bn mode")
+        c.schedule, c.lr = optim.resolve(c.optimizer, c.schedule, c.lr)
+        for name, value in (("--epochs", c.epochs), ("--iters-per-epoch", c.iters_per_epoch),
+                            ("--batch-size", c.batch_size), ("--val-every", c.val_every),
+                            ("--log-every", c.log_every)):
+            if value < 1:
+                raise KdtoolError(f"{name} must be >= 1, got {value}")
+        if c.batch_size < 2:
+            raise KdtoolError("--batch-size must be >= 2: the teacher normalises with the "
+                              "statistics of the batch")
+        return c
+
+
+class DistillRun:
+    def __init__(self, cfg: DistillConfig, out: str | Path, force: bool = False,
+                 resume: bool = False):
+        self.cfg = cfg.resolved()
+        self.ckpt = RunCheckpoint(out, force, resume)
+        self.device = resolve_device(self.cfg.device)
+        if self.cfg.batch_size < MIN_GOOD_BATCH:
+            console.warn(f"--batch-size {self.cfg.batch_size} is below {MIN_GOOD_BATCH}: the "
+                         "teacher's batch statistics get noisy and the student learns less")
+
+    def run(self) -> dict:
+        c, dev = self.cfg, self.device
+        cuda = dev.type == "cuda"
+        fmt = torch.channels_last if cuda else None
+        if cuda:
+            torch.backends.cudnn.benchmark = True
+        torch.manual_seed(c.seed)
+        teacher_model, tmeta = load_checkpoint(c.teacher)
+        teacher = FrozenTeacher(teacher_model, c.teacher_bn, c.running_fraction, c.seed,
+                                source=f"teacher '{c.teacher}'").to(dev, fmt)
+        size = tuple(tmeta.input_size)
+        noise = make_noise(c.noise, tmeta.in_chans, size, tmeta.mean, tmeta.std, dev,
+                           **c.noise_options)
+        student = create_model(c.student, num_classes=tmeta.num_classes,
+                               in_chans=tmeta.in_chans).to(dev, memory_format=fmt)
+        distiller = NoiseKD(student, teacher, c.temperature, c.loss)
+        val = self._load_val(tmeta)
+        teacher_val = None
+        if val is not None:  # the teacher's own (running-statistics) answers, computed once
+            teacher_val = predict(teacher_model, val, tmeta.mean, tmeta.std, 512, dev)[0]
+            teacher_val = teacher_val.argmax(1)
+        opt, sched = optim.build(student, c.optimizer, c.schedule, c.lr, c.weight_decay,
+                                 c.epochs * c.iters_per_epoch)
+        step_fn = torch.compile(distiller) if c.compile else distiller
+        config = asdict(c)
+        start, best, history = self.ckpt.restore(config, student, opt, sched)
+        if start:
+            console.info(f"resuming {self.ckpt.path} after epoch {start}/{c.epochs}")
+        console.info(f"distilling {tmeta.arch} -> {c.student} on {c.noise} noise "
+                     f"({c.batch_size} x {c.iters_per_epoch} per epoch, {c.epochs} epochs), "
+                     f"teacher BN {c.teacher_bn}, on {dev}")
+        row: dict = history[-1] if history else {}
+        per_epoch = c.iters_per_epoch * c.batch_size
+        with console.progress_task("distill", c.epochs * per_epoch, unit="img") as advance:
+            advance(start * per_epoch)
+            for epoch in range(start, c.epochs):
+                torch.manual_seed(c.seed * 100_003 + epoch)
+                row = self._epoch(step_fn, student, noise, epoch, opt, sched, advance)
+                if not optim.steps_per_iteration(sched):
+                    sched.step(row["loss"])
+                if val is not None and ((epoch + 1) % c.val_every == 0 or epoch + 1 == c.epochs):
+                    row.update(self._validate(student, val, tmeta, teacher_val))
+                history.append(row)
+                console.info(_epoch_line(row, c.epochs))
+                best = max(best, row.get("val_top1_current", -row["loss"]))
+                meta = self._meta(tmeta, teacher, noise, config, history, row)
+                save_checkpoint(self.ckpt.out, student, meta, force=True)
+                self.ckpt.save(config, epoch, best, history, student, opt, sched)
+        return {"out": str(self.ckpt.out), "state": str(self.ckpt.path), "device": str(dev),
+                "teacher": c.teacher, "student": c.student, "noise": c.noise,
+                "teacher_bn": teacher.describe(), **{k: v for k, v in row.items()},
+                "history": history}
+
+    def _load_val(self, tmeta: ModelMeta):
+        if not self.cfg.val:
+            return None
+        val = load_data(self.cfg.val, channels=tmeta.in_chans)
+        check_fits(val, num_classes=tmeta.num_classes, in_chans=tmeta.in_chans,
+                   input_size=tuple(tmeta.input_size), what=f"teacher '{self.cfg.teacher}'")
+        if not val.labeled:
+            raise KdtoolError(f"validation data '{self.cfg.val}' has no labels",
+                              "use a labelled dataset for --val")
+        return val
+
+    def _epoch(self, step_fn, student, noise, epoch, opt, sched, advance) -> dict:
+        c, dev = self.cfg, self.device
+        student.train()
+        gen = epoch_generator(c.seed, epoch, dev)
+        per_step = optim.steps_per_iteration(sched)
+        sums: dict[str, torch.Tensor] = {}
+        agree = torch.zeros((), device=dev, dtype=torch.long)
+        reported = 0
+        t0 = time.perf_counter()
+        for i in range(c.iters_per_epoch):
+            x = noise.sample(c.batch_size, gen)
+            if dev.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast_for(dev):
+                s_logits, t_logits, terms = step_fn(x)
+            loss = sum(terms.values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            lr = opt.param_groups[0]["lr"]
+            opt.step()
+            if per_step:
+                sched.step()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0) + v.detach()
+            agree += (s_logits.argmax(1) == t_logits.argmax(1)).sum()
+            if (i + 1) % c.log_every == 0 or i + 1 == c.iters_per_epoch:
+                mean_loss = sum(sums.values()).item() / (i + 1)  # the only host sync
+                advance((i + 1 - reported) * c.batch_size,
+                        info=f"epoch {epoch + 1} loss {mean_loss:.4f} lr {lr:.2e}")
+                reported = i + 1
+        secs = time.perf_counter() - t0
+        n = c.iters_per_epoch
+        terms_mean = {k: v.item() / n for k, v in sums.items()}
+        loss = sum(terms_mean.values())
+        if not math.isfinite(loss):
+            raise KdtoolError(f"distillation diverged at epoch {epoch + 1} (loss {loss})",
+                              "lower --lr")
+        return {"epoch": epoch + 1, "loss": loss, **terms_mean,
+                "noise_agreement": 100.0 * agree.item() / (n * c.batch_size), "lr": lr,
+                "seconds": secs, "images_per_s": n * c.batch_size / secs}
+
+    def _validate(self, student, val, tmeta, teacher_val) -> dict:
+        out = {}
+        for bn in ("current", "running"):
+            logits, labels = predict(student, val, tmeta.mean, tmeta.std, 256, self.device,
+                                     bn=bn, seed=self.cfg.seed)
+            pred = logits.argmax(1)
+            out[f"val_top1_{bn}"] = 100.0 * (pred == labels).float().mean().item()
+            out[f"agreement_{bn}"] = 100.0 * (pred == teacher_val).float().mean().item()
+        student.train()
+        return out
+
+    def _meta(self, tmeta, teacher, noise, config, history, row) -> ModelMeta:
+        metrics = {k: v for k, v in row.items() if k.startswith(("val_", "agreement", "loss"))}
+        return ModelMeta(
+            arch=self.cfg.student, num_classes=tmeta.num_classes, in_chans=tmeta.in_chans,
+            input_size=list(tmeta.input_size), mean=list(tmeta.mean), std=list(tmeta.std),
+            class_names=list(tmeta.class_names),
+            provenance=provenance(seed=self.cfg.seed, metrics=metrics),
+            stages={"distill": {
+                "teacher": {"file": self.cfg.teacher, "arch": tmeta.arch,
+                            "metrics": tmeta.provenance.get("metrics", {})},
+                "teacher_bn": teacher.describe(), "noise": noise.describe(),
+                "config": config, "epoch": row["epoch"], "history": history,
+                # The student's BN running buffers hold statistics of noise, not of real
+                # images: evaluate it on current statistics or run `kdtool calibrate`.
+                "bn_running_stats": "noise"}})
+
+
+def _epoch_line(row: dict, epochs: int) -> str:
+    val = ""
+    if "val_top1_current" in row:
+        val = (f" val {row['val_top1_current']:.2f}% (current BN) "
+               f"{row['val_top1_running']:.2f}% (running BN), agreement "
+               f"{row['agreement_current']:.1f}%")
+    return (f"epoch {row['epoch']}/{epochs} loss {row['loss']:.4f}{val} lr {row['lr']:.2e} "
+            f"{row['images_per_s']:,.0f} img/s")
