@@ -17,10 +17,12 @@ import torch
 from kdtool.distill.distiller import NoiseKD
 from kdtool.distill.noise import make_noise
 from kdtool.distill.teacher import TEACHER_BN_MODES, FrozenTeacher
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from kdtool import console, optim
 from kdtool.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
 from kdtool.data import check_fits, load_data
+from kdtool.dist import all_reduce_mean, finish, init_from_env, sync_buffers
 from kdtool.errors import KdtoolError, check_choice
 from kdtool.evaluate import autocast_for, predict
 from kdtool.loader import epoch_generator
@@ -76,8 +78,8 @@ class DistillRun:
     def __init__(self, cfg: DistillConfig, out: str | Path, force: bool = False,
                  resume: bool = False):
         self.cfg = cfg.resolved()
-        self.ckpt = RunCheckpoint(out, force, resume)
-        self.device = resolve_device(self.cfg.device)
+        self.dist, self.device = init_from_env(resolve_device(self.cfg.device))
+        self.ckpt = RunCheckpoint(out, force, resume, writer=self.dist.is_main)
         if self.cfg.batch_size < MIN_GOOD_BATCH:
             console.warn(f"--batch-size {self.cfg.batch_size} is below {MIN_GOOD_BATCH}: the "
                          "teacher's batch statistics get noisy and the student learns less")
@@ -98,9 +100,15 @@ class DistillRun:
         student = create_model(c.student, num_classes=tmeta.num_classes,
                                in_chans=tmeta.in_chans).to(dev, memory_format=fmt)
         distiller = NoiseKD(student, teacher, c.temperature, c.loss)
+        if self.dist.enabled:
+            # Gradients are averaged across ranks; BN buffers are broadcast from rank 0, so
+            # every rank holds the same student. Each rank's teacher normalises with the
+            # statistics of its own batch (per-rank statistics).
+            distiller.student = DDP(student, device_ids=[dev.index] if dev.type == "cuda"
+                                    else None)
         val = self._load_val(tmeta)
         teacher_val = None
-        if val is not None:  # the teacher's own (running-statistics) answers, computed once
+        if val is not None and self.dist.is_main:  # the teacher's own answers, computed once
             teacher_val = predict(teacher_model, val, tmeta.mean, tmeta.std, 512, dev)[0]
             teacher_val = teacher_val.argmax(1)
         opt, sched = optim.build(student, c.optimizer, c.schedule, c.lr, c.weight_decay,
@@ -120,17 +128,23 @@ class DistillRun:
             for epoch in range(start, c.epochs):
                 torch.manual_seed(c.seed * 100_003 + epoch)
                 row = self._epoch(step_fn, student, noise, epoch, opt, sched, advance)
+                sync_buffers(student, self.dist)
                 if not optim.steps_per_iteration(sched):
                     sched.step(row["loss"])
-                if val is not None and ((epoch + 1) % c.val_every == 0 or epoch + 1 == c.epochs):
+                if val is not None and self.dist.is_main and (
+                        (epoch + 1) % c.val_every == 0 or epoch + 1 == c.epochs):
                     row.update(self._validate(student, val, tmeta, teacher_val))
                 history.append(row)
                 console.info(_epoch_line(row, c.epochs))
                 best = max(best, row.get("val_top1_current", -row["loss"]))
-                meta = self._meta(tmeta, teacher, noise, config, history, row)
-                save_checkpoint(self.ckpt.out, student, meta, force=True)
+                if self.dist.is_main:
+                    meta = self._meta(tmeta, teacher, noise, config, history, row)
+                    save_checkpoint(self.ckpt.out, student, meta, force=True)
                 self.ckpt.save(config, epoch, best, history, student, opt, sched)
+        self.student = student
+        finish(self.dist)
         return {"out": str(self.ckpt.out), "state": str(self.ckpt.path), "device": str(dev),
+                "world_size": self.dist.world_size,
                 "teacher": c.teacher, "student": c.student, "noise": c.noise,
                 "teacher_bn": teacher.describe(), **{k: v for k, v in row.items()},
                 "history": history}
@@ -149,7 +163,8 @@ class DistillRun:
     def _epoch(self, step_fn, student, noise, epoch, opt, sched, advance) -> dict:
         c, dev = self.cfg, self.device
         student.train()
-        gen = epoch_generator(c.seed, epoch, dev)
+        # each rank draws different noise: seed + rank
+        gen = epoch_generator(c.seed + 1_000_003 * self.dist.rank, epoch, dev)
         per_step = optim.steps_per_iteration(sched)
         sums: dict[str, torch.Tensor] = {}
         agree = torch.zeros((), device=dev, dtype=torch.long)
@@ -178,7 +193,8 @@ class DistillRun:
                 reported = i + 1
         secs = time.perf_counter() - t0
         n = c.iters_per_epoch
-        terms_mean = {k: v.item() / n for k, v in sums.items()}
+        # Averaged over ranks: the plateau scheduler must take the same step everywhere.
+        terms_mean = {k: all_reduce_mean(v, self.dist).item() / n for k, v in sums.items()}
         loss = sum(terms_mean.values())
         if not math.isfinite(loss):
             raise KdtoolError(f"distillation diverged at epoch {epoch + 1} (loss {loss})",

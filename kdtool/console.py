@@ -114,6 +114,8 @@ def _fmt(v: Any) -> str:
 
 def emit(result: dict, as_json: bool, render=None) -> None:
     """Print a command's result: exactly one JSON object on stdout, or ``render(result)``."""
+    if out.quiet:  # a process other than rank 0 of a multi-process run
+        return
     if as_json:
         sys.stdout.write(json.dumps(result, default=_json_default) + "\n")
         sys.stdout.flush()

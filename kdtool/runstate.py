@@ -60,13 +60,14 @@ class RunCheckpoint:
     epoch, so a killed run loses at most the epoch in flight.
     """
 
-    def __init__(self, out: str | Path, force: bool, resume: bool):
+    def __init__(self, out: str | Path, force: bool, resume: bool, writer: bool = True):
         from kdtool.io import check_output
 
         self.out = Path(out)
         self.path = state_path_for(self.out)
         self.resume = resume
-        if not resume:
+        self.writer = writer  # in a multi-process run only rank 0 checks and writes files
+        if not resume and writer:
             check_output(self.out, force, "output")
             if self.path.exists() and not force:
                 raise KdtoolError(f"a run state '{self.path}' exists from an earlier run",
@@ -85,6 +86,8 @@ class RunCheckpoint:
 
     def save(self, config: dict, epoch: int, best: float, history: list[dict], model, opt,
              sched) -> None:
+        if not self.writer:
+            return
         save_state(self.path, {
             "config": config, "epoch": epoch, "best": best, "history": history,
             "model": model.state_dict(), "optimizer": opt.state_dict(),

@@ -1,0 +1,189 @@
+"""Distillation images/s: kdtool's real loop against a straightforward baseline loop.
+
+Both loops distil a random-weight teacher into a student on Gaussian noise, with
+the teacher's BN layers on batch statistics, soft cross-entropy and Adam 1e-3,
+on the same device in one process:
+
+* baseline: the authors' style (Piyush-555/GaussianDistillation): fp32 eager,
+  NCHW, the teacher simply in ``.train()`` mode under ``torch.no_grad`` (which
+  also overwrites its running statistics; harmless here, it is a private copy),
+  noise drawn with ``torch.randn`` on the CPU and copied to the device every
+  iteration, and ``loss.item()`` every iteration, as a logging loop does;
+* kdtool: ``DistillRun(DistillConfig(...)).run()``, the code ``kdtool distill``
+  runs (noise on the device, bf16 autocast and channels_last on CUDA, BN via
+  ``kdtool.bn.batch_stats``, a host sync every ``log_every`` steps, optionally
+  ``torch.compile``).
+
+Each loop runs ``--epochs`` epochs of ``--iters`` iterations; the last epoch's
+images/s counts, so the first one pays for warm-up (cudnn autotuning,
+allocation, compilation). Prints one JSON line per measurement, then a
+Markdown table with the ratio kdtool / baseline.
+
+    python bench/distill_speed.py                                # CPU: resnet8 -> tiny_cnn
+    python bench/distill_speed.py --device cuda                  # resnet34 -> resnet18, 256
+    python bench/distill_speed.py --device cuda --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from kdtool.distill.loop import DistillConfig, DistillRun
+
+from kdtool.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
+from kdtool.models import create_model
+from kdtool.train import resolve_device
+
+# (CUDA, CPU) defaults: the issue's GPU pair, and a pair that runs in seconds on 2 cores.
+DEFAULTS = {"teacher": ("resnet34", "resnet8"), "student": ("resnet18", "tiny_cnn"),
+            "batch_size": (256, 256), "iters": (100, 10)}
+SEED = 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", help="teacher architecture (resnet34 on CUDA, resnet8 on CPU)")
+    p.add_argument("--student", help="student architecture (resnet18 on CUDA, tiny_cnn on CPU)")
+    p.add_argument("--batch-size", type=int, help="noise batch size (256)")
+    p.add_argument("--size", type=int, default=32, help="image height and width")
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--iters", type=int, help="iterations per epoch (100 on CUDA, 10 on CPU)")
+    p.add_argument("--epochs", type=int, default=2,
+                   help="epochs per loop; only the last is timed (the others warm up)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="alternate baseline and kdtool this many times; report the medians")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile kdtool's step")
+    p.add_argument("--baseline-noise", choices=("cpu", "device"), default="cpu",
+                   help="where the baseline draws its noise: cpu (+ copy, the default) or "
+                        "device (what the authors' distill_gaussian.py does)")
+    p.add_argument("--baseline-cudnn-benchmark", action="store_true",
+                   help="let the baseline use cudnn.benchmark too (kdtool always does on CUDA)")
+    args = p.parse_args(argv)
+    args.device = resolve_device(args.device)
+    pick = 0 if args.device.type == "cuda" else 1
+    for name, values in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, values[pick])
+    if min(args.iters, args.epochs, args.repeats) < 1 or args.batch_size < 2:
+        p.error("--iters, --epochs and --repeats must be >= 1 and --batch-size >= 2")
+    return args
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def save_teacher(args, path: Path) -> Path:
+    """A random-weight teacher checkpoint: speed does not depend on what it learnt."""
+    torch.manual_seed(SEED)
+    model = create_model(args.teacher, num_classes=args.num_classes, in_chans=args.channels)
+    meta = ModelMeta(arch=args.teacher, num_classes=args.num_classes, in_chans=args.channels,
+                     input_size=[args.size, args.size], mean=[0.5] * args.channels,
+                     std=[0.25] * args.channels)
+    return save_checkpoint(path, model, meta, force=True)
+
+
+def baseline(args, teacher_path: Path) -> list[float]:
+    """images/s of each epoch of the straightforward loop."""
+    dev = args.device
+    if dev.type == "cuda":
+        # DistillRun switches cudnn.benchmark on for the process; the authors' code leaves
+        # PyTorch's default (off). Set it either way so the order of the runs does not matter.
+        torch.backends.cudnn.benchmark = args.baseline_cudnn_benchmark
+    # A fresh copy from the checkpoint: .train() below rewrites its running statistics.
+    teacher, _ = load_checkpoint(teacher_path)
+    teacher = teacher.to(dev).train()
+    torch.manual_seed(SEED)
+    student = create_model(args.student, num_classes=args.num_classes,
+                           in_chans=args.channels).to(dev).train()
+    opt = torch.optim.Adam(student.parameters(), lr=1e-3)
+    shape = (args.batch_size, args.channels, args.size, args.size)
+    noise_dev = dev if args.baseline_noise == "device" else torch.device("cpu")
+    rates = []
+    for _ in range(args.epochs):
+        total = 0.0
+        sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(args.iters):
+            x = torch.randn(shape, device=noise_dev).to(dev)
+            with torch.no_grad():
+                soft = F.softmax(teacher(x), dim=1)
+            loss = -(soft * F.log_softmax(student(x), dim=1)).sum(1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item()  # a host sync per iteration, as a logging loop does
+        sync(dev)
+        rates.append(args.iters * args.batch_size / (time.perf_counter() - t0))
+    return rates
+
+
+def kdtool_loop(args, teacher_path: Path, out: Path) -> list[float]:
+    """images/s of each epoch of ``kdtool distill``'s own loop, as its history reports."""
+    cfg = DistillConfig(teacher=str(teacher_path), student=args.student, noise="gaussian",
+                        teacher_bn="current", loss="soft_ce", epochs=args.epochs,
+                        iters_per_epoch=args.iters, batch_size=args.batch_size,
+                        optimizer="adam", lr=1e-3, seed=SEED, device=str(args.device),
+                        compile=args.compile)
+    result = DistillRun(cfg, out, force=True).run()
+    return [row["images_per_s"] for row in result["history"]]
+
+
+def run(args) -> dict:
+    name = device_name(args.device)
+    common = {"device": name, "teacher": args.teacher, "student": args.student,
+              "batch_size": args.batch_size, "size": args.size, "channels": args.channels,
+              "iters": args.iters, "epochs": args.epochs, "torch": torch.__version__}
+    base, fast = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher_path = save_teacher(args, Path(tmp) / "teacher.safetensors")
+        for r in range(args.repeats):
+            # Alternating spreads drift (clocks, a neighbour's load) over both loops.
+            rates = baseline(args, teacher_path)
+            base.append(rates[-1])
+            print(json.dumps({"loop": "baseline", **common, "repeat": r,
+                              "noise": args.baseline_noise,
+                              "cudnn_benchmark": args.baseline_cudnn_benchmark
+                              if args.device.type == "cuda" else None,
+                              "images_per_s": round(rates[-1], 1),
+                              "epoch_images_per_s": [round(v, 1) for v in rates]}), flush=True)
+            rates = kdtool_loop(args, teacher_path, Path(tmp) / f"student{r}.safetensors")
+            fast.append(rates[-1])
+            print(json.dumps({"loop": "kdtool", **common, "repeat": r, "compile": args.compile,
+                              "images_per_s": round(rates[-1], 1),
+                              "epoch_images_per_s": [round(v, 1) for v in rates]}), flush=True)
+    b, k = statistics.median(base), statistics.median(fast)
+    return {**common, "compile": args.compile, "baseline_images_per_s": b,
+            "kdtool_images_per_s": k, "ratio": k / b}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    s = run(args)
+    kd = "kdtool + compile" if s["compile"] else "kdtool"
+    print(f"\n| device | teacher -> student | batch | baseline img/s | {kd} img/s | ratio |\n"
+          "|---|---|---|---:|---:|---:|\n"
+          f"| {s['device']} | {s['teacher']} -> {s['student']} | {s['batch_size']} | "
+          f"{s['baseline_images_per_s']:,.0f} | {s['kdtool_images_per_s']:,.0f} | "
+          f"{s['ratio']:.2f}x |")
+    return s
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Two processes with gloo: DistributedDataParallel distillation on CPU."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+import torch.multiprocessing as mp
+
+from kdtool.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
+from kdtool.models import create_model
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _teacher(path):
+    torch.manual_seed(0)
+    meta = ModelMeta(arch="tiny_cnn", num_classes=10, in_chans=1, input_size=[8, 8],
+                     mean=[0.3], std=[0.37])
+    save_checkpoint(path, create_model("tiny_cnn", in_chans=1), meta, force=False)
+
+
+def _worker(rank, world, port, teacher, out, dump):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from kdtool.distill.loop import DistillConfig, DistillRun
+
+    run = DistillRun(DistillConfig(teacher=str(teacher), student="tiny_cnn", epochs=2,
+                                   iters_per_epoch=3, batch_size=32, device="cpu"), out)
+    run.run()
+    torch.save(run.student.state_dict(), dump / f"rank{rank}.pt")
+
+
+def test_two_ranks_hold_identical_students(tmp_path):
+    _teacher(tmp_path / "t.safetensors")
+    mp.spawn(_worker, args=(2, _free_port(), tmp_path / "t.safetensors",
+                            tmp_path / "s.safetensors", tmp_path), nprocs=2)
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    saved = load_checkpoint(tmp_path / "s.safetensors")[0].state_dict()  # rank 0 wrote it
+    assert all(torch.equal(a[k], saved[k]) for k in a)
+
+
+def test_torchrun_entry_point(tmp_path):
+    _teacher(tmp_path / "t.safetensors")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(_free_port()), "-m", "kdtool", "distill", "--teacher",
+           str(tmp_path / "t.safetensors"), "--student", "tiny_cnn", "--epochs", "1",
+           "--iters-per-epoch", "2", "--batch-size", "32", "--device", "cpu", "--out",
+           str(tmp_path / "s.safetensors"), "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1  # only rank 0 prints
+    assert '"world_size": 2' in lines[0]
+    assert (tmp_path / "s.safetensors").exists()
