@@ -35,9 +35,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from kdtool.distill.loop import DistillConfig, DistillRun
 
 from kdtool.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
+from kdtool.distill.loop import DistillConfig, DistillRun
 from kdtool.models import create_model
 from kdtool.train import resolve_device
 

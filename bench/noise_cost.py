@@ -23,8 +23,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from kdtool.distill.noise import NOISE_KINDS, make_noise
 
+from kdtool.distill.noise import NOISE_KINDS, make_noise
 from kdtool.models import create_model
 
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]

@@ -23,6 +23,9 @@ def distill_cmd(
     shapes: Annotated[str | None, typer.Option(
         "--shapes", help="Dead-leaves shapes: mixed, circle, square, rotated_square, rectangle, "
         "triangle or quadrilateral.", show_default="mixed")] = None,
+    balance: Annotated[bool, typer.Option(
+        "--balance/--no-balance", help="Class-balanced noise: oversample x2 and keep noise the "
+        "teacher assigns to each class evenly (beyond the paper).")] = False,
     teacher_bn: Annotated[str, typer.Option(
         "--teacher-bn", help="Teacher BatchNorm statistics: current (batch statistics: the "
         "method), running (classic KD, the failure baseline) or mixed.")] = "current",
@@ -71,13 +74,12 @@ def distill_cmd(
     Example: [bold]kdtool distill --teacher teacher.safetensors --student resnet8 --noise
     gaussian --epochs 20 --val digits:test --out student.safetensors[/bold]
     """
-    from kdtool.distill.loop import DistillConfig, DistillRun
-
     from kdtool import console
+    from kdtool.distill.loop import DistillConfig, DistillRun
 
     options = {"shapes": shapes} if shapes is not None else {}
     cfg = DistillConfig(
-        teacher=str(teacher), student=student, noise=noise, noise_options=options,
+        teacher=str(teacher), student=student, noise=noise, noise_options=options, balance=balance,
         teacher_bn=teacher_bn, running_fraction=running_fraction, loss=loss,
         temperature=temperature, epochs=epochs, iters_per_epoch=iters_per_epoch,
         batch_size=batch_size, optimizer=optimizer, schedule=schedule, lr=lr,
@@ -94,7 +96,9 @@ def distill_cmd(
         rows = [["output", r["out"]], ["student", f"{r['student']} from {r['teacher']}"],
                 ["noise / teacher BN", f"{r['noise']} / {r['teacher_bn']['bn_mode']}"],
                 ["final loss", f"{r['loss']:.4f}"],
-                ["agreement on noise", f"{r['noise_agreement']:.1f}%"]]
+                ["agreement on noise", f"{r['noise_agreement']:.1f}%"],
+                ["teacher class balance on noise", f"{r['teacher_class_balance']:.3f} "
+                 "(1 = uniform)"]]
         for bn in ("current", "running"):
             if f"val_top1_{bn}" in r:
                 rows.append([f"val top-1 ({bn} BN)", f"{r[f'val_top1_{bn}']:.2f}% "

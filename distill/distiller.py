@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from kdtool.distill.teacher import FrozenTeacher
 
+from kdtool.distill.teacher import FrozenTeacher
 from kdtool.errors import KdtoolError, check_choice
 
 KD_LOSSES = ("soft_ce", "kl")

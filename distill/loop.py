@@ -14,15 +14,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from kdtool.distill.distiller import NoiseKD
-from kdtool.distill.noise import make_noise
-from kdtool.distill.teacher import TEACHER_BN_MODES, FrozenTeacher
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from kdtool import console, optim
 from kdtool.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
 from kdtool.data import check_fits, load_data
 from kdtool.dist import all_reduce_mean, finish, init_from_env, sync_buffers
+from kdtool.distill.balance import BalancedNoise
+from kdtool.distill.distiller import NoiseKD
+from kdtool.distill.noise import make_noise
+from kdtool.distill.teacher import TEACHER_BN_MODES, FrozenTeacher
 from kdtool.errors import KdtoolError, check_choice
 from kdtool.evaluate import autocast_for, predict
 from kdtool.loader import epoch_generator
@@ -40,6 +41,7 @@ class DistillConfig:
     student: str = "resnet18"
     noise: str = "gaussian"
     noise_options: dict = field(default_factory=dict)
+    balance: bool = False  # class-balanced noise (rejection sampling through the teacher)
     teacher_bn: str = "current"
     running_fraction: float | None = None
     loss: str = "soft_ce"
@@ -92,11 +94,14 @@ class DistillRun:
             torch.backends.cudnn.benchmark = True
         torch.manual_seed(c.seed)
         teacher_model, tmeta = load_checkpoint(c.teacher)
+        self.num_classes = tmeta.num_classes
         teacher = FrozenTeacher(teacher_model, c.teacher_bn, c.running_fraction, c.seed,
                                 source=f"teacher '{c.teacher}'").to(dev, fmt)
         size = tuple(tmeta.input_size)
         noise = make_noise(c.noise, tmeta.in_chans, size, tmeta.mean, tmeta.std, dev,
                            **c.noise_options)
+        if c.balance:
+            noise = BalancedNoise(noise, teacher, tmeta.num_classes)
         student = create_model(c.student, num_classes=tmeta.num_classes,
                                in_chans=tmeta.in_chans).to(dev, memory_format=fmt)
         distiller = NoiseKD(student, teacher, c.temperature, c.loss)
@@ -168,6 +173,7 @@ class DistillRun:
         per_step = optim.steps_per_iteration(sched)
         sums: dict[str, torch.Tensor] = {}
         agree = torch.zeros((), device=dev, dtype=torch.long)
+        hist = torch.zeros(self.num_classes, device=dev, dtype=torch.long)
         reported = 0
         t0 = time.perf_counter()
         for i in range(c.iters_per_epoch):
@@ -185,7 +191,9 @@ class DistillRun:
                 sched.step()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0) + v.detach()
-            agree += (s_logits.argmax(1) == t_logits.argmax(1)).sum()
+            t_pred = t_logits.argmax(1)
+            agree += (s_logits.argmax(1) == t_pred).sum()
+            hist += torch.bincount(t_pred, minlength=len(hist))
             if (i + 1) % c.log_every == 0 or i + 1 == c.iters_per_epoch:
                 mean_loss = sum(sums.values()).item() / (i + 1)  # the only host sync
                 advance((i + 1 - reported) * c.batch_size,
@@ -200,7 +208,8 @@ class DistillRun:
             raise KdtoolError(f"distillation diverged at epoch {epoch + 1} (loss {loss})",
                               "lower --lr")
         return {"epoch": epoch + 1, "loss": loss, **terms_mean,
-                "noise_agreement": 100.0 * agree.item() / (n * c.batch_size), "lr": lr,
+                "noise_agreement": 100.0 * agree.item() / (n * c.batch_size),
+                "teacher_class_balance": class_balance(hist), "lr": lr,
                 "seconds": secs, "images_per_s": n * c.batch_size / secs}
 
     def _validate(self, student, val, tmeta, teacher_val) -> dict:
@@ -229,6 +238,13 @@ class DistillRun:
                 # The student's BN running buffers hold statistics of noise, not of real
                 # images: evaluate it on current statistics or run `kdtool calibrate`.
                 "bn_running_stats": "noise"}})
+
+
+def class_balance(hist: torch.Tensor) -> float:
+    """Entropy of the teacher's predicted-class histogram over log(classes): 1 = uniform."""
+    p = hist.double() / hist.sum().clamp(min=1)
+    entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
+    return entropy / math.log(len(hist)) if len(hist) > 1 else 1.0
 
 
 def _epoch_line(row: dict, epochs: int) -> str:

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from kdtool.distill.distiller import NoiseKD
-from kdtool.distill.loop import DistillConfig, DistillRun
-from kdtool.distill.teacher import FrozenTeacher, choose_running_layers
 
 from kdtool.bn import bn_layers
 from kdtool.checkpoint import ModelMeta, load_checkpoint, read_meta, save_checkpoint
+from kdtool.distill.distiller import NoiseKD
+from kdtool.distill.loop import DistillConfig, DistillRun
+from kdtool.distill.teacher import FrozenTeacher, choose_running_layers
 from kdtool.errors import KdtoolError
 from kdtool.models import create_model
 

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+
 from kdtool.distill.noise import (
     NOISE_KINDS,
     SHAPES,
@@ -17,7 +18,6 @@ from kdtool.distill.noise import (
     shape_constraints,
     shape_masks,
 )
-
 from kdtool.errors import KdtoolError
 
 MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]

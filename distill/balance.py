@@ -1,0 +1,57 @@
+"""Class-balanced noise: rejection sampling so the teacher's predicted classes are even.
+
+A BN teacher fed Gaussian noise predicts a few classes far more often than the
+others (NormShift-KD, REFERENCE.md), so the student hears little about the
+rest.  ``BalancedNoise`` draws ``oversample`` x n candidates, asks the teacher
+(on the candidates' own batch statistics) which class each one looks like, and
+keeps at most ceil(n / classes) per class, filling any shortfall at random
+from the rejected ones.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kdtool.distill.noise import NoiseSource
+from kdtool.distill.teacher import FrozenTeacher
+from kdtool.errors import KdtoolError
+
+
+def balanced_choice(classes: torch.Tensor, n: int, num_classes: int,
+                    gen: torch.Generator) -> torch.Tensor:
+    """Indices of ``n`` of the candidates, at most ceil(n / num_classes) per class first."""
+    m = len(classes)
+    key = torch.rand(m, generator=gen, device=classes.device)
+    # Rank of each candidate within its class, in random order: sort by (class, key).
+    order = torch.argsort(classes.to(torch.float64) + key.to(torch.float64))
+    sorted_cls = classes[order]
+    first = torch.searchsorted(sorted_cls, torch.arange(num_classes, device=classes.device))
+    rank = torch.empty(m, dtype=torch.long, device=classes.device)
+    rank[order] = torch.arange(m, device=classes.device) - first[sorted_cls]
+    quota = math.ceil(n / num_classes)
+    # Within quota first (random order), then the rest by how far over quota they are.
+    priority = torch.where(rank < quota, key, 1.0 + rank.to(key.dtype) + key)
+    return torch.argsort(priority)[:n]
+
+
+class BalancedNoise:
+    """A NoiseSource whose batches the teacher sees as class-balanced."""
+
+    def __init__(self, source: NoiseSource, teacher: FrozenTeacher, num_classes: int,
+                 oversample: float = 2.0):
+        if oversample < 1:
+            raise KdtoolError(f"class balancing needs oversample >= 1, got {oversample}")
+        self.source, self.teacher = source, teacher
+        self.num_classes, self.oversample = num_classes, oversample
+        self.kind = source.kind
+        self.device = source.device
+
+    def sample(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        candidates = self.source.sample(math.ceil(n * self.oversample), gen)
+        classes = self.teacher(candidates).argmax(1)
+        return candidates[balanced_choice(classes, n, self.num_classes, gen)]
+
+    def describe(self) -> dict:
+        return {**self.source.describe(), "balanced": True, "oversample": self.oversample}
