@@ -31,7 +31,7 @@ def choose_running_layers(names: list[str], fraction: float, seed: int) -> list[
 
 
 class FrozenTeacher:
-    """Callable teacher: ``teacher(x)`` -> logits, computed without autograd.
+    """Callable teacher: ``teacher(x)`` -> logits, computed under inference mode.
 
     ``bn_mode``: ``current`` (every BN layer on batch statistics: the method),
     ``running`` (classic KD: running statistics; the failure baseline) or
@@ -79,7 +79,7 @@ class FrozenTeacher:
         self.model.to(device, memory_format=memory_format)
         return self
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.model.eval()  # dropout off, and running-statistics layers really on running stats
         with batch_stats(self.model, self._current):

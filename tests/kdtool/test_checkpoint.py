@@ -58,6 +58,7 @@ def test_overwrite_refused_without_force(tmp_path: Path):
     save_checkpoint(path, _randomised(create_model("tiny_cnn")), _meta(), force=True)
     assert path.read_bytes() != before
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp files left
+    assert path.stat().st_mode & 0o644 == 0o644  # readable like any new file, not 0600
 
 
 def test_truncated_file_is_a_clear_error(tmp_path: Path):
