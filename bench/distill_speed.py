@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1,
                    help="alternate baseline and kdtool this many times; report the medians")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int,
+                   help="CPU intra-op threads (torch's default otherwise); 1 is steadier on a "
+                        "machine shared with other jobs")
     p.add_argument("--compile", action="store_true", help="torch.compile kdtool's step")
     p.add_argument("--baseline-noise", choices=("cpu", "device"), default="cpu",
                    help="where the baseline draws its noise: cpu (+ copy, the default) or "
@@ -68,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--baseline-cudnn-benchmark", action="store_true",
                    help="let the baseline use cudnn.benchmark too (kdtool always does on CUDA)")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     args.device = resolve_device(args.device)
     pick = 0 if args.device.type == "cuda" else 1
     for name, values in DEFAULTS.items():
