@@ -106,9 +106,9 @@ class DistillRun:
                                in_chans=tmeta.in_chans).to(dev, memory_format=fmt)
         distiller = NoiseKD(student, teacher, c.temperature, c.loss)
         if self.dist.enabled:
-            # Gradients are averaged across ranks; BN buffers are broadcast from rank 0, so
-            # every rank holds the same student. Each rank's teacher normalises with the
-            # statistics of its own batch (per-rank statistics).
+            # Gradients are averaged across ranks and BN buffers averaged after each epoch
+            # (sync_buffers), so every rank holds the same student. Each rank's teacher
+            # normalises with the statistics of its own batch (per-rank statistics).
             distiller.student = DDP(student, device_ids=[dev.index] if dev.type == "cuda"
                                     else None)
         val = self._load_val(tmeta)
@@ -151,7 +151,7 @@ class DistillRun:
         return {"out": str(self.ckpt.out), "state": str(self.ckpt.path), "device": str(dev),
                 "world_size": self.dist.world_size,
                 "teacher": c.teacher, "student": c.student, "noise": c.noise,
-                "teacher_bn": teacher.describe(), **{k: v for k, v in row.items()},
+                "teacher_bn": teacher.describe(), **row,
                 "history": history}
 
     def _load_val(self, tmeta: ModelMeta):
