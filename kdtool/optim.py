@@ -35,11 +35,15 @@ def build(model: nn.Module, optimizer: str, schedule: str, lr: float, weight_dec
         opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
     else:
         opt = torch.optim.Adam(groups, lr=lr)
-    if schedule == "onecycle":
+    if schedule == "onecycle" and total_steps >= 4:
+        # At least two warm-up steps (OneCycleLR divides by the warm-up length), and one
+        # step of slack so the step after the last one does not extrapolate below zero.
         sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=lr, total_steps=total_steps, pct_start=0.25, anneal_strategy="linear",
+            opt, max_lr=lr, total_steps=total_steps + 1,
+            pct_start=max(0.25, 2.0 / total_steps),
+            anneal_strategy="linear",
             div_factor=10.0, final_div_factor=100.0, cycle_momentum=False)
-    elif schedule == "cosine":
+    elif schedule in ("cosine", "onecycle"):  # a one-cycle of under 4 steps: plain cosine
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
     else:  # the paper's: reduce x0.1 after 10 epochs without improvement
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=10)
