@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from kdtool.cli.app import app
-from kdtool.cli.options import DATA_HELP, Device, Force, Json, Seed
+from kdtool.cli.options import DATA_HELP, Compile, Device, Force, Json, Resume, Seed
 
 
 @app.command("distill")
@@ -53,12 +53,10 @@ def distill_cmd(
     val: Annotated[str | None, typer.Option(
         "--val", help="Optional labelled real data to validate on. " + DATA_HELP)] = None,
     val_every: Annotated[int, typer.Option("--val-every", help="Validate every N epochs.")] = 1,
-    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the student step.")
-                        ] = False,
+    compile_: Compile = False,
     out: Annotated[Path, typer.Option("--out", help="Student checkpoint to write.")] = Path(
         "student.safetensors"),
-    resume: Annotated[bool, typer.Option(
-        "--resume", help="Continue the interrupted run that writes --out.")] = False,
+    resume: Resume = False,
     force: Force = False,
     seed: Seed = 0,
     device: Device = "auto",

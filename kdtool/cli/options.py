@@ -13,6 +13,9 @@ Json = Annotated[bool, typer.Option("--json", help="Print exactly one JSON objec
 Force = Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists.")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same run.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+Resume = Annotated[bool, typer.Option(
+    "--resume", help="Continue the interrupted run that writes --out (state saved per epoch).")]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the training step.")]
 DATA_HELP = ("A dataset: an ImageFolder directory (<class>/<image>), a zip of one, an .npz "
              "(x uint8 NHWC, y int), or the embedded 'digits' / 'digits:test'.")
 

@@ -11,12 +11,14 @@ from kdtool.cli.app import app
 from kdtool.cli.options import (
     DATA_HELP,
     Arch,
+    Compile,
     Device,
     Force,
     InChans,
     Json,
     Mean,
     NumClasses,
+    Resume,
     Seed,
     Std,
     foreign_spec,
@@ -52,11 +54,10 @@ def train_cmd(
         "--image-size", help="Resize images to this size (default: keep).")] = None,
     mean: Mean = None,
     std: Std = None,
-    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    compile_: Compile = False,
     out: Annotated[Path, typer.Option("--out", help="Checkpoint to write.")] = Path(
         "teacher.safetensors"),
-    resume: Annotated[bool, typer.Option(
-        "--resume", help="Continue the interrupted run that writes --out.")] = False,
+    resume: Resume = False,
     force: Force = False,
     seed: Seed = 0,
     device: Device = "auto",
