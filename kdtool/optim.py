@@ -36,11 +36,10 @@ def build(model: nn.Module, optimizer: str, schedule: str, lr: float, weight_dec
     else:
         opt = torch.optim.Adam(groups, lr=lr)
     if schedule == "onecycle" and total_steps >= 4:
-        # At least two warm-up steps (OneCycleLR divides by the warm-up length), and one
-        # step of slack so the step after the last one does not extrapolate below zero.
+        # At least two warm-up steps: OneCycleLR divides by the warm-up length. (After the
+        # last step its rate extrapolates past the end; loops log the rate a step used.)
         sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=lr, total_steps=total_steps + 1,
-            pct_start=max(0.25, 2.0 / total_steps),
+            opt, max_lr=lr, total_steps=total_steps, pct_start=max(0.25, 2.0 / total_steps),
             anneal_strategy="linear",
             div_factor=10.0, final_div_factor=100.0, cycle_momentum=False)
     elif schedule in ("cosine", "onecycle"):  # a one-cycle of under 4 steps: plain cosine

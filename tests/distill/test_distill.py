@@ -177,7 +177,9 @@ def digits_resnet20(tmp_path_factory):
 def test_current_statistics_distil_running_statistics_fail(digits_resnet20, tmp_path):
     """The method on real data: digits teacher (>= 98%), Gaussian noise, 3,000 batches of 256.
 
-    Measured: current 83.3% / running 46.7% (current-statistics evaluation).
+    Measured: current 83.3% / running 46.7% (current-statistics evaluation). The margin
+    depends on the teacher: a resnet20 trained to 98.6% instead of 99.4% (a one-step change
+    of its schedule) gave a tiny_cnn student of 72-80%.
     """
     acc = {}
     for bn in ("current", "running"):

@@ -12,12 +12,12 @@ def test_every_schedule_runs_for_any_length(schedule, total):
     opt, sched = optim.build(model, "adam", schedule, 1e-3, 0.0, total)
     for _ in range(total):
         model(torch.randn(4, 3)).sum().backward()
+        assert all(g["lr"] >= 0 for g in opt.param_groups)  # the rate each step uses
         opt.step()
         if optim.steps_per_iteration(sched):
             sched.step()
         else:
             sched.step(1.0)
-    assert all(g["lr"] >= 0 for g in opt.param_groups)
 
 
 def test_weight_decay_spares_bn_and_bias():
