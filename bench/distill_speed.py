@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from kdtool.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
+from kdtool.device import resolve_device
 from kdtool.distill.loop import DistillConfig, DistillRun
 from kdtool.models import create_model
-from kdtool.train import resolve_device
 
 # (CUDA, CPU) defaults: the GPU pair, and a pair that runs in seconds on 2 cores.
 DEFAULTS = {"teacher": ("resnet34", "resnet8"), "student": ("resnet18", "tiny_cnn"),

@@ -19,18 +19,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from kdtool import console, optim
 from kdtool.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
 from kdtool.data import check_fits, load_data
+from kdtool.device import autocast_for, resolve_device
 from kdtool.dist import all_reduce_mean, finish, init_from_env, sync_buffers
 from kdtool.distill.balance import BalancedNoise
 from kdtool.distill.distiller import NoiseKD
 from kdtool.distill.noise import make_noise
 from kdtool.distill.teacher import TEACHER_BN_MODES, FrozenTeacher
 from kdtool.errors import KdtoolError, check_choice
-from kdtool.evaluate import autocast_for, predict
+from kdtool.evaluate import predict
 from kdtool.loader import epoch_generator
 from kdtool.models import create_model, model_spec
 from kdtool.runinfo import provenance
 from kdtool.runstate import RunCheckpoint
-from kdtool.train import resolve_device
 
 MIN_GOOD_BATCH = 32  # below this the teacher's batch statistics get noisy (appendix Fig. 3b)
 

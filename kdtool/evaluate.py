@@ -10,15 +10,9 @@ import torch.nn as nn
 from kdtool import console
 from kdtool.bn import BN_MODES, batch_stats, bn_layers
 from kdtool.data import ImageData
+from kdtool.device import autocast_for
 from kdtool.errors import KdtoolError, check_choice
 from kdtool.loader import DeviceLoader
-
-
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA (tensor cores), nothing elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 @torch.no_grad()

@@ -19,8 +19,9 @@ import torch.nn as nn
 from kdtool import console, optim
 from kdtool.checkpoint import ModelMeta, save_checkpoint
 from kdtool.data import ImageData, check_fits, load_data
+from kdtool.device import autocast_for, resolve_device
 from kdtool.errors import KdtoolError
-from kdtool.evaluate import autocast_for, evaluate
+from kdtool.evaluate import evaluate
 from kdtool.loader import Augment, DeviceLoader
 from kdtool.models import create_model, model_spec
 from kdtool.runinfo import provenance
@@ -61,19 +62,6 @@ class TrainConfig:
         if not 0 <= c.label_smoothing < 1:
             raise KdtoolError(f"--label-smoothing must be in [0, 1), got {c.label_smoothing}")
         return c
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise KdtoolError(f"unknown device '{name}'", "use auto, cpu, cuda or cuda:N") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise KdtoolError(f"device '{name}' asked for but no CUDA GPU is available",
-                          "use --device cpu")
-    return device
 
 
 class Trainer:

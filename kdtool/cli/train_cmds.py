@@ -123,9 +123,9 @@ def eval_cmd(
     from kdtool.bn import BN_MODES
     from kdtool.checkpoint import load_checkpoint
     from kdtool.data import check_fits, load_data
+    from kdtool.device import resolve_device
     from kdtool.errors import KdtoolError, check_choice
     from kdtool.evaluate import evaluate
-    from kdtool.train import resolve_device
 
     check_choice(bn, BN_MODES, "--bn value")
     if batch_size < 1:
