@@ -1,0 +1,127 @@
+"""kdtool's metadata inside an ONNX file: the contract between export, bench and serve.
+
+``kdtool export`` writes one JSON object under the ``metadata_props`` key
+``kdtool``; the server and the benchmark configure themselves from it (input
+name and layout, size, normalisation, class names, precision), so an ONNX file
+is self-describing like a kdtool checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdtool.errors import KdtoolError
+
+ONNX_META_KEY = "kdtool"
+ONNX_META_VERSION = 1
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass
+class OnnxInfo:
+    """What a consumer of an exported model needs to feed it and read its answer."""
+
+    input_name: str
+    output_name: str
+    in_chans: int
+    input_size: list[int]  # [height, width]
+    mean: list[float]  # per channel, applied to pixels scaled to [0, 1]
+    std: list[float]
+    num_classes: int
+    class_names: list[str] = field(default_factory=list)
+    layout: str = "NCHW"
+    input_dtype: str = "float32"  # numpy dtype name the graph's input takes
+    precision: str = "fp32"
+    batch: int | None = None  # None: dynamic batch dimension
+    arch: str = ""
+    source: str = ""  # checkpoint file name the model was exported from
+    source_sha256: str = ""
+    folded: bool = False
+    opset: int | None = None
+    version: int = ONNX_META_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> OnnxInfo:
+        try:
+            d: dict[str, Any] = json.loads(text)
+            version = d.get("version")
+            if not isinstance(version, int) or version > ONNX_META_VERSION:
+                raise KdtoolError(
+                    f"'{source}' was exported by a newer kdtool (metadata version {version})",
+                    "upgrade kdtool: pip install -U kdtool",
+                )
+            known = set(cls.__dataclass_fields__)
+            info = cls(**{k: v for k, v in d.items() if k in known})
+        except KdtoolError:
+            raise
+        except (ValueError, TypeError) as e:
+            raise KdtoolError(f"'{source}' has malformed kdtool ONNX metadata: {e}") from e
+        info.validate(source)
+        return info
+
+    def validate(self, source: str) -> None:
+        problems = []
+        if self.layout not in ("NCHW", "NHWC"):
+            problems.append(f"layout '{self.layout}' is not NCHW or NHWC")
+        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
+            problems.append(f"mean/std need {self.in_chans} values")
+        if len(self.input_size) != 2:
+            problems.append("input_size must be [height, width]")
+        if self.class_names and len(self.class_names) != self.num_classes:
+            problems.append(f"{len(self.class_names)} class names for {self.num_classes} classes")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision '{self.precision}' is not one of {', '.join(PRECISIONS)}")
+        if problems:
+            raise KdtoolError(
+                f"'{source}' has inconsistent kdtool ONNX metadata: " + "; ".join(problems)
+            )
+
+    def input_shape(self, batch: int) -> tuple[int, ...]:
+        h, w = self.input_size
+        if self.layout == "NCHW":
+            return (batch, self.in_chans, h, w)
+        return (batch, h, w, self.in_chans)
+
+
+def write_info(model, info: OnnxInfo) -> None:
+    """Set (or replace) the kdtool entry of an ``onnx.ModelProto``'s metadata_props."""
+    info.validate("the exported model")
+    kept = [p for p in model.metadata_props if p.key != ONNX_META_KEY]
+    del model.metadata_props[:]
+    for p in kept:
+        model.metadata_props.add(key=p.key, value=p.value)
+    model.metadata_props.add(key=ONNX_META_KEY, value=info.to_json())
+
+
+def info_from_props(props: dict[str, str], source: str) -> OnnxInfo:
+    """Read the kdtool entry from a metadata mapping (``onnx`` or ONNX Runtime's custom map)."""
+    if ONNX_META_KEY not in props:
+        raise KdtoolError(
+            f"'{source}' has no kdtool metadata",
+            "export it with: kdtool export CHECKPOINT --onnx FILE.onnx",
+        )
+    return OnnxInfo.from_json(props[ONNX_META_KEY], source)
+
+
+def read_info(path: str | Path) -> OnnxInfo:
+    """Read an ONNX file's kdtool metadata without loading the weights into memory."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise KdtoolError(f"ONNX model '{path}' does not exist", "check the path")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError, ValueError, ... for foreign files
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise KdtoolError(
+            f"'{path}' is not a readable ONNX model ({reason})",
+            "pass an .onnx file written by kdtool export",
+        ) from e
+    return info_from_props({p.key: p.value for p in model.metadata_props}, str(path))
