@@ -31,6 +31,10 @@ def main() -> None:
     p.add_argument("--teacher", help="an existing teacher checkpoint (skips training)")
     p.add_argument("--budget-min", type=float, default=9.0)
     p.add_argument("--teacher-epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, help="distillation epochs of every current-BN run "
+                   "(default: sized from --budget-min)")
+    p.add_argument("--pool", type=int, default=4096,
+                   help="also distil from a dead-leaves --noise-pool of this size (0: skip)")
     p.add_argument("--workdir", default="runs/cifar_distill")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the same pipeline")
     args = p.parse_args()
@@ -51,33 +55,41 @@ def main() -> None:
                      "seconds": time.perf_counter() - t0})
         print(json.dumps(rows[-1]), flush=True)
     iters = 4 if args.smoke else 196
-    runs = [("gaussian, current BN", "gaussian", "current", 1.0),
-            ("dead leaves, current BN", "dead_leaves", "current", 1.0),
-            ("gaussian, running BN (baseline)", "gaussian", "running", 0.25)]
-    # Measure one epoch of the heaviest noise to size the epochs from the remaining budget.
-    probe = DistillRun(DistillConfig(teacher=str(teacher), student=s_arch, noise="dead_leaves",
-                                     epochs=1, iters_per_epoch=iters, schedule="onecycle",
-                                     lr=0.002), work / "probe.safetensors", force=True).run()
-    epoch_s = probe["seconds"] * 1.1
-    left = args.budget_min * 60 - (time.perf_counter() - t_start)
-    weight = sum(w for *_, w in runs)
-    for name, noise, bn, w in runs:
-        epochs = max(1, int(left * w / weight / epoch_s))
+    # (name, noise, teacher BN, noise pool, share of the epochs)
+    runs = [("gaussian, current BN", "gaussian", "current", 0, 1.0),
+            ("dead leaves, current BN", "dead_leaves", "current", 0, 1.0),
+            ("gaussian, running BN (baseline)", "gaussian", "running", 0, 0.25)]
+    if args.pool:
+        runs.insert(2, (f"dead leaves, pool {args.pool}, current BN", "dead_leaves", "current",
+                        args.pool, 1.0))
+    if args.epochs:
+        base = args.epochs
+    else:  # one epoch of the heaviest noise sizes the epochs from the remaining budget
+        probe = DistillRun(DistillConfig(teacher=str(teacher), student=s_arch,
+                                         noise="dead_leaves", epochs=1, iters_per_epoch=iters,
+                                         schedule="onecycle", lr=0.002),
+                           work / "probe.safetensors", force=True).run()
+        left = args.budget_min * 60 - (time.perf_counter() - t_start)
+        base = left / sum(w for *_, w in runs) / (probe["seconds"] * 1.1)
+    for name, noise, bn, pool, w in runs:
+        epochs = max(1, int(base * w))
         t0 = time.perf_counter()
         r = DistillRun(DistillConfig(teacher=str(teacher), student=s_arch, noise=noise,
-                                     teacher_bn=bn, epochs=epochs, iters_per_epoch=iters,
-                                     schedule="onecycle", lr=0.002, val=val,
-                                     val_every=epochs), work / f"{noise}_{bn}.safetensors",
-                       force=True).run()
+                                     teacher_bn=bn, noise_pool=pool, epochs=epochs,
+                                     iters_per_epoch=iters, schedule="onecycle", lr=0.002,
+                                     val=val, val_every=epochs),
+                       work / f"{noise}_{bn}_{pool}.safetensors", force=True).run()
         rows.append({"run": name, "epochs": epochs, "val_top1": r["val_top1_current"],
+                     "images_per_s": r["images_per_s"],
                      "val_top1_running": r["val_top1_running"],
                      "seconds": time.perf_counter() - t0})
         print(json.dumps(rows[-1]), flush=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"\n{device}; {t_arch} -> {s_arch}; val5k top-1 (students: current BN, batch 256)\n")
-    print("| run | epochs | val5k top-1 | wall |\n|---|---|---|---|")
+    print("| run | epochs | val5k top-1 | img/s (last epoch) | wall |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['run']} | {r.get('epochs', '')} | {r['val_top1']:.2f}% | "
+        speed = f"{r['images_per_s']:,.0f}" if "images_per_s" in r else ""
+        print(f"| {r['run']} | {r.get('epochs', '')} | {r['val_top1']:.2f}% | {speed} | "
               f"{r['seconds']:.0f} s |")
 
 

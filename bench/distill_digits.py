@@ -36,6 +36,11 @@ VARIANTS = {
         "gaussian, class-balanced": {**FAST, "balance": True},
         "dead leaves, class-balanced": {**FAST, "noise": "dead_leaves", "balance": True},
     },
+    "pool": {
+        "dead leaves, fresh every batch": {**FAST, "noise": "dead_leaves"},
+        "dead leaves, pool 4096 per epoch": {**FAST, "noise": "dead_leaves", "noise_pool": 4096},
+        "dead leaves, pool 1024 per epoch": {**FAST, "noise": "dead_leaves", "noise_pool": 1024},
+    },
     "noise": {
         "gaussian": {**FAST, "noise": "gaussian"},
         "uniform": {**FAST, "noise": "uniform"},

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from kdtool.distill.noise import NOISE_KINDS, make_noise
+from kdtool.distill.pool import PooledNoise
 from kdtool.models import create_model
 
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
@@ -62,7 +63,7 @@ def distill_step(teacher_arch: str, student_arch: str, batch: int, size: int, de
     return step
 
 
-def noise_times(batch: int, size: int, device, repeats: int) -> dict:
+def noise_times(batch: int, size: int, device, repeats: int, pool: int, iters: int) -> dict:
     out = {}
     for kind in NOISE_KINDS:
         src = make_noise(kind, 3, (size, size), CIFAR_MEAN, CIFAR_STD, device)
@@ -70,6 +71,11 @@ def noise_times(batch: int, size: int, device, repeats: int) -> dict:
         out[kind] = timed(lambda src=src, gen=gen: src.sample(batch, gen), device, repeats)
         if kind == "dead_leaves":
             out["dead_leaves_stats"] = src.last_stats
+            # --noise-pool: the per-epoch refill spread over the epoch's steps, plus a draw
+            pooled = PooledNoise(src, pool)
+            refill = timed(lambda p=pooled, g=gen: p.start_epoch(g), device, max(1, repeats // 2))
+            draw = timed(lambda p=pooled, g=gen: p.sample(batch, g), device, repeats)
+            out[f"dead_leaves_pool{pool}"] = refill / iters + draw
     return out
 
 
@@ -82,6 +88,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--big-batch", type=int, default=64, help="resnet34 -> resnet18 on CPU")
     p.add_argument("--big-limit", type=float, default=20.0, help="skip the big pair if slower")
+    p.add_argument("--pool", type=int, default=4096, help="--noise-pool size to time")
+    p.add_argument("--iters", type=int, default=196, help="steps per epoch the refill spreads over")
     args = p.parse_args()
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -109,8 +117,8 @@ def main() -> None:
             continue
         slow = teacher == "resnet34" and device.type == "cpu"
         step_s = timed(step, device, 2 if slow else args.repeats)
-        noise = noise_times(batch, args.size, device, args.repeats)
-        for kind in NOISE_KINDS:
+        noise = noise_times(batch, args.size, device, args.repeats, args.pool, args.iters)
+        for kind in (*NOISE_KINDS, f"dead_leaves_pool{args.pool}"):
             row = {"device": where, "pair": f"{teacher}->{student}", "batch": batch,
                    "size": args.size, "kind": kind, "noise_ms": round(noise[kind] * 1e3, 2),
                    "step_ms": round(step_s * 1e3, 1),

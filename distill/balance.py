@@ -15,6 +15,7 @@ import math
 import torch
 
 from kdtool.distill.noise import NoiseSource
+from kdtool.distill.pool import PooledNoise
 from kdtool.distill.teacher import FrozenTeacher
 from kdtool.errors import KdtoolError
 
@@ -39,7 +40,7 @@ def balanced_choice(classes: torch.Tensor, n: int, num_classes: int,
 class BalancedNoise:
     """A NoiseSource whose batches the teacher sees as class-balanced."""
 
-    def __init__(self, source: NoiseSource, teacher: FrozenTeacher, num_classes: int,
+    def __init__(self, source: NoiseSource | PooledNoise, teacher: FrozenTeacher, num_classes: int,
                  oversample: float = 2.0):
         if oversample < 1:
             raise KdtoolError(f"class balancing needs oversample >= 1, got {oversample}")
@@ -47,6 +48,9 @@ class BalancedNoise:
         self.num_classes, self.oversample = num_classes, oversample
         self.kind = source.kind
         self.device = source.device
+
+    def start_epoch(self, gen: torch.Generator) -> None:
+        self.source.start_epoch(gen)
 
     def sample(self, n: int, gen: torch.Generator) -> torch.Tensor:
         candidates = self.source.sample(math.ceil(n * self.oversample), gen)

@@ -26,6 +26,10 @@ def distill_cmd(
     balance: Annotated[bool, typer.Option(
         "--balance/--no-balance", help="Class-balanced noise: oversample x2 and keep noise the "
         "teacher assigns to each class evenly (beyond the paper).")] = False,
+    noise_pool: Annotated[int, typer.Option(
+        "--noise-pool", help="Render N noise images per epoch and draw batches from them under "
+        "random flips, quarter turns, channel permutations and inversions (0: a fresh batch "
+        "every step). Makes dead leaves cheap on a GPU.")] = 0,
     teacher_bn: Annotated[str, typer.Option(
         "--teacher-bn", help="Teacher BatchNorm statistics: current (batch statistics: the "
         "method), running (classic KD, the failure baseline) or mixed.")] = "current",
@@ -78,6 +82,7 @@ def distill_cmd(
     options = {"shapes": shapes} if shapes is not None else {}
     cfg = DistillConfig(
         teacher=str(teacher), student=student, noise=noise, noise_options=options, balance=balance,
+        noise_pool=noise_pool,
         teacher_bn=teacher_bn, running_fraction=running_fraction, loss=loss,
         temperature=temperature, epochs=epochs, iters_per_epoch=iters_per_epoch,
         batch_size=batch_size, optimizer=optimizer, schedule=schedule, lr=lr,

@@ -24,6 +24,7 @@ from kdtool.dist import all_reduce_mean, finish, init_from_env, sync_buffers
 from kdtool.distill.balance import BalancedNoise
 from kdtool.distill.distiller import NoiseKD
 from kdtool.distill.noise import make_noise
+from kdtool.distill.pool import PooledNoise
 from kdtool.distill.teacher import TEACHER_BN_MODES, FrozenTeacher
 from kdtool.errors import KdtoolError, check_choice
 from kdtool.evaluate import predict
@@ -42,6 +43,7 @@ class DistillConfig:
     noise: str = "gaussian"
     noise_options: dict = field(default_factory=dict)
     balance: bool = False  # class-balanced noise (rejection sampling through the teacher)
+    noise_pool: int = 0  # > 0: images rendered per epoch into a reused pool (distill/pool.py)
     teacher_bn: str = "current"
     running_fraction: float | None = None
     loss: str = "soft_ce"
@@ -100,6 +102,8 @@ class DistillRun:
         size = tuple(tmeta.input_size)
         noise = make_noise(c.noise, tmeta.in_chans, size, tmeta.mean, tmeta.std, dev,
                            **c.noise_options)
+        if c.noise_pool:
+            noise = PooledNoise(noise, c.noise_pool)
         if c.balance:
             noise = BalancedNoise(noise, teacher, tmeta.num_classes)
         student = create_model(c.student, num_classes=tmeta.num_classes,
@@ -170,6 +174,7 @@ class DistillRun:
         student.train()
         # each rank draws different noise: seed + rank
         gen = epoch_generator(c.seed + 1_000_003 * self.dist.rank, epoch, dev)
+        noise.start_epoch(gen)
         per_step = optim.steps_per_iteration(sched)
         sums: dict[str, torch.Tensor] = {}
         agree = torch.zeros((), device=dev, dtype=torch.long)
@@ -193,7 +198,8 @@ class DistillRun:
                 sums[k] = sums.get(k, 0) + v.detach()
             t_pred = t_logits.argmax(1)
             agree += (s_logits.argmax(1) == t_pred).sum()
-            hist += torch.bincount(t_pred, minlength=len(hist))
+            # not bincount: on CUDA it reads the maximum back to the host every step
+            hist.scatter_add_(0, t_pred, torch.ones_like(t_pred))
             if (i + 1) % c.log_every == 0 or i + 1 == c.iters_per_epoch:
                 mean_loss = sum(sums.values()).item() / (i + 1)  # the only host sync
                 advance((i + 1 - reported) * c.batch_size,

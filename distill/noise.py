@@ -218,6 +218,7 @@ class NoiseSource:
     """A noise distribution over normalised teacher inputs of one shape and device."""
 
     kind: str = ""
+    renders_images = True  # drawn as images in [0, 1] (images()), then normalised
 
     def __init__(self, channels: int, size: tuple[int, int], mean: list[float],
                  std: list[float], device):
@@ -246,10 +247,17 @@ class NoiseSource:
                               f"{self.device}", f"use torch.Generator(device='{self.device}')")
         return self._normalised(n, gen)
 
-    def _normalised(self, n: int, gen: torch.Generator) -> torch.Tensor:
-        return (self._image(n, gen) - self._mean) / self._std
+    def start_epoch(self, gen: torch.Generator) -> None:
+        """Called at the start of every epoch with its generator (pools refill here)."""
 
-    def _image(self, n: int, gen: torch.Generator) -> torch.Tensor:  # in [0, 1]
+    def _normalised(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        return self.normalise(self.images(n, gen))
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self._mean) / self._std
+
+    def images(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """(n, C, H, W) images in [0, 1], before normalisation."""
         raise NotImplementedError
 
     def describe(self) -> dict:
@@ -261,6 +269,7 @@ class GaussianNoise(NoiseSource):
     """The paper's noise: i.i.d. N(0, 1) pixels used directly as normalised input."""
 
     kind = "gaussian"
+    renders_images = False
 
     def _normalised(self, n: int, gen: torch.Generator) -> torch.Tensor:
         return torch.randn(n, self.channels, *self.size, generator=gen, device=self.device)
@@ -274,7 +283,7 @@ class UniformNoise(NoiseSource):
 
     kind = "uniform"
 
-    def _image(self, n: int, gen: torch.Generator) -> torch.Tensor:
+    def images(self, n: int, gen: torch.Generator) -> torch.Tensor:
         return torch.rand(n, self.channels, *self.size, generator=gen, device=self.device)
 
 
@@ -297,7 +306,7 @@ class DeadLeavesNoise(NoiseSource):
                         "max_rounds": int(max_rounds)}
         self.last_stats: dict | None = None
 
-    def _image(self, n: int, gen: torch.Generator) -> torch.Tensor:
+    def images(self, n: int, gen: torch.Generator) -> torch.Tensor:
         images, _, self.last_stats = render_dead_leaves(
             n, gen, channels=self.channels, size=self.size, device=self.device, **self.options)
         return images

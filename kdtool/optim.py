@@ -31,10 +31,12 @@ def build(model: nn.Module, optimizer: str, schedule: str, lr: float, weight_dec
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
               {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    # The fused CUDA kernels update all parameters in a few launches (not one per tensor).
+    fused = {"fused": True} if params and all(p.is_cuda for p in params) else {}
     if optimizer == "sgd":
-        opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+        opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True, **fused)
     else:
-        opt = torch.optim.Adam(groups, lr=lr)
+        opt = torch.optim.Adam(groups, lr=lr, **fused)
     if schedule == "onecycle" and total_steps >= 4:
         # At least two warm-up steps: OneCycleLR divides by the warm-up length. (After the
         # last step its rate extrapolates past the end; loops log the rate a step used.)

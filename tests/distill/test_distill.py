@@ -190,3 +190,25 @@ def test_current_statistics_distil_running_statistics_fail(digits_resnet20, tmp_
         acc[bn] = r["val_top1_current"]
     assert acc["current"] >= 80.0, acc
     assert acc["running"] <= 50.0, acc
+
+
+def test_noise_pool_run_resumes_exactly_and_is_recorded(small_teacher, tmp_path, monkeypatch):
+    cfg = _cfg(small_teacher, noise="dead_leaves", noise_pool=64, epochs=2)
+    DistillRun(cfg, tmp_path / "a.safetensors").run()
+    real = DistillRun._epoch
+
+    def killed_in_second_epoch(self, step_fn, student, noise, epoch, *a):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real(self, step_fn, student, noise, epoch, *a)
+
+    monkeypatch.setattr(DistillRun, "_epoch", killed_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        DistillRun(cfg, tmp_path / "b.safetensors").run()
+    monkeypatch.setattr(DistillRun, "_epoch", real)
+    DistillRun(cfg, tmp_path / "b.safetensors", resume=True).run()
+    a = load_checkpoint(tmp_path / "a.safetensors")[0].state_dict()
+    b = load_checkpoint(tmp_path / "b.safetensors")[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    noise = read_meta(tmp_path / "a.safetensors").stages["distill"]["noise"]
+    assert noise["pool"] == 64 and noise["kind"] == "dead_leaves"
