@@ -56,11 +56,11 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     iters = 4 if args.smoke else 196
     # (name, noise, teacher BN, noise pool, share of the epochs)
-    runs = [("gaussian, current BN", "gaussian", "current", 0, 1.0),
-            ("dead leaves, current BN", "dead_leaves", "current", 0, 1.0),
+    runs = [("dead leaves, current BN", "dead_leaves", "current", 0, 1.0),
+            ("gaussian, current BN", "gaussian", "current", 0, 1.0),
             ("gaussian, running BN (baseline)", "gaussian", "running", 0, 0.25)]
     if args.pool:
-        runs.insert(2, (f"dead leaves, pool {args.pool}, current BN", "dead_leaves", "current",
+        runs.insert(1, (f"dead leaves, pool {args.pool}, current BN", "dead_leaves", "current",
                         args.pool, 1.0))
     if args.epochs:
         base = args.epochs
