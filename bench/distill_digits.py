@@ -37,9 +37,9 @@ VARIANTS = {
         "dead leaves, class-balanced": {**FAST, "noise": "dead_leaves", "balance": True},
     },
     "pool": {
-        "dead leaves, fresh every batch": {**FAST, "noise": "dead_leaves"},
         "dead leaves, pool 4096 per epoch": {**FAST, "noise": "dead_leaves", "noise_pool": 4096},
         "dead leaves, pool 1024 per epoch": {**FAST, "noise": "dead_leaves", "noise_pool": 1024},
+        "dead leaves, fresh every batch": {**FAST, "noise": "dead_leaves"},
     },
     "noise": {
         "gaussian": {**FAST, "noise": "gaussian"},

@@ -42,6 +42,9 @@ class OnnxInfo:
     folded: bool = False
     opset: int | None = None
     version: int = ONNX_META_VERSION
+    # Optional, added by kdtool export (readers that predate them ignore them):
+    max_batch: int | None = None  # largest batch the export was profiled for (--batch MAX)
+    quantization: dict = field(default_factory=dict)  # INT8: scheme and calibration
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

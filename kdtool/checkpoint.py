@@ -87,9 +87,16 @@ class ModelMeta:
             raise KdtoolError(f"'{source}' has inconsistent metadata: " + "; ".join(problems))
 
     def build(self) -> nn.Module:
-        return create_model(
+        model = create_model(
             self.arch, num_classes=self.num_classes, in_chans=self.in_chans, **self.arch_args
         )
+        calibrate = self.stages.get("calibrate") or {}
+        if calibrate.get("folded"):
+            # BatchNorm was folded away: replay the recorded plan so the state_dict fits.
+            from kdtool.calibrate.fold import apply_plan
+
+            apply_plan(model, calibrate.get("fold_plan") or {})
+        return model
 
 
 @dataclass

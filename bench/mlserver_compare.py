@@ -1,0 +1,190 @@
+"""kdtool serve against MLServer on the same ONNX model, same load, same machine, one run.
+
+MLServer (PyPI ``mlserver``, Seldon; Open Inference Protocol, adaptive batching) pins its
+own FastAPI/Starlette, so it lives in a virtual environment of its own (``--venv``;
+created with ``python -m venv`` + ``pip install mlserver onnxruntime numpy 'uvloop<0.22'``
+when missing).  It serves the model through ``bench/mlserver_runtime.py`` (a minimal ONNX
+Runtime ``MLModel``) with adaptive batching set to the same size and delay as kdtool's
+dynamic batching, and the same ONNX Runtime session options.  Both get the same closed
+loop from ``bench/serve_load.py`` (JSON: MLServer has no binary tensor extension), one
+after the other, alternating when ``--repeats`` > 1.
+
+    python bench/mlserver_compare.py                       # resnet18 CIFAR, 32 clients, 20 s
+    python bench/mlserver_compare.py --repeats 2 --workers 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import serve_load as sl  # noqa: E402  (the sibling script)
+
+MODEL_NAME = "model"
+
+
+# MLServer 1.7.1's parallel workers crash with uvloop >= 0.22 ("There is no current event
+# loop", SeldonIO/MLServer#2286, fix unreleased): pin the last uvloop that works.
+VENV_PACKAGES = ["mlserver", "onnxruntime", "numpy", "uvloop<0.22"]
+
+
+def ensure_venv(venv: Path) -> Path:
+    exe = venv / "bin" / "mlserver"
+    if not exe.exists():
+        print(f"creating {venv} with {' '.join(VENV_PACKAGES)} (pip)...", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", *VENV_PACKAGES], capture_output=True, text=True
+    )
+    if pip.returncode != 0 or not exe.exists():
+        sys.exit(f"cannot install mlserver into {venv}:\n{pip.stdout}\n{pip.stderr}")
+    return exe
+
+
+def mlserver_repo(
+    root: Path, model: Path, threads: int, max_batch: int, max_delay_ms: float, workers: int
+) -> tuple[Path, int]:
+    port, grpc, metrics = sl.free_port(), sl.free_port(), sl.free_port()
+    folder = root / MODEL_NAME
+    folder.mkdir(parents=True)
+    shutil.copy(model, folder / "model.onnx")
+    shutil.copy(HERE / "mlserver_runtime.py", folder / "mlserver_runtime.py")
+    (folder / "model-settings.json").write_text(
+        json.dumps(
+            {
+                "name": MODEL_NAME,
+                "implementation": "mlserver_runtime.OnnxRuntimeModel",
+                "max_batch_size": max_batch,
+                "max_batch_time": max_delay_ms / 1000,
+                "parameters": {"uri": "./model.onnx", "extra": {"threads": threads}},
+            }
+        )
+    )
+    (root / "settings.json").write_text(
+        json.dumps(
+            {
+                "host": "127.0.0.1",
+                "http_port": port,
+                "grpc_port": grpc,
+                "metrics_port": metrics,
+                "parallel_workers": workers,
+                "debug": False,
+            }
+        )
+    )
+    return root, port
+
+
+def bench_mlserver(exe: Path, model: Path, args, requests, expected) -> dict:
+    with tempfile.TemporaryDirectory(prefix="mlserver-bench-") as tmp:
+        root, port = mlserver_repo(
+            Path(tmp), model, args.threads, args.max_batch, args.max_delay_ms, args.workers
+        )
+        proc = subprocess.Popen(
+            [str(exe), "start", str(root)],
+            cwd=root,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            sl.wait_ready(f"{base}/v2/models/{MODEL_NAME}/ready", proc, timeout=180)
+            pids = [proc.pid, *children(proc.pid)]  # parallel workers are child processes
+            cpu0, t0 = sum(sl.cpu_seconds(p) for p in pids), time.perf_counter()
+            r = sl.run_load(
+                f"{base}/v2/models/{MODEL_NAME}/infer",
+                requests,
+                expected,
+                concurrency=args.concurrency,
+                duration=args.duration,
+                warmup=args.warmup,
+            )
+            cpu = sum(sl.cpu_seconds(p) for p in pids) - cpu0
+            r["server_cpu_pct"] = 100 * cpu / (time.perf_counter() - t0)
+        finally:
+            sl.stop(proc)
+    r["mean_batch"] = None
+    r["server"] = (
+        f"MLServer {version(exe)}, adaptive batching {args.max_batch} / "
+        f"{args.max_delay_ms:g} ms, {args.workers} worker(s)"
+    )
+    return r
+
+
+def children(pid: int) -> list[int]:
+    try:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    except FileNotFoundError:
+        return []
+    return [int(p) for p in out.split()]
+
+
+def version(exe: Path) -> str:
+    out = subprocess.run([str(exe), "--version"], capture_output=True, text=True).stdout
+    return out.strip().split()[-1] if out.strip() else "?"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=sl.DEFAULT_MODEL)
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--venv", type=Path, default=Path("/tmp/mlserver-venv"))
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--duration", type=float, default=20.0)
+    p.add_argument("--warmup", type=float, default=3.0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--max-delay-ms", type=float, default=5.0)
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="MLServer parallel_workers (0: inference in the server process)",
+    )
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    args.ceiling = False  # read by serve_load.bench_kdtool
+
+    exe = ensure_venv(args.venv)
+    if not args.model.exists():
+        print(f"exporting zoo {args.arch} (random weights) to {args.model}", file=sys.stderr)
+        sl.export_zoo(args.model, args.arch)
+    x, y, spec = sl.input_pool(args.model)
+    spec["name"] = args.model.stem
+    requests, expected = sl.build_requests(x, y, spec, binary=False, malformed=0.0)
+    runs: dict[str, list[dict]] = {"kdtool": [], "mlserver": []}
+    for rep in range(args.repeats):
+        order = ["mlserver", "kdtool"] if rep % 2 == 0 else ["kdtool", "mlserver"]
+        for who in order:
+            if who == "kdtool":
+                r = sl.bench_kdtool(
+                    args.model, args.max_batch, args.max_delay_ms, args, requests, expected, spec
+                )
+            else:
+                r = bench_mlserver(exe, args.model, args, requests, expected)
+            print(json.dumps(r), flush=True)
+            runs[who].append(r)
+    rows = [sl.median_run(runs[w]) for w in ("kdtool", "mlserver")]
+    print(
+        f"\n{args.model.name}: {args.concurrency} concurrent clients, 1 image per request, "
+        f"JSON, {args.duration:g} s, {args.threads} ORT threads, median of {args.repeats}\n"
+    )
+    print(sl.table(rows))
+    print("\nkdtool / MLServer: " + sl.ratios(*rows))
+    if args.json:
+        args.json.write_text(json.dumps(runs, indent=1))
+
+
+if __name__ == "__main__":
+    main()

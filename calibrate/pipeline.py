@@ -1,0 +1,273 @@
+"""``kdtool calibrate``'s run: recompute BN statistics, validate, fold, check, write.
+
+Every check runs before anything is written: a fold that changes the logits
+by more than the tolerance, or any other error, leaves no output behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from kdtool import console
+from kdtool.bn import bn_layers
+from kdtool.calibrate.fold import DEFAULT_TOLERANCE, fold_bn, max_abs_diff
+from kdtool.calibrate.recompute import check_counts, recompute_bn_stats, sample_indices
+from kdtool.calibrate.sweep import (
+    reference_rows,
+    require_matplotlib,
+    run_sweep,
+    write_csv,
+    write_png,
+)
+from kdtool.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
+from kdtool.data import ImageData, check_fits, load_data
+from kdtool.device import resolve_device
+from kdtool.errors import KdtoolError
+from kdtool.evaluate import evaluate
+from kdtool.io import check_output
+from kdtool.loader import DeviceLoader
+from kdtool.runinfo import provenance
+
+CHECK_IMAGES = 32  # images the folded and unfolded logits are compared on
+
+
+@dataclass
+class CalibrateConfig:
+    checkpoint: str
+    data: str
+    out: str | None = None  # default: <checkpoint>.cal.safetensors
+    batches: int = 32
+    batch_size: int = 16
+    fold: bool = True
+    val: str | None = None
+    sweep: list[int] | None = None
+    repeats: int = 1
+    sweep_out: str | None = None  # CSV path; the PNG goes beside it
+    image_size: list[int] | None = None
+    tolerance: float = DEFAULT_TOLERANCE
+    seed: int = 0
+    device: str = "auto"
+    force: bool = False
+
+
+def default_out(checkpoint: str | Path) -> Path:
+    p = Path(checkpoint)
+    return p.with_name(p.name.removesuffix(p.suffix) + ".cal.safetensors")
+
+
+def _check_images(data: ImageData, meta: ModelMeta, what: str) -> None:
+    """Channels and size must be the model's: BN statistics depend on both."""
+    if data.channels != meta.in_chans:
+        raise KdtoolError(
+            f"{what} '{data.source}' has {data.channels}-channel images but the model takes "
+            f"{meta.in_chans}",
+            f"give {meta.in_chans}-channel images",
+        )
+    if list(data.image_size) != list(meta.input_size):
+        h, w = data.image_size
+        raise KdtoolError(
+            f"{what} '{data.source}' has {h}x{w} images but the model takes "
+            f"{meta.input_size[0]}x{meta.input_size[1]}",
+            f"pass --image-size {meta.input_size[0]},{meta.input_size[1]} to resize them",
+        )
+
+
+class CalibrateRun:
+    def __init__(self, cfg: CalibrateConfig):
+        self.cfg = cfg
+        if cfg.tolerance <= 0:
+            raise KdtoolError(f"--tolerance must be > 0, got {cfg.tolerance}")
+        if cfg.repeats < 1:
+            raise KdtoolError(f"--repeats must be >= 1, got {cfg.repeats}")
+        if cfg.sweep and not cfg.val:
+            raise KdtoolError(
+                "--sweep measures accuracy and needs labelled --val data", "add --val DIR"
+            )
+        check_counts(cfg.batches, cfg.batch_size)
+        self.out = check_output(
+            cfg.out or default_out(cfg.checkpoint), cfg.force, "output checkpoint"
+        )
+        self.csv = self.png = None
+        if cfg.sweep:
+            require_matplotlib()
+            self.csv = check_output(
+                cfg.sweep_out
+                or self.out.with_name(self.out.name.removesuffix(".safetensors") + ".sweep.csv"),
+                cfg.force,
+                "sweep CSV",
+            )
+            self.png = check_output(self.csv.with_suffix(".png"), cfg.force, "sweep plot")
+
+    def run(self) -> dict:
+        c, t0 = self.cfg, time.perf_counter()
+        model, meta = load_checkpoint(c.checkpoint)
+        n_bn = len(bn_layers(model))
+        if n_bn == 0:
+            folded = (meta.stages.get("calibrate") or {}).get("folded")
+            raise KdtoolError(
+                f"'{c.checkpoint}' has no BatchNorm layers: nothing to calibrate",
+                "it is already calibrated and folded"
+                if folded
+                else "calibration recomputes BatchNorm statistics; this model has none",
+            )
+        dev = resolve_device(c.device)
+        model.to(dev)
+        size = tuple(c.image_size) if c.image_size else None
+        data = load_data(c.data, image_size=size)
+        _check_images(data, meta, "calibration data")
+        index = sample_indices(len(data), c.batches, c.batch_size, c.seed, f"'{c.data}'")
+        if c.sweep and max(c.sweep) * c.batch_size > len(data):
+            raise KdtoolError(
+                f"--sweep up to {max(c.sweep)} batches of {c.batch_size} needs "
+                f"{max(c.sweep) * c.batch_size} images but '{c.data}' has {len(data)}",
+                "drop the largest --sweep points or add images",
+            )
+        val = self._load_val(meta, size)
+        result: dict = {
+            "checkpoint": str(c.checkpoint),
+            "data": c.data,
+            "device": str(dev),
+            "batches": c.batches,
+            "batch_size": c.batch_size,
+            "images": len(index),
+            "seed": c.seed,
+            "bn_layers": n_bn,
+        }
+        accuracy: dict = {}
+        if val is not None:
+            for bn in ("running", "current"):
+                accuracy[f"input_{bn}"] = evaluate(
+                    model,
+                    val,
+                    meta.mean,
+                    meta.std,
+                    batch_size=256,
+                    device=dev,
+                    bn=bn,
+                    seed=c.seed,
+                    progress=True,
+                )["top1"]
+        sweep_rows = None
+        if c.sweep:
+            sweep_rows = run_sweep(
+                model, data, val, meta.mean, meta.std, c.sweep, c.batch_size, c.seed, c.repeats, dev
+            )
+            sweep_rows += reference_rows(accuracy["input_running"], accuracy["input_current"])
+        cal = recompute_bn_stats(
+            model, data, meta.mean, meta.std, c.batches, c.batch_size, c.seed, dev
+        )
+        console.info(
+            f"recomputed {n_bn} BatchNorm layers from {cal.images} images "
+            f"({c.batches} x {c.batch_size}) in {cal.seconds:.1f} s"
+        )
+        if val is not None:
+            accuracy["calibrated"] = evaluate(
+                model, val, meta.mean, meta.std, batch_size=256, device=dev, progress=True
+            )["top1"]
+        model = model.cpu()
+        stage = {
+            "source": c.data,
+            "images": cal.images,
+            "batches": c.batches,
+            "batch_size": c.batch_size,
+            "seed": c.seed,
+            "bn_layers": n_bn,
+            "bn_running_stats": "real",
+            "folded": False,
+            "seconds": {},
+        }
+        stage["seconds"]["recompute"] = round(cal.seconds, 3)
+        if c.fold:
+            model = self._fold(model, data, val, index, meta, stage, result)
+        if accuracy:
+            stage["accuracy"] = accuracy
+        meta = self._meta(meta, stage)
+        save_checkpoint(self.out, model, meta, force=c.force)
+        if sweep_rows is not None:
+            write_csv(self.csv, sweep_rows)
+            write_png(
+                self.png,
+                sweep_rows,
+                f"{meta.arch} ({Path(c.checkpoint).name}): BN "
+                f"calibration on '{c.data}', val '{c.val}'",
+                noise=(meta.stages.get("distill") or {}).get("bn_running_stats") == "noise",
+            )
+            result["sweep"] = {"csv": str(self.csv), "png": str(self.png), "rows": sweep_rows}
+        stage["seconds"]["total"] = round(time.perf_counter() - t0, 3)
+        result.update(
+            out=str(self.out), folded=stage["folded"], accuracy=accuracy, seconds=stage["seconds"]
+        )
+        return result
+
+    def _load_val(self, meta: ModelMeta, size) -> ImageData | None:
+        if not self.cfg.val:
+            return None
+        val = load_data(self.cfg.val, image_size=size)
+        _check_images(val, meta, "validation data")
+        if not val.labeled:
+            raise KdtoolError(
+                f"validation data '{self.cfg.val}' has no labels",
+                "use a labelled dataset for --val",
+            )
+        check_fits(
+            val,
+            num_classes=meta.num_classes,
+            in_chans=meta.in_chans,
+            input_size=tuple(meta.input_size),
+            what="the model",
+        )
+        return val
+
+    def _fold(self, model, data, val, index, meta, stage, result):
+        c = self.cfg
+        t = time.perf_counter()
+        # Compare on real images the model has not been calibrated on where there are any.
+        source = val if val is not None else data.subset(index)
+        check = source.subset(slice(0, CHECK_IMAGES))
+        x = next(iter(DeviceLoader(check, CHECK_IMAGES, "cpu", meta.mean, meta.std)))[0]
+        folded, report = fold_bn(model, x, c.tolerance)
+        diff = max_abs_diff(model, folded, x)
+        if not diff <= c.tolerance:  # also catches NaN
+            raise KdtoolError(
+                f"folding BatchNorm changed the logits by up to {diff:.3g} (> --tolerance "
+                f"{c.tolerance:g}) on {len(check)} images: nothing was written",
+                "write the calibrated model unfolded with --no-fold, and report this model",
+            )
+        stage.update(
+            folded=True,
+            fold_plan=report.plan(),
+            fold_check={
+                "max_abs_diff": diff,
+                "tolerance": c.tolerance,
+                "images": len(check),
+                "source": source.source,
+            },
+        )
+        stage["seconds"]["fold"] = round(time.perf_counter() - t, 3)
+        result["fold"] = {
+            "summary": report.summary(),
+            **report.counts(),
+            "max_abs_diff": diff,
+            "tolerance": c.tolerance,
+            "layers": [asdict(e) for e in report.entries],
+        }
+        return folded
+
+    def _meta(self, meta: ModelMeta, stage: dict) -> ModelMeta:
+        new = copy.deepcopy(meta)
+        stage["input"] = {"file": str(self.cfg.checkpoint), "provenance": meta.provenance}
+        new.stages["calibrate"] = stage
+        metrics = {f"val_top1_{k}": v for k, v in stage.get("accuracy", {}).items()}
+        new.provenance = provenance(seed=self.cfg.seed, metrics=metrics)
+        return new
+
+
+def calibrate(cfg: CalibrateConfig) -> dict:
+    """Run ``kdtool calibrate`` from a config (the CLI and the benchmark call this)."""
+    torch.manual_seed(cfg.seed)
+    return CalibrateRun(cfg).run()

@@ -1,0 +1,358 @@
+"""What ``kdtool bench`` runs: model files, the backends that run them, and their runners.
+
+Runners are ``kdtool.export.runners`` (the ones ``kdtool export`` checks parity with):
+one ``infer`` call goes from a host numpy batch to host numpy logits, so every backend
+is timed on the same work, transfers included.  Nothing falls back silently: a backend
+whose library, GPU or ONNX Runtime provider is missing, or that did not start, is
+``BackendUnavailable`` with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdtool.errors import KdtoolError, check_choice
+from kdtool.export.formats import GPU_EXTRA_HINT
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+ONNX_SUFFIXES = (".onnx",)
+TRT_SUFFIXES = (".plan", ".engine", ".trt")
+
+# backend -> (the kind of model file it runs, ONNX Runtime providers in priority order)
+BACKENDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "torch-cpu": ("checkpoint", ()),
+    "torch-cuda": ("checkpoint", ()),
+    "ort-cpu": ("onnx", ("CPUExecutionProvider",)),
+    "ort-cuda": ("onnx", ("CUDAExecutionProvider",)),
+    # Nodes TensorRT cannot take run on CUDA; the check is that TensorRT leads.
+    "ort-trt": ("onnx", ("TensorrtExecutionProvider", "CUDAExecutionProvider")),
+    "trt": ("trt", ()),
+}
+
+
+class BackendUnavailable(Exception):
+    """This backend cannot run here (missing library, GPU or provider); the reason says which."""
+
+
+@dataclass
+class BenchModel:
+    """A model file and what is needed to feed it: kind, input, normalisation, classes."""
+
+    path: Path
+    kind: str  # checkpoint | onnx | trt
+    file_bytes: int
+    in_chans: int
+    input_size: list[int]
+    mean: list[float]
+    std: list[float]
+    num_classes: int
+    class_names: list[str] = field(default_factory=list)
+    arch: str = ""
+    precision: str = "fp32"
+    layout: str = "NCHW"
+    input_dtype: str = "float32"
+    fixed_batch: int | None = None  # a static batch dimension
+    input_name: str = ""
+    output_name: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.path.name
+
+    def prepare(self, x: np.ndarray) -> np.ndarray:
+        """A normalised NCHW float32 batch in the layout and dtype the model takes."""
+        if self.layout == "NHWC":
+            x = x.transpose(0, 2, 3, 1)
+        return np.ascontiguousarray(x, dtype=self.input_dtype)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "kind": self.kind,
+            "file_bytes": self.file_bytes,
+            "arch": self.arch,
+            "precision": self.precision,
+            "input": [self.in_chans, *self.input_size],
+            "layout": self.layout,
+            "num_classes": self.num_classes,
+            "fixed_batch": self.fixed_batch,
+        }
+
+
+def model_kind(path: Path) -> str:
+    suffix = path.suffix.lower()
+    for kind, suffixes in (
+        ("checkpoint", CHECKPOINT_SUFFIXES),
+        ("onnx", ONNX_SUFFIXES),
+        ("trt", TRT_SUFFIXES),
+    ):
+        if suffix in suffixes:
+            return kind
+    raise KdtoolError(
+        f"'{path}' is not a model file kdtool bench can run",
+        "pass a kdtool checkpoint (.safetensors), an .onnx file or a TensorRT .plan engine",
+    )
+
+
+def load_model(path: str | Path) -> BenchModel:
+    """Read a model file's description (not its weights): raises KdtoolError for bad input."""
+    path = Path(path)
+    kind = model_kind(path)
+    if not path.is_file():
+        raise KdtoolError(
+            f"model '{path}' does not exist"
+            if not path.exists()
+            else f"model '{path}' is not a file",
+            "check the path",
+        )
+    if kind == "checkpoint":
+        return _checkpoint_model(path)
+    if kind == "onnx":
+        return _onnx_model(path)
+    return _trt_model(path)
+
+
+def _checkpoint_model(path: Path) -> BenchModel:
+    from kdtool.checkpoint import read_meta
+
+    try:
+        meta = read_meta(path)
+    except KdtoolError as e:
+        if "without kdtool metadata" in e.message:  # read_meta's hint names options bench lacks
+            raise KdtoolError(
+                e.message,
+                "make it a kdtool checkpoint first: kdtool convert "
+                "FILE --arch ARCH --out model.safetensors",
+            ) from None
+        raise
+    return BenchModel(
+        path=path,
+        kind="checkpoint",
+        file_bytes=path.stat().st_size,
+        in_chans=meta.in_chans,
+        input_size=list(meta.input_size),
+        mean=list(meta.mean),
+        std=list(meta.std),
+        num_classes=meta.num_classes,
+        class_names=list(meta.class_names),
+        arch=meta.arch,
+    )
+
+
+def _from_info(path: Path, kind: str, info, file_bytes: int) -> BenchModel:
+    return BenchModel(
+        path=path,
+        kind=kind,
+        file_bytes=file_bytes,
+        in_chans=info.in_chans,
+        input_size=list(info.input_size),
+        mean=list(info.mean),
+        std=list(info.std),
+        num_classes=info.num_classes,
+        class_names=list(info.class_names),
+        arch=info.arch,
+        precision=info.precision,
+        layout=info.layout,
+        input_dtype=info.input_dtype,
+        fixed_batch=info.batch,
+        input_name=info.input_name,
+        output_name=info.output_name,
+    )
+
+
+def _onnx_model(path: Path) -> BenchModel:
+    import onnx
+
+    from kdtool.export.metadata import info_from_props
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError, ValueError, ... for foreign files
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise KdtoolError(
+            f"'{path}' is not a readable ONNX model ({reason})",
+            "pass an .onnx file written by kdtool export",
+        ) from e
+    info = info_from_props({p.key: p.value for p in proto.metadata_props}, str(path))
+    # Weights stored outside the .onnx (models over 2 GB) count towards the model's size.
+    external = {
+        e.value
+        for t in proto.graph.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL
+        for e in t.external_data
+        if e.key == "location"
+    }
+    size = path.stat().st_size + sum(
+        (path.parent / loc).stat().st_size for loc in external if (path.parent / loc).is_file()
+    )
+    return _from_info(path, "onnx", info, size)
+
+
+def plan_info_paths(path: Path) -> list[Path]:
+    """Where a TensorRT engine's kdtool metadata may be: a JSON sidecar, or the source ONNX."""
+    return [
+        path.with_name(path.name + ".json"),
+        path.with_suffix(".json"),
+        path.with_suffix(".onnx"),
+    ]
+
+
+def _trt_model(path: Path) -> BenchModel:
+    from kdtool.export.metadata import OnnxInfo, read_info
+
+    for candidate in plan_info_paths(path):
+        if not candidate.is_file():
+            continue
+        if candidate.suffix == ".onnx":
+            return _from_info(path, "trt", read_info(candidate), path.stat().st_size)
+        try:
+            sidecar = json.loads(candidate.read_text())
+        except (OSError, ValueError) as e:
+            raise KdtoolError(f"cannot read the engine's sidecar '{candidate}': {e}") from e
+        if not isinstance(sidecar, dict):
+            continue
+        # The sidecar holds the ONNX metadata under "kdtool" (or is that object itself), or
+        # names the ONNX the engine was built from (kdtool export's sidecar does).
+        d = sidecar.get("kdtool", sidecar)
+        if isinstance(d, dict) and "input_name" in d:
+            info = OnnxInfo.from_json(json.dumps(d), str(candidate))
+            return _from_info(path, "trt", info, path.stat().st_size)
+        source = candidate.parent / str(sidecar.get("onnx", ""))
+        if sidecar.get("onnx") and source.is_file():
+            return _from_info(path, "trt", read_info(source), path.stat().st_size)
+    raise KdtoolError(
+        f"TensorRT engine '{path}' has no kdtool metadata next to it",
+        "keep the JSON sidecar or the .onnx that kdtool export wrote beside the engine "
+        f"(looked for {', '.join(p.name for p in plan_info_paths(path))})",
+    )
+
+
+def check_backend(name: str) -> str:
+    return check_choice(name, list(BACKENDS), "backend")
+
+
+def backend_problem(backend: str) -> str | None:
+    """Why ``backend`` cannot run on this machine, or None when it can (cheap probe)."""
+    providers = BACKENDS[backend][1]
+    if backend == "torch-cuda" or backend == "trt":
+        import torch
+
+        if not torch.cuda.is_available():
+            return "no CUDA GPU visible to PyTorch (torch.cuda.is_available() is False)"
+    if backend == "trt":
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            return f"TensorRT is not installed ({GPU_EXTRA_HINT})"
+    if providers and providers[0] != "CPUExecutionProvider":
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        if providers[0] not in available:
+            return (
+                f"this onnxruntime build has no {providers[0]} (it has "
+                f"{', '.join(available)}; {GPU_EXTRA_HINT})"
+            )
+    return None
+
+
+class BenchRunner:
+    """A runner of ``kdtool.export.runners`` as the benchmark sees it.
+
+    ``infer`` is the export runner's own bound method (nothing added to the timed call);
+    ``batch_problem`` says why a batch size cannot run, ``describe`` gives the providers
+    actually active, the device and the runtime.
+    """
+
+    def __init__(self, inner, backend: str, restore=None):
+        self.inner = inner
+        self.backend = backend
+        self.infer = inner.infer
+        self._restore = restore
+
+    def batch_problem(self, batch: int) -> str | None:
+        fixed = self.inner.fixed_batch
+        if fixed is not None:
+            return None if batch == fixed else f"the model has a static batch of {fixed}"
+        lo, hi = self.inner.batch_range
+        if batch < lo or (hi is not None and batch > hi):
+            return f"batch {batch} is outside the engine's profile ({lo}..{hi})"
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        d = dict(self.inner.describe())
+        for key in ("backend", "input", "output", "fixed_batch", "model"):
+            d.pop(key, None)
+        if self.backend.startswith("torch-"):
+            import torch
+
+            runtime, device = f"torch {torch.__version__}", d.pop("device")
+        elif self.backend.startswith("ort-"):
+            import onnxruntime as ort
+
+            runtime, device = f"onnxruntime {ort.__version__}", self.backend.removeprefix("ort-")
+        else:
+            runtime, device = f"tensorrt {d.pop('tensorrt')}", d.pop("device")
+        return {
+            "providers": list(d.pop("providers", [])),
+            "device": device,
+            "runtime": runtime,
+            **d,
+        }
+
+    def close(self) -> None:
+        self.inner.close()
+        if self._restore is not None:
+            self._restore()
+
+
+def make_runner(model: BenchModel, backend: str, threads: int | None = None) -> BenchRunner:
+    """Load ``model`` on ``backend`` with the export runners.
+
+    BackendUnavailable when it cannot run here: the probe failed, or a GPU backend did
+    not start (a provider ONNX Runtime did not activate, an engine this TensorRT or GPU
+    cannot load). A KdtoolError on a CPU backend is a broken model: the row fails.
+    """
+    from kdtool.export import runners
+
+    problem = backend_problem(backend)
+    if problem:
+        raise BackendUnavailable(problem)
+    restore = None
+    try:
+        with warnings.catch_warnings():  # ORT warns on a provider fallback; the runner checks
+            warnings.simplefilter("ignore")
+            if backend.startswith("torch-"):
+                import torch
+
+                before = torch.get_num_threads()  # process-wide: restored on close
+                if threads:
+                    torch.set_num_threads(threads)
+                    restore = lambda: torch.set_num_threads(before)  # noqa: E731
+                inner = runners.TorchRunner.from_checkpoint(model.path, backend[6:])
+            elif backend.startswith("ort-"):
+                inner = runners.OrtRunner(
+                    model.path, providers=BACKENDS[backend][1], threads=threads
+                )
+            else:
+                inner = runners.TrtRunner(model.path)
+    except KdtoolError as e:
+        if restore is not None:
+            restore()
+        if backend in ("torch-cpu", "ort-cpu"):
+            raise
+        raise BackendUnavailable(str(e)) from e
+    return BenchRunner(inner, backend, restore)
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    if isinstance(e, KdtoolError):
+        return text.splitlines()[0]
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__

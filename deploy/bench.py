@@ -1,0 +1,450 @@
+"""``kdtool bench``: latency, throughput, memory and accuracy of a model across backends.
+
+For every model file x backend x batch size (a "cell"): warm-up calls, then timed
+calls until both ``min_time`` seconds and ``min_iters`` calls are reached (Python's
+garbage collector off while timing, as in ``timeit``).  One call goes from a host
+numpy batch in the model's layout to host logits (transfers included), on random
+N(0, 1) input in the normalised space.  Outliers: timings above Q3 + 3 x IQR
+(Tukey's far-out fence) are dropped, at most 1% of them (at least one), so a
+page fault or a scheduler hiccup does not move the mean while a slow tail that
+is really there still shows in p99.  Throughput is batch / mean kept latency.
+
+Accuracy (``data``) is measured once per model x backend, at the largest batch
+size the backend takes, on the images normalised exactly as ``kdtool eval`` does.
+A row's status: ok, unavailable (reason), failed (load or run error), export
+failed, or accuracy failed (``min_accuracy``, or a drop beyond ``max_drop``
+points from the reference: the first row with an accuracy, normally the PyTorch
+checkpoint given first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdtool.deploy.backends import (
+    BACKENDS,
+    BackendUnavailable,
+    BenchModel,
+    backend_problem,
+    check_backend,
+    first_line,
+    load_model,
+    make_runner,
+)
+from kdtool.deploy.memory import MemoryProbe
+from kdtool.errors import KdtoolError
+
+OK, UNAVAILABLE, FAILED = "ok", "unavailable", "failed"
+EXPORT_FAILED, ACCURACY_FAILED = "export failed", "accuracy failed"
+MAX_ITERS = 200_000  # bounds the memory of the timings of a microsecond-scale model
+CLIP_FENCE_IQR = 3.0
+CLIP_MAX_SHARE = 0.01
+
+
+@dataclass
+class BenchConfig:
+    models: list[str]
+    backends: list[str] | None = None  # None: every backend that runs here and fits the file
+    batches: tuple[int, ...] = (1,)
+    warmup: int = 10
+    min_time: float = 1.0
+    min_iters: int = 10
+    threads: int | None = None
+    data: str | None = None
+    limit: int | None = None
+    formats: list[str] | None = None  # export each checkpoint on the fly (bench_export)
+    export_dir: str | None = None
+    calib_data: str | None = None
+    force: bool = False  # overwrite exports in export_dir
+    min_accuracy: float | None = None
+    max_drop: float | None = None
+    seed: int = 0
+
+    def check(self) -> None:
+        if not self.models:
+            raise KdtoolError("no model given", "pass one or more model files")
+        if not self.batches or any(b < 1 for b in self.batches):
+            raise KdtoolError(
+                f"batch sizes must be positive, not {list(self.batches)}", "e.g. --batch 1,8,64"
+            )
+        for name, value, low in (
+            ("--warmup", self.warmup, 0),
+            ("--min-iters", self.min_iters, 1),
+            ("--threads", self.threads, 1),
+            ("--limit", self.limit, 1),
+        ):
+            if value is not None and value < low:
+                raise KdtoolError(f"{name} must be at least {low}, not {value}")
+        if self.min_time <= 0:
+            raise KdtoolError(f"--min-time must be positive, not {self.min_time}")
+        if self.max_drop is not None and self.max_drop < 0:
+            raise KdtoolError(f"--max-drop must be >= 0 points, not {self.max_drop}")
+        if (self.min_accuracy is not None or self.max_drop is not None) and self.data is None:
+            raise KdtoolError(
+                "--min-accuracy and --max-drop check accuracy and need --data",
+                "e.g. --data val/ (labelled images)",
+            )
+        if self.backends is not None:
+            self.backends = [check_backend(b) for b in self.backends]
+        if self.formats is not None:
+            from kdtool.deploy.bench_export import check_formats
+
+            self.formats = check_formats(self.formats)
+        elif self.export_dir or self.calib_data:
+            raise KdtoolError(
+                "--export-dir and --calib-data go with --formats",
+                "e.g. --formats torch,onnx,onnx-int8 --calib-data train/",
+            )
+
+
+def clip_outliers(times: np.ndarray) -> tuple[np.ndarray, int]:
+    """``times`` without its high outliers (see the module docstring), and how many went."""
+    n = len(times)
+    if n < 8:  # too few for quartiles to mean anything
+        return times, 0
+    q1, q3 = np.percentile(times, [25, 75])
+    fence = q3 + CLIP_FENCE_IQR * (q3 - q1)
+    worst = np.argsort(times)[::-1][: max(1, int(n * CLIP_MAX_SHARE))]
+    drop = worst[times[worst] > fence]
+    keep = np.ones(n, dtype=bool)
+    keep[drop] = False
+    return times[keep], len(drop)
+
+
+def cell_stats(times_s: np.ndarray, batch: int) -> dict[str, Any]:
+    kept, clipped = clip_outliers(np.asarray(times_s, dtype=np.float64))
+    ms = kept * 1e3
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    mean = float(ms.mean())
+    return {
+        "latency_ms": {
+            "p50": float(p50),
+            "p90": float(p90),
+            "p99": float(p99),
+            "mean": mean,
+            "min": float(ms.min()),
+            "max": float(ms.max()),
+            "std": float(ms.std()),
+        },
+        "throughput": batch * 1e3 / mean,
+        "iters": len(times_s),
+        "clipped": clipped,
+    }
+
+
+def time_calls(fn, x, warmup: int, min_time: float, min_iters: int) -> np.ndarray:
+    """Seconds per call of ``fn(x)``: warm-up (at most min_time / 2), then the timed calls."""
+    warm_end = time.perf_counter() + min_time / 2
+    for _ in range(warmup):
+        fn(x)
+        if time.perf_counter() > warm_end:
+            break
+    times = []
+    gc_was_on = gc.isenabled()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        while True:
+            t0 = time.perf_counter_ns()
+            fn(x)
+            times.append(time.perf_counter_ns() - t0)
+            n = len(times)
+            if n >= MAX_ITERS or (n >= min_iters and time.perf_counter() - start >= min_time):
+                break
+    finally:
+        if gc_was_on:
+            gc.enable()
+    return np.asarray(times, dtype=np.float64) * 1e-9
+
+
+def plan_pairs(models: list, backends: list[str] | None):
+    """(entry, backend, problem) in model order: problem says why it cannot run here.
+
+    ``models`` holds BenchModels and failed exports (``Exported`` with an error), whose
+    rows say so under the backend the format would have run on.
+    """
+    pairs = []
+    kinds = set()
+    for model in models:
+        if not isinstance(model, BenchModel):  # a failed export
+            kinds.add(BACKENDS[model.backend][0])
+            pairs.append((model, model.backend, model.error))
+            continue
+        kinds.add(model.kind)
+        fitting = [b for b, (kind, _) in BACKENDS.items() if kind == model.kind]
+        if backends is None:
+            # auto: the fitting backends that run here; when none does, rows that say why
+            problems = {b: backend_problem(b) for b in fitting}
+            runnable = [b for b in fitting if problems[b] is None]
+            pairs += [(model, b, problems[b]) for b in runnable or fitting]
+        else:
+            pairs += [(model, b, backend_problem(b)) for b in backends if b in fitting]
+    for b in backends or []:
+        kind = BACKENDS[b][0]
+        if kind not in kinds:
+            what = {
+                "checkpoint": "kdtool checkpoints (.safetensors)",
+                "onnx": ".onnx files",
+                "trt": "TensorRT .plan engines",
+            }[kind]
+            raise KdtoolError(
+                f"backend '{b}' runs {what} and none was given",
+                "add one to the models (or export one with --formats) or leave "
+                f"'{b}' out of --backends",
+            )
+    return pairs
+
+
+class Bench:
+    """One ``kdtool bench`` run: ``Bench(cfg).run()`` -> the result dictionary."""
+
+    def __init__(self, cfg: BenchConfig):
+        cfg.check()
+        self.cfg = cfg
+        self.mem = MemoryProbe()
+        self._data: dict[tuple, Any] = {}
+
+    def run(self) -> dict[str, Any]:
+        from kdtool import console
+        from kdtool.runinfo import provenance
+
+        cfg = self.cfg
+        with contextlib.ExitStack() as stack:
+            models, exports = self._models(stack)
+            pairs = plan_pairs(models, cfg.backends)
+            if cfg.data is not None:  # before the progress bar: decoding shows its own
+                for model, _, problem in pairs:
+                    if isinstance(model, BenchModel) and not problem:
+                        self._dataset(model)
+            rows: list[dict] = []
+            total = len(pairs) * len(cfg.batches)
+            with console.progress_task("bench", total, unit="cell") as adv:
+                for model, backend, problem in pairs:
+                    rows += self._pair(model, backend, problem, adv)
+        reference = check_accuracy(rows, cfg.min_accuracy, cfg.max_drop)
+        prov = provenance(seed=cfg.seed)
+        settings = {k: v for k, v in asdict(cfg).items() if k != "models"}
+        settings["batches"] = list(cfg.batches)
+        settings["clip"] = (
+            f"drop timings above Q3 + {CLIP_FENCE_IQR:g} x IQR, at most "
+            f"{CLIP_MAX_SHARE:.0%} of a cell (at least 1)"
+        )
+        return {
+            "command": prov["command"],
+            "created": prov["created"],
+            "kdtool_version": prov["kdtool_version"],
+            "machine": machine_info(),
+            "settings": settings,
+            "models": [m.summary() for m in models if isinstance(m, BenchModel)],
+            **({"exports": [e.summary() for e in exports]} if cfg.formats else {}),
+            "reference": reference,
+            "rows": rows,
+            "ok": any(r["status"] == OK for r in rows)
+            and not any(r["status"] in (FAILED, EXPORT_FAILED, ACCURACY_FAILED) for r in rows),
+        }
+
+    def _models(self, stack: contextlib.ExitStack) -> tuple[list, list]:
+        """The models to run, in order: with --formats each checkpoint becomes its exports
+        (written to --export-dir, else to a temporary folder removed after the run)."""
+        from kdtool.deploy.bench_export import export_all
+
+        cfg = self.cfg
+        given = [load_model(p) for p in cfg.models]  # every file checked before any export
+        if not cfg.formats:
+            return given, []
+        if cfg.export_dir:
+            out_dir = Path(cfg.export_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            out_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kdtool-")))
+        models, exports = [], []
+        for model in given:
+            if model.kind != "checkpoint":
+                models.append(model)
+                continue
+            for ex in export_all(
+                model.path, cfg.formats, out_dir, cfg.calib_data, cfg.force, cfg.threads
+            ):
+                exports.append(ex)
+                models.append(ex if ex.error else load_model(ex.path))
+        return models, exports
+
+    def _pair(self, model, backend: str, problem: str | None, advance) -> list[dict]:
+        cfg = self.cfg
+        if not isinstance(model, BenchModel):  # a failed export: its rows say why
+            advance(len(cfg.batches), info=f"{model.path.name}: export failed")
+            base = {
+                "model": model.path.name,
+                "path": str(model.path),
+                "backend": backend,
+                "precision": None,
+                "file_bytes": None,
+                "providers": [],
+                "device": None,
+                "runtime": None,
+                "accuracy": None,
+            }
+            return [empty_row(base, b, EXPORT_FAILED, problem or "") for b in cfg.batches]
+        base = {
+            "model": model.label,
+            "path": str(model.path),
+            "backend": backend,
+            "precision": model.precision,
+            "file_bytes": model.file_bytes,
+            "providers": [],
+            "device": None,
+            "runtime": None,
+            "accuracy": None,
+        }
+
+        def rows_with(status: str, reason: str) -> list[dict]:
+            advance(len(cfg.batches), info=f"{model.label} {backend}: {status}")
+            return [empty_row(base, b, status, reason) for b in cfg.batches]
+
+        if problem:
+            return rows_with(UNAVAILABLE, problem)
+        self.mem.start_backend(backend)
+        try:
+            runner = make_runner(model, backend, cfg.threads)
+        except BackendUnavailable as e:
+            return rows_with(UNAVAILABLE, str(e))
+        except Exception as e:  # the runtime refused this model: this row failed
+            return rows_with(FAILED, f"load failed: {first_line(e)}")
+        try:
+            desc = runner.describe()
+            base.update(
+                providers=desc.pop("providers"),
+                device=desc.pop("device"),
+                runtime=desc.pop("runtime"),
+                details=desc,
+            )
+            if cfg.data is not None:
+                try:
+                    base["accuracy"] = self._accuracy(model, runner, advance)
+                except KdtoolError:
+                    raise
+                except Exception as e:
+                    return rows_with(FAILED, f"accuracy run failed: {first_line(e)}")
+            return [self._cell(model, runner, base, b, advance) for b in cfg.batches]
+        finally:
+            runner.close()
+
+    def _cell(self, model, runner, base: dict, batch: int, advance) -> dict:
+        cfg = self.cfg
+        advance(0, info=f"{model.label} {base['backend']} batch {batch}")
+        why = runner.batch_problem(batch)
+        if why:
+            advance(1)
+            return empty_row(base, batch, UNAVAILABLE, why)
+        rng = np.random.default_rng(cfg.seed)
+        x = model.prepare(
+            rng.standard_normal((batch, model.in_chans, *model.input_size), dtype=np.float32)
+        )
+        self.mem.start_cell()
+        try:
+            times = time_calls(runner.infer, x, cfg.warmup, cfg.min_time, cfg.min_iters)
+        except Exception as e:  # the backend failed at this batch size
+            advance(1)
+            return empty_row(base, batch, FAILED, f"run failed: {first_line(e)}")
+        advance(1)
+        return {
+            **base,
+            "batch": batch,
+            "status": OK,
+            "reason": "",
+            **cell_stats(times, batch),
+            **self.mem.cell_peak(),
+        }
+
+    def _accuracy(self, model: BenchModel, runner, advance) -> dict[str, Any]:
+        from kdtool.deploy.accuracy import runner_accuracy
+
+        ok = [b for b in self.cfg.batches if runner.batch_problem(b) is None]
+        batch = max(ok) if ok else (model.fixed_batch or max(self.cfg.batches))
+        return runner_accuracy(runner, model, self._dataset(model), batch, advance)
+
+    def _dataset(self, model: BenchModel):
+        from kdtool.deploy.accuracy import load_eval_data
+
+        key = (model.in_chans, tuple(model.input_size), model.num_classes)
+        if key not in self._data:
+            self._data[key] = load_eval_data(self.cfg.data, model, self.cfg.limit, self.cfg.seed)
+        return self._data[key]
+
+
+def empty_row(base: dict, batch: int, status: str, reason: str) -> dict:
+    return {
+        **base,
+        "batch": batch,
+        "status": status,
+        "reason": reason,
+        "latency_ms": None,
+        "throughput": None,
+        "iters": 0,
+        "clipped": 0,
+        "peak_rss_mb": None,
+        "gpu_mem_mb": None,
+        "gpu_mem_kind": None,
+    }
+
+
+def check_accuracy(rows: list[dict], min_accuracy: float | None, max_drop: float | None):
+    """Set each row's accuracy drop from the reference and fail rows below the bars."""
+    ref = next((r for r in rows if r["accuracy"] is not None and r["status"] == OK), None)
+    if ref is None:
+        return None
+    ref_top1 = ref["accuracy"]["top1"]
+    for r in rows:
+        acc = r["accuracy"]
+        if acc is None:
+            continue
+        acc["drop"] = ref_top1 - acc["top1"]
+        if r["status"] != OK:
+            continue
+        if min_accuracy is not None and acc["top1"] < min_accuracy:
+            r["status"] = ACCURACY_FAILED
+            r["reason"] = f"top-1 {acc['top1']:.2f}% < --min-accuracy {min_accuracy:g}%"
+        elif max_drop is not None and acc["drop"] > max_drop:
+            r["status"] = ACCURACY_FAILED
+            r["reason"] = (
+                f"top-1 {acc['top1']:.2f}% is {acc['drop']:.2f} points below the "
+                f"reference ({ref_top1:.2f}%) > --max-drop {max_drop:g}"
+            )
+    return {"model": ref["model"], "backend": ref["backend"], "top1": ref_top1}
+
+
+def machine_info() -> dict[str, Any]:
+    import os
+    import platform
+    from importlib import metadata
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").is_file():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    versions = {}
+    for pkg in ("torch", "onnxruntime", "onnxruntime-gpu", "tensorrt"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[pkg] = metadata.version(pkg)
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": usable,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+    }

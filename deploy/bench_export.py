@@ -1,0 +1,94 @@
+"""``kdtool bench --formats``: export each checkpoint on the fly with ``kdtool export``.
+
+Each format is one ``kdtool.export.pipeline.run_export`` call, with its parity checks
+against PyTorch; a format that cannot be made (INT8 without calibration images,
+TensorRT without TensorRT or a GPU, a parity failure) becomes an ``export failed`` row
+instead of stopping the benchmark.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kdtool.errors import KdtoolError, check_choice
+
+# format -> (precision, TensorRT engine?, the backend its rows go under when it fails,
+#            the ONNX file name's suffix after the checkpoint's stem)
+FORMATS = {
+    "torch": (None, False, "torch-cpu", ""),
+    "onnx": ("fp32", False, "ort-cpu", ".onnx"),
+    "onnx-fp16": ("fp16", False, "ort-cpu", ".fp16.onnx"),
+    "onnx-int8": ("int8", False, "ort-cpu", ".int8.onnx"),
+    "tensorrt": ("fp32", True, "trt", ".trt.onnx"),  # the engine: <stem>.trt.engine
+}
+
+
+@dataclass
+class Exported:
+    checkpoint: Path
+    format: str
+    path: Path  # the file written (or that would have been)
+    error: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def backend(self) -> str:
+        return FORMATS[self.format][2]
+
+    def summary(self) -> dict:
+        return {
+            "checkpoint": str(self.checkpoint),
+            "format": self.format,
+            "path": str(self.path),
+            "status": "export failed" if self.error else "ok",
+            "reason": self.error or "",
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def check_formats(formats: list[str]) -> list[str]:
+    return [check_choice(f, list(FORMATS), "bench format") for f in formats]
+
+
+def export_all(
+    checkpoint: Path,
+    formats: list[str],
+    out_dir: Path,
+    calib_data: str | None,
+    force: bool,
+    threads: int | None,
+) -> list[Exported]:
+    """``checkpoint`` in each of ``formats`` (``torch`` = the checkpoint itself)."""
+    from rich.markup import escape
+
+    from kdtool import console
+    from kdtool.export.pipeline import ExportConfig, run_export
+
+    done = []
+    for fmt in formats:
+        if fmt == "torch":
+            done.append(Exported(checkpoint, fmt, checkpoint))
+            continue
+        precision, trt, _, suffix = FORMATS[fmt]
+        onnx = out_dir / f"{checkpoint.stem}{suffix}"
+        target = onnx.with_suffix(".engine") if trt else onnx
+        cfg = ExportConfig(
+            checkpoint=str(checkpoint),
+            onnx=str(onnx),
+            precision=precision,
+            calib_data=calib_data if precision == "int8" else None,
+            trt=trt,
+            force=force,
+            threads=threads,
+        )
+        console.info(f"bench: exporting {checkpoint.name} as {fmt}")
+        start = time.perf_counter()
+        try:
+            run_export(cfg)
+            done.append(Exported(checkpoint, fmt, target, seconds=time.perf_counter() - start))
+        except KdtoolError as e:
+            console.warn(escape(f"export of {checkpoint.name} as {fmt} failed: {e}"))
+            done.append(Exported(checkpoint, fmt, target, str(e), time.perf_counter() - start))
+    return done

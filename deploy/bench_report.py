@@ -1,0 +1,275 @@
+"""``kdtool bench`` results as a rich table, a Markdown report and a latency/throughput plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.markup import escape
+
+from kdtool.errors import KdtoolError
+from kdtool.io import atomic_path, atomic_write_text
+
+COLUMNS = [
+    "model",
+    "backend",
+    "runs on",
+    "batch",
+    "status",
+    "p50 ms",
+    "p90 ms",
+    "p99 ms",
+    "img/s",
+    "peak MB",
+    "size MB",
+    "top-1 %",
+]
+PLOT_FORMATS = ("png", "svg", "pdf")
+_SHORT = {
+    "CPUExecutionProvider": "CPU",
+    "CUDAExecutionProvider": "CUDA",
+    "TensorrtExecutionProvider": "TRT",
+}
+# The terminal table leaves out the model (one table per model), its size and p90.
+TERMINAL = [
+    "backend",
+    "runs on",
+    "batch",
+    "p50 ms",
+    "p99 ms",
+    "img/s",
+    "peak MB",
+    "top-1 %",
+    "status",
+]
+_HEADER = {
+    "runs on": "on",
+    "p50 ms": "p50 ms",
+    "p99 ms": "p99 ms",
+    "peak MB": "MB",
+    "top-1 %": "top-1",
+}  # short headers: the table fits 80 columns
+
+
+def runs_on(row: dict) -> str:
+    """The providers an ONNX Runtime session actually uses, else the device or runtime."""
+    if row["providers"]:
+        return "+".join(_SHORT.get(p, p) for p in row["providers"])
+    if row["device"] is None:  # it did not run
+        return ""
+    return "TensorRT" if row["backend"] == "trt" else row["device"]
+
+
+def _num(v: float | None, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    return f"{v:,.0f}" if abs(v) >= 10**digits else f"{v:.{digits}g}"
+
+
+def _memory(row: dict) -> str:
+    parts = []
+    if row["peak_rss_mb"] is not None:
+        parts.append(f"{row['peak_rss_mb']:.1f}")
+    if row["gpu_mem_mb"] is not None:
+        parts.append(f"GPU {row['gpu_mem_mb']:.1f}")
+    return " / ".join(parts) or "-"
+
+
+def _accuracy(row: dict) -> str:
+    acc = row["accuracy"]
+    if acc is None:
+        return "-"
+    drop = acc.get("drop")
+    return f"{acc['top1']:.2f}" + (f" ({-drop:+.2f})" if drop else "")
+
+
+def table_rows(result: dict, with_paths: bool = False):
+    """Rows for the table and notes for the rows that did not run (and each row's file).
+
+    Rows of one model x backend that did not run for the same reason collapse into one
+    line listing their batch sizes; the reason goes to a numbered note.
+    """
+    rows, notes = [], []
+    out: list[list[str]] = []
+    for r in result["rows"]:
+        key = (r["path"], r["backend"], r["status"], r["reason"])
+        if r["latency_ms"] is None and rows and rows[-1]["key"] == key:
+            rows[-1]["batches"].append(r["batch"])
+            continue
+        rows.append({"key": key, "row": r, "batches": [r["batch"]]})
+    for entry in rows:
+        r = entry["row"]
+        status = r["status"]
+        if r["reason"]:
+            note = f"{r['model']} {r['backend']} ({status}): {r['reason']}"
+            if note not in notes:
+                notes.append(note)
+            status += f" [{notes.index(note) + 1}]"
+        lat = r["latency_ms"] or {}
+        out.append(
+            [
+                r["model"],
+                r["backend"],
+                runs_on(r),
+                ",".join(map(str, entry["batches"])),
+                status,
+                _num(lat.get("p50")),
+                _num(lat.get("p90")),
+                _num(lat.get("p99")),
+                _num(r["throughput"]),
+                _memory(r) if r["latency_ms"] else "-",
+                "-" if r["file_bytes"] is None else f"{r['file_bytes'] / 1e6:.3g}",
+                _accuracy(r),
+            ]
+        )
+    if with_paths:
+        return out, notes, [entry["row"]["path"] for entry in rows]
+    return out, notes
+
+
+def render(result: dict) -> None:
+    from rich import box
+    from rich.table import Table
+
+    from kdtool import console
+
+    rows, notes, paths = table_rows(result, with_paths=True)
+    keep = [COLUMNS.index(c) for c in TERMINAL]
+    colors = {"ok": "green", "unavailable": "yellow"}
+    described = {m["path"]: m for m in result["models"]}
+    for path in dict.fromkeys(paths):  # one table per model file, in the order of the rows
+        mine = [row for p, row in zip(paths, rows, strict=True) if p == path]
+        m = described.get(path)
+        title = escape(path) + (
+            f"  [dim]{m['kind']}, {escape(m['arch'] or '?')}, {m['precision']}, "
+            f"{m['file_bytes'] / 1e6:.3g} MB[/dim]"
+            if m
+            else ""
+        )
+        t = Table(
+            title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1)
+        )
+        for c in TERMINAL:
+            text = c in ("runs on", "status")  # the only columns that may wrap
+            t.add_column(
+                _HEADER.get(c, c),
+                justify="left" if text or c == "backend" else "right",
+                no_wrap=not text,
+                min_width=11 if c == "status" else None,
+            )
+        for row in mine:
+            cells = [row[i] for i in keep]
+            color = colors.get(row[4].split(" [")[0], "red")
+            cells[-1] = f"[{color}]{escape(cells[-1])}[/{color}]"
+            t.add_row(*cells)
+        console.out.print(t)
+    for i, note in enumerate(notes, 1):
+        console.out.print(f"[{i}] {note}", markup=False, soft_wrap=True)
+    console.out.print(_legend(result), markup=False, soft_wrap=True, style="dim")
+
+
+def _legend(result: dict) -> str:
+    s = result["settings"]
+    m = result["machine"]
+    where = f"{m['cpu']}, {m['usable_cpus']} usable CPUs" + (f", {m['gpu']}" if m["gpu"] else "")
+    text = (
+        f"latency per batch (host array in, logits out), >= {s['min_time']:g} s and "
+        f">= {s['min_iters']} calls per cell after {s['warmup']} warm-up calls; "
+        f"{s['clip']}; img/s = batch / mean latency; peak MB = RSS above the RSS before "
+        f"loading the backend (+ GPU memory); on {where}"
+    )
+    if s["threads"]:
+        text += f"; {s['threads']} CPU thread(s)"
+    ref = result.get("reference")
+    if ref:
+        text += (
+            f"; top-1 on {s['data']} (change vs {ref['model']} {ref['backend']} {ref['top1']:.2f}%)"
+        )
+    return text
+
+
+def markdown(result: dict) -> str:
+    rows, notes = table_rows(result)
+    lines = [
+        "# kdtool bench",
+        "",
+        f"`{result['command']}`",
+        "",
+        f"{result['created']}, kdtool {result['kdtool_version']}, "
+        + ", ".join(f"{k} {v}" for k, v in result["machine"]["versions"].items()),
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join("---" if i < 5 else "---:" for i in range(len(COLUMNS))) + "|",
+    ]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    lines.append("")
+    lines += [f"{i}. {note}" for i, note in enumerate(notes, 1)]
+    if notes:
+        lines.append("")
+    lines += [_legend(result) + ".", ""]
+    return "\n".join(lines)
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    atomic_write_text(path, markdown(result))
+
+
+def check_plot_path(path: Path) -> str:
+    fmt = path.suffix.lower().lstrip(".")
+    if fmt not in PLOT_FORMATS:
+        raise KdtoolError(
+            f"cannot tell the plot format of '{path}'", "end the file name in .png, .svg or .pdf"
+        )
+    return fmt
+
+
+def write_plot(result: dict, path: Path) -> None:
+    """Latency (p50, with the p50..p99 band) and throughput against batch size, per series."""
+    fmt = check_plot_path(path)
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise KdtoolError("--plot needs matplotlib", "pip install 'kdtool[plot]'") from e
+    matplotlib.use("Agg", force=True)  # no display needed; also safe in threads and servers
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
+
+    series: dict[str, list[dict[str, Any]]] = {}
+    for r in result["rows"]:
+        if r["latency_ms"] is not None:
+            series.setdefault(f"{r['model']} · {r['backend']}", []).append(r)
+    fig, (ax_lat, ax_thr) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, rs in series.items():
+        rs = sorted(rs, key=lambda r: r["batch"])
+        b = [r["batch"] for r in rs]
+        p50 = [r["latency_ms"]["p50"] for r in rs]
+        (line,) = ax_lat.plot(b, p50, marker="o", label=label)
+        ax_lat.fill_between(
+            b, p50, [r["latency_ms"]["p99"] for r in rs], alpha=0.15, color=line.get_color()
+        )
+        ax_thr.plot(
+            b, [r["throughput"] for r in rs], marker="o", label=label, color=line.get_color()
+        )
+    for ax, ylabel in (
+        (ax_lat, "latency per batch, ms (p50; band to p99)"),
+        (ax_thr, "throughput, images/s"),
+    ):
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        if series:
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            batches = sorted({r["batch"] for rs in series.values() for r in rs})
+            ax.set_xticks(batches, [str(b) for b in batches])  # the sizes measured, as numbers
+            ax.xaxis.set_minor_locator(NullLocator())
+    if series:
+        ax_thr.legend(fontsize=8)
+    else:
+        ax_lat.text(0.5, 0.5, "no backend ran", ha="center", transform=ax_lat.transAxes)
+    m = result["machine"]
+    fig.suptitle(f"kdtool bench on {m['gpu'] or m['cpu']}", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=120)
+    plt.close(fig)

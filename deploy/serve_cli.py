@@ -1,0 +1,119 @@
+"""``kdtool serve``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kdtool.cli.app import app
+
+SERVE_DEPS = ("uvicorn", "starlette", "prometheus_client", "orjson")
+
+
+@app.command("serve")
+def serve_cmd(
+    model: Annotated[
+        Path, typer.Argument(help="An .onnx file written by 'kdtool export'.", show_default=False)
+    ],
+    host: Annotated[
+        str, typer.Option("--host", help="Address to bind. Anything but loopback needs --api-key.")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option("--port", min=0, max=65535, help="TCP port (0: any free port).")
+    ] = 8000,
+    name: Annotated[
+        str | None,
+        typer.Option("--name", help="Model name in the URLs.", show_default="the file's stem"),
+    ] = None,
+    max_batch: Annotated[
+        int,
+        typer.Option(
+            "--max-batch",
+            min=1,
+            help="Images per ONNX Runtime call (1: no batching).",
+            rich_help_panel="Batching",
+        ),
+    ] = 32,
+    max_delay_ms: Annotated[
+        float,
+        typer.Option(
+            "--max-delay-ms",
+            min=0.0,
+            help="How long the oldest queued request may wait for others to share its batch.",
+            rich_help_panel="Batching",
+        ),
+    ] = 5.0,
+    max_queue: Annotated[
+        int,
+        typer.Option(
+            "--max-queue",
+            min=1,
+            help="Images that may wait for a batch; beyond it requests get 503.",
+            rich_help_panel="Batching",
+        ),
+    ] = 512,
+    threads: Annotated[
+        int,
+        typer.Option(
+            "--threads",
+            min=0,
+            help="ONNX Runtime intra-op threads (0: one per core).",
+            rich_help_panel="Batching",
+        ),
+    ] = 0,
+    provider: Annotated[
+        str,
+        typer.Option(
+            "--provider",
+            help="ONNX Runtime provider: cpu, cuda or tensorrt; never falls back silently.",
+        ),
+    ] = "cpu",
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="KDTOOL_API_KEY",
+            show_envvar=True,
+            help="Require 'Authorization: Bearer KEY' on all but the health endpoints.",
+            rich_help_panel="Security",
+        ),
+    ] = None,
+    max_body_mb: Annotated[
+        float,
+        typer.Option(
+            "--max-body-mb",
+            min=0.001,
+            help="Largest request body; larger ones get 413.",
+            rich_help_panel="Security",
+        ),
+    ] = 16.0,
+) -> None:
+    """Serve an ONNX model over HTTP (Open Inference Protocol, dynamic batching).
+
+    GET /v2/health/live, /v2/health/ready, /v2, /v2/models/NAME,
+    /v2/models/NAME/ready and /metrics (Prometheus).
+    POST /v2/models/NAME/infer: JSON or binary tensors (tritonclient works).
+    POST /v2/models/NAME/classify: JPEG/PNG bytes -> top-k labels, with the
+    model's own preprocessing. Ctrl-C or SIGTERM finishes requests in flight.
+
+    Example: [bold]kdtool serve student.onnx --port 8000 --max-batch 32[/bold]
+    """
+    import importlib.util
+
+    from kdtool.errors import KdtoolError
+
+    missing = [m for m in SERVE_DEPS if importlib.util.find_spec(m) is None]
+    if missing:
+        raise KdtoolError(f"kdtool serve needs {', '.join(missing)}", "pip install 'kdtool[serve]'")
+    from kdtool.deploy.server import ServerConfig, serve
+
+    config = ServerConfig(
+        max_batch=max_batch,
+        max_delay_ms=max_delay_ms,
+        max_queue=max_queue,
+        max_body_mb=max_body_mb,
+        api_key=api_key or None,
+    )
+    serve(model, host=host, port=port, name=name, provider=provider, threads=threads, config=config)

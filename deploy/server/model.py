@@ -1,0 +1,166 @@
+"""The served model: an ONNX Runtime session configured from the file's kdtool metadata."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdtool.deploy.server.protocol import ORT_TO_V2, V2_TO_NP
+from kdtool.errors import KdtoolError, check_choice
+from kdtool.export.metadata import OnnxInfo, info_from_props
+
+# --provider -> ONNX Runtime providers in priority order.  CPU is never appended to a GPU
+# list: ORT would silently run the whole graph there when the GPU provider fails to load.
+PROVIDERS: dict[str, tuple[str, ...]] = {
+    "cpu": ("CPUExecutionProvider",),
+    "cuda": ("CUDAExecutionProvider",),
+    # Nodes TensorRT cannot take run on CUDA.
+    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider"),
+}
+GPU_HINT = "pip install 'kdtool[gpu]' on a machine with an NVIDIA GPU and driver"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor as the v2 protocol describes it: -1 marks the (dynamic) batch dimension."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(V2_TO_NP[self.datatype])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+class OnnxModel:
+    """One ONNX Runtime session; ``run(x)`` takes a batch in the model's own layout and dtype.
+
+    ``fixed_batch`` is the graph's static batch dimension (None when dynamic): callers pad
+    a smaller batch up to it.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        name: str | None = None,
+        provider: str = "cpu",
+        threads: int = 0,
+        warmup: bool = True,
+    ):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise KdtoolError(
+                f"ONNX model '{self.path}' does not exist"
+                if not self.path.exists()
+                else f"'{self.path}' is not a file",
+                "pass the .onnx file written by kdtool export",
+            )
+        self.name = name or self.path.stem
+        if not self.name or "/" in self.name:
+            raise KdtoolError(
+                f"model name '{self.name}' cannot be part of a URL path",
+                "pass --name with letters, digits, '-', '_' or '.'",
+            )
+        check_choice(provider, PROVIDERS, "provider")
+        wanted = PROVIDERS[provider]
+        if wanted[0] not in ort.get_available_providers():
+            raise KdtoolError(
+                f"this onnxruntime build has no {wanted[0]} (it has "
+                f"{', '.join(ort.get_available_providers())})",
+                GPU_HINT,
+            )
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = max(0, threads)  # 0: ORT's default, one per core
+        opts.inter_op_num_threads = 1  # a plain CNN has no parallel branches worth a pool
+        # Idle ORT threads spin by default, taking cores from the event loop that parses the
+        # next requests; with batching, an ORT call is long enough that waking costs nothing.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=list(wanted))
+        except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise KdtoolError(
+                f"ONNX Runtime cannot load '{self.path}': {reason}",
+                "pass an .onnx file written by kdtool export",
+            ) from e
+        self.providers = self.session.get_providers()
+        if self.providers[0] != wanted[0]:
+            raise KdtoolError(
+                f"ONNX Runtime did not use {wanted[0]} for '{self.path}' (it "
+                f"runs on {', '.join(self.providers)})",
+                GPU_HINT,
+            )
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.info: OnnxInfo = info_from_props(meta, str(self.path))
+        self.input, self.output, self.fixed_batch = self._specs()
+        if warmup:  # the first call allocates and plans: keep it out of the first request
+            self.run(np.zeros((self.fixed_batch or 1, *self.input.shape[1:]), self.input.dtype))
+
+    def _specs(self) -> tuple[TensorSpec, TensorSpec, int | None]:
+        info, path = self.info, self.path
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        if info.input_name not in inputs or info.output_name not in outputs or len(inputs) != 1:
+            raise KdtoolError(
+                f"'{path}' does not match its kdtool metadata: the graph has inputs "
+                f"{sorted(inputs)} and outputs {sorted(outputs)}, the metadata names input "
+                f"'{info.input_name}' and output '{info.output_name}'",
+                "re-export it with kdtool export",
+            )
+        inp, out = inputs[info.input_name], outputs[info.output_name]
+        for t in (inp, out):
+            if t.type not in ORT_TO_V2:
+                raise KdtoolError(
+                    f"'{path}': tensor '{t.name}' has type {t.type}, which "
+                    "kdtool serve does not serve",
+                    "export a float model",
+                )
+        expected = info.input_shape(1)[1:]
+        graph_dims = list(inp.shape[1:]) if len(inp.shape) == 4 else None
+        if graph_dims is None or any(
+            isinstance(g, int) and g != e for g, e in zip(graph_dims, expected, strict=True)
+        ):
+            raise KdtoolError(
+                f"'{path}': the graph's input shape {inp.shape} does not match "
+                f"the metadata's {info.layout} {list(expected)}",
+                "re-export it with kdtool export",
+            )
+        fixed = inp.shape[0] if isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
+        in_spec = TensorSpec(inp.name, ORT_TO_V2[inp.type], (-1, *expected))
+        out_spec = TensorSpec(out.name, ORT_TO_V2[out.type], (-1, info.num_classes))
+        return in_spec, out_spec, fixed
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """Logits for a batch; called from the batcher's worker thread (ORT releases the GIL)."""
+        return self.session.run([self.output.name], {self.input.name: x})[0]
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.info.class_names or [str(i) for i in range(self.info.num_classes)]
+
+    def describe(self) -> dict[str, Any]:
+        """kdtool's own part of the model metadata: what a client needs to preprocess."""
+        i = self.info
+        return {
+            "arch": i.arch,
+            "layout": i.layout,
+            "input_size": i.input_size,
+            "in_chans": i.in_chans,
+            "mean": i.mean,
+            "std": i.std,
+            "class_names": self.class_names,
+            "precision": i.precision,
+            "providers": self.providers,
+            "fixed_batch": self.fixed_batch,
+        }

@@ -1,0 +1,160 @@
+"""Run the app on uvicorn: bind (with clear errors), print how to call it, stop gracefully."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import shlex
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from kdtool.deploy.server.app import ServerConfig, create_app
+from kdtool.deploy.server.model import OnnxModel
+from kdtool.errors import KdtoolError
+
+API_KEY_ENV = "KDTOOL_API_KEY"
+GRACE_S = 30  # how long a stop waits for in-flight requests before cancelling them
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name other than localhost may resolve anywhere
+        return False
+
+
+def check_exposure(host: str, api_key: str | None) -> None:
+    if not is_loopback(host) and not api_key:
+        raise KdtoolError(
+            f"binding {host} exposes the model beyond this machine and needs an API key",
+            f"pass --api-key KEY or set {API_KEY_ENV} (clients send 'Authorization: Bearer "
+            "KEY'), or keep the default --host 127.0.0.1",
+        )
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket; connections made before uvicorn accepts wait in the backlog."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as e:
+        raise KdtoolError(
+            f"cannot resolve --host '{host}': {e.strerror}",
+            "pass an IP address such as 127.0.0.1 or 0.0.0.0",
+        ) from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        where = f"{host}:{port}"
+        if e.errno == errno.EADDRINUSE:
+            raise KdtoolError(
+                f"port {port} on {host} is already in use",
+                "stop the other server or pass another --port",
+            ) from None
+        if e.errno == errno.EACCES:
+            raise KdtoolError(
+                f"no permission to bind {where}", "ports below 1024 need root: pass --port 8000"
+            ) from None
+        raise KdtoolError(
+            f"cannot bind {where}: {e.strerror}", "pass an address of this machine to --host"
+        ) from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def base_url(host: str, sock: socket.socket) -> str:
+    port = sock.getsockname()[1]
+    shown = f"[{host.strip('[]')}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+def banner(model: OnnxModel, config: ServerConfig, url: str) -> str:
+    i = model.info
+    auth = f' -H "Authorization: Bearer ${API_KEY_ENV}"' if config.api_key else ""
+    m = f"{url}/v2/models/{model.name}"
+    x = ", ".join(map(str, model.input.shape[1:]))
+    example = shlex.quote(
+        f'{{"inputs": [{{"name": "{model.input.name}", "shape": [1, {x}], '
+        f'"datatype": "{model.input.datatype}", "data": [...]}}]}}'
+    )
+    batching = (
+        f"batches up to {config.max_batch} within {config.max_delay_ms:g} ms"
+        if config.max_batch > 1
+        else "no batching (--max-batch 1)"
+    )
+    return "\n".join(
+        [
+            f"kdtool serve: model '{model.name}' ({i.arch or 'onnx'}, "
+            f"{i.in_chans}x{i.input_size[0]}x{i.input_size[1]} {i.layout}, "
+            f"{i.num_classes} classes, {i.precision}) on "
+            f"{', '.join(model.providers)}; {batching}",
+            f"  listening on {url}  (model: {m})",
+            f"  classify an image:  curl -s{auth} --data-binary @image.jpg '{m}/classify?top_k=3'",
+            f"  v2 inference:       curl -s{auth} {m}/infer -d {example}",
+            f"  metrics:            curl -s{auth} {url}/metrics",
+            "  Ctrl-C (or SIGTERM) stops it after the requests in flight.",
+        ]
+    )
+
+
+def serve(
+    model_path: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    name: str | None = None,
+    provider: str = "cpu",
+    threads: int = 0,
+    config: ServerConfig | None = None,
+    log_level: str = "warning",
+) -> None:
+    """Load the model, bind, print the banner and serve until SIGINT/SIGTERM."""
+    config = config or ServerConfig()
+    check_exposure(host, config.api_key)
+    model = OnnxModel(model_path, name=name, provider=provider, threads=threads)
+    app = create_app(model, config)
+    sock = bind(host, port)
+    logging.getLogger("kdtool.serve").setLevel(logging.INFO)
+    server = GracefulServer(
+        uvicorn.Config(
+            app,
+            loop="auto",
+            http="auto",
+            log_level=log_level,
+            access_log=False,
+            timeout_graceful_shutdown=GRACE_S,
+            timeout_keep_alive=30,
+        )
+    )
+    sys.stderr.write(banner(model, config, base_url(host, sock)) + "\n")
+    sys.stderr.flush()
+    server.run(sockets=[sock])
+    sys.stderr.write("kdtool serve: stopped\n")
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's Server, but a stop signal ends ``run`` normally instead of re-raising it."""
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl-C: stop without waiting
+            return
+        self.should_exit = True
+        batcher = getattr(getattr(self.config.app, "state", None), "batcher", None)
+        if batcher is not None:
+            batcher.flush_soon()  # uvicorn takes no new requests: a batch waits for nothing
+        sys.stderr.write(
+            "kdtool serve: stopping; finishing the requests in flight (Ctrl-C again to stop now)\n"
+        )

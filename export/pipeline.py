@@ -1,0 +1,452 @@
+"""``kdtool export``: checkpoint -> verified ONNX (FP32/FP16/INT8) -> TensorRT -> Triton.
+
+Every artefact is built in a private folder beside the output and moved into place
+only after its parity check passed, so a failed export leaves no file that looks
+valid (a previous output kept with --force stays as it was). Order of work:
+
+1. validate every option and output path (before any slow step);
+2. export FP32 ONNX (checker, onnxslim, kdtool metadata) and check it against PyTorch;
+3. FP16 conversion or INT8 QDQ quantisation, checked against PyTorch;
+4. accuracy on --val (PyTorch vs the export) and file sizes; the ONNX is moved in place;
+5. ``--trt``: a TensorRT engine checked against ONNX Runtime, with a JSON sidecar; without
+   TensorRT or a GPU the command stops here with exit 1, the ONNX already written;
+6. ``--triton-repo``: the model repository.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdtool import console
+from kdtool.errors import KdtoolError, check_choice
+from kdtool.export.batch import DEFAULT_BATCH, BatchProfile, parse_batch
+from kdtool.export.formats import FORMATS, check_precision, onnx_format
+from kdtool.export.metadata import OnnxInfo, write_info
+from kdtool.export.onnx_export import (
+    DEFAULT_OPSET,
+    EXPORTERS,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    check_opset,
+    export_onnx,
+)
+from kdtool.export.parity import TOLERANCES, TRT_TOLERANCES, Tolerance, compare, normalise
+from kdtool.export.parity import parity_batches as make_parity_batches
+from kdtool.export.precision import ACTIVATION_MODES, CALIB_METHODS
+from kdtool.io import check_output
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str
+    onnx: str
+    precision: str = "fp32"
+    batch: str = DEFAULT_BATCH  # "MIN:OPT:MAX" (dynamic) or "N" (static)
+    opset: int = DEFAULT_OPSET
+    exporter: str = "dynamo"
+    slim: bool = True
+    calib_data: str | None = None
+    calib_images: int = 512
+    calib_method: str = "minmax"
+    int8_activations: str = "symmetric"
+    val: str | None = None
+    parity_batch: int = 64
+    min_agreement: float | None = None  # overrides the precision's default (percent)
+    trt: bool = False
+    engine: str | None = None  # default: the ONNX path with .engine
+    workspace: float = 4.0  # GiB
+    timing_cache: str | None = None
+    triton_repo: str | None = None
+    triton_name: str | None = None
+    force: bool = False
+    seed: int = 0
+    threads: int | None = None  # ONNX Runtime threads for the checks
+
+
+@dataclass
+class _Outputs:
+    onnx: Path
+    engine: Path | None
+    sidecar: Path | None
+    triton: Path | None
+    triton_name: str | None
+
+
+def run_export(cfg: ExportConfig) -> dict:
+    """Run ``kdtool export``; return its JSON result. Raises KdtoolError on any failure."""
+    profile, outs = _validate(cfg)
+    from kdtool.checkpoint import load_checkpoint
+
+    model, meta = load_checkpoint(cfg.checkpoint)
+    sample_shape = (meta.in_chans, *meta.input_size)
+    calib = _load(cfg.calib_data, meta, "--calib-data") if cfg.calib_data else None
+    val = _load(cfg.val, meta, "--val", labelled=True) if cfg.val else None
+    folded = bool((meta.stages.get("calibrate") or {}).get("folded"))
+    info = OnnxInfo(
+        input_name=INPUT_NAME,
+        output_name=OUTPUT_NAME,
+        in_chans=meta.in_chans,
+        input_size=list(meta.input_size),
+        mean=list(meta.mean),
+        std=list(meta.std),
+        num_classes=meta.num_classes,
+        class_names=list(meta.class_names),
+        precision=cfg.precision,
+        batch=profile.max if profile.static else None,
+        arch=meta.arch,
+        source=Path(cfg.checkpoint).name,
+        source_sha256=_sha256(Path(cfg.checkpoint)),
+        folded=folded,
+        opset=cfg.opset,
+        max_batch=profile.max,
+    )
+    from kdtool.export.runners import OrtRunner, TorchRunner
+
+    reference = TorchRunner(model)
+    batches, source = make_parity_batches(
+        val or calib, meta.mean, meta.std, sample_shape, profile, cfg.parity_batch, cfg.seed
+    )
+    result: dict = {
+        "checkpoint": cfg.checkpoint,
+        "arch": meta.arch,
+        "folded": folded,
+        "precision": cfg.precision,
+        "batch": profile.to_dict(),
+        "parity_inputs": source,
+    }
+    with tempfile.TemporaryDirectory(prefix=".kdtool-export-", dir=outs.onnx.parent) as work:
+        work = Path(work)
+        # 2. FP32 ONNX, checked against PyTorch whatever the final precision.
+        console.info(
+            f"exporting {meta.arch} to ONNX ({cfg.exporter} exporter, opset "
+            f"{cfg.opset}, batch {profile.spec})"
+        )
+        proto, record = export_onnx(
+            model,
+            sample_shape,
+            batch=profile,
+            opset=cfg.opset,
+            exporter=cfg.exporter,
+            slim=cfg.slim,
+        )
+        result["onnx_export"] = record
+        fp32_path = work / "fp32.onnx"
+        _save(proto, replace(info, precision="fp32"), fp32_path)
+        with OrtRunner(fp32_path, threads=cfg.threads) as ort32:
+            checks = {"fp32": _parity(reference, ort32, batches, TOLERANCES["fp32"], "FP32")}
+        # 3. reduced precision
+        final_path = fp32_path
+        if cfg.precision == "fp16":
+            final_path = work / "fp16.onnx"
+            proto = _fp16(proto, info, final_path)
+        elif cfg.precision == "int8":
+            final_path = work / "int8.onnx"
+            quantized = _int8(cfg, fp32_path, final_path, calib, meta, info, profile)
+            proto, info = quantized.model, quantized.info
+            result["quantization"] = info.quantization
+        if cfg.precision != "fp32":
+            tol = _tolerance(TOLERANCES[cfg.precision], cfg.min_agreement)
+            with OrtRunner(final_path, threads=cfg.threads) as ort_final:
+                checks[cfg.precision] = _parity(
+                    reference, ort_final, batches, tol, cfg.precision.upper()
+                )
+        result["parity"] = checks
+        # 4. accuracy, sizes, then the ONNX goes in place
+        if val is not None:
+            result["val"] = _accuracy(reference, final_path, val, meta, profile, cfg)
+        result["sizes"] = {
+            "fp32_bytes": fp32_path.stat().st_size,
+            "onnx_bytes": final_path.stat().st_size,
+        }
+        os.replace(final_path, outs.onnx)
+        result["onnx"] = str(outs.onnx)
+        console.info(f"wrote {outs.onnx} ({_mb(result['sizes']['onnx_bytes'])})")
+        # 5. TensorRT
+        if cfg.trt:
+            result["tensorrt"] = _tensorrt(cfg, outs, batches, profile, info, work)
+        # 6. Triton
+        if outs.triton is not None:
+            from kdtool.export.triton import write_repo
+
+            model_file, kind = (outs.engine, "plan") if cfg.trt else (outs.onnx, "onnx")
+            target = write_repo(
+                outs.triton.parent,
+                outs.triton.name,
+                model_file,
+                kind,
+                proto.graph,
+                profile,
+                list(meta.class_names),
+                cfg.force,
+            )
+            result["triton"] = {
+                "repo": str(outs.triton.parent),
+                "model": outs.triton.name,
+                "path": str(target),
+                "platform": kind,
+            }
+            console.info(f"wrote Triton model {target}")
+    return result
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _validate(cfg: ExportConfig) -> tuple[BatchProfile, _Outputs]:
+    check_precision(cfg.precision)
+    check_choice(cfg.exporter, EXPORTERS, "exporter")
+    check_choice(cfg.calib_method, CALIB_METHODS, "calibration method")
+    check_choice(cfg.int8_activations, ACTIVATION_MODES, "INT8 activation mode")
+    check_opset(cfg.opset)
+    profile = parse_batch(cfg.batch)
+    from kdtool.checkpoint import read_meta
+
+    read_meta(cfg.checkpoint)  # a clear error for a file that is not a kdtool model
+    if onnx_format(cfg.precision).needs_calib and not cfg.calib_data:
+        raise KdtoolError(
+            f"--precision {cfg.precision} needs calibration images",
+            "pass --calib-data with a few hundred representative images (a folder, zip or "
+            "npz; labels not needed)",
+        )
+    if cfg.trt and cfg.precision == "int8" and cfg.int8_activations != "symmetric":
+        raise KdtoolError(
+            "TensorRT takes only symmetric INT8 activations",
+            "drop --int8-activations asymmetric when building with --trt",
+        )
+    for name, value, low in (
+        ("--parity-batch", cfg.parity_batch, 1),
+        ("--calib-images", cfg.calib_images, 1),
+    ):
+        if value < low:
+            raise KdtoolError(f"{name} must be >= {low}, got {value}")
+    if cfg.workspace <= 0:
+        raise KdtoolError(f"--workspace must be a positive number of GiB, got {cfg.workspace}")
+    if cfg.min_agreement is not None and not 0 <= cfg.min_agreement <= 100:
+        raise KdtoolError(f"--min-agreement is a percentage, got {cfg.min_agreement}")
+    onnx_path = check_output(cfg.onnx, cfg.force, "ONNX model")
+    engine = sidecar = None
+    if cfg.trt:
+        from kdtool.export.engine import sidecar_path
+
+        engine = check_output(
+            cfg.engine or onnx_path.with_suffix(".engine"), cfg.force, "TensorRT engine"
+        )
+        sidecar = check_output(sidecar_path(engine), cfg.force, "engine sidecar")
+    triton = name = None
+    if cfg.triton_repo:
+        from kdtool.export.triton import model_name
+
+        name = model_name(cfg.triton_name or onnx_path.stem)
+        triton = Path(cfg.triton_repo) / name
+        if triton.exists() and not cfg.force:
+            raise KdtoolError(
+                f"Triton model '{triton}' already exists", "pass --force to replace it"
+            )
+    return profile, _Outputs(onnx_path, engine, sidecar, triton, name)
+
+
+def _load(spec: str, meta, option: str, labelled: bool = False):
+    from kdtool.data import check_fits, load_data
+
+    # Images are resized and converted to the model's input; calibration ignores labels,
+    # so only --val must have the model's classes.
+    data = load_data(spec, image_size=tuple(meta.input_size), channels=meta.in_chans)
+    if labelled:
+        check_fits(
+            data,
+            num_classes=meta.num_classes,
+            in_chans=meta.in_chans,
+            input_size=tuple(meta.input_size),
+            what=f"the model ({meta.arch})",
+        )
+    if labelled and not data.labeled:
+        raise KdtoolError(
+            f"{option} {spec} has no labels",
+            "give a folder of <class>/<image>, a zip of one, or a labelled npz",
+        )
+    if not len(data):
+        raise KdtoolError(f"{option} {spec} holds no images")
+    return data
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def _save(proto, info: OnnxInfo, path: Path) -> None:
+    import onnx
+
+    write_info(proto, info)
+    onnx.save(proto, str(path))
+
+
+def _fp16(proto, info: OnnxInfo, path: Path):
+    from kdtool.export.precision import to_fp16
+
+    console.info("converting to FP16")
+    proto16 = to_fp16(proto)
+    _save(proto16, info, path)
+    return proto16
+
+
+@dataclass
+class _Int8:
+    model: object  # onnx.ModelProto
+    info: OnnxInfo
+
+
+def _int8(cfg, fp32_path, out_path, calib, meta, info, profile) -> _Int8:
+    import onnx
+
+    from kdtool.export.precision import quantize_int8
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n = min(cfg.calib_images, len(calib))
+    idx = torch.randperm(len(calib), generator=gen)[:n]
+    x = normalise(calib.x[idx], meta.mean, meta.std)
+    batch = profile.max if profile.static else profile.clamp(32)
+    steps = -(-n // batch)
+    with console.progress_task("INT8 calibration", steps, unit="batch") as advance:
+        record = quantize_int8(
+            fp32_path,
+            out_path,
+            x,
+            input_name=INPUT_NAME,
+            batch_size=batch,
+            method=cfg.calib_method,
+            activations=cfg.int8_activations,
+            static=profile.static,
+            progress=advance,
+        )
+    record["calib_data"] = cfg.calib_data
+    proto = onnx.load(str(out_path))
+    info = replace(info, quantization=record)
+    _save(proto, info, out_path)
+    return _Int8(proto, info)
+
+
+def _tolerance(base: Tolerance, min_agreement: float | None) -> Tolerance:
+    return base if min_agreement is None else replace(base, min_agreement=min_agreement)
+
+
+def _parity(reference, candidate, batches, tolerance: Tolerance, what: str) -> dict:
+    report = compare(reference, candidate, batches, tolerance)
+    console.info(f"parity {what}: {report.summary()}")
+    if not report.passed:
+        raise KdtoolError(
+            f"{what} export fails its parity check: {report.problem} ({report.summary()}); "
+            "nothing was written",
+            "see 'kdtool export --help' on tolerances (--min-agreement for FP16/INT8)",
+        )
+    return report.to_dict()
+
+
+def _accuracy(reference, path: Path, val, meta, profile: BatchProfile, cfg) -> dict:
+    from kdtool.export.runners import OrtRunner
+
+    with OrtRunner(path, threads=cfg.threads) as runner:
+        steps = 2 * -(-len(val) // _chunk(profile))
+        with console.progress_task("accuracy on --val", steps, unit="batch") as advance:
+            torch_pred = _predict(reference, val, meta, profile, advance)
+            onnx_pred = _predict(runner, val, meta, profile, advance)
+    labels = val.y.numpy()
+    torch_top1 = 100.0 * float((torch_pred == labels).mean())
+    onnx_top1 = 100.0 * float((onnx_pred == labels).mean())
+    return {
+        "data": cfg.val,
+        "images": len(val),
+        "torch_fp32_top1": torch_top1,
+        f"onnx_{cfg.precision}_top1": onnx_top1,
+        "top1_change": onnx_top1 - torch_top1,
+        "agreement": 100.0 * float((torch_pred == onnx_pred).mean()),
+    }
+
+
+def _chunk(profile: BatchProfile) -> int:
+    return profile.max if profile.static else profile.clamp(256)
+
+
+def predict_classes(
+    runner, x_uint8: torch.Tensor, mean, std, batch: int, static: bool, advance=None
+) -> np.ndarray:
+    """Top-1 class of every image through ``runner``, in batches of ``batch``.
+
+    A static graph takes exactly ``batch`` images: the last chunk is padded with zeros
+    and the padding's answers dropped.
+    """
+    out = []
+    for start in range(0, len(x_uint8), batch):
+        x = normalise(x_uint8[start : start + batch], mean, std)
+        n = len(x)
+        if static and n < batch:
+            x = np.concatenate([x, np.zeros((batch - n, *x.shape[1:]), x.dtype)])
+        out.append(runner.infer(x)[:n].argmax(1))
+        if advance is not None:
+            advance(1)
+    return np.concatenate(out)
+
+
+def _predict(runner, val, meta, profile: BatchProfile, advance) -> np.ndarray:
+    return predict_classes(
+        runner, val.x, meta.mean, meta.std, _chunk(profile), profile.static, advance
+    )
+
+
+def _tensorrt(
+    cfg, outs: _Outputs, batches, profile: BatchProfile, info: OnnxInfo, work: Path
+) -> dict:
+    from kdtool.export.engine import build_engine, sidecar_text
+    from kdtool.export.formats import require
+    from kdtool.export.runners import OrtRunner, TrtRunner
+
+    # The ONNX is in place already: say so, and how to get what is missing.
+    require(FORMATS["tensorrt"], wrote=str(outs.onnx), what="--trt")
+    engine_tmp = work / "model.engine"
+    console.info(f"building a TensorRT {cfg.precision} engine (batch {profile.spec})")
+    record = build_engine(
+        outs.onnx,
+        engine_tmp,
+        precision=cfg.precision,
+        profile=profile,
+        workspace_gib=cfg.workspace,
+        timing_cache=Path(cfg.timing_cache) if cfg.timing_cache else None,
+        log=console.info,
+    )
+    tol = _tolerance(TRT_TOLERANCES[cfg.precision], cfg.min_agreement)
+    with (
+        OrtRunner(outs.onnx, threads=cfg.threads) as ort_runner,
+        TrtRunner(engine_tmp) as trt_runner,
+    ):
+        report = compare(ort_runner, trt_runner, batches, tol)
+    console.info(f"parity TensorRT: {report.summary()}")
+    if not report.passed:
+        raise KdtoolError(
+            f"the TensorRT engine fails its parity check against ONNX Runtime: "
+            f"{report.problem}; the engine was not written (the ONNX was)",
+            "try --precision fp32, or --min-agreement",
+        )
+    record.update(parity=report.to_dict(), kdtool=asdict(info))
+    sidecar_tmp = work / "engine.json"
+    sidecar_tmp.write_text(sidecar_text(record))
+    os.replace(engine_tmp, outs.engine)
+    os.replace(sidecar_tmp, outs.sidecar)
+    console.info(f"wrote {outs.engine} and {outs.sidecar}")
+    return {"engine": str(outs.engine), "sidecar": str(outs.sidecar), **record}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"

@@ -1,0 +1,194 @@
+"""Reduced-precision ONNX graphs: FP16 by conversion, INT8 by static QDQ quantisation.
+
+Both keep a float32 input and output, so a client feeds every precision the same way.
+
+INT8 is static post-training quantisation with ``onnxruntime.quantization`` in QDQ
+format: weights per channel and symmetric, activations symmetric int8 (zero point 0)
+by default. Symmetric int8 is the only form TensorRT's explicit quantisation takes, so
+the same file builds a TensorRT INT8 engine (``--trt``). ONNX Runtime's CPU kernels
+cannot fold a ReLU into a zero-point-0 scale, so on CPU a symmetric model is slower
+than one with asymmetric uint8 activations (``activations="asymmetric"``: CPU only,
+TensorRT refuses it); docs/BENCHMARKS.md has the figures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import numpy as np
+
+from kdtool.errors import KdtoolError, check_choice
+
+CALIB_METHODS = ("minmax", "entropy", "percentile")
+ACTIVATION_MODES = ("symmetric", "asymmetric")
+
+
+def to_fp16(model):
+    """An FP16 copy of an FP32 ``onnx.ModelProto``; input and output stay float32 (Cast nodes).
+
+    onnxruntime's converter clamps weights to the fp16 range and keeps ops that have no
+    fp16 form in fp32; TensorRT 11 takes the FP16 precision from this graph.
+    """
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    with _quiet():
+        return convert_float_to_float16(model, keep_io_types=True)
+
+
+def quantize_int8(
+    fp32_path: Path,
+    out_path: Path,
+    calib: np.ndarray,
+    *,
+    input_name: str,
+    batch_size: int,
+    method: str = "minmax",
+    activations: str = "symmetric",
+    static: bool = False,
+    progress=None,
+) -> dict:
+    """Write the static INT8 QDQ model of ``fp32_path`` to ``out_path``; return its record.
+
+    ``calib`` holds normalised float32 NCHW calibration images, fed in batches of
+    ``batch_size``; for a ``static`` graph that is its batch and a last short batch is
+    dropped (padding would skew the ranges). ``progress(n)`` is called per batch.
+    """
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    check_choice(method, CALIB_METHODS, "calibration method")
+    check_choice(activations, ACTIVATION_MODES, "INT8 activation mode")
+    batches = [calib[i : i + batch_size] for i in range(0, len(calib), batch_size)]
+    if static:  # a fixed-batch graph takes only full batches
+        batches = [b for b in batches if len(b) == batch_size]
+    if not batches:
+        raise KdtoolError(
+            f"{len(calib)} calibration images cannot fill one batch of {batch_size}",
+            "give more --calib-data images or a smaller --batch",
+        )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter(batches)
+
+        def get_next(self):
+            batch = next(self._it, None)
+            if batch is None:
+                return None
+            if progress is not None:
+                progress(1)
+            return {input_name: np.ascontiguousarray(batch, dtype=np.float32)}
+
+        def rewind(self):
+            self._it = iter(batches)
+
+    # Pre-processing (shape inference + ORT's graph optimiser) fuses Conv+BN and gives
+    # every tensor a shape, which the quantiser needs to place Q/DQ nodes.
+    pre_path = out_path.with_name(out_path.stem + ".pre.onnx")
+    with _quiet():
+        quant_pre_process(str(fp32_path), str(pre_path), skip_symbolic_shape=False)
+    symmetric = activations == "symmetric"
+    extra = {
+        "ActivationSymmetric": symmetric,
+        "WeightSymmetric": True,
+        # Not "CalibMaxIntermediateOutputs": in onnxruntime 1.32 it discards the batches
+        # collected so far instead of merging their ranges.
+    }
+    if method == "percentile":
+        extra["CalibPercentile"] = 99.999
+    try:
+        with _quiet():
+            quantize_static(
+                str(pre_path),
+                str(out_path),
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method={
+                    "minmax": CalibrationMethod.MinMax,
+                    "entropy": CalibrationMethod.Entropy,
+                    "percentile": CalibrationMethod.Percentile,
+                }[method],
+                extra_options=extra,
+            )
+    finally:
+        pre_path.unlink(missing_ok=True)
+    return {
+        "format": "QDQ",
+        "weights": "int8 per-channel symmetric",
+        "activations": "int8 symmetric" if symmetric else "uint8 asymmetric",
+        "tensorrt_compatible": symmetric,
+        "calib_method": method,
+        "calib_images": sum(len(b) for b in batches),
+    }
+
+
+def quant_zero_points(model) -> dict[str, np.ndarray]:
+    """Every zero point of the QuantizeLinear/DequantizeLinear nodes of an ``onnx.ModelProto``."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    consts = {
+        n.output[0]: a.t
+        for n in model.graph.node
+        if n.op_type == "Constant"
+        for a in n.attribute
+        if a.name == "value"
+    }
+    zps = {}
+    for n in model.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2:
+            t = inits.get(n.input[2]) or consts.get(n.input[2])
+            if t is not None:
+                zps[n.input[2]] = numpy_helper.to_array(t)
+    return zps
+
+
+def fold_bias_dequantize(model) -> int:
+    """Replace DequantizeLinear of constant int32 biases by float constants, in place.
+
+    ORT writes int32 biases behind a DequantizeLinear; TensorRT's explicit quantisation
+    quantises inputs and weights only, so the engine build gets the bias in float (the
+    arithmetic is identical: bias_float = (q - zero_point) * scale). Returns the count.
+    """
+    from onnx import TensorProto, numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    folded = []
+    for n in model.graph.node:
+        if n.op_type != "DequantizeLinear" or n.input[0] not in inits:
+            continue
+        q = inits[n.input[0]]
+        if q.data_type != TensorProto.INT32 or n.input[1] not in inits:
+            continue
+        x = numpy_helper.to_array(q).astype(np.float64)
+        scale = numpy_helper.to_array(inits[n.input[1]]).astype(np.float64)
+        zp = numpy_helper.to_array(inits[n.input[2]]) if len(n.input) > 2 and n.input[2] else 0
+        value = ((x - zp) * scale).astype(np.float32)
+        model.graph.initializer.append(numpy_helper.from_array(value, n.output[0]))
+        folded.append(n)
+    for n in folded:
+        model.graph.node.remove(n)
+    # Initializers only the removed nodes read are dropped to keep the file clean.
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    return len(folded)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the prints of onnxruntime's tools on stdout (``--json`` must stay one object)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield

@@ -1,0 +1,130 @@
+"""A Triton Inference Server model repository for an exported model.
+
+Layout (what Triton and KServe's Triton runtime load)::
+
+    REPO/<name>/config.pbtxt
+    REPO/<name>/1/model.onnx        (platform onnxruntime_onnx)  or
+    REPO/<name>/1/model.plan        (platform tensorrt_plan)
+    REPO/<name>/labels.txt          (class names, when the model has them)
+
+Input and output names, data types and dims come from the ONNX graph itself. A
+dynamic-batch model gets ``max_batch_size`` = the profile's MAX, dims without the batch
+and ``dynamic_batching``; a static-batch model gets ``max_batch_size: 0`` and full dims
+(Triton cannot batch requests into a fixed-size graph).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from kdtool.errors import KdtoolError
+from kdtool.export.batch import BatchProfile
+
+PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "plan": ("tensorrt_plan", "model.plan")}
+_TRITON_TYPES = {
+    1: "TYPE_FP32",
+    10: "TYPE_FP16",
+    16: "TYPE_BF16",
+    11: "TYPE_FP64",
+    2: "TYPE_UINT8",
+    3: "TYPE_INT8",
+    5: "TYPE_INT16",
+    6: "TYPE_INT32",
+    7: "TYPE_INT64",
+    9: "TYPE_BOOL",
+}
+QUEUE_DELAY_US = 100
+
+
+def model_name(stem: str) -> str:
+    """A folder-safe Triton model name from a file stem."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("._") or "model"
+    return name
+
+
+def tensor_spec(value_info) -> tuple[str, str, list[int]]:
+    """(name, Triton data type, dims with -1 for symbolic) of an ONNX graph input/output."""
+    t = value_info.type.tensor_type
+    if t.elem_type not in _TRITON_TYPES:
+        raise KdtoolError(
+            f"tensor '{value_info.name}' has ONNX type {t.elem_type}, "
+            "which Triton's config has no name for"
+        )
+    dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
+    return value_info.name, _TRITON_TYPES[t.elem_type], dims
+
+
+def config_text(name: str, kind: str, graph, profile: BatchProfile, labels: bool = False) -> str:
+    """config.pbtxt (protobuf text format) for ``graph`` (an ``onnx.GraphProto``)."""
+    platform = PLATFORMS[kind][0]
+    dynamic = not profile.static
+    lines = [
+        f'name: "{name}"',
+        f'platform: "{platform}"',
+        f"max_batch_size: {profile.max if dynamic else 0}",
+    ]
+    for section, infos in (("input", graph.input), ("output", graph.output)):
+        inits = {t.name for t in graph.initializer}
+        entries = []
+        for vi in infos:
+            if vi.name in inits:  # old exporters list initializers as inputs
+                continue
+            tname, dtype, dims = tensor_spec(vi)
+            if dynamic:
+                dims = dims[1:]  # Triton adds the batch dimension itself
+            body = [
+                f'    name: "{tname}"',
+                f"    data_type: {dtype}",
+                f"    dims: [ {', '.join(str(d) for d in dims)} ]",
+            ]
+            if section == "output" and labels:
+                body.append('    label_filename: "labels.txt"')
+            entries.append("  {\n" + "\n".join(body) + "\n  }")
+        lines.append(f"{section} [\n" + ",\n".join(entries) + "\n]")
+    if dynamic:
+        lines.append(
+            "dynamic_batching {\n"
+            f"  preferred_batch_size: [ {profile.opt} ]\n"
+            f"  max_queue_delay_microseconds: {QUEUE_DELAY_US}\n}}"
+        )
+    if kind == "plan":
+        lines.append("instance_group [\n  {\n    count: 1\n    kind: KIND_GPU\n  }\n]")
+    return "\n".join(lines) + "\n"
+
+
+def write_repo(
+    repo: Path,
+    name: str,
+    model_file: Path,
+    kind: str,
+    graph,
+    profile: BatchProfile,
+    class_names: list[str],
+    force: bool,
+) -> Path:
+    """Write ``repo/name`` (atomically: built beside, then renamed into place)."""
+    target = repo / name
+    if target.exists() and not force:
+        raise KdtoolError(f"Triton model '{target}' already exists", "pass --force to replace it")
+    repo.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=repo))
+    try:
+        (tmp / "1").mkdir()
+        shutil.copyfile(model_file, tmp / "1" / PLATFORMS[kind][1])
+        if class_names:
+            (tmp / "labels.txt").write_text("".join(f"{c}\n" for c in class_names))
+        (tmp / "config.pbtxt").write_text(
+            config_text(name, kind, graph, profile, labels=bool(class_names))
+        )
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders; Triton may run as another user
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return target

@@ -1,0 +1,264 @@
+"""kdtool calibrate end to end on digits: the method's claim, the outputs and the errors."""
+
+import numpy as np
+import torch
+
+from kdtool.bn import bn_layers
+from kdtool.checkpoint import load_checkpoint, read_meta
+from kdtool.data import load_data
+
+
+def test_calibration_recovers_current_statistics_accuracy(cli, noise_student, tmp_path):
+    """32 x 16 real images, no labels: running statistics that work at any batch size.
+
+    Measured (uniform-noise tiny_cnn, 2 teachers x 3 seeds): on its noise running statistics
+    30-49%, on current statistics (batch 256) 64-74%, calibrated 1.7 points below to 0.6
+    above current statistics.
+    """
+    out = tmp_path / "student.cal.safetensors"
+    r = cli(
+        "calibrate",
+        noise_student,
+        "--data",
+        "digits",
+        "--batches",
+        "32",
+        "--batch-size",
+        "16",
+        "--val",
+        "digits:test",
+        "--out",
+        out,
+        "--device",
+        "cpu",
+        "--json",
+    )
+    assert r.code == 0, r.err
+    res = r.json()
+    acc = res["accuracy"]
+    # Within 2 points of current statistics (above is no failure: with 360 test images the
+    # batches are 256 + 104, and the 104's statistics are noisier than those of 512 images).
+    assert acc["calibrated"] >= acc["input_current"] - 2.0, acc
+    assert acc["calibrated"] >= acc["input_running"] + 15.0, acc
+    assert res["folded"] and res["fold"]["max_abs_diff"] <= 1e-4
+    assert res["fold"]["into_prev"] == 2 and res["fold"]["affine"] == 0
+
+    # The written model is folded, loads anywhere, and gives the same accuracy at batch 1.
+    model, meta = load_checkpoint(out)
+    assert not bn_layers(model)
+    for batch in ("256", "1"):
+        ev = cli(
+            "eval", out, "--data", "digits:test", "--batch-size", batch, "--device", "cpu", "--json"
+        )
+        assert ev.code == 0, ev.err
+        assert abs(ev.json()["top1"] - acc["calibrated"]) <= 0.3  # <= 1 image of 360
+    stage = meta.stages["calibrate"]
+    assert {
+        k: stage[k] for k in ("source", "images", "batches", "batch_size", "seed", "folded")
+    } == {
+        "source": "digits",
+        "images": 512,
+        "batches": 32,
+        "batch_size": 16,
+        "seed": 0,
+        "folded": True,
+    }
+    assert stage["fold_plan"]["layers"][0] == {
+        "bn": "bn1",
+        "action": "into_prev",
+        "target": "conv1",
+        "method": "fx",
+        "reason": "",
+    }
+    assert stage["input"]["file"] == str(noise_student)
+    assert meta.stages["distill"]["bn_running_stats"] == "noise"  # the history is kept
+    assert meta.provenance["metrics"]["val_top1_calibrated"] == acc["calibrated"]
+
+    # A folded model has no BN left: calibrating it again is refused.
+    again = cli("calibrate", out, "--data", "digits", "--out", tmp_path / "x.safetensors")
+    assert again.code == 1 and "nothing to calibrate" in again.err
+    assert "already calibrated and folded" in again.err
+
+
+def test_no_fold_writes_recalibrated_batchnorm(cli, noise_student, tmp_path):
+    out = tmp_path / "unfolded.safetensors"
+    r = cli(
+        "calibrate",
+        noise_student,
+        "--data",
+        "digits",
+        "--batches",
+        "4",
+        "--no-fold",
+        "--seed",
+        "5",
+        "--out",
+        out,
+        "--device",
+        "cpu",
+    )
+    assert r.code == 0, r.err
+    assert "no (--no-fold)" in r.out
+    before, _ = load_checkpoint(noise_student)
+    after, meta = load_checkpoint(out)
+    stage = meta.stages["calibrate"]
+    assert stage["folded"] is False and "fold_plan" not in stage and stage["seed"] == 5
+    assert stage["images"] == 64
+    for (_, a), (_, b) in zip(bn_layers(before), bn_layers(after), strict=True):
+        assert not torch.allclose(a.running_mean, b.running_mean)
+        assert int(b.num_batches_tracked) == 4
+    assert all(
+        torch.equal(p, q) for p, q in zip(before.parameters(), after.parameters(), strict=True)
+    )
+    assert cli("calibrate", noise_student, "--data", "digits", "--out", out).code == 1
+
+
+def _npz(path, x):
+    np.savez(path, x=x, y=np.full(len(x), -1))
+    return path
+
+
+def test_errors_name_the_problem_and_write_nothing(cli, noise_student, tmp_path):
+    out = tmp_path / "o.safetensors"
+    digits = load_data("digits").x[:, 0].numpy()  # N x 8 x 8
+
+    rgb = _npz(tmp_path / "rgb.npz", np.repeat(digits[..., None], 3, axis=3))
+    r = cli("calibrate", noise_student, "--data", rgb, "--out", out)
+    assert r.code == 1 and "has 3-channel images but the model takes 1" in r.err
+
+    big = _npz(tmp_path / "big.npz", np.kron(digits[:600], np.ones((1, 2, 2), np.uint8)))
+    r = cli("calibrate", noise_student, "--data", big, "--out", out)
+    assert r.code == 1 and "has 16x16 images but the model takes 8x8" in r.err
+    assert "--image-size 8,8" in r.err
+    r = cli(
+        "calibrate",
+        noise_student,
+        "--data",
+        big,
+        "--image-size",
+        "8",
+        "--out",
+        out,
+        "--device",
+        "cpu",
+    )
+    assert r.code == 0, r.err
+    out.unlink()
+
+    few = _npz(tmp_path / "few.npz", digits[:100])
+    r = cli("calibrate", noise_student, "--data", few, "--out", out)
+    assert r.code == 1 and "has 100 images but --batches 32 x --batch-size 16 needs 512" in r.err
+
+    r = cli(
+        "calibrate",
+        noise_student,
+        "--data",
+        few,
+        "--batches",
+        "2",
+        "--val",
+        "digits:test",
+        "--sweep",
+        "1,8",
+        "--out",
+        out,
+    )
+    assert r.code == 1 and "--sweep up to 8 batches of 16 needs 128 images but" in r.err
+    r = cli("calibrate", noise_student, "--data", "digits", "--sweep", "1,2", "--out", out)
+    assert r.code == 1 and "needs labelled --val" in r.err
+    r = cli("calibrate", noise_student, "--data", "digits", "--val", few, "--out", out)
+    assert r.code == 1 and "has no labels" in r.err
+    r = cli("calibrate", noise_student, "--data", "digitz", "--out", out)
+    assert r.code == 1 and "did you mean 'digits'" in r.err
+    assert "Traceback" not in r.err and not out.exists()
+
+
+def test_a_fold_that_changes_the_logits_is_an_error(cli, noise_student, tmp_path, monkeypatch):
+    import kdtool.calibrate.pipeline as pipeline
+
+    real = pipeline.fold_bn
+
+    def broken(model, example=None, tolerance=1e-4):
+        folded, report = real(model, example, tolerance)
+        with torch.no_grad():
+            folded.conv1.bias.add_(1e-3)  # a bug in folding would look like this
+        return folded, report
+
+    monkeypatch.setattr(pipeline, "fold_bn", broken)
+    out = tmp_path / "o.safetensors"
+    r = cli(
+        "calibrate",
+        noise_student,
+        "--data",
+        "digits",
+        "--batches",
+        "2",
+        "--out",
+        out,
+        "--device",
+        "cpu",
+    )
+    assert r.code == 1 and "changed the logits by up to" in r.err and "nothing was written" in r.err
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_sweep_writes_csv_and_plot(cli, noise_student, tmp_path):
+    out = tmp_path / "s.safetensors"
+    r = cli(
+        "calibrate",
+        noise_student,
+        "--data",
+        "digits",
+        "--batches",
+        "2",
+        "--batch-size",
+        "8",
+        "--val",
+        "digits:test",
+        "--sweep",
+        "2,1",
+        "--repeats",
+        "2",
+        "--out",
+        out,
+        "--device",
+        "cpu",
+        "--json",
+    )
+    assert r.code == 0, r.err
+    res = r.json()
+    csv_path, png = tmp_path / "s.sweep.csv", tmp_path / "s.sweep.png"
+    assert res["sweep"]["csv"] == str(csv_path) and res["sweep"]["png"] == str(png)
+    lines = csv_path.read_text().splitlines()
+    assert lines[0] == "kind,batches,batch_size,images,seed,top1"
+    rows = [ln.split(",") for ln in lines[1:]]
+    assert [(r[0], r[1], r[4]) for r in rows[:4]] == [
+        ("calibrated", "1", "0"),
+        ("calibrated", "1", "1"),
+        ("calibrated", "2", "0"),
+        ("calibrated", "2", "1"),
+    ]
+    assert [r[0] for r in rows[4:]] == ["input_running_stats", "input_current_stats_batch256"]
+    assert all(0 <= float(r[5]) <= 100 for r in rows)
+    # The sweep point with the command's own setting equals the calibrated model.
+    point = next(float(r[5]) for r in rows if r[:2] == ["calibrated", "2"] and r[4] == "0")
+    assert abs(point - res["accuracy"]["calibrated"]) < 1e-3
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    again = cli(
+        "calibrate",
+        noise_student,
+        "--data",
+        "digits",
+        "--batches",
+        "2",
+        "--val",
+        "digits:test",
+        "--sweep",
+        "1",
+        "--out",
+        tmp_path / "t.safetensors",
+        "--sweep-out",
+        csv_path,
+    )
+    assert again.code == 1 and "sweep CSV" in again.err and "already exists" in again.err
+    assert read_meta(out).stages["calibrate"]["batches"] == 2

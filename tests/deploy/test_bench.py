@@ -1,0 +1,424 @@
+"""kdtool bench: timing statistics, backends and their honesty, accuracy, reports, errors."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from kdtool.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
+from kdtool.data import load_data
+from kdtool.deploy import backends
+from kdtool.deploy.bench import Bench, BenchConfig, cell_stats, clip_outliers, time_calls
+from kdtool.evaluate import evaluate
+from kdtool.export.metadata import OnnxInfo, write_info
+from kdtool.models import create_model
+
+FAST = ("--min-time", "0.03", "--min-iters", "5", "--warmup", "2")
+
+
+def export_onnx(checkpoint, out, batch: int | None = None):
+    """The checkpoint as ONNX with kdtool metadata (TorchScript exporter: ~10x faster to
+    export than dynamo, and the graph is the same for these models)."""
+    model, meta = load_checkpoint(checkpoint)
+    h, w = meta.input_size
+    x = torch.randn(batch or 2, meta.in_chans, h, w)
+    dynamic = None if batch else {"input": {0: "N"}, "logits": {0: "N"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (x,),
+            str(out),
+            dynamo=False,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes=dynamic,
+        )
+    proto = onnx.load(str(out))
+    write_info(
+        proto,
+        OnnxInfo(
+            input_name="input",
+            output_name="logits",
+            in_chans=meta.in_chans,
+            input_size=list(meta.input_size),
+            mean=meta.mean,
+            std=meta.std,
+            num_classes=meta.num_classes,
+            class_names=meta.class_names,
+            arch=meta.arch,
+            batch=batch,
+            source=checkpoint.name,
+        ),
+    )
+    onnx.save(proto, str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(digits_teacher, tmp_path_factory):
+    """The trained digits teacher, its ONNX, a static-batch ONNX and an untrained tiny ONNX."""
+    d = tmp_path_factory.mktemp("bench")
+    torch.manual_seed(0)
+    tiny = create_model("tiny_cnn", num_classes=10, in_chans=1).eval()
+    teacher_meta = load_checkpoint(digits_teacher)[1]
+    meta = ModelMeta(
+        arch="tiny_cnn",
+        num_classes=10,
+        in_chans=1,
+        input_size=[8, 8],
+        mean=teacher_meta.mean,
+        std=teacher_meta.std,
+        class_names=teacher_meta.class_names,
+    )
+    tiny_ckpt = save_checkpoint(d / "tiny.safetensors", tiny, meta, force=False)
+    return {
+        "teacher": digits_teacher,
+        "onnx": export_onnx(digits_teacher, d / "teacher.onnx"),
+        "static": export_onnx(digits_teacher, d / "static4.onnx", batch=4),
+        "tiny": export_onnx(tiny_ckpt, d / "tiny.onnx"),
+        "dir": d,
+    }
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def test_clip_outliers_drops_far_spikes_at_most_one_percent():
+    rng = np.random.default_rng(0)
+    base = 1.0 + 0.01 * rng.standard_normal(1000)
+    spiky = base.copy()
+    spiky[[5, 500, 900]] = 10.0  # three far-out spikes: all go
+    kept, n = clip_outliers(spiky)
+    assert n == 3 and len(kept) == 997 and kept.max() < 1.1
+    storm = base.copy()
+    storm[:50] = 10.0  # 5% slow calls are a real tail, not outliers: at most 1% go
+    kept, n = clip_outliers(storm)
+    assert n == 10 and kept.max() == 10.0
+    assert clip_outliers(base)[1] == 0  # a normal spread loses nothing
+    assert clip_outliers(np.array([1.0, 1.0, 50.0]))[1] == 0  # too few to judge
+
+
+def test_cell_stats_are_ordered_and_consistent():
+    times = np.random.default_rng(1).gamma(4.0, 0.001, size=400)
+    s = cell_stats(times, batch=8)
+    lat = s["latency_ms"]
+    assert lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    assert s["throughput"] == pytest.approx(8 * 1e3 / lat["mean"])
+    assert s["iters"] == 400 and s["clipped"] <= 4
+
+
+def test_time_calls_honours_warmup_min_time_and_min_iters():
+    calls = []
+
+    def fn(x):
+        calls.append(x)
+        time.sleep(0.002)
+
+    times = time_calls(fn, 1, warmup=3, min_time=0.05, min_iters=2)
+    assert len(calls) == len(times) + 3
+    assert times.sum() >= 0.05 and np.all(times >= 0.002)
+    calls.clear()
+    times = time_calls(fn, 1, warmup=0, min_time=1e-6, min_iters=7)
+    assert len(times) == 7 == len(calls)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_bench_checkpoint_and_onnx_end_to_end(cli, models, tmp_path):
+    md, png = tmp_path / "bench.md", tmp_path / "bench.png"
+    r = cli(
+        "bench",
+        models["teacher"],
+        models["onnx"],
+        "--backends",
+        "torch-cpu,ort-cpu,ort-cuda",
+        "--batch",
+        "1,16",
+        *FAST,
+        "--data",
+        "digits:test",
+        "--markdown",
+        md,
+        "--plot",
+        png,
+        "--json",
+    )
+    assert r.code == 0, r.err
+    res = r.json()
+    assert {"command", "machine", "settings", "models", "rows", "reference", "ok"} <= set(res)
+    assert res["ok"] and res["settings"]["batches"] == [1, 16]
+    assert [m["kind"] for m in res["models"]] == ["checkpoint", "onnx"]
+    rows = {(row["backend"], row["batch"]): row for row in res["rows"]}
+    assert set(rows) == {(b, n) for b in ("torch-cpu", "ort-cpu", "ort-cuda") for n in (1, 16)}
+
+    # kdtool bench's torch accuracy is kdtool eval's, exactly; ONNX Runtime agrees closely.
+    model, meta = load_checkpoint(models["teacher"])
+    data = load_data("digits:test")
+    ref = evaluate(model, data, meta.mean, meta.std, batch_size=16)
+    torch_acc = rows["torch-cpu", 16]["accuracy"]
+    assert torch_acc["images"] == 360 and torch_acc["batch"] == 16
+    assert torch_acc["correct"] == round(ref["top1"] * 360 / 100)
+    assert torch_acc["top1"] == pytest.approx(ref["top1"], abs=1e-4) and ref["top1"] > 90
+    assert abs(rows["ort-cpu", 1]["accuracy"]["top1"] - ref["top1"]) <= 0.3  # <= 1 image
+    assert res["reference"] == {
+        "model": models["teacher"].name,
+        "backend": "torch-cpu",
+        "top1": torch_acc["top1"],
+    }
+
+    for backend in ("torch-cpu", "ort-cpu"):
+        for batch in (1, 16):
+            row = rows[backend, batch]
+            lat = row["latency_ms"]
+            assert row["status"] == "ok" and row["reason"] == ""
+            assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+            assert row["throughput"] == pytest.approx(batch * 1e3 / lat["mean"])
+            assert row["iters"] >= 5 and row["peak_rss_mb"] >= 0
+            assert (
+                row["file_bytes"]
+                == (models["teacher"] if backend == "torch-cpu" else models["onnx"]).stat().st_size
+            )
+    assert rows["ort-cpu", 1]["providers"] == ["CPUExecutionProvider"]
+    assert rows["torch-cpu", 1]["device"] == "cpu"
+
+    # Asked for CUDA on a CPU-only onnxruntime: a row that says so, never CPU numbers.
+    for batch in (1, 16):
+        row = rows["ort-cuda", batch]
+        assert row["status"] == "unavailable" and "CUDAExecutionProvider" in row["reason"]
+        assert row["latency_ms"] is None and row["throughput"] is None
+
+    text = md.read_text()
+    assert "| model | backend | runs on | batch | status | p50 ms |" in text
+    assert f"| {models['onnx'].name} | ort-cpu | CPU | 16 | ok |" in text
+    assert "unavailable [1]" in text and "1. teacher.onnx ort-cuda (unavailable)" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+    # Outputs are never overwritten without --force, and the refusal comes before measuring.
+    again = cli("bench", models["onnx"], "--batch", "1", *FAST, "--markdown", md)
+    assert again.code == 1 and "already exists" in again.err and "--force" in again.err
+    table = cli("bench", models["onnx"], "--batch", "1", *FAST, "--markdown", md, "--force")
+    assert table.code == 0 and "ort-cpu" in table.out and "ok" in table.out
+    assert "ort-cpu" in md.read_text()
+
+
+def test_a_silent_provider_fallback_is_reported_as_unavailable(models, monkeypatch):
+    # An onnxruntime that lists CUDA but cannot start it falls back to CPU with only a
+    # warning (here: the CPU build, told that CUDA is there). The row must say so.
+    import onnxruntime as ort
+
+    listed = [*ort.get_available_providers(), "CUDAExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: listed)
+    model = backends.load_model(models["onnx"])
+    with pytest.raises(backends.BackendUnavailable, match="did not activate CUDAExecution"):
+        backends.make_runner(model, "ort-cuda")
+    res = Bench(
+        BenchConfig(models=[str(models["onnx"])], backends=["ort-cuda"], min_time=0.01, min_iters=2)
+    ).run()
+    assert [r["status"] for r in res["rows"]] == ["unavailable"] and not res["ok"]
+    reason = res["rows"][0]["reason"]
+    assert "CUDAExecutionProvider" in reason and "CPUExecutionProvider instead" in reason
+
+
+def test_accuracy_checks_fail_rows_and_exit_1(cli, models):
+    # An untrained network against the trained reference: far beyond --max-drop.
+    r = cli(
+        "bench",
+        models["teacher"],
+        models["tiny"],
+        "--backends",
+        "torch-cpu,ort-cpu",
+        "--batch",
+        "8",
+        *FAST,
+        "--data",
+        "digits:test",
+        "--limit",
+        "100",
+        "--max-drop",
+        "2",
+        "--json",
+    )
+    assert r.code == 1 and "did not pass" in r.err
+    rows = {row["backend"]: row for row in r.json()["rows"]}
+    assert rows["torch-cpu"]["status"] == "ok"
+    assert rows["torch-cpu"]["accuracy"]["images"] == 100
+    tiny = rows["ort-cpu"]
+    assert tiny["status"] == "accuracy failed" and "--max-drop 2" in tiny["reason"]
+    assert tiny["accuracy"]["drop"] > 2 and tiny["latency_ms"] is not None
+    r = cli(
+        "bench",
+        models["tiny"],
+        "--batch",
+        "8",
+        *FAST,
+        "--data",
+        "digits:test",
+        "--limit",
+        "50",
+        "--min-accuracy",
+        "50",
+        "--json",
+    )
+    row = r.json()["rows"][0]
+    assert r.code == 1 and row["status"] == "accuracy failed"
+    assert "< --min-accuracy 50%" in row["reason"]
+
+
+def test_formats_export_on_the_fly_and_failed_exports_are_rows(cli, models, tmp_path):
+    out = tmp_path / "exports"
+    r = cli(
+        "bench",
+        models["dir"] / "tiny.safetensors",
+        "--formats",
+        "torch,onnx,onnx-int8",
+        "--export-dir",
+        out,
+        "--batch",
+        "2",
+        *FAST,
+        "--data",
+        "digits:test",
+        "--limit",
+        "40",
+        "--json",
+    )
+    assert r.code == 1 and "export failed" in r.err  # int8 without --calib-data
+    res = r.json()
+    got = [(row["model"], row["backend"], row["status"]) for row in res["rows"]]
+    assert got == [
+        ("tiny.safetensors", "torch-cpu", "ok"),
+        ("tiny.onnx", "ort-cpu", "ok"),
+        ("tiny.int8.onnx", "ort-cpu", "export failed"),
+    ]
+    assert "needs calibration images" in res["rows"][2]["reason"]
+    assert [e["status"] for e in res["exports"]] == ["ok", "ok", "export failed"]
+    assert (out / "tiny.onnx").is_file() and not (out / "tiny.int8.onnx").exists()
+    # the export is the checkpoint: same predictions on the same images
+    assert res["rows"][1]["accuracy"]["correct"] == res["rows"][0]["accuracy"]["correct"]
+    bad = cli("bench", models["onnx"], "--formats", "onnx8")
+    assert bad.code == 1 and "unknown bench format 'onnx8'" in bad.err
+
+
+def test_static_batch_onnx_and_padded_accuracy(cli, models):
+    r = cli(
+        "bench",
+        models["static"],
+        "--batch",
+        "1,4",
+        *FAST,
+        "--data",
+        "digits:test",
+        "--limit",
+        "37",
+        "--json",
+    )  # 37 = 9 batches of 4 + 1 image padded to 4
+    assert r.code == 0, r.err
+    rows = {row["batch"]: row for row in r.json()["rows"]}
+    assert rows[1]["status"] == "unavailable" and "static batch of 4" in rows[1]["reason"]
+    assert rows[4]["status"] == "ok" and rows[4]["accuracy"]["images"] == 37
+    assert rows[4]["accuracy"]["batch"] == 4
+
+
+def test_nhwc_models_get_nhwc_input():
+    model = backends.BenchModel(
+        path=backends.Path("m.onnx"),
+        kind="onnx",
+        file_bytes=1,
+        in_chans=3,
+        input_size=[4, 5],
+        mean=[0.5] * 3,
+        std=[0.5] * 3,
+        num_classes=2,
+        layout="NHWC",
+        input_dtype="float16",
+    )
+    x = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
+    y = model.prepare(x)
+    assert y.shape == (2, 4, 5, 3) and y.dtype == np.float16 and y.flags.c_contiguous
+    assert y[1, 2, 3, 0] == x[1, 0, 2, 3]
+
+
+def test_tensorrt_engine_without_tensorrt_or_gpu_is_an_unavailable_row(cli, models, tmp_path):
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(b"not an engine")  # never opened: the backend is unavailable first
+    bad = cli("bench", plan)
+    assert bad.code == 1 and "has no kdtool metadata next to it" in bad.err
+    info = OnnxInfo(
+        input_name="input",
+        output_name="logits",
+        in_chans=1,
+        input_size=[8, 8],
+        mean=[0.5],
+        std=[0.5],
+        num_classes=10,
+    )
+    (tmp_path / "m.plan.json").write_text(
+        json.dumps({"tensorrt": "10.x", "kdtool": json.loads(info.to_json())})
+    )
+    problem = backends.backend_problem("trt")
+    if problem is None:
+        pytest.skip("TensorRT and a GPU are here: the gpu tests cover engines")
+    r = cli("bench", plan, "--batch", "1", *FAST, "--json")
+    row = r.json()["rows"][0]
+    assert r.code == 1 and row["backend"] == "trt" and row["status"] == "unavailable"
+    assert row["reason"] == problem and "no backend could run" in r.err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["missing.onnx"], "model 'missing.onnx' does not exist"),
+        (
+            ["{onnx}", "--backends", "ort-cpux"],
+            "unknown backend 'ort-cpux' (did you mean 'ort-cpu'?)",
+        ),
+        (["{onnx}", "--backends", "torch-cpu"], "backend 'torch-cpu' runs kdtool checkpoints"),
+        (["{onnx}", "--batch", "1,x"], "--batch '1,x' is not a comma-separated list of integers"),
+        (["{onnx}", "--batch", "0"], "batch sizes must be positive"),
+        (["{onnx}", "--max-drop", "1"], "need --data"),
+        (["{onnx}", "--plot", "out.jpg"], "cannot tell the plot format of 'out.jpg'"),
+        (["{onnx}", "--data", "digits:tset"], "did you mean 'digits:test'"),
+        (["model.h5"], "is not a model file kdtool bench can run"),
+        (["{plain}"], "plain.onnx' has no kdtool metadata"),
+    ],
+)
+def test_errors_are_one_clear_line(cli, models, tmp_path, args, message):
+    plain = tmp_path / "plain.onnx"
+    proto = onnx.load(str(models["onnx"]))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(plain))
+    args = [a.format(onnx=models["onnx"], plain=plain) for a in args]
+    r = cli("bench", *args, *FAST)
+    assert r.code == 1 and message in r.err and "Traceback" not in r.err
+    assert len(r.err.strip().splitlines()) == 1
+
+
+@pytest.mark.gpu
+def test_torch_cuda_row_measures_gpu_memory(cli, models):
+    r = cli(
+        "bench",
+        models["teacher"],
+        "--backends",
+        "torch-cpu,torch-cuda",
+        "--batch",
+        "1,64",
+        *FAST,
+        "--data",
+        "digits:test",
+        "--json",
+    )
+    assert r.code == 0, r.err
+    rows = {(row["backend"], row["batch"]): row for row in r.json()["rows"]}
+    gpu = rows["torch-cuda", 64]
+    assert gpu["status"] == "ok" and gpu["device"] == "cuda" and gpu["gpu_mem_mb"] > 0
+    assert gpu["gpu_mem_kind"] == "torch peak allocated"
+    # fp32 on both: at most a few images may flip between CPU and GPU kernels
+    assert abs(gpu["accuracy"]["top1"] - rows["torch-cpu", 64]["accuracy"]["top1"]) <= 1

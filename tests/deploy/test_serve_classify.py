@@ -1,0 +1,129 @@
+"""kdtool serve: /classify takes image bytes and applies the model's own preprocessing."""
+
+from __future__ import annotations
+
+import io
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from kdtool.data import _prepare
+from kdtool.deploy.server import images
+from kdtool.export.metadata import read_info
+
+URL = "/v2/models/rgb/classify"
+
+
+@pytest.fixture(scope="module")
+def rgb_server(serve_model, rgb_nhwc_onnx):
+    with serve_model(rgb_nhwc_onnx, name="rgb") as srv:
+        yield srv
+
+
+def _image(mode: str = "RGB", size=(20, 24), seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    if mode == "I;16":
+        return Image.fromarray(rng.integers(0, 65535, size[::-1], dtype=np.uint16))
+    rgba = Image.fromarray(rng.integers(0, 256, (*size[::-1], 4), dtype=np.uint8), "RGBA")
+    return rgba if mode == "RGBA" else rgba.convert(mode)
+
+
+def _bytes(im: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt)
+    return buf.getvalue()
+
+
+def _expected(path, im: Image.Image, offline) -> np.ndarray:
+    """Training-time preprocessing (kdtool.data), offline ORT, softmax."""
+    info = read_info(path)
+    hwc = _prepare(im, info.in_chans, tuple(info.input_size)).astype(np.float32) / 255
+    x = (hwc - np.asarray(info.mean)) / np.asarray(info.std)
+    x = x[None] if info.layout == "NHWC" else x.transpose(2, 0, 1)[None]
+    z = offline(path, x.astype(np.float32))[0].astype(np.float64)
+    p = np.exp(z - z.max())
+    return p / p.sum()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "I;16"])
+@pytest.mark.parametrize("onnx_fixture", ["tiny_onnx", "rgb_nhwc_onnx"])
+def test_preprocess_matches_kdtool_data(mode, onnx_fixture, request):
+    info = read_info(request.getfixturevalue(onnx_fixture))
+    im = _image(mode, size=(13, 9))
+    got = images.preprocess(im, info, np.dtype(np.float32))
+    hwc = _prepare(im, info.in_chans, tuple(info.input_size)).astype(np.float32) / 255
+    want = (hwc - np.asarray(info.mean, np.float32)) / np.asarray(info.std, np.float32)
+    want = want if info.layout == "NHWC" else want.transpose(2, 0, 1)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_classify_png_jpeg_multipart(rgb_server, rgb_nhwc_onnx, offline):
+    png, jpeg = _image("RGB", seed=1), _image("L", size=(40, 30), seed=2)
+    jpeg_bytes = _bytes(jpeg, "JPEG")
+    with httpx.Client(base_url=rgb_server.url) as c:
+        r = c.post(URL, content=_bytes(png), headers={"Content-Type": "image/png"})
+        assert r.status_code == 200, r.text
+        (result,) = r.json()["results"]
+        preds = result["predictions"]
+        assert len(preds) == 5  # default top_k 5, capped at the model's 5 classes
+        p = _expected(rgb_nhwc_onnx, png, offline)
+        assert [d["index"] for d in preds] == list(np.argsort(-p, kind="stable"))
+        assert preds[0]["label"] == ["cat", "dog", "fox", "owl", "yak"][int(np.argmax(p))]
+        np.testing.assert_allclose(
+            [d["probability"] for d in preds], np.sort(p)[::-1], rtol=1e-5, atol=1e-6
+        )
+
+        r = c.post(
+            URL + "?top_k=2",
+            files=[
+                ("file", ("a.png", _bytes(png), "image/png")),
+                ("note", (None, "not a file")),
+                ("file", ("b.jpg", jpeg_bytes, "image/jpeg")),
+            ],
+        )
+        assert r.status_code == 200, r.text
+        a, b = r.json()["results"]
+        assert (a["filename"], b["filename"]) == ("a.png", "b.jpg")
+        assert len(a["predictions"]) == 2 and a["predictions"] == preds[:2]
+        pj = _expected(rgb_nhwc_onnx, Image.open(io.BytesIO(jpeg_bytes)), offline)
+        assert b["predictions"][0]["index"] == int(np.argmax(pj))
+        assert b["predictions"][0]["probability"] == pytest.approx(pj.max(), abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("query", "body", "headers", "message"),
+    [
+        ("", b"definitely not an image", {}, "not a decodable image"),
+        ("", b"", {}, "is empty"),
+        ("", _bytes(_image())[:60], {}, "not a decodable image"),  # truncated PNG
+        ("?top_k=0", _bytes(_image()), {}, "top_k '0' must be a whole number from 1 to 5"),
+        ("?top_k=six", _bytes(_image()), {}, "top_k 'six'"),
+        (
+            "",
+            b"--xx\r\nContent-Disposition: form-data; name=a\r\n\r\nhi\r\n--xx--\r\n",
+            {"Content-Type": "multipart/form-data; boundary=xx"},
+            "no file part",
+        ),
+        (
+            "",
+            b"--xx\r\nbroken",
+            {"Content-Type": "multipart/form-data; boundary=xx"},
+            "no header/body separator",
+        ),
+        ("", b"abc", {"Content-Type": "multipart/form-data"}, "without a boundary"),
+        (
+            "",
+            b'--xx\r\nContent-Disposition: form-data; name=f; filename="x.png"\r\n\r\nGIF89'
+            b"\r\n--xx--\r\n",
+            {"Content-Type": "multipart/form-data; boundary=xx"},
+            "image 'x.png' is not a decodable image",
+        ),
+    ],
+)
+def test_classify_errors_are_400(rgb_server, query, body, headers, message):
+    with httpx.Client(base_url=rgb_server.url) as c:
+        r = c.post(URL + query, content=body, headers=headers)
+        assert r.status_code == 400, r.text
+        assert message in r.json()["error"]

@@ -1,0 +1,170 @@
+"""``kdtool serve`` on the command line: errors, the start-up banner and SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+
+def test_serve_errors(cli, tiny_onnx, tmp_path, monkeypatch):
+    monkeypatch.delenv("KDTOOL_API_KEY", raising=False)
+    r = cli("serve", tmp_path / "missing.onnx")
+    assert r.code == 1 and "missing.onnx' does not exist" in r.err
+
+    plain = tmp_path / "plain.onnx"
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input"], ["y"])],
+        "g",
+        [x],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), plain)
+    r = cli("serve", plain)
+    assert r.code == 1 and "plain.onnx' has no kdtool metadata" in r.err
+    assert "kdtool export" in r.err
+
+    r = cli("serve", tiny_onnx, "--host", "0.0.0.0")
+    assert r.code == 1 and "needs an API key" in r.err and "KDTOOL_API_KEY" in r.err
+
+    r = cli("serve", tiny_onnx, "--provider", "cuda")
+    assert r.code == 1 and "no CUDAExecutionProvider" in r.err
+    r = cli("serve", tiny_onnx, "--provider", "cpuu")
+    assert r.code == 1 and "did you mean 'cpu'" in r.err
+    r = cli("serve", tiny_onnx, "--max-batch", "0")
+    assert r.code == 1 and "--max-batch" in r.err
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        r = cli("serve", tiny_onnx, "--port", port)
+    assert r.code == 1 and f"port {port} on 127.0.0.1 is already in use" in r.err
+
+
+def _start(args: list[str], env: dict) -> tuple[subprocess.Popen, str, list[str]]:
+    """Start ``kdtool serve`` and read its banner up to the URL line."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kdtool", "serve", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[str] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        m = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
+        if m:
+            return proc, m.group(1), lines
+    proc.kill()
+    raise AssertionError("kdtool serve did not start:\n" + "".join(lines) + proc.stderr.read())
+
+
+def test_cli_banner_auth_and_sigterm_finishes_in_flight(tiny_onnx):
+    """The real command: banner with curl, env API key, SIGTERM waits for the request."""
+    env = {**os.environ, "KDTOOL_API_KEY": "k3y"}
+    proc, url, lines = _start(
+        [
+            str(tiny_onnx),
+            "--port",
+            "0",
+            "--max-batch",
+            "8",
+            "--max-delay-ms",
+            "30000",
+            "--threads",
+            "1",
+        ],
+        env,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(url + "/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server never became ready"
+            time.sleep(0.05)
+        banner = "".join(lines) + "".join(proc.stderr.readline() for _ in range(4))
+        assert "kdtool serve: model 'tiny' (tiny_cnn, 1x8x8 NCHW, 10 classes" in banner
+        assert (
+            f'curl -s -H "Authorization: Bearer $KDTOOL_API_KEY" {url}/v2/models/tiny/infer'
+            in banner
+        )
+        assert "k3y" not in banner  # the key itself is never printed
+        assert httpx.get(url + "/v2").status_code == 401
+
+        x = np.ones((1, 1, 8, 8), np.float32)
+        body = {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [1, 1, 8, 8],
+                    "datatype": "FP32",
+                    "data": x.ravel().tolist(),
+                }
+            ]
+        }
+        result = {}
+
+        def request():
+            result["r"] = httpx.post(
+                url + "/v2/models/tiny/infer",
+                json=body,
+                timeout=30,
+                headers={"Authorization": "Bearer k3y"},
+            )
+
+        t = threading.Thread(target=request)
+        t.start()
+        auth = {"Authorization": "Bearer k3y"}
+        deadline = time.monotonic() + 20
+        while "kdtool_queue_images 1.0" not in httpx.get(url + "/metrics", headers=auth).text:
+            assert time.monotonic() < deadline, "the request never reached the queue"
+            time.sleep(0.02)
+        # it now waits (up to 30 s) in the queue for company: stop the server under it,
+        # which runs it at once (no new requests come)
+        t_stop = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        t.join(timeout=30)
+        assert proc.wait(timeout=30) == 0
+        assert time.monotonic() - t_stop < 15  # not the 30 s batching delay
+        r = result["r"]
+        assert r.status_code == 200 and json.loads(r.content)["outputs"][0]["shape"] == [1, 10]
+        rest = proc.stderr.read()
+        assert "finishing the requests in flight" in rest and "kdtool serve: stopped" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1"])
+def test_loopback_hosts_need_no_key(host):
+    from kdtool.deploy.server.run import check_exposure, is_loopback
+
+    assert is_loopback(host)
+    check_exposure(host, None)
+    assert not is_loopback("0.0.0.0") and not is_loopback("example.com")

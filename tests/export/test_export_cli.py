@@ -1,0 +1,276 @@
+"""kdtool export end to end on the digits teacher: metadata, batch, INT8, FP16, Triton, errors."""
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto
+
+from kdtool.checkpoint import read_meta
+from kdtool.data import load_data
+from kdtool.errors import KdtoolError
+from kdtool.export import pipeline
+from kdtool.export.metadata import read_info
+from kdtool.export.parity import Tolerance, normalise
+from kdtool.export.precision import fold_bias_dequantize, quant_zero_points
+from kdtool.export.runners import OrtRunner, load_runner
+
+
+def _digits_test(meta):
+    data = load_data("digits:test", image_size=tuple(meta.input_size), channels=meta.in_chans)
+    return normalise(data.x, meta.mean, meta.std), data.y.numpy()
+
+
+def test_metadata_round_trips(fp32_export, digits_teacher):
+    path, result = fp32_export
+    meta = read_meta(digits_teacher)
+    info = read_info(path)
+    assert (info.arch, info.num_classes, info.in_chans) == (meta.arch, 10, 1)
+    assert info.input_size == meta.input_size and info.class_names == meta.class_names
+    assert info.mean == meta.mean and info.std == meta.std
+    assert info.precision == "fp32" and info.layout == "NCHW" and info.input_dtype == "float32"
+    assert info.batch is None and info.max_batch == 256 and info.opset == 18
+    assert info.folded is False and info.source == Path(digits_teacher).name
+    assert info.source_sha256 == hashlib.sha256(Path(digits_teacher).read_bytes()).hexdigest()
+    graph = onnx.load(str(path)).graph
+    assert (info.input_name, info.output_name) == (graph.input[0].name, graph.output[0].name)
+    with OrtRunner(path) as runner:
+        assert runner.info == info  # ONNX Runtime's custom metadata map carries the same
+    assert result["onnx_export"]["opset"] == 18 and result["onnx_export"]["exporter"] == "dynamo"
+
+
+def test_parity_and_accuracy_are_reported(fp32_export):
+    _, r = fp32_export
+    p = r["parity"]["fp32"]
+    assert p["passed"] and [b["batch"] for b in p["batches"]] == [1, 37]
+    assert p["max_rel_diff"] <= 1e-3 and p["top1_agreement"] == 100.0
+    assert r["parity_inputs"].startswith("digits:test")  # real images when --val is given
+    v = r["val"]
+    assert v["images"] == 360 and v["agreement"] == 100.0
+    assert v["torch_fp32_top1"] == pytest.approx(v["onnx_fp32_top1"]) and v["torch_fp32_top1"] > 90
+
+
+def test_dynamic_batch_takes_any_size(fp32_export, digits_teacher):
+    path, _ = fp32_export
+    x, _ = _digits_test(read_meta(digits_teacher))
+    with load_runner(path) as runner:
+        assert runner.fixed_batch is None
+        full = runner.infer(x[:300])
+        for n in (1, 5, 37):
+            y = runner.infer(x[:n])
+            assert y.shape == (n, 10) and y.dtype == np.float32
+            np.testing.assert_allclose(y, full[:n], rtol=1e-4, atol=1e-5)
+
+
+def _model_config_pb2():
+    """Triton's own ModelConfig message (tritonclient ships it; its package needs grpc)."""
+    spec = importlib.util.find_spec("tritonclient")
+    if spec is None:
+        pytest.skip("tritonclient is not installed")
+    pb2 = Path(spec.submodule_search_locations[0]) / "grpc" / "model_config_pb2.py"
+    if not pb2.is_file():
+        pytest.skip("this tritonclient has no model_config_pb2")
+    module_spec = importlib.util.spec_from_file_location("kdtool_test_model_config_pb2", pb2)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def _parse_config(path: Path):
+    from google.protobuf import text_format
+
+    pb2 = _model_config_pb2()
+    return text_format.Parse(path.read_text(), pb2.ModelConfig()), pb2
+
+
+def _dims(value_info) -> list[int]:
+    return [
+        d.dim_value if d.HasField("dim_value") else -1
+        for d in value_info.type.tensor_type.shape.dim
+    ]
+
+
+def test_triton_repository_parses_and_matches_the_graph(fp32_export, digits_teacher):
+    path, r = fp32_export
+    model_dir = Path(r["triton"]["path"])
+    assert model_dir.name == "teacher" and r["triton"]["platform"] == "onnx"
+    config, pb2 = _parse_config(model_dir / "config.pbtxt")
+    graph = onnx.load(str(path)).graph
+    assert config.name == "teacher" and config.platform == "onnxruntime_onnx"
+    assert config.max_batch_size == 256 and config.HasField("dynamic_batching")
+    assert [i.name for i in config.input] == [graph.input[0].name]
+    assert [o.name for o in config.output] == [graph.output[0].name]
+    assert list(config.input[0].dims) == _dims(graph.input[0])[1:] == [1, 8, 8]
+    assert list(config.output[0].dims) == [10]
+    assert config.input[0].data_type == pb2.TYPE_FP32
+    assert (model_dir / "1" / "model.onnx").read_bytes() == path.read_bytes()
+    labels = (model_dir / config.output[0].label_filename).read_text().splitlines()
+    assert labels == read_meta(digits_teacher).class_names
+
+
+def test_int8_is_qdq_with_zero_zero_points_and_agrees_with_fp32(int8_export, fp32_export):
+    path, r = int8_export
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0
+    assert "QLinearConv" not in ops  # QDQ format, not operator-oriented
+    zps = quant_zero_points(model)
+    assert len(zps) > 0 and all(np.all(z == 0) for z in zps.values())
+    assert {z.dtype for z in zps.values()} <= {np.dtype(np.int8), np.dtype(np.int32)}
+    info = read_info(path)
+    assert info.precision == "int8" and info.quantization["activations"] == "int8 symmetric"
+    assert info.quantization["calib_images"] == 256
+    v = r["val"]
+    assert v["agreement"] >= 95.0, v  # top-1 agreement with FP32 on digits:test
+    assert abs(v["top1_change"]) <= 3.0
+    assert r["sizes"]["onnx_bytes"] < 0.5 * r["sizes"]["fp32_bytes"]
+    # ONNX Runtime FP32 against INT8 directly, on the whole test split
+    x, _ = _digits_test(read_meta(r["checkpoint"]))
+    with OrtRunner(fp32_export[0]) as a, OrtRunner(path) as b:
+        agree = (a.infer(x).argmax(1) == b.infer(x).argmax(1)).mean()
+    assert agree >= 0.95
+
+
+def test_bias_dequantize_folding_keeps_the_outputs(int8_export, tmp_path):
+    path, _ = int8_export
+    model = onnx.load(str(path))
+    inits = {t.name: t.data_type for t in model.graph.initializer}
+    int32_dq = [
+        n
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) == TensorProto.INT32
+    ]
+    assert int32_dq, "expected int32 bias dequantisation in the QDQ graph"
+    assert fold_bias_dequantize(model) == len(int32_dq)
+    onnx.checker.check_model(model)
+    folded = tmp_path / "folded.onnx"
+    onnx.save(model, str(folded))
+    x = np.random.default_rng(0).standard_normal((16, 1, 8, 8)).astype(np.float32)
+    with OrtRunner(path) as a, OrtRunner(folded) as b:
+        np.testing.assert_allclose(a.infer(x), b.infer(x), rtol=1e-4, atol=1e-4)
+
+
+def test_fp16_static_batch_and_its_triton_config(cli, digits_teacher, tmp_path):
+    run = cli(
+        "export",
+        digits_teacher,
+        "--onnx",
+        tmp_path / "t16.onnx",
+        "--precision",
+        "fp16",
+        "--batch",
+        "8",
+        "--triton-repo",
+        tmp_path / "repo",
+        "--json",
+    )
+    assert run.code == 0, run.err
+    r = run.json()
+    assert r["parity"]["fp16"]["passed"] and r["batch"] == {
+        "min": 8,
+        "opt": 8,
+        "max": 8,
+        "static": True,
+    }
+    model = onnx.load(str(tmp_path / "t16.onnx"))
+    assert any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer)
+    assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert _dims(model.graph.input[0]) == [8, 1, 8, 8]
+    info = read_info(tmp_path / "t16.onnx")
+    assert info.precision == "fp16" and info.batch == 8
+    with OrtRunner(tmp_path / "t16.onnx") as runner:
+        assert runner.fixed_batch == 8
+        assert runner.infer(np.zeros((8, 1, 8, 8), np.float32)).dtype == np.float32
+        with pytest.raises(KdtoolError, match="batches of exactly 8"):
+            runner.infer(np.zeros((5, 1, 8, 8), np.float32))
+    config, _ = _parse_config(tmp_path / "repo" / "t16" / "config.pbtxt")
+    assert config.max_batch_size == 0 and not config.HasField("dynamic_batching")
+    assert list(config.input[0].dims) == [8, 1, 8, 8]
+
+
+def _one_line_error(r, *fragments):
+    assert r.code == 1, (r.code, r.out, r.err)
+    lines = r.err.strip().splitlines()
+    assert "Traceback" not in r.err and len(lines) >= 1
+    last = lines[-1]  # progress lines may come first; the error is one line
+    assert last.startswith("error: "), r.err
+    for f in fragments:
+        assert f in last, (f, last)
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--precision", "int9"], ["unknown precision 'int9'", "did you mean 'int8'"]),
+        (["--precision", "int8"], ["needs calibration images", "--calib-data"]),
+        (["--batch", "4:2:8"], ["4:2:8", "MIN <= OPT <= MAX"]),
+        (["--batch", "0:1:2"], ["positive"]),
+        (["--batch", "1:2"], ["bad --batch '1:2'"]),
+        (["--batch", "a"], ["not integers"]),
+        (["--exporter", "dynamic"], ["unknown exporter", "did you mean 'dynamo'"]),
+        (["--opset", "7"], ["--opset 7"]),
+        (
+            [
+                "--precision",
+                "int8",
+                "--calib-data",
+                "digits",
+                "--trt",
+                "--int8-activations",
+                "asymmetric",
+            ],
+            ["symmetric"],
+        ),
+    ],
+)
+def test_bad_options_are_one_line_errors(cli, digits_teacher, tmp_path, args, fragments):
+    out = tmp_path / "m.onnx"
+    r = cli("export", digits_teacher, "--onnx", out, *args)
+    _one_line_error(r, *fragments)
+    assert not out.exists()
+
+
+def test_refuses_to_overwrite_and_non_kdtool_checkpoints(cli, digits_teacher, tmp_path):
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"old")
+    _one_line_error(cli("export", digits_teacher, "--onnx", out), "already exists", "--force")
+    assert out.read_bytes() == b"old"
+    plain = tmp_path / "plain.pt"
+    torch.save({"w": torch.zeros(2)}, plain)
+    _one_line_error(cli("export", plain, "--onnx", tmp_path / "a.onnx"), "not a kdtool")
+    from safetensors.torch import save_file
+
+    bare = tmp_path / "bare.safetensors"
+    save_file({"w": torch.zeros(2)}, bare)
+    _one_line_error(cli("export", bare, "--onnx", tmp_path / "b.onnx"), "without kdtool metadata")
+    _one_line_error(
+        cli("export", tmp_path / "missing.safetensors", "--onnx", tmp_path / "c.onnx"),
+        "does not exist",
+    )
+
+
+def test_failed_parity_leaves_no_file(cli, digits_teacher, tmp_path, monkeypatch):
+    # An impossible tolerance stands in for a broken export: the check must stop the write.
+    monkeypatch.setitem(pipeline.TOLERANCES, "fp32", Tolerance(max_rel_diff=-1.0))
+    out = tmp_path / "m.onnx"
+    r = cli("export", digits_teacher, "--onnx", out, "--triton-repo", tmp_path / "repo")
+    _one_line_error(r, "FP32 export fails its parity check", "nothing was written")
+    assert os.listdir(tmp_path) == []  # no ONNX, no Triton repository, no temporary folder
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available(),
+    reason="TensorRT and a GPU are here",
+)
+def test_trt_without_tensorrt_writes_the_onnx_then_fails(cli, digits_teacher, tmp_path):
+    out = tmp_path / "m.onnx"
+    r = cli("export", digits_teacher, "--onnx", out, "--trt")
+    _one_line_error(r, f"wrote {out}", "--trt needs", "pip install 'kdtool[gpu]'")
+    assert read_info(out).precision == "fp32"  # the verified ONNX is there
+    assert not (tmp_path / "m.engine").exists()

@@ -1,0 +1,217 @@
+"""The pure logic of kdtool export: batch profiles, TensorRT version dispatch, the formats
+table, parity judgement, Triton configs, runner refusals. No TensorRT is imitated here:
+the TensorRT tests proper run where it is installed (test_tensorrt_gpu.py)."""
+
+import importlib.util
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from kdtool.data import ImageData
+from kdtool.errors import KdtoolError
+from kdtool.export.batch import BatchProfile, parse_batch
+from kdtool.export.engine import precision_plan, trt_major
+from kdtool.export.formats import FORMATS, onnx_format, require
+from kdtool.export.metadata import PRECISIONS
+from kdtool.export.parity import TOLERANCES, Tolerance, compare, parity_batches
+from kdtool.export.triton import config_text, model_name
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("1:32:256", BatchProfile(1, 32, 256)),
+        ("4:4:4", BatchProfile(4, 4, 4)),
+        (" 2 : 8 : 16 ", BatchProfile(2, 8, 16)),
+        ("8", BatchProfile(8, 8, 8, static=True)),
+    ],
+)
+def test_batch_profiles_parse(text, expected):
+    assert parse_batch(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("8:4:16", "MIN <= OPT <= MAX"),
+        ("1:32:16", "MIN <= OPT <= MAX"),
+        ("0:1:2", "positive"),
+        ("-1", "positive"),
+        ("0", "positive"),
+        ("1:2", "bad --batch"),
+        ("1:2:3:4", "bad --batch"),
+        ("1.5:2:3", "not integers"),
+        ("", "not integers"),
+    ],
+)
+def test_bad_batch_profiles_say_what_is_wrong(text, message):
+    with pytest.raises(KdtoolError, match=message):
+        parse_batch(text)
+
+
+def test_profile_shapes_and_clamping():
+    p = parse_batch("2:16:64")
+    assert p.shapes((3, 32, 32)) == {
+        "min": (2, 3, 32, 32),
+        "opt": (16, 3, 32, 32),
+        "max": (64, 3, 32, 32),
+    }
+    assert (p.clamp(1), p.clamp(37), p.clamp(100)) == (2, 37, 64)
+    assert parse_batch("8").spec == "8" and p.spec == "2:16:64"
+
+
+@pytest.mark.parametrize(
+    "version, major", [("10.13.0.35", 10), ("11.0.0", 11), ("8.6.1", 8), ("12.1", 12)]
+)
+def test_trt_major(version, major):
+    assert trt_major(version) == major
+
+
+def test_trt_major_refuses_garbage():
+    with pytest.raises(KdtoolError, match="cannot read the TensorRT version"):
+        trt_major("unknown")
+
+
+@pytest.mark.parametrize(
+    "precision, flags", [("fp32", ()), ("fp16", ("FP16",)), ("int8", ("INT8",))]
+)
+def test_trt10_is_weakly_typed_with_precision_flags(precision, flags):
+    plan = precision_plan(precision, "10.13.2.6")
+    assert not plan.strongly_typed and plan.builder_flags == flags
+
+
+@pytest.mark.parametrize("version", ["11.0.0.114", "11.4.1"])
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_trt11_takes_precision_from_the_graph(precision, version):
+    plan = precision_plan(precision, version)
+    assert plan.strongly_typed and plan.builder_flags == ()
+
+
+def test_old_tensorrt_and_unknown_precision_are_refused():
+    with pytest.raises(KdtoolError, match="too old"):
+        precision_plan("fp16", "8.6.1.6")
+    with pytest.raises(KdtoolError, match="did you mean 'fp16'"):
+        precision_plan("fp61", "10.0.1")
+
+
+def test_formats_table_covers_every_precision():
+    for p in PRECISIONS:
+        fmt = onnx_format(p)
+        assert fmt.precisions == (p,) and fmt.runner == "onnxruntime" and fmt.suffix == ".onnx"
+    assert onnx_format("int8").needs_calib and not onnx_format("fp16").needs_calib
+    trt = FORMATS["tensorrt"]
+    assert trt.needs_gpu and trt.needs_tensorrt and trt.runner == "tensorrt"
+    assert set(trt.precisions) == set(PRECISIONS)
+    assert FORMATS["triton"].runner is None and FORMATS["triton"].suffix == ""
+    assert set(FORMATS) == {"onnx", "onnx-fp16", "onnx-int8", "tensorrt", "triton"}
+    with pytest.raises(KdtoolError, match="did you mean 'int8'"):
+        onnx_format("int9")
+
+
+def test_missing_tensorrt_is_named_with_the_fix():
+    lacks = FORMATS["tensorrt"].missing()
+    assert ("the TensorRT Python package (tensorrt)" in lacks) == (
+        importlib.util.find_spec("tensorrt") is None
+    )
+    assert ("a CUDA GPU" in lacks) == (not torch.cuda.is_available())
+    if lacks:
+        with pytest.raises(KdtoolError, match=r"wrote m.onnx, but --trt needs .*kdtool\[gpu\]"):
+            require(FORMATS["tensorrt"], wrote="m.onnx", what="--trt")
+    require(FORMATS["onnx"])  # needs nothing
+
+
+class _Fixed:
+    """A runner answering fixed logits (for judging parity, not for imitating a backend)."""
+
+    def __init__(self, fn, name):
+        self.fn, self.name = fn, name
+
+    def infer(self, x):
+        return self.fn(x)
+
+    def describe(self):
+        return {"backend": self.name}
+
+
+def _logits(x):
+    return x.reshape(len(x), -1)[:, :10].astype(np.float32) * 5
+
+
+def test_parity_judges_difference_agreement_and_finiteness():
+    batches = [
+        np.random.default_rng(i).standard_normal((n, 1, 4, 4)).astype(np.float32)
+        for i, n in enumerate((1, 37))
+    ]
+    ref = _Fixed(_logits, "ref")
+    same = compare(ref, _Fixed(lambda x: _logits(x) + 1e-6, "close"), batches, TOLERANCES["fp32"])
+    assert same.passed and same.images == 38 and [b["batch"] for b in same.batches] == [1, 37]
+    assert same.max_abs_diff == pytest.approx(1e-6, rel=0.1)
+    off = compare(ref, _Fixed(lambda x: _logits(x) + 0.5, "off"), batches, TOLERANCES["fp32"])
+    assert not off.passed and "relative difference" in off.problem
+    assert off.top1_agreement == 100.0  # a constant shift keeps the classes
+
+    def swap(x):  # wrong class for every other image
+        y = _logits(x)
+        y[::2] = -y[::2]
+        return y
+
+    wrong = compare(ref, _Fixed(swap, "swap"), batches, TOLERANCES["int8"])
+    assert not wrong.passed and "agreement" in wrong.problem and wrong.top1_agreement < 90
+    nan = compare(ref, _Fixed(lambda x: _logits(x) * np.nan, "nan"), batches, Tolerance())
+    assert not nan.passed and nan.problem == "non-finite outputs"
+
+
+def test_parity_batches_use_real_images_when_given():
+    x = torch.randint(0, 256, (5, 1, 4, 4), dtype=torch.uint8)
+    data = ImageData(x, torch.zeros(5, dtype=torch.int64), ["a"], "five")
+    batches, source = parity_batches(data, [0.5], [0.25], (1, 4, 4), parse_batch("1:8:64"), 37)
+    assert [len(b) for b in batches] == [1, 37] and source.startswith("five")
+    real = {tuple(np.round(v, 4).ravel()) for v in ((x.float() / 255 - 0.5) / 0.25).numpy()}
+    assert {tuple(np.round(v, 4).ravel()) for v in np.concatenate(batches)} <= real
+    static, src = parity_batches(None, [0.0], [1.0], (1, 4, 4), parse_batch("8"), 37, seed=3)
+    assert [len(b) for b in static] == [8] and "noise" in src
+    capped, _ = parity_batches(None, [0.0], [1.0], (1, 4, 4), parse_batch("2:4:16"), 37)
+    assert [len(b) for b in capped] == [2, 16]  # sizes stay inside the profile
+
+
+def _graph(batch):
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, 32, 32])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])
+    return helper.make_graph([helper.make_node("Identity", ["input"], ["logits"])], "g", [x], [y])
+
+
+def test_triton_config_text_dynamic_and_static():
+    dynamic = config_text("m", "onnx", _graph("batch"), parse_batch("1:16:64"), labels=True)
+    assert 'platform: "onnxruntime_onnx"' in dynamic and "max_batch_size: 64" in dynamic
+    assert "dims: [ 3, 32, 32 ]" in dynamic and "dims: [ 10 ]" in dynamic
+    assert "preferred_batch_size: [ 16 ]" in dynamic and "label_filename" in dynamic
+    static = config_text("m", "plan", _graph(4), parse_batch("4"))
+    assert 'platform: "tensorrt_plan"' in static and "max_batch_size: 0" in static
+    assert "dims: [ 4, 3, 32, 32 ]" in static and "dynamic_batching" not in static
+    assert "KIND_GPU" in static
+    assert model_name("my student.v2") == "my_student.v2" and model_name("...") == "model"
+
+
+def test_ort_runner_refuses_a_provider_it_does_not_have(tmp_path):
+    import onnxruntime as ort
+
+    from kdtool.export.runners import OrtRunner
+
+    path = tmp_path / "id.onnx"
+    onnx.save(
+        helper.make_model(_graph("batch"), opset_imports=[helper.make_opsetid("", 18)]), str(path)
+    )
+    with OrtRunner(path) as runner:
+        assert runner.describe()["providers"] == ["CPUExecutionProvider"]
+        assert runner.fixed_batch is None
+        with pytest.raises(KdtoolError, match="no kdtool metadata"):
+            _ = runner.info
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.raises(KdtoolError, match=r"no CUDAExecutionProvider.*kdtool\[gpu\]"):
+        OrtRunner(path, providers=("cuda",))
+    with pytest.raises(KdtoolError, match="does not exist"):
+        OrtRunner(tmp_path / "missing.onnx")

@@ -1,0 +1,43 @@
+"""``kdtool demo --quick``: the whole pipeline end to end on digits."""
+
+from __future__ import annotations
+
+import json
+
+from kdtool.checkpoint import read_meta
+from kdtool.export.metadata import read_info
+
+
+def test_demo_quick_end_to_end(cli, tmp_path):
+    out = tmp_path / "demo"
+    r = cli("demo", "--quick", "--out", out, "--json")
+    assert r.code == 0, r.err
+    res = r.json()
+    students = {s["teacher_bn"] + "/" + s["noise"]: s for s in res["students"]}
+    running = students["running/gaussian"]["top1_current"]
+    current = students["current/gaussian"]["top1_current"]
+    # The paper's point: the teacher's BN on batch statistics is what makes noise work.
+    assert current >= running + 10, (current, running)
+    assert res["teacher"]["top1"] >= 95
+    cal = res["calibrated"]
+    # Calibration on 32 x 16 real images recovers current-statistics accuracy on running BN.
+    assert cal["top1"] >= cal["top1_current"] - 3, cal
+    assert cal["top1"] >= cal["top1_noise_running"] + 5, cal
+    assert read_meta(cal["file"]).stages["calibrate"]["folded"] is True
+    fp32 = res["export"]["fp32"]
+    assert fp32["result"]["parity"]["fp32"]["max_abs_diff"] <= 1e-4
+    assert read_info(fp32["file"]).precision == "fp32"
+    assert read_info(res["export"]["int8"]["file"]).precision == "int8"
+    ok = [row for row in res["bench"]["rows"] if row["status"] == "ok"]
+    assert {row["backend"] for row in ok} == {"torch-cpu", "ort-cpu"}
+    for name in ("teacher.safetensors", "student.cal.safetensors", "student.onnx",
+                 "student.int8.onnx"):
+        assert (out / name).is_file()
+    json.dumps(res)  # everything in the result is JSON
+
+
+def test_demo_refuses_a_non_empty_folder(cli, tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    r = cli("demo", "--quick", "--out", tmp_path)
+    assert r.code == 1 and "is not empty" in r.err and "--force" in r.err
+    assert (tmp_path / "keep.txt").read_text() == "mine"
