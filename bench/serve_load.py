@@ -42,45 +42,15 @@ CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 
 
 def export_zoo(path: Path, arch: str = "resnet18", size: int = 32, num_classes: int = 10) -> Path:
-    """A random-weight zoo model (CIFAR stem), exported with a dynamic batch + kdtool metadata.
+    """A random-weight zoo model (CIFAR stem) exported by ``kdtool export`` to ``path``.
 
     Random weights serve at the same speed as trained ones; the figures are about speed.
     """
-    import onnx
-    import torch
+    from make_bench_models import make_models  # bench/ is on sys.path for bench scripts
 
-    from kdtool.export.metadata import OnnxInfo, write_info
-    from kdtool.models import create_model
-
-    torch.manual_seed(0)
-    net = create_model(arch, num_classes=num_classes, in_chans=3).eval()
-    program = torch.onnx.export(
-        net,
-        (torch.randn(2, 3, size, size),),
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_shapes=({0: torch.export.Dim("batch", max=4096)},),
-        dynamo=True,
-        verbose=False,
-    )
-    proto = program.model_proto
-    write_info(
-        proto,
-        OnnxInfo(
-            input_name="input",
-            output_name="logits",
-            in_chans=3,
-            input_size=[size, size],
-            mean=CIFAR_MEAN,
-            std=CIFAR_STD,
-            num_classes=num_classes,
-            class_names=[f"class_{i}" for i in range(num_classes)],
-            arch=arch,
-            source="random weights (bench/serve_load.py)",
-        ),
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(proto, str(path))
+    _, onnx = make_models(arch, path.parent, size, num_classes, force=True)
+    if onnx != path:
+        onnx.replace(path)
     return path
 
 

@@ -169,16 +169,9 @@ def _from_info(path: Path, kind: str, info, file_bytes: int) -> BenchModel:
 def _onnx_model(path: Path) -> BenchModel:
     import onnx
 
-    from kdtool.export.metadata import info_from_props
+    from kdtool.export.metadata import info_from_props, load_proto
 
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # onnx raises DecodeError, ValueError, ... for foreign files
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise KdtoolError(
-            f"'{path}' is not a readable ONNX model ({reason})",
-            "pass an .onnx file written by kdtool export",
-        ) from e
+    proto = load_proto(path)
     info = info_from_props({p.key: p.value for p in proto.metadata_props}, str(path))
     # Weights stored outside the .onnx (models over 2 GB) count towards the model's size.
     external = {

@@ -112,19 +112,24 @@ def info_from_props(props: dict[str, str], source: str) -> OnnxInfo:
     return OnnxInfo.from_json(props[ONNX_META_KEY], source)
 
 
-def read_info(path: str | Path) -> OnnxInfo:
-    """Read an ONNX file's kdtool metadata without loading the weights into memory."""
+def load_proto(path: str | Path):
+    """The ``onnx.ModelProto`` at ``path`` (external weights not loaded), or a clear error."""
     import onnx
 
     path = Path(path)
     if not path.is_file():
         raise KdtoolError(f"ONNX model '{path}' does not exist", "check the path")
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        return onnx.load(str(path), load_external_data=False)
     except Exception as e:  # onnx raises DecodeError, ValueError, ... for foreign files
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise KdtoolError(
             f"'{path}' is not a readable ONNX model ({reason})",
             "pass an .onnx file written by kdtool export",
         ) from e
+
+
+def read_info(path: str | Path) -> OnnxInfo:
+    """Read an ONNX file's kdtool metadata without loading external weights."""
+    model = load_proto(path)
     return info_from_props({p.key: p.value for p in model.metadata_props}, str(path))
