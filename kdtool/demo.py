@@ -40,8 +40,8 @@ class DemoScale:
 
 # Sized by measurement on 2 CPU cores (docs/BENCHMARKS.md, "kdtool demo").
 SCALES = {
-    "full": DemoScale("resnet20", 15, "tiny_cnn", 10, 100, 256, 4096, 0.01, 32, (1, 64), 0.5),
-    "quick": DemoScale("resnet8", 10, "tiny_cnn", 5, 40, 128, 1024, 0.01, 32, (1,), 0.1),
+    "full": DemoScale("resnet20", 15, "tiny_cnn", 12, 100, 256, 4096, 0.01, 32, (1, 64), 0.5),
+    "quick": DemoScale("resnet8", 10, "tiny_cnn", 6, 50, 256, 1024, 0.01, 32, (1,), 0.1),
 }
 STUDENTS = (  # (file stem, label, noise, teacher BN)
     ("student_gaussian_running", "Gaussian noise, teacher BN running (classic KD)", "gaussian",
