@@ -1,5 +1,6 @@
 """kdtool's command line: ``kdtool`` and ``python -m kdtool``."""
 
+from kdtool.analyze import cli as _analyze_cli  # noqa: F401  (analyses)
 from kdtool.calibrate import cli as _calibrate_cli  # noqa: F401  (stage commands)
 from kdtool.cli import demo_cmd, model_cmds, train_cmds  # noqa: F401  (register the commands)
 from kdtool.cli.app import app, main

@@ -1,0 +1,1 @@
+"""The paper's analyses as commands (``kdtool analyze ...``): each writes a PNG and a CSV."""
