@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from kdtool.cli.app import app
-from kdtool.cli.options import Force, Json, Seed
+from kdtool.cli.options import DATA_HELP, Force, Json, Seed
 
 analyze_app = typer.Typer(
     help="The paper's analyses as commands; each writes a PNG and a CSV.",
@@ -52,5 +52,60 @@ def toy_cmd(
             f"toy problem (train accuracy {r['train_accuracy']:.1f}%)",
             ["embedding", "mean distance to real", "predicted class 0 / 1"], rows))
         console.out.print(f"wrote {r['png']} and {r['csv']}")
+
+    console.emit(result, as_json, render)
+
+
+@analyze_app.command("activations")
+def activations_cmd(
+    teacher: Annotated[Path, typer.Argument(help="A kdtool checkpoint with BatchNorm layers.")],
+    data: Annotated[str, typer.Option("--data", help="Real images. " + DATA_HELP)],
+    out: Annotated[Path, typer.Option(
+        "--out", help="Output stem: writes STEM.png and STEM.csv.")] = Path("activations"),
+    noise: Annotated[str, typer.Option(
+        "--noise", help="gaussian, uniform or dead_leaves.")] = "gaussian",
+    layers: Annotated[str | None, typer.Option(
+        "--layers", help="Comma-separated module names (default: the top-level blocks that "
+        "hold BatchNorm, e.g. bn1,layer1,layer2,layer3).")] = None,
+    samples: Annotated[int, typer.Option("--samples", help="Images per condition.")] = 512,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", help="Batch whose statistics 'current BN' uses.")] = 256,
+    force: Force = False,
+    seed: Seed = 0,
+    as_json: Json = False,
+) -> None:
+    """Per-layer activation distributions (appendix A.6, Figs. 5-8) for real data and noise.
+
+    For each layer: the distribution of per-channel mean activations of real images with
+    BN on running statistics, of noise on running statistics and of noise on current
+    statistics, and the Wasserstein-1 distance of each noise curve from the real one.
+
+    Example: [bold]kdtool analyze activations teacher.safetensors --data digits:test --out
+    figures/activations[/bold]
+    """
+    from kdtool import console
+    from kdtool.analyze import require_matplotlib
+    from kdtool.analyze.activations import ActivationsConfig, run_activations, write_csv, write_png
+    from kdtool.io import check_output
+
+    csv_path = check_output(out.with_suffix(".csv"), force, "CSV")
+    png_path = check_output(out.with_suffix(".png"), force, "plot")
+    require_matplotlib()
+    names = [n for n in layers.split(",") if n] if layers else None
+    r = run_activations(ActivationsConfig(teacher=str(teacher), data=data, noise=noise,
+                                          layers=names, samples=samples, batch_size=batch_size,
+                                          seed=seed))
+    write_csv(csv_path, r["rows"])
+    write_png(png_path, r)
+    result = {k: v for k, v in r.items() if k != "values"} | {"csv": str(csv_path),
+                                                              "png": str(png_path)}
+
+    def render(res):
+        rows = [[x["layer"], x["condition"], f"{x['wasserstein_to_real']:.4f}",
+                 f"{x['mean']:.3f} +- {x['std']:.3f}"] for x in res["rows"]]
+        console.out.print(console.table(
+            f"activations of {res['arch']} ({res['images']} images per condition)",
+            ["layer", "condition", "W1 to real", "mean +- std"], rows))
+        console.out.print(f"wrote {res['png']} and {res['csv']}")
 
     console.emit(result, as_json, render)

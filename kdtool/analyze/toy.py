@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kdtool.analyze import require_matplotlib
 from kdtool.bn import batch_stats, bn_layers
 from kdtool.errors import KdtoolError
 from kdtool.io import atomic_path, check_output
@@ -141,11 +142,7 @@ def toy(out: str | Path, cfg: ToyConfig, force: bool = False) -> dict:
     out = Path(out)
     csv_path = check_output(out.with_suffix(".csv"), force, "CSV")
     png_path = check_output(out.with_suffix(".png"), force, "plot")
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise KdtoolError("kdtool analyze draws its plots with matplotlib, which is not "
-                          "installed", "pip install 'kdtool[plot]'") from None
+    require_matplotlib()
     for name, value in (("--samples", cfg.samples), ("--steps", cfg.steps)):
         if value < 2:
             raise KdtoolError(f"{name} must be >= 2, got {value}")

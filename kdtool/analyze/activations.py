@@ -1,0 +1,147 @@
+"""Activation distributions (the paper's appendix A.6, Figs. 5-8).
+
+For a teacher and a labelled or unlabelled dataset: at each named layer, the
+distribution of per-channel mean activations (spatial mean per image and channel)
+for (1) real images with BN on running statistics, (2) noise with BN on running
+statistics, (3) noise with BN on the noise batch's current statistics; with the
+Wasserstein-1 distance of (2) and (3) from (1). The paper's point: (3) lies close to
+(1), (2) does not.
+"""
+
+from __future__ import annotations
+
+import csv
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from kdtool.bn import batch_stats, bn_layers
+from kdtool.errors import KdtoolError, check_choice
+from kdtool.io import atomic_path
+
+CONDITIONS = ("real, running BN", "noise, running BN", "noise, current BN")
+
+
+@dataclass
+class ActivationsConfig:
+    teacher: str
+    data: str
+    noise: str = "gaussian"
+    layers: list[str] | None = None  # None: the model's top-level blocks
+    samples: int = 512
+    batch_size: int = 256  # the batch the current statistics come from
+    seed: int = 0
+
+
+def default_layers(model: nn.Module) -> list[str]:
+    """Top-level children that hold (or are) BatchNorm layers: stem and stages, by name."""
+    return [name for name, child in model.named_children() if bn_layers(child)]
+
+
+def _collect(model: nn.Module, layers: list[str], x: torch.Tensor, batch: int,
+             current: bool) -> dict[str, np.ndarray]:
+    modules = dict(model.named_modules())
+    out: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+
+    def hook(name):
+        def fn(_m, _i, y):
+            y = y if y.ndim == 2 else y.flatten(2).mean(2)  # (N, C) per-channel means
+            out[name].append(y.detach().float().flatten())
+        return fn
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in layers]
+    model.eval()
+    try:
+        with torch.no_grad(), batch_stats(model) if current else nullcontext():
+            for i in range(0, len(x), batch):
+                model(x[i:i + batch])
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: torch.cat(v).numpy() for n, v in out.items()}
+
+
+def run_activations(cfg: ActivationsConfig) -> dict:
+    from scipy.stats import wasserstein_distance
+
+    from kdtool.checkpoint import load_checkpoint
+    from kdtool.data import load_data
+    from kdtool.distill.noise import make_noise
+
+    model, meta = load_checkpoint(cfg.teacher)
+    if not bn_layers(model):
+        raise KdtoolError(f"teacher '{cfg.teacher}' has no BatchNorm layers: running and "
+                          "current statistics are the same thing for it")
+    modules = dict(model.named_modules())
+    layers = cfg.layers or default_layers(model)
+    for name in layers:
+        check_choice(name, [n for n in modules if n], f"layer of {meta.arch}")
+    if cfg.samples < 2 or cfg.batch_size < 2:
+        raise KdtoolError("--samples and --batch-size must be >= 2")
+    data = load_data(cfg.data, image_size=tuple(meta.input_size), channels=meta.in_chans)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n = min(cfg.samples, len(data))
+    idx = torch.randperm(len(data), generator=gen)[:n]
+    mean = torch.tensor(meta.mean).view(1, -1, 1, 1)
+    std = torch.tensor(meta.std).view(1, -1, 1, 1)
+    real = (data.x[idx].float() / 255 - mean) / std
+    noise = make_noise(cfg.noise, meta.in_chans, tuple(meta.input_size), meta.mean, meta.std,
+                       "cpu").sample(n, gen)
+    acts = {CONDITIONS[0]: _collect(model, layers, real, cfg.batch_size, current=False),
+            CONDITIONS[1]: _collect(model, layers, noise, cfg.batch_size, current=False),
+            CONDITIONS[2]: _collect(model, layers, noise, cfg.batch_size, current=True)}
+    rows = []
+    for layer in layers:
+        ref = acts[CONDITIONS[0]][layer]
+        for cond in CONDITIONS:
+            v = acts[cond][layer]
+            rows.append({"layer": layer, "condition": cond,
+                         "wasserstein_to_real": float(wasserstein_distance(v, ref)),
+                         "mean": float(v.mean()), "std": float(v.std()),
+                         "p05": float(np.percentile(v, 5)), "p50": float(np.median(v)),
+                         "p95": float(np.percentile(v, 95))})
+    return {"teacher": cfg.teacher, "arch": meta.arch, "data": cfg.data, "noise": cfg.noise,
+            "images": n, "layers": layers, "rows": rows, "values": acts}
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def write_png(path: Path, r: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = r["layers"]
+    cols = min(4, len(layers))
+    rows_n = -(-len(layers) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.2 * rows_n), squeeze=False)
+    dist = {(x["layer"], x["condition"]): x["wasserstein_to_real"] for x in r["rows"]}
+    for ax, layer in zip(axes.flat, layers, strict=False):
+        values = [r["values"][c][layer] for c in CONDITIONS]
+        lo = min(np.percentile(v, 0.5) for v in values)
+        hi = max(np.percentile(v, 99.5) for v in values)
+        bins = np.linspace(lo, hi, 60) if hi > lo else 10
+        for cond, v in zip(CONDITIONS, values, strict=True):
+            label = cond if cond == CONDITIONS[0] else f"{cond} (W1 {dist[(layer, cond)]:.3f})"
+            ax.hist(v, bins=bins, density=True, histtype="step", linewidth=1.4, label=label)
+        ax.set_title(layer)
+        ax.set_xlabel("per-channel mean activation")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(layers):]:
+        ax.axis("off")
+    fig.suptitle(f"{r['arch']}: activations on {r['data']} and {r['noise']} noise")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)

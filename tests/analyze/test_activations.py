@@ -1,0 +1,34 @@
+"""``kdtool analyze activations``: per-layer activation distributions, real vs noise."""
+
+from __future__ import annotations
+
+import csv
+
+from kdtool.analyze.activations import CONDITIONS
+
+
+def test_current_statistics_bring_noise_activations_to_real_ones(cli, digits_teacher, tmp_path):
+    stem = tmp_path / "act"
+    r = cli("analyze", "activations", digits_teacher, "--data", "digits:test", "--samples",
+            "256", "--out", stem, "--json")
+    assert r.code == 0, r.err
+    res = r.json()
+    assert res["layers"] == ["bn1", "layer1", "layer2", "layer3"]  # resnet8's own names
+    w1 = {(x["layer"], x["condition"]): x["wasserstein_to_real"] for x in res["rows"]}
+    running = sum(w1[(n, CONDITIONS[1])] for n in res["layers"])
+    current = sum(w1[(n, CONDITIONS[2])] for n in res["layers"])
+    assert current < 0.5 * running, (current, running)  # the paper's Figs. 5-8
+    assert all(w1[(n, CONDITIONS[0])] == 0 for n in res["layers"])
+    rows = list(csv.DictReader((tmp_path / "act.csv").read_text().splitlines()))
+    assert len(rows) == 3 * len(res["layers"])
+    assert (tmp_path / "act.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_errors_name_the_layer_and_refuse_overwrite(cli, digits_teacher, tmp_path):
+    bad = cli("analyze", "activations", digits_teacher, "--data", "digits:test", "--layers",
+              "layer9", "--out", tmp_path / "a")
+    assert bad.code == 1 and "layer9" in bad.err and "did you mean" in bad.err
+    (tmp_path / "b.png").write_bytes(b"x")
+    again = cli("analyze", "activations", digits_teacher, "--data", "digits:test", "--out",
+                tmp_path / "b")
+    assert again.code == 1 and "already exists" in again.err
