@@ -42,13 +42,16 @@ def default_layers(model: nn.Module) -> list[str]:
     return [name for name, child in model.named_children() if bn_layers(child)]
 
 
-def _collect(model: nn.Module, layers: list[str], x: torch.Tensor, batch: int,
-             current: bool) -> dict[str, np.ndarray]:
+def collect(model: nn.Module, layers: list[str], x: torch.Tensor, batch: int,
+            current: bool, inputs: bool = False) -> dict[str, np.ndarray]:
+    """Per-channel means of each layer's output (or input) over ``x``, BN on running or
+    current statistics (batches of ``batch``)."""
     modules = dict(model.named_modules())
     out: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
 
     def hook(name):
-        def fn(_m, _i, y):
+        def fn(_m, args, y):
+            y = args[0] if inputs else y
             y = y if y.ndim == 2 else y.flatten(2).mean(2)  # (N, C) per-channel means
             out[name].append(y.detach().float().flatten())
         return fn
@@ -91,9 +94,9 @@ def run_activations(cfg: ActivationsConfig) -> dict:
     real = (data.x[idx].float() / 255 - mean) / std
     noise = make_noise(cfg.noise, meta.in_chans, tuple(meta.input_size), meta.mean, meta.std,
                        "cpu").sample(n, gen)
-    acts = {CONDITIONS[0]: _collect(model, layers, real, cfg.batch_size, current=False),
-            CONDITIONS[1]: _collect(model, layers, noise, cfg.batch_size, current=False),
-            CONDITIONS[2]: _collect(model, layers, noise, cfg.batch_size, current=True)}
+    acts = {CONDITIONS[0]: collect(model, layers, real, cfg.batch_size, current=False),
+            CONDITIONS[1]: collect(model, layers, noise, cfg.batch_size, current=False),
+            CONDITIONS[2]: collect(model, layers, noise, cfg.batch_size, current=True)}
     rows = []
     for layer in layers:
         ref = acts[CONDITIONS[0]][layer]

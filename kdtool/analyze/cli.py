@@ -109,3 +109,55 @@ def activations_cmd(
         console.out.print(f"wrote {res['png']} and {res['csv']}")
 
     console.emit(result, as_json, render)
+
+
+@analyze_app.command("student")
+def student_cmd(
+    student: Annotated[Path, typer.Argument(help="A noise-distilled student (before calibrate).")],
+    data: Annotated[str, typer.Option("--data", help="Real images to look at. " + DATA_HELP)],
+    calib_data: Annotated[str | None, typer.Option(
+        "--calib-data", help="Images to recalibrate BN on (default: --data).")] = None,
+    batches: Annotated[int, typer.Option("--batches", help="Calibration batches.")] = 32,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration batch.")] = 16,
+    samples: Annotated[int, typer.Option("--samples", help="Images looked at.")] = 512,
+    out: Annotated[Path, typer.Option(
+        "--out", help="Output stem: writes STEM.png and STEM.csv.")] = Path("student"),
+    force: Force = False,
+    seed: Seed = 0,
+    as_json: Json = False,
+) -> None:
+    """A student's pooled features on real data (appendix A.3, Fig. 2): noise vs real BN.
+
+    Compares the input of the student's classifier on real images with BN on its own
+    (noise) running statistics, on current batch statistics, and recalibrated on a few real
+    batches; with each curve's Wasserstein distance from the current-statistics one and,
+    for labelled data, accuracy.
+
+    Example: [bold]kdtool analyze student student.safetensors --data digits:test --calib-data
+    digits --out figures/student[/bold]
+    """
+    from kdtool import console
+    from kdtool.analyze import require_matplotlib
+    from kdtool.analyze.activations import write_csv
+    from kdtool.analyze.student import StudentConfig, run_student, write_png
+    from kdtool.io import check_output
+
+    csv_path = check_output(out.with_suffix(".csv"), force, "CSV")
+    png_path = check_output(out.with_suffix(".png"), force, "plot")
+    require_matplotlib()
+    r = run_student(StudentConfig(student=str(student), data=data, calib_data=calib_data,
+                                  batches=batches, batch_size=batch_size, samples=samples,
+                                  seed=seed))
+    write_csv(csv_path, r["rows"])
+    write_png(png_path, r)
+    result = {k: v for k, v in r.items() if k != "values"} | {"csv": str(csv_path),
+                                                              "png": str(png_path)}
+
+    def render(res):
+        rows = [[x["state"], f"{x['wasserstein_to_current']:.4f}",
+                 f"{x['top1']:.1f}%" if "top1" in x else "n/a"] for x in res["rows"]]
+        console.out.print(console.table(f"{res['arch']} student: {res['features']}",
+                                        ["BN statistics", "W1 to current", "top-1"], rows))
+        console.out.print(f"wrote {res['png']} and {res['csv']}")
+
+    console.emit(result, as_json, render)
