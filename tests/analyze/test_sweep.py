@@ -1,0 +1,40 @@
+"""``kdtool analyze sweep``: Table 1 / Fig. 3b sweeps of distillation runs."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from kdtool.analyze.sweep import point_config
+from kdtool.distill.loop import DistillConfig
+from kdtool.errors import KdtoolError
+
+
+def test_points_map_to_distill_configs():
+    base = DistillConfig(teacher="t", iters_per_epoch=100, batch_size=256)
+    assert point_config(base, "running-fraction", 0).teacher_bn == "current"
+    assert point_config(base, "running-fraction", 1).teacher_bn == "running"
+    mixed = point_config(base, "running-fraction", 0.25)
+    assert (mixed.teacher_bn, mixed.running_fraction) == ("mixed", 0.25)
+    small = point_config(base, "batch-size", 64)  # the same number of noise images
+    assert (small.batch_size, small.iters_per_epoch) == (64, 400)
+    with pytest.raises(KdtoolError, match="between 0 and 1"):
+        point_config(base, "running-fraction", 1.5)
+    with pytest.raises(KdtoolError, match="integer >= 2"):
+        point_config(base, "batch-size", 1)
+
+
+def test_running_fraction_sweep_writes_csv_and_png(cli, digits_teacher, tmp_path):
+    r = cli("analyze", "sweep", "--teacher", digits_teacher, "--val", "digits:test",
+            "--values", "0,1", "--epochs", "2", "--iters-per-epoch", "10", "--batch-size",
+            "64", "--out", tmp_path / "t1", "--json")
+    assert r.code == 0, r.err
+    rows = r.json()["rows"]
+    assert [row["teacher_bn"] for row in rows] == ["current", "running"]
+    assert len(list(csv.DictReader((tmp_path / "t1.csv").read_text().splitlines()))) == 2
+    assert (tmp_path / "t1.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "t1" / "running-fraction_0.safetensors").is_file()
+    bad = cli("analyze", "sweep", "--teacher", digits_teacher, "--val", "digits:test",
+              "--param", "batchsize", "--out", tmp_path / "x")
+    assert bad.code == 1 and "did you mean 'batch-size'" in bad.err
