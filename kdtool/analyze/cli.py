@@ -183,6 +183,10 @@ def sweep_cmd(
         "--batch-size", help="Batch of every point (batch-size sweeps keep the number of "
         "noise images of this batch x iterations).")] = 256,
     lr: Annotated[float, typer.Option("--lr", help="Adam one-cycle peak rate.")] = 0.01,
+    keep: Annotated[str, typer.Option(
+        "--keep", help="batch-size sweeps: keep the number of noise 'images' (fewer steps for "
+        "larger batches) or of optimiser 'steps' (more images for larger batches).")
+    ] = "images",
     out: Annotated[Path, typer.Option(
         "--out", help="Output stem: writes STEM.png, STEM.csv and the students in STEM/.")
     ] = Path("sweep"),
@@ -216,10 +220,11 @@ def sweep_cmd(
     base = DistillConfig(teacher=str(teacher), student=student, noise=noise, epochs=epochs,
                          iters_per_epoch=iters_per_epoch, batch_size=batch_size,
                          schedule="onecycle", lr=lr, val=val, seed=seed, device=device)
-    rows = run_sweep(base, param, points, out)
+    rows = run_sweep(base, param, points, out, keep)
     write_csv(csv_path, rows)
     write_png(png_path, rows, f"{student} from {teacher.name}, {noise} noise")
-    result = {"param": param, "rows": rows, "csv": str(csv_path), "png": str(png_path)}
+    result = {"param": param, "keep": keep, "rows": rows, "csv": str(csv_path),
+              "png": str(png_path)}
 
     def render(res):
         table = [[f"{r['value']:g}", f"{r['val_top1_current']:.1f}%",

@@ -18,11 +18,15 @@ from kdtool.io import atomic_path
 
 PARAMS = {
     "running-fraction": "share of the teacher's BN layers on running statistics",
-    "batch-size": "distillation batch size (same number of noise images)",
+    "batch-size": "distillation batch size",
 }
 
 
-def point_config(base: DistillConfig, param: str, value: float) -> DistillConfig:
+KEEP = ("images", "steps")  # what a batch-size sweep holds constant
+
+
+def point_config(base: DistillConfig, param: str, value: float,
+                 keep: str = "images") -> DistillConfig:
     if param == "running-fraction":
         if not 0 <= value <= 1:
             raise KdtoolError(f"running fraction {value} is not between 0 and 1")
@@ -34,15 +38,19 @@ def point_config(base: DistillConfig, param: str, value: float) -> DistillConfig
     b = int(value)
     if b != value or b < 2:
         raise KdtoolError(f"batch size {value} must be an integer >= 2")
+    check_choice(keep, KEEP, "--keep")
+    if keep == "steps":  # same optimiser steps: a larger batch sees more noise
+        return replace(base, batch_size=b)
     iters = max(1, round(base.iters_per_epoch * base.batch_size / b))
     return replace(base, batch_size=b, iters_per_epoch=iters)
 
 
-def run_sweep(base: DistillConfig, param: str, values: list[float], workdir: Path) -> list[dict]:
+def run_sweep(base: DistillConfig, param: str, values: list[float], workdir: Path,
+              keep: str = "images") -> list[dict]:
     check_choice(param, list(PARAMS), "sweep parameter")
     if not base.val:
         raise KdtoolError("a sweep measures accuracy and needs labelled --val data")
-    configs = [point_config(base, param, v) for v in values]  # check every value first
+    configs = [point_config(base, param, v, keep) for v in values]  # check every value first
     rows = []
     for value, cfg in zip(values, configs, strict=True):
         t0 = time.perf_counter()

@@ -19,6 +19,8 @@ def test_points_map_to_distill_configs():
     assert (mixed.teacher_bn, mixed.running_fraction) == ("mixed", 0.25)
     small = point_config(base, "batch-size", 64)  # the same number of noise images
     assert (small.batch_size, small.iters_per_epoch) == (64, 400)
+    steps = point_config(base, "batch-size", 64, keep="steps")  # the same optimiser steps
+    assert (steps.batch_size, steps.iters_per_epoch) == (64, 100)
     with pytest.raises(KdtoolError, match="between 0 and 1"):
         point_config(base, "running-fraction", 1.5)
     with pytest.raises(KdtoolError, match="integer >= 2"):
