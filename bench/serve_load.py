@@ -7,7 +7,8 @@ image (online serving) drawn from a pool of 64 random inputs, encoded once up fr
 Every answer is checked against offline ONNX Runtime (a wrong answer is counted, never
 a success), and ``--malformed`` mixes in broken requests that must get 400.
 
-For each ``--configs`` entry (``max_batch:max_delay_ms``) it starts ``kdtool serve`` as
+For each ``--configs`` entry (``max_batch:max_delay_ms[:workers[:threads]]``; threads
+default to --threads) it starts ``kdtool serve`` as
 a subprocess, runs the load, reads the server's /metrics (mean batch size) and reports
 images/s, p50/p90/p99 latency, status counts, and the CPU used by server and client
 (the client shares the machine: its CPU share says whether it was the bottleneck; a
@@ -261,7 +262,8 @@ def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float = 120) ->
 
 
 def start_kdtool(
-    model: Path, max_batch: int, max_delay_ms: float, threads: int, max_queue: int = 4096
+    model: Path, max_batch: int, max_delay_ms: float, threads: int, max_queue: int = 4096,
+    workers: int = 1,
 ) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [
@@ -280,6 +282,8 @@ def start_kdtool(
         str(threads),
         "--max-queue",
         str(max_queue),
+        "--workers",
+        str(workers),
     ]
     env = {k: v for k, v in os.environ.items() if k != "KDTOOL_API_KEY"}
     proc = subprocess.Popen(
@@ -315,10 +319,18 @@ def mean_batch(base: str) -> float | None:
     return float(s.group(1)) / float(c.group(1)) if s and c and float(c.group(1)) else None
 
 
+def parse_config(text: str, threads: int) -> tuple[int, float, int, int]:
+    """``max_batch:max_delay_ms[:workers[:threads]]``."""
+    parts = text.split(":")
+    workers = int(parts[2]) if len(parts) > 2 else 1
+    return int(parts[0]), float(parts[1]), workers, int(parts[3]) if len(parts) > 3 else threads
+
+
 def bench_kdtool(
-    model: Path, max_batch: int, max_delay_ms: float, args, requests, expected, spec
+    model: Path, max_batch: int, max_delay_ms: float, workers: int, threads: int, args,
+    requests, expected, spec
 ) -> dict:
-    proc, base = start_kdtool(model, max_batch, max_delay_ms, args.threads)
+    proc, base = start_kdtool(model, max_batch, max_delay_ms, threads, workers=workers)
     try:
         cpu0, t0 = cpu_seconds(proc.pid), time.perf_counter()
         r = run_load(
@@ -335,7 +347,8 @@ def bench_kdtool(
             r["client_ceiling_req_s"] = ceiling(base + "/v2/health/live", args.concurrency, 5)
     finally:
         stop(proc)
-    r["server"] = f"kdtool serve --max-batch {max_batch} --max-delay-ms {max_delay_ms:g}"
+    r["server"] = (f"kdtool serve --max-batch {max_batch} --max-delay-ms {max_delay_ms:g} "
+                   f"--workers {workers} --threads {threads}")
     return r
 
 
@@ -448,7 +461,7 @@ def main() -> None:
         export_zoo(args.model, args.arch)
     x, y, spec = input_pool(args.model)
     requests, expected = build_requests(x, y, spec, args.binary, args.malformed)
-    configs = [(int(c.split(":")[0]), float(c.split(":")[1])) for c in args.configs.split(",")]
+    configs = [parse_config(c, args.threads) for c in args.configs.split(",")]
     runs: dict[tuple, list[dict]] = {c: [] for c in configs}
     for rep in range(args.repeats):  # alternate the order: drift on a shared machine cancels
         for cfg in configs if rep % 2 == 0 else configs[::-1]:
@@ -474,7 +487,7 @@ def main() -> None:
     if len(served) >= 2:
         print("\nfirst config / last config: " + ratios(served[0], served[-1]))
     if args.json:
-        all_runs = {f"{mb}:{d:g}": v for (mb, d), v in runs.items()}
+        all_runs = {f"{mb}:{d:g}:{w}:{t}": v for (mb, d, w, t), v in runs.items()}
         args.json.write_text(json.dumps({"runs": all_runs, "rows": rows}, indent=1))
 
 

@@ -38,6 +38,7 @@ class ServerConfig:
     max_batch: int = 32
     max_delay_ms: float = 5.0
     max_queue: int = 512  # images waiting for a batch; more get 503
+    workers: int = 1  # ONNX Runtime calls in flight at once
     max_body_mb: float = 16.0
     api_key: str | None = None
     default_top_k: int = 5
@@ -62,6 +63,7 @@ def create_app(model: OnnxModel, config: ServerConfig | None = None) -> Starlett
         max_queue=config.max_queue,
         fixed_batch=model.fixed_batch,
         metrics=metrics,
+        workers=config.workers,
     )
     body_limit = int(config.max_body_mb * 1024 * 1024)
     api_key = config.api_key.encode() if config.api_key else None

@@ -47,8 +47,12 @@ class DynamicBatcher:
         max_queue: int,
         fixed_batch: int | None = None,
         metrics=None,
+        workers: int = 1,
     ):
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
         self.run_fn = run
+        self.workers = workers  # ORT calls in flight at once (each on its own thread)
         self.max_batch = min(max_batch, fixed_batch) if fixed_batch else max_batch
         self.max_delay = max_delay_s
         self.max_queue = max_queue
@@ -62,7 +66,9 @@ class DynamicBatcher:
         self._closing = False
         self._flushing = False  # stopping: no new requests come, so wait for none
         self._event_loop: asyncio.AbstractEventLoop | None = None
-        self.running_batch = 0  # images in the ORT call now running (0: idle)
+        self.running_batch = 0  # images in the ORT calls now running (0: idle)
+        self._slots: asyncio.Semaphore | None = None
+        self._inflight: set[asyncio.Task] = set()
 
     @property
     def ready(self) -> bool:
@@ -71,7 +77,8 @@ class DynamicBatcher:
     async def start(self) -> None:
         self._event_loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="kdtool-ort")
+        self._slots = asyncio.Semaphore(self.workers)
+        self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="kdtool-ort")
         self._task = asyncio.create_task(self._loop(), name="kdtool-batcher")
 
     async def close(self) -> None:
@@ -135,9 +142,16 @@ class DynamicBatcher:
         while True:
             if not self._queue:
                 if self._closing:
+                    await asyncio.gather(*self._inflight)
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
+                continue
+            # A batch forms only once a worker is free: with one worker, requests that
+            # arrive during a call wait in the queue and make the next batch.
+            await self._slots.acquire()
+            if not self._queue:
+                self._slots.release()
                 continue
             await self._gather_more()
             items, size = [], 0
@@ -147,7 +161,13 @@ class DynamicBatcher:
                 size += len(item.x)
             self._queued -= size
             self._set_gauge()
-            await self._run(loop, items, size)
+            task = asyncio.create_task(self._run(loop, items, size))
+            self._inflight.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._inflight.discard(task)
+        self._slots.release()
 
     async def _gather_more(self) -> None:
         """Wait until max_batch images are queued or the oldest has waited max_delay."""
@@ -164,7 +184,7 @@ class DynamicBatcher:
 
     async def _run(self, loop, items: list[_Item], size: int) -> None:
         t_start = time.perf_counter()
-        self.running_batch = size
+        self.running_batch += size
         try:
             x = items[0].x if len(items) == 1 else np.concatenate([i.x for i in items])
             if self.fixed_batch and size < self.fixed_batch:  # a static graph: one size only
@@ -183,7 +203,7 @@ class DynamicBatcher:
                     item.future.set_exception(e)
             return
         finally:
-            self.running_batch = 0
+            self.running_batch -= size
         t_end = time.perf_counter()
         if self.metrics is not None:
             self.metrics.observe_batch(size, t_end - t_start, [t_start - i.t0 for i in items])
