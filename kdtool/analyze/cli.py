@@ -16,11 +16,35 @@ analyze_app = typer.Typer(
 )
 app.add_typer(analyze_app, name="analyze")
 
+OutStem = Annotated[Path, typer.Option(
+    "--out", help="Output stem: writes STEM.png and STEM.csv (and a sweep's students in STEM/).")]
+
+
+def _outputs(out: Path, force: bool) -> tuple[Path, Path]:
+    """STEM.csv and STEM.png, checked before any work (no overwrite without --force)."""
+    from kdtool.analyze import require_matplotlib
+    from kdtool.io import check_output
+
+    paths = (check_output(out.with_suffix(".csv"), force, "CSV"),
+             check_output(out.with_suffix(".png"), force, "plot"))
+    require_matplotlib()
+    return paths
+
+
+def _report(result: dict, as_json: bool, title: str, columns: list[str], rows) -> None:
+    """Print ``rows(result)`` as a table and the files written, or the result as JSON."""
+    from kdtool import console
+
+    def render(res):
+        console.out.print(console.table(title, columns, rows(res)))
+        console.out.print(f"wrote {res['png']} and {res['csv']}")
+
+    console.emit(result, as_json, render)
+
 
 @analyze_app.command("toy")
 def toy_cmd(
-    out: Annotated[Path, typer.Option(
-        "--out", help="Output stem: writes STEM.png and STEM.csv.")] = Path("toy"),
+    out: OutStem = Path("toy"),
     samples: Annotated[int, typer.Option("--samples", help="Points of make_circles.")] = 1000,
     steps: Annotated[int, typer.Option("--steps", help="Full-batch Adam steps.")] = 600,
     noise_scale: Annotated[float, typer.Option(
@@ -38,30 +62,30 @@ def toy_cmd(
 
     Example: [bold]kdtool analyze toy --out figures/toy[/bold]
     """
-    from kdtool import console
-    from kdtool.analyze.toy import ToyConfig, toy
+    from kdtool.analyze.toy import ToyConfig, run_toy, write_csv, write_png
+    from kdtool.errors import KdtoolError
 
-    result = toy(out, ToyConfig(samples=samples, steps=steps, noise_scale=noise_scale,
-                                seed=seed), force=force)
-
-    def render(r):
-        rows = [[name, f"{s['mean_distance_to_real']:.3f}",
-                 " / ".join(str(v) for v in s["predicted_class_share"])]
-                for name, s in r["summary"].items()]
-        console.out.print(console.table(
-            f"toy problem (train accuracy {r['train_accuracy']:.1f}%)",
-            ["embedding", "mean distance to real", "predicted class 0 / 1"], rows))
-        console.out.print(f"wrote {r['png']} and {r['csv']}")
-
-    console.emit(result, as_json, render)
+    for name, value in (("--samples", samples), ("--steps", steps)):
+        if value < 2:
+            raise KdtoolError(f"{name} must be >= 2, got {value}")
+    csv_path, png_path = _outputs(out, force)
+    r = run_toy(ToyConfig(samples=samples, steps=steps, noise_scale=noise_scale, seed=seed))
+    write_csv(csv_path, r)
+    write_png(png_path, r)
+    result = {"csv": str(csv_path), "png": str(png_path), "train_accuracy": r["train_accuracy"],
+              "summary": r["summary"]}
+    _report(result, as_json, f"toy problem (train accuracy {r['train_accuracy']:.1f}%)",
+            ["embedding", "mean distance to real", "predicted class 0 / 1"],
+            lambda res: [[name, f"{x['mean_distance_to_real']:.3f}",
+                          " / ".join(str(v) for v in x["predicted_class_share"])]
+                         for name, x in res["summary"].items()])
 
 
 @analyze_app.command("activations")
 def activations_cmd(
     teacher: Annotated[Path, typer.Argument(help="A kdtool checkpoint with BatchNorm layers.")],
     data: Annotated[str, typer.Option("--data", help="Real images. " + DATA_HELP)],
-    out: Annotated[Path, typer.Option(
-        "--out", help="Output stem: writes STEM.png and STEM.csv.")] = Path("activations"),
+    out: OutStem = Path("activations"),
     noise: Annotated[str, typer.Option(
         "--noise", help="gaussian, uniform or dead_leaves.")] = "gaussian",
     layers: Annotated[str | None, typer.Option(
@@ -83,14 +107,9 @@ def activations_cmd(
     Example: [bold]kdtool analyze activations teacher.safetensors --data digits:test --out
     figures/activations[/bold]
     """
-    from kdtool import console
-    from kdtool.analyze import require_matplotlib
     from kdtool.analyze.activations import ActivationsConfig, run_activations, write_csv, write_png
-    from kdtool.io import check_output
 
-    csv_path = check_output(out.with_suffix(".csv"), force, "CSV")
-    png_path = check_output(out.with_suffix(".png"), force, "plot")
-    require_matplotlib()
+    csv_path, png_path = _outputs(out, force)
     names = [n for n in layers.split(",") if n] if layers else None
     r = run_activations(ActivationsConfig(teacher=str(teacher), data=data, noise=noise,
                                           layers=names, samples=samples, batch_size=batch_size,
@@ -99,16 +118,10 @@ def activations_cmd(
     write_png(png_path, r)
     result = {k: v for k, v in r.items() if k != "values"} | {"csv": str(csv_path),
                                                               "png": str(png_path)}
-
-    def render(res):
-        rows = [[x["layer"], x["condition"], f"{x['wasserstein_to_real']:.4f}",
-                 f"{x['mean']:.3f} +- {x['std']:.3f}"] for x in res["rows"]]
-        console.out.print(console.table(
-            f"activations of {res['arch']} ({res['images']} images per condition)",
-            ["layer", "condition", "W1 to real", "mean +- std"], rows))
-        console.out.print(f"wrote {res['png']} and {res['csv']}")
-
-    console.emit(result, as_json, render)
+    _report(result, as_json, f"activations of {r['arch']} ({r['images']} images per condition)",
+            ["layer", "condition", "W1 to real", "mean +- std"],
+            lambda res: [[x["layer"], x["condition"], f"{x['wasserstein_to_real']:.4f}",
+                          f"{x['mean']:.3f} +- {x['std']:.3f}"] for x in res["rows"]])
 
 
 @analyze_app.command("student")
@@ -120,8 +133,7 @@ def student_cmd(
     batches: Annotated[int, typer.Option("--batches", help="Calibration batches.")] = 32,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration batch.")] = 16,
     samples: Annotated[int, typer.Option("--samples", help="Images looked at.")] = 512,
-    out: Annotated[Path, typer.Option(
-        "--out", help="Output stem: writes STEM.png and STEM.csv.")] = Path("student"),
+    out: OutStem = Path("student"),
     force: Force = False,
     seed: Seed = 0,
     as_json: Json = False,
@@ -136,15 +148,10 @@ def student_cmd(
     Example: [bold]kdtool analyze student student.safetensors --data digits:test --calib-data
     digits --out figures/student[/bold]
     """
-    from kdtool import console
-    from kdtool.analyze import require_matplotlib
     from kdtool.analyze.activations import write_csv
     from kdtool.analyze.student import StudentConfig, run_student, write_png
-    from kdtool.io import check_output
 
-    csv_path = check_output(out.with_suffix(".csv"), force, "CSV")
-    png_path = check_output(out.with_suffix(".png"), force, "plot")
-    require_matplotlib()
+    csv_path, png_path = _outputs(out, force)
     r = run_student(StudentConfig(student=str(student), data=data, calib_data=calib_data,
                                   batches=batches, batch_size=batch_size, samples=samples,
                                   seed=seed))
@@ -152,15 +159,10 @@ def student_cmd(
     write_png(png_path, r)
     result = {k: v for k, v in r.items() if k != "values"} | {"csv": str(csv_path),
                                                               "png": str(png_path)}
-
-    def render(res):
-        rows = [[x["state"], f"{x['wasserstein_to_current']:.4f}",
-                 f"{x['top1']:.1f}%" if "top1" in x else "n/a"] for x in res["rows"]]
-        console.out.print(console.table(f"{res['arch']} student: {res['features']}",
-                                        ["BN statistics", "W1 to current", "top-1"], rows))
-        console.out.print(f"wrote {res['png']} and {res['csv']}")
-
-    console.emit(result, as_json, render)
+    _report(result, as_json, f"{r['arch']} student: {r['features']}",
+            ["BN statistics", "W1 to current", "top-1"],
+            lambda res: [[x["state"], f"{x['wasserstein_to_current']:.4f}",
+                          f"{x['top1']:.1f}%" if "top1" in x else "n/a"] for x in res["rows"]])
 
 
 @analyze_app.command("sweep")
@@ -187,9 +189,7 @@ def sweep_cmd(
         "--keep", help="batch-size sweeps: keep the number of noise 'images' (fewer steps for "
         "larger batches) or of optimiser 'steps' (more images for larger batches).")
     ] = "images",
-    out: Annotated[Path, typer.Option(
-        "--out", help="Output stem: writes STEM.png, STEM.csv and the students in STEM/.")
-    ] = Path("sweep"),
+    out: OutStem = Path("sweep"),
     force: Force = False,
     seed: Seed = 0,
     device: Device = "auto",
@@ -204,19 +204,14 @@ def sweep_cmd(
     Example: [bold]kdtool analyze sweep --teacher teacher.safetensors --val digits:test
     --param running-fraction --values 0,0.25,0.5,0.75,1 --out figures/table1[/bold]
     """
-    from kdtool import console
-    from kdtool.analyze import require_matplotlib
     from kdtool.analyze.sweep import PARAMS, run_sweep, write_csv, write_png
     from kdtool.cli.options import parse_floats
     from kdtool.distill.loop import DistillConfig
     from kdtool.errors import check_choice
-    from kdtool.io import check_output
 
     check_choice(param, list(PARAMS), "sweep parameter")
     points = parse_floats(values, "--values")
-    csv_path = check_output(out.with_suffix(".csv"), force, "CSV")
-    png_path = check_output(out.with_suffix(".png"), force, "plot")
-    require_matplotlib()
+    csv_path, png_path = _outputs(out, force)
     base = DistillConfig(teacher=str(teacher), student=student, noise=noise, epochs=epochs,
                          iters_per_epoch=iters_per_epoch, batch_size=batch_size,
                          schedule="onecycle", lr=lr, val=val, seed=seed, device=device)
@@ -226,12 +221,8 @@ def sweep_cmd(
     result = {"param": param, "keep": keep, "rows": rows, "csv": str(csv_path),
               "png": str(png_path)}
 
-    def render(res):
-        table = [[f"{r['value']:g}", f"{r['val_top1_current']:.1f}%",
-                  f"{r['val_top1_running']:.1f}%", f"{r['seconds']:.0f} s"] for r in res["rows"]]
-        console.out.print(console.table(f"sweep of {res['param']}",
-                                        [res["param"], "current BN", "running BN", "time"],
-                                        table))
-        console.out.print(f"wrote {res['png']} and {res['csv']}")
-
-    console.emit(result, as_json, render)
+    _report(result, as_json, f"sweep of {param}",
+            [param, "current BN", "running BN", "time"],
+            lambda res: [[f"{r['value']:g}", f"{r['val_top1_current']:.1f}%",
+                          f"{r['val_top1_running']:.1f}%", f"{r['seconds']:.0f} s"]
+                         for r in res["rows"]])

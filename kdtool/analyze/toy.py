@@ -18,10 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdtool.analyze import require_matplotlib
 from kdtool.bn import batch_stats, bn_layers
-from kdtool.errors import KdtoolError
-from kdtool.io import atomic_path, check_output
+from kdtool.io import atomic_path
 
 
 class ToyMLP(nn.Module):
@@ -136,18 +134,3 @@ def write_png(path: Path, r: dict) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-
-
-def toy(out: str | Path, cfg: ToyConfig, force: bool = False) -> dict:
-    out = Path(out)
-    csv_path = check_output(out.with_suffix(".csv"), force, "CSV")
-    png_path = check_output(out.with_suffix(".png"), force, "plot")
-    require_matplotlib()
-    for name, value in (("--samples", cfg.samples), ("--steps", cfg.steps)):
-        if value < 2:
-            raise KdtoolError(f"{name} must be >= 2, got {value}")
-    r = run_toy(cfg)
-    write_csv(csv_path, r)
-    write_png(png_path, r)
-    return {"csv": str(csv_path), "png": str(png_path), "train_accuracy": r["train_accuracy"],
-            "summary": r["summary"]}
