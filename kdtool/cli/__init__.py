@@ -1,12 +1,22 @@
 """kdtool's command line: ``kdtool`` and ``python -m kdtool``."""
 
-from kdtool.analyze import cli as _analyze_cli  # noqa: F401  (analyses)
-from kdtool.calibrate import cli as _calibrate_cli  # noqa: F401  (stage commands)
-from kdtool.cli import demo_cmd, model_cmds, train_cmds  # noqa: F401  (register the commands)
+import importlib
+
 from kdtool.cli.app import app, main
-from kdtool.deploy import bench_cli as _bench_cli  # noqa: F401  (stage commands)
-from kdtool.deploy import serve_cli as _serve_cli  # noqa: F401  (stage commands)
-from kdtool.distill import cli as _distill_cli  # noqa: F401  (stage commands)
-from kdtool.export import cli as _export_cli  # noqa: F401  (stage commands)
+
+# Importing a module registers its commands; this order is the order of `kdtool --help`:
+# the pipeline's, then the analyses and the model utilities.
+for _module in (
+    "kdtool.cli.demo_cmd",
+    "kdtool.cli.train_cmds",
+    "kdtool.distill.cli",
+    "kdtool.calibrate.cli",
+    "kdtool.export.cli",
+    "kdtool.deploy.bench_cli",
+    "kdtool.deploy.serve_cli",
+    "kdtool.analyze.cli",
+    "kdtool.cli.model_cmds",
+):
+    importlib.import_module(_module)
 
 __all__ = ["app", "main"]
