@@ -193,7 +193,7 @@ class CalibrateRun:
             write_png(
                 self.png,
                 sweep_rows,
-                f"{meta.arch} ({Path(c.checkpoint).name}): BN "
+                f"{meta.arch} ({Path(c.checkpoint).name})\nBN "
                 f"calibration on '{c.data}', val '{c.val}'",
                 noise=(meta.stages.get("distill") or {}).get("bn_running_stats") == "noise",
             )
