@@ -80,8 +80,8 @@ class Demo:
         students = self.distil(teacher)
         best = max(students, key=lambda s: s["top1_current"])
         cal = self.calibrate(best)
-        onnx = self.export(cal["out"])
-        bench = self.bench(cal["out"], onnx)
+        onnx = self.export(cal["file"])
+        bench = self.bench(cal["file"], onnx)
         return {"out": str(self.out), "scale": asdict(self.scale), "seed": self.seed,
                 "teacher": teacher, "students": students, "best_student": best["file"],
                 "calibrated": cal, "export": onnx, "bench": bench,
@@ -133,7 +133,7 @@ class Demo:
                                       batches=s.calib_batches, batch_size=16, val=TEST,
                                       seed=self.seed, device=self.device, force=True))
         acc = r.get("accuracy", {})
-        return {"file": str(path), "out": str(path), "from": student["file"],
+        return {"file": str(path), "from": student["file"],
                 "top1": acc.get("calibrated"), "top1_noise_running": acc.get("input_running"),
                 "top1_current": acc.get("input_current"),
                 "max_abs_diff": (r.get("fold") or {}).get("max_abs_diff"),
