@@ -131,18 +131,11 @@ def _checkpoint_model(path: Path) -> BenchModel:
                 "FILE --arch ARCH --out model.safetensors",
             ) from None
         raise
-    return BenchModel(
-        path=path,
-        kind="checkpoint",
-        file_bytes=path.stat().st_size,
-        in_chans=meta.in_chans,
-        input_size=list(meta.input_size),
-        mean=list(meta.mean),
-        std=list(meta.std),
-        num_classes=meta.num_classes,
-        class_names=list(meta.class_names),
-        arch=meta.arch,
-    )
+    from kdtool.export.metadata import OnnxInfo
+
+    # A PyTorch model has no tensor names; the rest is what an export would record.
+    info = OnnxInfo.from_meta(meta, input_name="", output_name="")
+    return _from_info(path, "checkpoint", info, path.stat().st_size)
 
 
 def _from_info(path: Path, kind: str, info, file_bytes: int) -> BenchModel:

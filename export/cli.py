@@ -104,8 +104,9 @@ def export_cmd(
         str,
         typer.Option(
             "--int8-activations",
-            help="symmetric (int8, zero point 0: valid for TensorRT) or "
-            "asymmetric (uint8: faster on ONNX Runtime CPU, not for TensorRT).",
+            help="symmetric (int8, zero point 0: valid for TensorRT; kdtool's ONNX Runtime "
+            "CPU sessions run it as uint8, same values) or asymmetric (uint8 with zero "
+            "points: fast in any ONNX Runtime CPU session, not for TensorRT).",
             rich_help_panel=_INT8,
         ),
     ] = "symmetric",

@@ -46,6 +46,22 @@ class OnnxInfo:
     max_batch: int | None = None  # largest batch the export was profiled for (--batch MAX)
     quantization: dict = field(default_factory=dict)  # INT8: scheme and calibration
 
+    @classmethod
+    def from_meta(cls, meta, *, input_name: str, output_name: str, **fields) -> OnnxInfo:
+        """The model of a kdtool checkpoint (its ``ModelMeta``) under these tensor names."""
+        return cls(
+            input_name=input_name,
+            output_name=output_name,
+            in_chans=meta.in_chans,
+            input_size=list(meta.input_size),
+            mean=list(meta.mean),
+            std=list(meta.std),
+            num_classes=meta.num_classes,
+            class_names=list(meta.class_names),
+            arch=meta.arch,
+            **fields,
+        )
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 

@@ -89,18 +89,12 @@ def run_export(cfg: ExportConfig) -> dict:
     calib = _load(cfg.calib_data, meta, "--calib-data") if cfg.calib_data else None
     val = _load(cfg.val, meta, "--val", labelled=True) if cfg.val else None
     folded = bool((meta.stages.get("calibrate") or {}).get("folded"))
-    info = OnnxInfo(
+    info = OnnxInfo.from_meta(
+        meta,
         input_name=INPUT_NAME,
         output_name=OUTPUT_NAME,
-        in_chans=meta.in_chans,
-        input_size=list(meta.input_size),
-        mean=list(meta.mean),
-        std=list(meta.std),
-        num_classes=meta.num_classes,
-        class_names=list(meta.class_names),
         precision=cfg.precision,
         batch=profile.max if profile.static else None,
-        arch=meta.arch,
         source=Path(cfg.checkpoint).name,
         source_sha256=_sha256(Path(cfg.checkpoint)),
         folded=folded,

@@ -29,14 +29,6 @@ import numpy as np
 from kdtool.errors import KdtoolError
 from kdtool.export.formats import GPU_EXTRA_HINT
 
-PROVIDER_ALIASES = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
-}
-
 
 class Runner:
     """Base class: see the module docstring for the contract."""
@@ -117,7 +109,11 @@ class TorchRunner(Runner):
 
 
 class OrtRunner(Runner):
-    """ONNX Runtime on the providers asked for (``cpu``, ``cuda``, ``tensorrt`` or full names)."""
+    """ONNX Runtime on the providers asked for (``cpu``, ``cuda``, ``tensorrt`` or full names).
+
+    Opened with ``kdtool.export.ort_session.open_session``: on the CPU provider a symmetric
+    INT8 graph runs with uint8 activations (same values) unless ``uint8_on_cpu=False``.
+    """
 
     backend = "onnxruntime"
 
@@ -126,40 +122,16 @@ class OrtRunner(Runner):
         path: str | Path,
         providers: tuple[str, ...] | list[str] = ("cpu",),
         threads: int | None = None,
+        uint8_on_cpu: bool = True,
     ):
-        import onnxruntime as ort
+        from kdtool.export.ort_session import open_session
 
         self.path = Path(path)
-        if not self.path.is_file():
-            raise KdtoolError(f"ONNX model '{self.path}' does not exist", "check the path")
-        names = [PROVIDER_ALIASES.get(p.lower(), p) for p in providers]
-        available = ort.get_available_providers()
-        for p in names:
-            if p not in available:
-                raise KdtoolError(
-                    f"ONNX Runtime {ort.__version__} has no {p} (available: "
-                    f"{', '.join(available)})",
-                    GPU_EXTRA_HINT if p != "CPUExecutionProvider" else None,
-                )
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only: a fallback is checked below, not logged
-        if threads:
-            options.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=names)
-        except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise KdtoolError(f"ONNX Runtime cannot load '{self.path}': {reason}") from e
-        # A provider whose libraries fail to load is dropped with only a log line: refuse it.
-        active = self.session.get_providers()
-        inactive = [p for p in names if p not in active]
-        if inactive:
-            raise KdtoolError(
-                f"ONNX Runtime did not activate {inactive[0]} for '{self.path}' (active: "
-                f"{', '.join(active)}); it would run on {active[0]} instead",
-                "check that the CUDA, cuDNN and TensorRT libraries match onnxruntime-gpu",
-            )
-        self.providers = active
+        self._opened = open_session(
+            self.path, providers, threads=threads, uint8_on_cpu=uint8_on_cpu
+        )
+        self.session = self._opened.session
+        self.providers = self._opened.providers
         self.threads = threads
         inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
         self.input_name, self.output_name = inp.name, out.name
@@ -184,7 +156,7 @@ class OrtRunner(Runner):
         return y.astype(np.float32, copy=False)
 
     def describe(self) -> dict[str, Any]:
-        d = {**super().describe(), "model": str(self.path), "providers": self.providers}
+        d = {**super().describe(), "model": str(self.path), **self._opened.describe()}
         if self.threads:
             d["threads"] = self.threads
         if "kdtool" in self.metadata:

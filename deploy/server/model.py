@@ -20,7 +20,6 @@ PROVIDERS: dict[str, tuple[str, ...]] = {
     # Nodes TensorRT cannot take run on CUDA.
     "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider"),
 }
-GPU_HINT = "pip install 'kdtool[gpu]' on a machine with an NVIDIA GPU and driver"
 
 
 @dataclass(frozen=True)
@@ -55,16 +54,9 @@ class OnnxModel:
         threads: int = 0,
         warmup: bool = True,
     ):
-        import onnxruntime as ort
+        from kdtool.export.ort_session import open_session
 
         self.path = Path(path)
-        if not self.path.is_file():
-            raise KdtoolError(
-                f"ONNX model '{self.path}' does not exist"
-                if not self.path.exists()
-                else f"'{self.path}' is not a file",
-                "pass the .onnx file written by kdtool export",
-            )
         self.name = name or self.path.stem
         if not self.name or "/" in self.name:
             raise KdtoolError(
@@ -72,35 +64,17 @@ class OnnxModel:
                 "pass --name with letters, digits, '-', '_' or '.'",
             )
         check_choice(provider, PROVIDERS, "provider")
-        wanted = PROVIDERS[provider]
-        if wanted[0] not in ort.get_available_providers():
-            raise KdtoolError(
-                f"this onnxruntime build has no {wanted[0]} (it has "
-                f"{', '.join(ort.get_available_providers())})",
-                GPU_HINT,
-            )
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = max(0, threads)  # 0: ORT's default, one per core
-        opts.inter_op_num_threads = 1  # a plain CNN has no parallel branches worth a pool
-        # Idle ORT threads spin by default, taking cores from the event loop that parses the
-        # next requests; with batching, an ORT call is long enough that waking costs nothing.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(self.path), opts, providers=list(wanted))
-        except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise KdtoolError(
-                f"ONNX Runtime cannot load '{self.path}': {reason}",
-                "pass an .onnx file written by kdtool export",
-            ) from e
-        self.providers = self.session.get_providers()
-        if self.providers[0] != wanted[0]:
-            raise KdtoolError(
-                f"ONNX Runtime did not use {wanted[0]} for '{self.path}' (it "
-                f"runs on {', '.join(self.providers)})",
-                GPU_HINT,
-            )
+        self.opened = open_session(
+            self.path,
+            PROVIDERS[provider],
+            threads=max(0, threads),  # 0: ORT's default, one per core
+            inter_op_threads=1,  # a plain CNN has no parallel branches worth a pool
+            # Idle ORT threads spin by default, taking cores from the event loop that parses
+            # the next requests; with batching, an ORT call is long enough that waking is free.
+            spinning=False,
+        )
+        self.session = self.opened.session
+        self.providers = self.opened.providers
         meta = self.session.get_modelmeta().custom_metadata_map
         self.info: OnnxInfo = info_from_props(meta, str(self.path))
         self.input, self.output, self.fixed_batch = self._specs()

@@ -300,3 +300,29 @@ def test_compressed_requests_and_responses(tiny_server, tiny_onnx, offline):
         assert r.status_code == 400 and "truncated" in r.json()["error"]
         r = c.post("/v2/models/tiny/infer", content=b"xx", headers={"Content-Encoding": "gzip"})
         assert r.status_code == 400 and "does not decompress" in r.json()["error"]
+
+
+def test_an_int8_model_is_served_the_way_kdtool_runs_it_on_cpu(tiny_onnx, tmp_path):
+    # The served session is opened like every kdtool runner: a symmetric INT8 graph runs
+    # with uint8 activations on the CPU provider (kdtool.export.ort_session).
+    import onnx
+
+    from kdtool.deploy.server import OnnxModel
+    from kdtool.export.metadata import read_info, write_info
+    from kdtool.export.precision import quantize_int8
+    from kdtool.export.runners import OrtRunner
+
+    calib = np.random.default_rng(0).standard_normal((64, 1, 8, 8)).astype(np.float32)
+    path = tmp_path / "tiny.int8.onnx"
+    quantize_int8(tiny_onnx, path, calib, input_name="input", batch_size=16)
+    proto = onnx.load(str(path))
+    info = read_info(tiny_onnx)
+    info.precision = "int8"
+    write_info(proto, info)
+    onnx.save(proto, str(path))
+
+    model = OnnxModel(path, threads=1)
+    assert model.opened.uint8_tensors > 0
+    x = calib[:5]
+    with OrtRunner(path, threads=1) as runner:
+        np.testing.assert_array_equal(model.run(x), runner.infer(x))

@@ -1,0 +1,122 @@
+"""Open an ONNX Runtime session the one way every kdtool stage does (export, bench, serve).
+
+``open_session`` checks the file and the providers, refuses a silent provider fallback,
+and on the CPU provider re-encodes symmetric int8 activations as uint8
+(``precision.int8_activations_to_uint8``: the same values, run by ONNX Runtime's fast
+uint8 x int8 kernels). The file on disk is never changed: it stays the TensorRT-valid
+symmetric graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kdtool.errors import KdtoolError
+from kdtool.export.formats import GPU_EXTRA_HINT
+
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+}
+LOAD_HINT = "pass an .onnx file written by kdtool export"
+
+
+@dataclass
+class OrtSession:
+    """A loaded session, the providers it really runs on, and what was done to the graph."""
+
+    session: Any
+    providers: list[str]
+    uint8_tensors: int = 0  # int8 activation tensors re-encoded as uint8 for the CPU
+
+    def describe(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"providers": self.providers}
+        if self.uint8_tensors:
+            d["int8_activations"] = (
+                f"{self.uint8_tensors} tensors run as uint8 on the CPU provider (same values)"
+            )
+        return d
+
+
+def open_session(
+    path: str | Path,
+    providers: tuple[str, ...] | list[str] = ("cpu",),
+    *,
+    threads: int | None = None,
+    inter_op_threads: int | None = None,
+    spinning: bool = True,
+    uint8_on_cpu: bool = True,
+) -> OrtSession:
+    """Open ``path`` on ``providers`` (aliases or full names, in priority order).
+
+    ``threads``: intra-op threads (None or 0: one per core). ``spinning=False`` stops idle
+    ORT threads from spinning (a server's event loop needs those cores). ``uint8_on_cpu``:
+    see the module docstring. KdtoolError for a missing or unloadable file, a provider this
+    onnxruntime lacks, or one it did not activate.
+    """
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise KdtoolError(
+            f"ONNX model '{path}' does not exist"
+            if not path.exists()
+            else f"ONNX model '{path}' is not a file",
+            LOAD_HINT,
+        )
+    names = [PROVIDER_ALIASES.get(p.lower(), p) for p in providers]
+    available = ort.get_available_providers()
+    for p in names:
+        if p not in available:
+            raise KdtoolError(
+                f"ONNX Runtime {ort.__version__} has no {p} (available: {', '.join(available)})",
+                GPU_EXTRA_HINT if p != "CPUExecutionProvider" else None,
+            )
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: a fallback is checked below, not logged
+    if threads:
+        options.intra_op_num_threads = threads
+    if inter_op_threads:
+        options.inter_op_num_threads = inter_op_threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    source: str | bytes = str(path)
+    uint8_tensors = 0
+    if uint8_on_cpu and names[0] == "CPUExecutionProvider":
+        source, uint8_tensors = _cpu_graph(path)
+    try:
+        session = ort.InferenceSession(source, options, providers=names)
+    except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KdtoolError(f"ONNX Runtime cannot load '{path}': {reason}", LOAD_HINT) from e
+    # A provider whose libraries fail to load is dropped with only a log line: refuse it.
+    active = session.get_providers()
+    inactive = [p for p in names if p not in active]
+    if inactive:
+        raise KdtoolError(
+            f"ONNX Runtime did not activate {inactive[0]} for '{path}' (active: "
+            f"{', '.join(active)}); it would run on {active[0]} instead",
+            "check that the CUDA, cuDNN and TensorRT libraries match onnxruntime-gpu",
+        )
+    return OrtSession(session, active, uint8_tensors)
+
+
+def _cpu_graph(path: Path) -> tuple[str | bytes, int]:
+    """The file itself, or its serialized uint8 re-encoding when it has int8 activations."""
+    import onnx
+
+    from kdtool.export.precision import int8_activations_to_uint8
+
+    try:
+        model = onnx.load(str(path))
+    except Exception:  # not parseable here: let ONNX Runtime report it in its own words
+        return str(path), 0
+    if not any(n.op_type == "QuantizeLinear" for n in model.graph.node):
+        return str(path), 0
+    count = int8_activations_to_uint8(model)
+    return (model.SerializeToString(), count) if count else (str(path), 0)

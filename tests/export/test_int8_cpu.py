@@ -1,0 +1,124 @@
+"""Symmetric INT8 on ONNX Runtime's CPU provider: the exact uint8 re-encoding at load time."""
+
+import hashlib
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from kdtool.checkpoint import read_meta
+from kdtool.data import load_data
+from kdtool.export.ort_session import open_session
+from kdtool.export.parity import normalise
+from kdtool.export.precision import int8_activations_to_uint8
+from kdtool.export.runners import OrtRunner
+
+
+def _qdq_graph(zero_point: int) -> onnx.ModelProto:
+    """x -> Q -> DQ feeding two consumers (fan-out), plus a weight DQ sharing the zero point."""
+    scale = numpy_helper.from_array(np.array(0.05, np.float32), "s")
+    zp = numpy_helper.from_array(np.array(zero_point, np.int8), "zp")
+    w = numpy_helper.from_array(np.arange(-4, 4, dtype=np.int8), "w")
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"]),
+        helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["a"]),
+        helper.make_node("DequantizeLinear", ["w", "s", "zp"], ["wf"]),
+        helper.make_node("Add", ["a", "wf"], ["y1"]),
+        helper.make_node("Relu", ["a"], ["y2"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8])],
+        [
+            helper.make_tensor_value_info("y1", TensorProto.FLOAT, [8]),
+            helper.make_tensor_value_info("y2", TensorProto.FLOAT, [8]),
+        ],
+        [scale, zp, w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    return model
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})
+
+
+def test_uint8_reencoding_keeps_every_value_and_the_saturation():
+    rng = np.random.default_rng(0)
+    # Values on the grid, half-way between grid points, and far beyond both ends.
+    xs = [
+        rng.uniform(-20, 20, 8).astype(np.float32),
+        (np.arange(-4, 4) * 0.05 + 0.025).astype(np.float32),
+        np.array([-1e6, -6.45, -6.4, -0.0, 0.0, 6.35, 6.4, 1e6], np.float32),
+    ]
+    for zero_point in (0, 3, -128, 127):
+        original = _qdq_graph(zero_point)
+        converted = _qdq_graph(zero_point)
+        assert int8_activations_to_uint8(converted) == 1
+        onnx.checker.check_model(converted, full_check=True)
+        types = {t.name: t.data_type for t in converted.graph.initializer}
+        # The weight keeps its int8 zero point; the activation pair reads a uint8 twin.
+        assert types["zp"] == TensorProto.INT8 and types["zp_uint8"] == TensorProto.UINT8
+        twin = numpy_helper.to_array(
+            next(t for t in converted.graph.initializer if t.name == "zp_uint8")
+        )
+        assert int(twin) == zero_point + 128
+        for x in xs:
+            for want, got in zip(_run(original, x), _run(converted, x), strict=True):
+                np.testing.assert_array_equal(got, want)
+
+
+def test_a_quantized_graph_output_or_a_non_dq_consumer_is_left_alone():
+    model = _qdq_graph(0)
+    model.graph.output.append(helper.make_tensor_value_info("q", TensorProto.INT8, [8]))
+    assert int8_activations_to_uint8(model) == 0
+    assert {t.name for t in model.graph.initializer} == {"s", "zp", "w"}
+
+
+def _optimized_ops(model: onnx.ModelProto, tmp_path) -> list[str]:
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+
+
+def test_cpu_sessions_run_every_conv_of_a_symmetric_int8_resnet_in_int8(
+    int8_export, tmp_path
+):
+    path, result = int8_export
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    model = onnx.load(str(path))
+    convs = sum(n.op_type == "Conv" for n in model.graph.node)
+    assert convs >= 9  # resnet8: stem, 3 blocks of 2, 2 projection shortcuts
+    assert int8_activations_to_uint8(model) > 0
+    ops = _optimized_ops(model, tmp_path)
+    assert "Conv" not in ops and ops.count("QLinearConv") == convs
+
+    # The runner applies it on the CPU provider only, says so, and leaves the file alone.
+    x, _ = _digits_test(read_meta(result["checkpoint"]))
+    with OrtRunner(path) as fast:
+        described = fast.describe()
+        got = fast.infer(x)
+    plain = open_session(path, uint8_on_cpu=False)
+    assert plain.uint8_tensors == 0 and "int8_activations" not in plain.describe()
+    want = plain.session.run(None, {"input": x})[0]
+    assert "same values" in described["int8_activations"]
+    # Integer accumulation against float convolutions on the same grid: rounding only.
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.99
+    np.testing.assert_allclose(got, want, atol=0.05 * np.abs(want).max())
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+
+
+def test_float_models_open_unchanged(fp32_export):
+    opened = open_session(fp32_export[0])
+    assert opened.uint8_tensors == 0 and opened.providers == ["CPUExecutionProvider"]
+
+
+def _digits_test(meta):
+    data = load_data("digits:test", image_size=tuple(meta.input_size), channels=meta.in_chans)
+    return normalise(data.x, meta.mean, meta.std), data.y.numpy()
