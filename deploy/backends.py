@@ -19,6 +19,7 @@ import numpy as np
 
 from kdtool.errors import KdtoolError, check_choice
 from kdtool.export.formats import GPU_EXTRA_HINT
+from kdtool.io import require_file
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 ONNX_SUFFIXES = (".onnx",)
@@ -104,13 +105,7 @@ def load_model(path: str | Path) -> BenchModel:
     """Read a model file's description (not its weights): raises KdtoolError for bad input."""
     path = Path(path)
     kind = model_kind(path)
-    if not path.is_file():
-        raise KdtoolError(
-            f"model '{path}' does not exist"
-            if not path.exists()
-            else f"model '{path}' is not a file",
-            "check the path",
-        )
+    require_file(path, "model")
     if kind == "checkpoint":
         return _checkpoint_model(path)
     if kind == "onnx":

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kdtool.errors import KdtoolError
+from kdtool.io import require_file
 
 ONNX_META_KEY = "kdtool"
 ONNX_META_VERSION = 1
@@ -132,9 +133,7 @@ def load_proto(path: str | Path):
     """The ``onnx.ModelProto`` at ``path`` (external weights not loaded), or a clear error."""
     import onnx
 
-    path = Path(path)
-    if not path.is_file():
-        raise KdtoolError(f"ONNX model '{path}' does not exist", "check the path")
+    path = require_file(path, "ONNX model")
     try:
         return onnx.load(str(path), load_external_data=False)
     except Exception as e:  # onnx raises DecodeError, ValueError, ... for foreign files

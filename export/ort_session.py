@@ -15,6 +15,7 @@ from typing import Any
 
 from kdtool.errors import KdtoolError
 from kdtool.export.formats import GPU_EXTRA_HINT
+from kdtool.io import require_file
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -61,14 +62,7 @@ def open_session(
     """
     import onnxruntime as ort
 
-    path = Path(path)
-    if not path.is_file():
-        raise KdtoolError(
-            f"ONNX model '{path}' does not exist"
-            if not path.exists()
-            else f"ONNX model '{path}' is not a file",
-            LOAD_HINT,
-        )
+    path = require_file(path, "ONNX model", LOAD_HINT)
     names = [PROVIDER_ALIASES.get(p.lower(), p) for p in providers]
     available = ort.get_available_providers()
     for p in names:

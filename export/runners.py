@@ -28,6 +28,7 @@ import numpy as np
 
 from kdtool.errors import KdtoolError
 from kdtool.export.formats import GPU_EXTRA_HINT
+from kdtool.io import require_file
 
 
 class Runner:
@@ -222,9 +223,7 @@ class TrtRunner(Runner):
 
     @staticmethod
     def _read(path: Path) -> bytes:
-        if not path.is_file():
-            raise KdtoolError(f"TensorRT engine '{path}' does not exist", "check the path")
-        return path.read_bytes()
+        return require_file(path, "TensorRT engine").read_bytes()
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         import torch

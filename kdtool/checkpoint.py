@@ -22,7 +22,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from kdtool.errors import KdtoolError
-from kdtool.io import atomic_write_bytes, check_output
+from kdtool.io import atomic_write_bytes, check_output, require_file
 from kdtool.models import TV_PREFIX, create_model
 
 FORMAT = "kdtool.checkpoint"
@@ -150,10 +150,9 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: ModelMeta, force: 
 
 
 def _require_file(path: Path) -> None:
-    if not path.exists():
-        raise KdtoolError(f"checkpoint '{path}' does not exist", "check the path")
     if path.is_dir():
         raise KdtoolError(f"checkpoint '{path}' is a directory", "pass a .safetensors file")
+    require_file(path, "checkpoint")
 
 
 def _safetensors_header(path: Path) -> dict[str, str]:

@@ -11,6 +11,16 @@ from pathlib import Path
 from kdtool.errors import KdtoolError
 
 
+def require_file(path: str | Path, what: str, hint: str = "check the path") -> Path:
+    """``path`` as a Path if it is an existing file; otherwise a KdtoolError naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise KdtoolError(f"{what} '{path}' does not exist", hint)
+    if not path.is_file():
+        raise KdtoolError(f"{what} '{path}' is not a file", hint)
+    return path
+
+
 def check_output(path: str | Path, force: bool, what: str = "output") -> Path:
     """Refuse to overwrite ``path`` without ``force``; create its folder."""
     path = Path(path)
