@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import re
 import sys
 
 import typer
@@ -50,9 +52,40 @@ def _error(message: str) -> None:
     sys.stderr.flush()
 
 
+_LIST_ITEM = re.compile(r"\s*([-*]|\d+[.)])\s")
+
+
+def reflow(doc: str) -> str:
+    """Join a docstring's wrapped lines into one line per paragraph or list item.
+
+    Rich help keeps single line breaks, so source-wrapped docstrings came out as ragged
+    half-lines in a terminal of another width; rich re-wraps the joined text to fit.
+    """
+    paragraphs = []
+    for block in doc.split("\n\n"):
+        lines: list[str] = []
+        for line in block.splitlines():
+            if lines and not _LIST_ITEM.match(line):
+                lines[-1] += " " + line.strip()
+            else:
+                lines.append(line.strip())
+        paragraphs.append("\n".join(lines))
+    return "\n\n".join(paragraphs)
+
+
+def _reflow_help(typer_app: typer.Typer) -> None:
+    for info in typer_app.registered_commands:
+        if info.help is None and info.callback is not None and info.callback.__doc__:
+            info.help = reflow(inspect.getdoc(info.callback) or "")
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _reflow_help(group.typer_instance)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print one line and exit 1; bugs keep their traceback."""
     set_command_line(sys.argv[1:] if argv is None else argv)
+    _reflow_help(app)
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="kdtool", standalone_mode=False)

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from kdtool.cli import app
+from kdtool.cli.app import reflow
 
 COMMANDS = ["models", "info", "convert", "train", "eval"]
 
@@ -17,6 +18,16 @@ def test_every_command_has_help_with_an_example(cli):
         r = cli(name, "--help")
         assert r.code == 0, r.err
         assert "Example" in r.out, f"'kdtool {name} --help' shows no example"
+
+
+def test_help_paragraphs_are_reflowed_to_the_terminal(cli, monkeypatch):
+    doc = "Summary line.\n\nA wrapped\n    paragraph.\n\n- item one\n  continued\n- item two"
+    want = "Summary line.\n\nA wrapped paragraph.\n\n- item one continued\n- item two"
+    assert reflow(doc) == want
+    # A paragraph wrapped at 88 columns in the source comes out whole at 200 columns.
+    monkeypatch.setenv("COLUMNS", "200")
+    r = cli("distill", "--help")
+    assert "statistics of each noise batch (--teacher-bn current), which is" in r.out
 
 
 def test_version_and_module_entry_point():
