@@ -22,6 +22,13 @@ Markdown table with the ratio kdtool / baseline.
     python bench/distill_speed.py                                # CPU: resnet8 -> tiny_cnn
     python bench/distill_speed.py --device cuda                  # resnet34 -> resnet18, 256
     python bench/distill_speed.py --device cuda --compile
+    python bench/distill_speed.py --device cuda --profile prof/   # + where the time goes
+
+``--profile DIR`` then runs kdtool's loop once more under ``torch.profiler`` (after
+``--profile-skip`` warm-up iterations, ``--profile-steps`` recorded) and writes
+``DIR/kernels.txt`` (operators and kernels by self time on the device, or on the CPU
+without CUDA), ``DIR/phases.json`` (noise / forward / backward / optimizer, the loop's
+labelled ranges) and ``DIR/trace.json`` (open in Perfetto or chrome://tracing).
 """
 
 from __future__ import annotations
@@ -68,6 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--baseline-noise", choices=("cpu", "device"), default="cpu",
                    help="where the baseline draws its noise: cpu (+ copy, the default) or "
                         "device (what the authors' distill_gaussian.py does)")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="also profile kdtool's loop and write kernels.txt, phases.json, trace.json")
+    p.add_argument("--profile-skip", type=int, default=5, help="iterations before recording")
+    p.add_argument("--profile-steps", type=int, default=5, help="iterations recorded")
     p.add_argument("--baseline-cudnn-benchmark", action="store_true",
                    help="let the baseline use cudnn.benchmark too (kdtool always does on CUDA)")
     args = p.parse_args(argv)
@@ -139,15 +150,56 @@ def baseline(args, teacher_path: Path) -> list[float]:
     return rates
 
 
+def loop_config(args, teacher_path: Path, epochs: int, iters: int) -> DistillConfig:
+    return DistillConfig(teacher=str(teacher_path), student=args.student, noise="gaussian",
+                         teacher_bn="current", loss="soft_ce", epochs=epochs,
+                         iters_per_epoch=iters, batch_size=args.batch_size,
+                         optimizer="adam", lr=1e-3, seed=SEED, device=str(args.device),
+                         compile=args.compile)
+
+
 def kdtool_loop(args, teacher_path: Path, out: Path) -> list[float]:
     """images/s of each epoch of ``kdtool distill``'s own loop, as its history reports."""
-    cfg = DistillConfig(teacher=str(teacher_path), student=args.student, noise="gaussian",
-                        teacher_bn="current", loss="soft_ce", epochs=args.epochs,
-                        iters_per_epoch=args.iters, batch_size=args.batch_size,
-                        optimizer="adam", lr=1e-3, seed=SEED, device=str(args.device),
-                        compile=args.compile)
+    cfg = loop_config(args, teacher_path, args.epochs, args.iters)
     result = DistillRun(cfg, out, force=True).run()
     return [row["images_per_s"] for row in result["history"]]
+
+
+def profile(args, teacher_path: Path, out: Path) -> dict:
+    """kdtool's loop under torch.profiler: kernel table, phase times and a trace in ``out``."""
+    from torch.profiler import ProfilerActivity, schedule
+    from torch.profiler import profile as torch_profile
+
+    cuda = args.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    iters = args.profile_skip + args.profile_steps
+    cfg = loop_config(args, teacher_path, 1, iters)
+    run = DistillRun(cfg, out / "student.safetensors", force=True)
+    with torch_profile(activities=activities,
+                       schedule=schedule(wait=max(0, args.profile_skip - 1), warmup=min(
+                           1, args.profile_skip), active=args.profile_steps)) as prof:
+        run.step_hook = prof.step
+        run.run()
+    events = prof.key_averages()
+    where = "device" if cuda else "cpu"
+    sort = f"self_{where}_time_total"
+    (out / "kernels.txt").write_text(events.table(sort_by=sort, row_limit=40))
+    prof.export_chrome_trace(str(out / "trace.json"))
+    steps = args.profile_steps
+    phases = {}
+    for e in events:
+        if e.key.startswith("distill/"):
+            row = phases.setdefault(e.key[8:], {"cpu_ms": 0.0, "device_ms": 0.0})
+            row["cpu_ms"] += e.cpu_time_total / 1e3 / steps
+            row["device_ms"] += getattr(e, "device_time_total", 0.0) / 1e3 / steps
+    top = sorted(events, key=lambda e: getattr(e, sort, 0.0), reverse=True)[:10]
+    result = {"device": device_name(args.device), "steps": steps,
+              "phases_ms_per_step": {k: {m: round(v, 3) for m, v in r.items()}
+                                     for k, r in phases.items()},
+              "top_self_ms_per_step": {e.key: round(getattr(e, sort) / 1e3 / steps, 3)
+                                       for e in top}}
+    (out / "phases.json").write_text(json.dumps(result, indent=1))
+    return result
 
 
 def run(args) -> dict:
@@ -173,6 +225,10 @@ def run(args) -> dict:
             print(json.dumps({"loop": "kdtool", **common, "repeat": r, "compile": args.compile,
                               "images_per_s": round(rates[-1], 1),
                               "epoch_images_per_s": [round(v, 1) for v in rates]}), flush=True)
+        if args.profile is not None:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            print(json.dumps({"profile": str(args.profile),
+                              **profile(args, teacher_path, args.profile)}), flush=True)
     b, k = statistics.median(base), statistics.median(fast)
     return {**common, "compile": args.compile, "baseline_images_per_s": b,
             "kdtool_images_per_s": k, "ratio": k / b}

@@ -151,6 +151,7 @@ def main() -> None:
         default=1,
         help="MLServer parallel_workers (0: inference in the server process)",
     )
+    p.add_argument("--kdtool-workers", type=int, default=1, help="kdtool serve --workers")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--json", type=Path)
     args = p.parse_args()
@@ -169,7 +170,8 @@ def main() -> None:
         for who in order:
             if who == "kdtool":
                 r = sl.bench_kdtool(
-                    args.model, args.max_batch, args.max_delay_ms, args, requests, expected, spec
+                    args.model, args.max_batch, args.max_delay_ms, args.kdtool_workers,
+                    args.threads, args, requests, expected, spec,
                 )
             else:
                 r = bench_mlserver(exe, args.model, args, requests, expected)

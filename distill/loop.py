@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.profiler import record_function
 
 from kdtool import console, optim
 from kdtool.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
@@ -84,6 +85,8 @@ class DistillRun:
         self.cfg = cfg.resolved()
         self.dist, self.device = init_from_env(resolve_device(self.cfg.device))
         self.ckpt = RunCheckpoint(out, force, resume, writer=self.dist.is_main)
+        # Called after every iteration when set (a profiler's ``step``: bench/distill_speed.py).
+        self.step_hook = None
         if self.cfg.batch_size < MIN_GOOD_BATCH:
             console.warn(f"--batch-size {self.cfg.batch_size} is below {MIN_GOOD_BATCH}: the "
                          "teacher's batch statistics get noisy and the student learns less")
@@ -182,18 +185,23 @@ class DistillRun:
         reported = 0
         t0 = time.perf_counter()
         for i in range(c.iters_per_epoch):
-            x = noise.sample(c.batch_size, gen)
-            if dev.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast_for(dev):
-                s_logits, t_logits, terms = step_fn(x)
-            loss = sum(terms.values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            # The labelled ranges name the phases in a profile; outside one they cost ~us.
+            with record_function("distill/noise"):
+                x = noise.sample(c.batch_size, gen)
+                if dev.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+            with record_function("distill/forward"):
+                with autocast_for(dev):
+                    s_logits, t_logits, terms = step_fn(x)
+                loss = sum(terms.values())
+            with record_function("distill/backward"):
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
             lr = opt.param_groups[0]["lr"]
-            opt.step()
-            if per_step:
-                sched.step()
+            with record_function("distill/optimizer"):
+                opt.step()
+                if per_step:
+                    sched.step()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0) + v.detach()
             t_pred = t_logits.argmax(1)
@@ -205,6 +213,8 @@ class DistillRun:
                 advance((i + 1 - reported) * c.batch_size,
                         info=f"epoch {epoch + 1} loss {mean_loss:.4f} lr {lr:.2e}")
                 reported = i + 1
+            if self.step_hook is not None:
+                self.step_hook()
         secs = time.perf_counter() - t0
         n = c.iters_per_epoch
         # Averaged over ranks: the plateau scheduler must take the same step everywhere.
