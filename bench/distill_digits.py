@@ -5,17 +5,26 @@ student for each named variant at the same noise budget and reports the student'
 ``digits:test`` accuracy on current and on running BN statistics, with wall time.
 
     python bench/distill_digits.py --variants schedule bn noise --epochs 30
+    python bench/distill_digits.py --variants norm_align     # GroupNorm teacher (resnet8_gn)
+
+A variant may name its own teacher architecture (``_teacher``, trained and cached the
+same way). ``_no_align`` distils a GroupNorm teacher with its normalisers left per
+sample: ``kdtool distill`` refuses such a teacher, so the bench switches the alignment
+off from inside (``kdtool.distill.teacher.batch_aligned`` made a no-op) to measure it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
+import kdtool.distill.teacher
 from kdtool.distill.loop import DistillConfig, DistillRun
 from kdtool.train import TrainConfig, Trainer
 
@@ -41,6 +50,13 @@ VARIANTS = {
         "dead leaves, pool 1024 per epoch": {**FAST, "noise": "dead_leaves", "noise_pool": 1024},
         "dead leaves, fresh every batch": {**FAST, "noise": "dead_leaves"},
     },
+    "norm_align": {
+        "BatchNorm teacher (resnet8), current BN": {**FAST, "_teacher": "resnet8"},
+        "GroupNorm teacher (resnet8_gn), batch-aligned": {
+            **FAST, "_teacher": "resnet8_gn", "teacher_norm_align": True},
+        "GroupNorm teacher (resnet8_gn), not aligned": {
+            **FAST, "_teacher": "resnet8_gn", "teacher_norm_align": True, "_no_align": True},
+    },
     "noise": {
         "gaussian": {**FAST, "noise": "gaussian"},
         "uniform": {**FAST, "noise": "uniform"},
@@ -57,30 +73,38 @@ def main() -> None:
     p.add_argument("--iters-per-epoch", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workdir", default="runs/distill_digits")
+    p.add_argument("--seed", type=int, default=0, help="distillation seed (teachers: 0)")
     args = p.parse_args()
     torch.set_num_threads(2)
     work = Path(args.workdir)
-    teacher = work / "teacher_resnet20.safetensors"
-    if not teacher.exists():
-        Trainer(TrainConfig(arch="resnet20", data="digits", val="digits:test", epochs=15,
-                            batch_size=64), teacher, force=True).run()
     rows = []
     for group in args.variants:
         for name, kw in VARIANTS[group].items():
+            kw = dict(kw)
+            arch = kw.pop("_teacher", "resnet20")
+            no_align = kw.pop("_no_align", False)
+            teacher = work / f"teacher_{arch}.safetensors"
+            if not teacher.exists():
+                Trainer(TrainConfig(arch=arch, data="digits", val="digits:test", epochs=15,
+                                    batch_size=64), teacher, force=True).run()
             cfg = DistillConfig(teacher=str(teacher), student=args.student, epochs=args.epochs,
                                 iters_per_epoch=args.iters_per_epoch, batch_size=args.batch_size,
-                                val="digits:test", val_every=args.epochs, **kw)
+                                val="digits:test", val_every=args.epochs, seed=args.seed, **kw)
+            off = mock.patch.object(kdtool.distill.teacher, "batch_aligned",
+                                    lambda layers: contextlib.nullcontext())
             t0 = time.perf_counter()
-            r = DistillRun(cfg, work / "student.safetensors", force=True).run()
-            row = {"group": group, "variant": name, "current": r["val_top1_current"],
+            with off if no_align else contextlib.nullcontext():
+                r = DistillRun(cfg, work / "student.safetensors", force=True).run()
+            row = {"group": group, "variant": name, "teacher": arch,
+                   "current": r["val_top1_current"],
                    "running": r["val_top1_running"], "seconds": time.perf_counter() - t0}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\nresnet20 -> {args.student}, {args.epochs} x {args.iters_per_epoch} batches of "
+    print(f"\nteacher -> {args.student}, {args.epochs} x {args.iters_per_epoch} batches of "
           f"{args.batch_size}, digits:test top-1\n")
-    print("| variant | current BN | running BN | wall |\n|---|---|---|---|")
+    print("| teacher | variant | current BN | running BN | wall |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['current']:.1f}% | {r['running']:.1f}% | "
+        print(f"| {r['teacher']} | {r['variant']} | {r['current']:.1f}% | {r['running']:.1f}% | "
               f"{r['seconds']:.0f} s |")
 
 

@@ -36,6 +36,11 @@ def distill_cmd(
     running_fraction: Annotated[float | None, typer.Option(
         "--running-fraction", help="With --teacher-bn mixed: the share of BN layers, chosen "
         "with --seed, kept on running statistics.")] = None,
+    teacher_norm_align: Annotated[bool, typer.Option(
+        "--teacher-norm-align", help="For a teacher without BatchNorm (GroupNorm, LayerNorm, "
+        "InstanceNorm): standardise each normaliser's output per channel over the noise batch "
+        "before its affine transform, as BN would (NormShift-KD's batch alignment; beyond the "
+        "paper, see docs/RESULTS.md).")] = False,
     loss: Annotated[str, typer.Option(
         "--loss", help="soft_ce (the paper's soft cross-entropy) or kl (KL x T^2).")] = "soft_ce",
     temperature: Annotated[float, typer.Option("--temperature", help="Softmax temperature.")
@@ -83,7 +88,8 @@ def distill_cmd(
     cfg = DistillConfig(
         teacher=str(teacher), student=student, noise=noise, noise_options=options, balance=balance,
         noise_pool=noise_pool,
-        teacher_bn=teacher_bn, running_fraction=running_fraction, loss=loss,
+        teacher_bn=teacher_bn, running_fraction=running_fraction,
+        teacher_norm_align=teacher_norm_align, loss=loss,
         temperature=temperature, epochs=epochs, iters_per_epoch=iters_per_epoch,
         batch_size=batch_size, optimizer=optimizer, schedule=schedule, lr=lr,
         weight_decay=weight_decay, val=val, val_every=val_every, seed=seed, device=device,

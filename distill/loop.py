@@ -47,6 +47,8 @@ class DistillConfig:
     noise_pool: int = 0  # > 0: images rendered per epoch into a reused pool (distill/pool.py)
     teacher_bn: str = "current"
     running_fraction: float | None = None
+    # Teachers without BN: batch-align their GroupNorm/LayerNorm layers (distill/align.py).
+    teacher_norm_align: bool = False
     loss: str = "soft_ce"
     temperature: float = 1.0
     epochs: int = 200
@@ -101,7 +103,8 @@ class DistillRun:
         teacher_model, tmeta = load_checkpoint(c.teacher)
         self.num_classes = tmeta.num_classes
         teacher = FrozenTeacher(teacher_model, c.teacher_bn, c.running_fraction, c.seed,
-                                source=f"teacher '{c.teacher}'").to(dev, fmt)
+                                source=f"teacher '{c.teacher}'",
+                                norm_align=c.teacher_norm_align).to(dev, fmt)
         size = tuple(tmeta.input_size)
         noise = make_noise(c.noise, tmeta.in_chans, size, tmeta.mean, tmeta.std, dev,
                            **c.noise_options)

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from kdtool.bn import batch_stats, bn_layers
+from kdtool.distill.align import batch_aligned, per_sample_norms
 from kdtool.errors import KdtoolError, check_choice
 
 TEACHER_BN_MODES = ("current", "running", "mixed")
@@ -43,10 +44,16 @@ class FrozenTeacher:
     """
 
     def __init__(self, model: nn.Module, bn_mode: str = "current",
-                 running_fraction: float | None = None, seed: int = 0, source: str = "teacher"):
+                 running_fraction: float | None = None, seed: int = 0, source: str = "teacher",
+                 norm_align: bool = False):
         check_choice(bn_mode, TEACHER_BN_MODES, "--teacher-bn mode")
         layers = bn_layers(model)
-        if not layers:
+        aligned = [m for _, m in per_sample_norms(model)] if norm_align else []
+        if norm_align and not aligned:
+            raise KdtoolError(
+                f"--teacher-norm-align: {source} has no GroupNorm, LayerNorm or InstanceNorm "
+                "layer to align", "drop --teacher-norm-align")
+        if not layers and not aligned:
             others = sorted({type(m).__name__ for m in model.modules()
                              if isinstance(m, _OTHER_NORMS)})
             found = f" (it normalises with {', '.join(others)})" if others else ""
@@ -54,7 +61,13 @@ class FrozenTeacher:
                 f"{source} has no BatchNorm layers{found}: noise distillation needs a teacher "
                 "whose BatchNorm layers can normalise with the statistics of the noise batch, "
                 "which realigns noise activations with those of real data",
-                "use a teacher with BatchNorm layers")
+                "use a teacher with BatchNorm layers" + (
+                    ", or try --teacher-norm-align (batch alignment of its per-sample "
+                    "normalisers, beyond the paper)" if others else ""))
+        if not layers and bn_mode != "current":
+            raise KdtoolError(f"--teacher-bn {bn_mode} needs BatchNorm layers; {source} has "
+                              "none", "drop --teacher-bn")
+        self._aligned = aligned
         names = [n for n, _ in layers]
         if bn_mode == "mixed":
             if running_fraction is None:
@@ -82,9 +95,10 @@ class FrozenTeacher:
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.model.eval()  # dropout off, and running-statistics layers really on running stats
-        with batch_stats(self.model, self._current):
+        with batch_stats(self.model, self._current), batch_aligned(self._aligned):
             return self.model(x)
 
     def describe(self) -> dict:
         return {"bn_mode": self.bn_mode, "running_fraction": self.running_fraction,
-                "bn_layers": self.num_bn, "running_layers": self.running_layers}
+                "bn_layers": self.num_bn, "running_layers": self.running_layers,
+                "aligned_layers": len(self._aligned)}

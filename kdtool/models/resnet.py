@@ -17,23 +17,31 @@ import torch.nn.functional as F
 from kdtool.models._registry import register_model
 
 
+def make_norm(kind: str, channels: int) -> nn.Module:
+    """``batch``: BatchNorm2d; ``group``: GroupNorm with 8 channels per group (a teacher
+    without batch statistics, for ``kdtool distill --teacher-norm-align``)."""
+    if kind == "group":
+        return nn.GroupNorm(max(1, channels // 8), channels)
+    return nn.BatchNorm2d(channels)
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, norm: str = "batch"):
         super().__init__()
         # Each conv is directly followed by its BN (in modules and forward), so
         # BN folding can pair them by position.
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = make_norm(norm, planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = make_norm(norm, planes)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != planes * self.expansion:
             # Option B: a learned 1x1 projection wherever the shape changes.
             self.shortcut = nn.Sequential(
                 nn.Conv2d(in_planes, planes * self.expansion, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(planes * self.expansion),
+                make_norm(norm, planes * self.expansion),
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,11 +60,13 @@ class ResNet(nn.Module):
         num_classes: int = 10,
         in_chans: int = 3,
         block: type[nn.Module] = BasicBlock,
+        norm: str = "batch",
     ):
         super().__init__()
         self.in_planes = widths[0]
+        self.norm = norm
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.bn1 = make_norm(norm, widths[0])
         # layer1, layer2, ...: the first stage keeps resolution, later ones halve it.
         for i, (width, n) in enumerate(zip(widths, num_blocks, strict=True)):
             stride = 1 if i == 0 else 2
@@ -69,7 +79,7 @@ class ResNet(nn.Module):
     def _make_layer(self, block, planes: int, num_blocks: int, stride: int) -> nn.Sequential:
         layers = []
         for s in [stride] + [1] * (num_blocks - 1):
-            layers.append(block(self.in_planes, planes, s))
+            layers.append(block(self.in_planes, planes, s, norm=self.norm))
             self.in_planes = planes * block.expansion
         return nn.Sequential(*layers)
 
@@ -101,3 +111,9 @@ def resnet20(num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.Module:
 @register_model("resnet", description="CIFAR ResNet-8 (He et al., option B), 78K params")
 def resnet8(num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.Module:
     return ResNet([1, 1, 1], _HE_WIDTHS, num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+@register_model("resnet", description="CIFAR ResNet-8 with GroupNorm (no BN), 78K params")
+def resnet8_gn(num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.Module:
+    return ResNet([1, 1, 1], _HE_WIDTHS, num_classes=num_classes, in_chans=in_chans,
+                  norm="group", **kwargs)

@@ -1,0 +1,80 @@
+"""Batch alignment for teachers whose normalisers work per sample (GroupNorm, LayerNorm, ...).
+
+Noise distillation works because a BN teacher re-standardises every channel with the
+statistics of the noise batch: the samples of a batch are coupled, and each channel
+reaches the next layer at the scale it was trained for. GroupNorm, LayerNorm and
+InstanceNorm normalise each sample alone, so a noise batch gets no such correction.
+Following NormShift-KD's batch-alignment idea (REFERENCE.md), ``batch_aligned`` makes
+each such layer, while the teacher answers, standardise its normalised output per
+channel over the batch (as BN does) before its own affine transform:
+
+    y = weight * standardise_over_batch(norm_without_affine(x)) + bias
+
+Nothing of the teacher changes: its ``forward`` methods are swapped only inside the
+context, and these layers hold no buffers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PER_SAMPLE_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+                    nn.InstanceNorm3d)
+
+
+def per_sample_norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The (name, module) of every per-sample normaliser of ``model``, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, PER_SAMPLE_NORMS)]
+
+
+def _standardise(x: torch.Tensor, channel_dim: int, eps: float) -> torch.Tensor:
+    """Zero mean and unit variance per channel over every other dimension (batch included)."""
+    dims = [d for d in range(x.ndim) if d != channel_dim % x.ndim]
+    var, mean = torch.var_mean(x, dim=dims, keepdim=True, unbiased=False)
+    return (x - mean) * torch.rsqrt(var + eps)
+
+
+def _channel_shape(x: torch.Tensor, channel_dim: int) -> list[int]:
+    shape = [1] * x.ndim
+    shape[channel_dim] = x.shape[channel_dim]
+    return shape
+
+
+def aligned_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``m``'s output with its normalised values standardised per channel over the batch."""
+    if isinstance(m, nn.LayerNorm):
+        xhat = F.layer_norm(x, m.normalized_shape, None, None, m.eps)
+        # LayerNorm over the last (channel) dimension, as channels-last CNNs use it;
+        # over (C, H, W) the channel is dimension 1.
+        channel_dim = -1 if len(m.normalized_shape) == 1 else 1
+        z = _standardise(xhat, channel_dim, m.eps)
+        if m.weight is not None:
+            z = z * m.weight
+        return z + m.bias if m.bias is not None else z
+    if isinstance(m, nn.GroupNorm):
+        xhat = F.group_norm(x, m.num_groups, None, None, m.eps)
+        affine = m.affine
+    else:  # InstanceNorm: batch statistics per sample, never running ones here
+        xhat = F.instance_norm(x, None, None, None, None, True, 0.0, m.eps)
+        affine = m.affine
+    z = _standardise(xhat, 1, m.eps)
+    if affine:
+        z = z * m.weight.view(_channel_shape(z, 1)) + m.bias.view(_channel_shape(z, 1))
+    return z
+
+
+@contextmanager
+def batch_aligned(layers: list[nn.Module]) -> Iterator[None]:
+    """Inside the context, each of ``layers`` computes ``aligned_forward``; restored on exit."""
+    try:
+        for m in layers:
+            m.forward = aligned_forward.__get__(m)  # instance attribute shadows the class's
+        yield
+    finally:
+        for m in layers:
+            m.__dict__.pop("forward", None)
