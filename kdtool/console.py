@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -86,10 +87,22 @@ def warn(message: str) -> None:
     err.print(f"[yellow]warning:[/yellow] {message}")
 
 
+_NUMBER = re.compile(r"^[-+]?[\d,]*\.?\d+\s?(%|x|ms|s|MB|M|K)?$")
+
+
+def _numeric(v: Any) -> bool:
+    if isinstance(v, bool):
+        return False
+    return isinstance(v, int | float) or bool(_NUMBER.match(str(v).strip()))
+
+
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
+    """A rich table: the first column and text columns left-aligned, numbers right-aligned."""
     t = Table(title=title, title_justify="left")
-    for c in columns:
-        t.add_column(c, justify="left" if c == columns[0] else "right")
+    for i, c in enumerate(columns):
+        values = [r[i] for r in rows if i < len(r) and r[i] not in (None, "", "-")]
+        right = i > 0 and bool(values) and all(_numeric(v) for v in values)
+        t.add_column(c, justify="right" if right else "left")
     for r in rows:
         t.add_row(*[_fmt(v) for v in r])
     return t

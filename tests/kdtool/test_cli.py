@@ -103,3 +103,12 @@ def test_internal_bugs_keep_their_traceback(monkeypatch):
     monkeypatch.setattr(kdtool.checkpoint, "read_meta", bug)
     with pytest.raises(ZeroDivisionError):
         main(["info", "x.safetensors"])
+
+
+def test_tables_right_align_numbers_and_left_align_text():
+    from kdtool.console import table
+
+    t = table("t", ["name", "params", "top-1", "description", "flag"],
+               [["a", 0.09, "76.3%", "CIFAR ResNet-8, 78K params", True],
+                ["b", "12.49", "-", "tiny", False]])
+    assert [c.justify for c in t.columns] == ["left", "right", "right", "left", "left"]
