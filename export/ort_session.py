@@ -106,11 +106,13 @@ def _cpu_graph(path: Path) -> tuple[str | bytes, int]:
 
     from kdtool.export.precision import int8_activations_to_uint8
 
-    try:
-        model = onnx.load(str(path))
+    try:  # weights kept on disk are not read: a float model only needs its node list
+        model = onnx.load(str(path), load_external_data=False)
     except Exception:  # not parseable here: let ONNX Runtime report it in its own words
         return str(path), 0
     if not any(n.op_type == "QuantizeLinear" for n in model.graph.node):
         return str(path), 0
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        return str(path), 0  # bytes cannot carry external weights; INT8 files are small
     count = int8_activations_to_uint8(model)
     return (model.SerializeToString(), count) if count else (str(path), 0)
