@@ -36,6 +36,10 @@ def distill_cmd(
     running_fraction: Annotated[float | None, typer.Option(
         "--running-fraction", help="With --teacher-bn mixed: the share of BN layers, chosen "
         "with --seed, kept on running statistics.")] = None,
+    teacher_stats: Annotated[str, typer.Option(
+        "--teacher-stats", help="Under torchrun: rank (each process's teacher normalises with "
+        "its own batch) or global (with the statistics of all processes' batches, like one "
+        "batch of N x --batch-size; see docs/RESULTS.md).")] = "rank",
     teacher_norm_align: Annotated[bool, typer.Option(
         "--teacher-norm-align", help="For a teacher without BatchNorm (GroupNorm, LayerNorm, "
         "InstanceNorm): standardise each normaliser's output per channel over the noise batch "
@@ -89,7 +93,7 @@ def distill_cmd(
         teacher=str(teacher), student=student, noise=noise, noise_options=options, balance=balance,
         noise_pool=noise_pool,
         teacher_bn=teacher_bn, running_fraction=running_fraction,
-        teacher_norm_align=teacher_norm_align, loss=loss,
+        teacher_norm_align=teacher_norm_align, teacher_stats=teacher_stats, loss=loss,
         temperature=temperature, epochs=epochs, iters_per_epoch=iters_per_epoch,
         batch_size=batch_size, optimizer=optimizer, schedule=schedule, lr=lr,
         weight_decay=weight_decay, val=val, val_every=val_every, seed=seed, device=device,

@@ -26,7 +26,7 @@ from kdtool.distill.balance import BalancedNoise
 from kdtool.distill.distiller import NoiseKD
 from kdtool.distill.noise import make_noise
 from kdtool.distill.pool import PooledNoise
-from kdtool.distill.teacher import TEACHER_BN_MODES, FrozenTeacher
+from kdtool.distill.teacher import TEACHER_BN_MODES, TEACHER_STATS, FrozenTeacher
 from kdtool.errors import KdtoolError, check_choice
 from kdtool.evaluate import predict
 from kdtool.loader import epoch_generator
@@ -49,6 +49,7 @@ class DistillConfig:
     running_fraction: float | None = None
     # Teachers without BN: batch-align their GroupNorm/LayerNorm layers (distill/align.py).
     teacher_norm_align: bool = False
+    teacher_stats: str = "rank"  # under torchrun: "global" normalises over all ranks' batches
     loss: str = "soft_ce"
     temperature: float = 1.0
     epochs: int = 200
@@ -69,6 +70,7 @@ class DistillConfig:
         c = DistillConfig(**asdict(self))
         model_spec(c.student)
         check_choice(c.teacher_bn, TEACHER_BN_MODES, "--teacher-bn mode")
+        check_choice(c.teacher_stats, TEACHER_STATS, "--teacher-stats")
         c.schedule, c.lr = optim.resolve(c.optimizer, c.schedule, c.lr)
         for name, value in (("--epochs", c.epochs), ("--iters-per-epoch", c.iters_per_epoch),
                             ("--batch-size", c.batch_size), ("--val-every", c.val_every),
@@ -104,7 +106,8 @@ class DistillRun:
         self.num_classes = tmeta.num_classes
         teacher = FrozenTeacher(teacher_model, c.teacher_bn, c.running_fraction, c.seed,
                                 source=f"teacher '{c.teacher}'",
-                                norm_align=c.teacher_norm_align).to(dev, fmt)
+                                norm_align=c.teacher_norm_align,
+                                stats=c.teacher_stats).to(dev, fmt)
         size = tuple(tmeta.input_size)
         noise = make_noise(c.noise, tmeta.in_chans, size, tmeta.mean, tmeta.std, dev,
                            **c.noise_options)

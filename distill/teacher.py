@@ -13,11 +13,12 @@ import math
 import torch
 import torch.nn as nn
 
-from kdtool.bn import batch_stats, bn_layers
+from kdtool.bn import batch_stats, bn_layers, global_batch_stats
 from kdtool.distill.align import batch_aligned, per_sample_norms
 from kdtool.errors import KdtoolError, check_choice
 
 TEACHER_BN_MODES = ("current", "running", "mixed")
+TEACHER_STATS = ("rank", "global")  # under torchrun: each process's batch, or all of them
 _OTHER_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm2d, nn.LocalResponseNorm)
 
 
@@ -45,8 +46,9 @@ class FrozenTeacher:
 
     def __init__(self, model: nn.Module, bn_mode: str = "current",
                  running_fraction: float | None = None, seed: int = 0, source: str = "teacher",
-                 norm_align: bool = False):
+                 norm_align: bool = False, stats: str = "rank"):
         check_choice(bn_mode, TEACHER_BN_MODES, "--teacher-bn mode")
+        check_choice(stats, TEACHER_STATS, "--teacher-stats")
         layers = bn_layers(model)
         aligned = [m for _, m in per_sample_norms(model)] if norm_align else []
         if norm_align and not aligned:
@@ -68,6 +70,7 @@ class FrozenTeacher:
             raise KdtoolError(f"--teacher-bn {bn_mode} needs BatchNorm layers; {source} has "
                               "none", "drop --teacher-bn")
         self._aligned = aligned
+        self.stats = stats
         names = [n for n, _ in layers]
         if bn_mode == "mixed":
             if running_fraction is None:
@@ -95,10 +98,19 @@ class FrozenTeacher:
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.model.eval()  # dropout off, and running-statistics layers really on running stats
+        if self.stats == "global" and self._global():
+            with global_batch_stats(self._current), batch_aligned(self._aligned):
+                return self.model(x)
         with batch_stats(self.model, self._current), batch_aligned(self._aligned):
             return self.model(x)
+
+    @staticmethod
+    def _global() -> bool:
+        import torch.distributed as dist
+
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
     def describe(self) -> dict:
         return {"bn_mode": self.bn_mode, "running_fraction": self.running_fraction,
                 "bn_layers": self.num_bn, "running_layers": self.running_layers,
-                "aligned_layers": len(self._aligned)}
+                "aligned_layers": len(self._aligned), "stats": self.stats}

@@ -40,3 +40,43 @@ def batch_stats(model: nn.Module, layers: Iterable[_BatchNorm] | None = None) ->
         for m, training, track in saved:
             m.train(training)
             m.track_running_stats = track
+
+
+def _global_forward(m: _BatchNorm, x):
+    """BN on the statistics of the batch across every process of the default group."""
+    import torch
+    import torch.distributed as dist
+
+    dims = [d for d in range(x.ndim) if d != 1]
+    xf = x.float()
+    count = torch.tensor(xf.numel() / xf.shape[1], device=x.device)
+    stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count.view(1)])
+    dist.all_reduce(stats)
+    c = m.num_features
+    mean = stats[:c] / stats[-1]
+    var = (stats[c : 2 * c] / stats[-1] - mean * mean).clamp_min(0)  # biased, as BN's
+    shape = [1, c] + [1] * (x.ndim - 2)
+    y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + m.eps)
+    if m.affine:
+        y = y * m.weight.view(shape) + m.bias.view(shape)
+    return y.to(x.dtype)
+
+
+@contextmanager
+def global_batch_stats(layers: Iterable[_BatchNorm]) -> Iterator[None]:
+    """Make ``layers`` normalise with the statistics of the batch summed over all processes.
+
+    What SyncBatchNorm does, for any device and without converting the model: each
+    layer all-reduces its per-channel sum, sum of squares and count (torch.distributed's
+    default group, which must be initialised), so N processes with batch B normalise
+    like one process with batch N x B. Running buffers are neither read nor written;
+    ``forward`` is swapped only inside the context.
+    """
+    chosen = list(layers)
+    try:
+        for m in chosen:
+            m.forward = _global_forward.__get__(m)
+        yield
+    finally:
+        for m in chosen:
+            m.__dict__.pop("forward", None)

@@ -62,3 +62,41 @@ def test_torchrun_entry_point(tmp_path):
     assert len(lines) == 1  # only rank 0 prints
     assert '"world_size": 2' in lines[0]
     assert (tmp_path / "s.safetensors").exists()
+
+
+def _global_worker(rank, world, port, dump):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from kdtool.distill.teacher import FrozenTeacher
+
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    model = create_model("resnet8", num_classes=10, in_chans=1)
+    full = torch.randn(2 * 16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    mine = full[rank * 16:(rank + 1) * 16]
+    out = {"global": FrozenTeacher(model, stats="global")(mine),
+           "rank": FrozenTeacher(model, stats="rank")(mine)}
+    torch.save({**out, "state": model.state_dict()}, dump / f"g{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_global_teacher_statistics_equal_one_process_on_the_whole_batch(tmp_path):
+    mp.spawn(_global_worker, args=(2, _free_port(), tmp_path), nprocs=2)
+    torch.manual_seed(0)
+    model = create_model("resnet8", num_classes=10, in_chans=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    from kdtool.distill.teacher import FrozenTeacher
+
+    full = torch.randn(2 * 16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    whole = FrozenTeacher(model)(full)  # one process, batch 32
+    halves = [FrozenTeacher(model)(full[i * 16:(i + 1) * 16]) for i in range(2)]
+    for rank in range(2):
+        got = torch.load(tmp_path / f"g{rank}.pt", weights_only=True)
+        torch.testing.assert_close(got["global"], whole[rank * 16:(rank + 1) * 16],
+                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got["rank"], halves[rank])  # per-rank: its own half
+        assert not torch.allclose(got["rank"], got["global"], atol=1e-3)
+        assert all(torch.equal(got["state"][k], v) for k, v in before.items())
