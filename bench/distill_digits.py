@@ -43,6 +43,7 @@ VARIANTS = {
     "balance": {
         "gaussian": {**FAST},
         "gaussian, class-balanced": {**FAST, "balance": True},
+        "dead leaves": {**FAST, "noise": "dead_leaves"},
         "dead leaves, class-balanced": {**FAST, "noise": "dead_leaves", "balance": True},
     },
     "pool": {

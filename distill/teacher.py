@@ -40,6 +40,11 @@ class FrozenTeacher:
     ``mixed`` (``running_fraction`` of the BN layers, chosen with ``seed``, on
     running statistics and the rest on current statistics).
 
+    ``stats="global"``: under torch.distributed, the current-statistics layers normalise
+    with the statistics of every process's batch (``kdtool.bn.global_batch_stats``).
+    ``norm_align``: per-sample normalisers (GroupNorm, LayerNorm, InstanceNorm) are
+    batch-aligned (``kdtool.distill.align``); a teacher without BN needs it.
+
     Not an ``nn.Module`` on purpose: it can never be registered in a student, an
     optimiser or a DDP wrapper by accident.
     """
@@ -98,10 +103,9 @@ class FrozenTeacher:
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.model.eval()  # dropout off, and running-statistics layers really on running stats
-        if self.stats == "global" and self._global():
-            with global_batch_stats(self._current), batch_aligned(self._aligned):
-                return self.model(x)
-        with batch_stats(self.model, self._current), batch_aligned(self._aligned):
+        bn = (global_batch_stats(self._current) if self.stats == "global" and self._global()
+              else batch_stats(self.model, self._current))
+        with bn, batch_aligned(self._aligned):
             return self.model(x)
 
     @staticmethod
