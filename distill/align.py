@@ -16,12 +16,11 @@ context, and these layers hold no buffers.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from kdtool.bn import swapped_forward
 
 PER_SAMPLE_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
                     nn.InstanceNorm3d)
@@ -58,23 +57,14 @@ def aligned_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return z + m.bias if m.bias is not None else z
     if isinstance(m, nn.GroupNorm):
         xhat = F.group_norm(x, m.num_groups, None, None, m.eps)
-        affine = m.affine
     else:  # InstanceNorm: batch statistics per sample, never running ones here
         xhat = F.instance_norm(x, None, None, None, None, True, 0.0, m.eps)
-        affine = m.affine
     z = _standardise(xhat, 1, m.eps)
-    if affine:
+    if m.affine:
         z = z * m.weight.view(_channel_shape(z, 1)) + m.bias.view(_channel_shape(z, 1))
     return z
 
 
-@contextmanager
-def batch_aligned(layers: list[nn.Module]) -> Iterator[None]:
+def batch_aligned(layers: list[nn.Module]):
     """Inside the context, each of ``layers`` computes ``aligned_forward``; restored on exit."""
-    try:
-        for m in layers:
-            m.forward = aligned_forward.__get__(m)  # instance attribute shadows the class's
-        yield
-    finally:
-        for m in layers:
-            m.__dict__.pop("forward", None)
+    return swapped_forward(layers, aligned_forward)

@@ -63,7 +63,23 @@ def _global_forward(m: _BatchNorm, x):
 
 
 @contextmanager
-def global_batch_stats(layers: Iterable[_BatchNorm]) -> Iterator[None]:
+def swapped_forward(modules: Iterable[nn.Module], fn) -> Iterator[None]:
+    """Inside the context each module runs ``fn(module, *args)`` as its ``forward``.
+
+    The instance attribute shadows the class's method and is removed on exit, even when
+    the forward fails; parameters and buffers are untouched.
+    """
+    chosen = list(modules)
+    try:
+        for m in chosen:
+            m.forward = fn.__get__(m)
+        yield
+    finally:
+        for m in chosen:
+            m.__dict__.pop("forward", None)
+
+
+def global_batch_stats(layers: Iterable[_BatchNorm]):
     """Make ``layers`` normalise with the statistics of the batch summed over all processes.
 
     What SyncBatchNorm does, for any device and without converting the model: each
@@ -72,11 +88,4 @@ def global_batch_stats(layers: Iterable[_BatchNorm]) -> Iterator[None]:
     like one process with batch N x B. Running buffers are neither read nor written;
     ``forward`` is swapped only inside the context.
     """
-    chosen = list(layers)
-    try:
-        for m in chosen:
-            m.forward = _global_forward.__get__(m)
-        yield
-    finally:
-        for m in chosen:
-            m.__dict__.pop("forward", None)
+    return swapped_forward(layers, _global_forward)
