@@ -8,6 +8,12 @@ step rate, so the whole script fits the budget.
 
     python bench/cifar_distill.py --data ../shared/data/cifar10 --budget-min 9
 
+At CPU scale (2 cores, about an hour): a ResNet-8 teacher and student, shorter epochs,
+with the class-weighted runs too:
+
+    python bench/cifar_distill.py --data .data/cifar10 --teacher-arch resnet8 \
+        --student resnet8 --teacher-epochs 15 --epochs 10 --iters-per-epoch 100 --weighted
+
 Anchors (paper, R34 93.3% teacher): Gaussian CS 86.0, dead leaves CS 89.4, Gaussian RS
 13.5. Runs at toy scale on CPU with --smoke (tests the plumbing, not the figures).
 """
@@ -36,13 +42,20 @@ def main() -> None:
     p.add_argument("--pool", type=int, default=4096,
                    help="also distil from a dead-leaves --noise-pool of this size (0: skip)")
     p.add_argument("--workdir", default="runs/cifar_distill")
+    p.add_argument("--teacher-arch", default="resnet34")
+    p.add_argument("--student", default="resnet18")
+    p.add_argument("--iters-per-epoch", type=int, default=196)
+    p.add_argument("--lr", type=float, default=0.002, help="Adam one-cycle peak rate")
+    p.add_argument("--weighted", action="store_true",
+                   help="also distil each noise with --balance weight")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the same pipeline")
     args = p.parse_args()
     t_start = time.perf_counter()
     work = Path(args.workdir)
     data = Path(args.data)
     train, val = str(data / "train45k.zip"), str(data / "val5k.zip")
-    t_arch, s_arch = ("resnet8", "tiny_cnn") if args.smoke else ("resnet34", "resnet18")
+    t_arch, s_arch = ("resnet8", "tiny_cnn") if args.smoke else (args.teacher_arch,
+                                                                 args.student)
     rows = []
     teacher = Path(args.teacher) if args.teacher else work / f"teacher_{t_arch}.safetensors"
     if not args.teacher:
@@ -54,43 +67,51 @@ def main() -> None:
         rows.append({"run": f"teacher {t_arch}", "val_top1": r["val_top1"],
                      "seconds": time.perf_counter() - t0})
         print(json.dumps(rows[-1]), flush=True)
-    iters = 4 if args.smoke else 196
-    # (name, noise, teacher BN, noise pool, share of the epochs)
-    runs = [("dead leaves, current BN", "dead_leaves", "current", 0, 1.0),
-            ("gaussian, current BN", "gaussian", "current", 0, 1.0),
-            ("gaussian, running BN (baseline)", "gaussian", "running", 0, 0.25)]
+    iters = 4 if args.smoke else args.iters_per_epoch
+    # (name, noise, teacher BN, noise pool, --balance, share of the epochs)
+    runs = [("dead leaves, current BN", "dead_leaves", "current", 0, "off", 1.0),
+            ("gaussian, current BN", "gaussian", "current", 0, "off", 1.0),
+            ("gaussian, running BN (baseline)", "gaussian", "running", 0, "off", 0.25)]
     if args.pool:
         runs.insert(1, (f"dead leaves, pool {args.pool}, current BN", "dead_leaves", "current",
-                        args.pool, 1.0))
+                        args.pool, "off", 1.0))
+    if args.weighted:
+        runs += [("dead leaves, class-weighted, current BN", "dead_leaves", "current", 0,
+                  "weight", 1.0),
+                 ("gaussian, class-weighted, current BN", "gaussian", "current", 0, "weight",
+                  1.0)]
     if args.epochs:
         base = args.epochs
     else:  # one epoch of the heaviest noise sizes the epochs from the remaining budget
         probe = DistillRun(DistillConfig(teacher=str(teacher), student=s_arch,
                                          noise="dead_leaves", epochs=1, iters_per_epoch=iters,
-                                         schedule="onecycle", lr=0.002),
+                                         schedule="onecycle", lr=args.lr),
                            work / "probe.safetensors", force=True).run()
         left = args.budget_min * 60 - (time.perf_counter() - t_start)
         base = left / sum(w for *_, w in runs) / (probe["seconds"] * 1.1)
-    for name, noise, bn, pool, w in runs:
+    for name, noise, bn, pool, balance, w in runs:
         epochs = max(1, int(base * w))
         t0 = time.perf_counter()
         r = DistillRun(DistillConfig(teacher=str(teacher), student=s_arch, noise=noise,
-                                     teacher_bn=bn, noise_pool=pool, epochs=epochs,
-                                     iters_per_epoch=iters, schedule="onecycle", lr=0.002,
-                                     val=val, val_every=epochs),
-                       work / f"{noise}_{bn}_{pool}.safetensors", force=True).run()
+                                     teacher_bn=bn, noise_pool=pool, balance=balance,
+                                     epochs=epochs, iters_per_epoch=iters, schedule="onecycle",
+                                     lr=args.lr, val=val, val_every=epochs),
+                       work / f"{noise}_{bn}_{pool}_{balance}.safetensors", force=True).run()
         rows.append({"run": name, "epochs": epochs, "val_top1": r["val_top1_current"],
+                     "teacher_class_balance": r["teacher_class_balance"],
                      "images_per_s": r["images_per_s"],
                      "val_top1_running": r["val_top1_running"],
                      "seconds": time.perf_counter() - t0})
         print(json.dumps(rows[-1]), flush=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"\n{device}; {t_arch} -> {s_arch}; val5k top-1 (students: current BN, batch 256)\n")
-    print("| run | epochs | val5k top-1 | img/s (last epoch) | wall |\n|---|---|---|---|---|")
+    print("| run | epochs | val5k top-1 | running-BN top-1 | img/s (last epoch) | wall |\n"
+          "|---|---|---|---|---|---|")
     for r in rows:
         speed = f"{r['images_per_s']:,.0f}" if "images_per_s" in r else ""
-        print(f"| {r['run']} | {r.get('epochs', '')} | {r['val_top1']:.2f}% | {speed} | "
-              f"{r['seconds']:.0f} s |")
+        running = f"{r['val_top1_running']:.2f}%" if "val_top1_running" in r else ""
+        print(f"| {r['run']} | {r.get('epochs', '')} | {r['val_top1']:.2f}% | {running} | "
+              f"{speed} | {r['seconds']:.0f} s |")
 
 
 if __name__ == "__main__":

@@ -42,9 +42,17 @@ VARIANTS = {
     },
     "balance": {
         "gaussian": {**FAST},
-        "gaussian, class-balanced": {**FAST, "balance": True},
+        "gaussian, class-balanced": {**FAST, "balance": "reject"},
+        "gaussian, class-weighted": {**FAST, "balance": "weight"},
         "dead leaves": {**FAST, "noise": "dead_leaves"},
-        "dead leaves, class-balanced": {**FAST, "noise": "dead_leaves", "balance": True},
+        "dead leaves, class-balanced": {**FAST, "noise": "dead_leaves", "balance": "reject"},
+        "dead leaves, class-weighted": {**FAST, "noise": "dead_leaves", "balance": "weight"},
+    },
+    "weight": {  # the free remedy against plain noise, to run over many seeds
+        "gaussian": {**FAST},
+        "gaussian, class-weighted": {**FAST, "balance": "weight"},
+        "dead leaves": {**FAST, "noise": "dead_leaves"},
+        "dead leaves, class-weighted": {**FAST, "noise": "dead_leaves", "balance": "weight"},
     },
     "pool": {
         "dead leaves, pool 4096 per epoch": {**FAST, "noise": "dead_leaves", "noise_pool": 4096},

@@ -11,15 +11,22 @@ batch 256 on a GPU).
 
 On CPU the resnet34 -> resnet18 pair runs at ``--big-batch`` (64) only if one
 step takes under ``--big-limit`` seconds.
+
+``--reference DIR`` also times the dead-leaves renderer of another checkout (e.g. a
+``git worktree`` of an older commit), in the same process, for a side-by-side ratio:
+
+    git worktree add /tmp/kd_ref 256865f && python bench/noise_cost.py --reference /tmp/kd_ref
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -63,14 +70,31 @@ def distill_step(teacher_arch: str, student_arch: str, batch: int, size: int, de
     return step
 
 
-def noise_times(batch: int, size: int, device, repeats: int, pool: int, iters: int) -> dict:
+def reference_renderer(src_dir: str):
+    """``render_dead_leaves`` from another checkout's distill/ (loaded as a module)."""
+    for name in ("dead_leaves.py", "noise.py"):  # the renderer moved to dead_leaves.py
+        path = Path(src_dir) / "distill" / name
+        if path.exists() and "def render_dead_leaves" in path.read_text():
+            spec = importlib.util.spec_from_file_location(f"reference_{path.stem}", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module.render_dead_leaves
+    raise SystemExit(f"no render_dead_leaves under {src_dir}/distill")
+
+
+def noise_times(batch: int, size: int, device, repeats: int, pool: int, iters: int,
+                reference=None) -> dict:
     out = {}
     for kind in NOISE_KINDS:
         src = make_noise(kind, 3, (size, size), CIFAR_MEAN, CIFAR_STD, device)
         gen = torch.Generator(device=device).manual_seed(0)
         out[kind] = timed(lambda src=src, gen=gen: src.sample(batch, gen), device, repeats)
+        if kind == "dead_leaves" and reference is not None:
+            out["dead_leaves_reference"] = timed(
+                lambda g=gen: reference(batch, g, channels=3, size=(size, size), device=device),
+                device, repeats)
         if kind == "dead_leaves":
-            out["dead_leaves_stats"] = src.last_stats
+            out["dead_leaves_leaves"] = src.options["leaves"]
             # --noise-pool: the per-epoch refill spread over the epoch's steps, plus a draw
             pooled = PooledNoise(src, pool)
             refill = timed(lambda p=pooled, g=gen: p.start_epoch(g), device, max(1, repeats // 2))
@@ -90,6 +114,7 @@ def main() -> None:
     p.add_argument("--big-limit", type=float, default=20.0, help="skip the big pair if slower")
     p.add_argument("--pool", type=int, default=4096, help="--noise-pool size to time")
     p.add_argument("--iters", type=int, default=196, help="steps per epoch the refill spreads over")
+    p.add_argument("--reference", help="another checkout whose dead-leaves renderer to time too")
     args = p.parse_args()
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -117,14 +142,19 @@ def main() -> None:
             continue
         slow = teacher == "resnet34" and device.type == "cpu"
         step_s = timed(step, device, 2 if slow else args.repeats)
-        noise = noise_times(batch, args.size, device, args.repeats, args.pool, args.iters)
-        for kind in (*NOISE_KINDS, f"dead_leaves_pool{args.pool}"):
+        reference = reference_renderer(args.reference) if args.reference else None
+        noise = noise_times(batch, args.size, device, args.repeats, args.pool, args.iters,
+                            reference)
+        kinds = [*NOISE_KINDS, f"dead_leaves_pool{args.pool}"]
+        if reference is not None:
+            kinds.insert(kinds.index("dead_leaves") + 1, "dead_leaves_reference")
+        for kind in kinds:
             row = {"device": where, "pair": f"{teacher}->{student}", "batch": batch,
                    "size": args.size, "kind": kind, "noise_ms": round(noise[kind] * 1e3, 2),
                    "step_ms": round(step_s * 1e3, 1),
                    "ratio_pct": round(100 * noise[kind] / step_s, 2)}
             if kind == "dead_leaves":
-                row["dead_leaves_stats"] = noise["dead_leaves_stats"]
+                row["leaves_per_image"] = noise["dead_leaves_leaves"]
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\n{where}, {args.size}x{args.size}x3, median of {args.repeats} calls "

@@ -1,11 +1,16 @@
-"""Class-balanced noise: rejection sampling so the teacher's predicted classes are even.
+"""Class-balanced noise: the teacher's predicted classes count evenly.
 
 A BN teacher fed Gaussian noise predicts a few classes far more often than the
 others (NormShift-KD, REFERENCE.md), so the student hears little about the
-rest.  ``BalancedNoise`` draws ``oversample`` x n candidates, asks the teacher
-(on the candidates' own batch statistics) which class each one looks like, and
-keeps at most ceil(n / classes) per class, filling any shortfall at random
-from the rejected ones.
+rest.  Two remedies (``--balance``):
+
+- ``reject``: ``BalancedNoise`` draws ``oversample`` x n candidates, asks the
+  teacher (on the candidates' own batch statistics) which class each one looks
+  like, and keeps at most ceil(n / classes) per class, filling any shortfall
+  at random from the rejected ones.  Costs one extra teacher forward.
+- ``weight``: importance weights (``class_weights``) in the loss, so every
+  class the teacher predicts in a batch carries the same total weight.  Costs
+  nothing: the batch is the one the teacher already saw.
 """
 
 from __future__ import annotations
@@ -18,6 +23,20 @@ from kdtool.distill.noise import NoiseSource
 from kdtool.distill.pool import PooledNoise
 from kdtool.distill.teacher import FrozenTeacher
 from kdtool.errors import KdtoolError
+
+BALANCE_MODES = ("off", "reject", "weight")
+
+
+def class_weights(pred: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-sample weights, mean 1, that give every predicted class the same total weight.
+
+    A sample of a class predicted ``k`` times among ``n`` samples and ``c`` present
+    classes weighs ``n / (c k)``.  No host synchronisation (CUDA-graph friendly).
+    """
+    counts = torch.zeros(num_classes, device=pred.device, dtype=torch.float32)
+    counts.scatter_add_(0, pred, torch.ones_like(pred, dtype=torch.float32))
+    present = (counts > 0).sum()
+    return len(pred) / (present * counts[pred])
 
 
 def balanced_choice(classes: torch.Tensor, n: int, num_classes: int,

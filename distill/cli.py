@@ -23,9 +23,12 @@ def distill_cmd(
     shapes: Annotated[str | None, typer.Option(
         "--shapes", help="Dead-leaves shapes: mixed, circle, square, rotated_square, rectangle, "
         "triangle or quadrilateral.", show_default="mixed")] = None,
-    balance: Annotated[bool, typer.Option(
-        "--balance/--no-balance", help="Class-balanced noise: oversample x2 and keep noise the "
-        "teacher assigns to each class evenly (beyond the paper).")] = False,
+    balance: Annotated[str, typer.Option(
+        "--balance", help="Class balance of the teacher's answers on noise (beyond the paper): "
+        "off; reject (draw 2x the noise, keep an even share of each class the teacher "
+        "predicts; one more teacher forward per step); weight (weight each image's loss so "
+        "every predicted class counts the same; no extra cost). See docs/BENCHMARKS.md.")
+    ] = "off",
     noise_pool: Annotated[int, typer.Option(
         "--noise-pool", help="Render N noise images per epoch and draw batches from them under "
         "random flips, quarter turns, channel permutations and inversions (0: a fresh batch "

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kdtool.distill.balance import class_weights
 from kdtool.distill.teacher import FrozenTeacher
 from kdtool.errors import KdtoolError, check_choice
 
@@ -43,23 +44,31 @@ class NoiseKD(Distiller):
     temperature T, as the authors' code (no T^2; equal to KL up to the teacher's
     entropy, a constant).  ``kl``: KL(teacher || student) x T^2 (Hinton et al.),
     which keeps gradient size independent of T.
+
+    ``class_weighted``: each sample's term is weighted so that every class the
+    teacher predicts in the batch counts the same (``balance.class_weights``,
+    ``--balance weight``); the weights have mean 1, so the loss keeps its scale.
     """
 
     def __init__(self, student: nn.Module, teacher: FrozenTeacher, temperature: float = 1.0,
-                 loss: str = "soft_ce"):
+                 loss: str = "soft_ce", class_weighted: bool = False):
         super().__init__(student, teacher)
         check_choice(loss, KD_LOSSES, "KD loss")
         if not temperature > 0:
             raise KdtoolError(f"--temperature must be positive, got {temperature}")
         self.temperature = temperature
         self.loss = loss
+        self.class_weighted = class_weighted
 
     def losses(self, student_logits, teacher_logits) -> dict[str, torch.Tensor]:
         t = self.temperature
         log_p_s = F.log_softmax(student_logits / t, dim=1)
         if self.loss == "soft_ce":
-            p_t = F.softmax(teacher_logits / t, dim=1)
-            return {"soft_ce": -(p_t * log_p_s).sum(1).mean()}
-        log_p_t = F.log_softmax(teacher_logits / t, dim=1)
-        kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
-        return {"kl": kl * t * t}
+            per_sample = -(F.softmax(teacher_logits / t, dim=1) * log_p_s).sum(1)
+        else:
+            log_p_t = F.log_softmax(teacher_logits / t, dim=1)
+            per_sample = (log_p_t.exp() * (log_p_t - log_p_s)).sum(1) * t * t
+        if self.class_weighted:
+            weights = class_weights(teacher_logits.argmax(1), teacher_logits.shape[1])
+            return {self.loss: (weights * per_sample).mean()}
+        return {self.loss: per_sample.mean()}

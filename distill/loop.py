@@ -22,7 +22,7 @@ from kdtool.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
 from kdtool.data import check_fits, load_data
 from kdtool.device import autocast_for, resolve_device
 from kdtool.dist import all_reduce_mean, finish, init_from_env, sync_buffers
-from kdtool.distill.balance import BalancedNoise
+from kdtool.distill.balance import BALANCE_MODES, BalancedNoise
 from kdtool.distill.distiller import NoiseKD
 from kdtool.distill.noise import make_noise
 from kdtool.distill.pool import PooledNoise
@@ -43,7 +43,7 @@ class DistillConfig:
     student: str = "resnet18"
     noise: str = "gaussian"
     noise_options: dict = field(default_factory=dict)
-    balance: bool = False  # class-balanced noise (rejection sampling through the teacher)
+    balance: str = "off"  # class balance: off, reject (resample noise) or weight (the loss)
     noise_pool: int = 0  # > 0: images rendered per epoch into a reused pool (distill/pool.py)
     teacher_bn: str = "current"
     running_fraction: float | None = None
@@ -71,6 +71,7 @@ class DistillConfig:
         model_spec(c.student)
         check_choice(c.teacher_bn, TEACHER_BN_MODES, "--teacher-bn mode")
         check_choice(c.teacher_stats, TEACHER_STATS, "--teacher-stats")
+        check_choice(c.balance, BALANCE_MODES, "--balance mode")
         c.schedule, c.lr = optim.resolve(c.optimizer, c.schedule, c.lr)
         for name, value in (("--epochs", c.epochs), ("--iters-per-epoch", c.iters_per_epoch),
                             ("--batch-size", c.batch_size), ("--val-every", c.val_every),
@@ -113,11 +114,12 @@ class DistillRun:
                            **c.noise_options)
         if c.noise_pool:
             noise = PooledNoise(noise, c.noise_pool)
-        if c.balance:
+        if c.balance == "reject":
             noise = BalancedNoise(noise, teacher, tmeta.num_classes)
         student = create_model(c.student, num_classes=tmeta.num_classes,
                                in_chans=tmeta.in_chans).to(dev, memory_format=fmt)
-        distiller = NoiseKD(student, teacher, c.temperature, c.loss)
+        distiller = NoiseKD(student, teacher, c.temperature, c.loss,
+                            class_weighted=c.balance == "weight")
         if self.dist.enabled:
             # Gradients are averaged across ranks and BN buffers averaged after each epoch
             # (sync_buffers), so every rank holds the same student. Each rank's teacher

@@ -1,15 +1,15 @@
 """A pool of rendered noise images, reused with transforms that keep their distribution.
 
-Rendering dead leaves costs about half a ResNet-34 -> ResNet-18 step on a GPU
-(docs/BENCHMARKS.md). ``PooledNoise`` renders ``size`` images at the start of
-every epoch (from that epoch's generator, so ``--resume`` stays exact) and
-draws each batch from the pool, each image under a random transform from a
-group that maps the dead-leaves distribution onto itself: the 8 flips and
-quarter turns of the square (centres are uniform, shape orientations
-isotropic), a permutation of the colour channels and a colour inversion
-x -> 1 - x (colours are independent uniform per channel). A pool of 4,096 is
-16 batches of 256 rendered per 196-step epoch: about 8% of the cost of fresh
-batches.
+Fresh dead leaves cost a sizeable share of a small step (docs/BENCHMARKS.md:
+about as much as a ResNet-8 -> tiny CNN step on the CPU).  ``PooledNoise``
+renders ``size`` images at the start of every epoch (from that epoch's
+generator, so ``--resume`` stays exact) and draws each batch from the pool,
+each image under a random transform from a group that maps the dead-leaves
+distribution onto itself: the 8 flips and quarter turns of the square
+(centres are uniform, shape orientations isotropic), a permutation of the
+colour channels and a colour inversion x -> 1 - x (colours are independent
+uniform per channel). A pool of 4,096 is 16 batches of 256 rendered per
+196-step epoch: about 8% of the cost of fresh batches.
 """
 
 from __future__ import annotations

@@ -134,13 +134,14 @@ def test_resume_continues_exactly(small_teacher, tmp_path, monkeypatch):
 
 def test_metadata_records_the_run(small_teacher, tmp_path):
     DistillRun(_cfg(small_teacher, teacher_bn="mixed", running_fraction=0.25, noise="uniform",
-                    epochs=1), tmp_path / "s.safetensors").run()
+                    balance="weight", epochs=1), tmp_path / "s.safetensors").run()
     meta = read_meta(tmp_path / "s.safetensors")
     d = meta.stages["distill"]
     assert d["bn_running_stats"] == "noise"
     assert d["teacher_bn"]["bn_mode"] == "mixed" and len(d["teacher_bn"]["running_layers"]) == 2
     assert d["noise"]["kind"] == "uniform" and d["teacher"]["arch"] == "resnet8"
     assert d["config"]["seed"] == 7 and meta.provenance["seed"] == 7
+    assert d["config"]["balance"] == "weight"
     assert meta.in_chans == 1 and meta.mean == [0.3] and meta.arch == "tiny_cnn"
 
 
@@ -148,7 +149,7 @@ def test_cli_distill_json_and_errors(cli, small_teacher, tmp_path):
     out = tmp_path / "s.safetensors"
     r = cli("distill", "--teacher", small_teacher, "--student", "tiny_cnn", "--epochs", "1",
             "--iters-per-epoch", "2", "--batch-size", "16", "--noise", "dead_leaves",
-            "--val", "digits:test", "--out", out, "--json")
+            "--balance", "reject", "--val", "digits:test", "--out", out, "--json")
     assert r.code == 0, r.err
     res = r.json()
     assert {"val_top1_current", "val_top1_running", "agreement_current"} <= set(res)
@@ -161,6 +162,9 @@ def test_cli_distill_json_and_errors(cli, small_teacher, tmp_path):
     bad = cli("distill", "--teacher", small_teacher, "--teacher-bn", "runing", "--out",
               tmp_path / "x.safetensors")
     assert bad.code == 1 and "did you mean 'running'" in bad.err
+    bad = cli("distill", "--teacher", small_teacher, "--balance", "rejct", "--out",
+              tmp_path / "x.safetensors")
+    assert bad.code == 1 and "did you mean 'reject'" in bad.err
 
 
 @pytest.fixture(scope="module")
