@@ -28,7 +28,7 @@ import kdtool.distill.teacher
 from kdtool.distill.loop import DistillConfig, DistillRun
 from kdtool.train import TrainConfig, Trainer
 
-FAST = {"schedule": "onecycle", "lr": 0.01}
+FAST = {"schedule": "onecycle", "lr": 0.01, "balance": "off"}  # variants name their balance
 VARIANTS = {
     "schedule": {
         "adam 1e-3 + plateau (paper)": {},

@@ -25,10 +25,11 @@ def distill_cmd(
         "triangle or quadrilateral.", show_default="mixed")] = None,
     balance: Annotated[str, typer.Option(
         "--balance", help="Class balance of the teacher's answers on noise (beyond the paper): "
-        "off; reject (draw 2x the noise, keep an even share of each class the teacher "
-        "predicts; one more teacher forward per step); weight (weight each image's loss so "
-        "every predicted class counts the same; no extra cost). See docs/BENCHMARKS.md.")
-    ] = "off",
+        "weight (weight each image's loss so every class the teacher predicts in a batch "
+        "counts the same; no extra cost; +2-3 points measured, docs/BENCHMARKS.md); reject "
+        "(draw 2x the noise, keep an even share of each predicted class; one more teacher "
+        "forward per step); off (the paper's plain loss).")
+    ] = "weight",
     noise_pool: Annotated[int, typer.Option(
         "--noise-pool", help="Render N noise images per epoch and draw batches from them under "
         "random flips, quarter turns, channel permutations and inversions (0: a fresh batch "

@@ -43,7 +43,9 @@ class DistillConfig:
     student: str = "resnet18"
     noise: str = "gaussian"
     noise_options: dict = field(default_factory=dict)
-    balance: str = "off"  # class balance: off, reject (resample noise) or weight (the loss)
+    # Class balance of the teacher's answers: weight (the loss; the default, measured in
+    # docs/BENCHMARKS.md), reject (resample the noise) or off (the paper's plain loss).
+    balance: str = "weight"
     noise_pool: int = 0  # > 0: images rendered per epoch into a reused pool (distill/pool.py)
     teacher_bn: str = "current"
     running_fraction: float | None = None

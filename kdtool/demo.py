@@ -43,12 +43,13 @@ SCALES = {
     "full": DemoScale("resnet20", 15, "tiny_cnn", 12, 100, 256, 4096, 0.01, 32, (1, 64), 0.5),
     "quick": DemoScale("resnet8", 10, "tiny_cnn", 6, 50, 256, 1024, 0.01, 32, (1,), 0.1),
 }
-STUDENTS = (  # (file stem, label, noise, teacher BN)
+STUDENTS = (  # (file stem, label, noise, teacher BN, --balance)
     ("student_gaussian_running", "Gaussian noise, teacher BN running (classic KD)", "gaussian",
-     "running"),
+     "running", "off"),
     ("student_gaussian_current", "Gaussian noise, teacher BN current (the method)", "gaussian",
-     "current"),
-    ("student_dead_leaves_current", "dead leaves, teacher BN current", "dead_leaves", "current"),
+     "current", "weight"),
+    ("student_dead_leaves_current", "dead leaves, teacher BN current", "dead_leaves", "current",
+     "weight"),
 )
 
 
@@ -106,11 +107,12 @@ class Demo:
         t = self._step(2, f"distil {len(STUDENTS)} {s.student} students from noise "
                           f"({s.epochs} x {s.iters} batches of {s.batch})")
         rows = []
-        for stem, label, noise, bn in STUDENTS:
+        for stem, label, noise, bn, balance in STUDENTS:
             t1 = time.perf_counter()
             path = self.out / f"{stem}.safetensors"
             r = DistillRun(DistillConfig(
                 teacher=teacher["file"], student=s.student, noise=noise, teacher_bn=bn,
+                balance=balance,
                 noise_pool=s.pool if noise == "dead_leaves" else 0, epochs=s.epochs,
                 iters_per_epoch=s.iters, batch_size=s.batch, schedule="onecycle", lr=s.lr,
                 val=TEST, val_every=s.epochs, seed=self.seed, device=self.device),

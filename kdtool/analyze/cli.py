@@ -214,7 +214,8 @@ def sweep_cmd(
     csv_path, png_path = _outputs(out, force)
     base = DistillConfig(teacher=str(teacher), student=student, noise=noise, epochs=epochs,
                          iters_per_epoch=iters_per_epoch, batch_size=batch_size,
-                         schedule="onecycle", lr=lr, val=val, seed=seed, device=device)
+                         schedule="onecycle", lr=lr, val=val, seed=seed, device=device,
+                         balance="off")  # the paper's figures: its plain loss
     rows = run_sweep(base, param, points, out, keep)
     write_csv(csv_path, rows)
     write_png(png_path, rows, f"{student} from {teacher.name}, {noise} noise")
