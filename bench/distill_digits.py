@@ -66,6 +66,13 @@ VARIANTS = {
         "GroupNorm teacher (resnet8_gn), not aligned": {
             **FAST, "_teacher": "resnet8_gn", "teacher_norm_align": True, "_no_align": True},
     },
+    "norm_align_weight": {  # the same with kdtool's default class weighting
+        "GroupNorm teacher (resnet8_gn), batch-aligned, class-weighted": {
+            **FAST, "_teacher": "resnet8_gn", "teacher_norm_align": True, "balance": "weight"},
+        "GroupNorm teacher (resnet8_gn), not aligned, class-weighted": {
+            **FAST, "_teacher": "resnet8_gn", "teacher_norm_align": True, "_no_align": True,
+            "balance": "weight"},
+    },
     "noise": {
         "gaussian": {**FAST, "noise": "gaussian"},
         "uniform": {**FAST, "noise": "uniform"},
