@@ -178,6 +178,7 @@ def digits_resnet20(tmp_path_factory):
     return path
 
 
+@pytest.mark.timeout(600)  # three runs of 3,000 batches: ~3.5 min quiet, more on a busy machine
 def test_current_statistics_distil_running_statistics_fail(digits_resnet20, tmp_path):
     """The method on real data: digits teacher (>= 98%), Gaussian noise, 3,000 batches of 256.
 
