@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from kdtool.checkpoint import read_meta
 from kdtool.distill.loop import DistillConfig, DistillRun
 from kdtool.train import TrainConfig, Trainer
 
@@ -48,6 +49,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.002, help="Adam one-cycle peak rate")
     p.add_argument("--weighted", action="store_true",
                    help="also distil each noise with --balance weight")
+    p.add_argument("--noises", nargs="+", default=["gaussian", "dead_leaves"],
+                   choices=["gaussian", "dead_leaves"], help="noises to distil from")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the same pipeline")
     args = p.parse_args()
     t_start = time.perf_counter()
@@ -58,6 +61,8 @@ def main() -> None:
                                                                  args.student)
     rows = []
     teacher = Path(args.teacher) if args.teacher else work / f"teacher_{t_arch}.safetensors"
+    if args.teacher:  # the table names the teacher's real architecture
+        t_arch = read_meta(teacher).arch
     if not args.teacher:
         t0 = time.perf_counter()
         r = Trainer(TrainConfig(arch=t_arch, data=train, val=val,
@@ -89,6 +94,7 @@ def main() -> None:
                            work / "probe.safetensors", force=True).run()
         left = args.budget_min * 60 - (time.perf_counter() - t_start)
         base = left / sum(w for *_, w in runs) / (probe["seconds"] * 1.1)
+    runs = [run for run in runs if run[1] in args.noises]
     for name, noise, bn, pool, balance, w in runs:
         epochs = max(1, int(base * w))
         t0 = time.perf_counter()
