@@ -63,7 +63,7 @@ def main() -> None:
     teacher = Path(args.teacher) if args.teacher else work / f"teacher_{t_arch}.safetensors"
     if args.teacher:  # the table names the teacher's real architecture
         t_arch = read_meta(teacher).arch
-    if not args.teacher:
+    else:
         t0 = time.perf_counter()
         r = Trainer(TrainConfig(arch=t_arch, data=train, val=val,
                                 epochs=1 if args.smoke else args.teacher_epochs,
@@ -85,6 +85,7 @@ def main() -> None:
                   "weight", 1.0),
                  ("gaussian, class-weighted, current BN", "gaussian", "current", 0, "weight",
                   1.0)]
+    runs = [run for run in runs if run[1] in args.noises]  # before sizing by the budget
     if args.epochs:
         base = args.epochs
     else:  # one epoch of the heaviest noise sizes the epochs from the remaining budget
@@ -94,7 +95,6 @@ def main() -> None:
                            work / "probe.safetensors", force=True).run()
         left = args.budget_min * 60 - (time.perf_counter() - t_start)
         base = left / sum(w for *_, w in runs) / (probe["seconds"] * 1.1)
-    runs = [run for run in runs if run[1] in args.noises]
     for name, noise, bn, pool, balance, w in runs:
         epochs = max(1, int(base * w))
         t0 = time.perf_counter()

@@ -129,6 +129,7 @@ def main() -> None:
     pairs = [("resnet8", "tiny_cnn", args.batch)]
     big_batch = args.batch if device.type == "cuda" else args.big_batch
     pairs.append(("resnet34", "resnet18", big_batch))
+    reference = reference_renderer(args.reference) if args.reference else None
     rows = []
     for teacher, student, batch in pairs:
         step = distill_step(teacher, student, batch, args.size, device)
@@ -142,7 +143,6 @@ def main() -> None:
             continue
         slow = teacher == "resnet34" and device.type == "cpu"
         step_s = timed(step, device, 2 if slow else args.repeats)
-        reference = reference_renderer(args.reference) if args.reference else None
         noise = noise_times(batch, args.size, device, args.repeats, args.pool, args.iters,
                             reference)
         kinds = [*NOISE_KINDS, f"dead_leaves_pool{args.pool}"]
