@@ -10,7 +10,10 @@ loop from ``bench/serve_load.py`` (JSON: MLServer has no binary tensor extension
 after the other, alternating when ``--repeats`` > 1.
 
     python bench/mlserver_compare.py                       # resnet18 CIFAR, 32 clients, 20 s
-    python bench/mlserver_compare.py --repeats 2 --workers 1
+    python bench/mlserver_compare.py --repeats 2 --setups 1x2,2x1
+
+``--setups`` lists worker x ORT-thread layouts (``WxT``); each server runs in each layout,
+so both are compared at their best as well as at the same settings.
 """
 
 from __future__ import annotations
@@ -84,10 +87,12 @@ def mlserver_repo(
     return root, port
 
 
-def bench_mlserver(exe: Path, model: Path, args, requests, expected) -> dict:
+def bench_mlserver(
+    exe: Path, model: Path, workers: int, threads: int, args, requests, expected
+) -> dict:
     with tempfile.TemporaryDirectory(prefix="mlserver-bench-") as tmp:
         root, port = mlserver_repo(
-            Path(tmp), model, args.threads, args.max_batch, args.max_delay_ms, args.workers
+            Path(tmp), model, threads, args.max_batch, args.max_delay_ms, workers
         )
         proc = subprocess.Popen(
             [str(exe), "start", str(root)],
@@ -116,7 +121,7 @@ def bench_mlserver(exe: Path, model: Path, args, requests, expected) -> dict:
     r["mean_batch"] = None
     r["server"] = (
         f"MLServer {version(exe)}, adaptive batching {args.max_batch} / "
-        f"{args.max_delay_ms:g} ms, {args.workers} worker(s)"
+        f"{args.max_delay_ms:g} ms, {workers} worker(s) x {threads} ORT thread(s)"
     )
     return r
 
@@ -134,6 +139,17 @@ def version(exe: Path) -> str:
     return out.strip().split()[-1] if out.strip() else "?"
 
 
+def parse_setups(text: str) -> list[tuple[int, int]]:
+    """'1x2,2x1' -> [(1, 2), (2, 1)] (workers, ORT threads per worker)."""
+    setups = []
+    for part in text.split(","):
+        w, sep, t = part.strip().lower().partition("x")
+        if not (sep and w.isdigit() and t.isdigit() and int(w) > 0 and int(t) > 0):
+            raise argparse.ArgumentTypeError(f"'{part}' is not WxT (e.g. 1x2)")
+        setups.append((int(w), int(t)))
+    return setups
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=sl.DEFAULT_MODEL)
@@ -142,16 +158,15 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--duration", type=float, default=20.0)
     p.add_argument("--warmup", type=float, default=3.0)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-delay-ms", type=float, default=5.0)
     p.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="MLServer parallel_workers (0: inference in the server process)",
+        "--setups",
+        type=parse_setups,
+        default=[(1, 2)],
+        help="comma-separated WxT: W workers (kdtool serve --workers, MLServer "
+        "parallel_workers) of T ORT intra-op threads each; default 1x2",
     )
-    p.add_argument("--kdtool-workers", type=int, default=1, help="kdtool serve --workers")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--json", type=Path)
     args = p.parse_args()
@@ -164,28 +179,50 @@ def main() -> None:
     x, y, spec = sl.input_pool(args.model)
     spec["name"] = args.model.stem
     requests, expected = sl.build_requests(x, y, spec, binary=False, malformed=0.0)
-    runs: dict[str, list[dict]] = {"kdtool": [], "mlserver": []}
+    names = [(who, w, t) for w, t in args.setups for who in ("kdtool", "mlserver")]
+    runs: dict[tuple, list[dict]] = {name: [] for name in names}
     for rep in range(args.repeats):
-        order = ["mlserver", "kdtool"] if rep % 2 == 0 else ["kdtool", "mlserver"]
-        for who in order:
+        for who, w, t in names if rep % 2 == 0 else names[::-1]:
             if who == "kdtool":
                 r = sl.bench_kdtool(
-                    args.model, args.max_batch, args.max_delay_ms, args.kdtool_workers,
-                    args.threads, args, requests, expected, spec,
+                    args.model,
+                    args.max_batch,
+                    args.max_delay_ms,
+                    w,
+                    t,
+                    args,
+                    requests,
+                    expected,
+                    spec,
                 )
             else:
-                r = bench_mlserver(exe, args.model, args, requests, expected)
+                r = bench_mlserver(exe, args.model, w, t, args, requests, expected)
             print(json.dumps(r), flush=True)
-            runs[who].append(r)
-    rows = [sl.median_run(runs[w]) for w in ("kdtool", "mlserver")]
+            runs[who, w, t].append(r)
+    rows = {name: sl.median_run(runs[name]) for name in names}
     print(
         f"\n{args.model.name}: {args.concurrency} concurrent clients, 1 image per request, "
-        f"JSON, {args.duration:g} s, {args.threads} ORT threads, median of {args.repeats}\n"
+        f"JSON, {args.duration:g} s, median of {args.repeats}\n"
     )
-    print(sl.table(rows))
-    print("\nkdtool / MLServer: " + sl.ratios(*rows))
+    print(sl.table(list(rows.values())))
+    print()
+    for w, t in args.setups:
+        print(
+            f"{w}x{t}, kdtool / MLServer: "
+            + sl.ratios(rows["kdtool", w, t], rows["mlserver", w, t])
+        )
+    if len(args.setups) > 1:
+        best = {
+            who: max(
+                (r for (n, *_), r in rows.items() if n == who), key=lambda r: r["images_per_s"]
+            )
+            for who in ("kdtool", "mlserver")
+        }
+        print("each at its best, kdtool / MLServer: " + sl.ratios(best["kdtool"], best["mlserver"]))
     if args.json:
-        args.json.write_text(json.dumps(runs, indent=1))
+        args.json.write_text(
+            json.dumps({f"{n}:{w}x{t}": r for (n, w, t), r in runs.items()}, indent=1)
+        )
 
 
 if __name__ == "__main__":

@@ -1,22 +1,24 @@
 """Dynamic batching: concurrent requests share one ONNX Runtime call.
 
-Requests join a bounded queue (counted in images).  One batcher task takes the oldest
-requests up to ``max_batch`` images; if fewer are waiting it waits for more until the
-oldest has waited ``max_delay`` (Triton's ``max_queue_delay``), so under load, when the
-previous call took longer than that, a batch forms without any waiting.  The ORT call
-runs on a worker thread (ORT releases the GIL), so the event loop keeps parsing requests
-and answering health checks meanwhile.  A request larger than ``max_batch`` is split into
-chunks that run in consecutive batches and are concatenated back in order.
+Requests join a bounded queue (counted in images).  Each of ``workers`` threads forms its
+own batch the moment it is free: it takes the oldest requests up to ``max_batch`` images;
+if fewer are waiting it waits for more until the oldest has waited ``max_delay`` (Triton's
+``max_queue_delay``), so under load, when the previous call took longer than that, a batch
+forms without any waiting.  The workers run ORT off the event loop (ORT releases the GIL)
+and start the next call without a round trip through it, so a busy event loop (parsing
+requests, writing answers, health checks) never stands between two ORT calls; answers go
+back to the loop with one callback per batch.  A request larger than ``max_batch`` is split
+into chunks that run in consecutive batches and are concatenated back in order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -58,48 +60,56 @@ class DynamicBatcher:
         self.max_queue = max_queue
         self.fixed_batch = fixed_batch
         self.metrics = metrics
+        # Shared with the worker threads: only touched while holding _cond.
+        self._cond = threading.Condition()
         self._queue: deque[_Item] = deque()
         self._queued = 0  # images in the queue, not yet in a batch
-        self._wakeup: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
-        self._executor: ThreadPoolExecutor | None = None
         self._closing = False
         self._flushing = False  # stopping: no new requests come, so wait for none
-        self._event_loop: asyncio.AbstractEventLoop | None = None
         self.running_batch = 0  # images in the ORT calls now running (0: idle)
-        self._slots: asyncio.Semaphore | None = None
-        self._inflight: set[asyncio.Task] = set()
+        self._busy = 0  # workers in an ORT call
+        self._threads: list[threading.Thread] = []
+        self._stopped: list[asyncio.Future] = []
+        self._event_loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def ready(self) -> bool:
-        return self._task is not None and not self._task.done() and not self._closing
+        return (
+            bool(self._threads) and all(t.is_alive() for t in self._threads) and not self._closing
+        )
 
     async def start(self) -> None:
-        self._event_loop = asyncio.get_running_loop()
-        self._wakeup = asyncio.Event()
-        self._slots = asyncio.Semaphore(self.workers)
-        self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="kdtool-ort")
-        self._task = asyncio.create_task(self._loop(), name="kdtool-batcher")
+        loop = self._event_loop = asyncio.get_running_loop()
+        for i in range(self.workers):
+            stopped = loop.create_future()
+            thread = threading.Thread(
+                target=self._work, args=(stopped,), name=f"kdtool-ort_{i}", daemon=True
+            )
+            self._stopped.append(stopped)
+            self._threads.append(thread)
+            thread.start()
 
     async def close(self) -> None:
-        """Refuse new work, finish every queued request, then stop the worker thread."""
-        self._closing = True
-        if self._wakeup is not None:
-            self._wakeup.set()
-        if self._task is not None:
-            await self._task
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
+        """Refuse new work, finish every queued request, then stop the worker threads."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        # Each worker signals through the loop after its last answers were queued there,
+        # so every answer has been delivered once these complete.
+        await asyncio.gather(*self._stopped)
+        for t in self._threads:
+            t.join()
 
     def flush_soon(self) -> None:
         """Run what is queued without waiting for company (safe from a signal handler)."""
+        # Not the lock itself: the handler may interrupt the loop thread while it holds it.
         if self._event_loop is not None and not self._event_loop.is_closed():
             self._event_loop.call_soon_threadsafe(self._flush)
 
     def _flush(self) -> None:
-        self._flushing = True
-        if self._wakeup is not None:
-            self._wakeup.set()
+        with self._cond:
+            self._flushing = True
+            self._cond.notify_all()
 
     async def infer(self, x: np.ndarray) -> np.ndarray:
         """The model's output for the batch ``x``: raises RequestError(503) when full."""
@@ -111,23 +121,26 @@ class DynamicBatcher:
                 f"a batch of {n} images is more than the server queues "
                 f"({self.max_queue}, --max-queue); send smaller batches"
             )
-        if self._queued + n > self.max_queue:
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in range(0, n, self.max_batch)]
+        with self._cond:
+            queued = self._queued
+            accepted = queued + n <= self.max_queue
+            if accepted:
+                for i, fut in enumerate(futures):
+                    start = i * self.max_batch
+                    self._queue.append(_Item(x[start : start + self.max_batch], fut))
+                self._queued += n
+                self._cond.notify()
+        if not accepted:
             if self.metrics is not None:
                 self.metrics.rejected.inc(n)
             raise RequestError(
-                f"server overloaded: {self._queued} images are queued and the "
+                f"server overloaded: {queued} images are queued and the "
                 f"limit is {self.max_queue} (--max-queue); retry later",
                 503,
             )
-        loop = asyncio.get_running_loop()
-        futures = []
-        for start in range(0, n, self.max_batch):
-            fut = loop.create_future()
-            self._queue.append(_Item(x[start : start + self.max_batch], fut))
-            futures.append(fut)
-        self._queued += n
         self._set_gauge()
-        self._wakeup.set()
         if len(futures) == 1:
             return await futures[0]
         parts = await asyncio.gather(*futures)
@@ -137,74 +150,79 @@ class DynamicBatcher:
         if self.metrics is not None:
             self.metrics.queued.set(self._queued)
 
-    async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._queue:
-                if self._closing:
-                    await asyncio.gather(*self._inflight)
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            # A batch forms only once a worker is free: with one worker, requests that
-            # arrive during a call wait in the queue and make the next batch.
-            await self._slots.acquire()
-            if not self._queue:
-                self._slots.release()
-                continue
-            await self._gather_more()
+    # --- the worker threads -------------------------------------------------------------
+
+    def _work(self, stopped: asyncio.Future) -> None:
+        loop = self._event_loop
+        try:
+            while (batch := self._next_batch()) is not None:
+                items, size = batch
+                t_start = time.perf_counter()
+                try:
+                    y, error = self._run(items, size), None
+                except Exception as e:  # fail this batch's requests (500), serve the rest
+                    log.exception("ONNX Runtime failed on a batch of %d", size)
+                    y, error = None, e
+                finally:
+                    with self._cond:
+                        self.running_batch -= size
+                        self._busy -= 1
+                t_end = time.perf_counter()
+                self._set_gauge()  # prometheus_client values are thread-safe
+                _post(loop, self._deliver, items, size, y, error, t_start, t_end)
+        finally:
+            _post(loop, _resolve, stopped)
+
+    def _next_batch(self) -> tuple[list[_Item], int] | None:
+        """Wait until max_batch images are queued or the oldest has waited max_delay."""
+        with self._cond:
+            while True:
+                if not self._queue:
+                    if self._closing:
+                        return None
+                    self._cond.wait()
+                    continue
+                if self._queued >= self.max_batch or self._closing or self._flushing:
+                    break
+                remaining = self._queue[0].t0 + self.max_delay - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            # Share the queue with the other idle workers rather than take it all and
+            # leave them idle (a convoy when max_batch >= the number of clients).
+            idle = self.workers - self._busy
+            limit = min(self.max_batch, max(1, -(-self._queued // idle)))
             items, size = [], 0
-            while self._queue and size + len(self._queue[0].x) <= self.max_batch:
+            while self._queue and (not items or size + len(self._queue[0].x) <= limit):
                 item = self._queue.popleft()
                 items.append(item)
                 size += len(item.x)
             self._queued -= size
-            self._set_gauge()
-            task = asyncio.create_task(self._run(loop, items, size))
-            self._inflight.add(task)
-            task.add_done_callback(self._finished)
+            self.running_batch += size
+            self._busy += 1
+            return items, size
 
-    def _finished(self, task: asyncio.Task) -> None:
-        self._inflight.discard(task)
-        self._slots.release()
+    def _run(self, items: list[_Item], size: int) -> np.ndarray:
+        x = items[0].x if len(items) == 1 else np.concatenate([i.x for i in items])
+        if self.fixed_batch and size < self.fixed_batch:  # a static graph: one size only
+            pad = np.zeros((self.fixed_batch - size, *x.shape[1:]), x.dtype)
+            x = np.concatenate([x, pad])
+        y = self.run_fn(x)
+        if len(y) < size:
+            raise InferenceFailed(f"the model returned {len(y)} rows for {size} inputs")
+        return y
 
-    async def _gather_more(self) -> None:
-        """Wait until max_batch images are queued or the oldest has waited max_delay."""
-        deadline = self._queue[0].t0 + self.max_delay
-        while self._queued < self.max_batch and not (self._closing or self._flushing):
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                return
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except asyncio.TimeoutError:  # not the builtin before Python 3.11
-                return
+    # --- back on the event loop ---------------------------------------------------------
 
-    async def _run(self, loop, items: list[_Item], size: int) -> None:
-        t_start = time.perf_counter()
-        self.running_batch += size
-        try:
-            x = items[0].x if len(items) == 1 else np.concatenate([i.x for i in items])
-            if self.fixed_batch and size < self.fixed_batch:  # a static graph: one size only
-                pad = np.zeros((self.fixed_batch - size, *x.shape[1:]), x.dtype)
-                x = np.concatenate([x, pad])
-            y = await loop.run_in_executor(self._executor, self.run_fn, x)
-            if len(y) < size:
-                raise InferenceFailed(f"the model returned {len(y)} rows for {size} inputs")
-        except Exception as e:  # fail this batch's requests (500), keep serving the rest
-            log.exception("ONNX Runtime failed on a batch of %d", size)
-            if not isinstance(e, InferenceFailed):
-                reason = str(e).splitlines()[0][:300] if str(e) else ""
-                e = InferenceFailed(f"inference failed: {type(e).__name__}: {reason}")
+    def _deliver(self, items, size, y, error, t_start: float, t_end: float) -> None:
+        if error is not None:
+            if not isinstance(error, InferenceFailed):
+                reason = str(error).splitlines()[0][:300] if str(error) else ""
+                error = InferenceFailed(f"inference failed: {type(error).__name__}: {reason}")
             for item in items:
                 if not item.future.done():
-                    item.future.set_exception(e)
+                    item.future.set_exception(error)
             return
-        finally:
-            self.running_batch -= size
-        t_end = time.perf_counter()
         if self.metrics is not None:
             self.metrics.observe_batch(size, t_end - t_start, [t_start - i.t0 for i in items])
         offset = 0
@@ -213,3 +231,16 @@ class DynamicBatcher:
             if not item.future.done():  # done: the client went away meanwhile
                 item.future.set_result(y[offset : offset + n])
             offset += n
+
+
+def _post(loop: asyncio.AbstractEventLoop, callback, *args) -> None:
+    """Run ``callback(*args)`` on ``loop`` from a worker thread (nothing if it has closed)."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:  # the loop closed without close(): no one is waiting any more
+        log.debug("event loop closed; %s dropped", getattr(callback, "__name__", callback))
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
