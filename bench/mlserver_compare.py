@@ -167,6 +167,12 @@ def main() -> None:
         help="comma-separated WxT: W workers (kdtool serve --workers, MLServer "
         "parallel_workers) of T ORT intra-op threads each; default 1x2",
     )
+    p.add_argument(
+        "--ort-bound",
+        action="store_true",
+        help="also time ONNX Runtime alone (no server) at --max-batch on all the threads: "
+        "what no server can beat",
+    )
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--json", type=Path)
     args = p.parse_args()
@@ -219,6 +225,14 @@ def main() -> None:
             for who in ("kdtool", "mlserver")
         }
         print("each at its best, kdtool / MLServer: " + sl.ratios(best["kdtool"], best["mlserver"]))
+    if args.ort_bound:
+        threads = max(w * t for w, t in args.setups)
+        bound = sl.ort_bound(args.model, threads, [args.max_batch])[args.max_batch]
+        ml_best = max(r["images_per_s"] for (who, *_), r in rows.items() if who == "mlserver")
+        print(
+            f"ONNX Runtime alone, batch {args.max_batch}, {threads} threads: {bound:.0f} img/s "
+            f"= {bound / ml_best:.2f}x MLServer's best: the most any server could reach"
+        )
     if args.json:
         args.json.write_text(
             json.dumps({f"{n}:{w}x{t}": r for (n, w, t), r in runs.items()}, indent=1)
