@@ -200,6 +200,8 @@ class DynamicBatcher:
             self._queued -= size
             self.running_batch += size
             self._busy += 1
+            if self._queue:  # the rest is another idle worker's share: wake one
+                self._cond.notify()
             return items, size
 
     def _run(self, items: list[_Item], size: int) -> np.ndarray:

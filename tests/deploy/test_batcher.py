@@ -161,3 +161,21 @@ def test_idle_workers_share_the_queue():
     assert sorted(n for *_, n, _ in model.calls) == [4, 4]
     (_, e1, _, t1), (s2, _, _, t2) = sorted(model.calls)
     assert t1 != t2 and s2 < e1  # overlapping, on two threads
+
+
+def test_a_split_request_wakes_every_idle_worker():
+    # One request queues four chunks with one notify: the worker that takes the first
+    # chunk must wake the other for the rest.
+    model = Recorder(0.1)
+    batcher = DynamicBatcher(model, max_batch=4, max_delay_s=0, max_queue=64, workers=2)
+
+    async def main():
+        await batcher.start()
+        await asyncio.sleep(0.05)  # both workers asleep on an empty queue
+        y = await batcher.infer(_images(16))
+        await batcher.close()
+        return y
+
+    np.testing.assert_array_equal(asyncio.run(main()), 2 * _images(16))
+    assert [n for *_, n, _ in model.calls] == [4, 4, 4, 4]
+    assert len({name for *_, name in model.calls}) == 2
