@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# kdtool distill's pending GPU figures in one device run (about 9 minutes on an H100):
+#   1. the GPU tests (dead leaves under cudaSyncDebugMode "error", the CUDA loop, bench);
+#   2. the dead-leaves renderer's device time against a step and the previous renderer;
+#   3. kdtool's loop against a straightforward fp32 loop, with a profile of kdtool's loop;
+#   4. CIFAR-10 ResNet-34 -> ResNet-18: fresh dead leaves against the pool, and class
+#      weighting (--balance weight) against the paper's loss, in a time budget.
+# Each step has its own timeout and log in $OUT; one failing step does not stop the rest.
+#
+#   DATA=.gpu/cifar10 REF=.gpu/ref OUT=runs/gpu bash bench/gpu_distill.sh
+#
+# DATA: folder with train45k.zip and val5k.zip (a copy of ../shared/data/cifar10).
+# REF: optional folder holding the previous renderer as REF/distill/noise.py, made with
+#   mkdir -p .gpu/ref/distill && git show 256865f:distill/noise.py > .gpu/ref/distill/noise.py
+# SMOKE=1: the same steps at toy scale on the CPU (checks the plumbing, not the figures).
+set -uo pipefail
+DATA=${DATA:-.data/cifar10}
+OUT=${OUT:-runs/gpu_distill}
+REF=${REF:-}
+CIFAR_MIN=${CIFAR_MIN:-4.5}
+export KDTOOL_CACHE=${KDTOOL_CACHE:-/tmp/kdtool-cache} PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+python3 -m pip install -q -e . --no-deps --no-build-isolation >"$OUT/install.log" 2>&1 \
+  || export PYTHONPATH=$PWD
+
+# step NAME SECONDS CMD...: run CMD under a timeout, log to $OUT/NAME.log, print its tail.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name ($(date +%T), limit ${limit}s)"
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  echo "rc=$? ($(date +%T))"
+  tail -n "${TAILN:-14}" "$OUT/$name.log"
+}
+
+ref_args=()
+[ -n "$REF" ] && ref_args=(--reference "$REF")
+if [ -n "${SMOKE:-}" ]; then
+  dev=cpu
+  step pytest_gpu 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/distill
+  step noise_cost 300 python3 bench/noise_cost.py --device cpu --batch 32 --repeats 2 \
+    --big-limit 1 "${ref_args[@]}"
+  step distill_speed 300 python3 bench/distill_speed.py --device cpu --iters 4 --epochs 1 \
+    --profile "$OUT/prof" --profile-skip 2 --profile-steps 2
+  step cifar_distill 600 python3 bench/cifar_distill.py --data "$DATA" --smoke --epochs 1 \
+    --weighted --pool 256 --workdir "$OUT/cifar_work"
+else
+  dev=cuda
+  python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" \
+    | tee "$OUT/gpu.txt"
+  step pytest_gpu 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+  step noise_cost 90 python3 bench/noise_cost.py --device cuda "${ref_args[@]}"
+  step distill_speed 150 python3 bench/distill_speed.py --device cuda --profile "$OUT/prof"
+  TAILN=16 step cifar_distill "$(python3 -c "print(int($CIFAR_MIN * 60 + 60))")" \
+    python3 bench/cifar_distill.py --data "$DATA" --budget-min "$CIFAR_MIN" \
+    --teacher-epochs "${TEACHER_EPOCHS:-15}" --weighted --pool 4096 --workdir /tmp/cifar_work
+fi
+echo "done on $dev ($(date +%T)); logs in $OUT"
