@@ -49,7 +49,8 @@ else
   python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" \
     | tee "$OUT/gpu.txt"
   step pytest_gpu 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests
-  step noise_cost 90 python3 bench/noise_cost.py --device cuda "${ref_args[@]}"
+  step noise_cost 90 python3 bench/noise_cost.py --device cuda --window-growth 1.3 2 3 \
+    "${ref_args[@]}"
   step distill_speed 150 python3 bench/distill_speed.py --device cuda --profile "$OUT/prof"
   TAILN=16 step cifar_distill "$(python3 -c "print(int($CIFAR_MIN * 60 + 60))")" \
     python3 bench/cifar_distill.py --data "$DATA" --budget-min "$CIFAR_MIN" \

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kdtool.distill.dead_leaves import render_dead_leaves
 from kdtool.distill.noise import NOISE_KINDS, make_noise
 from kdtool.distill.pool import PooledNoise
 from kdtool.models import create_model
@@ -83,7 +84,7 @@ def reference_renderer(src_dir: str):
 
 
 def noise_times(batch: int, size: int, device, repeats: int, pool: int, iters: int,
-                reference=None) -> dict:
+                reference=None, growths=()) -> dict:
     out = {}
     for kind in NOISE_KINDS:
         src = make_noise(kind, 3, (size, size), CIFAR_MEAN, CIFAR_STD, device)
@@ -92,6 +93,11 @@ def noise_times(batch: int, size: int, device, repeats: int, pool: int, iters: i
         if kind == "dead_leaves" and reference is not None:
             out["dead_leaves_reference"] = timed(
                 lambda g=gen: reference(batch, g, channels=3, size=(size, size), device=device),
+                device, repeats)
+        for g in growths if kind == "dead_leaves" else ():  # the renderer alone
+            out[f"dead_leaves_growth{g:g}"] = timed(
+                lambda g=g, gen=gen: render_dead_leaves(
+                    batch, gen, channels=3, size=(size, size), device=device, window_growth=g),
                 device, repeats)
         if kind == "dead_leaves":
             out["dead_leaves_leaves"] = src.options["leaves"]
@@ -115,6 +121,9 @@ def main() -> None:
     p.add_argument("--pool", type=int, default=4096, help="--noise-pool size to time")
     p.add_argument("--iters", type=int, default=196, help="steps per epoch the refill spreads over")
     p.add_argument("--reference", help="another checkout whose dead-leaves renderer to time too")
+    p.add_argument("--window-growth", type=float, nargs="+", default=[],
+                   help="also time the renderer with these window-side ratios (default 1.3; "
+                   "larger: fewer, larger kernels)")
     args = p.parse_args()
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -144,10 +153,12 @@ def main() -> None:
         slow = teacher == "resnet34" and device.type == "cpu"
         step_s = timed(step, device, 2 if slow else args.repeats)
         noise = noise_times(batch, args.size, device, args.repeats, args.pool, args.iters,
-                            reference)
+                            reference, args.window_growth)
         kinds = [*NOISE_KINDS, f"dead_leaves_pool{args.pool}"]
         if reference is not None:
             kinds.insert(kinds.index("dead_leaves") + 1, "dead_leaves_reference")
+        at = kinds.index("dead_leaves") + 1
+        kinds[at:at] = [f"dead_leaves_growth{g:g}" for g in args.window_growth]
         for kind in kinds:
             row = {"device": where, "pair": f"{teacher}->{student}", "batch": batch,
                    "size": args.size, "kind": kind, "noise_ms": round(noise[kind] * 1e3, 2),

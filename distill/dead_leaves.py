@@ -43,6 +43,8 @@ EXTENT = {"circle": 1.0, "square": 1.0, "rotated_square": math.sqrt(2), "rectang
 COVERAGE = 6.0
 MAX_LEAVES = 1 << 16
 _EPS = 1e-4  # window margin in pixels, for float rounding at a shape's edge
+# Ratio of successive window sides; each side is one group of ~40 kernels.
+WINDOW_GROWTH = 1.3
 
 
 def check_radii(rmin: float, rmax: float, alpha: float) -> None:
@@ -219,7 +221,7 @@ class _Plan:
 
 @functools.lru_cache(maxsize=32)
 def _plan(leaves: int, size: tuple[int, int], rmin: float, rmax: float, alpha: float,
-          shapes: str, device: torch.device) -> _Plan:
+          shapes: str, device: torch.device, growth: float = 1.3) -> _Plan:
     """Cached per device: rendering then copies nothing from the host."""
     h, w = size
     scale = max(h, w)
@@ -234,10 +236,12 @@ def _plan(leaves: int, size: tuple[int, int], rmin: float, rmax: float, alpha: f
     extent = torch.tensor([EXTENT[SHAPES[k]] for k in kinds], dtype=torch.float64)[slot_kind]
     r_top = radii_from_uniform((stratum.double() + 1) / leaves, rmin, rmax, alpha)
     need = torch.floor(2 * extent * r_top * scale + 2 * _EPS).long() + 1
-    ladder, side = [], 1  # a short geometric ladder of sides: few groups, little waste
+    # A geometric ladder of window sides: a larger growth makes fewer groups (fewer, larger
+    # kernels) and wastes more pixel tests on windows larger than their shapes need.
+    ladder, side = [], 1
     while side < scale:
         ladder.append(side)
-        side = max(side + 1, round(side * 1.3))
+        side = max(side + 1, round(side * growth))
     ladder.append(scale)
     ladder = torch.tensor(ladder)
     sides = ladder[torch.searchsorted(ladder, need.clamp(max=scale))]
@@ -257,7 +261,7 @@ def _plan(leaves: int, size: tuple[int, int], rmin: float, rmax: float, alpha: f
 def render_dead_leaves(n: int, gen: torch.Generator, *, channels: int, size: tuple[int, int],
                        device, rmin: float = 0.03, rmax: float = 1.0, alpha: float = 3.0,
                        shapes: str = "mixed", leaves: int | None = None,
-                       budget: int | None = None):
+                       budget: int | None = None, window_growth: float | None = None):
     """Image-space dead leaves batch: ``(images (n, C, H, W) in [0, 1], index (n, H, W))``.
 
     ``index`` is the depth of the shape seen at each pixel (0 = frontmost, among
@@ -271,7 +275,10 @@ def render_dead_leaves(n: int, gen: torch.Generator, *, channels: int, size: tup
     leaves = leaves or default_leaves(size, rmin, rmax, alpha, shapes)
     budget = budget or default_budget(device)
     scale, hw = max(h, w), h * w
-    plan = _plan(leaves, (h, w), rmin, rmax, alpha, shapes, device)
+    growth = window_growth or WINDOW_GROWTH
+    if not growth > 1:
+        raise KdtoolError(f"dead leaves window growth must be > 1, got {growth}")
+    plan = _plan(leaves, (h, w), rmin, rmax, alpha, shapes, device, growth)
     u = torch.rand(n, leaves, 7, generator=gen, device=device)
     r = stratified_radii(plan.stratum, u[..., 2], leaves, rmin, rmax, alpha)
     cx, cy = u[..., 0] * (w / scale), u[..., 1] * (h / scale)

@@ -18,6 +18,7 @@ from kdtool.distill.dead_leaves import (
     shape_masks,
     stratified_radii,
 )
+from kdtool.errors import KdtoolError
 
 
 def gen(seed: int = 0, device: str = "cpu") -> torch.Generator:
@@ -30,10 +31,11 @@ def render(n: int = 8, seed: int = 0, channels: int = 3, size=(32, 32), **option
 
 
 def brute_force(n, seed, size, leaves, rmin=0.03, rmax=1.0, alpha=3.0, shapes="mixed",
-                device="cpu"):
+                device="cpu", window_growth=dl.WINDOW_GROWTH):
     """The same random draws as the renderer, every shape tested on the whole canvas."""
     g = gen(seed, device)
-    plan = dl._plan(leaves, size, rmin, rmax, alpha, shapes, torch.device(device))
+    plan = dl._plan(leaves, size, rmin, rmax, alpha, shapes, torch.device(device),
+                    window_growth)
     kind = torch.empty(leaves, dtype=torch.long, device=device)
     for i, k in enumerate(plan.kinds):
         kind[plan.bounds[i]:plan.bounds[i + 1]] = k
@@ -54,12 +56,20 @@ def brute_force(n, seed, size, leaves, rmin=0.03, rmax=1.0, alpha=3.0, shapes="m
     ((32, 24), {"leaves": 256, "shapes": "rotated_square"}),
     ((16, 16), {"leaves": 128, "rmin": 0.2, "rmax": 0.6, "alpha": 1.0}),
     ((32, 32), {"leaves": 256, "budget": 5000}),  # the batch split into many chunks
+    ((32, 32), {"window_growth": 2.0}),  # fewer, larger windows
+    ((24, 24), {"leaves": 256, "window_growth": 1.05}),  # a window side for every size
 ])
 def test_windows_render_exactly_what_the_full_canvas_test_gives(size, options):
     _, index = render(6, seed=3, size=size, **options)
     leaves = options.get("leaves", default_leaves(size, 0.03, 1.0, 3.0, "mixed"))
-    extra = {k: v for k, v in options.items() if k in ("rmin", "rmax", "alpha", "shapes")}
+    extra = {k: v for k, v in options.items()
+             if k in ("rmin", "rmax", "alpha", "shapes", "window_growth")}
     assert torch.equal(index, brute_force(6, 3, size, leaves, **extra))
+
+
+def test_window_growth_must_grow():
+    with pytest.raises(KdtoolError, match="window growth must be > 1, got 1"):
+        render(1, window_growth=1.0)
 
 
 def test_pixels_show_their_shape_colour_and_the_canvas_is_covered():
