@@ -170,6 +170,9 @@ class DynamicBatcher:
                 t_end = time.perf_counter()
                 self._set_gauge()  # prometheus_client values are thread-safe
                 _post(loop, self._deliver, items, size, y, error, t_start, t_end)
+        except BaseException:  # a bug here, not in ORT: the server turns unready (503s)
+            log.exception("batch worker %s stopped", threading.current_thread().name)
+            raise
         finally:
             _post(loop, _resolve, stopped)
 
