@@ -217,21 +217,19 @@ def main() -> None:
             f"{w}x{t}, kdtool / MLServer: "
             + sl.ratios(rows["kdtool", w, t], rows["mlserver", w, t])
         )
+    best = {
+        who: max((r for (n, *_), r in rows.items() if n == who), key=lambda r: r["images_per_s"])
+        for who in ("kdtool", "mlserver")
+    }
     if len(args.setups) > 1:
-        best = {
-            who: max(
-                (r for (n, *_), r in rows.items() if n == who), key=lambda r: r["images_per_s"]
-            )
-            for who in ("kdtool", "mlserver")
-        }
         print("each at its best, kdtool / MLServer: " + sl.ratios(best["kdtool"], best["mlserver"]))
     if args.ort_bound:
         threads = max(w * t for w, t in args.setups)
         bound = sl.ort_bound(args.model, threads, [args.max_batch])[args.max_batch]
-        ml_best = max(r["images_per_s"] for (who, *_), r in rows.items() if who == "mlserver")
         print(
             f"ONNX Runtime alone, batch {args.max_batch}, {threads} threads: {bound:.0f} img/s "
-            f"= {bound / ml_best:.2f}x MLServer's best: the most any server could reach"
+            f"= {bound / best['mlserver']['images_per_s']:.2f}x MLServer's best: the most any "
+            "server could reach"
         )
     if args.json:
         args.json.write_text(

@@ -94,12 +94,13 @@ def noise_times(batch: int, size: int, device, repeats: int, pool: int, iters: i
             out["dead_leaves_reference"] = timed(
                 lambda g=gen: reference(batch, g, channels=3, size=(size, size), device=device),
                 device, repeats)
-        for g in growths if kind == "dead_leaves" else ():  # the renderer alone
-            out[f"dead_leaves_growth{g:g}"] = timed(
-                lambda g=g, gen=gen: render_dead_leaves(
-                    batch, gen, channels=3, size=(size, size), device=device, window_growth=g),
-                device, repeats)
         if kind == "dead_leaves":
+            for g in growths:  # the renderer alone
+                out[f"dead_leaves_growth{g:g}"] = timed(
+                    lambda g=g, gen=gen: render_dead_leaves(
+                        batch, gen, channels=3, size=(size, size), device=device,
+                        window_growth=g),
+                    device, repeats)
             out["dead_leaves_leaves"] = src.options["leaves"]
             # --noise-pool: the per-epoch refill spread over the epoch's steps, plus a draw
             pooled = PooledNoise(src, pool)

@@ -221,7 +221,7 @@ class _Plan:
 
 @functools.lru_cache(maxsize=32)
 def _plan(leaves: int, size: tuple[int, int], rmin: float, rmax: float, alpha: float,
-          shapes: str, device: torch.device, growth: float = 1.3) -> _Plan:
+          shapes: str, device: torch.device, growth: float = WINDOW_GROWTH) -> _Plan:
     """Cached per device: rendering then copies nothing from the host."""
     h, w = size
     scale = max(h, w)
@@ -275,7 +275,7 @@ def render_dead_leaves(n: int, gen: torch.Generator, *, channels: int, size: tup
     leaves = leaves or default_leaves(size, rmin, rmax, alpha, shapes)
     budget = budget or default_budget(device)
     scale, hw = max(h, w), h * w
-    growth = window_growth or WINDOW_GROWTH
+    growth = WINDOW_GROWTH if window_growth is None else window_growth
     if not growth > 1:
         raise KdtoolError(f"dead leaves window growth must be > 1, got {growth}")
     plan = _plan(leaves, (h, w), rmin, rmax, alpha, shapes, device, growth)
