@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.profiler import record_function
 
 from kdtool import console, optim
-from kdtool.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
+from kdtool.checkpoint import ModelMeta, load_checkpoint
 from kdtool.data import check_fits, load_data
 from kdtool.device import autocast_for, resolve_device
 from kdtool.dist import all_reduce_mean, finish, init_from_env, sync_buffers
@@ -145,7 +145,8 @@ class DistillRun:
                      f"teacher BN {c.teacher_bn}, on {dev}")
         row: dict = history[-1] if history else {}
         per_epoch = c.iters_per_epoch * c.batch_size
-        with console.progress_task("distill", c.epochs * per_epoch, unit="img") as advance:
+        with self.ckpt.writing(), \
+                console.progress_task("distill", c.epochs * per_epoch, unit="img") as advance:
             advance(start * per_epoch)
             for epoch in range(start, c.epochs):
                 torch.manual_seed(c.seed * 100_003 + epoch)
@@ -159,10 +160,8 @@ class DistillRun:
                 history.append(row)
                 console.info(_epoch_line(row, c.epochs))
                 best = max(best, row.get("val_top1_current", -row["loss"]))
-                if self.dist.is_main:
-                    meta = self._meta(tmeta, teacher, noise, config, history, row)
-                    save_checkpoint(self.ckpt.out, student, meta, force=True)
-                self.ckpt.save(config, epoch, best, history, student, opt, sched)
+                meta = self._meta(tmeta, teacher, noise, config, history, row)
+                self.ckpt.save(config, epoch, best, history, student, opt, sched, output=meta)
         self.student = student
         finish(self.dist)
         return {"out": str(self.ckpt.out), "state": str(self.ckpt.path), "device": str(dev),

@@ -143,10 +143,20 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: ModelMeta, force: 
     """Write ``model``'s state_dict and ``meta`` atomically; refuse to overwrite without force."""
     path = check_output(path, force, "checkpoint")
     meta.validate(str(path))
-    # clone(): safetensors refuses tensors that share storage (tied weights, views).
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    atomic_write_bytes(path, st_save(tensors, metadata={META_KEY: meta.to_json()}))
+    write_checkpoint(path, checkpoint_tensors(model), meta.to_json())
     return path
+
+
+def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state_dict as CPU copies that later training steps cannot change."""
+    # A copy each: safetensors refuses tensors that share storage (tied weights, views).
+    return {k: v.detach().to("cpu", copy=True).contiguous()
+            for k, v in model.state_dict().items()}
+
+
+def write_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta_json: str) -> None:
+    """The file of ``save_checkpoint``, from its parts (a run writes it off the main thread)."""
+    atomic_write_bytes(path, st_save(tensors, metadata={META_KEY: meta_json}))
 
 
 def _require_file(path: Path) -> None:

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from kdtool import console, optim
-from kdtool.checkpoint import ModelMeta, save_checkpoint
+from kdtool.checkpoint import ModelMeta
 from kdtool.data import ImageData, check_fits, load_data
 from kdtool.device import autocast_for, resolve_device
 from kdtool.errors import KdtoolError
@@ -128,7 +128,8 @@ class Trainer:
                 stages={"train": {"config": config, "epoch": epoch, "epochs": c.epochs,
                                   "history": history}})
 
-        with console.progress_task("train", c.epochs * loader.num_images, unit="img") as advance:
+        with self.ckpt.writing(), \
+                console.progress_task("train", c.epochs * loader.num_images, unit="img") as advance:
             advance(start * loader.num_images)
             for epoch in range(start, c.epochs):
                 torch.manual_seed(c.seed * 100_003 + epoch)  # dropout etc.: exact on resume
@@ -146,10 +147,8 @@ class Trainer:
                 console.info(_epoch_line(row, c.epochs))
                 improved = metric > best
                 best = max(best, metric)
-                if improved or val is None:
-                    meta = make_meta(_metrics(row), epoch + 1)
-                    save_checkpoint(self.out, model, meta, force=True)
-                self.ckpt.save(config, epoch, best, history, model, opt, sched)
+                output = make_meta(_metrics(row), epoch + 1) if improved or val is None else None
+                self.ckpt.save(config, epoch, best, history, model, opt, sched, output=output)
         best_row = max(history, key=lambda r: r.get("val_top1", -r["loss"]))
         return {"out": str(self.out), "state": str(self.ckpt.path), "device": str(self.device),
                 "epochs": c.epochs, "best_epoch": best_row["epoch"], **_metrics(best_row),

@@ -1,0 +1,159 @@
+"""RunCheckpoint: per-epoch files written off the main thread, from a snapshot, in order."""
+
+from __future__ import annotations
+
+import errno
+import threading
+
+import pytest
+import torch
+
+import kdtool.runstate as runstate
+from kdtool.checkpoint import ModelMeta, load_checkpoint
+from kdtool.errors import KdtoolError
+from kdtool.models import create_model
+from kdtool.runstate import RunCheckpoint, load_state, snapshot
+
+
+def _run_parts():
+    torch.manual_seed(0)
+    model = create_model("tiny_cnn", num_classes=3, in_chans=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 1, 8, 8)).sum().backward()
+    opt.step()
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2)
+    return model, opt, sched
+
+
+def _meta() -> ModelMeta:
+    return ModelMeta(arch="tiny_cnn", num_classes=3, in_chans=1, input_size=[8, 8],
+                     mean=[0.5], std=[0.5], class_names=["a", "b", "c"])
+
+
+def _gate_writes(monkeypatch) -> threading.Event:
+    """State writes wait until the returned event is set (the main thread goes on)."""
+    gate = threading.Event()
+    real = runstate.save_state
+
+    def gated(path, state):
+        assert gate.wait(30), "the test never opened the gate"
+        real(path, state)
+
+    monkeypatch.setattr(runstate, "save_state", gated)
+    return gate
+
+
+def test_save_returns_before_the_write_and_writing_waits_for_it(tmp_path, monkeypatch):
+    gate = _gate_writes(monkeypatch)
+    model, opt, sched = _run_parts()
+    ckpt = RunCheckpoint(tmp_path / "out.safetensors", force=False, resume=False)
+    with ckpt.writing():
+        ckpt.save({"a": 1}, 0, 1.0, [{"epoch": 1}], model, opt, sched)
+        assert not ckpt.path.exists()  # save() came back while the write waits
+        gate.set()
+    assert load_state(ckpt.path)["epoch"] == 0  # on disk once the block is left
+
+
+def test_the_files_hold_the_state_at_save_not_later_updates(tmp_path, monkeypatch):
+    gate = _gate_writes(monkeypatch)
+    model, opt, sched = _run_parts()
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    momentum = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    history = [{"epoch": 1, "loss": 0.5}]
+    ckpt = RunCheckpoint(tmp_path / "out.safetensors", force=False, resume=False)
+    with ckpt.writing():
+        ckpt.save({"a": 1}, 0, 1.0, history, model, opt, sched, output=_meta())
+        with torch.no_grad():  # the next epoch trains while the files are written
+            for p in model.parameters():
+                p.add_(1.0)
+        model(torch.randn(4, 1, 8, 8)).sum().backward()
+        opt.step()
+        history.append({"epoch": 2})
+        history[0]["loss"] = 9.9
+        gate.set()
+    state = load_state(ckpt.path)
+    assert state["history"] == [{"epoch": 1, "loss": 0.5}]
+    for k, v in want.items():
+        assert torch.equal(state["model"][k], v), k
+    saved_momentum = [s["momentum_buffer"] for s in state["optimizer"]["state"].values()]
+    assert all(torch.equal(a, b) for a, b in zip(saved_momentum, momentum, strict=True))
+    out, _ = load_checkpoint(ckpt.out)
+    for k, v in want.items():
+        assert torch.equal(out.state_dict()[k], v), k
+
+
+def test_the_output_is_written_before_the_state(tmp_path, monkeypatch):
+    order = []
+    real_state, real_ckpt = runstate.save_state, __import__("kdtool.checkpoint").checkpoint
+    monkeypatch.setattr(runstate, "save_state",
+                        lambda path, state: (order.append("state"), real_state(path, state)))
+    real_write = real_ckpt.write_checkpoint
+    monkeypatch.setattr(real_ckpt, "write_checkpoint",
+                        lambda *a: (order.append("output"), real_write(*a)))
+    model, opt, sched = _run_parts()
+    ckpt = RunCheckpoint(tmp_path / "out.safetensors", force=False, resume=False)
+    with ckpt.writing():
+        ckpt.save({}, 0, 1.0, [], model, opt, sched, output=_meta())
+        ckpt.save({}, 1, 1.0, [], model, opt, sched)  # no better: the state alone
+    assert order == ["output", "state", "state"]
+
+
+def test_a_failed_write_is_a_user_error_naming_the_file(tmp_path, monkeypatch):
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runstate, "atomic_write_bytes", full)
+    model, opt, sched = _run_parts()
+    ckpt = RunCheckpoint(tmp_path / "out.safetensors", force=False, resume=False)
+    with pytest.raises(KdtoolError, match=r"could not write '.*out\.safetensors\.state\.pt': "
+                                          r"No space left on device") as e, ckpt.writing():
+        ckpt.save({}, 0, 1.0, [], model, opt, sched)
+    assert "--resume" in e.value.hint
+
+
+def test_an_error_in_the_run_is_the_one_raised_and_finished_epochs_stay_saved(
+        tmp_path, monkeypatch):
+    gate = _gate_writes(monkeypatch)
+    model, opt, sched = _run_parts()
+    ckpt = RunCheckpoint(tmp_path / "out.safetensors", force=False, resume=False)
+    with pytest.raises(KeyboardInterrupt), ckpt.writing():
+        ckpt.save({}, 3, 1.0, [], model, opt, sched)
+        gate.set()
+        raise KeyboardInterrupt  # Ctrl-C during the next epoch
+    assert load_state(ckpt.path)["epoch"] == 3
+
+
+def test_a_write_failure_during_an_interrupt_is_reported_not_raised(tmp_path, monkeypatch,
+                                                                     capsys):
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runstate, "atomic_write_bytes", full)
+    model, opt, sched = _run_parts()
+    ckpt = RunCheckpoint(tmp_path / "out.safetensors", force=False, resume=False)
+    with pytest.raises(KeyboardInterrupt), ckpt.writing():
+        ckpt.save({}, 0, 1.0, [], model, opt, sched)
+        raise KeyboardInterrupt
+    assert "No space left on device" in capsys.readouterr().err
+
+
+def test_a_full_disk_during_kdtool_train_exits_1_with_one_line(cli, tmp_path, monkeypatch):
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runstate, "atomic_write_bytes", full)
+    r = cli("train", "--arch", "tiny_cnn", "--data", "digits", "--epochs", "1", "--out",
+            tmp_path / "t.safetensors")
+    assert r.code == 1
+    assert "could not write" in r.err and "t.safetensors.state.pt" in r.err
+    assert "Traceback" not in r.err
+
+
+def test_snapshot_copies_tensors_and_containers():
+    t = torch.zeros(3)
+    obj = {"a": [t, (t, 1)], "b": "x", "c": 2.5}
+    copy = snapshot(obj)
+    t.add_(1)
+    obj["a"].append(0)
+    assert copy["a"][0].sum() == 0 and copy["a"][1][0].sum() == 0 and len(copy["a"]) == 2
+    assert copy["b"] == "x" and copy["c"] == 2.5
