@@ -14,6 +14,8 @@ from kdtool.device import autocast_for
 from kdtool.errors import KdtoolError, check_choice
 from kdtool.loader import DeviceLoader
 
+TTA_MODES = ("none", "flip")  # test-time augmentation: none, or horizontal mirror images
+
 
 @torch.no_grad()
 def predict(
@@ -27,6 +29,7 @@ def predict(
     seed: int = 0,
     channels_last: bool = False,
     progress: bool = False,
+    tta: str = "none",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (float32, CPU) and labels of ``data``, in the dataset's order.
 
@@ -34,8 +37,11 @@ def predict(
     batch (the paper's evaluation of a noise student); batches are then drawn
     in an order shuffled with ``seed``, because image folders are sorted by
     class and a batch of one class has statistics unlike any real batch.
+    ``tta="flip"``: the mean of the logits of each batch and of its mirror image (the
+    mirrored batch is a batch of its own for ``bn="current"``).
     """
     check_choice(bn, BN_MODES, "BN mode")
+    check_choice(tta, TTA_MODES, "--tta mode")
     if bn == "current" and not bn_layers(model):
         raise KdtoolError("--bn current needs BatchNorm layers and the model has none",
                           "use --bn running")
@@ -54,7 +60,10 @@ def predict(
                 # one image has no batch statistics; BN would divide by zero variance
                 raise KdtoolError("--bn current needs batches of 2 or more images",
                                   "choose a --batch-size that does not leave one image over")
-            logits.append(model(x).float().cpu())
+            out = model(x).float()
+            if tta == "flip":
+                out = (out + model(x.flip(-1)).float()) / 2
+            logits.append(out.cpu())
             indices.append(idx.cpu())
     ordered = torch.empty(len(data), logits[0].shape[1])
     ordered[torch.cat(indices)] = torch.cat(logits)

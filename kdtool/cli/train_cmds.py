@@ -105,6 +105,10 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch.")] = 256,
     per_class: Annotated[bool, typer.Option(
         "--per-class/--no-per-class", help="Show accuracy per class.")] = True,
+    tta: Annotated[str, typer.Option(
+        "--tta", help="Test-time augmentation: none, or flip (average the logits of each "
+        "image and its mirror image; for classes that mirroring does not change, unlike "
+        "digits).")] = "none",
     arch: Arch = None,
     num_classes: NumClasses = 10,
     in_chans: InChans = 3,
@@ -125,9 +129,10 @@ def eval_cmd(
     from kdtool.data import check_fits, load_data
     from kdtool.device import resolve_device
     from kdtool.errors import KdtoolError, check_choice
-    from kdtool.evaluate import evaluate
+    from kdtool.evaluate import TTA_MODES, evaluate
 
     check_choice(bn, BN_MODES, "--bn value")
+    check_choice(tta, TTA_MODES, "--tta mode")
     if batch_size < 1:
         raise KdtoolError(f"--batch-size must be >= 1, got {batch_size}")
     model, meta = load_checkpoint(checkpoint, foreign_spec(checkpoint, arch, num_classes,
@@ -143,9 +148,9 @@ def eval_cmd(
         console.warn(f"class names of '{data}' differ from the checkpoint's; labels are "
                      "matched by index")
     rep = evaluate(model.to(dev), ds, meta.mean, meta.std, batch_size=batch_size, device=dev,
-                   bn=bn, seed=seed, progress=True)
+                   bn=bn, seed=seed, progress=True, tta=tta)
     result = {"checkpoint": str(checkpoint), "data": data, "bn": bn, "batch_size": batch_size,
-              **rep}
+              "tta": tta, **rep}
     if not per_class:
         result.pop("per_class")
 
@@ -153,8 +158,9 @@ def eval_cmd(
         rows = [["images", r["images"]], ["top-1", f"{r['top1']:.2f}%"]]
         if "top5" in r:
             rows.append(["top-5", f"{r['top5']:.2f}%"])
-        console.print_kv(
-            f"{r['checkpoint']} on {r['data']} (BN {r['bn']}, batch {r['batch_size']})", rows)
+        tta_note = f", {r['tta']} TTA" if r["tta"] != "none" else ""
+        console.print_kv(f"{r['checkpoint']} on {r['data']} (BN {r['bn']}, batch "
+                         f"{r['batch_size']}{tta_note})", rows)
         if r.get("per_class"):
             console.out.print(console.table("per class", ["class", "top-1 %"],
                                             [[k, f"{v:.2f}"] for k, v in r["per_class"].items()]))
