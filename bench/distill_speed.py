@@ -34,6 +34,7 @@ labelled ranges) and ``DIR/trace.json`` (open in Perfetto or chrome://tracing).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import tempfile
@@ -72,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="CPU intra-op threads (torch's default otherwise); 1 is steadier on a "
                         "machine shared with other jobs")
     p.add_argument("--compile", action="store_true", help="torch.compile kdtool's step")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode for kdtool's step (implies --compile): default, "
+                        "reduce-overhead (CUDA graphs), max-autotune, ...")
     p.add_argument("--baseline-noise", choices=("cpu", "device"), default="cpu",
                    help="where the baseline draws its noise: cpu (+ copy, the default) or "
                         "device (what the authors' distill_gaussian.py does)")
@@ -79,9 +83,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also profile kdtool's loop and write kernels.txt, phases.json, trace.json")
     p.add_argument("--profile-skip", type=int, default=5, help="iterations before recording")
     p.add_argument("--profile-steps", type=int, default=5, help="iterations recorded")
+    p.add_argument("--count-ops", action="store_true",
+                   help="also count the ATen operators one step of kdtool's loop dispatches "
+                        "(each a kernel launch on CUDA; the count barely depends on the batch)")
     p.add_argument("--baseline-cudnn-benchmark", action="store_true",
                    help="let the baseline use cudnn.benchmark too (kdtool always does on CUDA)")
     args = p.parse_args(argv)
+    args.compile = args.compile or args.compile_mode is not None
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     args.device = resolve_device(args.device)
@@ -155,7 +163,7 @@ def loop_config(args, teacher_path: Path, epochs: int, iters: int) -> DistillCon
                          teacher_bn="current", loss="soft_ce", epochs=epochs,
                          iters_per_epoch=iters, batch_size=args.batch_size,
                          optimizer="adam", lr=1e-3, seed=SEED, device=str(args.device),
-                         compile=args.compile)
+                         compile=args.compile, compile_mode=args.compile_mode or "default")
 
 
 def kdtool_loop(args, teacher_path: Path, out: Path) -> list[float]:
@@ -163,6 +171,50 @@ def kdtool_loop(args, teacher_path: Path, out: Path) -> list[float]:
     cfg = loop_config(args, teacher_path, args.epochs, args.iters)
     result = DistillRun(cfg, out, force=True).run()
     return [row["images_per_s"] for row in result["history"]]
+
+
+def count_ops(args, teacher_path: Path, out: Path, steps: int = 4) -> dict:
+    """ATen operators one iteration of kdtool's loop dispatches, the optimiser step aside
+    (median over ``steps``).
+
+    Each is one CPU trip through PyTorch's dispatcher and, on CUDA, about one kernel
+    launch: times the per-op CPU cost, it bounds the step when kernels are short. The
+    optimiser is left out because on CUDA it is fused (a few kernels for all parameters)
+    while on the CPU it runs per parameter.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        n = 0
+        paused = False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Counter.n += not Counter.paused
+            return func(*args, **(kwargs or {}))
+
+    real_step = torch.optim.Adam.step
+
+    def uncounted_step(self, *a, **kw):
+        Counter.paused = True
+        try:
+            return real_step(self, *a, **kw)
+        finally:
+            Counter.paused = False
+
+    cfg = loop_config(args, teacher_path, 1, steps + 1)
+    cfg.compile = False
+    run = DistillRun(cfg, out / "student_ops.safetensors", force=True)
+    marks: list[int] = []
+    run.step_hook = lambda: marks.append(Counter.n)
+    torch.optim.Adam.step = uncounted_step
+    try:
+        with Counter():
+            run.run()
+    finally:
+        torch.optim.Adam.step = real_step
+    per_step = [b - a for a, b in itertools.pairwise(marks)]  # the first step sets things up
+    return {"device": device_name(args.device), "teacher": args.teacher,
+            "student": args.student, "aten_ops_per_step": int(statistics.median(per_step))}
 
 
 def profile(args, teacher_path: Path, out: Path) -> dict:
@@ -208,6 +260,7 @@ def run(args) -> dict:
               "batch_size": args.batch_size, "size": args.size, "channels": args.channels,
               "iters": args.iters, "epochs": args.epochs, "torch": torch.__version__}
     base, fast = [], []
+    compiled = (args.compile_mode or "default") if args.compile else False  # the mode, or off
     with tempfile.TemporaryDirectory() as tmp:
         teacher_path = save_teacher(args, Path(tmp) / "teacher.safetensors")
         for r in range(args.repeats):
@@ -222,22 +275,24 @@ def run(args) -> dict:
                               "epoch_images_per_s": [round(v, 1) for v in rates]}), flush=True)
             rates = kdtool_loop(args, teacher_path, Path(tmp) / f"student{r}.safetensors")
             fast.append(rates[-1])
-            print(json.dumps({"loop": "kdtool", **common, "repeat": r, "compile": args.compile,
+            print(json.dumps({"loop": "kdtool", **common, "repeat": r, "compile": compiled,
                               "images_per_s": round(rates[-1], 1),
                               "epoch_images_per_s": [round(v, 1) for v in rates]}), flush=True)
+        if args.count_ops:
+            print(json.dumps(count_ops(args, teacher_path, Path(tmp))), flush=True)
         if args.profile is not None:
             args.profile.mkdir(parents=True, exist_ok=True)
             print(json.dumps({"profile": str(args.profile),
                               **profile(args, teacher_path, args.profile)}), flush=True)
     b, k = statistics.median(base), statistics.median(fast)
-    return {**common, "compile": args.compile, "baseline_images_per_s": b,
+    return {**common, "compile": compiled, "baseline_images_per_s": b,
             "kdtool_images_per_s": k, "ratio": k / b}
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     s = run(args)
-    kd = "kdtool + compile" if s["compile"] else "kdtool"
+    kd = f"kdtool + compile ({s['compile']})" if s["compile"] else "kdtool"
     print(f"\n| device | teacher -> student | batch | baseline img/s | {kd} img/s | ratio |\n"
           "|---|---|---|---:|---:|---:|\n"
           f"| {s['device']} | {s['teacher']} -> {s['student']} | {s['batch_size']} | "

@@ -3,7 +3,9 @@
 # device's 10-minute command limit):
 #   1. the GPU tests (dead leaves under cudaSyncDebugMode "error", the CUDA loop, bench);
 #   2. the dead-leaves renderer's device time against a step and the previous renderer;
-#   3. kdtool's loop against a straightforward fp32 loop, with a profile of kdtool's loop;
+#   3. kdtool's loop against a straightforward fp32 loop, with a profile of kdtool's loop,
+#      then again with its step compiled as CUDA graphs (--compile-mode reduce-overhead:
+#      no CPU cost per kernel launch: the likely lever for the 3x goal);
 #   4. CIFAR-10 ResNet-34 -> ResNet-18: fresh dead leaves against the pool, and class
 #      weighting (--balance weight) against the paper's loss, in a time budget.
 # Each step has its own timeout and log in $OUT; one failing step does not stop the rest.
@@ -18,7 +20,7 @@ set -uo pipefail
 DATA=${DATA:-.data/cifar10}
 OUT=${OUT:-runs/gpu_distill}
 REF=${REF:-}
-CIFAR_MIN=${CIFAR_MIN:-3}
+CIFAR_MIN=${CIFAR_MIN:-2.5}
 export KDTOOL_CACHE=${KDTOOL_CACHE:-/tmp/kdtool-cache} PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 python3 -m pip install -q -e . --no-deps --no-build-isolation >"$OUT/install.log" 2>&1 \
@@ -49,10 +51,12 @@ else
   dev=cuda
   python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" \
     | tee "$OUT/gpu.txt"
-  step pytest_gpu 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+  step pytest_gpu 80 python3 -m pytest -q -m gpu -p no:cacheprovider tests
   step noise_cost 60 python3 bench/noise_cost.py --device cuda --window-growth 1.3 2 3 \
     "${ref_args[@]}"
   step distill_speed 120 python3 bench/distill_speed.py --device cuda --profile "$OUT/prof"
+  step distill_speed_graphs 110 python3 bench/distill_speed.py --device cuda \
+    --compile-mode reduce-overhead
   TAILN=16 step cifar_distill "$(python3 -c "print(int($CIFAR_MIN * 60 + 60))")" \
     python3 bench/cifar_distill.py --data "$DATA" --budget-min "$CIFAR_MIN" \
     --teacher-epochs "${TEACHER_EPOCHS:-15}" --weighted --pool 4096 --workdir /tmp/cifar_work

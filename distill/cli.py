@@ -8,7 +8,16 @@ from typing import Annotated
 import typer
 
 from kdtool.cli.app import app
-from kdtool.cli.options import DATA_HELP, Compile, Device, Force, Json, Resume, Seed
+from kdtool.cli.options import (
+    DATA_HELP,
+    Compile,
+    CompileMode,
+    Device,
+    Force,
+    Json,
+    Resume,
+    Seed,
+)
 
 
 @app.command("distill")
@@ -71,6 +80,7 @@ def distill_cmd(
         "--val", help="Optional labelled real data to validate on. " + DATA_HELP)] = None,
     val_every: Annotated[int, typer.Option("--val-every", help="Validate every N epochs.")] = 1,
     compile_: Compile = False,
+    compile_mode: CompileMode = None,
     out: Annotated[Path, typer.Option("--out", help="Student checkpoint to write.")] = Path(
         "student.safetensors"),
     resume: Resume = False,
@@ -101,7 +111,7 @@ def distill_cmd(
         temperature=temperature, epochs=epochs, iters_per_epoch=iters_per_epoch,
         batch_size=batch_size, optimizer=optimizer, schedule=schedule, lr=lr,
         weight_decay=weight_decay, val=val, val_every=val_every, seed=seed, device=device,
-        compile=compile_)
+        compile=compile_ or compile_mode is not None, compile_mode=compile_mode or "default")
     try:
         result = DistillRun(cfg, out, force=force, resume=resume).run()
     except KeyboardInterrupt:

@@ -20,7 +20,7 @@ from torch.profiler import record_function
 from kdtool import console, optim
 from kdtool.checkpoint import ModelMeta, load_checkpoint
 from kdtool.data import check_fits, load_data
-from kdtool.device import autocast_for, resolve_device
+from kdtool.device import COMPILE_MODES, autocast_for, begin_step, compile_step, resolve_device
 from kdtool.dist import all_reduce_mean, finish, init_from_env, sync_buffers
 from kdtool.distill.balance import BALANCE_MODES, BalancedNoise
 from kdtool.distill.distiller import NoiseKD
@@ -66,6 +66,7 @@ class DistillConfig:
     seed: int = 0
     device: str = "auto"
     compile: bool = False
+    compile_mode: str = "default"  # kdtool.device.COMPILE_MODES
     log_every: int = 20
 
     def resolved(self) -> DistillConfig:
@@ -74,6 +75,7 @@ class DistillConfig:
         check_choice(c.teacher_bn, TEACHER_BN_MODES, "--teacher-bn mode")
         check_choice(c.teacher_stats, TEACHER_STATS, "--teacher-stats")
         check_choice(c.balance, BALANCE_MODES, "--balance mode")
+        check_choice(c.compile_mode, COMPILE_MODES, "--compile-mode")
         c.schedule, c.lr = optim.resolve(c.optimizer, c.schedule, c.lr)
         for name, value in (("--epochs", c.epochs), ("--iters-per-epoch", c.iters_per_epoch),
                             ("--batch-size", c.batch_size), ("--val-every", c.val_every),
@@ -135,7 +137,7 @@ class DistillRun:
             teacher_val = teacher_val.argmax(1)
         opt, sched = optim.build(student, c.optimizer, c.schedule, c.lr, c.weight_decay,
                                  c.epochs * c.iters_per_epoch)
-        step_fn = torch.compile(distiller) if c.compile else distiller
+        step_fn = compile_step(distiller, c.compile_mode) if c.compile else distiller
         config = asdict(c)
         start, best, history = self.ckpt.restore(config, student, opt, sched)
         if start:
@@ -194,6 +196,7 @@ class DistillRun:
         reported = 0
         t0 = time.perf_counter()
         for i in range(c.iters_per_epoch):
+            begin_step(c.compile_mode if c.compile else None)
             # The labelled ranges name the phases in a profile; outside one they cost ~us.
             with record_function("distill/noise"):
                 x = noise.sample(c.batch_size, gen)

@@ -6,7 +6,12 @@ from contextlib import nullcontext
 
 import torch
 
-from kdtool.errors import KdtoolError
+from kdtool.errors import KdtoolError, check_choice
+
+# torch.compile modes. The two marked with CUDA graphs replay each step as one graph: no CPU
+# cost per kernel launch, which bounds a step made of hundreds of small kernels.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -27,3 +32,16 @@ def autocast_for(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
+
+
+def compile_step(fn, mode: str = "default"):
+    """``torch.compile(fn)`` in ``mode`` (one of COMPILE_MODES; CUDA graphs apply on CUDA)."""
+    check_choice(mode, COMPILE_MODES, "--compile-mode")
+    return torch.compile(fn, mode=None if mode == "default" else mode)
+
+
+def begin_step(mode: str | None) -> None:
+    """Mark a new training step for CUDA-graph modes, so that replaying this step's graphs
+    may reuse the memory of the previous step's outputs (they are no longer read)."""
+    if mode in CUDA_GRAPH_MODES:
+        torch.compiler.cudagraph_mark_step_begin()

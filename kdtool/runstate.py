@@ -50,8 +50,9 @@ def load_state(path: Path) -> dict[str, Any]:
 
 
 def check_same_config(saved: dict[str, Any], current: dict[str, Any], path: Path,
-                      ignore: tuple[str, ...] = ("device",)) -> None:
-    """A resumed run must be the same run: refuse when a setting changed."""
+                      ignore: tuple[str, ...] = ("device", "compile", "compile_mode")) -> None:
+    """A resumed run must be the same run: refuse when a setting changed (where and how
+    fast it runs may change)."""
     for key in sorted(set(saved) | set(current)):
         if key in ignore:
             continue

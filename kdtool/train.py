@@ -19,8 +19,8 @@ import torch.nn as nn
 from kdtool import console, optim
 from kdtool.checkpoint import ModelMeta
 from kdtool.data import ImageData, check_fits, load_data
-from kdtool.device import autocast_for, resolve_device
-from kdtool.errors import KdtoolError
+from kdtool.device import COMPILE_MODES, autocast_for, begin_step, compile_step, resolve_device
+from kdtool.errors import KdtoolError, check_choice
 from kdtool.evaluate import evaluate
 from kdtool.loader import Augment, DeviceLoader
 from kdtool.models import create_model, model_spec
@@ -48,6 +48,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     compile: bool = False
+    compile_mode: str = "default"  # kdtool.device.COMPILE_MODES
 
     def resolved(self) -> TrainConfig:
         """Validate user values and fill the defaults that depend on other options."""
@@ -57,6 +58,7 @@ class TrainConfig:
         for name, value, low in (("--epochs", c.epochs, 1), ("--batch-size", c.batch_size, 1)):
             if value < low:
                 raise KdtoolError(f"{name} must be >= {low}, got {value}")
+        check_choice(c.compile_mode, COMPILE_MODES, "--compile-mode")
         if c.cutout < 0:
             raise KdtoolError(f"--cutout must be >= 0, got {c.cutout}")
         if not 0 <= c.label_smoothing < 1:
@@ -109,7 +111,7 @@ class Trainer:
         opt, sched = optim.build(model, c.optimizer, c.schedule, c.lr, c.weight_decay,
                                  c.epochs * len(loader))
         criterion = nn.CrossEntropyLoss(label_smoothing=c.label_smoothing)
-        step_model = torch.compile(model) if c.compile else model
+        step_model = compile_step(model, c.compile_mode) if c.compile else model
 
         config = asdict(c)
         start, best, history = self.ckpt.restore(config, model, opt, sched)
@@ -164,6 +166,7 @@ class Trainer:
         seen = reported = 0
         t0 = time.perf_counter()
         for i, (x, y) in enumerate(loader.epoch(epoch)):
+            begin_step(self.cfg.compile_mode if self.cfg.compile else None)
             with autocast_for(self.device):
                 logits = model(x)
                 loss = criterion(logits.float(), y)

@@ -16,6 +16,10 @@ Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N
 Resume = Annotated[bool, typer.Option(
     "--resume", help="Continue the interrupted run that writes --out (state saved per epoch).")]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the training step.")]
+CompileMode = Annotated[str | None, typer.Option(
+    "--compile-mode", help="torch.compile mode, implies --compile: default, reduce-overhead "
+    "(CUDA graphs: no CPU cost per kernel launch), max-autotune (CUDA graphs and tuned "
+    "kernels; slow to start) or max-autotune-no-cudagraphs.")]
 DATA_HELP = ("A dataset: an ImageFolder directory (<class>/<image>), a zip of one, an .npz "
              "(x uint8 NHWC, y int), or the embedded 'digits' / 'digits:test'.")
 

@@ -12,6 +12,7 @@ from kdtool.cli.options import (
     DATA_HELP,
     Arch,
     Compile,
+    CompileMode,
     Device,
     Force,
     InChans,
@@ -55,6 +56,7 @@ def train_cmd(
     mean: Mean = None,
     std: Std = None,
     compile_: Compile = False,
+    compile_mode: CompileMode = None,
     out: Annotated[Path, typer.Option("--out", help="Checkpoint to write.")] = Path(
         "teacher.safetensors"),
     resume: Resume = False,
@@ -76,7 +78,8 @@ def train_cmd(
                       label_smoothing=label_smoothing, augment=augment, cutout=cutout,
                       image_size=image_size,
                       mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"),
-                      seed=seed, device=device, compile=compile_)
+                      seed=seed, device=device, compile=compile_ or compile_mode is not None,
+                      compile_mode=compile_mode or "default")
     try:
         result = Trainer(cfg, out, force=force, resume=resume).run()
     except KeyboardInterrupt:

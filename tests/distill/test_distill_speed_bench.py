@@ -33,3 +33,14 @@ def test_distill_speed_bench_device_defaults():
     bench = _load_bench()
     args = bench.parse_args(["--device", "cpu"])
     assert (args.teacher, args.student, args.batch_size) == ("resnet8", "tiny_cnn", 256)
+
+
+def test_distill_speed_bench_counts_the_operators_of_a_step(capsys):
+    bench = _load_bench()
+    bench.main(["--device", "cpu", "--teacher", "tiny_cnn", "--student", "tiny_cnn",
+                "--batch-size", "4", "--size", "8", "--iters", "1", "--epochs", "1",
+                "--count-ops"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+            if line.startswith('{"device"')]
+    # tiny_cnn -> tiny_cnn: tens of operators forward and backward, none of Adam's
+    assert len(rows) == 1 and 30 < rows[0]["aten_ops_per_step"] < 300, rows
