@@ -73,6 +73,14 @@ VARIANTS = {
             **FAST, "_teacher": "resnet8_gn", "teacher_norm_align": True, "_no_align": True,
             "balance": "weight"},
     },
+    "precision": {  # bf16 autocast on the CPU (--precision bf16) against fp32, defaults
+        "gaussian, fp32": {**FAST, "balance": "weight", "precision": "fp32"},
+        "gaussian, bf16": {**FAST, "balance": "weight", "precision": "bf16"},
+        "dead leaves, fp32": {**FAST, "balance": "weight", "noise": "dead_leaves",
+                              "precision": "fp32"},
+        "dead leaves, bf16": {**FAST, "balance": "weight", "noise": "dead_leaves",
+                              "precision": "bf16"},
+    },
     "noise": {
         "gaussian": {**FAST, "noise": "gaussian"},
         "uniform": {**FAST, "noise": "uniform"},

@@ -73,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="CPU intra-op threads (torch's default otherwise); 1 is steadier on a "
                         "machine shared with other jobs")
     p.add_argument("--compile", action="store_true", help="torch.compile kdtool's step")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="kdtool's step: auto (bf16 on CUDA, fp32 on a CPU), fp32 or bf16; "
+                        "the baseline is always fp32")
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode for kdtool's step (implies --compile): default, "
                         "reduce-overhead (CUDA graphs), max-autotune, ...")
@@ -163,7 +166,8 @@ def loop_config(args, teacher_path: Path, epochs: int, iters: int) -> DistillCon
                          teacher_bn="current", loss="soft_ce", epochs=epochs,
                          iters_per_epoch=iters, batch_size=args.batch_size,
                          optimizer="adam", lr=1e-3, seed=SEED, device=str(args.device),
-                         compile=args.compile, compile_mode=args.compile_mode or "default")
+                         compile=args.compile, compile_mode=args.compile_mode or "default",
+                         precision=args.precision)
 
 
 def kdtool_loop(args, teacher_path: Path, out: Path) -> list[float]:
@@ -256,7 +260,8 @@ def profile(args, teacher_path: Path, out: Path) -> dict:
 
 def run(args) -> dict:
     name = device_name(args.device)
-    common = {"device": name, "teacher": args.teacher, "student": args.student,
+    common = {"device": name, "precision": args.precision, "teacher": args.teacher,
+              "student": args.student,
               "batch_size": args.batch_size, "size": args.size, "channels": args.channels,
               "iters": args.iters, "epochs": args.epochs, "torch": torch.__version__}
     base, fast = [], []
@@ -293,6 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     s = run(args)
     kd = f"kdtool + compile ({s['compile']})" if s["compile"] else "kdtool"
+    kd += f", {s['precision']}" if s["precision"] != "auto" else ""
     print(f"\n| device | teacher -> student | batch | baseline img/s | {kd} img/s | ratio |\n"
           "|---|---|---|---:|---:|---:|\n"
           f"| {s['device']} | {s['teacher']} -> {s['student']} | {s['batch_size']} | "

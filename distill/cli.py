@@ -15,6 +15,7 @@ from kdtool.cli.options import (
     Device,
     Force,
     Json,
+    Precision,
     Resume,
     Seed,
 )
@@ -81,6 +82,7 @@ def distill_cmd(
     val_every: Annotated[int, typer.Option("--val-every", help="Validate every N epochs.")] = 1,
     compile_: Compile = False,
     compile_mode: CompileMode = None,
+    precision: Precision = "auto",
     out: Annotated[Path, typer.Option("--out", help="Student checkpoint to write.")] = Path(
         "student.safetensors"),
     resume: Resume = False,
@@ -111,7 +113,8 @@ def distill_cmd(
         temperature=temperature, epochs=epochs, iters_per_epoch=iters_per_epoch,
         batch_size=batch_size, optimizer=optimizer, schedule=schedule, lr=lr,
         weight_decay=weight_decay, val=val, val_every=val_every, seed=seed, device=device,
-        compile=compile_ or compile_mode is not None, compile_mode=compile_mode or "default")
+        compile=compile_ or compile_mode is not None, compile_mode=compile_mode or "default",
+        precision=precision)
     try:
         result = DistillRun(cfg, out, force=force, resume=resume).run()
     except KeyboardInterrupt:

@@ -20,7 +20,16 @@ from torch.profiler import record_function
 from kdtool import console, optim
 from kdtool.checkpoint import ModelMeta, load_checkpoint
 from kdtool.data import check_fits, load_data
-from kdtool.device import COMPILE_MODES, autocast_for, begin_step, compile_step, resolve_device
+from kdtool.device import (
+    COMPILE_MODES,
+    PRECISIONS,
+    autocast_for,
+    begin_step,
+    channels_last_for,
+    compile_step,
+    resolve_device,
+    resolve_precision,
+)
 from kdtool.dist import all_reduce_mean, finish, init_from_env, sync_buffers
 from kdtool.distill.balance import BALANCE_MODES, BalancedNoise
 from kdtool.distill.distiller import NoiseKD
@@ -67,6 +76,7 @@ class DistillConfig:
     device: str = "auto"
     compile: bool = False
     compile_mode: str = "default"  # kdtool.device.COMPILE_MODES
+    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on a CPU (kdtool.device.PRECISIONS)
     log_every: int = 20
 
     def resolved(self) -> DistillConfig:
@@ -76,6 +86,7 @@ class DistillConfig:
         check_choice(c.teacher_stats, TEACHER_STATS, "--teacher-stats")
         check_choice(c.balance, BALANCE_MODES, "--balance mode")
         check_choice(c.compile_mode, COMPILE_MODES, "--compile-mode")
+        check_choice(c.precision, PRECISIONS, "--precision")
         c.schedule, c.lr = optim.resolve(c.optimizer, c.schedule, c.lr)
         for name, value in (("--epochs", c.epochs), ("--iters-per-epoch", c.iters_per_epoch),
                             ("--batch-size", c.batch_size), ("--val-every", c.val_every),
@@ -94,6 +105,7 @@ class DistillRun:
         self.cfg = cfg.resolved()
         self.dist, self.device = init_from_env(resolve_device(self.cfg.device))
         self.ckpt = RunCheckpoint(out, force, resume, writer=self.dist.is_main)
+        self.precision = resolve_precision(self.cfg.precision, self.device)
         # Called after every iteration when set (a profiler's ``step``: bench/distill_speed.py).
         self.step_hook = None
         if self.cfg.batch_size < MIN_GOOD_BATCH:
@@ -103,7 +115,8 @@ class DistillRun:
     def run(self) -> dict:
         c, dev = self.cfg, self.device
         cuda = dev.type == "cuda"
-        fmt = torch.channels_last if cuda else None
+        fmt = channels_last_for(dev, self.precision)
+        self.memory_format = fmt
         if cuda:
             torch.backends.cudnn.benchmark = True
         torch.manual_seed(c.seed)
@@ -144,7 +157,7 @@ class DistillRun:
             console.info(f"resuming {self.ckpt.path} after epoch {start}/{c.epochs}")
         console.info(f"distilling {tmeta.arch} -> {c.student} on {c.noise} noise "
                      f"({c.batch_size} x {c.iters_per_epoch} per epoch, {c.epochs} epochs), "
-                     f"teacher BN {c.teacher_bn}, on {dev}")
+                     f"teacher BN {c.teacher_bn}, on {dev} ({self.precision})")
         row: dict = history[-1] if history else {}
         per_epoch = c.iters_per_epoch * c.batch_size
         with self.ckpt.writing(), \
@@ -200,10 +213,10 @@ class DistillRun:
             # The labelled ranges name the phases in a profile; outside one they cost ~us.
             with record_function("distill/noise"):
                 x = noise.sample(c.batch_size, gen)
-                if dev.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
+                if self.memory_format is not None:
+                    x = x.contiguous(memory_format=self.memory_format)
             with record_function("distill/forward"):
-                with autocast_for(dev):
+                with autocast_for(dev, self.precision):
                     s_logits, t_logits, terms = step_fn(x)
                 loss = sum(terms.values())
             with record_function("distill/backward"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
@@ -27,11 +28,49 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA (tensor cores), nothing elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+# The arithmetic of a training step. auto: bf16 on CUDA (tensor cores), fp32 on a CPU.
+PRECISIONS = ("auto", "fp32", "bf16")
+_BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 AVX512-BF16 / AMX, Arm BF16
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bf16 dot products in hardware (Linux: /proc/cpuinfo)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        if line.startswith(("flags", "Features")):
+            return bool(_BF16_CPU_FLAGS & set(line.partition(":")[2].split()))
+    return False
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``fp32`` or ``bf16`` for ``--precision name`` on ``device``."""
+    check_choice(name, PRECISIONS, "--precision")
+    if name == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if name == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        from kdtool import console
+
+        console.warn("--precision bf16: this CPU has no bf16 instructions (AVX512-BF16, AMX "
+                     "or Arm BF16), so bf16 is emulated and likely slower than fp32")
+    return name
+
+
+def autocast_for(device: torch.device, precision: str | None = None):
+    """bf16 autocast for a resolved ``precision`` ("bf16"/"fp32"; None: bf16 on CUDA only)."""
+    if precision is None:
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+def channels_last_for(device: torch.device, precision: str) -> torch.memory_format | None:
+    """NHWC where convolutions run fastest in it: on CUDA, and for oneDNN's bf16 kernels."""
+    return torch.channels_last if device.type == "cuda" or precision == "bf16" else None
 
 
 def compile_step(fn, mode: str = "default"):

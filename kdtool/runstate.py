@@ -49,10 +49,13 @@ def load_state(path: Path) -> dict[str, Any]:
                           "start over with --force") from e
 
 
+# Where and how fast a run computes may change on resume; what it computes may not.
+RESUMABLE_CHANGES = ("device", "precision", "compile", "compile_mode")
+
+
 def check_same_config(saved: dict[str, Any], current: dict[str, Any], path: Path,
-                      ignore: tuple[str, ...] = ("device", "compile", "compile_mode")) -> None:
-    """A resumed run must be the same run: refuse when a setting changed (where and how
-    fast it runs may change)."""
+                      ignore: tuple[str, ...] = RESUMABLE_CHANGES) -> None:
+    """A resumed run must be the same run: refuse when a setting changed."""
     for key in sorted(set(saved) | set(current)):
         if key in ignore:
             continue

@@ -19,7 +19,16 @@ import torch.nn as nn
 from kdtool import console, optim
 from kdtool.checkpoint import ModelMeta
 from kdtool.data import ImageData, check_fits, load_data
-from kdtool.device import COMPILE_MODES, autocast_for, begin_step, compile_step, resolve_device
+from kdtool.device import (
+    COMPILE_MODES,
+    PRECISIONS,
+    autocast_for,
+    begin_step,
+    channels_last_for,
+    compile_step,
+    resolve_device,
+    resolve_precision,
+)
 from kdtool.errors import KdtoolError, check_choice
 from kdtool.evaluate import evaluate
 from kdtool.loader import Augment, DeviceLoader
@@ -49,6 +58,7 @@ class TrainConfig:
     device: str = "auto"
     compile: bool = False
     compile_mode: str = "default"  # kdtool.device.COMPILE_MODES
+    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on a CPU (kdtool.device.PRECISIONS)
 
     def resolved(self) -> TrainConfig:
         """Validate user values and fill the defaults that depend on other options."""
@@ -59,6 +69,7 @@ class TrainConfig:
             if value < low:
                 raise KdtoolError(f"{name} must be >= {low}, got {value}")
         check_choice(c.compile_mode, COMPILE_MODES, "--compile-mode")
+        check_choice(c.precision, PRECISIONS, "--precision")
         if c.cutout < 0:
             raise KdtoolError(f"--cutout must be >= 0, got {c.cutout}")
         if not 0 <= c.label_smoothing < 1:
@@ -73,6 +84,7 @@ class Trainer:
         self.ckpt = RunCheckpoint(out, force, resume)
         self.out = self.ckpt.out
         self.device = resolve_device(self.cfg.device)
+        self.precision = resolve_precision(self.cfg.precision, self.device)
 
     def _load_data(self) -> tuple[ImageData, ImageData | None]:
         c = self.cfg
@@ -102,12 +114,13 @@ class Trainer:
         cuda = self.device.type == "cuda"
         if cuda:
             torch.backends.cudnn.benchmark = True
+        fmt = channels_last_for(self.device, self.precision)
         model = create_model(c.arch, num_classes=train.num_classes, in_chans=train.channels)
-        model = model.to(self.device, memory_format=torch.channels_last if cuda else None)
+        model = model.to(self.device, memory_format=fmt)
         loader = DeviceLoader(train, c.batch_size, self.device, mean, std, shuffle=True,
                               augment=Augment(cutout=c.cutout) if augment else None,
                               drop_last=len(train) >= 2 * c.batch_size, seed=c.seed,
-                              channels_last=cuda)
+                              channels_last=fmt is not None)
         opt, sched = optim.build(model, c.optimizer, c.schedule, c.lr, c.weight_decay,
                                  c.epochs * len(loader))
         criterion = nn.CrossEntropyLoss(label_smoothing=c.label_smoothing)
@@ -119,7 +132,8 @@ class Trainer:
             console.info(f"resuming {self.ckpt.path} after epoch {start}/{c.epochs}")
         console.info(f"training {c.arch} on {len(train)} images ({train.num_classes} classes, "
                      f"{train.channels}x{train.image_size[0]}x{train.image_size[1]}) on "
-                     f"{self.device}, {c.optimizer}+{c.schedule}, augment={augment}")
+                     f"{self.device} ({self.precision}), {c.optimizer}+{c.schedule}, "
+                     f"augment={augment}")
 
         def make_meta(metrics: dict, epoch: int) -> ModelMeta:
             return ModelMeta(
@@ -167,7 +181,7 @@ class Trainer:
         t0 = time.perf_counter()
         for i, (x, y) in enumerate(loader.epoch(epoch)):
             begin_step(self.cfg.compile_mode if self.cfg.compile else None)
-            with autocast_for(self.device):
+            with autocast_for(self.device, self.precision):
                 logits = model(x)
                 loss = criterion(logits.float(), y)
             opt.zero_grad(set_to_none=True)

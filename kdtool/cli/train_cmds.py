@@ -19,6 +19,7 @@ from kdtool.cli.options import (
     Json,
     Mean,
     NumClasses,
+    Precision,
     Resume,
     Seed,
     Std,
@@ -57,6 +58,7 @@ def train_cmd(
     std: Std = None,
     compile_: Compile = False,
     compile_mode: CompileMode = None,
+    precision: Precision = "auto",
     out: Annotated[Path, typer.Option("--out", help="Checkpoint to write.")] = Path(
         "teacher.safetensors"),
     resume: Resume = False,
@@ -79,7 +81,7 @@ def train_cmd(
                       image_size=image_size,
                       mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"),
                       seed=seed, device=device, compile=compile_ or compile_mode is not None,
-                      compile_mode=compile_mode or "default")
+                      compile_mode=compile_mode or "default", precision=precision)
     try:
         result = Trainer(cfg, out, force=force, resume=resume).run()
     except KeyboardInterrupt:

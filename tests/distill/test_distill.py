@@ -1,5 +1,7 @@
 """kdtool distill: the frozen teacher, the loss, the run (resume, metadata) and the method."""
 
+import math
+
 import pytest
 import torch
 
@@ -237,3 +239,31 @@ def test_compile_mode_reaches_torch_compile_and_cuda_graph_steps_are_marked(
     DistillRun(_cfg(small_teacher, epochs=1, compile=True, compile_mode=mode),
                tmp_path / "s.safetensors").run()
     assert seen == [passed] and len(marked) == marks  # one mark per iteration with graphs
+
+
+@pytest.mark.parametrize(("precision", "dtype", "nhwc"),
+                         [("bf16", torch.bfloat16, True), ("auto", torch.float32, False)])
+def test_teacher_and_student_run_in_the_chosen_precision(small_teacher, tmp_path, monkeypatch,
+                                                         precision, dtype, nhwc):
+    import kdtool.distill.loop as loop
+
+    seen = {"teacher": set(), "student": set()}
+
+    def spy(model, who):
+        last = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        last.register_forward_hook(lambda m, a, y: seen[who].add(
+            (y.dtype, a[0].is_contiguous(memory_format=torch.channels_last))))
+        return model
+
+    real_load, real_create = loop.load_checkpoint, loop.create_model
+    monkeypatch.setattr(loop, "load_checkpoint",
+                        lambda *a, **k: (lambda m, meta: (spy(m, "teacher"), meta))(
+                            *real_load(*a, **k)))
+    monkeypatch.setattr(loop, "create_model", lambda *a, **k: spy(real_create(*a, **k),
+                                                                  "student"))
+    r = DistillRun(_cfg(small_teacher, epochs=1, precision=precision),
+                   tmp_path / "s.safetensors").run()
+    assert seen == {"teacher": {(dtype, nhwc)}, "student": {(dtype, nhwc)}}
+    assert math.isfinite(r["loss"])
+    assert read_meta(tmp_path / "s.safetensors").stages["distill"]["config"][
+        "precision"] == precision
