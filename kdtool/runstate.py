@@ -128,18 +128,20 @@ class RunCheckpoint:
         """
         if not self.writer:
             return
-        from kdtool.checkpoint import checkpoint_tensors, write_checkpoint
+        from kdtool.checkpoint import write_checkpoint
 
         self.wait()
-        jobs: list[tuple[Path, Callable[[], None]]] = []
-        if output is not None:
-            output.validate(str(self.out))
-            tensors, meta_json = checkpoint_tensors(model), output.to_json()
-            jobs.append((self.out, lambda: write_checkpoint(self.out, tensors, meta_json)))
         state = snapshot({
             "config": config, "epoch": epoch, "best": best, "history": history,
             "model": model.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict()})
+        jobs: list[tuple[Path, Callable[[], None]]] = []
+        if output is not None:
+            output.validate(str(self.out))
+            # The snapshot's own copies (one each, so no shared storage for safetensors).
+            tensors = {k: v.contiguous() for k, v in state["model"].items()}
+            meta_json = output.to_json()
+            jobs.append((self.out, lambda: write_checkpoint(self.out, tensors, meta_json)))
         jobs.append((self.path, lambda: save_state(self.path, state)))
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="kdtool-checkpoint")
