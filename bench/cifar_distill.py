@@ -51,6 +51,10 @@ def main() -> None:
                    help="also distil each noise with --balance weight")
     p.add_argument("--noises", nargs="+", default=["gaussian", "dead_leaves"],
                    choices=["gaussian", "dead_leaves"], help="noises to distil from")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="distil with --ema DECAY: each student's table row is the weight "
+                   "average, with the live weights' accuracy beside it")
+    p.add_argument("--precision", default="auto", help="auto, fp32 or bf16 (kdtool distill)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the same pipeline")
     args = p.parse_args()
     t_start = time.perf_counter()
@@ -101,22 +105,26 @@ def main() -> None:
         r = DistillRun(DistillConfig(teacher=str(teacher), student=s_arch, noise=noise,
                                      teacher_bn=bn, noise_pool=pool, balance=balance,
                                      epochs=epochs, iters_per_epoch=iters, schedule="onecycle",
-                                     lr=args.lr, val=val, val_every=epochs),
+                                     lr=args.lr, val=val, val_every=epochs, ema=args.ema,
+                                     precision=args.precision),
                        work / f"{noise}_{bn}_{pool}_{balance}.safetensors", force=True).run()
         rows.append({"run": name, "epochs": epochs, "val_top1": r["val_top1_current"],
                      "teacher_class_balance": r["teacher_class_balance"],
                      "images_per_s": r["images_per_s"],
                      "val_top1_running": r["val_top1_running"],
+                     **({"val_top1_live": r["val_top1_current_live"]} if args.ema else {}),
                      "seconds": time.perf_counter() - t0})
         print(json.dumps(rows[-1]), flush=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"\n{device}; {t_arch} -> {s_arch}; val5k top-1 (students: current BN, batch 256)\n")
-    print("| run | epochs | val5k top-1 | running-BN top-1 | img/s (last epoch) | wall |\n"
-          "|---|---|---|---|---|---|")
+    live = f" | live weights (--ema {args.ema})" if args.ema else ""
+    print(f"| run | epochs | val5k top-1 | running-BN top-1{live} | img/s (last epoch) | wall |"
+          "\n|---|---|---|---|" + "---|" * bool(args.ema) + "---|---|")
     for r in rows:
         speed = f"{r['images_per_s']:,.0f}" if "images_per_s" in r else ""
         running = f"{r['val_top1_running']:.2f}%" if "val_top1_running" in r else ""
-        print(f"| {r['run']} | {r.get('epochs', '')} | {r['val_top1']:.2f}% | {running} | "
+        ema = (f" {r['val_top1_live']:.2f}% |" if "val_top1_live" in r else " |") * bool(args.ema)
+        print(f"| {r['run']} | {r.get('epochs', '')} | {r['val_top1']:.2f}% | {running} |{ema} "
               f"{speed} | {r['seconds']:.0f} s |")
 
 

@@ -59,6 +59,10 @@ VARIANTS = {
         "dead leaves, pool 1024 per epoch": {**FAST, "noise": "dead_leaves", "noise_pool": 1024},
         "dead leaves, fresh every batch": {**FAST, "noise": "dead_leaves"},
     },
+    "pool_weight": {  # pairs with the "weight" group's class-weighted dead leaves, per seed
+        "dead leaves, class-weighted, pool 2048 per epoch": {
+            **FAST, "noise": "dead_leaves", "balance": "weight", "noise_pool": 2048},
+    },
     "norm_align": {
         "BatchNorm teacher (resnet8), current BN": {**FAST, "_teacher": "resnet8"},
         "GroupNorm teacher (resnet8_gn), batch-aligned": {

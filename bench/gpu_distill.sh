@@ -7,7 +7,8 @@
 #      then again with its step compiled as CUDA graphs (--compile-mode reduce-overhead:
 #      no CPU cost per kernel launch: the likely lever for the 3x goal);
 #   4. CIFAR-10 ResNet-34 -> ResNet-18: fresh dead leaves against the pool, and class
-#      weighting (--balance weight) against the paper's loss, in a time budget.
+#      weighting (--balance weight) against the paper's loss, in a time budget (EMA=0.995:
+#      every student also with a weight average, --ema, beside its live weights).
 # Each step has its own timeout and log in $OUT; one failing step does not stop the rest.
 #
 #   DATA=.gpu/cifar10 REF=.gpu/ref OUT=runs/gpu bash bench/gpu_distill.sh
@@ -46,7 +47,7 @@ if [ -n "${SMOKE:-}" ]; then
   step distill_speed 300 python3 bench/distill_speed.py --device cpu --iters 4 --epochs 1 \
     --profile "$OUT/prof" --profile-skip 2 --profile-steps 2
   step cifar_distill 600 python3 bench/cifar_distill.py --data "$DATA" --smoke --epochs 1 \
-    --weighted --pool 256 --workdir "$OUT/cifar_work"
+    --weighted --pool 256 --ema 0.9 --workdir "$OUT/cifar_work"
 else
   dev=cuda
   python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" \
@@ -59,6 +60,7 @@ else
     --compile-mode reduce-overhead
   TAILN=16 step cifar_distill "$(python3 -c "print(int($CIFAR_MIN * 60 + 60))")" \
     python3 bench/cifar_distill.py --data "$DATA" --budget-min "$CIFAR_MIN" \
-    --teacher-epochs "${TEACHER_EPOCHS:-15}" --weighted --pool 4096 --workdir /tmp/cifar_work
+    --teacher-epochs "${TEACHER_EPOCHS:-15}" --weighted --pool 4096 --ema "${EMA:-0}" \
+    --workdir /tmp/cifar_work
 fi
 echo "done on $dev ($(date +%T)); logs in $OUT"

@@ -36,6 +36,7 @@ from kdtool.distill.distiller import NoiseKD
 from kdtool.distill.noise import make_noise
 from kdtool.distill.pool import PooledNoise
 from kdtool.distill.teacher import TEACHER_BN_MODES, TEACHER_STATS, FrozenTeacher
+from kdtool.ema import check_decay, make_ema
 from kdtool.errors import KdtoolError, check_choice
 from kdtool.evaluate import predict
 from kdtool.loader import epoch_generator
@@ -77,6 +78,7 @@ class DistillConfig:
     compile: bool = False
     compile_mode: str = "default"  # kdtool.device.COMPILE_MODES
     precision: str = "auto"  # auto: bf16 on CUDA, fp32 on a CPU (kdtool.device.PRECISIONS)
+    ema: float = 0.0  # > 0: validate and write an average of the student (kdtool/ema.py)
     log_every: int = 20
 
     def resolved(self) -> DistillConfig:
@@ -87,6 +89,7 @@ class DistillConfig:
         check_choice(c.balance, BALANCE_MODES, "--balance mode")
         check_choice(c.compile_mode, COMPILE_MODES, "--compile-mode")
         check_choice(c.precision, PRECISIONS, "--precision")
+        check_decay(c.ema)
         c.schedule, c.lr = optim.resolve(c.optimizer, c.schedule, c.lr)
         for name, value in (("--epochs", c.epochs), ("--iters-per-epoch", c.iters_per_epoch),
                             ("--batch-size", c.batch_size), ("--val-every", c.val_every),
@@ -137,6 +140,7 @@ class DistillRun:
                                in_chans=tmeta.in_chans).to(dev, memory_format=fmt)
         distiller = NoiseKD(student, teacher, c.temperature, c.loss,
                             class_weighted=c.balance == "weight")
+        self.ema = make_ema(student, c.ema)
         if self.dist.enabled:
             # Gradients are averaged across ranks and BN buffers averaged after each epoch
             # (sync_buffers), so every rank holds the same student. Each rank's teacher
@@ -152,7 +156,7 @@ class DistillRun:
                                  c.epochs * c.iters_per_epoch)
         step_fn = compile_step(distiller, c.compile_mode) if c.compile else distiller
         config = asdict(c)
-        start, best, history = self.ckpt.restore(config, student, opt, sched)
+        start, best, history = self.ckpt.restore(config, student, opt, sched, self.ema)
         if start:
             console.info(f"resuming {self.ckpt.path} after epoch {start}/{c.epochs}")
         console.info(f"distilling {tmeta.arch} -> {c.student} on {c.noise} noise "
@@ -176,8 +180,9 @@ class DistillRun:
                 console.info(_epoch_line(row, c.epochs))
                 best = max(best, row.get("val_top1_current", -row["loss"]))
                 meta = self._meta(tmeta, teacher, noise, config, history, row)
-                self.ckpt.save(config, epoch, best, history, student, opt, sched, output=meta)
-        self.student = student
+                self.ckpt.save(config, epoch, best, history, student, opt, sched, output=meta,
+                               ema=self.ema)
+        self.student = self.ema.module if self.ema else student  # the model written
         finish(self.dist)
         return {"out": str(self.ckpt.out), "state": str(self.ckpt.path), "device": str(dev),
                 "world_size": self.dist.world_size,
@@ -227,6 +232,8 @@ class DistillRun:
                 opt.step()
                 if per_step:
                     sched.step()
+                if self.ema is not None:
+                    self.ema.update()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0) + v.detach()
             t_pred = t_logits.argmax(1)
@@ -254,13 +261,20 @@ class DistillRun:
                 "seconds": secs, "images_per_s": n * c.batch_size / secs}
 
     def _validate(self, student, val, tmeta, teacher_val) -> dict:
+        """Accuracy and agreement of the model written (the average with --ema) on both BN
+        statistics; with --ema also the live student's, on current statistics."""
         out = {}
-        for bn in ("current", "running"):
-            logits, labels = predict(student, val, tmeta.mean, tmeta.std, 256, self.device,
-                                     bn=bn, seed=self.cfg.seed)
-            pred = logits.argmax(1)
-            out[f"val_top1_{bn}"] = 100.0 * (pred == labels).float().mean().item()
-            out[f"agreement_{bn}"] = 100.0 * (pred == teacher_val).float().mean().item()
+        runs = [("", self.ema.module if self.ema else student, ("current", "running"))]
+        if self.ema is not None:
+            runs.append(("_live", student, ("current",)))
+        for suffix, model, modes in runs:
+            for bn in modes:
+                logits, labels = predict(model, val, tmeta.mean, tmeta.std, 256, self.device,
+                                         bn=bn, seed=self.cfg.seed)
+                pred = logits.argmax(1)
+                out[f"val_top1_{bn}{suffix}"] = 100.0 * (pred == labels).float().mean().item()
+                if not suffix:
+                    out[f"agreement_{bn}"] = 100.0 * (pred == teacher_val).float().mean().item()
         student.train()
         return out
 
@@ -294,5 +308,7 @@ def _epoch_line(row: dict, epochs: int) -> str:
         val = (f" val {row['val_top1_current']:.2f}% (current BN) "
                f"{row['val_top1_running']:.2f}% (running BN), agreement "
                f"{row['agreement_current']:.1f}%")
+        if "val_top1_current_live" in row:
+            val += f", live weights {row['val_top1_current_live']:.2f}% (current BN)"
     return (f"epoch {row['epoch']}/{epochs} loss {row['loss']:.4f}{val} lr {row['lr']:.2e} "
             f"{row['images_per_s']:,.0f} img/s")

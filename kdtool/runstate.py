@@ -55,9 +55,13 @@ RESUMABLE_CHANGES = ("device", "precision", "compile", "compile_mode")
 
 def check_same_config(saved: dict[str, Any], current: dict[str, Any], path: Path,
                       ignore: tuple[str, ...] = RESUMABLE_CHANGES) -> None:
-    """A resumed run must be the same run: refuse when a setting changed."""
+    """A resumed run must be the same run: refuse when a setting changed.
+
+    A setting newer than the saved state (absent from it) matches when it is left off
+    (0, None or False), so a run started before an upgrade still resumes.
+    """
     for key in sorted(set(saved) | set(current)):
-        if key in ignore:
+        if key in ignore or (key not in saved and not current[key]):
             continue
         if saved.get(key) != current.get(key):
             raise KdtoolError(
@@ -106,8 +110,10 @@ class RunCheckpoint:
                 raise KdtoolError(f"a run state '{self.path}' exists from an earlier run",
                                   "pass --resume to continue it or --force to start over")
 
-    def restore(self, config: dict, model, opt, sched) -> tuple[int, float, list[dict]]:
-        """(first epoch to run, best metric, history): from the state when resuming."""
+    def restore(self, config: dict, model, opt, sched,
+                ema=None) -> tuple[int, float, list[dict]]:
+        """(first epoch to run, best metric, history): from the state when resuming.
+        ``ema``: a ``kdtool.ema.WeightEMA`` restored too."""
         if not self.resume:
             return 0, float("-inf"), []
         state = load_state(self.path)
@@ -115,14 +121,17 @@ class RunCheckpoint:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         return state["epoch"] + 1, state["best"], state["history"]
 
     def save(self, config: dict, epoch: int, best: float, history: list[dict], model, opt,
-             sched, output=None) -> None:
+             sched, output=None, ema=None) -> None:
         """Snapshot the run after ``epoch`` and write it in the background.
 
-        ``output`` (a ``ModelMeta``): also write ``model`` as the run's output checkpoint,
-        before the state, so a state on disk never runs ahead of the output. The previous
+        ``output`` (a ``ModelMeta``): also write the model as the run's output checkpoint,
+        before the state, so a state on disk never runs ahead of the output; with ``ema``
+        (a ``kdtool.ema.WeightEMA``) the output holds the averaged weights. The previous
         epoch's writes finish first (at most one snapshot waits in memory) and a failed
         write raises here or in ``wait``.
         """
@@ -134,12 +143,14 @@ class RunCheckpoint:
         state = snapshot({
             "config": config, "epoch": epoch, "best": best, "history": history,
             "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict()})
+            "scheduler": sched.state_dict(),
+            **({"ema": ema.state_dict()} if ema is not None else {})})
         jobs: list[tuple[Path, Callable[[], None]]] = []
         if output is not None:
             output.validate(str(self.out))
             # The snapshot's own copies (one each, so no shared storage for safetensors).
-            tensors = {k: v.contiguous() for k, v in state["model"].items()}
+            weights = state["ema"]["model"] if ema is not None else state["model"]
+            tensors = {k: v.contiguous() for k, v in weights.items()}
             meta_json = output.to_json()
             jobs.append((self.out, lambda: write_checkpoint(self.out, tensors, meta_json)))
         jobs.append((self.path, lambda: save_state(self.path, state)))

@@ -29,6 +29,7 @@ from kdtool.device import (
     resolve_device,
     resolve_precision,
 )
+from kdtool.ema import check_decay, make_ema
 from kdtool.errors import KdtoolError, check_choice
 from kdtool.evaluate import evaluate
 from kdtool.loader import Augment, DeviceLoader
@@ -59,6 +60,7 @@ class TrainConfig:
     compile: bool = False
     compile_mode: str = "default"  # kdtool.device.COMPILE_MODES
     precision: str = "auto"  # auto: bf16 on CUDA, fp32 on a CPU (kdtool.device.PRECISIONS)
+    ema: float = 0.0  # > 0: validate and write an average of the weights (kdtool/ema.py)
 
     def resolved(self) -> TrainConfig:
         """Validate user values and fill the defaults that depend on other options."""
@@ -70,6 +72,7 @@ class TrainConfig:
                 raise KdtoolError(f"{name} must be >= {low}, got {value}")
         check_choice(c.compile_mode, COMPILE_MODES, "--compile-mode")
         check_choice(c.precision, PRECISIONS, "--precision")
+        check_decay(c.ema)
         if c.cutout < 0:
             raise KdtoolError(f"--cutout must be >= 0, got {c.cutout}")
         if not 0 <= c.label_smoothing < 1:
@@ -125,9 +128,10 @@ class Trainer:
                                  c.epochs * len(loader))
         criterion = nn.CrossEntropyLoss(label_smoothing=c.label_smoothing)
         step_model = compile_step(model, c.compile_mode) if c.compile else model
+        ema = make_ema(model, c.ema)
 
         config = asdict(c)
-        start, best, history = self.ckpt.restore(config, model, opt, sched)
+        start, best, history = self.ckpt.restore(config, model, opt, sched, ema)
         if start:
             console.info(f"resuming {self.ckpt.path} after epoch {start}/{c.epochs}")
         console.info(f"training {c.arch} on {len(train)} images ({train.num_classes} classes, "
@@ -150,11 +154,14 @@ class Trainer:
             for epoch in range(start, c.epochs):
                 torch.manual_seed(c.seed * 100_003 + epoch)  # dropout etc.: exact on resume
                 row = self._train_epoch(step_model, loader, epoch, opt, sched, criterion,
-                                        advance)
+                                        advance, ema)
                 if val is not None:
-                    rep = evaluate(model, val, mean, std, batch_size=512, device=self.device,
-                                   channels_last=cuda)
-                    row["val_top1"] = rep["top1"]
+                    # With --ema the average is the model kept; the live one is shown beside.
+                    for key, m in (("val_top1", ema.module if ema else model),
+                                   ("val_top1_live", model if ema else None)):
+                        if m is not None:
+                            row[key] = evaluate(m, val, mean, std, batch_size=512,
+                                                device=self.device, channels_last=cuda)["top1"]
                     model.train()
                 metric = row.get("val_top1", -row["loss"])
                 if not optim.steps_per_iteration(sched):
@@ -164,14 +171,16 @@ class Trainer:
                 improved = metric > best
                 best = max(best, metric)
                 output = make_meta(_metrics(row), epoch + 1) if improved or val is None else None
-                self.ckpt.save(config, epoch, best, history, model, opt, sched, output=output)
+                self.ckpt.save(config, epoch, best, history, model, opt, sched, output=output,
+                               ema=ema)
         best_row = max(history, key=lambda r: r.get("val_top1", -r["loss"]))
         return {"out": str(self.out), "state": str(self.ckpt.path), "device": str(self.device),
                 "epochs": c.epochs, "best_epoch": best_row["epoch"], **_metrics(best_row),
                 "images_per_s": sum(r["images_per_s"] for r in history) / len(history),
                 "history": history}
 
-    def _train_epoch(self, model, loader, epoch, opt, sched, criterion, advance) -> dict:
+    def _train_epoch(self, model, loader, epoch, opt, sched, criterion, advance,
+                     ema=None) -> dict:
         model.train()
         step_sched = optim.steps_per_iteration(sched)
         # Sums stay on the device: no host sync per step.
@@ -190,6 +199,8 @@ class Trainer:
             opt.step()
             if step_sched:
                 sched.step()
+            if ema is not None:
+                ema.update()
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
@@ -207,11 +218,13 @@ class Trainer:
 
 
 def _metrics(row: dict) -> dict:
-    return {k: row[k] for k in ("loss", "train_top1", "val_top1") if k in row}
+    return {k: row[k] for k in ("loss", "train_top1", "val_top1", "val_top1_live") if k in row}
 
 
 def _epoch_line(row: dict, epochs: int) -> str:
     val = f" val {row['val_top1']:.2f}%" if "val_top1" in row else ""
+    if "val_top1_live" in row:
+        val += f" (EMA; live weights {row['val_top1_live']:.2f}%)"
     return (f"epoch {row['epoch']}/{epochs} loss {row['loss']:.4f} train "
             f"{row['train_top1']:.2f}%{val} lr {row['lr']:.2e} "
             f"{row['images_per_s']:,.0f} img/s")

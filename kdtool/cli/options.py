@@ -24,6 +24,10 @@ CompileMode = Annotated[str | None, typer.Option(
     "--compile-mode", help="torch.compile mode, implies --compile: default, reduce-overhead "
     "(CUDA graphs: no CPU cost per kernel launch), max-autotune (CUDA graphs and tuned "
     "kernels; slow to start) or max-autotune-no-cudagraphs.")]
+Ema = Annotated[float, typer.Option(
+    "--ema", help="Keep an exponential moving average of the weights with this decay (e.g. "
+    "0.999; it spans ~1/(1-decay) steps) and validate and write it instead of the last "
+    "weights; the live weights' accuracy is shown beside it. 0: off.")]
 DATA_HELP = ("A dataset: an ImageFolder directory (<class>/<image>), a zip of one, an .npz "
              "(x uint8 NHWC, y int), or the embedded 'digits' / 'digits:test'.")
 

@@ -14,6 +14,7 @@ from kdtool.cli.options import (
     Compile,
     CompileMode,
     Device,
+    Ema,
     Force,
     InChans,
     Json,
@@ -59,6 +60,7 @@ def train_cmd(
     compile_: Compile = False,
     compile_mode: CompileMode = None,
     precision: Precision = "auto",
+    ema: Ema = 0.0,
     out: Annotated[Path, typer.Option("--out", help="Checkpoint to write.")] = Path(
         "teacher.safetensors"),
     resume: Resume = False,
@@ -81,7 +83,8 @@ def train_cmd(
                       image_size=image_size,
                       mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"),
                       seed=seed, device=device, compile=compile_ or compile_mode is not None,
-                      compile_mode=compile_mode or "default", precision=precision)
+                      compile_mode=compile_mode or "default", precision=precision,
+                      ema=ema)
     try:
         result = Trainer(cfg, out, force=force, resume=resume).run()
     except KeyboardInterrupt:
@@ -93,6 +96,8 @@ def train_cmd(
                 ["train loss", f"{r['loss']:.4f}"], ["train top-1", f"{r['train_top1']:.2f}%"]]
         if "val_top1" in r:
             rows.append(["val top-1", f"{r['val_top1']:.2f}%"])
+        if "val_top1_live" in r:
+            rows.append(["val top-1, live weights (not --ema)", f"{r['val_top1_live']:.2f}%"])
         rows.append(["throughput", f"{r['images_per_s']:,.0f} img/s on {r['device']}"])
         console.print_kv("kdtool train", rows)
 

@@ -12,6 +12,7 @@ from kdtool.distill.loop import DistillConfig, DistillRun
 from kdtool.distill.teacher import FrozenTeacher, choose_running_layers
 from kdtool.errors import KdtoolError
 from kdtool.models import create_model
+from kdtool.runstate import load_state, state_path_for
 
 
 def _random_bn_model(arch="resnet8", seed=0):
@@ -115,8 +116,9 @@ def _cfg(teacher, **kw):
     return DistillConfig(**{**base, **kw})
 
 
-def test_resume_continues_exactly(small_teacher, tmp_path, monkeypatch):
-    DistillRun(_cfg(small_teacher), tmp_path / "a.safetensors").run()
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_resume_continues_exactly(small_teacher, tmp_path, monkeypatch, ema):
+    DistillRun(_cfg(small_teacher, ema=ema), tmp_path / "a.safetensors").run()
     real = DistillRun._epoch
 
     def killed_in_third_epoch(self, step_fn, student, noise, epoch, *a):
@@ -126,12 +128,26 @@ def test_resume_continues_exactly(small_teacher, tmp_path, monkeypatch):
 
     monkeypatch.setattr(DistillRun, "_epoch", killed_in_third_epoch)
     with pytest.raises(KeyboardInterrupt):
-        DistillRun(_cfg(small_teacher), tmp_path / "b.safetensors").run()
+        DistillRun(_cfg(small_teacher, ema=ema), tmp_path / "b.safetensors").run()
     monkeypatch.setattr(DistillRun, "_epoch", real)
-    DistillRun(_cfg(small_teacher), tmp_path / "b.safetensors", resume=True).run()
+    DistillRun(_cfg(small_teacher, ema=ema), tmp_path / "b.safetensors", resume=True).run()
     a = load_checkpoint(tmp_path / "a.safetensors")[0].state_dict()
     b = load_checkpoint(tmp_path / "b.safetensors")[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ema_student_is_the_output_and_the_live_one_is_validated_beside(small_teacher,
+                                                                       tmp_path):
+    out = tmp_path / "s.safetensors"
+    run = DistillRun(_cfg(small_teacher, ema=0.9, val="digits:test"), out)
+    result = run.run()
+    state = load_state(state_path_for(out))
+    written = load_checkpoint(out)[0].state_dict()
+    assert all(torch.equal(written[k], v) for k, v in state["ema"]["model"].items())
+    assert not torch.equal(state["ema"]["model"]["linear.weight"], state["model"]["linear.weight"])
+    assert state["ema"]["steps"] == 3 * 4
+    assert {"val_top1_current", "val_top1_running", "val_top1_current_live"} <= set(result)
+    assert run.student is run.ema.module  # what callers (demo, analyze) read is the file's
 
 
 def test_metadata_records_the_run(small_teacher, tmp_path):

@@ -41,9 +41,10 @@ def _cfg(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def test_resume_continues_exactly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("ema", [0.0, 0.9])  # with --ema, the average resumes exactly too
+def test_resume_continues_exactly(tmp_path, monkeypatch, ema):
     straight = tmp_path / "straight.safetensors"
-    Trainer(_cfg(), straight).run()
+    Trainer(_cfg(ema=ema), straight).run()
 
     resumed = tmp_path / "resumed.safetensors"
     real_epoch = Trainer._train_epoch
@@ -55,9 +56,9 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Trainer, "_train_epoch", killed_in_third_epoch)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(_cfg(), resumed).run()
+        Trainer(_cfg(ema=ema), resumed).run()
     monkeypatch.setattr(Trainer, "_train_epoch", real_epoch)
-    Trainer(_cfg(), resumed, resume=True).run()
+    Trainer(_cfg(ema=ema), resumed, resume=True).run()
 
     a, _ = load_checkpoint(straight)
     b, _ = load_checkpoint(resumed)
