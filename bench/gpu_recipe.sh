@@ -26,6 +26,8 @@ python3 -m pytest -q -m "not slow" ${GPU_TESTS:-tests/kdtool/test_train_gpu.py t
 
 [ -n "${SKIP_THROUGHPUT:-}" ] || python3 bench/train_throughput.py --arch resnet8 resnet18 \
   resnet34 --images 16384 --batch-size 512 --epochs 2 2>/dev/null | tee "$OUT/throughput.txt"
+[ -n "${SKIP_THROUGHPUT:-}" ] || python3 bench/ema_cost.py --device cuda --arch resnet18 \
+  --batch-size 512 | tee "$OUT/ema_cost.txt"
 
 # each recipe: batch size : peak learning rate : epochs
 for recipe in ${RECIPES:-512:0.4:120}; do
