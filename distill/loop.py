@@ -263,18 +263,19 @@ class DistillRun:
     def _validate(self, student, val, tmeta, teacher_val) -> dict:
         """Accuracy and agreement of the model written (the average with --ema) on both BN
         statistics; with --ema also the live student's, on current statistics."""
+        def scores(model, bn: str) -> tuple[float, float]:  # (top-1, agreement with teacher)
+            logits, labels = predict(model, val, tmeta.mean, tmeta.std, 256, self.device,
+                                     bn=bn, seed=self.cfg.seed)
+            pred = logits.argmax(1)
+            return (100.0 * (pred == labels).float().mean().item(),
+                    100.0 * (pred == teacher_val).float().mean().item())
+
         out = {}
-        runs = [("", self.ema.module if self.ema else student, ("current", "running"))]
+        for bn in ("current", "running"):
+            out[f"val_top1_{bn}"], out[f"agreement_{bn}"] = scores(
+                self.ema.module if self.ema else student, bn)
         if self.ema is not None:
-            runs.append(("_live", student, ("current",)))
-        for suffix, model, modes in runs:
-            for bn in modes:
-                logits, labels = predict(model, val, tmeta.mean, tmeta.std, 256, self.device,
-                                         bn=bn, seed=self.cfg.seed)
-                pred = logits.argmax(1)
-                out[f"val_top1_{bn}{suffix}"] = 100.0 * (pred == labels).float().mean().item()
-                if not suffix:
-                    out[f"agreement_{bn}"] = 100.0 * (pred == teacher_val).float().mean().item()
+            out["val_top1_current_live"] = scores(student, "current")[0]
         student.train()
         return out
 

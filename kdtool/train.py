@@ -148,6 +148,10 @@ class Trainer:
                 stages={"train": {"config": config, "epoch": epoch, "epochs": c.epochs,
                                   "history": history}})
 
+        def val_top1(m) -> float:
+            return evaluate(m, val, mean, std, batch_size=512, device=self.device,
+                            channels_last=cuda)["top1"]
+
         with self.ckpt.writing(), \
                 console.progress_task("train", c.epochs * loader.num_images, unit="img") as advance:
             advance(start * loader.num_images)
@@ -157,11 +161,9 @@ class Trainer:
                                         advance, ema)
                 if val is not None:
                     # With --ema the average is the model kept; the live one is shown beside.
-                    for key, m in (("val_top1", ema.module if ema else model),
-                                   ("val_top1_live", model if ema else None)):
-                        if m is not None:
-                            row[key] = evaluate(m, val, mean, std, batch_size=512,
-                                                device=self.device, channels_last=cuda)["top1"]
+                    row["val_top1"] = val_top1(ema.module if ema else model)
+                    if ema is not None:
+                        row["val_top1_live"] = val_top1(model)
                     model.train()
                 metric = row.get("val_top1", -row["loss"])
                 if not optim.steps_per_iteration(sched):
