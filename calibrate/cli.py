@@ -36,6 +36,7 @@ def calibrate_cmd(
         str,
         typer.Option(
             "--data",
+            "--calib-data",
             help="Real images to compute BN statistics from; labels are not read (an "
             "unlabeled folder of images works). " + DATA_HELP,
         ),

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdtool.data import ImageData, check_fits, load_data
+from kdtool.data import ImageData, check_fits, load_for_model
 from kdtool.deploy.backends import BenchModel
 from kdtool.errors import KdtoolError
 from kdtool.loader import DeviceLoader
@@ -16,7 +16,7 @@ from kdtool.loader import DeviceLoader
 def load_eval_data(spec: str, model: BenchModel, limit: int | None, seed: int) -> ImageData:
     """``spec`` at the model's input size and channels; ``limit`` keeps a seeded random subset
     (image folders are sorted by class, so the first N images would be one class)."""
-    data = load_data(spec, image_size=tuple(model.input_size), channels=model.in_chans)
+    data = load_for_model(spec, model)
     if not data.labeled:
         raise KdtoolError(
             f"dataset '{spec}' has no labels, so accuracy cannot be measured",

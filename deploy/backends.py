@@ -61,6 +61,7 @@ class BenchModel:
     fixed_batch: int | None = None  # a static batch dimension
     input_name: str = ""
     output_name: str = ""
+    crop_fraction: float | None = None  # how images are fitted to input_size (None: stretch)
 
     @property
     def label(self) -> str:
@@ -151,6 +152,7 @@ def _from_info(path: Path, kind: str, info, file_bytes: int) -> BenchModel:
         fixed_batch=info.batch,
         input_name=info.input_name,
         output_name=info.output_name,
+        crop_fraction=info.crop_fraction,
     )
 
 

@@ -19,7 +19,7 @@ from torch.profiler import record_function
 
 from kdtool import console, optim
 from kdtool.checkpoint import ModelMeta, load_checkpoint
-from kdtool.data import check_fits, load_data
+from kdtool.data import check_fits, load_for_model
 from kdtool.device import (
     COMPILE_MODES,
     PRECISIONS,
@@ -193,7 +193,7 @@ class DistillRun:
     def _load_val(self, tmeta: ModelMeta):
         if not self.cfg.val:
             return None
-        val = load_data(self.cfg.val, channels=tmeta.in_chans)
+        val = load_for_model(self.cfg.val, tmeta)
         check_fits(val, num_classes=tmeta.num_classes, in_chans=tmeta.in_chans,
                    input_size=tuple(tmeta.input_size), what=f"teacher '{self.cfg.teacher}'")
         if not val.labeled:
@@ -284,7 +284,7 @@ class DistillRun:
         return ModelMeta(
             arch=self.cfg.student, num_classes=tmeta.num_classes, in_chans=tmeta.in_chans,
             input_size=list(tmeta.input_size), mean=list(tmeta.mean), std=list(tmeta.std),
-            class_names=list(tmeta.class_names),
+            class_names=list(tmeta.class_names), crop_fraction=tmeta.crop_fraction,
             provenance=provenance(seed=self.cfg.seed, metrics=metrics),
             stages={"distill": {
                 "teacher": {"file": self.cfg.teacher, "arch": tmeta.arch,

@@ -21,7 +21,7 @@ def export_cmd(
         Path,
         typer.Argument(help="A kdtool checkpoint (normally the calibrated, BN-folded student)."),
     ],
-    onnx: Annotated[Path, typer.Option("--onnx", help="ONNX file to write.")],
+    onnx: Annotated[Path, typer.Option("--onnx", "--out", help="ONNX file to write.")],
     precision: Annotated[
         str,
         typer.Option(

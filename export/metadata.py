@@ -46,6 +46,8 @@ class OnnxInfo:
     # Optional, added by kdtool export (readers that predate them ignore them):
     max_batch: int | None = None  # largest batch the export was profiled for (--batch MAX)
     quantization: dict = field(default_factory=dict)  # INT8: scheme and calibration
+    # How images of another size are fitted to input_size (None: stretch; kdtool.imageprep).
+    crop_fraction: float | None = None
 
     @classmethod
     def from_meta(cls, meta, *, input_name: str, output_name: str, **fields) -> OnnxInfo:
@@ -60,6 +62,7 @@ class OnnxInfo:
             num_classes=meta.num_classes,
             class_names=list(meta.class_names),
             arch=meta.arch,
+            crop_fraction=meta.crop_fraction,
             **fields,
         )
 
@@ -95,6 +98,8 @@ class OnnxInfo:
             problems.append("input_size must be [height, width]")
         if self.class_names and len(self.class_names) != self.num_classes:
             problems.append(f"{len(self.class_names)} class names for {self.num_classes} classes")
+        if self.crop_fraction is not None and not 0 < self.crop_fraction <= 1:
+            problems.append(f"crop_fraction {self.crop_fraction} is not in (0, 1]")
         if self.precision not in PRECISIONS:
             problems.append(f"precision '{self.precision}' is not one of {', '.join(PRECISIONS)}")
         if problems:

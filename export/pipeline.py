@@ -247,11 +247,11 @@ def _validate(cfg: ExportConfig) -> tuple[BatchProfile, _Outputs]:
 
 
 def _load(spec: str, meta, option: str, labelled: bool = False):
-    from kdtool.data import check_fits, load_data
+    from kdtool.data import check_fits, load_for_model
 
-    # Images are resized and converted to the model's input; calibration ignores labels,
+    # Images are fitted and converted to the model's input; calibration ignores labels,
     # so only --val must have the model's classes.
-    data = load_data(spec, image_size=tuple(meta.input_size), channels=meta.in_chans)
+    data = load_for_model(spec, meta)
     if labelled:
         check_fits(
             data,

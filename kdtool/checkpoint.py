@@ -22,6 +22,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from kdtool.errors import KdtoolError
+from kdtool.imageprep import parse_resize
 from kdtool.io import atomic_write_bytes, check_output, require_file
 from kdtool.models import TV_PREFIX, create_model
 
@@ -47,6 +48,9 @@ class ModelMeta:
     class_names: list[str] = field(default_factory=list)
     arch_args: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    # How images of another size are fitted to input_size: None stretches, F in (0, 1]
+    # centre-crops after an aspect-preserving resize to input_size / F (kdtool.imageprep).
+    crop_fraction: float | None = None
     # Stage-specific records ("train", "distill", "calibrate", ...), each a JSON object.
     stages: dict[str, Any] = field(default_factory=dict)
 
@@ -83,6 +87,8 @@ class ModelMeta:
             problems.append(f"{len(self.class_names)} class names for {self.num_classes} classes")
         if len(self.input_size) != 2:
             problems.append("input_size must be [height, width]")
+        if self.crop_fraction is not None and not 0 < self.crop_fraction <= 1:
+            problems.append(f"crop_fraction {self.crop_fraction} is not in (0, 1]")
         if problems:
             raise KdtoolError(f"'{source}' has inconsistent metadata: " + "; ".join(problems))
 
@@ -110,6 +116,7 @@ class ForeignSpec:
     mean: list[float] | None = None
     std: list[float] | None = None
     class_names: list[str] = field(default_factory=list)
+    resize: str | None = None  # the --resize text (kdtool.imageprep); None: the arch's default
 
     def to_meta(self, source: str) -> ModelMeta:
         from kdtool.models import model_spec
@@ -134,6 +141,7 @@ class ForeignSpec:
             std=list(std),
             class_names=list(self.class_names),
             provenance={"imported_from": str(source)},
+            crop_fraction=spec.crop_fraction if self.resize is None else parse_resize(self.resize),
         )
         meta.validate(source)
         return meta

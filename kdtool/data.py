@@ -18,7 +18,7 @@
 
 A zip or directory is decoded once (in parallel) and cached as safetensors under
 ``cache_dir``, ``$KDTOOL_CACHE`` or ``~/.cache/kdtool/datasets``, keyed by the
-absolute path, the file sizes and mtimes, image_size and channels.
+absolute path, the file sizes and mtimes, image_size, crop fraction and channels.
 """
 
 from __future__ import annotations
@@ -43,13 +43,13 @@ from PIL import Image
 
 from kdtool import console
 from kdtool.errors import InternalError, KdtoolError, check_choice, suggest
+from kdtool.imageprep import check_crop_fraction, to_array
 from kdtool.io import atomic_path
 
 BUILTIN_DATASETS = ("digits", "digits:train", "digits:test")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 CACHE_FORMAT = 1
 PARALLEL_MIN_IMAGES = 2000  # below this, starting worker processes costs more than it saves
-_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N"}
 # What a broken image file can raise from PIL / zipfile while it is decoded.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, zipfile.BadZipFile, zlib.error,
                   Image.DecompressionBombError)
@@ -109,10 +109,18 @@ class ImageData:
 
 
 def load_data(spec: str, *, image_size: int | tuple[int, int] | None = None,
-              channels: int | None = None, cache_dir: str | Path | None = None) -> ImageData:
-    """Load a dataset spec (see the module docstring) as uint8 N x C x H x W tensors."""
+              channels: int | None = None, cache_dir: str | Path | None = None,
+              crop_fraction: float | None = None) -> ImageData:
+    """Load a dataset spec (see the module docstring) as uint8 N x C x H x W tensors.
+
+    With ``image_size``, images are fitted to it by stretching (``crop_fraction`` None)
+    or by a centre crop (kdtool.imageprep).
+    """
     spec = str(spec)  # a Path works too
     size = _check_size(image_size)
+    check_crop_fraction(crop_fraction, "image loading")
+    if size is None:
+        crop_fraction = None  # nothing to fit to
     if channels not in (None, 1, 3):
         raise KdtoolError(f"channels must be 1 or 3, not {channels!r}",
                           "pass 1 (grayscale) or 3 (RGB)")
@@ -120,7 +128,8 @@ def load_data(spec: str, *, image_size: int | tuple[int, int] | None = None,
     if spec in BUILTIN_DATASETS:
         x, y, names = _load_digits(spec)
     elif path.is_dir() or (path.is_file() and path.suffix.lower() == ".zip"):
-        return _load_images_cached(spec, path.resolve(), size, channels, cache_dir)
+        return _load_images_cached(spec, path.resolve(), size, channels, crop_fraction,
+                                   cache_dir)
     elif path.is_file() and path.suffix.lower() == ".npz":
         x, y, names = _load_npz(path)
     elif path.exists():
@@ -134,8 +143,18 @@ def load_data(spec: str, *, image_size: int | tuple[int, int] | None = None,
         guess = suggest(spec, BUILTIN_DATASETS) if looks_like_name else None
         raise KdtoolError(f"dataset '{spec}' not found: no such file or directory",
                           f"did you mean '{guess}'?" if guess else _FORMS_HINT)
-    x = _conform(x, channels, size)
+    x = _conform(x, channels, size, crop_fraction)
     return _to_data(x, y, names, spec)
+
+
+def load_for_model(spec: str, model) -> ImageData:
+    """``spec`` fitted to a model's input: its channels, size and --resize rule.
+
+    ``model`` is anything that describes one (a ModelMeta, an ONNX file's OnnxInfo, a
+    benchmark's BenchModel): ``in_chans``, ``input_size`` and ``crop_fraction``.
+    """
+    return load_data(spec, image_size=tuple(model.input_size), channels=model.in_chans,
+                     crop_fraction=model.crop_fraction)
 
 
 def check_fits(data: ImageData, *, num_classes: int, in_chans: int,
@@ -222,27 +241,16 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return x, y, [str(s) for s in names] if names is not None else [str(i) for i in range(n_names)]
 
 
-def _prepare(im: Image.Image, channels: int | None, size: tuple[int, int] | None) -> np.ndarray:
-    """A PIL image as H x W x C uint8, grayscale (C=1) unless it has colour or channels=3."""
-    target = channels or (1 if im.mode in _GRAY_MODES else 3)
-    if im.mode.startswith("I"):  # 16/32-bit grayscale: scale to 8 bits (PIL's convert clips)
-        im = Image.fromarray((np.asarray(im).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8))
-    mode = "L" if target == 1 else "RGB"
-    if im.mode != mode:
-        im = im.convert(mode)
-    if size is not None and im.size != (size[1], size[0]):
-        im = im.resize((size[1], size[0]), Image.BILINEAR)  # PIL antialiases when shrinking
-    arr = np.asarray(im)
-    return arr[..., None] if arr.ndim == 2 else arr
-
-
-def _conform(x: np.ndarray, channels: int | None, size: tuple[int, int] | None) -> np.ndarray:
+def _conform(x: np.ndarray, channels: int | None, size: tuple[int, int] | None,
+             crop_fraction: float | None) -> np.ndarray:
     """Convert N x H x W x C arrays to ``channels`` / ``size`` (same conversions as for files)."""
-    if size in (None, x.shape[1:3]) and channels in (None, x.shape[3]):
+    same_size = size in (None, x.shape[1:3]) and crop_fraction in (None, 1.0)
+    if same_size and channels in (None, x.shape[3]):
         return x
-    if size in (None, x.shape[1:3]) and x.shape[3] == 1:
+    if same_size and x.shape[3] == 1:
         return np.repeat(x, 3, axis=3)  # gray -> RGB replicates, exactly as PIL does
-    out = [_prepare(Image.fromarray(img[..., 0] if img.shape[2] == 1 else img), channels, size)
+    out = [to_array(Image.fromarray(img[..., 0] if img.shape[2] == 1 else img), channels, size,
+                    crop_fraction)
            for img in x]
     return np.stack(out)
 
@@ -306,8 +314,8 @@ def _labels(path: Path, rels: list[str], is_dir: bool) -> tuple[list[int], list[
 class _Decoder:
     """Decodes lists of image names from one directory or zip (one per process)."""
 
-    def __init__(self, path: str, is_zip: bool, channels: int | None, size):
-        self.path, self.channels, self.size = path, channels, size
+    def __init__(self, path: str, is_zip: bool, channels: int | None, size, crop_fraction):
+        self.path, self.channels, self.size, self.crop = path, channels, size, crop_fraction
         # Opened in each process: a zip handle inherited by fork would share its file offset.
         self.zip = zipfile.ZipFile(path) if is_zip else None
 
@@ -320,7 +328,7 @@ class _Decoder:
         try:
             src = io.BytesIO(self.zip.read(name)) if self.zip else where
             with Image.open(src) as im:
-                return _prepare(im, self.channels, self.size)
+                return to_array(im, self.channels, self.size, self.crop)
         except _DECODE_ERRORS as e:
             raise KdtoolError(f"cannot read image {where}: {e}",
                               "delete or replace the file, then load again") from None
@@ -351,13 +359,14 @@ def _decode_in_worker(names: list[str]):
     return _worker(names)  # type: ignore[misc]
 
 
-def _decode_images(path: Path, names: list[str], is_zip: bool, channels, size) -> np.ndarray:
+def _decode_images(path: Path, names: list[str], is_zip: bool, channels, size,
+                   crop_fraction) -> np.ndarray:
     """Decode ``names`` (files under a dir or members of a zip) into N x H x W x C uint8."""
     affinity = getattr(os, "sched_getaffinity", None)  # Linux: the cores this process may use
     workers = min(len(affinity(0)) if affinity else os.cpu_count() or 1, 8)
     step = max(200, min(2000, len(names) // (workers * 8) + 1))
     chunks = [names[i:i + step] for i in range(0, len(names), step)]
-    args = (str(path), is_zip, channels, size)
+    args = (str(path), is_zip, channels, size, crop_fraction)
     # Daemonic processes (e.g. DataLoader workers) cannot start children.
     if len(names) < PARALLEL_MIN_IMAGES or workers == 1 or mp.current_process().daemon:
         with contextlib.closing(_Decoder(*args)) as decoder:
@@ -392,7 +401,8 @@ def _gather(path: Path, chunks: list[list[str]], results, channels) -> np.ndarra
 # ----------------------------------------------------------------------------- cache
 
 
-def _load_images_cached(spec: str, path: Path, size, channels, cache_dir) -> ImageData:
+def _load_images_cached(spec: str, path: Path, size, channels, crop_fraction,
+                        cache_dir) -> ImageData:
     is_zip = path.is_file()
     if is_zip:
         names, strip = _list_zip(path)
@@ -405,7 +415,8 @@ def _load_images_cached(spec: str, path: Path, size, channels, cache_dir) -> Ima
         raise KdtoolError(f"no images found in {path}",
                           f"looked for {' '.join(IMAGE_EXTS)} files (any case) in class folders"
                           " or directly inside")
-    key = json.dumps([CACHE_FORMAT, str(path), stamp, size, channels])
+    key = json.dumps([CACHE_FORMAT, str(path), stamp, size, channels]
+                     + ([crop_fraction] if crop_fraction is not None else []))
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", path.name)[:40]  # readable, safe file name
     root = Path(cache_dir or os.environ.get("KDTOOL_CACHE") or "~/.cache/kdtool/datasets")
@@ -417,8 +428,8 @@ def _load_images_cached(spec: str, path: Path, size, channels, cache_dir) -> Ima
     labels, classes = _labels(path, rels, not is_zip)
     if classes and len(labels) < len(names):  # drop images outside class folders
         names = [n for n, r in zip(names, rels, strict=True) if "/" in r]
-    data = _to_data(_decode_images(path, names, is_zip, channels, size), np.array(labels),
-                    classes, spec)
+    data = _to_data(_decode_images(path, names, is_zip, channels, size, crop_fraction),
+                    np.array(labels), classes, spec)
     _write_cache(cache, data, str(path))
     return data
 

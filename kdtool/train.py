@@ -32,6 +32,7 @@ from kdtool.device import (
 from kdtool.ema import check_decay, make_ema
 from kdtool.errors import KdtoolError, check_choice
 from kdtool.evaluate import evaluate
+from kdtool.imageprep import parse_resize
 from kdtool.loader import Augment, DeviceLoader
 from kdtool.models import create_model, model_spec
 from kdtool.runinfo import provenance
@@ -53,6 +54,7 @@ class TrainConfig:
     augment: bool | None = None  # None: on, except for images under 16 px (digits)
     cutout: int = 0  # with augment: side of an erased square (0: off)
     image_size: int | None = None
+    resize: str | None = None  # how images are fitted to image_size (None: stretch)
     mean: list[float] | None = None  # None: the training data's channel statistics
     std: list[float] | None = None
     seed: int = 0
@@ -73,6 +75,7 @@ class TrainConfig:
         check_choice(c.compile_mode, COMPILE_MODES, "--compile-mode")
         check_choice(c.precision, PRECISIONS, "--precision")
         check_decay(c.ema)
+        parse_resize(c.resize or "stretch")
         if c.cutout < 0:
             raise KdtoolError(f"--cutout must be >= 0, got {c.cutout}")
         if not 0 <= c.label_smoothing < 1:
@@ -91,13 +94,16 @@ class Trainer:
 
     def _load_data(self) -> tuple[ImageData, ImageData | None]:
         c = self.cfg
-        train = load_data(c.data, image_size=c.image_size)
+        self.crop_fraction = parse_resize(c.resize or "stretch")
+        train = load_data(c.data, image_size=c.image_size, crop_fraction=self.crop_fraction)
         if not train.labeled:
             raise KdtoolError(f"training data '{c.data}' has no labels",
                               "use a folder of class subfolders, a zip of one, or an npz with y")
         val = None
         if c.val:
-            val = load_data(c.val, image_size=c.image_size or None, channels=train.channels)
+            # Fitted to the training images' size, as eval and serve will fit them.
+            val = load_data(c.val, image_size=train.image_size, channels=train.channels,
+                            crop_fraction=self.crop_fraction)
             check_fits(val, num_classes=train.num_classes, in_chans=train.channels,
                        input_size=train.image_size, what=f"training data '{c.data}'")
         return train, val
@@ -143,7 +149,7 @@ class Trainer:
             return ModelMeta(
                 arch=c.arch, num_classes=train.num_classes, in_chans=train.channels,
                 input_size=list(train.image_size), mean=mean, std=std,
-                class_names=list(train.class_names),
+                class_names=list(train.class_names), crop_fraction=self.crop_fraction,
                 provenance=provenance(seed=c.seed, metrics=metrics),
                 stages={"train": {"config": config, "epoch": epoch, "epochs": c.epochs,
                                   "history": history}})

@@ -1,9 +1,9 @@
 """``/classify``: image bytes -> the model's own preprocessing -> top-k labels.
 
-The preprocessing mirrors ``kdtool.data._prepare`` (the one used in training and
-evaluation: convert to L/RGB, bilinear resize to the input size, pixels / 255, then
-(x - mean) / std); it is repeated here so that the server does not import torch, and
-tests/deploy check that both give the same pixels.
+The pixels come from ``kdtool.imageprep``, the code that training, evaluation and
+calibration load images with (convert to L/RGB, fit to the input size by the model's
+--resize rule); then pixels / 255 and (x - mean) / std.  imageprep does not import
+torch, and neither does the server.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import numpy as np
 from PIL import Image
 
 from kdtool.deploy.server.protocol import RequestError
+from kdtool.imageprep import to_array
 
 FORMATS = ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"]
 MAX_PIXELS = 64_000_000  # larger images are refused before decoding (decompression bombs)
-_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N"}
 
 
 def decode(data: bytes, what: str = "the request body") -> Image.Image:
@@ -43,17 +43,8 @@ def decode(data: bytes, what: str = "the request body") -> Image.Image:
 
 def preprocess(im: Image.Image, info, dtype: np.dtype) -> np.ndarray:
     """One image as the model's input row: (C, H, W) or (H, W, C), normalised, in ``dtype``."""
-    h, w = info.input_size
-    if im.mode.startswith("I"):  # 16/32-bit grayscale: scale to 8 bits (PIL's convert clips)
-        im = Image.fromarray((np.asarray(im).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8))
-    mode = "L" if info.in_chans == 1 else "RGB"
-    if im.mode != mode:
-        im = im.convert(mode)
-    if im.size != (w, h):
-        im = im.resize((w, h), Image.BILINEAR)  # PIL antialiases when shrinking
-    x = np.asarray(im, dtype=np.float32) / 255.0
-    if x.ndim == 2:
-        x = x[..., None]
+    pixels = to_array(im, info.in_chans, tuple(info.input_size), info.crop_fraction)
+    x = pixels.astype(np.float32) / 255.0
     x = (x - np.asarray(info.mean, np.float32)) / np.asarray(info.std, np.float32)
     if info.layout == "NCHW":
         x = x.transpose(2, 0, 1)

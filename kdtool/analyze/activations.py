@@ -72,7 +72,7 @@ def run_activations(cfg: ActivationsConfig) -> dict:
     from scipy.stats import wasserstein_distance
 
     from kdtool.checkpoint import load_checkpoint
-    from kdtool.data import load_data
+    from kdtool.data import load_for_model
     from kdtool.distill.noise import make_noise
 
     model, meta = load_checkpoint(cfg.teacher)
@@ -85,7 +85,7 @@ def run_activations(cfg: ActivationsConfig) -> dict:
         check_choice(name, [n for n in modules if n], f"layer of {meta.arch}")
     if cfg.samples < 2 or cfg.batch_size < 2:
         raise KdtoolError("--samples and --batch-size must be >= 2")
-    data = load_data(cfg.data, image_size=tuple(meta.input_size), channels=meta.in_chans)
+    data = load_for_model(cfg.data, meta)
     gen = torch.Generator().manual_seed(cfg.seed)
     n = min(cfg.samples, len(data))
     idx = torch.randperm(len(data), generator=gen)[:n]

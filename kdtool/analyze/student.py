@@ -45,15 +45,14 @@ def run_student(cfg: StudentConfig) -> dict:
 
     from kdtool.calibrate.recompute import recompute_bn_stats
     from kdtool.checkpoint import load_checkpoint
-    from kdtool.data import load_data
+    from kdtool.data import load_for_model
 
     model, meta = load_checkpoint(cfg.student)
     if not bn_layers(model):
         raise KdtoolError(f"'{cfg.student}' has no BatchNorm layers (already folded?)",
                           "pass the distilled student, before kdtool calibrate")
-    size, ch = tuple(meta.input_size), meta.in_chans
-    data = load_data(cfg.data, image_size=size, channels=ch)
-    calib = load_data(cfg.calib_data, image_size=size, channels=ch) if cfg.calib_data else data
+    data = load_for_model(cfg.data, meta)
+    calib = load_for_model(cfg.calib_data, meta) if cfg.calib_data else data
     gen = torch.Generator().manual_seed(cfg.seed)
     idx = torch.randperm(len(data), generator=gen)[:min(cfg.samples, len(data))]
     mean = torch.tensor(meta.mean).view(1, -1, 1, 1)

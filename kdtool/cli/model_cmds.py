@@ -9,7 +9,18 @@ from typing import Annotated
 import typer
 
 from kdtool.cli.app import app
-from kdtool.cli.options import Arch, Force, InChans, Json, Mean, NumClasses, Std, foreign_spec
+from kdtool.cli.options import (
+    Arch,
+    Force,
+    InChans,
+    Json,
+    Mean,
+    NumClasses,
+    Resize,
+    Std,
+    foreign_spec,
+    parse_class_names,
+)
 
 
 @app.command("models")
@@ -75,6 +86,7 @@ def info_cmd(
 
     from kdtool import console
     from kdtool.checkpoint import read_meta
+    from kdtool.imageprep import describe_resize
 
     meta = read_meta(checkpoint)
     with safe_open(str(checkpoint), framework="pt") as f:
@@ -87,9 +99,9 @@ def info_cmd(
     def render(r):
         prov = r["provenance"]
         rows = [["architecture", r["arch"] + (f" {r['arch_args']}" if r["arch_args"] else "")],
-                ["classes", f"{r['num_classes']}: " + ", ".join(r["class_names"][:20])
-                 + (" ..." if len(r["class_names"]) > 20 else "")],
-                ["input", f"{r['in_chans']}x{r['input_size'][0]}x{r['input_size'][1]}"],
+                ["classes", _classes(r["num_classes"], r["class_names"])],
+                ["input", f"{r['in_chans']}x{r['input_size'][0]}x{r['input_size'][1]} "
+                          f"(other sizes: --resize {describe_resize(r['crop_fraction'])})"],
                 ["mean / std", f"{_fmt_list(r['mean'])} / {_fmt_list(r['std'])}"],
                 ["tensors", f"{r['tensors']} ({r['values']:,} values)"],
                 ["file", f"{r['bytes']:,} bytes, sha256 {r['sha256'][:16]}..."]]
@@ -102,6 +114,12 @@ def info_cmd(
         console.print_kv(str(r["file"]), rows)
 
     console.emit(result, as_json, render)
+
+
+def _classes(n: int, names: list[str]) -> str:
+    if not names:
+        return f"{n} (no names recorded: labels print as indices)"
+    return f"{n}: " + ", ".join(names[:20]) + (" ..." if n > 20 else "")
 
 
 def _numel(shape) -> int:
@@ -124,8 +142,10 @@ def convert_cmd(
     in_chans: InChans = 3,
     mean: Mean = None,
     std: Std = None,
+    resize: Resize = None,
     class_names: Annotated[str | None, typer.Option(
-        "--class-names", help="Comma-separated class names, in label order.")] = None,
+        "--class-names", help="Class names in label order: comma-separated, a .txt file (one "
+        "per line), a .json list, or 'imagenet' (torchvision's ImageNet names).")] = None,
     out: Annotated[Path, typer.Option("--out", help="The kdtool checkpoint to write.")] = Path(
         "model.safetensors"),
     force: Force = False,
@@ -135,8 +155,8 @@ def convert_cmd(
 
     The file is read with torch.load(weights_only=True): it is never unpickled.
 
-    Example: [bold]kdtool convert resnet18.pth --arch tv:resnet18 --num-classes 1000 --out
-    teacher.safetensors[/bold]
+    Example: [bold]kdtool convert resnet18.pth --arch tv:resnet18 --num-classes 1000
+    --class-names imagenet --out teacher.safetensors[/bold]
     """
     from kdtool import console
     from kdtool.checkpoint import load_checkpoint, save_checkpoint
@@ -147,8 +167,9 @@ def convert_cmd(
         raise KdtoolError(f"converting '{state_dict}' needs its architecture",
                           "pass --arch (see 'kdtool models')")
     spec = foreign_spec(state_dict, arch, num_classes, in_chans, mean, std)
+    spec.resize = resize  # None: the architecture's default (torchvision's: centre crop)
     if class_names is not None:
-        spec.class_names = [c.strip() for c in class_names.split(",")]
+        spec.class_names = parse_class_names(class_names, num_classes)
     model, meta = load_checkpoint(state_dict, foreign=spec)
     meta.provenance = provenance(imported_from=str(state_dict),
                                  imported_sha256=file_sha256(state_dict))

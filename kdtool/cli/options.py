@@ -28,6 +28,12 @@ Ema = Annotated[float, typer.Option(
     "--ema", help="Keep an exponential moving average of the weights with this decay (e.g. "
     "0.999; it spans ~1/(1-decay) steps) and validate and write it instead of the last "
     "weights; the live weights' accuracy is shown beside it. 0: off.")]
+Resize = Annotated[str | None, typer.Option(
+    "--resize", help="How images of another size are fitted to the model's input, recorded in "
+    "the checkpoint and used by eval, calibrate, export, bench and serve: stretch (resize to "
+    "HxW) or crop[:F] (keep the aspect ratio, resize to cover HxW / F, take the centre HxW; "
+    "crop:0.875 is torchvision's resize 256 / crop 224).",
+    rich_help_panel="Normalisation")]
 DATA_HELP = ("A dataset: an ImageFolder directory (<class>/<image>), a zip of one, an .npz "
              "(x uint8 NHWC, y int), or the embedded 'digits' / 'digits:test'.")
 
@@ -72,3 +78,38 @@ def foreign_spec(path: Path, arch: str | None, num_classes: int, in_chans: int,
         return None
     return ForeignSpec(arch=arch, num_classes=num_classes, in_chans=in_chans,
                        mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"))
+
+
+def parse_class_names(text: str, num_classes: int, option: str = "--class-names") -> list[str]:
+    """Class names from 'imagenet', a .txt (one per line) or .json (a list) file, or a, b, c."""
+    how = (f"give {num_classes} names: comma-separated, a .txt file with one per line, a .json "
+           "list, or 'imagenet' (torchvision's 1,000 ImageNet class names)")
+    path = Path(text).expanduser()
+    if text == "imagenet":
+        from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+        names = list(_IMAGENET_CATEGORIES)
+    elif path.suffix.lower() in (".txt", ".json"):
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise KdtoolError(f"cannot read {option} file '{path}': {e}", how) from None
+        if path.suffix.lower() == ".json":
+            import json
+
+            try:
+                names = json.loads(raw)
+            except ValueError as e:
+                raise KdtoolError(f"{option} file '{path}' is not valid JSON: {e}", how) from None
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise KdtoolError(f"{option} file '{path}' must hold a JSON list of strings", how)
+        else:
+            names = [line.strip() for line in raw.splitlines() if line.strip()]
+    else:
+        names = [c.strip() for c in text.split(",")]
+    if len(names) != num_classes:
+        raise KdtoolError(f"{option} '{text}' gives {len(names)} names for {num_classes} classes",
+                          how)
+    if any(not n for n in names):
+        raise KdtoolError(f"{option} '{text}' has an empty name", how)
+    return names

@@ -21,6 +21,7 @@ from kdtool.cli.options import (
     Mean,
     NumClasses,
     Precision,
+    Resize,
     Resume,
     Seed,
     Std,
@@ -55,6 +56,7 @@ def train_cmd(
         "--cutout", help="With augmentation: erase a random square of this side (0: off).")] = 0,
     image_size: Annotated[int | None, typer.Option(
         "--image-size", help="Resize images to this size (default: keep).")] = None,
+    resize: Resize = None,
     mean: Mean = None,
     std: Std = None,
     compile_: Compile = False,
@@ -80,7 +82,7 @@ def train_cmd(
     cfg = TrainConfig(arch=arch, data=data, val=val, epochs=epochs, batch_size=batch_size,
                       optimizer=optimizer, schedule=schedule, lr=lr, weight_decay=weight_decay,
                       label_smoothing=label_smoothing, augment=augment, cutout=cutout,
-                      image_size=image_size,
+                      image_size=image_size, resize=resize,
                       mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"),
                       seed=seed, device=device, compile=compile_ or compile_mode is not None,
                       compile_mode=compile_mode or "default", precision=precision,
@@ -136,7 +138,7 @@ def eval_cmd(
     from kdtool import console
     from kdtool.bn import BN_MODES
     from kdtool.checkpoint import load_checkpoint
-    from kdtool.data import check_fits, load_data
+    from kdtool.data import check_fits, load_for_model
     from kdtool.device import resolve_device
     from kdtool.errors import KdtoolError, check_choice
     from kdtool.evaluate import TTA_MODES, evaluate
@@ -151,7 +153,7 @@ def eval_cmd(
         meta.mean = parse_floats(mean, "--mean") or meta.mean
         meta.std = parse_floats(std, "--std") or meta.std
     dev = resolve_device(device)
-    ds = load_data(data, channels=meta.in_chans)
+    ds = load_for_model(data, meta)  # as export, bench and serve will fit them
     check_fits(ds, num_classes=meta.num_classes, in_chans=meta.in_chans,
                input_size=tuple(meta.input_size), what=f"checkpoint '{checkpoint}'")
     if meta.class_names and ds.class_names and ds.class_names != meta.class_names:

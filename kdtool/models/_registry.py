@@ -18,6 +18,9 @@ class ModelSpec:
     input_size: tuple[int, int]  # expected (height, width)
     description: str = ""
     tags: tuple[str, ...] = field(default_factory=tuple)
+    # How images of another size are fitted to input_size by default (None: stretch;
+    # F: centre crop after resizing to input_size / F; kdtool.imageprep).
+    crop_fraction: float | None = None
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

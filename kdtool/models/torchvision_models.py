@@ -13,8 +13,8 @@ import torch.nn as nn
 from kdtool.errors import KdtoolError, check_choice
 from kdtool.models._registry import TV_PREFIX, ModelSpec
 
-# Native input sizes that differ from the ImageNet default of 224.
-_INPUT_SIZES = {"inception_v3": (299, 299)}
+# torchvision's ImageClassification evaluation transform without a resize_size: 256 / 224.
+_DEFAULT_RESIZE = 256
 
 # Builder defaults that make a plain logits-only classifier: with aux_logits the
 # net returns a namedtuple in training mode, and leaving init_weights unset
@@ -32,6 +32,24 @@ def _names() -> tuple[str, ...]:
     # module= restricts to the classification builders (no detection,
     # segmentation, video or quantized ones).
     return tuple(torchvision.models.list_models(module=torchvision.models))
+
+
+@functools.cache
+def eval_transform(name: str) -> tuple[int, int]:
+    """(crop size, resize size) of the evaluation transform of ``name``'s DEFAULT weights.
+
+    Read from torchvision's weight tables (no download); (224, 256) for a builder
+    without published weights.
+    """
+    import torchvision.models
+
+    try:
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+    except (ValueError, KeyError, AttributeError):
+        return 224, _DEFAULT_RESIZE
+    kw = getattr(weights.transforms, "keywords", {})
+    crop = int(kw.get("crop_size", 224))
+    return crop, int(kw.get("resize_size") or _DEFAULT_RESIZE)
 
 
 def list_names() -> list[str]:
@@ -84,10 +102,13 @@ def _builder(name: str):
 def spec(name: str) -> ModelSpec:
     """The ``ModelSpec`` of torchvision classifier ``name`` (without the ``tv:`` prefix)."""
     check_choice(name, _names(), "torchvision model")
+    crop, resize = eval_transform(name)
     return ModelSpec(
         name=TV_PREFIX + name,
         fn=_builder(name),
         family="torchvision",
-        input_size=_INPUT_SIZES.get(name, (224, 224)),
+        input_size=(crop, crop),
         description=f"torchvision {name} (random init)",
+        # Fitted as torchvision evaluates its ImageNet weights: resize, then centre crop.
+        crop_fraction=crop / resize,
     )

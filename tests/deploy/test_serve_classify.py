@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kdtool.data import _prepare
+from kdtool.data import load_for_model
 from kdtool.deploy.server import images
 from kdtool.export.metadata import read_info
+from kdtool.imageprep import to_array
 
 URL = "/v2/models/rgb/classify"
 
@@ -39,7 +40,7 @@ def _bytes(im: Image.Image, fmt: str = "PNG") -> bytes:
 def _expected(path, im: Image.Image, offline) -> np.ndarray:
     """Training-time preprocessing (kdtool.data), offline ORT, softmax."""
     info = read_info(path)
-    hwc = _prepare(im, info.in_chans, tuple(info.input_size)).astype(np.float32) / 255
+    hwc = to_array(im, info.in_chans, tuple(info.input_size)).astype(np.float32) / 255
     x = (hwc - np.asarray(info.mean)) / np.asarray(info.std)
     x = x[None] if info.layout == "NHWC" else x.transpose(2, 0, 1)[None]
     z = offline(path, x.astype(np.float32))[0].astype(np.float64)
@@ -49,11 +50,18 @@ def _expected(path, im: Image.Image, offline) -> np.ndarray:
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "I;16"])
 @pytest.mark.parametrize("onnx_fixture", ["tiny_onnx", "rgb_nhwc_onnx"])
-def test_preprocess_matches_kdtool_data(mode, onnx_fixture, request):
+@pytest.mark.parametrize("crop_fraction", [None, 0.875])
+@pytest.mark.filterwarnings("ignore:Palette images with Transparency:UserWarning")
+def test_preprocess_matches_kdtool_data(mode, onnx_fixture, crop_fraction, request, tmp_path):
+    """The server's pixels are those 'kdtool eval' loads from the same file."""
     info = read_info(request.getfixturevalue(onnx_fixture))
+    info.crop_fraction = crop_fraction
     im = _image(mode, size=(13, 9))
+    (tmp_path / "images").mkdir()
+    im.save(tmp_path / "images" / "one.png")
     got = images.preprocess(im, info, np.dtype(np.float32))
-    hwc = _prepare(im, info.in_chans, tuple(info.input_size)).astype(np.float32) / 255
+    loaded = load_for_model(str(tmp_path / "images"), info).x[0].numpy().transpose(1, 2, 0)
+    hwc = loaded.astype(np.float32) / 255
     want = (hwc - np.asarray(info.mean, np.float32)) / np.asarray(info.std, np.float32)
     want = want if info.layout == "NHWC" else want.transpose(2, 0, 1)
     np.testing.assert_array_equal(got, want)

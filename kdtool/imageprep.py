@@ -1,0 +1,100 @@
+"""How one image file becomes a model's input pixels: mode, then size.
+
+Shared by data loading (training, evaluation, calibration, export) and the
+inference server, so that a served model sees exactly the pixels it was
+evaluated on.  Torch-free on purpose: the server does not import torch.
+
+Two ways to fit an image to a model's H x W input (a checkpoint records which,
+as ``crop_fraction``):
+
+* **stretch** (``crop_fraction`` None): a bilinear resize to H x W.  For data
+  already at the model's size (CIFAR, digits) it changes nothing.
+* **crop** (``crop_fraction`` F in (0, 1]): resize, keeping the aspect ratio,
+  until the image covers floor(H / F) x floor(W / F), then take the centre
+  H x W.  For a square input this is torchvision's ImageNet evaluation
+  ``Resize(floor(S / F))`` + ``CenterCrop(S)`` pixel for pixel (F = 0.875:
+  resize the shorter side to 256, crop 224), timm's ``crop_pct``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image
+
+from kdtool.errors import KdtoolError, suggest
+
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N"}
+RESIZE_MODES = ("stretch", "crop")
+RESIZE_HELP = ("How images of another size are fitted to the model's input: stretch (resize to "
+               "HxW) or crop[:F] (keep the aspect ratio, resize to cover HxW / F, take the "
+               "centre HxW; crop:0.875 is torchvision's ImageNet resize 256 / crop 224).")
+
+
+def parse_resize(text: str) -> float | None:
+    """``stretch`` -> None, ``crop`` -> 1.0, ``crop:F`` -> F (0 < F <= 1)."""
+    mode, sep, value = text.strip().partition(":")
+    if mode not in RESIZE_MODES or (mode == "stretch" and sep):
+        guess = suggest(mode, RESIZE_MODES)
+        raise KdtoolError(f"unknown --resize value '{text}'",
+                          f"did you mean '{guess}'?" if guess else
+                          "use stretch, crop or crop:F with 0 < F <= 1, e.g. crop:0.875")
+    if mode == "stretch":
+        return None
+    if not sep:
+        return 1.0
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = math.nan
+    check_crop_fraction(fraction, f"--resize {text}")
+    return fraction
+
+
+def check_crop_fraction(fraction: float | None, what: str) -> None:
+    if fraction is not None and not 0 < fraction <= 1:  # also refuses NaN
+        raise KdtoolError(f"{what}: the crop fraction must be in (0, 1], got {fraction}",
+                          "e.g. crop:0.875 (resize 256, crop 224) or crop (crop:1)")
+
+
+def describe_resize(crop_fraction: float | None) -> str:
+    if crop_fraction is None:
+        return "stretch"
+    return "crop" if crop_fraction == 1 else f"crop:{crop_fraction:g}"
+
+
+def fit(im: Image.Image, size: tuple[int, int], crop_fraction: float | None) -> Image.Image:
+    """``im`` fitted to ``size`` (height, width) by stretching or by a centre crop."""
+    h, w = size
+    if crop_fraction is None:
+        # PIL antialiases when shrinking
+        return im if im.size == (w, h) else im.resize((w, h), Image.BILINEAR)
+    src_w, src_h = im.size
+    cover_h, cover_w = (math.floor(s / crop_fraction + 1e-9) for s in (h, w))
+    # The side that needs the larger scale sets it; the other keeps the aspect ratio,
+    # truncated as torchvision's Resize truncates the longer side.
+    if cover_h * src_w >= cover_w * src_h:
+        new_h, new_w = cover_h, int(cover_h * src_w / src_h)
+    else:
+        new_h, new_w = int(cover_w * src_h / src_w), cover_w
+    if (new_w, new_h) != im.size:
+        im = im.resize((new_w, new_h), Image.BILINEAR)
+    top, left = round((new_h - h) / 2.0), round((new_w - w) / 2.0)  # as torchvision rounds
+    return im.crop((left, top, left + w, top + h))
+
+
+def to_array(im: Image.Image, channels: int | None, size: tuple[int, int] | None,
+             crop_fraction: float | None = None) -> np.ndarray:
+    """A PIL image as H x W x C uint8: grayscale (C=1) unless it has colour or channels=3,
+    fitted to ``size`` when one is given."""
+    target = channels or (1 if im.mode in GRAY_MODES else 3)
+    if im.mode.startswith("I"):  # 16/32-bit grayscale: scale to 8 bits (PIL's convert clips)
+        im = Image.fromarray((np.asarray(im).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8))
+    mode = "L" if target == 1 else "RGB"
+    if im.mode != mode:
+        im = im.convert(mode)
+    if size is not None:
+        im = fit(im, size, crop_fraction)
+    arr = np.asarray(im)
+    return arr[..., None] if arr.ndim == 2 else arr

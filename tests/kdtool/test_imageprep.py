@@ -1,0 +1,207 @@
+"""Fitting images to a model's input: stretch, or torchvision's resize + centre crop."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+from torchvision import transforms
+
+from kdtool.checkpoint import ModelMeta
+from kdtool.data import load_data, load_for_model
+from kdtool.errors import KdtoolError
+from kdtool.imageprep import describe_resize, fit, parse_resize, to_array
+from kdtool.models import model_spec
+
+
+def _image(w: int, h: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("fraction", [0.875, 224 / 232, 1.0, 0.5])
+@pytest.mark.parametrize("w,h", [(40, 30), (30, 40), (27, 27), (13, 9), (300, 256)])
+def test_crop_is_torchvision_resize_then_center_crop(w, h, fraction):
+    side = 24
+    im = _image(w, h)
+    tv = transforms.Compose([transforms.Resize(math.floor(side / fraction + 1e-9)),
+                             transforms.CenterCrop(side)])
+    np.testing.assert_array_equal(np.asarray(fit(im, (side, side), fraction)),
+                                  np.asarray(tv(im)))
+
+
+def test_crop_of_a_wide_input_covers_both_sides():
+    out = fit(_image(50, 50), (12, 24), 0.5)  # must cover 24 x 48, then keep the centre
+    assert out.size == (24, 12)
+    np.testing.assert_array_equal(np.asarray(out),
+                                  np.asarray(_image(50, 50).resize((48, 48), Image.BILINEAR)
+                                             .crop((12, 18, 36, 30))))
+
+
+def test_stretch_is_a_plain_resize_and_keeps_right_sized_images():
+    im = _image(40, 30)
+    np.testing.assert_array_equal(np.asarray(fit(im, (16, 16), None)),
+                                  np.asarray(im.resize((16, 16), Image.BILINEAR)))
+    assert fit(im, (30, 40), None) is im
+    same = _image(24, 24)
+    np.testing.assert_array_equal(np.asarray(fit(same, (24, 24), 1.0)), np.asarray(same))
+    assert to_array(im.convert("L"), None, (8, 8), 0.875).shape == (8, 8, 1)
+
+
+@pytest.mark.parametrize("text,want", [("stretch", None), ("crop", 1.0), ("crop:0.875", 0.875),
+                                       (" crop:1 ", 1.0)])
+def test_parse_resize(text, want):
+    assert parse_resize(text) == want
+    assert parse_resize(describe_resize(want)) == want
+
+
+@pytest.mark.parametrize("text,fragment", [("strech", "did you mean 'stretch'"),
+                                           ("crop:0", "(0, 1]"), ("crop:1.5", "(0, 1]"),
+                                           ("crop:abc", "(0, 1]"), ("crop:nan", "(0, 1]"),
+                                           ("stretch:0.5", "unknown --resize"),
+                                           ("zoom", "crop:0.875")])
+def test_parse_resize_errors(text, fragment):
+    with pytest.raises(KdtoolError) as e:
+        parse_resize(text)
+    assert fragment in str(e.value)
+
+
+def _mixed_folder(root):
+    for cls, sizes in {"a": [(40, 30), (30, 44)], "b": [(36, 36), (50, 20)]}.items():
+        (root / cls).mkdir(parents=True)
+        for i, (w, h) in enumerate(sizes):
+            _image(w, h, seed=i + ord(cls)).save(root / cls / f"{i}.png")
+    return root
+
+
+def test_load_data_fits_mixed_sizes_and_caches_each_rule_apart(tmp_path):
+    root = _mixed_folder(tmp_path / "imgs")
+    with pytest.raises(KdtoolError, match="differ in size"):
+        load_data(str(root))
+    crop = load_data(str(root), image_size=(16, 16), crop_fraction=0.875)
+    stretch = load_data(str(root), image_size=(16, 16))
+    assert crop.x.shape == stretch.x.shape == (4, 3, 16, 16)
+    assert not np.array_equal(crop.x.numpy(), stretch.x.numpy())  # not one cache entry
+    first = Image.open(root / "a" / "0.png")
+    np.testing.assert_array_equal(crop.x[0].permute(1, 2, 0).numpy(),
+                                  np.asarray(fit(first, (16, 16), 0.875)))
+    again = load_data(str(root), image_size=(16, 16), crop_fraction=0.875)  # from the cache
+    np.testing.assert_array_equal(again.x.numpy(), crop.x.numpy())
+    # Arrays (npz, digits) take the same path as files.
+    np.savez(tmp_path / "d.npz", x=np.stack([np.asarray(first)]), y=np.array([0]))
+    npz = load_data(str(tmp_path / "d.npz"), image_size=(16, 16), crop_fraction=0.875)
+    np.testing.assert_array_equal(npz.x[0].numpy(), crop.x[0].numpy())
+    meta = ModelMeta("tiny_cnn", 2, 3, [16, 16], [0.5] * 3, [0.5] * 3, crop_fraction=0.875)
+    np.testing.assert_array_equal(load_for_model(str(root), meta).x.numpy(), crop.x.numpy())
+
+
+def test_torchvision_archs_default_to_their_weights_evaluation_transform():
+    assert model_spec("tv:resnet18").crop_fraction == 0.875  # resize 256, crop 224
+    r50 = model_spec("tv:resnet50")
+    assert r50.input_size == (224, 224) and math.floor(224 / r50.crop_fraction + 1e-9) == 232
+    assert model_spec("tv:efficientnet_b3").input_size == (300, 300)
+    assert model_spec("resnet18").crop_fraction is None  # kdtool's CIFAR nets stretch
+
+
+def test_metadata_records_and_validates_the_rule():
+    meta = ModelMeta("tiny_cnn", 2, 3, [16, 16], [0.5] * 3, [0.5] * 3, crop_fraction=0.875)
+    assert ModelMeta.from_json(meta.to_json(), "m").crop_fraction == 0.875
+    old = meta.to_json().replace(', "crop_fraction": 0.875', "")  # written before the field
+    assert "crop_fraction" not in old and ModelMeta.from_json(old, "m").crop_fraction is None
+    with pytest.raises(KdtoolError, match="crop_fraction 1.5"):
+        ModelMeta.from_json(meta.to_json().replace("0.875", "1.5"), "m")
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+@pytest.fixture
+def tiny_pt(tmp_path):
+    import torch
+
+    from kdtool.models import create_model
+
+    torch.manual_seed(0)
+    path = tmp_path / "tiny.pt"
+    torch.save(create_model("tiny_cnn", num_classes=2).state_dict(), path)
+    return path
+
+
+def _convert(cli, src, out, *extra):
+    return cli("convert", src, "--arch", "tiny_cnn", "--num-classes", "2", "--mean",
+               "0.5,0.5,0.5", "--std", "0.25,0.25,0.25", "--out", out, *extra)
+
+
+def test_convert_records_the_rule_and_eval_fits_mixed_sizes_with_it(cli, tmp_path, tiny_pt):
+    root = _mixed_folder(tmp_path / "imgs")
+    ckpt = tmp_path / "tiny.safetensors"
+    r = _convert(cli, tiny_pt, ckpt, "--resize", "crop:0.875", "--class-names", "cat,dog")
+    assert r.code == 0, r.err
+    info = cli("info", ckpt, "--json").json()
+    assert info["crop_fraction"] == 0.875 and info["class_names"] == ["cat", "dog"]
+    assert "--resize crop:0.875" in cli("info", ckpt).out
+    r = cli("eval", ckpt, "--data", root, "--json")
+    assert r.code == 0, r.err
+    assert r.json()["images"] == 4
+    # A kdtool architecture stretches unless told otherwise.
+    _convert(cli, tiny_pt, tmp_path / "plain.safetensors")
+    assert cli("info", tmp_path / "plain.safetensors", "--json").json()["crop_fraction"] is None
+
+
+def test_convert_class_names_from_files_and_imagenet(cli, tmp_path, tiny_pt):
+    (tmp_path / "names.txt").write_text("cat\n\ndog\n")
+    (tmp_path / "names.json").write_text('["cat", "dog"]')
+    for src in ("names.txt", "names.json"):
+        out = tmp_path / f"{src}.safetensors"
+        assert _convert(cli, tiny_pt, out, "--class-names", tmp_path / src).code == 0
+        assert cli("info", out, "--json").json()["class_names"] == ["cat", "dog"]
+    r = _convert(cli, tiny_pt, tmp_path / "x.safetensors", "--class-names", "imagenet")
+    assert r.code == 1 and "gives 1000 names for 2 classes" in r.err
+    assert "Traceback" not in r.err
+    (tmp_path / "bad.json").write_text('{"0": "cat"}')
+    r = _convert(cli, tiny_pt, tmp_path / "x.safetensors", "--class-names", tmp_path / "bad.json")
+    assert r.code == 1 and "JSON list of strings" in r.err
+    r = _convert(cli, tiny_pt, tmp_path / "x.safetensors", "--resize", "crop:2")
+    assert r.code == 1 and "(0, 1]" in r.err
+
+
+def test_imagenet_names_for_a_torchvision_teacher(cli, tmp_path):
+    import torch
+    import torchvision
+
+    path = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), path)
+    out = tmp_path / "teacher.safetensors"
+    r = cli("convert", path, "--arch", "tv:resnet18", "--num-classes", "1000", "--class-names",
+            "imagenet", "--out", out)
+    assert r.code == 0, r.err
+    info = cli("info", out, "--json").json()
+    assert info["class_names"][:2] == ["tench", "goldfish"] and len(info["class_names"]) == 1000
+    assert info["crop_fraction"] == 0.875  # torchvision's resize 256 / crop 224
+
+
+def test_the_rule_travels_from_train_through_distill_to_onnx(cli, tmp_path):
+    from kdtool.export.metadata import read_info
+
+    root = _mixed_folder(tmp_path / "imgs")
+    teacher, student = tmp_path / "t.safetensors", tmp_path / "s.safetensors"
+    r = cli("train", "--arch", "tiny_cnn", "--data", root, "--val", root, "--image-size", "16",
+            "--resize", "crop", "--epochs", "1", "--batch-size", "4", "--out", teacher, "--json")
+    assert r.code == 0, r.err
+    assert cli("info", teacher, "--json").json()["crop_fraction"] == 1.0
+    r = cli("distill", "--teacher", teacher, "--student", "tiny_cnn", "--epochs", "1",
+            "--iters-per-epoch", "2", "--batch-size", "8", "--val", root, "--out", student,
+            "--json")
+    assert r.code == 0, r.err
+    assert cli("info", student, "--json").json()["crop_fraction"] == 1.0
+    calibrated = tmp_path / "s.cal.safetensors"
+    r = cli("calibrate", student, "--calib-data", root, "--image-size", "16", "--batches", "1",
+            "--batch-size", "4", "--out", calibrated, "--json")
+    assert r.code == 0, r.err
+    assert cli("info", calibrated, "--json").json()["crop_fraction"] == 1.0
+    onnx = tmp_path / "s.onnx"
+    r = cli("export", calibrated, "--out", onnx, "--val", root, "--json")  # --out: --onnx
+    assert r.code == 0, r.err
+    assert read_info(onnx).crop_fraction == 1.0
