@@ -143,9 +143,10 @@ def load_proto(path: str | Path):
         return onnx.load(str(path), load_external_data=False)
     except Exception as e:  # onnx raises DecodeError, ValueError, ... for foreign files
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        from kdtool.export.ort_session import load_hint
+
         raise KdtoolError(
-            f"'{path}' is not a readable ONNX model ({reason})",
-            "pass an .onnx file written by kdtool export",
+            f"'{path}' is not a readable ONNX model ({reason})", load_hint(path)
         ) from e
 
 

@@ -25,6 +25,17 @@ PROVIDER_ALIASES = {
     "coreml": "CoreMLExecutionProvider",
 }
 LOAD_HINT = "pass an .onnx file written by kdtool export"
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+def load_hint(path: str | Path) -> str:
+    """What to do with a file that is not a loadable ONNX model."""
+    path = Path(path)
+    if path.suffix.lower() in CHECKPOINT_SUFFIXES:
+        # The usual slip: handing the PyTorch checkpoint to an ONNX consumer.
+        return (f"'{path.name}' looks like a PyTorch checkpoint; export it first: kdtool export "
+                f"{path} --onnx {path.with_suffix('.onnx')}")
+    return LOAD_HINT
 
 
 @dataclass
@@ -62,7 +73,7 @@ def open_session(
     """
     import onnxruntime as ort
 
-    path = require_file(path, "ONNX model", LOAD_HINT)
+    path = require_file(path, "ONNX model", load_hint(path))
     names = [PROVIDER_ALIASES.get(p.lower(), p) for p in providers]
     available = ort.get_available_providers()
     for p in names:
@@ -87,7 +98,7 @@ def open_session(
         session = ort.InferenceSession(source, options, providers=names)
     except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise KdtoolError(f"ONNX Runtime cannot load '{path}': {reason}", LOAD_HINT) from e
+        raise KdtoolError(f"ONNX Runtime cannot load '{path}': {reason}", load_hint(path)) from e
     # A provider whose libraries fail to load is dropped with only a log line: refuse it.
     active = session.get_providers()
     inactive = [p for p in names if p not in active]

@@ -37,6 +37,12 @@ def test_serve_errors(cli, tiny_onnx, tmp_path, monkeypatch):
     assert r.code == 1 and "plain.onnx' has no kdtool metadata" in r.err
     assert "kdtool export" in r.err
 
+    ckpt = tmp_path / "student.safetensors"  # the usual slip: the PyTorch file
+    ckpt.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    r = cli("serve", ckpt)
+    assert r.code == 1 and "looks like a PyTorch checkpoint" in r.err
+    assert f"kdtool export {ckpt} --onnx {tmp_path / 'student.onnx'}" in r.err
+
     r = cli("serve", tiny_onnx, "--host", "0.0.0.0")
     assert r.code == 1 and "needs an API key" in r.err and "KDTOOL_API_KEY" in r.err
 
