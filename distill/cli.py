@@ -13,6 +13,7 @@ from kdtool.cli.options import (
     Compile,
     CompileMode,
     Device,
+    Ema,
     Force,
     Json,
     Precision,
@@ -83,6 +84,7 @@ def distill_cmd(
     compile_: Compile = False,
     compile_mode: CompileMode = None,
     precision: Precision = "auto",
+    ema: Ema = 0.0,
     out: Annotated[Path, typer.Option("--out", help="Student checkpoint to write.")] = Path(
         "student.safetensors"),
     resume: Resume = False,
@@ -114,7 +116,7 @@ def distill_cmd(
         batch_size=batch_size, optimizer=optimizer, schedule=schedule, lr=lr,
         weight_decay=weight_decay, val=val, val_every=val_every, seed=seed, device=device,
         compile=compile_ or compile_mode is not None, compile_mode=compile_mode or "default",
-        precision=precision)
+        precision=precision, ema=ema)
     try:
         result = DistillRun(cfg, out, force=force, resume=resume).run()
     except KeyboardInterrupt:
@@ -133,6 +135,9 @@ def distill_cmd(
             if f"val_top1_{bn}" in r:
                 rows.append([f"val top-1 ({bn} BN)", f"{r[f'val_top1_{bn}']:.2f}% "
                              f"(agrees with teacher {r[f'agreement_{bn}']:.1f}%)"])
+        if "val_top1_current_live" in r:
+            rows.append(["val top-1 (current BN), live weights (not --ema)",
+                         f"{r['val_top1_current_live']:.2f}%"])
         rows.append(["throughput", f"{r['images_per_s']:,.0f} img/s on {r['device']}"])
         console.print_kv("kdtool distill", rows)
 

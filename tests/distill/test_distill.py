@@ -283,3 +283,18 @@ def test_teacher_and_student_run_in_the_chosen_precision(small_teacher, tmp_path
     assert math.isfinite(r["loss"])
     assert read_meta(tmp_path / "s.safetensors").stages["distill"]["config"][
         "precision"] == precision
+
+
+def test_cli_ema_writes_the_average_and_shows_the_live_weights(cli, small_teacher, tmp_path,
+                                                               monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # table rows on one line each
+    out = tmp_path / "s.safetensors"
+    args = ["distill", "--teacher", small_teacher, "--student", "tiny_cnn", "--epochs", "1",
+            "--iters-per-epoch", "3", "--batch-size", "32", "--val", "digits:test", "--ema",
+            "0.9"]
+    r = cli(*args, "--out", out)
+    assert r.code == 0, r.err
+    assert "live weights (not --ema)" in r.out
+    assert read_meta(out).stages["distill"]["config"]["ema"] == 0.9
+    bad = cli(*args[:-1], "1.5", "--out", tmp_path / "x.safetensors")
+    assert bad.code == 1 and "--ema" in bad.err and "Traceback" not in bad.err

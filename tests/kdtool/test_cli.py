@@ -112,3 +112,44 @@ def test_tables_right_align_numbers_and_left_align_text():
                [["a", 0.09, "76.3%", "CIFAR ResNet-8, 78K params", True],
                 ["b", "12.49", "-", "tiny", False]])
     assert [c.justify for c in t.columns] == ["left", "right", "right", "left", "left"]
+
+
+def _commands(typer_app, prefix: str = "") -> dict:
+    out = {prefix + c.name: c.callback for c in typer_app.registered_commands}
+    for group in typer_app.registered_groups:
+        out.update(_commands(group.typer_instance, prefix + group.name + " "))
+    return out
+
+
+def test_every_config_field_is_reachable_from_its_command():
+    """A config field without a CLI option is a feature users cannot reach (it happened:
+    DistillConfig.ema had no --ema)."""
+    import dataclasses
+    import inspect
+
+    from kdtool.analyze.activations import ActivationsConfig
+    from kdtool.analyze.student import StudentConfig
+    from kdtool.analyze.toy import ToyConfig
+    from kdtool.calibrate.pipeline import CalibrateConfig
+    from kdtool.deploy.bench import BenchConfig
+    from kdtool.deploy.server.app import ServerConfig
+    from kdtool.distill.loop import DistillConfig
+    from kdtool.export.pipeline import ExportConfig
+    from kdtool.train import TrainConfig
+
+    # Fields the CLI fills under another name, or that only library callers set.
+    other_names = {"compile": "compile_", "noise_options": "shapes"}
+    bench_names = {"batches": "batch"}  # bench's --batch 1,8,64
+    library_only = {"log_every", "threads", "default_top_k"}
+    configs = {"train": TrainConfig, "distill": DistillConfig, "calibrate": CalibrateConfig,
+               "export": ExportConfig, "bench": BenchConfig, "serve": ServerConfig,
+               "analyze toy": ToyConfig, "analyze activations": ActivationsConfig,
+               "analyze student": StudentConfig}
+    commands = _commands(app)
+    for name, config in configs.items():
+        params = set(inspect.signature(commands[name]).parameters)
+        names = {**other_names, **(bench_names if name == "bench" else {})}
+        missing = [f.name for f in dataclasses.fields(config)
+                   if names.get(f.name, f.name) not in params
+                   and f.name not in library_only]
+        assert not missing, f"kdtool {name} has no option for {missing}"
