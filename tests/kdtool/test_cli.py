@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -153,3 +154,44 @@ def test_every_config_field_is_reachable_from_its_command():
                    if names.get(f.name, f.name) not in params
                    and f.name not in library_only]
         assert not missing, f"kdtool {name} has no option for {missing}"
+
+
+def _unknown_options(text: str) -> list[tuple[str, str]]:
+    """(command, option) for each --option of a `kdtool ...` command in ``text`` (code
+    blocks and inline code) that the command does not have."""
+    import re
+
+    import typer
+
+    root = typer.main.get_command(app)
+    text = text.replace("\\\n", " ")
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", text, re.S)
+    snippets = [line for b in blocks for line in b.splitlines()]
+    snippets += re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+    bad = []
+    for snippet in snippets:
+        one_line = snippet.replace("\n", " ")
+        for m in re.finditer(r"(?:^|[\s;&(])kdtool ((?:[a-z]+ ?){1,2})(.*)", one_line):
+            command, path = root, []
+            for word in m.group(1).split():
+                if word in getattr(command, "commands", {}):  # a group: descend
+                    command = command.commands[word]
+                    path.append(word)
+            if not path:
+                continue
+            known = {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
+            # Stop at a shell separator: what follows belongs to another program.
+            args = re.split(r"\s(?:&&|\||;)\s", m.group(2))[0]
+            bad += [(" ".join(path), o) for o in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", args)
+                    if o not in known and o != "--help"]
+    return bad
+
+
+def test_documented_commands_use_options_that_exist():
+    root = Path(__file__).resolve().parents[2]
+    assert _unknown_options("run `kdtool distill --teacher t --emaa 0.9`") == [("distill",
+                                                                                 "--emaa")]
+    assert _unknown_options("```bash\nkdtool analyze toy \\\n  --outt x\n```") == [
+        ("analyze toy", "--outt")]
+    for doc in ("README.md", "docs/BENCHMARKS.md", "docs/RESULTS.md"):
+        assert _unknown_options((root / doc).read_text()) == [], doc
