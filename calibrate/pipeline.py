@@ -218,7 +218,6 @@ class CalibrateRun:
             val,
             num_classes=meta.num_classes,
             in_chans=meta.in_chans,
-            input_size=tuple(meta.input_size),
             what="the model",
         )
         return val

@@ -26,7 +26,6 @@ def load_eval_data(spec: str, model: BenchModel, limit: int | None, seed: int) -
         data,
         num_classes=model.num_classes,
         in_chans=model.in_chans,
-        input_size=None,
         what=model.label,
     )
     if limit is not None and limit < len(data):

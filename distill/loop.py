@@ -195,7 +195,7 @@ class DistillRun:
             return None
         val = load_for_model(self.cfg.val, tmeta)
         check_fits(val, num_classes=tmeta.num_classes, in_chans=tmeta.in_chans,
-                   input_size=tuple(tmeta.input_size), what=f"teacher '{self.cfg.teacher}'")
+                   what=f"teacher '{self.cfg.teacher}'")
         if not val.labeled:
             raise KdtoolError(f"validation data '{self.cfg.val}' has no labels",
                               "use a labelled dataset for --val")

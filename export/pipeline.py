@@ -257,7 +257,6 @@ def _load(spec: str, meta, option: str, labelled: bool = False):
             data,
             num_classes=meta.num_classes,
             in_chans=meta.in_chans,
-            input_size=tuple(meta.input_size),
             what=f"the model ({meta.arch})",
         )
     if labelled and not data.labeled:

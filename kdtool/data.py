@@ -157,9 +157,11 @@ def load_for_model(spec: str, model) -> ImageData:
                      crop_fraction=model.crop_fraction)
 
 
-def check_fits(data: ImageData, *, num_classes: int, in_chans: int,
-               input_size: tuple[int, int] | None, what: str) -> None:
-    """Raise if ``data`` cannot feed the model ``what`` (channels, class count); warn on size."""
+def check_fits(data: ImageData, *, num_classes: int, in_chans: int, what: str) -> None:
+    """Raise if ``data`` cannot feed the model ``what``: channels, class count.
+
+    Sizes are not checked: data for a model is loaded fitted to it (``load_for_model``).
+    """
     if data.channels != in_chans:
         raise KdtoolError(
             f"{data.source} has {data.channels}-channel images but {what} expects {in_chans}",
@@ -168,11 +170,6 @@ def check_fits(data: ImageData, *, num_classes: int, in_chans: int,
         raise KdtoolError(
             f"{data.source} has {data.num_classes} classes but {what} has {num_classes}",
             "use data labelled with the model's classes, or unlabeled data")
-    if input_size is not None and tuple(input_size) != data.image_size:
-        # Not an error: global-pooling models (CIFAR-style) run at any size.
-        h, w = data.image_size
-        console.warn(f"{data.source} has {h}x{w} images but {what} was built for "
-                     f"{input_size[0]}x{input_size[1]}; pass --image-size to resize")
 
 
 def _check_size(image_size) -> tuple[int, int] | None:

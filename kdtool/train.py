@@ -105,7 +105,7 @@ class Trainer:
             val = load_data(c.val, image_size=train.image_size, channels=train.channels,
                             crop_fraction=self.crop_fraction)
             check_fits(val, num_classes=train.num_classes, in_chans=train.channels,
-                       input_size=train.image_size, what=f"training data '{c.data}'")
+                       what=f"training data '{c.data}'")
         return train, val
 
     def run(self) -> dict:

@@ -155,7 +155,7 @@ def eval_cmd(
     dev = resolve_device(device)
     ds = load_for_model(data, meta)  # as export, bench and serve will fit them
     check_fits(ds, num_classes=meta.num_classes, in_chans=meta.in_chans,
-               input_size=tuple(meta.input_size), what=f"checkpoint '{checkpoint}'")
+               what=f"checkpoint '{checkpoint}'")
     if meta.class_names and ds.class_names and ds.class_names != meta.class_names:
         console.warn(f"class names of '{data}' differ from the checkpoint's; labels are "
                      "matched by index")

@@ -313,17 +313,13 @@ def test_npz_errors(tmp_path):
     _raises("obj.npz", tmp_path / "obj.npz")  # pickled arrays are refused, not loaded
 
 
-def test_check_fits(monkeypatch):
+def test_check_fits():
     d = load_data("digits:test")
-    check_fits(d, num_classes=10, in_chans=1, input_size=(8, 8), what="tiny")
+    check_fits(d, num_classes=10, in_chans=1, what="tiny")
     with pytest.raises(KdtoolError, match=r"test has 1-channel.*resnet\.ckpt expects 3") as e:
-        check_fits(d, num_classes=10, in_chans=3, input_size=None, what="resnet.ckpt")
+        check_fits(d, num_classes=10, in_chans=3, what="resnet.ckpt")
     assert "3 channel" in e.value.hint
     with pytest.raises(KdtoolError, match=r"10 classes but resnet\.ckpt has 100"):
-        check_fits(d, num_classes=100, in_chans=1, input_size=None, what="resnet.ckpt")
+        check_fits(d, num_classes=100, in_chans=1, what="resnet.ckpt")
     unlabeled = ImageData(d.x, torch.full((len(d),), -1), [], "calib")
-    check_fits(unlabeled, num_classes=100, in_chans=1, input_size=None, what="m")
-    warnings = []
-    monkeypatch.setattr(data_mod.console, "warn", warnings.append)
-    check_fits(d, num_classes=10, in_chans=1, input_size=(32, 32), what="m")  # size: warn only
-    assert warnings and "8x8" in warnings[0]
+    check_fits(unlabeled, num_classes=100, in_chans=1, what="m")
