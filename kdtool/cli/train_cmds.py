@@ -159,6 +159,10 @@ def eval_cmd(
     if meta.class_names and ds.class_names and ds.class_names != meta.class_names:
         console.warn(f"class names of '{data}' differ from the checkpoint's; labels are "
                      "matched by index")
+    if bn == "current" and len(ds) < batch_size:
+        console.warn(f"'{data}' has {len(ds)} images, fewer than --batch-size {batch_size}: the "
+                     f"current statistics come from one batch of {len(ds)}, noisier than the "
+                     f"{batch_size} the figure is meant for")
     rep = evaluate(model.to(dev), ds, meta.mean, meta.std, batch_size=batch_size, device=dev,
                    bn=bn, seed=seed, progress=True, tta=tta)
     result = {"checkpoint": str(checkpoint), "data": data, "bn": bn, "batch_size": batch_size,

@@ -47,3 +47,13 @@ def test_eval_cli_reports_tta_and_suggests_on_a_typo(cli, digits_teacher):
     assert plain["tta"] == "none" and plain["top1"] != res["top1"]
     bad = cli("eval", digits_teacher, "--data", "digits:test", "--tta", "flp")
     assert bad.code == 1 and "did you mean 'flip'" in bad.err
+
+
+def test_eval_current_bn_warns_when_the_data_is_smaller_than_a_batch(cli, digits_teacher):
+    r = cli("eval", digits_teacher, "--data", "digits:test", "--bn", "current", "--json")
+    assert r.code == 0 and "fewer than --batch-size 256" not in r.err  # 360 images
+    r = cli("eval", digits_teacher, "--data", "digits:test", "--bn", "current", "--batch-size",
+            "512", "--json")
+    assert r.code == 0, r.err
+    assert "has 360 images, fewer than --batch-size 512" in r.err
+    assert r.json()["images"] == 360
