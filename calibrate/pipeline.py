@@ -29,6 +29,7 @@ from kdtool.data import ImageData, check_fits, load_data
 from kdtool.device import resolve_device
 from kdtool.errors import KdtoolError
 from kdtool.evaluate import evaluate
+from kdtool.imageprep import Fit
 from kdtool.io import check_output
 from kdtool.loader import DeviceLoader
 from kdtool.runinfo import provenance
@@ -118,7 +119,7 @@ class CalibrateRun:
         dev = resolve_device(c.device)
         model.to(dev)
         size = tuple(c.image_size) if c.image_size else None
-        data = load_data(c.data, image_size=size, crop_fraction=meta.crop_fraction)
+        data = load_data(c.data, image_size=size, fit=Fit.of(meta))
         _check_images(data, meta, "calibration data")
         index = sample_indices(len(data), c.batches, c.batch_size, c.seed, f"'{c.data}'")
         if c.sweep and max(c.sweep) * c.batch_size > len(data):
@@ -207,7 +208,7 @@ class CalibrateRun:
     def _load_val(self, meta: ModelMeta, size) -> ImageData | None:
         if not self.cfg.val:
             return None
-        val = load_data(self.cfg.val, image_size=size, crop_fraction=meta.crop_fraction)
+        val = load_data(self.cfg.val, image_size=size, fit=Fit.of(meta))
         _check_images(val, meta, "validation data")
         if not val.labeled:
             raise KdtoolError(

@@ -62,6 +62,7 @@ class BenchModel:
     input_name: str = ""
     output_name: str = ""
     crop_fraction: float | None = None  # how images are fitted to input_size (None: stretch)
+    interpolation: str = "bilinear"
 
     @property
     def label(self) -> str:
@@ -153,6 +154,7 @@ def _from_info(path: Path, kind: str, info, file_bytes: int) -> BenchModel:
         input_name=info.input_name,
         output_name=info.output_name,
         crop_fraction=info.crop_fraction,
+        interpolation=info.interpolation,
     )
 
 

@@ -285,6 +285,7 @@ class DistillRun:
             arch=self.cfg.student, num_classes=tmeta.num_classes, in_chans=tmeta.in_chans,
             input_size=list(tmeta.input_size), mean=list(tmeta.mean), std=list(tmeta.std),
             class_names=list(tmeta.class_names), crop_fraction=tmeta.crop_fraction,
+            interpolation=tmeta.interpolation,
             provenance=provenance(seed=self.cfg.seed, metrics=metrics),
             stages={"distill": {
                 "teacher": {"file": self.cfg.teacher, "arch": tmeta.arch,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kdtool.errors import KdtoolError
+from kdtool.imageprep import fit_problems
 from kdtool.io import require_file
 
 ONNX_META_KEY = "kdtool"
@@ -48,6 +49,7 @@ class OnnxInfo:
     quantization: dict = field(default_factory=dict)  # INT8: scheme and calibration
     # How images of another size are fitted to input_size (None: stretch; kdtool.imageprep).
     crop_fraction: float | None = None
+    interpolation: str = "bilinear"
 
     @classmethod
     def from_meta(cls, meta, *, input_name: str, output_name: str, **fields) -> OnnxInfo:
@@ -63,6 +65,7 @@ class OnnxInfo:
             class_names=list(meta.class_names),
             arch=meta.arch,
             crop_fraction=meta.crop_fraction,
+            interpolation=meta.interpolation,
             **fields,
         )
 
@@ -98,8 +101,7 @@ class OnnxInfo:
             problems.append("input_size must be [height, width]")
         if self.class_names and len(self.class_names) != self.num_classes:
             problems.append(f"{len(self.class_names)} class names for {self.num_classes} classes")
-        if self.crop_fraction is not None and not 0 < self.crop_fraction <= 1:
-            problems.append(f"crop_fraction {self.crop_fraction} is not in (0, 1]")
+        problems += fit_problems(self)
         if self.precision not in PRECISIONS:
             problems.append(f"precision '{self.precision}' is not one of {', '.join(PRECISIONS)}")
         if problems:

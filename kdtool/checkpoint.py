@@ -21,8 +21,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from kdtool.errors import KdtoolError
-from kdtool.imageprep import parse_resize
+from kdtool.errors import KdtoolError, check_choice
+from kdtool.imageprep import INTERPOLATIONS, fit_problems, parse_resize
 from kdtool.io import atomic_write_bytes, check_output, require_file
 from kdtool.models import TV_PREFIX, create_model
 
@@ -51,6 +51,7 @@ class ModelMeta:
     # How images of another size are fitted to input_size: None stretches, F in (0, 1]
     # centre-crops after an aspect-preserving resize to input_size / F (kdtool.imageprep).
     crop_fraction: float | None = None
+    interpolation: str = "bilinear"  # of those resizes: bilinear or bicubic
     # Stage-specific records ("train", "distill", "calibrate", ...), each a JSON object.
     stages: dict[str, Any] = field(default_factory=dict)
 
@@ -87,8 +88,7 @@ class ModelMeta:
             problems.append(f"{len(self.class_names)} class names for {self.num_classes} classes")
         if len(self.input_size) != 2:
             problems.append("input_size must be [height, width]")
-        if self.crop_fraction is not None and not 0 < self.crop_fraction <= 1:
-            problems.append(f"crop_fraction {self.crop_fraction} is not in (0, 1]")
+        problems += fit_problems(self)
         if problems:
             raise KdtoolError(f"'{source}' has inconsistent metadata: " + "; ".join(problems))
 
@@ -117,6 +117,7 @@ class ForeignSpec:
     std: list[float] | None = None
     class_names: list[str] = field(default_factory=list)
     resize: str | None = None  # the --resize text (kdtool.imageprep); None: the arch's default
+    interpolation: str | None = None  # None: the arch's default
 
     def to_meta(self, source: str) -> ModelMeta:
         from kdtool.models import model_spec
@@ -142,6 +143,8 @@ class ForeignSpec:
             class_names=list(self.class_names),
             provenance={"imported_from": str(source)},
             crop_fraction=spec.crop_fraction if self.resize is None else parse_resize(self.resize),
+            interpolation=spec.interpolation if self.interpolation is None
+            else check_choice(self.interpolation, INTERPOLATIONS, "--interpolation value"),
         )
         meta.validate(source)
         return meta

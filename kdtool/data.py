@@ -18,7 +18,7 @@
 
 A zip or directory is decoded once (in parallel) and cached as safetensors under
 ``cache_dir``, ``$KDTOOL_CACHE`` or ``~/.cache/kdtool/datasets``, keyed by the
-absolute path, the file sizes and mtimes, image_size, crop fraction and channels.
+absolute path, the file sizes and mtimes, image_size, channels and the fit rule.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from PIL import Image
 
 from kdtool import console
 from kdtool.errors import InternalError, KdtoolError, check_choice, suggest
-from kdtool.imageprep import check_crop_fraction, to_array
+from kdtool.imageprep import STRETCH, Fit, to_array
 from kdtool.io import atomic_path
 
 BUILTIN_DATASETS = ("digits", "digits:train", "digits:test")
@@ -110,17 +110,16 @@ class ImageData:
 
 def load_data(spec: str, *, image_size: int | tuple[int, int] | None = None,
               channels: int | None = None, cache_dir: str | Path | None = None,
-              crop_fraction: float | None = None) -> ImageData:
+              fit: Fit = STRETCH) -> ImageData:
     """Load a dataset spec (see the module docstring) as uint8 N x C x H x W tensors.
 
-    With ``image_size``, images are fitted to it by stretching (``crop_fraction`` None)
-    or by a centre crop (kdtool.imageprep).
+    With ``image_size``, images are fitted to it by ``fit``: stretching (the default)
+    or a centre crop (kdtool.imageprep).
     """
     spec = str(spec)  # a Path works too
     size = _check_size(image_size)
-    check_crop_fraction(crop_fraction, "image loading")
     if size is None:
-        crop_fraction = None  # nothing to fit to
+        fit = STRETCH  # nothing to fit to
     if channels not in (None, 1, 3):
         raise KdtoolError(f"channels must be 1 or 3, not {channels!r}",
                           "pass 1 (grayscale) or 3 (RGB)")
@@ -128,8 +127,7 @@ def load_data(spec: str, *, image_size: int | tuple[int, int] | None = None,
     if spec in BUILTIN_DATASETS:
         x, y, names = _load_digits(spec)
     elif path.is_dir() or (path.is_file() and path.suffix.lower() == ".zip"):
-        return _load_images_cached(spec, path.resolve(), size, channels, crop_fraction,
-                                   cache_dir)
+        return _load_images_cached(spec, path.resolve(), size, channels, fit, cache_dir)
     elif path.is_file() and path.suffix.lower() == ".npz":
         x, y, names = _load_npz(path)
     elif path.exists():
@@ -143,7 +141,7 @@ def load_data(spec: str, *, image_size: int | tuple[int, int] | None = None,
         guess = suggest(spec, BUILTIN_DATASETS) if looks_like_name else None
         raise KdtoolError(f"dataset '{spec}' not found: no such file or directory",
                           f"did you mean '{guess}'?" if guess else _FORMS_HINT)
-    x = _conform(x, channels, size, crop_fraction)
+    x = _conform(x, channels, size, fit)
     return _to_data(x, y, names, spec)
 
 
@@ -151,10 +149,11 @@ def load_for_model(spec: str, model) -> ImageData:
     """``spec`` fitted to a model's input: its channels, size and --resize rule.
 
     ``model`` is anything that describes one (a ModelMeta, an ONNX file's OnnxInfo, a
-    benchmark's BenchModel): ``in_chans``, ``input_size`` and ``crop_fraction``.
+    benchmark's BenchModel): ``in_chans``, ``input_size``, ``crop_fraction`` and
+    ``interpolation``.
     """
     return load_data(spec, image_size=tuple(model.input_size), channels=model.in_chans,
-                     crop_fraction=model.crop_fraction)
+                     fit=Fit.of(model))
 
 
 def check_fits(data: ImageData, *, num_classes: int, in_chans: int, what: str) -> None:
@@ -239,15 +238,15 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 
 def _conform(x: np.ndarray, channels: int | None, size: tuple[int, int] | None,
-             crop_fraction: float | None) -> np.ndarray:
+             fit: Fit) -> np.ndarray:
     """Convert N x H x W x C arrays to ``channels`` / ``size`` (same conversions as for files)."""
-    same_size = size in (None, x.shape[1:3]) and crop_fraction in (None, 1.0)
+    same_size = size in (None, x.shape[1:3]) and fit.crop_fraction in (None, 1.0)
     if same_size and channels in (None, x.shape[3]):
         return x
     if same_size and x.shape[3] == 1:
         return np.repeat(x, 3, axis=3)  # gray -> RGB replicates, exactly as PIL does
     out = [to_array(Image.fromarray(img[..., 0] if img.shape[2] == 1 else img), channels, size,
-                    crop_fraction)
+                    fit)
            for img in x]
     return np.stack(out)
 
@@ -311,8 +310,8 @@ def _labels(path: Path, rels: list[str], is_dir: bool) -> tuple[list[int], list[
 class _Decoder:
     """Decodes lists of image names from one directory or zip (one per process)."""
 
-    def __init__(self, path: str, is_zip: bool, channels: int | None, size, crop_fraction):
-        self.path, self.channels, self.size, self.crop = path, channels, size, crop_fraction
+    def __init__(self, path: str, is_zip: bool, channels: int | None, size, fit: Fit):
+        self.path, self.channels, self.size, self.fit = path, channels, size, fit
         # Opened in each process: a zip handle inherited by fork would share its file offset.
         self.zip = zipfile.ZipFile(path) if is_zip else None
 
@@ -325,7 +324,7 @@ class _Decoder:
         try:
             src = io.BytesIO(self.zip.read(name)) if self.zip else where
             with Image.open(src) as im:
-                return to_array(im, self.channels, self.size, self.crop)
+                return to_array(im, self.channels, self.size, self.fit)
         except _DECODE_ERRORS as e:
             raise KdtoolError(f"cannot read image {where}: {e}",
                               "delete or replace the file, then load again") from None
@@ -357,13 +356,13 @@ def _decode_in_worker(names: list[str]):
 
 
 def _decode_images(path: Path, names: list[str], is_zip: bool, channels, size,
-                   crop_fraction) -> np.ndarray:
+                   fit: Fit) -> np.ndarray:
     """Decode ``names`` (files under a dir or members of a zip) into N x H x W x C uint8."""
     affinity = getattr(os, "sched_getaffinity", None)  # Linux: the cores this process may use
     workers = min(len(affinity(0)) if affinity else os.cpu_count() or 1, 8)
     step = max(200, min(2000, len(names) // (workers * 8) + 1))
     chunks = [names[i:i + step] for i in range(0, len(names), step)]
-    args = (str(path), is_zip, channels, size, crop_fraction)
+    args = (str(path), is_zip, channels, size, fit)
     # Daemonic processes (e.g. DataLoader workers) cannot start children.
     if len(names) < PARALLEL_MIN_IMAGES or workers == 1 or mp.current_process().daemon:
         with contextlib.closing(_Decoder(*args)) as decoder:
@@ -398,7 +397,7 @@ def _gather(path: Path, chunks: list[list[str]], results, channels) -> np.ndarra
 # ----------------------------------------------------------------------------- cache
 
 
-def _load_images_cached(spec: str, path: Path, size, channels, crop_fraction,
+def _load_images_cached(spec: str, path: Path, size, channels, fit: Fit,
                         cache_dir) -> ImageData:
     is_zip = path.is_file()
     if is_zip:
@@ -412,8 +411,7 @@ def _load_images_cached(spec: str, path: Path, size, channels, crop_fraction,
         raise KdtoolError(f"no images found in {path}",
                           f"looked for {' '.join(IMAGE_EXTS)} files (any case) in class folders"
                           " or directly inside")
-    key = json.dumps([CACHE_FORMAT, str(path), stamp, size, channels]
-                     + ([crop_fraction] if crop_fraction is not None else []))
+    key = json.dumps([CACHE_FORMAT, str(path), stamp, size, channels, *fit.cache_key()])
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", path.name)[:40]  # readable, safe file name
     root = Path(cache_dir or os.environ.get("KDTOOL_CACHE") or "~/.cache/kdtool/datasets")
@@ -425,7 +423,7 @@ def _load_images_cached(spec: str, path: Path, size, channels, crop_fraction,
     labels, classes = _labels(path, rels, not is_zip)
     if classes and len(labels) < len(names):  # drop images outside class folders
         names = [n for n, r in zip(names, rels, strict=True) if "/" in r]
-    data = _to_data(_decode_images(path, names, is_zip, channels, size, crop_fraction),
+    data = _to_data(_decode_images(path, names, is_zip, channels, size, fit),
                     np.array(labels), classes, spec)
     _write_cache(cache, data, str(path))
     return data

@@ -5,7 +5,7 @@ inference server, so that a served model sees exactly the pixels it was
 evaluated on.  Torch-free on purpose: the server does not import torch.
 
 Two ways to fit an image to a model's H x W input (a checkpoint records which,
-as ``crop_fraction``):
+as ``crop_fraction``, and the ``interpolation`` of its resizes, bilinear or bicubic):
 
 * **stretch** (``crop_fraction`` None): a bilinear resize to H x W.  For data
   already at the model's size (CIFAR, digits) it changes nothing.
@@ -19,12 +19,14 @@ as ``crop_fraction``):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-from kdtool.errors import KdtoolError, suggest
+from kdtool.errors import KdtoolError, check_choice, suggest
 
+INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N"}
 RESIZE_MODES = ("stretch", "crop")
 RESIZE_HELP = ("How images of another size are fitted to the model's input: stretch (resize to "
@@ -58,34 +60,73 @@ def check_crop_fraction(fraction: float | None, what: str) -> None:
                           "e.g. crop:0.875 (resize 256, crop 224) or crop (crop:1)")
 
 
+def fit_problems(model) -> list[str]:
+    """What is wrong with a model record's fit fields (for its metadata's validate)."""
+    problems = []
+    if model.crop_fraction is not None and not 0 < model.crop_fraction <= 1:
+        problems.append(f"crop_fraction {model.crop_fraction} is not in (0, 1]")
+    if model.interpolation not in INTERPOLATIONS:
+        problems.append(f"interpolation '{model.interpolation}' is not one of "
+                        + ", ".join(INTERPOLATIONS))
+    return problems
+
+
 def describe_resize(crop_fraction: float | None) -> str:
     if crop_fraction is None:
         return "stretch"
     return "crop" if crop_fraction == 1 else f"crop:{crop_fraction:g}"
 
 
-def fit(im: Image.Image, size: tuple[int, int], crop_fraction: float | None) -> Image.Image:
-    """``im`` fitted to ``size`` (height, width) by stretching or by a centre crop."""
-    h, w = size
-    if crop_fraction is None:
-        # PIL antialiases when shrinking
-        return im if im.size == (w, h) else im.resize((w, h), Image.BILINEAR)
-    src_w, src_h = im.size
-    cover_h, cover_w = (math.floor(s / crop_fraction + 1e-9) for s in (h, w))
-    # The side that needs the larger scale sets it; the other keeps the aspect ratio,
-    # truncated as torchvision's Resize truncates the longer side.
-    if cover_h * src_w >= cover_w * src_h:
-        new_h, new_w = cover_h, int(cover_h * src_w / src_h)
-    else:
-        new_h, new_w = int(cover_w * src_h / src_w), cover_w
-    if (new_w, new_h) != im.size:
-        im = im.resize((new_w, new_h), Image.BILINEAR)
-    top, left = round((new_h - h) / 2.0), round((new_w - w) / 2.0)  # as torchvision rounds
-    return im.crop((left, top, left + w, top + h))
+@dataclass(frozen=True)
+class Fit:
+    """How images of another size are fitted to a model's input (module docstring)."""
+
+    crop_fraction: float | None = None  # None: stretch
+    interpolation: str = "bilinear"
+
+    def __post_init__(self):
+        check_crop_fraction(self.crop_fraction, "image fitting")
+        check_choice(self.interpolation, INTERPOLATIONS, "interpolation")
+
+    @classmethod
+    def of(cls, model) -> Fit:
+        """The rule a model records (a ModelMeta, an ONNX file's OnnxInfo, ...)."""
+        return cls(model.crop_fraction, model.interpolation)
+
+    def cache_key(self) -> list:
+        return [] if self == STRETCH else [self.crop_fraction, self.interpolation]
+
+    def describe(self) -> str:
+        """As the options that give this rule, e.g. '--resize crop:0.875'."""
+        text = f"--resize {describe_resize(self.crop_fraction)}"
+        return text if self.interpolation == "bilinear" else \
+            f"{text} --interpolation {self.interpolation}"
+
+    def apply(self, im: Image.Image, size: tuple[int, int]) -> Image.Image:
+        """``im`` fitted to ``size`` (height, width) by stretching or by a centre crop."""
+        h, w = size
+        how = INTERPOLATIONS[self.interpolation]  # PIL antialiases when shrinking
+        if self.crop_fraction is None:
+            return im if im.size == (w, h) else im.resize((w, h), how)
+        src_w, src_h = im.size
+        cover_h, cover_w = (math.floor(s / self.crop_fraction + 1e-9) for s in (h, w))
+        # The side that needs the larger scale sets it; the other keeps the aspect ratio,
+        # truncated as torchvision's Resize truncates the longer side.
+        if cover_h * src_w >= cover_w * src_h:
+            new_h, new_w = cover_h, int(cover_h * src_w / src_h)
+        else:
+            new_h, new_w = int(cover_w * src_h / src_w), cover_w
+        if (new_w, new_h) != im.size:
+            im = im.resize((new_w, new_h), how)
+        top, left = round((new_h - h) / 2.0), round((new_w - w) / 2.0)  # as torchvision rounds
+        return im.crop((left, top, left + w, top + h))
+
+
+STRETCH = Fit()
 
 
 def to_array(im: Image.Image, channels: int | None, size: tuple[int, int] | None,
-             crop_fraction: float | None = None) -> np.ndarray:
+             fit: Fit = STRETCH) -> np.ndarray:
     """A PIL image as H x W x C uint8: grayscale (C=1) unless it has colour or channels=3,
     fitted to ``size`` when one is given."""
     target = channels or (1 if im.mode in GRAY_MODES else 3)
@@ -95,6 +136,6 @@ def to_array(im: Image.Image, channels: int | None, size: tuple[int, int] | None
     if im.mode != mode:
         im = im.convert(mode)
     if size is not None:
-        im = fit(im, size, crop_fraction)
+        im = fit.apply(im, size)
     arr = np.asarray(im)
     return arr[..., None] if arr.ndim == 2 else arr

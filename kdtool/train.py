@@ -32,7 +32,7 @@ from kdtool.device import (
 from kdtool.ema import check_decay, make_ema
 from kdtool.errors import KdtoolError, check_choice
 from kdtool.evaluate import evaluate
-from kdtool.imageprep import parse_resize
+from kdtool.imageprep import Fit, parse_resize
 from kdtool.loader import Augment, DeviceLoader
 from kdtool.models import create_model, model_spec
 from kdtool.runinfo import provenance
@@ -55,6 +55,7 @@ class TrainConfig:
     cutout: int = 0  # with augment: side of an erased square (0: off)
     image_size: int | None = None
     resize: str | None = None  # how images are fitted to image_size (None: stretch)
+    interpolation: str = "bilinear"  # of those resizes
     mean: list[float] | None = None  # None: the training data's channel statistics
     std: list[float] | None = None
     seed: int = 0
@@ -75,7 +76,7 @@ class TrainConfig:
         check_choice(c.compile_mode, COMPILE_MODES, "--compile-mode")
         check_choice(c.precision, PRECISIONS, "--precision")
         check_decay(c.ema)
-        parse_resize(c.resize or "stretch")
+        Fit(parse_resize(c.resize or "stretch"), c.interpolation)  # "did you mean" on a typo
         if c.cutout < 0:
             raise KdtoolError(f"--cutout must be >= 0, got {c.cutout}")
         if not 0 <= c.label_smoothing < 1:
@@ -94,8 +95,8 @@ class Trainer:
 
     def _load_data(self) -> tuple[ImageData, ImageData | None]:
         c = self.cfg
-        self.crop_fraction = parse_resize(c.resize or "stretch")
-        train = load_data(c.data, image_size=c.image_size, crop_fraction=self.crop_fraction)
+        self.fit = Fit(parse_resize(c.resize or "stretch"), c.interpolation)
+        train = load_data(c.data, image_size=c.image_size, fit=self.fit)
         if not train.labeled:
             raise KdtoolError(f"training data '{c.data}' has no labels",
                               "use a folder of class subfolders, a zip of one, or an npz with y")
@@ -103,7 +104,7 @@ class Trainer:
         if c.val:
             # Fitted to the training images' size, as eval and serve will fit them.
             val = load_data(c.val, image_size=train.image_size, channels=train.channels,
-                            crop_fraction=self.crop_fraction)
+                            fit=self.fit)
             check_fits(val, num_classes=train.num_classes, in_chans=train.channels,
                        what=f"training data '{c.data}'")
         return train, val
@@ -149,7 +150,8 @@ class Trainer:
             return ModelMeta(
                 arch=c.arch, num_classes=train.num_classes, in_chans=train.channels,
                 input_size=list(train.image_size), mean=mean, std=std,
-                class_names=list(train.class_names), crop_fraction=self.crop_fraction,
+                class_names=list(train.class_names), crop_fraction=self.fit.crop_fraction,
+                interpolation=self.fit.interpolation,
                 provenance=provenance(seed=c.seed, metrics=metrics),
                 stages={"train": {"config": config, "epoch": epoch, "epochs": c.epochs,
                                   "history": history}})

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from kdtool.deploy.server.protocol import RequestError
-from kdtool.imageprep import to_array
+from kdtool.imageprep import Fit, to_array
 
 FORMATS = ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"]
 MAX_PIXELS = 64_000_000  # larger images are refused before decoding (decompression bombs)
@@ -43,7 +43,7 @@ def decode(data: bytes, what: str = "the request body") -> Image.Image:
 
 def preprocess(im: Image.Image, info, dtype: np.dtype) -> np.ndarray:
     """One image as the model's input row: (C, H, W) or (H, W, C), normalised, in ``dtype``."""
-    pixels = to_array(im, info.in_chans, tuple(info.input_size), info.crop_fraction)
+    pixels = to_array(im, info.in_chans, tuple(info.input_size), Fit.of(info))
     x = pixels.astype(np.float32) / 255.0
     x = (x - np.asarray(info.mean, np.float32)) / np.asarray(info.std, np.float32)
     if info.layout == "NCHW":

@@ -13,6 +13,7 @@ from kdtool.cli.options import (
     Arch,
     Force,
     InChans,
+    Interpolation,
     Json,
     Mean,
     NumClasses,
@@ -86,7 +87,7 @@ def info_cmd(
 
     from kdtool import console
     from kdtool.checkpoint import read_meta
-    from kdtool.imageprep import describe_resize
+    from kdtool.imageprep import Fit
 
     meta = read_meta(checkpoint)
     with safe_open(str(checkpoint), framework="pt") as f:
@@ -98,10 +99,11 @@ def info_cmd(
 
     def render(r):
         prov = r["provenance"]
+        fit = Fit(r["crop_fraction"], r["interpolation"])
         rows = [["architecture", r["arch"] + (f" {r['arch_args']}" if r["arch_args"] else "")],
                 ["classes", _classes(r["num_classes"], r["class_names"])],
                 ["input", f"{r['in_chans']}x{r['input_size'][0]}x{r['input_size'][1]} "
-                          f"(other sizes: --resize {describe_resize(r['crop_fraction'])})"],
+                          f"(other sizes: {fit.describe()})"],
                 ["mean / std", f"{_fmt_list(r['mean'])} / {_fmt_list(r['std'])}"],
                 ["tensors", f"{r['tensors']} ({r['values']:,} values)"],
                 ["file", f"{r['bytes']:,} bytes, sha256 {r['sha256'][:16]}..."]]
@@ -143,6 +145,7 @@ def convert_cmd(
     mean: Mean = None,
     std: Std = None,
     resize: Resize = None,
+    interpolation: Interpolation = None,
     class_names: Annotated[str | None, typer.Option(
         "--class-names", help="Class names in label order: comma-separated, a .txt file (one "
         "per line), a .json list, or 'imagenet' (torchvision's ImageNet names).")] = None,
@@ -167,7 +170,8 @@ def convert_cmd(
         raise KdtoolError(f"converting '{state_dict}' needs its architecture",
                           "pass --arch (see 'kdtool models')")
     spec = foreign_spec(state_dict, arch, num_classes, in_chans, mean, std)
-    spec.resize = resize  # None: the architecture's default (torchvision's: centre crop)
+    # None: the architecture's default (torchvision's: its weights' evaluation transform)
+    spec.resize, spec.interpolation = resize, interpolation
     if class_names is not None:
         spec.class_names = parse_class_names(class_names, num_classes)
     model, meta = load_checkpoint(state_dict, foreign=spec)

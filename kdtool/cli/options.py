@@ -34,6 +34,10 @@ Resize = Annotated[str | None, typer.Option(
     "HxW) or crop[:F] (keep the aspect ratio, resize to cover HxW / F, take the centre HxW; "
     "crop:0.875 is torchvision's resize 256 / crop 224).",
     rich_help_panel="Normalisation")]
+Interpolation = Annotated[str | None, typer.Option(
+    "--interpolation", help="Of the --resize resizes: bilinear or bicubic (recorded like "
+    "--resize).", show_default="bilinear; a tv: arch, its weights'",
+    rich_help_panel="Normalisation")]
 DATA_HELP = ("A dataset: an ImageFolder directory (<class>/<image>), a zip of one, an .npz "
              "(x uint8 NHWC, y int), or the embedded 'digits' / 'digits:test'.")
 

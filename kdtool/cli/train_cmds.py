@@ -17,6 +17,7 @@ from kdtool.cli.options import (
     Ema,
     Force,
     InChans,
+    Interpolation,
     Json,
     Mean,
     NumClasses,
@@ -57,6 +58,7 @@ def train_cmd(
     image_size: Annotated[int | None, typer.Option(
         "--image-size", help="Resize images to this size (default: keep).")] = None,
     resize: Resize = None,
+    interpolation: Interpolation = None,
     mean: Mean = None,
     std: Std = None,
     compile_: Compile = False,
@@ -83,6 +85,7 @@ def train_cmd(
                       optimizer=optimizer, schedule=schedule, lr=lr, weight_decay=weight_decay,
                       label_smoothing=label_smoothing, augment=augment, cutout=cutout,
                       image_size=image_size, resize=resize,
+                      interpolation=interpolation or "bilinear",
                       mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"),
                       seed=seed, device=device, compile=compile_ or compile_mode is not None,
                       compile_mode=compile_mode or "default", precision=precision,

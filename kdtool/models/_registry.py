@@ -21,6 +21,7 @@ class ModelSpec:
     # How images of another size are fitted to input_size by default (None: stretch;
     # F: centre crop after resizing to input_size / F; kdtool.imageprep).
     crop_fraction: float | None = None
+    interpolation: str = "bilinear"
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

@@ -35,21 +35,24 @@ def _names() -> tuple[str, ...]:
 
 
 @functools.cache
-def eval_transform(name: str) -> tuple[int, int]:
-    """(crop size, resize size) of the evaluation transform of ``name``'s DEFAULT weights.
+def eval_transform(name: str) -> tuple[int, int, str]:
+    """(crop size, resize size, interpolation) of the evaluation transform of ``name``'s
+    DEFAULT weights.
 
-    Read from torchvision's weight tables (no download); (224, 256) for a builder
-    without published weights.
+    Read from torchvision's weight tables (no download); (224, 256, bilinear) for a
+    builder without published weights.
     """
     import torchvision.models
 
     try:
         weights = torchvision.models.get_model_weights(name).DEFAULT
     except (ValueError, KeyError, AttributeError):
-        return 224, _DEFAULT_RESIZE
+        return 224, _DEFAULT_RESIZE, "bilinear"
     kw = getattr(weights.transforms, "keywords", {})
     crop = int(kw.get("crop_size", 224))
-    return crop, int(kw.get("resize_size") or _DEFAULT_RESIZE)
+    how = getattr(kw.get("interpolation"), "value", "bilinear")
+    return crop, int(kw.get("resize_size") or _DEFAULT_RESIZE), \
+        how if how in ("bilinear", "bicubic") else "bilinear"
 
 
 def list_names() -> list[str]:
@@ -102,7 +105,7 @@ def _builder(name: str):
 def spec(name: str) -> ModelSpec:
     """The ``ModelSpec`` of torchvision classifier ``name`` (without the ``tv:`` prefix)."""
     check_choice(name, _names(), "torchvision model")
-    crop, resize = eval_transform(name)
+    crop, resize, interpolation = eval_transform(name)
     return ModelSpec(
         name=TV_PREFIX + name,
         fn=_builder(name),
@@ -111,4 +114,5 @@ def spec(name: str) -> ModelSpec:
         description=f"torchvision {name} (random init)",
         # Fitted as torchvision evaluates its ImageNet weights: resize, then centre crop.
         crop_fraction=crop / resize,
+        interpolation=interpolation,
     )

@@ -12,7 +12,7 @@ from PIL import Image
 from kdtool.data import load_for_model
 from kdtool.deploy.server import images
 from kdtool.export.metadata import read_info
-from kdtool.imageprep import to_array
+from kdtool.imageprep import STRETCH, Fit, to_array
 
 URL = "/v2/models/rgb/classify"
 
@@ -50,12 +50,12 @@ def _expected(path, im: Image.Image, offline) -> np.ndarray:
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "I;16"])
 @pytest.mark.parametrize("onnx_fixture", ["tiny_onnx", "rgb_nhwc_onnx"])
-@pytest.mark.parametrize("crop_fraction", [None, 0.875])
+@pytest.mark.parametrize("fit", [STRETCH, Fit(0.875), Fit(None, "bicubic")])
 @pytest.mark.filterwarnings("ignore:Palette images with Transparency:UserWarning")
-def test_preprocess_matches_kdtool_data(mode, onnx_fixture, crop_fraction, request, tmp_path):
+def test_preprocess_matches_kdtool_data(mode, onnx_fixture, fit, request, tmp_path):
     """The server's pixels are those 'kdtool eval' loads from the same file."""
     info = read_info(request.getfixturevalue(onnx_fixture))
-    info.crop_fraction = crop_fraction
+    info.crop_fraction, info.interpolation = fit.crop_fraction, fit.interpolation
     im = _image(mode, size=(13, 9))
     (tmp_path / "images").mkdir()
     im.save(tmp_path / "images" / "one.png")

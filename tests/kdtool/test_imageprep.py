@@ -12,7 +12,7 @@ from torchvision import transforms
 from kdtool.checkpoint import ModelMeta
 from kdtool.data import load_data, load_for_model
 from kdtool.errors import KdtoolError
-from kdtool.imageprep import describe_resize, fit, parse_resize, to_array
+from kdtool.imageprep import STRETCH, Fit, describe_resize, parse_resize, to_array
 from kdtool.models import model_spec
 
 
@@ -21,19 +21,21 @@ def _image(w: int, h: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
+@pytest.mark.parametrize("how", ["bilinear", "bicubic"])
 @pytest.mark.parametrize("fraction", [0.875, 224 / 232, 1.0, 0.5])
 @pytest.mark.parametrize("w,h", [(40, 30), (30, 40), (27, 27), (13, 9), (300, 256)])
-def test_crop_is_torchvision_resize_then_center_crop(w, h, fraction):
+def test_crop_is_torchvision_resize_then_center_crop(w, h, fraction, how):
     side = 24
     im = _image(w, h)
-    tv = transforms.Compose([transforms.Resize(math.floor(side / fraction + 1e-9)),
+    mode = transforms.InterpolationMode(how)
+    tv = transforms.Compose([transforms.Resize(math.floor(side / fraction + 1e-9), mode),
                              transforms.CenterCrop(side)])
-    np.testing.assert_array_equal(np.asarray(fit(im, (side, side), fraction)),
+    np.testing.assert_array_equal(np.asarray(Fit(fraction, how).apply(im, (side, side))),
                                   np.asarray(tv(im)))
 
 
 def test_crop_of_a_wide_input_covers_both_sides():
-    out = fit(_image(50, 50), (12, 24), 0.5)  # must cover 24 x 48, then keep the centre
+    out = Fit(0.5).apply(_image(50, 50), (12, 24))  # must cover 24 x 48, keep the centre
     assert out.size == (24, 12)
     np.testing.assert_array_equal(np.asarray(out),
                                   np.asarray(_image(50, 50).resize((48, 48), Image.BILINEAR)
@@ -42,12 +44,17 @@ def test_crop_of_a_wide_input_covers_both_sides():
 
 def test_stretch_is_a_plain_resize_and_keeps_right_sized_images():
     im = _image(40, 30)
-    np.testing.assert_array_equal(np.asarray(fit(im, (16, 16), None)),
+    np.testing.assert_array_equal(np.asarray(STRETCH.apply(im, (16, 16))),
                                   np.asarray(im.resize((16, 16), Image.BILINEAR)))
-    assert fit(im, (30, 40), None) is im
+    np.testing.assert_array_equal(np.asarray(Fit(None, "bicubic").apply(im, (16, 16))),
+                                  np.asarray(im.resize((16, 16), Image.BICUBIC)))
+    assert STRETCH.apply(im, (30, 40)) is im
     same = _image(24, 24)
-    np.testing.assert_array_equal(np.asarray(fit(same, (24, 24), 1.0)), np.asarray(same))
-    assert to_array(im.convert("L"), None, (8, 8), 0.875).shape == (8, 8, 1)
+    np.testing.assert_array_equal(np.asarray(Fit(1.0).apply(same, (24, 24))), np.asarray(same))
+    assert to_array(im.convert("L"), None, (8, 8), Fit(0.875)).shape == (8, 8, 1)
+    with pytest.raises(KdtoolError, match="did you mean 'bicubic'"):
+        Fit(None, "bicubc")
+    assert Fit(0.875, "bicubic").describe() == "--resize crop:0.875 --interpolation bicubic"
 
 
 @pytest.mark.parametrize("text,want", [("stretch", None), ("crop", 1.0), ("crop:0.875", 0.875),
@@ -80,38 +87,45 @@ def test_load_data_fits_mixed_sizes_and_caches_each_rule_apart(tmp_path):
     root = _mixed_folder(tmp_path / "imgs")
     with pytest.raises(KdtoolError, match="differ in size"):
         load_data(str(root))
-    crop = load_data(str(root), image_size=(16, 16), crop_fraction=0.875)
+    crop = load_data(str(root), image_size=(16, 16), fit=Fit(0.875))
     stretch = load_data(str(root), image_size=(16, 16))
     assert crop.x.shape == stretch.x.shape == (4, 3, 16, 16)
     assert not np.array_equal(crop.x.numpy(), stretch.x.numpy())  # not one cache entry
     first = Image.open(root / "a" / "0.png")
     np.testing.assert_array_equal(crop.x[0].permute(1, 2, 0).numpy(),
-                                  np.asarray(fit(first, (16, 16), 0.875)))
-    again = load_data(str(root), image_size=(16, 16), crop_fraction=0.875)  # from the cache
+                                  np.asarray(Fit(0.875).apply(first, (16, 16))))
+    again = load_data(str(root), image_size=(16, 16), fit=Fit(0.875))  # from the cache
     np.testing.assert_array_equal(again.x.numpy(), crop.x.numpy())
     # Arrays (npz, digits) take the same path as files.
     np.savez(tmp_path / "d.npz", x=np.stack([np.asarray(first)]), y=np.array([0]))
-    npz = load_data(str(tmp_path / "d.npz"), image_size=(16, 16), crop_fraction=0.875)
+    npz = load_data(str(tmp_path / "d.npz"), image_size=(16, 16), fit=Fit(0.875))
     np.testing.assert_array_equal(npz.x[0].numpy(), crop.x[0].numpy())
     meta = ModelMeta("tiny_cnn", 2, 3, [16, 16], [0.5] * 3, [0.5] * 3, crop_fraction=0.875)
     np.testing.assert_array_equal(load_for_model(str(root), meta).x.numpy(), crop.x.numpy())
+    bicubic = load_data(str(root), image_size=(16, 16), fit=Fit(0.875, "bicubic"))
+    assert not np.array_equal(bicubic.x.numpy(), crop.x.numpy())
 
 
 def test_torchvision_archs_default_to_their_weights_evaluation_transform():
-    assert model_spec("tv:resnet18").crop_fraction == 0.875  # resize 256, crop 224
+    r18 = model_spec("tv:resnet18")
+    assert (r18.crop_fraction, r18.interpolation) == (0.875, "bilinear")  # 256 -> 224
     r50 = model_spec("tv:resnet50")
     assert r50.input_size == (224, 224) and math.floor(224 / r50.crop_fraction + 1e-9) == 232
-    assert model_spec("tv:efficientnet_b3").input_size == (300, 300)
+    b3 = model_spec("tv:efficientnet_b3")
+    assert b3.input_size == (300, 300) and b3.interpolation == "bicubic"
     assert model_spec("resnet18").crop_fraction is None  # kdtool's CIFAR nets stretch
 
 
 def test_metadata_records_and_validates_the_rule():
     meta = ModelMeta("tiny_cnn", 2, 3, [16, 16], [0.5] * 3, [0.5] * 3, crop_fraction=0.875)
     assert ModelMeta.from_json(meta.to_json(), "m").crop_fraction == 0.875
-    old = meta.to_json().replace(', "crop_fraction": 0.875', "")  # written before the field
-    assert "crop_fraction" not in old and ModelMeta.from_json(old, "m").crop_fraction is None
+    old = meta.to_json().replace(', "crop_fraction": 0.875, "interpolation": "bilinear"', "")
+    assert "crop_fraction" not in old  # written before the fields existed
+    assert Fit.of(ModelMeta.from_json(old, "m")) == STRETCH
     with pytest.raises(KdtoolError, match="crop_fraction 1.5"):
         ModelMeta.from_json(meta.to_json().replace("0.875", "1.5"), "m")
+    with pytest.raises(KdtoolError, match="interpolation 'lanczos'"):
+        ModelMeta.from_json(meta.to_json().replace('"bilinear"', '"lanczos"'), "m")
 
 
 # ----------------------------------------------------------------------------- the CLI
@@ -137,11 +151,13 @@ def _convert(cli, src, out, *extra):
 def test_convert_records_the_rule_and_eval_fits_mixed_sizes_with_it(cli, tmp_path, tiny_pt):
     root = _mixed_folder(tmp_path / "imgs")
     ckpt = tmp_path / "tiny.safetensors"
-    r = _convert(cli, tiny_pt, ckpt, "--resize", "crop:0.875", "--class-names", "cat,dog")
+    r = _convert(cli, tiny_pt, ckpt, "--resize", "crop:0.875", "--interpolation", "bicubic",
+                 "--class-names", "cat,dog")
     assert r.code == 0, r.err
     info = cli("info", ckpt, "--json").json()
-    assert info["crop_fraction"] == 0.875 and info["class_names"] == ["cat", "dog"]
-    assert "--resize crop:0.875" in cli("info", ckpt).out
+    assert info["crop_fraction"] == 0.875 and info["interpolation"] == "bicubic"
+    assert info["class_names"] == ["cat", "dog"]
+    assert "--resize crop:0.875 --interpolation" in cli("info", ckpt).out
     r = cli("eval", ckpt, "--data", root, "--json")
     assert r.code == 0, r.err
     assert r.json()["images"] == 4
@@ -165,6 +181,8 @@ def test_convert_class_names_from_files_and_imagenet(cli, tmp_path, tiny_pt):
     assert r.code == 1 and "JSON list of strings" in r.err
     r = _convert(cli, tiny_pt, tmp_path / "x.safetensors", "--resize", "crop:2")
     assert r.code == 1 and "(0, 1]" in r.err
+    r = _convert(cli, tiny_pt, tmp_path / "x.safetensors", "--interpolation", "bicubik")
+    assert r.code == 1 and "did you mean 'bicubic'" in r.err
 
 
 def test_imagenet_names_for_a_torchvision_teacher(cli, tmp_path):
@@ -188,7 +206,8 @@ def test_the_rule_travels_from_train_through_distill_to_onnx(cli, tmp_path):
     root = _mixed_folder(tmp_path / "imgs")
     teacher, student = tmp_path / "t.safetensors", tmp_path / "s.safetensors"
     r = cli("train", "--arch", "tiny_cnn", "--data", root, "--val", root, "--image-size", "16",
-            "--resize", "crop", "--epochs", "1", "--batch-size", "4", "--out", teacher, "--json")
+            "--resize", "crop", "--interpolation", "bicubic", "--epochs", "1", "--batch-size",
+            "4", "--out", teacher, "--json")
     assert r.code == 0, r.err
     assert cli("info", teacher, "--json").json()["crop_fraction"] == 1.0
     r = cli("distill", "--teacher", teacher, "--student", "tiny_cnn", "--epochs", "1",
@@ -204,4 +223,4 @@ def test_the_rule_travels_from_train_through_distill_to_onnx(cli, tmp_path):
     onnx = tmp_path / "s.onnx"
     r = cli("export", calibrated, "--out", onnx, "--val", root, "--json")  # --out: --onnx
     assert r.code == 0, r.err
-    assert read_info(onnx).crop_fraction == 1.0
+    assert Fit.of(read_info(onnx)) == Fit(1.0, "bicubic")
