@@ -7,7 +7,7 @@ evaluated on.  Torch-free on purpose: the server does not import torch.
 Two ways to fit an image to a model's H x W input (a checkpoint records which,
 as ``crop_fraction``, and the ``interpolation`` of its resizes, bilinear or bicubic):
 
-* **stretch** (``crop_fraction`` None): a bilinear resize to H x W.  For data
+* **stretch** (``crop_fraction`` None): a resize to H x W.  For data
   already at the model's size (CIFAR, digits) it changes nothing.
 * **crop** (``crop_fraction`` F in (0, 1]): resize, keeping the aspect ratio,
   until the image covers floor(H / F) x floor(W / F), then take the centre
@@ -29,9 +29,6 @@ from kdtool.errors import KdtoolError, check_choice, suggest
 INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N"}
 RESIZE_MODES = ("stretch", "crop")
-RESIZE_HELP = ("How images of another size are fitted to the model's input: stretch (resize to "
-               "HxW) or crop[:F] (keep the aspect ratio, resize to cover HxW / F, take the "
-               "centre HxW; crop:0.875 is torchvision's ImageNet resize 256 / crop 224).")
 
 
 def parse_resize(text: str) -> float | None:
@@ -62,13 +59,11 @@ def check_crop_fraction(fraction: float | None, what: str) -> None:
 
 def fit_problems(model) -> list[str]:
     """What is wrong with a model record's fit fields (for its metadata's validate)."""
-    problems = []
-    if model.crop_fraction is not None and not 0 < model.crop_fraction <= 1:
-        problems.append(f"crop_fraction {model.crop_fraction} is not in (0, 1]")
-    if model.interpolation not in INTERPOLATIONS:
-        problems.append(f"interpolation '{model.interpolation}' is not one of "
-                        + ", ".join(INTERPOLATIONS))
-    return problems
+    try:
+        Fit.of(model)
+    except KdtoolError as e:
+        return [str(e)]
+    return []
 
 
 def describe_resize(crop_fraction: float | None) -> str:
@@ -85,7 +80,7 @@ class Fit:
     interpolation: str = "bilinear"
 
     def __post_init__(self):
-        check_crop_fraction(self.crop_fraction, "image fitting")
+        check_crop_fraction(self.crop_fraction, "crop_fraction")
         check_choice(self.interpolation, INTERPOLATIONS, "interpolation")
 
     @classmethod
