@@ -196,6 +196,12 @@ def read_meta(path: str | Path) -> ModelMeta:
             f"'{path}' is a plain PyTorch file, not a kdtool checkpoint",
             "convert it first: kdtool convert FILE --arch ARCH --out model.safetensors",
         )
+    if path.suffix.lower() == ".onnx":
+        raise KdtoolError(
+            f"'{path}' is an ONNX model, not a kdtool checkpoint",
+            "this stage takes the .safetensors it was exported from; 'kdtool bench FILE.onnx "
+            "--data DATA' measures an ONNX model's accuracy",
+        )
     header = _safetensors_header(path)
     if META_KEY not in header:
         raise KdtoolError(

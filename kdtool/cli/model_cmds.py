@@ -74,10 +74,13 @@ def file_sha256(path: Path) -> str:
 
 @app.command("info")
 def info_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="A kdtool .safetensors checkpoint.")],
+    checkpoint: Annotated[Path, typer.Argument(
+        help="A kdtool .safetensors checkpoint, or an .onnx file written by kdtool export.")],
     as_json: Json = False,
 ) -> None:
     """Print a checkpoint's metadata: architecture, classes, input, normalisation, provenance.
+
+    An ONNX file shows the metadata kdtool export wrote into it (what bench and serve read).
 
     Example: [bold]kdtool info teacher.safetensors[/bold]
     """
@@ -89,6 +92,9 @@ def info_cmd(
     from kdtool.checkpoint import read_meta
     from kdtool.imageprep import Fit
 
+    if checkpoint.suffix.lower() == ".onnx":
+        _onnx_info(checkpoint, as_json)
+        return
     meta = read_meta(checkpoint)
     with safe_open(str(checkpoint), framework="pt") as f:
         keys = list(f.keys())
@@ -113,6 +119,37 @@ def info_cmd(
         rows += [[f"stage {k}", ", ".join(f"{a}={b}" for a, b in v.items()
                                           if not isinstance(b, list | dict))]
                  for k, v in r["stages"].items()]
+        console.print_kv(str(r["file"]), rows)
+
+    console.emit(result, as_json, render)
+
+
+def _onnx_info(path: Path, as_json: bool) -> None:
+    from dataclasses import asdict
+
+    from kdtool import console
+    from kdtool.export.metadata import read_info
+    from kdtool.imageprep import Fit
+
+    info = read_info(path)
+    result = {"file": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path),
+              "format": "onnx", **asdict(info)}
+
+    def render(r):
+        h, w = r["input_size"]
+        batch = f"fixed {r['batch']}" if r["batch"] else "dynamic" + (
+            f" (profiled up to {r['max_batch']})" if r["max_batch"] else "")
+        rows = [["format", f"ONNX, {r['precision']}, opset {r['opset']}, batch {batch}"],
+                ["architecture", r["arch"] + (" (BN folded)" if r["folded"] else "")],
+                ["classes", _classes(r["num_classes"], r["class_names"])],
+                ["input", f"'{r['input_name']}' {r['layout']} {r['in_chans']}x{h}x{w} "
+                          f"{r['input_dtype']} (other sizes: {Fit.of(info).describe()})"],
+                ["output", f"'{r['output_name']}'"],
+                ["mean / std", f"{_fmt_list(r['mean'])} / {_fmt_list(r['std'])}"],
+                ["exported from", f"{r['source']} (sha256 {r['source_sha256'][:16]}...)"],
+                ["file", f"{r['bytes']:,} bytes, sha256 {r['sha256'][:16]}..."]]
+        rows += [[f"int8 {k}", str(v)] for k, v in r["quantization"].items()
+                 if not isinstance(v, list | dict)]
         console.print_kv(str(r["file"]), rows)
 
     console.emit(result, as_json, render)

@@ -3,6 +3,7 @@
 import hashlib
 import importlib.util
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,23 @@ def test_metadata_round_trips(fp32_export, digits_teacher):
     with OrtRunner(path) as runner:
         assert runner.info == info  # ONNX Runtime's custom metadata map carries the same
     assert result["onnx_export"]["opset"] == 18 and result["onnx_export"]["exporter"] == "dynamo"
+
+
+def test_info_reads_the_onnx_metadata_and_checkpoint_stages_refuse_onnx(cli, int8_export,
+                                                                         monkeypatch):
+    path, _ = int8_export
+    r = cli("info", path, "--json")
+    assert r.code == 0, r.err
+    got = r.json()
+    assert got["format"] == "onnx" and got["precision"] == "int8"
+    assert got == {**got, **asdict(read_info(path))}
+    assert got["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    monkeypatch.setenv("COLUMNS", "200")
+    out = cli("info", path).out
+    assert "ONNX, int8, opset 18, batch dynamic" in out and "int8 calib_method" in out
+    r = cli("eval", path, "--data", "digits:test")
+    assert r.code == 1 and "is an ONNX model, not a kdtool checkpoint" in r.err
+    assert "kdtool bench" in r.err and "Traceback" not in r.err
 
 
 def test_parity_and_accuracy_are_reported(fp32_export):
