@@ -301,7 +301,8 @@ def class_balance(hist: torch.Tensor) -> float:
     """Entropy of the teacher's predicted-class histogram over log(classes): 1 = uniform."""
     p = hist.double() / hist.sum().clamp(min=1)
     entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
-    return entropy / math.log(len(hist)) if len(hist) > 1 else 1.0
+    # max(0, ...): one class only gives -0.0, which would print as "-0.000"
+    return max(0.0, entropy / math.log(len(hist))) if len(hist) > 1 else 1.0
 
 
 def _epoch_line(row: dict, epochs: int) -> str:

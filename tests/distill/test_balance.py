@@ -42,6 +42,7 @@ def test_balanced_noise_evens_out_the_teachers_classes():
 def test_class_balance_measure():
     assert class_balance(torch.tensor([5, 5, 5, 5])) == 1.0
     assert class_balance(torch.tensor([20, 0, 0, 0])) == 0.0
+    assert f"{class_balance(torch.tensor([20, 0]))}" == "0.0"  # not -0.0 ("-0.000" in tables)
 
 
 def test_class_weights_give_each_predicted_class_the_same_total():
