@@ -25,7 +25,7 @@ from kdtool.calibrate.sweep import (
     write_png,
 )
 from kdtool.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
-from kdtool.data import ImageData, check_fits, load_data
+from kdtool.data import ImageData, check_fits, load_data, match_classes
 from kdtool.device import resolve_device
 from kdtool.errors import KdtoolError
 from kdtool.evaluate import evaluate
@@ -215,6 +215,7 @@ class CalibrateRun:
                 f"validation data '{self.cfg.val}' has no labels",
                 "use a labelled dataset for --val",
             )
+        val = match_classes(val, meta.class_names)
         check_fits(
             val,
             num_classes=meta.num_classes,

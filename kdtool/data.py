@@ -152,8 +152,21 @@ def load_for_model(spec: str, model) -> ImageData:
     benchmark's BenchModel): ``in_chans``, ``input_size``, ``crop_fraction`` and
     ``interpolation``.
     """
-    return load_data(spec, image_size=tuple(model.input_size), channels=model.in_chans,
+    data = load_data(spec, image_size=tuple(model.input_size), channels=model.in_chans,
                      fit=Fit.of(model))
+    return match_classes(data, model.class_names)
+
+
+def match_classes(data: ImageData, names: list[str]) -> ImageData:
+    """``data`` labelled in the order of a model's class ``names`` when its own class names
+    are all among them (a folder holding some of the classes, or all in another order);
+    otherwise unchanged: labels then mean class indices."""
+    if not data.labeled or not names or data.class_names == names \
+            or not set(data.class_names) <= set(names):
+        return data
+    index = {n: i for i, n in enumerate(names)}
+    remap = torch.tensor([index[n] for n in data.class_names])
+    return ImageData(data.x, remap[data.y], list(names), data.source)
 
 
 def check_fits(data: ImageData, *, num_classes: int, in_chans: int, what: str) -> None:
@@ -168,7 +181,8 @@ def check_fits(data: ImageData, *, num_classes: int, in_chans: int, what: str) -
     if data.labeled and data.num_classes != num_classes:
         raise KdtoolError(
             f"{data.source} has {data.num_classes} classes but {what} has {num_classes}",
-            "use data labelled with the model's classes, or unlabeled data")
+            "use data labelled with the model's classes (class folders named as the model's "
+            "classes may hold a subset of them; 'kdtool info' lists them), or unlabeled data")
 
 
 def _check_size(image_size) -> tuple[int, int] | None:

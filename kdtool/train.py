@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from kdtool import console, optim
 from kdtool.checkpoint import ModelMeta
-from kdtool.data import ImageData, check_fits, load_data
+from kdtool.data import ImageData, check_fits, load_data, match_classes
 from kdtool.device import (
     COMPILE_MODES,
     PRECISIONS,
@@ -103,8 +103,9 @@ class Trainer:
         val = None
         if c.val:
             # Fitted to the training images' size, as eval and serve will fit them.
-            val = load_data(c.val, image_size=train.image_size, channels=train.channels,
-                            fit=self.fit)
+            val = match_classes(load_data(c.val, image_size=train.image_size,
+                                          channels=train.channels, fit=self.fit),
+                                train.class_names)
             check_fits(val, num_classes=train.num_classes, in_chans=train.channels,
                        what=f"training data '{c.data}'")
         return train, val

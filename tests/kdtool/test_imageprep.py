@@ -224,3 +224,34 @@ def test_the_rule_travels_from_train_through_distill_to_onnx(cli, tmp_path):
     r = cli("export", calibrated, "--out", onnx, "--val", root, "--json")  # --out: --onnx
     assert r.code == 0, r.err
     assert Fit.of(read_info(onnx)) == Fit(1.0, "bicubic")
+
+
+def test_labels_follow_the_models_class_names(cli, tmp_path):
+    """A folder holding some of the classes, or all in another order, is labelled by name."""
+    import torch
+
+    from kdtool.data import match_classes
+    from kdtool.models import create_model
+
+    model = create_model("tiny_cnn", num_classes=3)
+    state = model.state_dict()
+    state["linear.weight"].zero_()
+    state["linear.bias"].copy_(torch.tensor([0.0, 10.0, 0.0]))  # always answers class 1
+    torch.save(state, tmp_path / "ant.pt")
+    ckpt = tmp_path / "ant.safetensors"
+    assert cli("convert", tmp_path / "ant.pt", "--arch", "tiny_cnn", "--num-classes", "3",
+               "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25", "--class-names",
+               "zebra,ant,bee", "--out", ckpt).code == 0
+    root = tmp_path / "some"
+    for name in ("ant", "zebra"):  # sorted, the folder would label ant 0 and zebra 1
+        (root / name).mkdir(parents=True)
+        for i in range(2):
+            _image(8, 8, seed=i).save(root / name / f"{i}.png")
+    r = cli("eval", ckpt, "--data", root, "--json")
+    assert r.code == 0, r.err
+    assert r.json()["per_class"] == {"zebra": 0.0, "ant": 100.0} and r.json()["top1"] == 50.0
+    data = load_data(str(root))
+    assert match_classes(data, ["ant", "zebra"]) is data  # same names, same order
+    assert match_classes(data, ["cat", "dog"]) is data  # not the model's names: by index
+    assert match_classes(data, []) is data
+    assert match_classes(data, ["zebra", "ant", "bee"]).y.tolist() == [1, 1, 0, 0]
