@@ -38,6 +38,7 @@ def models_cmd(
 
     from kdtool import console
     from kdtool.models import count_params, create_model, list_models, model_spec
+    from kdtool.models.torchvision_models import published_params
 
     rows = []
     names = list_models()
@@ -47,9 +48,13 @@ def models_cmd(
         names += ["tv:" + n for n in list_names()]
     for name in names:
         spec = model_spec(name)
-        with torch.device("meta"):  # count parameters without allocating them
-            params = count_params(create_model(name, num_classes=10 if not
-                                               name.startswith("tv:") else 1000))
+        num_classes = 1000 if name.startswith("tv:") else 10
+        try:
+            with torch.device("meta"):  # count parameters without allocating them
+                params = count_params(create_model(name, num_classes=num_classes))
+        except NotImplementedError:  # a builder that reads tensor values (torchvision's RegNets)
+            params = published_params(name) or count_params(
+                create_model(name, num_classes=num_classes))
         rows.append({"name": name, "family": spec.family, "params": params,
                      "input_size": list(spec.input_size), "description": spec.description})
 

@@ -55,6 +55,20 @@ def eval_transform(name: str) -> tuple[int, int, str]:
         how if how in ("bilinear", "bicubic") else "bilinear"
 
 
+def published_params(name: str) -> int | None:
+    """Parameters of ``tv:name`` at 1000 classes, from its DEFAULT weights' table (no build);
+    None for a kdtool architecture or a builder without published weights."""
+    import torchvision.models
+
+    if not name.startswith(TV_PREFIX):
+        return None
+    try:
+        meta = torchvision.models.get_model_weights(name[len(TV_PREFIX):]).DEFAULT.meta
+    except (ValueError, KeyError, AttributeError):
+        return None
+    return meta.get("num_params")
+
+
 def list_names() -> list[str]:
     """Names of the torchvision classifiers usable as ``tv:<name>``."""
     return list(_names())

@@ -48,6 +48,16 @@ def test_models_lists_the_zoo_with_counts(cli):
             "densenet169", "tiny_cnn"} <= set(rows)
 
 
+def test_models_lists_every_torchvision_classifier(cli):
+    from kdtool.models.torchvision_models import list_names
+
+    rows = {m["name"]: m for m in cli("models", "--torchvision", "--json").json()["models"]}
+    assert {"tv:" + n for n in list_names()} <= set(rows)
+    # RegNet builders read tensor values, so they cannot be counted on the meta device.
+    assert rows["tv:regnet_y_400mf"]["params"] == 4_344_144
+    assert rows["tv:resnet18"]["params"] == 11_689_512
+
+
 def _one_line_error(r, *fragments):
     assert r.code == 1, (r.code, r.out, r.err)
     assert "Traceback" not in r.err
