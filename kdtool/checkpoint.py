@@ -21,8 +21,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from kdtool.errors import KdtoolError, check_choice
-from kdtool.imageprep import INTERPOLATIONS, fit_problems, parse_resize
+from kdtool.errors import KdtoolError
+from kdtool.imageprep import Fit, fit_problems, parse_resize
 from kdtool.io import atomic_write_bytes, check_output, require_file
 from kdtool.models import TV_PREFIX, create_model
 
@@ -133,6 +133,9 @@ class ForeignSpec:
             mean, std = IMAGENET_MEAN, IMAGENET_STD  # torchvision's own weights use these
         if self.in_chans != len(mean):
             mean, std = mean[:1] * self.in_chans, std[:1] * self.in_chans
+        # The flags override the architecture's default (Fit checks them: "did you mean").
+        fit = Fit(spec.crop_fraction if self.resize is None else parse_resize(self.resize),
+                  self.interpolation or spec.interpolation)
         meta = ModelMeta(
             arch=self.arch,
             num_classes=self.num_classes,
@@ -142,9 +145,8 @@ class ForeignSpec:
             std=list(std),
             class_names=list(self.class_names),
             provenance={"imported_from": str(source)},
-            crop_fraction=spec.crop_fraction if self.resize is None else parse_resize(self.resize),
-            interpolation=spec.interpolation if self.interpolation is None
-            else check_choice(self.interpolation, INTERPOLATIONS, "--interpolation value"),
+            crop_fraction=fit.crop_fraction,
+            interpolation=fit.interpolation,
         )
         meta.validate(source)
         return meta

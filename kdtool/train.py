@@ -65,6 +65,10 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 on CUDA, fp32 on a CPU (kdtool.device.PRECISIONS)
     ema: float = 0.0  # > 0: validate and write an average of the weights (kdtool/ema.py)
 
+    def fit(self) -> Fit:
+        """How images are fitted to --image-size (and, later, to this model's input)."""
+        return Fit(parse_resize(self.resize or "stretch"), self.interpolation)
+
     def resolved(self) -> TrainConfig:
         """Validate user values and fill the defaults that depend on other options."""
         model_spec(self.arch)  # unknown architecture -> "did you mean"
@@ -76,7 +80,7 @@ class TrainConfig:
         check_choice(c.compile_mode, COMPILE_MODES, "--compile-mode")
         check_choice(c.precision, PRECISIONS, "--precision")
         check_decay(c.ema)
-        Fit(parse_resize(c.resize or "stretch"), c.interpolation)  # "did you mean" on a typo
+        c.fit()  # "did you mean" on a typo
         if c.cutout < 0:
             raise KdtoolError(f"--cutout must be >= 0, got {c.cutout}")
         if not 0 <= c.label_smoothing < 1:
@@ -95,7 +99,7 @@ class Trainer:
 
     def _load_data(self) -> tuple[ImageData, ImageData | None]:
         c = self.cfg
-        self.fit = Fit(parse_resize(c.resize or "stretch"), c.interpolation)
+        self.fit = c.fit()
         train = load_data(c.data, image_size=c.image_size, fit=self.fit)
         if not train.labeled:
             raise KdtoolError(f"training data '{c.data}' has no labels",

@@ -110,7 +110,7 @@ def info_cmd(
 
     def render(r):
         prov = r["provenance"]
-        fit = Fit(r["crop_fraction"], r["interpolation"])
+        fit = Fit.of(meta)
         rows = [["architecture", r["arch"] + (f" {r['arch_args']}" if r["arch_args"] else "")],
                 ["classes", _classes(r["num_classes"], r["class_names"])],
                 ["input", f"{r['in_chans']}x{r['input_size'][0]}x{r['input_size'][1]} "
