@@ -2,7 +2,8 @@
 
 1. train a small teacher on ``digits``;
 2. distil students from Gaussian noise with the teacher on running statistics (classic KD,
-   the failure baseline) and on current statistics (the method), and one from dead leaves;
+   the failure baseline) and on current statistics (the method), and one from dead leaves,
+   and draw their learning curves (``kdtool analyze curves``; the PNG needs matplotlib);
 3. calibrate the best student's BatchNorm statistics on 32 x 16 real images and fold BN;
 4. export it to ONNX (FP32) and INT8 QDQ ONNX, each checked against PyTorch;
 5. benchmark PyTorch against ONNX Runtime on the CPU.
@@ -79,12 +80,14 @@ class Demo:
         t0 = time.perf_counter()
         teacher = self.train_teacher()
         students = self.distil(teacher)
+        curves = self.curves(students)
         best = max(students, key=lambda s: s["top1_current"])
         cal = self.calibrate(best)
         onnx = self.export(cal["file"])
         bench = self.bench(cal["file"], onnx)
         return {"out": str(self.out), "scale": asdict(self.scale), "seed": self.seed,
-                "teacher": teacher, "students": students, "best_student": best["file"],
+                "teacher": teacher, "students": students, "curves": curves,
+                "best_student": best["file"],
                 "calibrated": cal, "export": onnx, "bench": bench,
                 "seconds": time.perf_counter() - t0}
 
@@ -115,7 +118,8 @@ class Demo:
                 balance=balance,
                 noise_pool=s.pool if noise == "dead_leaves" else 0, epochs=s.epochs,
                 iters_per_epoch=s.iters, batch_size=s.batch, schedule="onecycle", lr=s.lr,
-                val=TEST, val_every=s.epochs, seed=self.seed, device=self.device),
+                val=TEST, val_every=max(1, s.epochs // 6), seed=self.seed,
+                device=self.device),
                 path, force=True).run()
             rows.append({"file": str(path), "label": label, "noise": noise, "teacher_bn": bn,
                          "top1_current": r["val_top1_current"],
@@ -123,6 +127,23 @@ class Demo:
                          "seconds": time.perf_counter() - t1})
         console.info(f"distilled in {time.perf_counter() - t:.0f} s")
         return rows
+
+    def curves(self, students: list[dict]) -> dict:
+        """The students' learning curves: a CSV always, the PNG when matplotlib is installed."""
+        from kdtool.analyze import write_csv
+        from kdtool.analyze.curves import load_runs, long_rows, write_png
+
+        runs = load_runs([Path(st["file"]) for st in students])
+        out = {"csv": str(self.out / "students.csv"), "png": None}
+        write_csv(Path(out["csv"]), long_rows(runs))
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            out["note"] = "pip install 'kdtool[plot]' to draw students.png as well"
+            return out
+        out["png"] = str(self.out / "students.png")
+        write_png(Path(out["png"]), runs, "demo students: learning curves on digits")
+        return out
 
     def calibrate(self, student: dict) -> dict:
         from kdtool.calibrate.pipeline import CalibrateConfig, calibrate

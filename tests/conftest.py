@@ -60,6 +60,30 @@ def digits_teacher(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture
+def interrupted_distill(monkeypatch):
+    """``interrupted_distill(run, epoch)``: a ``DistillRun`` whose ``run()`` is stopped by
+    Ctrl-C as the 0-based ``epoch`` starts, as a user would stop it; later runs are not."""
+    from kdtool.distill.loop import DistillRun
+
+    real = DistillRun._epoch
+
+    def interrupt(run: DistillRun, at_epoch: int) -> None:
+        def killed(self, step_fn, student, noise, epoch, *a):
+            if epoch == at_epoch:
+                raise KeyboardInterrupt
+            return real(self, step_fn, student, noise, epoch, *a)
+
+        monkeypatch.setattr(DistillRun, "_epoch", killed)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                run.run()
+        finally:
+            monkeypatch.setattr(DistillRun, "_epoch", real)
+
+    return interrupt
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

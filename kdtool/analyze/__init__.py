@@ -1,5 +1,10 @@
 """The paper's analyses as commands (``kdtool analyze ...``): each writes a PNG and a CSV."""
 
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
 from kdtool.errors import KdtoolError
 
 
@@ -9,3 +14,34 @@ def require_matplotlib() -> None:
     except ImportError:
         raise KdtoolError("kdtool analyze draws its plots with matplotlib, which is not "
                           "installed", "pip install 'kdtool[plot]'") from None
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend: no display needed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_png(fig, path: Path, dpi: int = 100) -> None:
+    """Write ``fig`` to ``path`` atomically and close it."""
+    from kdtool.io import atomic_path
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    pyplot().close(fig)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Rows of one shape (the first row's keys) as CSV, floats to 6 significant digits."""
+    from kdtool.io import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})

@@ -10,7 +10,6 @@ Wasserstein-1 distance of (2) and (3) from (1). The paper's point: (3) lies clos
 
 from __future__ import annotations
 
-import csv
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from kdtool.analyze import pyplot, save_png
 from kdtool.bn import batch_stats, bn_layers
 from kdtool.errors import KdtoolError, check_choice
-from kdtool.io import atomic_path
 
 CONDITIONS = ("real, running BN", "noise, running BN", "noise, current BN")
 
@@ -111,19 +110,8 @@ def run_activations(cfg: ActivationsConfig) -> dict:
             "images": n, "layers": layers, "rows": rows, "values": acts}
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-
-
 def write_png(path: Path, r: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     layers = r["layers"]
     cols = min(4, len(layers))
@@ -144,7 +132,4 @@ def write_png(path: Path, r: dict) -> None:
     for ax in list(axes.flat)[len(layers):]:
         ax.axis("off")
     fig.suptitle(f"{r['arch']}: activations on {r['data']} and {r['noise']} noise")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_png(fig, path)

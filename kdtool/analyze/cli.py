@@ -7,11 +7,12 @@ from typing import Annotated
 
 import typer
 
+from kdtool.analyze import write_csv
 from kdtool.cli.app import app
 from kdtool.cli.options import DATA_HELP, Device, Force, Json, Seed
 
 analyze_app = typer.Typer(
-    help="The paper's analyses as commands; each writes a PNG and a CSV.",
+    help="The paper's analyses, and learning curves of runs; each writes a PNG and a CSV.",
     no_args_is_help=True,
 )
 app.add_typer(analyze_app, name="analyze")
@@ -107,7 +108,7 @@ def activations_cmd(
     Example: [bold]kdtool analyze activations teacher.safetensors --data digits:test --out
     figures/activations[/bold]
     """
-    from kdtool.analyze.activations import ActivationsConfig, run_activations, write_csv, write_png
+    from kdtool.analyze.activations import ActivationsConfig, run_activations, write_png
 
     csv_path, png_path = _outputs(out, force)
     names = [n for n in layers.split(",") if n] if layers else None
@@ -148,7 +149,6 @@ def student_cmd(
     Example: [bold]kdtool analyze student student.safetensors --data digits:test --calib-data
     digits --out figures/student[/bold]
     """
-    from kdtool.analyze.activations import write_csv
     from kdtool.analyze.student import StudentConfig, run_student, write_png
 
     csv_path, png_path = _outputs(out, force)
@@ -204,7 +204,7 @@ def sweep_cmd(
     Example: [bold]kdtool analyze sweep --teacher teacher.safetensors --val digits:test
     --param running-fraction --values 0,0.25,0.5,0.75,1 --out figures/table1[/bold]
     """
-    from kdtool.analyze.sweep import PARAMS, run_sweep, write_csv, write_png
+    from kdtool.analyze.sweep import PARAMS, run_sweep, write_png
     from kdtool.cli.options import parse_floats
     from kdtool.distill.loop import DistillConfig
     from kdtool.errors import check_choice
@@ -227,3 +227,51 @@ def sweep_cmd(
             lambda res: [[f"{r['value']:g}", f"{r['val_top1_current']:.1f}%",
                           f"{r['val_top1_running']:.1f}%", f"{r['seconds']:.0f} s"]
                          for r in res["rows"]])
+
+
+@analyze_app.command("curves")
+def curves_cmd(
+    checkpoints: Annotated[list[Path], typer.Argument(
+        help="Outputs of kdtool train or kdtool distill (finished, or still running: the "
+        "output is rewritten after every epoch), drawn on shared axes.")],
+    labels: Annotated[str | None, typer.Option(
+        "--labels", help="Comma-separated legend names, one per checkpoint (default: file "
+        "names).")] = None,
+    stage: Annotated[str | None, typer.Option(
+        "--stage", help="train or distill: which recorded history to draw (default: the "
+        "latest).")] = None,
+    title: Annotated[str | None, typer.Option("--title", help="Figure title.")] = None,
+    out: OutStem = Path("curves"),
+    force: Force = False,
+    as_json: Json = False,
+) -> None:
+    """Learning curves of train and distill runs: loss, top-1, teacher agreement, lr.
+
+    Reads the per-epoch history a run records in its checkpoint: nothing is recomputed, no
+    data is needed. The CSV holds every recorded number, one row per run, epoch and metric.
+
+    Example: [bold]kdtool analyze curves gauss.safetensors leaves.safetensors --labels
+    Gaussian,"dead leaves" --out figures/noise_curves[/bold]
+    """
+    from kdtool.analyze.curves import HISTORY_STAGES, load_runs, long_rows, summary, write_png
+    from kdtool.errors import check_choice
+
+    if stage is not None:
+        check_choice(stage, HISTORY_STAGES, "--stage")
+    names = [name.strip() for name in labels.split(",")] if labels is not None else None
+    runs = load_runs(checkpoints, names, stage)
+    csv_path, png_path = _outputs(out, force)
+    write_csv(csv_path, long_rows(runs))
+    write_png(png_path, runs, title)
+    result = {"runs": [summary(r) for r in runs], "csv": str(csv_path), "png": str(png_path)}
+
+    def table_rows(res):
+        def val(s):
+            if "val_best" not in s:
+                return ["n/a", "n/a"]
+            return [f"{s['val_last']:.2f}%", f"{s['val_best']:.2f}% (epoch {s['val_best_epoch']})"]
+        return [[s["run"], s["stage"], f"{s['epoch']}/{s['epochs'] or '?'}", f"{s['loss']:.4f}",
+                 *val(s)] for s in res["runs"]]
+
+    _report(result, as_json, "learning curves",
+            ["run", "stage", "epoch", "loss", "last val top-1", "best val top-1"], table_rows)

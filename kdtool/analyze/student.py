@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from kdtool.analyze import pyplot, save_png
 from kdtool.analyze.activations import collect
 from kdtool.bn import bn_layers
 from kdtool.errors import KdtoolError
@@ -97,13 +98,8 @@ def _accuracy(model, x, labels, batch, current) -> float:
 
 
 def write_png(path, r: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
-
-    from kdtool.io import atomic_path
 
     fig, ax = plt.subplots(figsize=(6, 4))
     values = [r["values"][s] for s in STATES]
@@ -117,7 +113,4 @@ def write_png(path, r: dict) -> None:
     ax.set_xlabel(f"feature value ({r['features']})")
     ax.set_title(f"{r['arch']} student on {r['data']}")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_png(fig, path)

@@ -7,14 +7,13 @@ student is evaluated on ``--val`` on current and on running statistics.
 
 from __future__ import annotations
 
-import csv
 import time
 from dataclasses import replace
 from pathlib import Path
 
+from kdtool.analyze import pyplot, save_png
 from kdtool.distill.loop import DistillConfig, DistillRun
 from kdtool.errors import KdtoolError, check_choice
-from kdtool.io import atomic_path
 
 PARAMS = {
     "running-fraction": "share of the teacher's BN layers on running statistics",
@@ -64,18 +63,8 @@ def run_sweep(base: DistillConfig, param: str, values: list[float], workdir: Pat
     return rows
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-
-
 def write_png(path: Path, rows: list[dict], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [r["value"] for r in rows]
@@ -89,7 +78,4 @@ def write_png(path: Path, rows: list[dict], title: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_png(fig, path)

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kdtool.analyze import pyplot, save_png
 from kdtool.bn import batch_stats, bn_layers
 from kdtool.io import atomic_path
 
@@ -108,10 +109,7 @@ def write_csv(path: Path, r: dict) -> None:
 
 
 def write_png(path: Path, r: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 5, figsize=(20, 4))
     real, labels = r["inputs"]["real"], r["inputs"]["labels"]
@@ -130,7 +128,4 @@ def write_png(path: Path, r: dict) -> None:
         ax.set_title(f"embedding: {name}\nmean distance to real {dist:.3f}")
     for ax in axes:
         ax.set_aspect("equal", adjustable="datalim")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_png(fig, path, dpi=110)

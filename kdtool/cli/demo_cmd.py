@@ -51,6 +51,10 @@ def render_summary(r: dict) -> None:
         best = " [best]" if s["file"] == r["best_student"] else ""
         rows.append([f"student: {s['label']}{best}",
                      f"{_pct(s['top1_current'])} (own running BN {_pct(s['top1_running'])})"])
+    curves = r["curves"]
+    rows.append(["students' learning curves",
+                 ", ".join(Path(f).name for f in (curves["png"], curves["csv"]) if f)
+                 + (f" ({curves['note']})" if "note" in curves else "")])
     c = r["calibrated"]
     rows.append(["best student calibrated (32 x 16 real images) + folded",
                  f"{_pct(c['top1'])} on running BN (was {_pct(c['top1_noise_running'])}); "

@@ -117,19 +117,9 @@ def _cfg(teacher, **kw):
 
 
 @pytest.mark.parametrize("ema", [0.0, 0.9])
-def test_resume_continues_exactly(small_teacher, tmp_path, monkeypatch, ema):
+def test_resume_continues_exactly(small_teacher, tmp_path, interrupted_distill, ema):
     DistillRun(_cfg(small_teacher, ema=ema), tmp_path / "a.safetensors").run()
-    real = DistillRun._epoch
-
-    def killed_in_third_epoch(self, step_fn, student, noise, epoch, *a):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real(self, step_fn, student, noise, epoch, *a)
-
-    monkeypatch.setattr(DistillRun, "_epoch", killed_in_third_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        DistillRun(_cfg(small_teacher, ema=ema), tmp_path / "b.safetensors").run()
-    monkeypatch.setattr(DistillRun, "_epoch", real)
+    interrupted_distill(DistillRun(_cfg(small_teacher, ema=ema), tmp_path / "b.safetensors"), 2)
     DistillRun(_cfg(small_teacher, ema=ema), tmp_path / "b.safetensors", resume=True).run()
     a = load_checkpoint(tmp_path / "a.safetensors")[0].state_dict()
     b = load_checkpoint(tmp_path / "b.safetensors")[0].state_dict()
@@ -218,20 +208,11 @@ def test_current_statistics_distil_running_statistics_fail(digits_resnet20, tmp_
     assert acc["running/off"] <= 50.0, acc  # classic KD on noise fails
 
 
-def test_noise_pool_run_resumes_exactly_and_is_recorded(small_teacher, tmp_path, monkeypatch):
+def test_noise_pool_run_resumes_exactly_and_is_recorded(small_teacher, tmp_path,
+                                                         interrupted_distill):
     cfg = _cfg(small_teacher, noise="dead_leaves", noise_pool=64, epochs=2)
     DistillRun(cfg, tmp_path / "a.safetensors").run()
-    real = DistillRun._epoch
-
-    def killed_in_second_epoch(self, step_fn, student, noise, epoch, *a):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return real(self, step_fn, student, noise, epoch, *a)
-
-    monkeypatch.setattr(DistillRun, "_epoch", killed_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        DistillRun(cfg, tmp_path / "b.safetensors").run()
-    monkeypatch.setattr(DistillRun, "_epoch", real)
+    interrupted_distill(DistillRun(cfg, tmp_path / "b.safetensors"), 1)
     DistillRun(cfg, tmp_path / "b.safetensors", resume=True).run()
     a = load_checkpoint(tmp_path / "a.safetensors")[0].state_dict()
     b = load_checkpoint(tmp_path / "b.safetensors")[0].state_dict()

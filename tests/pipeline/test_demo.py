@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+from pathlib import Path
 
 from kdtool.checkpoint import read_meta
 from kdtool.export.metadata import read_info
@@ -33,6 +35,11 @@ def test_demo_quick_end_to_end(cli, tmp_path):
     for name in ("teacher.safetensors", "student.cal.safetensors", "student.onnx",
                  "student.int8.onnx"):
         assert (out / name).is_file()
+    # The students' learning curves, validated at several epochs (not only the last).
+    rows = list(csv.DictReader(Path(res["curves"]["csv"]).read_text().splitlines()))
+    assert {r["run"] for r in rows} == {Path(s["file"]).stem for s in res["students"]}
+    assert len({r["epoch"] for r in rows if r["metric"] == "val_top1_current"}) > 1
+    assert Path(res["curves"]["png"]).read_bytes()[:4] == b"\x89PNG"
     json.dumps(res)  # everything in the result is JSON
 
 
