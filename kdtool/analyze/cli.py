@@ -240,6 +240,9 @@ def curves_cmd(
     stage: Annotated[str | None, typer.Option(
         "--stage", help="train or distill: which recorded history to draw (default: the "
         "latest).")] = None,
+    x: Annotated[str, typer.Option(
+        "--x", help="Draw against 'epoch', 'images' seen or 'seconds' of steps (validation "
+        "excluded): the last two compare runs of other batch sizes or speeds.")] = "epoch",
     title: Annotated[str | None, typer.Option("--title", help="Figure title.")] = None,
     out: OutStem = Path("curves"),
     force: Force = False,
@@ -253,25 +256,36 @@ def curves_cmd(
     Example: [bold]kdtool analyze curves gauss.safetensors leaves.safetensors --labels
     Gaussian,"dead leaves" --out figures/noise_curves[/bold]
     """
-    from kdtool.analyze.curves import HISTORY_STAGES, load_runs, long_rows, summary, write_png
+    from kdtool.analyze.curves import (
+        HISTORY_STAGES,
+        X_AXES,
+        load_runs,
+        long_rows,
+        summary,
+        write_png,
+    )
     from kdtool.errors import check_choice
 
     if stage is not None:
         check_choice(stage, HISTORY_STAGES, "--stage")
+    check_choice(x, X_AXES, "--x")
     names = [name.strip() for name in labels.split(",")] if labels is not None else None
     runs = load_runs(checkpoints, names, stage)
     csv_path, png_path = _outputs(out, force)
     write_csv(csv_path, long_rows(runs))
-    write_png(png_path, runs, title)
-    result = {"runs": [summary(r) for r in runs], "csv": str(csv_path), "png": str(png_path)}
+    write_png(png_path, runs, title, x)
+    result = {"x": x, "runs": [summary(r) for r in runs], "csv": str(csv_path),
+              "png": str(png_path)}
 
     def table_rows(res):
         def val(s):
             if "val_best" not in s:
                 return ["n/a", "n/a"]
-            return [f"{s['val_last']:.2f}%", f"{s['val_best']:.2f}% (epoch {s['val_best_epoch']})"]
-        return [[s["run"], s["stage"], f"{s['epoch']}/{s['epochs'] or '?'}", f"{s['loss']:.4f}",
-                 *val(s)] for s in res["runs"]]
+            return [f"{s['val_last']:.2f}%", f"{s['val_best']:.2f}% ({s['val_best_epoch']})"]
+        return [[s["run"], f"{s['epoch']}/{s['epochs'] or '?'}", f"{s['images']:,}",
+                 f"{s['seconds']:.1f} s", f"{s['loss']:.4f}", *val(s)] for s in res["runs"]]
 
-    _report(result, as_json, "learning curves",
-            ["run", "stage", "epoch", "loss", "last val top-1", "best val top-1"], table_rows)
+    stages = " / ".join(sorted({r.stage for r in runs}))
+    _report(result, as_json, f"learning curves ({stages})",
+            ["run", "epoch", "images", "steps", "loss", "val top-1", "best (epoch)"],
+            table_rows)

@@ -17,6 +17,10 @@ from kdtool.analyze import pyplot, save_png
 from kdtool.errors import KdtoolError
 
 HISTORY_STAGES = ("train", "distill")
+# What curves are drawn against: runs of other batch sizes or speeds compare by images seen
+# or by seconds of steps (validation excluded), both summed from each epoch's record.
+X_AXES = {"epoch": "epoch", "images": "images seen",
+          "seconds": "seconds of steps (validation excluded)"}
 
 
 @dataclass(frozen=True)
@@ -134,22 +138,33 @@ def load_runs(paths: list[Path], labels: list[str] | None = None,
             zip(paths, labels_for(paths, labels), strict=True)]
 
 
+def progress(run: Run) -> list[dict[str, float]]:
+    """Per history row: its epoch, and the images and seconds of steps up to its end."""
+    out, images, seconds = [], 0, 0.0
+    for h in run.history:
+        images += round(h.get("images_per_s", 0.0) * h.get("seconds", 0.0))
+        seconds += h.get("seconds", 0.0)
+        out.append({"epoch": h["epoch"], "images": images, "seconds": seconds})
+    return out
+
+
 def long_rows(runs: list[Run]) -> list[dict]:
     """One CSV row per run x epoch x recorded number: every metric, plotted or not."""
     rows = []
     for run in runs:
-        for h in run.history:
+        for h, at in zip(run.history, progress(run), strict=True):
             for key, value in h.items():
                 if key != "epoch" and type(value) in (int, float):  # not bool
                     rows.append({"run": run.label, "file": run.file, "stage": run.stage,
-                                 "epoch": h["epoch"], "metric": key, "value": float(value)})
+                                 **at, "metric": key, "value": float(value)})
     return rows
 
 
-def series(run: Run, key: str) -> tuple[list[int], list[float]]:
-    """(epochs, values) of one metric; validation may run only every N epochs."""
-    pts = [(h["epoch"], float(h[key])) for h in run.history if key in h]
-    return [e for e, _ in pts], [v for _, v in pts]
+def series(run: Run, key: str, x: str = "epoch") -> tuple[list[float], list[float]]:
+    """(x, values) of one metric; validation may run only every N epochs."""
+    pts = [(at[x], float(h[key])) for h, at in zip(run.history, progress(run), strict=True)
+           if key in h]
+    return [a for a, _ in pts], [v for _, v in pts]
 
 
 def panels_for(runs: list[Run]) -> list[Panel]:
@@ -163,9 +178,10 @@ def _progress(run: Run) -> str:
 
 def summary(run: Run) -> dict:
     """The figures a table row shows: where the run is, its last loss, its best validation."""
-    last = run.history[-1]
+    last, at = run.history[-1], progress(run)[-1]
     out = {"run": run.label, "file": run.file, "stage": run.stage, "source": run.source,
-           "epoch": last["epoch"], "epochs": run.epochs, "loss": last["loss"]}
+           "epoch": last["epoch"], "epochs": run.epochs, "images": at["images"],
+           "seconds": at["seconds"], "loss": last["loss"]}
     for key in ("val_top1", "val_top1_current"):
         epochs, values = series(run, key)
         if values:
@@ -176,7 +192,8 @@ def summary(run: Run) -> dict:
     return out
 
 
-def write_png(path: Path, runs: list[Run], title: str | None = None) -> None:
+def write_png(path: Path, runs: list[Run], title: str | None = None,
+              x: str = "epoch") -> None:
     """One panel per quantity; colour tells the runs apart, line style the series."""
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
@@ -192,7 +209,7 @@ def write_png(path: Path, runs: list[Run], title: str | None = None) -> None:
         drawn = {}  # line style -> what it shows, for this panel's own legend
         for run in runs:
             for key, style, suffix in panel.series:
-                xs, ys = series(run, key)
+                xs, ys = series(run, key, x)
                 if not xs:
                     continue
                 # A sparse series (validation every N epochs) shows its points.
@@ -201,8 +218,9 @@ def write_png(path: Path, runs: list[Run], title: str | None = None) -> None:
                         color=colour[run.label])
                 drawn.setdefault(style, suffix)
         ax.set_title(panel.title)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel(X_AXES[x])
+        if x == "epoch":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if panel.log:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)

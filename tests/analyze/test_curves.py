@@ -54,6 +54,11 @@ def test_the_csv_holds_every_recorded_number_and_the_summary_the_best_epoch(cli,
                     if k != "epoch" and isinstance(v, float)}
         assert mine.keys() == expected.keys()
         assert all(math.isclose(mine[k], v, rel_tol=1e-5) for k, v in expected.items())
+    # Progress columns: 4 steps of 32 noise images an epoch, and increasing step time.
+    gauss = [x for x in rows if x["run"] == "Gaussian" and x["metric"] == "loss"]
+    assert [int(x["images"]) for x in gauss] == [128, 256, 384]
+    assert 0 < float(gauss[0]["seconds"]) < float(gauss[1]["seconds"]) < float(gauss[2]["seconds"])
+    assert res["runs"][0]["images"] == 384
     leaves = res["runs"][1]
     assert (leaves["run"], leaves["stage"], leaves["epoch"], leaves["epochs"]) == (
         "dead leaves", "distill", 4, 4)
@@ -111,6 +116,7 @@ def test_labels_default_to_file_names_made_unique(tmp_path):
     (["{gauss}", "--labels", " "], "has an empty name"),
     (["{gauss}", "--stage", "trian"], "did you mean 'train'"),
     (["{gauss}", "--stage", "train"], "has no train history (it records distill)"),
+    (["{gauss}", "--x", "image"], "did you mean 'images'"),
     (["{plain}"], "records no per-epoch history (its stages: none)"),
     (["{missing}"], "missing.safetensors"),
 ])
@@ -131,7 +137,9 @@ def test_outputs_are_not_overwritten_without_force(cli, runs, tmp_path):
     r = cli("analyze", "curves", runs["gauss"], "--out", tmp_path / "c")
     assert r.code == 1 and "--force" in r.err
     assert (tmp_path / "c.png").read_bytes() == b"mine"
-    assert cli("analyze", "curves", runs["gauss"], "--out", tmp_path / "c", "--force").code == 0
+    r = cli("analyze", "curves", runs["gauss"], "--out", tmp_path / "c", "--force", "--x",
+            "seconds")
+    assert r.code == 0, r.err
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
 
 
