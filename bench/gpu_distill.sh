@@ -8,7 +8,8 @@
 #      no CPU cost per kernel launch: the likely lever for the 3x goal);
 #   4. CIFAR-10 ResNet-34 -> ResNet-18: fresh dead leaves against the pool, and class
 #      weighting (--balance weight) against the paper's loss, in a time budget (EMA=0.995:
-#      every student also with a weight average, --ema, beside its live weights).
+#      every student also with a weight average, --ema, beside its live weights), and the
+#      students' learning curves (kdtool analyze curves, against seconds of steps).
 # Each step has its own timeout and log in $OUT; one failing step does not stop the rest.
 #
 #   DATA=.gpu/cifar10 REF=.gpu/ref OUT=runs/gpu bash bench/gpu_distill.sh
@@ -63,4 +64,14 @@ else
     --teacher-epochs "${TEACHER_EPOCHS:-15}" --weighted --pool 4096 --ema "${EMA:-0}" \
     --workdir /tmp/cifar_work
 fi
+# The CIFAR students' learning curves against seconds of steps (fresh against pool, weighted
+# against plain): one PNG, and every epoch's numbers in the CSV.
+work=$OUT/cifar_work
+[ -n "${SMOKE:-}" ] || work=/tmp/cifar_work
+students=()
+for f in "$work"/*.safetensors; do
+  case $(basename "$f") in teacher_*|probe.*) ;; *) [ -e "$f" ] && students+=("$f") ;; esac
+done
+[ ${#students[@]} -gt 0 ] && step curves 60 python3 -m kdtool analyze curves "${students[@]}" \
+  --x seconds --out "$OUT/cifar_curves" --force
 echo "done on $dev ($(date +%T)); logs in $OUT"

@@ -102,7 +102,9 @@ def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     for i, c in enumerate(columns):
         values = [r[i] for r in rows if i < len(r) and r[i] not in (None, "", "-")]
         right = i > 0 and bool(values) and all(_numeric(v) for v in values)
-        t.add_column(c, justify="right" if right else "left")
+        # Text folds rather than ends in an ellipsis: a file or run name stays whole.
+        t.add_column(c, justify="right" if right else "left",
+                     overflow="ellipsis" if right else "fold")
     for r in rows:
         t.add_row(*[_fmt(v) for v in r])
     return t
