@@ -121,12 +121,40 @@ def info_cmd(
         rows += [[k, str(v)] for k, v in prov.items() if k != "metrics"]
         rows += [[f"metric {k}", f"{v:.4g}" if isinstance(v, float) else str(v)]
                  for k, v in prov.get("metrics", {}).items()]
-        rows += [[f"stage {k}", ", ".join(f"{a}={b}" for a, b in v.items()
-                                          if not isinstance(b, list | dict))]
-                 for k, v in r["stages"].items()]
+        rows += [[f"stage {k}", _stage_line(k, v, checkpoint)] for k, v in r["stages"].items()]
         console.print_kv(str(r["file"]), rows)
 
     console.emit(result, as_json, render)
+
+
+def _train_summary(v: dict) -> str:
+    c = v.get("config") or {}
+    kept = " (the best by validation)" if c.get("val") else ""
+    return f"{c.get('arch')} on {c.get('data')}: weights of epoch {v.get('epoch')} of " \
+           f"{v.get('epochs')}{kept}"
+
+
+def _distill_summary(v: dict) -> str:
+    c, teacher = v.get("config") or {}, v.get("teacher") or {}
+    bn = (v.get("teacher_bn") or {}).get("bn_mode", c.get("teacher_bn"))
+    return (f"from {teacher.get('file')} ({teacher.get('arch')}) on "
+            f"{(v.get('noise') or {}).get('kind', c.get('noise'))} noise, teacher BN {bn}: "
+            f"epoch {v.get('epoch')} of {c.get('epochs')} x {c.get('iters_per_epoch')} batches "
+            f"of {c.get('batch_size')}")
+
+
+# A run's stage in one sentence; other stages list their plain fields.
+STAGE_SUMMARIES = {"train": _train_summary, "distill": _distill_summary}
+
+
+def _stage_line(name: str, record: dict, path: Path) -> str:
+    fields = ", ".join(f"{a}={b}" for a, b in record.items()
+                       if not isinstance(b, list | dict) and a not in ("epoch", "epochs"))
+    parts = [STAGE_SUMMARIES[name](record)] if name in STAGE_SUMMARIES else []
+    parts += [fields] if fields else []
+    if record.get("history"):
+        parts.append(f"learning curves: kdtool analyze curves {path}")
+    return "; ".join(parts)
 
 
 def _onnx_info(path: Path, as_json: bool) -> None:

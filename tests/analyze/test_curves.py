@@ -162,3 +162,21 @@ def test_a_run_state_is_read_only_when_it_is_the_same_runs(digits_teacher, tmp_p
     run = load_run(alone, "a")  # a warning, and the checkpoint's own history
     assert run.source == "checkpoint"
     assert "alone.safetensors.state.pt' is unreadable" in capsys.readouterr().err.replace("\n", "")
+
+
+def test_info_says_which_epoch_the_weights_are_and_where_the_curves_are(cli, digits_teacher,
+                                                                        runs):
+    from kdtool.cli.model_cmds import _stage_line
+
+    train = read_meta(digits_teacher).stages["train"]
+    line = _stage_line("train", train, digits_teacher)
+    assert line.startswith(f"resnet8 on digits: weights of epoch {train['epoch']} of 12 "
+                           "(the best by validation)")
+    assert line.endswith(f"learning curves: kdtool analyze curves {digits_teacher}")
+    distill = read_meta(runs["leaves"]).stages["distill"]
+    assert _stage_line("distill", distill, runs["leaves"]).startswith(
+        f"from {digits_teacher} (resnet8) on dead_leaves noise, teacher BN current: epoch 4 "
+        "of 4 x 4 batches of 32; bn_running_stats=noise")
+    assert _stage_line("calibrate", {"batches": 2, "folded": True}, runs["leaves"]) == (
+        "batches=2, folded=True")
+    assert cli("info", runs["leaves"]).code == 0
