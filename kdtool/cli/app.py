@@ -9,11 +9,12 @@ import sys
 import typer
 
 try:  # typer >= 0.22 vendors its own copy of click
-    from typer._click.exceptions import UsageError
+    from typer._click.exceptions import NoSuchOption, UsageError
 except ImportError:  # older typer runs on click itself
-    from click.exceptions import UsageError
+    from click.exceptions import NoSuchOption, UsageError
 
 from kdtool import __version__
+from kdtool.cli.hints import foreign_option_hint
 from kdtool.errors import KdtoolError
 from kdtool.runinfo import set_command_line
 
@@ -82,6 +83,15 @@ def _reflow_help(typer_app: typer.Typer) -> None:
             _reflow_help(group.typer_instance)
 
 
+def _usage_message(e: UsageError) -> str:
+    if isinstance(e, NoSuchOption) and e.ctx is not None:
+        options = {o for p in e.ctx.command.params for o in (*p.opts, *p.secondary_opts)}
+        hint = foreign_option_hint(e.option_name, options)
+        if hint is not None:
+            return f"No such option: {e.option_name}{hint}"
+    return e.format_message()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print one line and exit 1; bugs keep their traceback."""
     set_command_line(sys.argv[1:] if argv is None else argv)
@@ -94,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except UsageError as e:
         where = e.ctx.command_path if e.ctx is not None else "kdtool"
-        _error(f"{e.format_message()} (see '{where} --help')")
+        _error(f"{_usage_message(e)} (see '{where} --help')")
         sys.exit(1)
     except (typer.Abort, KeyboardInterrupt):
         _error("interrupted")

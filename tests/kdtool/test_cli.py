@@ -82,6 +82,14 @@ def _one_line_error(r, *fragments):
         (["train", "--data", "digits", "--mean", "a,b"], ["--mean", "numbers"]),
         (["train", "--data", "digits", "--optimiser", "sgd"], ["--optimiser", "--optimizer"]),
         (["trian"], ["trian", "train"]),
+        # Options from other tools get kdtool's spelling, among the command's own options.
+        (["export", "s.safetensors", "--format", "onnx"],
+         ["--format; kdtool spells it --precision fp32|fp16|int8 or --trt"]),
+        (["distill", "--model", "resnet8"], ["--model; kdtool spells it --student or --teacher"]),
+        (["train", "--model", "resnet8"], ["--model; kdtool spells it --arch ("]),
+        (["calibrate", "s.safetensors", "-o", "c.safetensors"], ["-o; kdtool spells it --out ("]),
+        # bench has no --precision: the look-alike suggestion stays.
+        (["bench", "--format", "onnx"], ["--format", "--formats"]),
     ],
 )
 def test_user_errors_are_one_line_exit_1(cli, tmp_path, monkeypatch, args, fragments):
@@ -205,3 +213,20 @@ def test_documented_commands_use_options_that_exist():
         ("analyze toy", "--outt")]
     for doc in ("README.md", "docs/BENCHMARKS.md", "docs/RESULTS.md"):
         assert _unknown_options((root / doc).read_text()) == [], doc
+
+
+def test_foreign_option_hints_name_real_options():
+    """Every kdtool spelling in the hint table is an option of some command: no hint rots."""
+    import typer
+
+    from kdtool.cli.hints import FOREIGN_OPTIONS
+
+    def commands(c):
+        subs = getattr(c, "commands", None)
+        return [x for s in subs.values() for x in commands(s)] if subs else [c]
+
+    real = {o for c in commands(typer.main.get_command(app)) for p in c.params
+            for o in (*p.opts, *p.secondary_opts)}
+    for foreign, spellings in FOREIGN_OPTIONS.items():
+        for s in spellings:
+            assert s.split()[0] in real, (foreign, s)

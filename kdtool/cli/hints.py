@@ -1,0 +1,49 @@
+"""kdtool's spelling of options that users bring from other tools.
+
+Click suggests options whose names look alike (``--optimiser`` -> ``--optimizer``); these
+are options that look nothing alike but mean the same: Ultralytics' ``--format`` and
+``--half``, timm's ``--model`` and ``-b``, trtexec's ``--fp16``. Each entry lists kdtool's
+candidates in order; the hint names those the command has, so it never points at an option
+the command lacks.
+"""
+
+from __future__ import annotations
+
+# option users type -> kdtool's equivalents (option, optionally with its value)
+FOREIGN_OPTIONS: dict[str, list[str]] = {
+    "--output": ["--out", "--onnx"],
+    "-o": ["--out", "--onnx"],
+    "--format": ["--precision fp32|fp16|int8", "--trt"],
+    "--half": ["--precision fp16"],
+    "--fp16": ["--precision fp16"],
+    "--bf16": ["--precision bf16"],
+    "--amp": ["--precision bf16"],
+    "--int8": ["--precision int8"],
+    "--dynamic": ["--batch MIN:OPT:MAX"],
+    "--model": ["--arch", "--student", "--teacher"],
+    "--weights": ["--teacher"],
+    "-b": ["--batch-size"],
+    "--bs": ["--batch-size"],
+    "--batch": ["--batch-size"],
+    "--lr0": ["--lr"],
+    "--data-dir": ["--data"],
+    "--dataset": ["--data"],
+    "--calib": ["--calib-data"],
+    "--val-data": ["--val"],
+    "--num-epochs": ["--epochs"],
+    "--iters": ["--iters-per-epoch"],
+    "--steps": ["--iters-per-epoch"],
+    "--overwrite": ["--force"],
+    "--exist-ok": ["--force"],
+    "--cpu": ["--device cpu"],
+    "--gpu": ["--device cuda"],
+    "--cuda": ["--device cuda"],
+}
+
+
+def foreign_option_hint(option: str, command_options: set[str]) -> str | None:
+    """``"; kdtool spells it --precision fp16"`` for the candidates the command has, else None."""
+    have = [c for c in FOREIGN_OPTIONS.get(option, []) if c.split()[0] in command_options]
+    if not have:
+        return None
+    return "; kdtool spells it " + " or ".join(have)
