@@ -1,10 +1,10 @@
 """Open an ONNX Runtime session the one way every kdtool stage does (export, bench, serve).
 
 ``open_session`` checks the file and the providers, refuses a silent provider fallback,
-and on the CPU provider re-encodes symmetric int8 activations as uint8
-(``precision.int8_activations_to_uint8``: the same values, run by ONNX Runtime's fast
-uint8 x int8 kernels). The file on disk is never changed: it stays the TensorRT-valid
-symmetric graph.
+and on the CPU provider re-encodes an INT8 graph's int8 activations as uint8, and its
+weights too where this CPU's int8-weight kernels are wrong (``kdtool.export.cpu_int8``:
+the same values, run by ONNX Runtime's fast kernels). The file on disk is never changed:
+it stays the TensorRT-valid symmetric graph.
 """
 
 from __future__ import annotations
@@ -45,12 +45,18 @@ class OrtSession:
     session: Any
     providers: list[str]
     uint8_tensors: int = 0  # int8 activation tensors re-encoded as uint8 for the CPU
+    uint8_weights: int = 0  # int8 weights re-encoded as uint8 (CPUs whose int8 kernels err)
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"providers": self.providers}
         if self.uint8_tensors:
             d["int8_activations"] = (
                 f"{self.uint8_tensors} tensors run as uint8 on the CPU provider (same values)"
+            )
+        if self.uint8_weights:
+            d["int8_weights"] = (
+                f"{self.uint8_weights} weights run as uint8 (same values): this CPU's "
+                "int8-weight kernels overflow (x86 without VNNI)"
             )
         return d
 
@@ -91,9 +97,9 @@ def open_session(
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source: str | bytes = str(path)
-    uint8_tensors = 0
+    counts = (0, 0)
     if uint8_on_cpu and names[0] == "CPUExecutionProvider":
-        source, uint8_tensors = _cpu_graph(path)
+        source, counts = _cpu_graph(path)
     try:
         session = ort.InferenceSession(source, options, providers=names)
     except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
@@ -108,22 +114,28 @@ def open_session(
             f"{', '.join(active)}); it would run on {active[0]} instead",
             "check that the CUDA, cuDNN and TensorRT libraries match onnxruntime-gpu",
         )
-    return OrtSession(session, active, uint8_tensors)
+    return OrtSession(session, active, *counts)
 
 
-def _cpu_graph(path: Path) -> tuple[str | bytes, int]:
-    """The file itself, or its serialized uint8 re-encoding when it has int8 activations."""
+def _cpu_graph(path: Path) -> tuple[str | bytes, tuple[int, int]]:
+    """The file itself, or its serialized uint8 re-encoding when it is an INT8 graph; and
+    the counts of re-encoded activation tensors and weights."""
     import onnx
 
-    from kdtool.export.precision import int8_activations_to_uint8
+    from kdtool.export.cpu_int8 import (
+        int8_activations_to_uint8,
+        int8_weights_exact,
+        int8_weights_to_uint8,
+    )
 
     try:  # weights kept on disk are not read: a float model only needs its node list
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # not parseable here: let ONNX Runtime report it in its own words
-        return str(path), 0
+        return str(path), (0, 0)
     if not any(n.op_type == "QuantizeLinear" for n in model.graph.node):
-        return str(path), 0
+        return str(path), (0, 0)
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        return str(path), 0  # bytes cannot carry external weights; INT8 files are small
-    count = int8_activations_to_uint8(model)
-    return (model.SerializeToString(), count) if count else (str(path), 0)
+        return str(path), (0, 0)  # bytes cannot carry external weights; INT8 files are small
+    counts = (int8_activations_to_uint8(model),
+              0 if int8_weights_exact() else int8_weights_to_uint8(model))
+    return (model.SerializeToString(), counts) if any(counts) else (str(path), (0, 0))

@@ -6,11 +6,11 @@ INT8 is static post-training quantisation with ``onnxruntime.quantization`` in Q
 format: weights per channel and symmetric, activations symmetric int8 (zero point 0)
 by default. Symmetric int8 is the only form TensorRT's explicit quantisation takes, so
 the same file builds a TensorRT INT8 engine (``--trt``). ONNX Runtime's CPU provider runs
-it fast only once its activations are re-encoded as uint8 (``int8_activations_to_uint8``,
-exact), which kdtool's sessions do at load (``kdtool.export.ort_session``); a plain
-onnxruntime session runs most of its convolutions in float. ``activations="asymmetric"``
-(uint8 with zero points, CPU only: TensorRT refuses it) uses the full uint8 range after a
-ReLU. docs/BENCHMARKS.md has the figures.
+it fast and exactly only once it is re-encoded as uint8 (``kdtool.export.cpu_int8``), which
+kdtool's sessions do at load (``kdtool.export.ort_session``); a plain onnxruntime session
+runs most of its convolutions in float, and on x86 without VNNI the rest can be wrong.
+``activations="asymmetric"`` (uint8 with zero points, CPU only: TensorRT refuses it) uses
+the full uint8 range after a ReLU. docs/BENCHMARKS.md has the figures.
 """
 
 from __future__ import annotations
@@ -194,64 +194,3 @@ def _quiet():
     """Silence the prints of onnxruntime's tools on stdout (``--json`` must stay one object)."""
     with contextlib.redirect_stdout(io.StringIO()):
         yield
-
-
-def int8_activations_to_uint8(model) -> int:
-    """Re-encode int8 activation Q/DQ pairs as uint8, in place; return how many tensors.
-
-    ``q_u8 = q_s8 + 128`` with ``zero_point_u8 = zero_point_s8 + 128`` is the same grid:
-    every dequantised value, and the saturation, are unchanged. Why: ONNX Runtime's CPU
-    kernels are fast for uint8 activations x int8 weights; its own int8-to-uint8 pass
-    skips a quantised tensor with several consumers (a ResNet block's input feeds its
-    conv and its shortcut), so those convolutions stay in float, and its int8 x int8
-    kernels are several times slower. Weights stay int8. A Q whose output feeds anything
-    but DequantizeLinear nodes, or is a graph output, is left alone.
-    """
-    from onnx import TensorProto, numpy_helper
-
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for name in n.input:
-            consumers.setdefault(name, []).append(n)
-    outputs = {o.name for o in graph.output}
-    converted: dict[str, str] = {}  # int8 zero point -> its uint8 twin
-
-    def to_uint8(node) -> None:
-        name = node.input[2]
-        if name not in converted:
-            zp = numpy_helper.to_array(inits[name]).astype(np.int16) + 128
-            twin = numpy_helper.from_array(zp.astype(np.uint8), f"{name}_uint8")
-            graph.initializer.append(twin)
-            converted[name] = twin.name
-        node.input[2] = converted[name]
-
-    count = 0
-    for q in list(graph.node):
-        if q.op_type != "QuantizeLinear" or len(q.input) < 3 or q.input[2] not in inits:
-            continue
-        if inits[q.input[2]].data_type != TensorProto.INT8:
-            continue
-        users = consumers.get(q.output[0], [])
-        if q.output[0] in outputs or not users:
-            continue
-        if any(u.op_type != "DequantizeLinear" or len(u.input) < 3 for u in users):
-            continue
-        if any(u.input[2] not in inits for u in users):
-            continue
-        for node in (q, *users):
-            to_uint8(node)
-        count += 1
-    if count:
-        # Int8 zero points nothing reads any more go; so do the recorded (int8) types of
-        # the re-encoded tensors.
-        used = {name for n in graph.node for name in n.input}
-        keep = [t for t in graph.initializer if t.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
-        stale = {q.output[0] for q in graph.node if q.op_type == "QuantizeLinear"}
-        infos = [v for v in graph.value_info if v.name not in stale]
-        del graph.value_info[:]
-        graph.value_info.extend(infos)
-    return count

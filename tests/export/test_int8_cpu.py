@@ -1,6 +1,7 @@
-"""Symmetric INT8 on ONNX Runtime's CPU provider: the exact uint8 re-encoding at load time."""
+"""Symmetric INT8 on ONNX Runtime's CPU provider: the exact uint8 re-encodings at load time."""
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -9,9 +10,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from kdtool.checkpoint import read_meta
 from kdtool.data import load_data
+from kdtool.export.cpu_int8 import (
+    int8_activations_to_uint8,
+    int8_weights_exact,
+    int8_weights_to_uint8,
+    probe_conv,
+)
 from kdtool.export.ort_session import open_session
 from kdtool.export.parity import normalise
-from kdtool.export.precision import int8_activations_to_uint8
 from kdtool.export.runners import OrtRunner
 
 
@@ -42,9 +48,17 @@ def _qdq_graph(zero_point: int) -> onnx.ModelProto:
     return model
 
 
-def _run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x})
+def _run(model: onnx.ModelProto, x: np.ndarray, *, fused: bool = True,
+         name: str = "x") -> list[np.ndarray]:
+    """Run on the CPU provider; ``fused=False``: no graph optimisation, so every Q/DQ pair
+    runs as written around float ops (the graph's exact meaning, whatever the CPU)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if not fused:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    return session.run(None, {name: x})
 
 
 def test_uint8_reencoding_keeps_every_value_and_the_saturation():
@@ -72,6 +86,36 @@ def test_uint8_reencoding_keeps_every_value_and_the_saturation():
                 np.testing.assert_array_equal(got, want)
 
 
+def test_uint8_weights_keep_every_value():
+    rng = np.random.default_rng(1)
+    x = rng.uniform(-20, 20, 8).astype(np.float32)
+    for zero_point in (0, 3, -128, 127):
+        original = _qdq_graph(zero_point)
+        converted = _qdq_graph(zero_point)
+        int8_activations_to_uint8(converted)  # both rewrites share the zero point's twin
+        assert int8_weights_to_uint8(converted) == 1
+        onnx.checker.check_model(converted, full_check=True)
+        types = {t.name: t.data_type for t in converted.graph.initializer}
+        assert types == {"s": TensorProto.FLOAT, "zp_uint8": TensorProto.UINT8,
+                         "w_uint8": TensorProto.UINT8}
+        for want, got in zip(_run(original, x), _run(converted, x), strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_uint8_weights_make_a_fused_int8_convolution_exact_on_this_cpu():
+    """The probe's worst case (largest activations x weights) through ONNX Runtime's fused
+    QLinearConv: exact once the weights are uint8, on any CPU. Without them it is exact
+    exactly when the probe says so (on x86 without VNNI it is not)."""
+    x = np.full((1, 8, 4, 4), 1.27, np.float32)
+    for activation in (np.uint8, np.int8):
+        model = probe_conv(activation)
+        want = _run(model, x, fused=False)[0]
+        assert np.array_equal(_run(model, x)[0], want) == int8_weights_exact()
+        assert int8_weights_to_uint8(model) == 1
+        assert "QLinearConv" in _optimized_ops(model, None)
+        np.testing.assert_array_equal(_run(model, x)[0], want)
+
+
 def test_a_quantized_graph_output_or_a_non_dq_consumer_is_left_alone():
     model = _qdq_graph(0)
     model.graph.output.append(helper.make_tensor_value_info("q", TensorProto.INT8, [8]))
@@ -80,11 +124,15 @@ def test_a_quantized_graph_output_or_a_non_dq_consumer_is_left_alone():
 
 
 def _optimized_ops(model: onnx.ModelProto, tmp_path) -> list[str]:
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    options.log_severity_level = 3
-    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=tmp_path) as d:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(Path(d) / "optimized.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(model.SerializeToString(), options,
+                             providers=["CPUExecutionProvider"])
+        return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
 
 
 def test_cpu_sessions_run_every_conv_of_a_symmetric_int8_resnet_in_int8(
@@ -98,6 +146,10 @@ def test_cpu_sessions_run_every_conv_of_a_symmetric_int8_resnet_in_int8(
     assert int8_activations_to_uint8(model) > 0
     ops = _optimized_ops(model, tmp_path)
     assert "Conv" not in ops and ops.count("QLinearConv") == convs
+    # With uint8 weights too (what this CPU gets if its int8-weight kernels err).
+    assert int8_weights_to_uint8(model) >= convs
+    ops = _optimized_ops(model, tmp_path)
+    assert "Conv" not in ops and ops.count("QLinearConv") == convs
 
     # The runner applies it on the CPU provider only, says so, and leaves the file alone.
     x, _ = _digits_test(read_meta(result["checkpoint"]))
@@ -106,9 +158,11 @@ def test_cpu_sessions_run_every_conv_of_a_symmetric_int8_resnet_in_int8(
         got = fast.infer(x)
     plain = open_session(path, uint8_on_cpu=False)
     assert plain.uint8_tensors == 0 and "int8_activations" not in plain.describe()
-    want = plain.session.run(None, {"input": x})[0]
     assert "same values" in described["int8_activations"]
-    # Integer accumulation against float convolutions on the same grid: rounding only.
+    assert ("int8_weights" in described) != int8_weights_exact()
+    # Against the graph's exact meaning (Q/DQ around float ops): integer accumulation on
+    # the same grid, so rounding only.
+    want = _run(onnx.load(str(path)), x, fused=False, name="input")[0]
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.99
     np.testing.assert_allclose(got, want, atol=0.05 * np.abs(want).max())
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
