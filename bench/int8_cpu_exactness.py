@@ -31,18 +31,13 @@ import torch
 from kdtool.checkpoint import load_checkpoint, read_meta
 from kdtool.data import load_data
 from kdtool.deploy.bench import machine_info
-from kdtool.export.cpu_int8 import int8_activations_to_uint8, int8_weights_exact
+from kdtool.export.cpu_int8 import (
+    cpu_session,
+    int8_activations_to_uint8,
+    int8_weights_exact,
+)
 from kdtool.export.ort_session import open_session
 from kdtool.export.parity import normalise
-
-
-def _session(source, *, optimise: bool = True, threads: int = 1):
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads
-    if not optimise:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def main() -> None:
@@ -66,14 +61,14 @@ def main() -> None:
     activations_only = onnx.load(args.onnx)
     int8_activations_to_uint8(activations_only)
     sessions = {
-        "plain": _session(args.onnx, threads=args.threads),
-        "exact": _session(args.onnx, optimise=False, threads=args.threads),
-        "uint8 activations": _session(activations_only.SerializeToString(),
+        "plain": cpu_session(args.onnx, threads=args.threads),
+        "exact": cpu_session(args.onnx, fused=False, threads=args.threads),
+        "uint8 activations": cpu_session(activations_only.SerializeToString(),
                                       threads=args.threads),
         "kdtool": open_session(args.onnx, threads=args.threads).session,
     }
     if args.fp32:
-        sessions["fp32 (for speed)"] = _session(args.fp32, threads=args.threads)
+        sessions["fp32 (for speed)"] = cpu_session(args.fp32, threads=args.threads)
     name = sessions["plain"].get_inputs()[0].name
     outs = {k: s.run(None, {name: x})[0] for k, s in sessions.items()}
     rounds: dict[str, list[float]] = {k: [] for k in sessions}

@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 from kdtool.checkpoint import read_meta
 from kdtool.data import load_data
 from kdtool.export.cpu_int8 import (
+    cpu_session,
     int8_activations_to_uint8,
     int8_weights_exact,
     int8_weights_to_uint8,
@@ -50,15 +51,7 @@ def _qdq_graph(zero_point: int) -> onnx.ModelProto:
 
 def _run(model: onnx.ModelProto, x: np.ndarray, *, fused: bool = True,
          name: str = "x") -> list[np.ndarray]:
-    """Run on the CPU provider; ``fused=False``: no graph optimisation, so every Q/DQ pair
-    runs as written around float ops (the graph's exact meaning, whatever the CPU)."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if not fused:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
-    return session.run(None, {name: x})
+    return cpu_session(model.SerializeToString(), fused=fused).run(None, {name: x})
 
 
 def test_uint8_reencoding_keeps_every_value_and_the_saturation():
