@@ -6,6 +6,8 @@ student for each named variant at the same noise budget and reports the student'
 
     python bench/distill_digits.py --variants schedule bn noise --epochs 30
     python bench/distill_digits.py --variants norm_align     # GroupNorm teacher (resnet8_gn)
+    python bench/distill_digits.py --variants method --teacher cnn3 --teacher-epochs 10 \
+        --epochs 15 --val digits --seeds 0 1 2 3 4 5         # the spread behind the method's test
 
 A variant may name its own teacher architecture (``_teacher``, trained and cached the
 same way). ``_no_align`` distils a GroupNorm teacher with its normalisers left per
@@ -85,6 +87,11 @@ VARIANTS = {
         "dead leaves, bf16": {**FAST, "balance": "weight", "noise": "dead_leaves",
                               "precision": "bf16"},
     },
+    "method": {  # tests/distill/test_distill.py::test_current_statistics_distil_running_...
+        "teacher BN current": {**FAST},
+        "teacher BN current, class-weighted": {**FAST, "balance": "weight"},
+        "teacher BN running (classic KD)": {**FAST, "teacher_bn": "running"},
+    },
     "noise": {
         "gaussian": {**FAST, "noise": "gaussian"},
         "uniform": {**FAST, "noise": "uniform"},
@@ -101,7 +108,12 @@ def main() -> None:
     p.add_argument("--iters-per-epoch", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workdir", default="runs/distill_digits")
-    p.add_argument("--seed", type=int, default=0, help="distillation seed (teachers: 0)")
+    p.add_argument("--seeds", "--seed", type=int, nargs="+", default=[0],
+                   help="distillation seeds, one run each (teachers: seed 0)")
+    p.add_argument("--teacher", default="resnet20", help="teacher of variants naming none")
+    p.add_argument("--teacher-epochs", type=int, default=15)
+    p.add_argument("--val", default="digits:test",
+                   help="where students are scored (digits: the 1,437 train-split images)")
     args = p.parse_args()
     torch.set_num_threads(2)
     work = Path(args.workdir)
@@ -109,31 +121,49 @@ def main() -> None:
     for group in args.variants:
         for name, kw in VARIANTS[group].items():
             kw = dict(kw)
-            arch = kw.pop("_teacher", "resnet20")
+            arch = kw.pop("_teacher", args.teacher)
             no_align = kw.pop("_no_align", False)
-            teacher = work / f"teacher_{arch}.safetensors"
+            teacher = work / f"teacher_{arch}_{args.teacher_epochs}.safetensors"
             if not teacher.exists():
-                Trainer(TrainConfig(arch=arch, data="digits", val="digits:test", epochs=15,
-                                    batch_size=64), teacher, force=True).run()
-            cfg = DistillConfig(teacher=str(teacher), student=args.student, epochs=args.epochs,
-                                iters_per_epoch=args.iters_per_epoch, batch_size=args.batch_size,
-                                val="digits:test", val_every=args.epochs, seed=args.seed, **kw)
-            off = mock.patch.object(kdtool.distill.teacher, "batch_aligned",
-                                    lambda layers: contextlib.nullcontext())
-            t0 = time.perf_counter()
-            with off if no_align else contextlib.nullcontext():
-                r = DistillRun(cfg, work / "student.safetensors", force=True).run()
-            row = {"group": group, "variant": name, "teacher": arch,
-                   "current": r["val_top1_current"],
-                   "running": r["val_top1_running"], "seconds": time.perf_counter() - t0}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+                Trainer(TrainConfig(arch=arch, data="digits", val="digits:test",
+                                    epochs=args.teacher_epochs, batch_size=64),
+                        teacher, force=True).run()
+            for seed in args.seeds:
+                cfg = DistillConfig(teacher=str(teacher), student=args.student,
+                                    epochs=args.epochs, iters_per_epoch=args.iters_per_epoch,
+                                    batch_size=args.batch_size, val=args.val,
+                                    val_every=args.epochs, seed=seed, **kw)
+                off = mock.patch.object(kdtool.distill.teacher, "batch_aligned",
+                                        lambda layers: contextlib.nullcontext())
+                t0 = time.perf_counter()
+                with off if no_align else contextlib.nullcontext():
+                    r = DistillRun(cfg, work / "student.safetensors", force=True).run()
+                row = {"group": group, "variant": name, "teacher": arch, "seed": seed,
+                       "current": r["val_top1_current"], "running": r["val_top1_running"],
+                       "seconds": time.perf_counter() - t0}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     print(f"\nteacher -> {args.student}, {args.epochs} x {args.iters_per_epoch} batches of "
-          f"{args.batch_size}, digits:test top-1\n")
+          f"{args.batch_size}, {args.val} top-1, seeds {' '.join(map(str, args.seeds))}\n")
     print("| teacher | variant | current BN | running BN | wall |\n|---|---|---|---|---|")
+    for (arch, name), runs in _by_variant(rows).items():
+        print(f"| {arch} | {name} | {_spread([r['current'] for r in runs])} | "
+              f"{_spread([r['running'] for r in runs])} | "
+              f"{sum(r['seconds'] for r in runs) / len(runs):.0f} s |")
+
+
+def _by_variant(rows: list[dict]) -> dict:
+    out: dict = {}
     for r in rows:
-        print(f"| {r['teacher']} | {r['variant']} | {r['current']:.1f}% | {r['running']:.1f}% | "
-              f"{r['seconds']:.0f} s |")
+        out.setdefault((r["teacher"], r["variant"]), []).append(r)
+    return out
+
+
+def _spread(values: list[float]) -> str:
+    """One run: its value; several: mean (min-max)."""
+    mean = sum(values) / len(values)
+    return f"{mean:.1f}%" if len(values) == 1 else (
+        f"{mean:.1f}% ({min(values):.1f}-{max(values):.1f})")
 
 
 if __name__ == "__main__":

@@ -176,36 +176,43 @@ def test_cli_distill_json_and_errors(cli, small_teacher, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def digits_resnet20(tmp_path_factory):
+def digits_cnn3(tmp_path_factory):
     from kdtool.train import TrainConfig, Trainer
 
-    path = tmp_path_factory.mktemp("teacher") / "r20.safetensors"
-    r = Trainer(TrainConfig(arch="resnet20", data="digits", val="digits:test", epochs=15,
+    path = tmp_path_factory.mktemp("teacher") / "cnn3.safetensors"
+    r = Trainer(TrainConfig(arch="cnn3", data="digits", val="digits:test", epochs=10,
                             batch_size=64), path).run()
     assert r["val_top1"] >= 98.0
     return path
 
 
-@pytest.mark.timeout(600)  # three runs of 3,000 batches: ~3.5 min quiet, more on a busy machine
-def test_current_statistics_distil_running_statistics_fail(digits_resnet20, tmp_path):
-    """The method on real data: digits teacher (>= 98%), Gaussian noise, 3,000 batches of 256.
+@pytest.mark.timeout(600)  # six runs of 1,500 batches: ~2 min quiet, more on a busy machine
+def test_current_statistics_distil_running_statistics_fail(digits_cnn3, tmp_path):
+    """The method on real data: digits teacher (>= 98%), Gaussian noise, 1,500 batches of 256.
 
-    Measured: current 83.3% (85.6% with the default class weighting) / running 46.7%
-    (current-statistics evaluation). The margin depends on the teacher: a resnet20 trained
-    to 98.6% instead of 99.4% (a one-step change of its schedule) gave a tiny_cnn student
-    of 72-80%.
+    One run is one draw: float kernels differ between CPUs (AVX2, AVX-512), and 1,500
+    batches turn the last bit into a different trajectory. So each setting is the mean of
+    two seeds, scored on the 1,437 train-split digits (the student never sees a real image,
+    so any labelled digits measure it; the 360 of the test split add 2 points of sampling
+    noise per run). `python bench/distill_digits.py --variants method --teacher cnn3
+    --teacher-epochs 10 --epochs 15 --val digits --seeds 0 1 2 3 4 5` on an AVX2 EPYC
+    (docs/BENCHMARKS.md): current/off 79.1-86.2% (mean 82.0), current/weight 83.2-88.4%
+    (86.1), running/off 52.9-58.2% (55.9); seeds 0 and 1 average 82.3 / 87.6 / 55.9. The
+    thresholds leave about 3 standard deviations of a two-seed mean to spare.
     """
     acc = {}
     for bn, balance in (("current", "off"), ("current", "weight"), ("running", "off")):
-        r = DistillRun(DistillConfig(teacher=str(digits_resnet20), student="tiny_cnn",
-                                     teacher_bn=bn, balance=balance, epochs=30,
-                                     iters_per_epoch=100, schedule="onecycle", lr=0.01,
-                                     val="digits:test", val_every=30),
-                       tmp_path / f"{bn}_{balance}.safetensors").run()
-        acc[f"{bn}/{balance}"] = r["val_top1_current"]
-    assert acc["current/off"] >= 80.0, acc  # the paper's method
+        runs = [DistillRun(DistillConfig(teacher=str(digits_cnn3), student="tiny_cnn",
+                                         teacher_bn=bn, balance=balance, epochs=15,
+                                         iters_per_epoch=100, schedule="onecycle", lr=0.01,
+                                         val="digits", val_every=15, seed=seed),
+                           tmp_path / f"{bn}_{balance}_{seed}.safetensors").run()
+                for seed in (0, 1)]
+        acc[f"{bn}/{balance}"] = sum(r["val_top1_current"] for r in runs) / len(runs)
+    assert acc["current/off"] >= 75.0, acc  # the paper's method
     assert acc["current/weight"] >= 80.0, acc  # kdtool's default
-    assert acc["running/off"] <= 50.0, acc  # classic KD on noise fails
+    # Classic KD on noise: far below, though digits leave it more than CIFAR's 13%.
+    assert acc["running/off"] <= min(65.0, acc["current/off"] - 15.0), acc
 
 
 def test_noise_pool_run_resumes_exactly_and_is_recorded(small_teacher, tmp_path,

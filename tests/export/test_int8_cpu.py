@@ -109,6 +109,22 @@ def test_uint8_weights_make_a_fused_int8_convolution_exact_on_this_cpu():
         np.testing.assert_array_equal(_run(model, x)[0], want)
 
 
+def test_a_weight_without_zero_point_gets_an_explicit_uint8_one():
+    """Foreign QDQ files may leave a weight's zero point out (int8 0 by the ONNX spec)."""
+    x = np.full((1, 8, 4, 4), 1.27, np.float32)
+    model = probe_conv(np.uint8)
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "w")
+    del dq.input[2:]
+    want = _run(model, x, fused=False)[0]
+    assert int8_weights_to_uint8(model) == 1
+    onnx.checker.check_model(model, full_check=True)
+    assert list(dq.input) == ["w_uint8", "ws", "w_zero_point_uint8"]
+    zp = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}["w_zero_point_uint8"]
+    assert zp.dtype == np.uint8 and zp.shape == (2,) and np.all(zp == 128)
+    np.testing.assert_array_equal(_run(model, x)[0], want)
+    np.testing.assert_array_equal(_run(model, x, fused=False)[0], want)
+
+
 def test_a_quantized_graph_output_or_a_non_dq_consumer_is_left_alone():
     model = _qdq_graph(0)
     model.graph.output.append(helper.make_tensor_value_info("q", TensorProto.INT8, [8]))
