@@ -81,7 +81,11 @@ def calibrate_cmd(
     ] = None,
     image_size: Annotated[
         str | None,
-        typer.Option("--image-size", help="Resize --data and --val images to H,W (or one side)."),
+        typer.Option(
+            "--image-size",
+            help="Not needed: --data and --val images are fitted to the model's input H,W by "
+            "the checkpoint's --resize rule. Kept for scripts; another size is refused.",
+        ),
     ] = None,
     tolerance: Annotated[
         float,

@@ -62,20 +62,28 @@ def default_out(checkpoint: str | Path) -> Path:
 
 
 def _check_images(data: ImageData, meta: ModelMeta, what: str) -> None:
-    """Channels and size must be the model's: BN statistics depend on both."""
+    """Channels must be the model's: statistics of grey copies are not an RGB model's.
+    (Sizes always are: images are loaded fitted to the model's input.)"""
     if data.channels != meta.in_chans:
         raise KdtoolError(
             f"{what} '{data.source}' has {data.channels}-channel images but the model takes "
             f"{meta.in_chans}",
             f"give {meta.in_chans}-channel images",
         )
-    if list(data.image_size) != list(meta.input_size):
-        h, w = data.image_size
+
+
+def _input_size(cfg_size: list[int] | None, meta: ModelMeta) -> tuple[int, int]:
+    """The size calibration images are fitted to: the model's input, the size it is served
+    at (BN statistics are per input size)."""
+    size = (int(meta.input_size[0]), int(meta.input_size[1]))
+    if cfg_size and tuple(cfg_size) != size:
         raise KdtoolError(
-            f"{what} '{data.source}' has {h}x{w} images but the model takes "
-            f"{meta.input_size[0]}x{meta.input_size[1]}",
-            f"pass --image-size {meta.input_size[0]},{meta.input_size[1]} to resize them",
+            f"--image-size {cfg_size[0]},{cfg_size[1]} is not the model's input "
+            f"{size[0]}x{size[1]}: statistics at another size do not fit the inputs it gets",
+            f"leave --image-size out: images are fitted to {size[0]}x{size[1]} "
+            f"({Fit.of(meta).describe()})",
         )
+    return size
 
 
 class CalibrateRun:
@@ -118,7 +126,7 @@ class CalibrateRun:
             )
         dev = resolve_device(c.device)
         model.to(dev)
-        size = tuple(c.image_size) if c.image_size else None
+        size = _input_size(c.image_size, meta)
         data = load_data(c.data, image_size=size, fit=Fit.of(meta))
         _check_images(data, meta, "calibration data")
         index = sample_indices(len(data), c.batches, c.batch_size, c.seed, f"'{c.data}'")
@@ -173,6 +181,8 @@ class CalibrateRun:
         model = model.cpu()
         stage = {
             "source": c.data,
+            # Images of other sizes were fitted to the model's input by this rule.
+            "fit": f"{size[0]}x{size[1]} ({Fit.of(meta).describe()})",
             "images": cal.images,
             "batches": c.batches,
             "batch_size": c.batch_size,

@@ -126,23 +126,21 @@ def test_errors_name_the_problem_and_write_nothing(cli, noise_student, tmp_path)
     r = cli("calibrate", noise_student, "--data", rgb, "--out", out)
     assert r.code == 1 and "has 3-channel images but the model takes 1" in r.err
 
+    # Other sizes are fitted to the model's input (8x8) as everywhere else, no option needed;
+    # --image-size, kept for scripts, changes nothing when it names that size.
     big = _npz(tmp_path / "big.npz", np.kron(digits[:600], np.ones((1, 2, 2), np.uint8)))
-    r = cli("calibrate", noise_student, "--data", big, "--out", out)
-    assert r.code == 1 and "has 16x16 images but the model takes 8x8" in r.err
-    assert "--image-size 8,8" in r.err
-    r = cli(
-        "calibrate",
-        noise_student,
-        "--data",
-        big,
-        "--image-size",
-        "8",
-        "--out",
-        out,
-        "--device",
-        "cpu",
-    )
+    r = cli("calibrate", noise_student, "--data", big, "--image-size", "16", "--out", out)
+    assert r.code == 1 and "--image-size 16,16 is not the model's input 8x8" in r.err
+    assert "fitted to 8x8 (--resize stretch)" in r.err and not out.exists()
+    fitted = tmp_path / "fitted.safetensors"
+    r = cli("calibrate", noise_student, "--data", big, "--out", fitted, "--device", "cpu")
     assert r.code == 0, r.err
+    assert read_meta(fitted).stages["calibrate"]["fit"] == "8x8 (--resize stretch)"
+    r = cli("calibrate", noise_student, "--data", big, "--image-size", "8", "--out", out,
+            "--device", "cpu")
+    assert r.code == 0, r.err
+    a, b = load_checkpoint(fitted)[0].state_dict(), load_checkpoint(out)[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
     out.unlink()
 
     few = _npz(tmp_path / "few.npz", digits[:100])
