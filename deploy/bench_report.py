@@ -83,8 +83,18 @@ def _accuracy(row: dict) -> str:
     return f"{acc['top1']:.2f}" + (f" ({-drop:+.2f})" if drop else "")
 
 
+def _runtime_note(row: dict) -> str | None:
+    """What a reader of a row that ran must know to trust its speed (from describe())."""
+    weights = (row.get("details") or {}).get("int8_weights")
+    if not weights:
+        return None
+    return (f"{weights}; exact, but without the fast int8 kernels, so INT8 may be no faster "
+            "than FP32 on this CPU: time it on the target")
+
+
 def table_rows(result: dict, with_paths: bool = False):
-    """Rows for the table and notes for the rows that did not run (and each row's file).
+    """Rows for the table and notes for the rows that did not run or ran with a caveat
+    (and each row's file).
 
     Rows of one model x backend that did not run for the same reason collapse into one
     line listing their batch sizes; the reason goes to a numbered note.
@@ -100,8 +110,9 @@ def table_rows(result: dict, with_paths: bool = False):
     for entry in rows:
         r = entry["row"]
         status = r["status"]
-        if r["reason"]:
-            note = f"{r['model']} {r['backend']} ({status}): {r['reason']}"
+        why = r["reason"] or _runtime_note(r)
+        if why:
+            note = f"{r['model']} {r['backend']} ({status}): {why}"
             if note not in notes:
                 notes.append(note)
             status += f" [{notes.index(note) + 1}]"

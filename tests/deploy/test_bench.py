@@ -312,6 +312,26 @@ def test_formats_export_on_the_fly_and_failed_exports_are_rows(cli, models, tmp_
     assert bad.code == 1 and "unknown bench format 'onnx8'" in bad.err
 
 
+def test_int8_rows_on_a_cpu_with_overflowing_int8_kernels_say_so(cli, models, tmp_path,
+                                                                  monkeypatch):
+    """Where the weight probe fails (x86 without VNNI), an INT8 row runs exact on uint8
+    weights; its speed is then no guide to a VNNI or ARM target, and the table says so."""
+    import kdtool.export.cpu_int8 as cpu_int8
+
+    monkeypatch.setattr(cpu_int8, "int8_weights_exact", lambda: False)
+    r = cli("bench", models["dir"] / "tiny.safetensors", "--formats", "onnx-int8",
+            "--calib-data", "digits", "--export-dir", tmp_path, "--batch", "2", *FAST,
+            "--data", "digits:test", "--limit", "40", "--markdown", tmp_path / "b.md")
+    assert r.code == 0, r.err
+    text = " ".join(r.out.split())
+    assert "ok [1]" in text and "weights run as uint8" in text and "time it on the target" in text
+    assert "weights run as uint8" in (tmp_path / "b.md").read_text()
+    monkeypatch.setattr(cpu_int8, "int8_weights_exact", lambda: True)
+    r = cli("bench", tmp_path / "tiny.int8.onnx", "--batch", "2", *FAST, "--json")
+    row = r.json()["rows"][0]
+    assert r.code == 0 and row["status"] == "ok" and "int8_weights" not in row["details"]
+
+
 def test_static_batch_onnx_and_padded_accuracy(cli, models):
     r = cli(
         "bench",
