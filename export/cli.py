@@ -235,6 +235,8 @@ def export_cmd(
                     f"{q['calib_images']} images ({q['calib_method']})",
                 ]
             )
+        if "cpu_caveat" in r:
+            rows.append(["this CPU", r["cpu_caveat"]])
         if "val" in r:
             v = r["val"]
             exported = v[f"onnx_{r['precision']}_top1"]

@@ -155,6 +155,30 @@ def test_int8_is_qdq_with_zero_zero_points_and_agrees_with_fp32(int8_export, fp3
     assert agree >= 0.95
 
 
+@pytest.mark.parametrize("exact", [False, True])
+def test_an_int8_check_on_uint8_weights_says_its_cpu_is_no_guide_to_speed(
+        cli, digits_teacher, tmp_path, monkeypatch, exact):
+    """x86 without VNNI checks INT8 on uint8 weights (same values, no fast kernels): the
+    export says so, and the file it writes keeps int8 weights either way."""
+    import kdtool.export.cpu_int8 as cpu_int8
+
+    monkeypatch.setattr(cpu_int8, "int8_weights_exact", lambda: exact)
+    out = tmp_path / "m.onnx"
+    args = ("export", digits_teacher, "--onnx", out, "--precision", "int8", "--calib-data",
+            "digits", "--calib-images", "64")
+    r = cli(*args, "--json")
+    assert r.code == 0, r.err
+    assert ("cpu_caveat" in r.json()) is not exact
+    if not exact:
+        assert "time INT8 on the target" in r.json()["cpu_caveat"]
+        table = " ".join(cli(*args, "--force").out.split())
+        assert "this CPU" in table and "the file keeps its int8 weights" in table
+    graph = onnx.load(str(out)).graph
+    inits = {t.name: t.data_type for t in graph.initializer}
+    quantized = {inits.get(n.input[0]) for n in graph.node if n.op_type == "DequantizeLinear"}
+    assert onnx.TensorProto.INT8 in quantized and onnx.TensorProto.UINT8 not in quantized
+
+
 def test_bias_dequantize_folding_keeps_the_outputs(int8_export, tmp_path):
     path, _ = int8_export
     model = onnx.load(str(path))
