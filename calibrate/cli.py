@@ -8,25 +8,9 @@ from typing import Annotated
 import typer
 
 from kdtool.cli.app import app
-from kdtool.cli.options import DATA_HELP, Device, Force, Json, Seed
+from kdtool.cli.options import DATA_HELP, Device, Force, Json, Seed, parse_image_size
 
 _SHOWN = 12  # layers listed per group in the table output (--json lists all)
-
-
-def _parse_size(text: str | None) -> list[int] | None:
-    from kdtool.errors import KdtoolError
-
-    if text is None:
-        return None
-    try:
-        size = [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
-    except ValueError:
-        size = []
-    if len(size) == 1:
-        size *= 2
-    if len(size) != 2 or min(size) < 1:
-        raise KdtoolError(f"--image-size '{text}' is not a size", "e.g. --image-size 32 or 32,32")
-    return size
 
 
 @app.command("calibrate")
@@ -131,7 +115,7 @@ def calibrate_cmd(
         sweep=parse_points(sweep) if sweep is not None else None,
         repeats=repeats,
         sweep_out=str(sweep_out) if sweep_out else None,
-        image_size=_parse_size(image_size),
+        image_size=parse_image_size(image_size),
         tolerance=tolerance,
         seed=seed,
         device=device,

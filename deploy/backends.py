@@ -128,6 +128,11 @@ def _checkpoint_model(path: Path) -> BenchModel:
                 "FILE --arch ARCH --out model.safetensors",
             ) from None
         raise
+    uncalibrated = meta.noise_bn_warning(str(path))
+    if uncalibrated:
+        from kdtool import console
+
+        console.warn(uncalibrated)
     from kdtool.export.metadata import OnnxInfo
 
     # A PyTorch model has no tensor names; the rest is what an export would record.

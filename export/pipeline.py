@@ -85,6 +85,9 @@ def run_export(cfg: ExportConfig) -> dict:
     from kdtool.checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(cfg.checkpoint)
+    uncalibrated = meta.noise_bn_warning(cfg.checkpoint)
+    if uncalibrated:  # an ONNX file runs on running statistics, whatever its consumer
+        console.warn(uncalibrated)
     sample_shape = (meta.in_chans, *meta.input_size)
     calib = _load(cfg.calib_data, meta, "--calib-data") if cfg.calib_data else None
     val = _load(cfg.val, meta, "--val", labelled=True) if cfg.val else None
@@ -114,6 +117,7 @@ def run_export(cfg: ExportConfig) -> dict:
         "precision": cfg.precision,
         "batch": profile.to_dict(),
         "parity_inputs": source,
+        **({"warning": uncalibrated} if uncalibrated else {}),
     }
     with tempfile.TemporaryDirectory(prefix=".kdtool-export-", dir=outs.onnx.parent) as work:
         work = Path(work)

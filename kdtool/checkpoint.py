@@ -92,6 +92,16 @@ class ModelMeta:
         if problems:
             raise KdtoolError(f"'{source}' has inconsistent metadata: " + "; ".join(problems))
 
+    def noise_bn_warning(self, source: str) -> str | None:
+        """What to tell a user about to run a distilled student that was never calibrated:
+        its BN running statistics are the noise's, which cost it tens of points."""
+        noise = (self.stages.get("distill") or {}).get("bn_running_stats") == "noise"
+        if not noise or "calibrate" in self.stages:
+            return None
+        return (f"'{source}' is a distilled student whose BN running statistics come from "
+                "noise: on them it scores far below what it learnt, often by tens of points; "
+                f"calibrate it first: kdtool calibrate {source} --data REAL_IMAGES")
+
     def build(self) -> nn.Module:
         model = create_model(
             self.arch, num_classes=self.num_classes, in_chans=self.in_chans, **self.arch_args
@@ -103,6 +113,26 @@ class ModelMeta:
 
             apply_plan(model, calibrate.get("fold_plan") or {})
         return model
+
+
+def per_channel_norm(mean: list[float], std: list[float], channels: int,
+                     what: str) -> tuple[list[float], list[float]]:
+    """Normalisation with one value per channel: one value serves every channel; any other
+    count than ``channels`` is refused (it was meant for other data)."""
+    out = []
+    for option, values in (("--mean", mean), ("--std", std)):
+        if len(values) not in (1, channels):
+            raise KdtoolError(f"{option} has {len(values)} values for {what} with {channels} "
+                              "channel(s)", "give one value" if channels == 1 else
+                              f"give {channels} values, or one for all channels")
+        out.append([float(v) for v in values] * (channels if len(values) == 1 else 1))
+    if any(v <= 0 for v in out[1]):
+        raise KdtoolError(f"--std must be positive, got {_fmt(out[1])}")
+    return out[0], out[1]
+
+
+def _fmt(values: list[float]) -> str:
+    return ",".join(f"{v:g}" for v in values)
 
 
 @dataclass
@@ -123,16 +153,18 @@ class ForeignSpec:
         from kdtool.models import model_spec
 
         spec = model_spec(self.arch)
-        mean, std = self.mean, self.std
-        if mean is None or std is None:
-            if not self.arch.startswith(TV_PREFIX):
-                raise KdtoolError(
-                    f"'{source}' is a plain state_dict and its normalisation is unknown",
-                    "pass --mean and --std (the values the model was trained with)",
-                )
+        if self.mean is not None and self.std is not None:
+            mean, std = per_channel_norm(self.mean, self.std, self.in_chans,
+                                         f"'{source}' (--in-chans {self.in_chans})")
+        elif self.arch.startswith(TV_PREFIX):
             mean, std = IMAGENET_MEAN, IMAGENET_STD  # torchvision's own weights use these
-        if self.in_chans != len(mean):
-            mean, std = mean[:1] * self.in_chans, std[:1] * self.in_chans
+            mean, std = per_channel_norm(mean[:1], std[:1], self.in_chans, source) \
+                if self.in_chans != len(mean) else (mean, std)
+        else:
+            raise KdtoolError(
+                f"'{source}' is a plain state_dict and its normalisation is unknown",
+                "pass --mean and --std (the values the model was trained with)",
+            )
         # The flags override the architecture's default (Fit checks them: "did you mean").
         fit = Fit(spec.crop_fraction if self.resize is None else parse_resize(self.resize),
                   self.interpolation or spec.interpolation)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from kdtool import console, optim
-from kdtool.checkpoint import ModelMeta
+from kdtool.checkpoint import ModelMeta, per_channel_norm
 from kdtool.data import ImageData, check_fits, load_data, match_classes
 from kdtool.device import (
     COMPILE_MODES,
@@ -53,7 +53,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     augment: bool | None = None  # None: on, except for images under 16 px (digits)
     cutout: int = 0  # with augment: side of an erased square (0: off)
-    image_size: int | None = None
+    image_size: int | list[int] | None = None  # a square size as an int
     resize: str | None = None  # how images are fitted to image_size (None: stretch)
     interpolation: str = "bilinear"  # of those resizes
     mean: list[float] | None = None  # None: the training data's channel statistics
@@ -121,10 +121,8 @@ class Trainer:
         if c.mean is None or c.std is None:
             mean, std = train.channel_stats()
         else:
-            mean, std = list(c.mean), list(c.std)
-            if len(mean) != train.channels or len(std) != train.channels:
-                raise KdtoolError(f"--mean/--std need {train.channels} values for "
-                                  f"{train.channels}-channel data, got {len(mean)}/{len(std)}")
+            mean, std = per_channel_norm(c.mean, c.std, train.channels,
+                                         f"training data '{c.data}'")
         augment = c.augment if c.augment is not None else min(train.image_size) >= 16
         cuda = self.device.type == "cuda"
         if cuda:

@@ -12,6 +12,7 @@ from kdtool.cli.app import app
 from kdtool.cli.options import (
     Arch,
     Force,
+    ImageSize,
     InChans,
     Interpolation,
     Json,
@@ -212,6 +213,7 @@ def convert_cmd(
     arch: Arch = None,
     num_classes: NumClasses = 10,
     in_chans: InChans = 3,
+    image_size: ImageSize = None,
     mean: Mean = None,
     std: Std = None,
     resize: Resize = None,
@@ -239,7 +241,7 @@ def convert_cmd(
     if arch is None:
         raise KdtoolError(f"converting '{state_dict}' needs its architecture",
                           "pass --arch (see 'kdtool models')")
-    spec = foreign_spec(state_dict, arch, num_classes, in_chans, mean, std)
+    spec = foreign_spec(state_dict, arch, num_classes, in_chans, mean, std, image_size)
     # None: the architecture's default (torchvision's: its weights' evaluation transform)
     spec.resize, spec.interpolation = resize, interpolation
     if class_names is not None:
@@ -248,6 +250,10 @@ def convert_cmd(
     meta.provenance = provenance(imported_from=str(state_dict),
                                  imported_sha256=file_sha256(state_dict))
     path = save_checkpoint(out, model, meta, force=force)
-    console.emit({"out": str(path), "arch": meta.arch, "num_classes": meta.num_classes},
-                 as_json, lambda r: console.info(f"wrote {r['out']} ({r['arch']}, "
-                                                 f"{r['num_classes']} classes)"))
+    h, w = meta.input_size
+    console.emit({"out": str(path), "arch": meta.arch, "num_classes": meta.num_classes,
+                  "input": [meta.in_chans, h, w], "mean": meta.mean, "std": meta.std},
+                 as_json, lambda r: console.info(
+                     f"wrote {r['out']} ({r['arch']}, {r['num_classes']} classes, input "
+                     f"{meta.in_chans}x{h}x{w}, mean {_fmt_list(meta.mean)}, std "
+                     f"{_fmt_list(meta.std)}): check these are what the model was trained on"))

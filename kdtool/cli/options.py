@@ -49,6 +49,11 @@ NumClasses = Annotated[int, typer.Option(
     "--num-classes", help="Classes of a plain state_dict.", rich_help_panel="Plain state_dict")]
 InChans = Annotated[int, typer.Option(
     "--in-chans", help="Input channels of a plain state_dict.", rich_help_panel="Plain state_dict")]
+ImageSize = Annotated[str | None, typer.Option(
+    "--image-size", help="Input size of a plain state_dict, N or H,W (default: the "
+    "architecture's, 32 for kdtool's and 224 for tv:). It must be the size the model was "
+    "trained at: a CIFAR model scored at 224 is scored at chance.",
+    rich_help_panel="Plain state_dict")]
 Mean = Annotated[str | None, typer.Option(
     "--mean", help="Normalisation mean per channel, e.g. 0.4914,0.4822,0.4465.",
     rich_help_panel="Normalisation")]
@@ -70,18 +75,51 @@ def parse_floats(text: str | None, option: str) -> list[float] | None:
     return values
 
 
+def parse_norm(mean: str | None, std: str | None) -> tuple[list[float] | None, ...]:
+    """--mean and --std as lists, both or neither: half a normalisation is refused, not
+    quietly replaced by a default."""
+    m, s = parse_floats(mean, "--mean"), parse_floats(std, "--std")
+    if (m is None) != (s is None):
+        given, missing = ("--mean", "--std") if s is None else ("--std", "--mean")
+        raise KdtoolError(f"{given} was given without {missing}",
+                          "pass both --mean and --std (the values the model was trained with)")
+    return m, s
+
+
+def parse_image_size(text: str | None, option: str = "--image-size") -> list[int] | None:
+    """'32', '32,32' or '32x32' -> [32, 32]."""
+    if text is None:
+        return None
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        size = [int(v) for v in parts]
+    except ValueError:
+        size = []
+    if len(size) == 1:
+        size *= 2
+    if len(size) != 2 or min(size) < 1:
+        raise KdtoolError(f"{option} '{text}' is not a size", f"e.g. {option} 32 or 32,32")
+    return size
+
+
 def foreign_spec(path: Path, arch: str | None, num_classes: int, in_chans: int,
-                 mean: str | None, std: str | None):
+                 mean: str | None, std: str | None, image_size: str | None = None):
     """A ForeignSpec when the user described a plain state_dict, else None (kdtool file)."""
     from kdtool.checkpoint import FOREIGN_SUFFIXES, ForeignSpec
 
     if arch is None:
         if path.suffix.lower() in FOREIGN_SUFFIXES:
             raise KdtoolError(f"'{path}' is a plain state_dict and does not name its architecture",
-                              "pass --arch (see 'kdtool models'), --num-classes and --mean/--std")
+                              "pass --arch (see 'kdtool models'), --num-classes, --mean/--std "
+                              "and --image-size")
+        if image_size is not None:
+            raise KdtoolError(f"--image-size describes a plain state_dict; '{path}' records "
+                              "its input size", "drop --image-size: images of other sizes are "
+                              "fitted by the checkpoint's --resize rule")
         return None
+    mean_values, std_values = parse_norm(mean, std)
     return ForeignSpec(arch=arch, num_classes=num_classes, in_chans=in_chans,
-                       mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"))
+                       input_size=parse_image_size(image_size), mean=mean_values, std=std_values)
 
 
 def parse_class_names(text: str, num_classes: int, option: str = "--class-names") -> list[str]:

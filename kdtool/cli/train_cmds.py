@@ -16,6 +16,7 @@ from kdtool.cli.options import (
     Device,
     Ema,
     Force,
+    ImageSize,
     InChans,
     Interpolation,
     Json,
@@ -27,7 +28,8 @@ from kdtool.cli.options import (
     Seed,
     Std,
     foreign_spec,
-    parse_floats,
+    parse_image_size,
+    parse_norm,
 )
 
 
@@ -55,8 +57,9 @@ def train_cmd(
         "images under 16 px.", show_default=False)] = None,
     cutout: Annotated[int, typer.Option(
         "--cutout", help="With augmentation: erase a random square of this side (0: off).")] = 0,
-    image_size: Annotated[int | None, typer.Option(
-        "--image-size", help="Resize images to this size (default: keep).")] = None,
+    image_size: Annotated[str | None, typer.Option(
+        "--image-size", help="Fit images to this size, N or H,W, by --resize (default: keep "
+        "their size).")] = None,
     resize: Resize = None,
     interpolation: Interpolation = None,
     mean: Mean = None,
@@ -81,12 +84,16 @@ def train_cmd(
     from kdtool import console
     from kdtool.train import TrainConfig, Trainer
 
+    mean_values, std_values = parse_norm(mean, std)
+    size = parse_image_size(image_size)
+    if size is not None and size[0] == size[1]:
+        size = size[0]  # a square size as an int, as run states have recorded it
     cfg = TrainConfig(arch=arch, data=data, val=val, epochs=epochs, batch_size=batch_size,
                       optimizer=optimizer, schedule=schedule, lr=lr, weight_decay=weight_decay,
                       label_smoothing=label_smoothing, augment=augment, cutout=cutout,
-                      image_size=image_size, resize=resize,
+                      image_size=size, resize=resize,
                       interpolation=interpolation or "bilinear",
-                      mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"),
+                      mean=mean_values, std=std_values,
                       seed=seed, device=device, compile=compile_ or compile_mode is not None,
                       compile_mode=compile_mode or "default", precision=precision,
                       ema=ema)
@@ -127,6 +134,7 @@ def eval_cmd(
     arch: Arch = None,
     num_classes: NumClasses = 10,
     in_chans: InChans = 3,
+    image_size: ImageSize = None,
     mean: Mean = None,
     std: Std = None,
     seed: Seed = 0,
@@ -140,7 +148,7 @@ def eval_cmd(
     """
     from kdtool import console
     from kdtool.bn import BN_MODES
-    from kdtool.checkpoint import load_checkpoint
+    from kdtool.checkpoint import load_checkpoint, per_channel_norm
     from kdtool.data import check_fits, load_for_model
     from kdtool.device import resolve_device
     from kdtool.errors import KdtoolError, check_choice
@@ -151,10 +159,13 @@ def eval_cmd(
     if batch_size < 1:
         raise KdtoolError(f"--batch-size must be >= 1, got {batch_size}")
     model, meta = load_checkpoint(checkpoint, foreign_spec(checkpoint, arch, num_classes,
-                                                           in_chans, mean, std))
+                                                           in_chans, mean, std, image_size))
     if arch is None and (mean or std):  # a kdtool file knows its normalisation; flags override
-        meta.mean = parse_floats(mean, "--mean") or meta.mean
-        meta.std = parse_floats(std, "--std") or meta.std
+        meta.mean, meta.std = per_channel_norm(*parse_norm(mean, std), meta.in_chans,
+                                               f"checkpoint '{checkpoint}'")
+    uncalibrated = meta.noise_bn_warning(str(checkpoint))
+    if bn == "running" and uncalibrated:
+        console.warn(f"{uncalibrated}; or measure what it learnt with --bn current")
     dev = resolve_device(device)
     ds = load_for_model(data, meta)  # as export, bench and serve will fit them
     check_fits(ds, num_classes=meta.num_classes, in_chans=meta.in_chans,

@@ -230,3 +230,85 @@ def test_foreign_option_hints_name_real_options():
     for foreign, spellings in FOREIGN_OPTIONS.items():
         for s in spellings:
             assert s.split()[0] in real, (foreign, s)
+
+
+def _plain_copy(checkpoint: Path, out: Path):
+    import torch
+
+    from kdtool.checkpoint import load_checkpoint
+
+    model, meta = load_checkpoint(checkpoint)
+    torch.save(model.state_dict(), out)
+    return meta
+
+
+def test_a_plain_state_dict_takes_its_input_size_and_scores_as_its_source(cli, digits_teacher,
+                                                                           tmp_path):
+    """A digits model scored at its architecture's default 32x32 is scored at chance: the
+    input size of a plain state_dict is an option, and convert prints what it recorded."""
+    meta = _plain_copy(digits_teacher, tmp_path / "t.pt")
+    plain = ["--arch", meta.arch, "--in-chans", "1", "--mean", str(meta.mean[0]), "--std",
+             str(meta.std[0])]
+    want = cli("eval", digits_teacher, "--data", "digits:test", "--json").json()["top1"]
+    r = cli("eval", tmp_path / "t.pt", *plain, "--image-size", "8", "--data", "digits:test",
+            "--json")
+    assert r.code == 0 and r.json()["top1"] == want, r.err
+    r = cli("convert", tmp_path / "t.pt", *plain, "--image-size", "8,8", "--out",
+            tmp_path / "c.safetensors", "--json")
+    assert r.code == 0 and r.json()["input"] == [1, 8, 8], r.err
+    r = cli("eval", tmp_path / "c.safetensors", "--data", "digits:test", "--json")
+    assert r.json()["top1"] == want
+    r = cli("convert", tmp_path / "t.pt", *plain, "--out", tmp_path / "d.safetensors")
+    assert r.code == 0 and "input 1x32x32" in " ".join(r.err.split() + r.out.split())
+
+
+@pytest.mark.parametrize(("args", "fragments"), [
+    (["convert", "{pt}", "--arch", "tiny_cnn", "--mean", "0.5"], ["--mean was given without "
+                                                                  "--std", "pass both"]),
+    (["convert", "{pt}", "--arch", "tiny_cnn", "--std", "0.5"], ["--std was given without "
+                                                                 "--mean"]),
+    (["train", "--data", "digits", "--mean", "0.5", "--out", "x.safetensors"],
+     ["--mean was given without --std"]),
+    (["eval", "{teacher}", "--data", "digits:test", "--mean", "0.5,0.5", "--std", "0.5,0.5"],
+     ["--mean has 2 values", "1 channel(s)", "give one value"]),
+    (["eval", "{teacher}", "--data", "digits:test", "--mean", "0.5", "--std", "0"],
+     ["--std must be positive"]),
+    (["convert", "{pt}", "--arch", "tiny_cnn", "--in-chans", "3", "--mean", "0.5,0.5",
+      "--std", "0.5,0.5,0.5"], ["--mean has 2 values", "give 3 values, or one for all"]),
+    (["eval", "{teacher}", "--data", "digits:test", "--image-size", "8"],
+     ["--image-size describes a plain state_dict", "--resize rule"]),
+    (["convert", "{pt}", "--arch", "tiny_cnn", "--mean", "0.5", "--std", "0.5",
+      "--image-size", "8x"], ["--image-size '8x' is not a size"]),
+    (["train", "--data", "digits", "--image-size", "0", "--out", "x.safetensors"],
+     ["--image-size '0' is not a size"]),
+])
+def test_half_or_mismatched_normalisation_and_sizes_are_refused(cli, digits_teacher, tmp_path,
+                                                                monkeypatch, args, fragments):
+    """Half a normalisation was quietly replaced by the data's or the default's; a value
+    count for other data was cut to fit."""
+    monkeypatch.chdir(tmp_path)
+    _plain_copy(digits_teacher, tmp_path / "t.pt")
+    args = [a.format(pt=tmp_path / "t.pt", teacher=digits_teacher) for a in args]
+    _one_line_error(cli(*args), *fragments)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_an_uncalibrated_noise_student_is_flagged_where_running_statistics_are_used(
+        cli, digits_teacher, tmp_path):
+    from kdtool.checkpoint import load_checkpoint, save_checkpoint
+
+    model, meta = load_checkpoint(digits_teacher)
+    meta.stages["distill"] = {"bn_running_stats": "noise"}  # what kdtool distill records
+    student = save_checkpoint(tmp_path / "s.safetensors", model, meta, force=False)
+    r = cli("eval", student, "--data", "digits:test")
+    assert r.code == 0 and "BN running statistics come from noise" in r.err
+    assert "kdtool calibrate" in r.err and "--bn current" in r.err
+    assert "warning" not in cli("eval", student, "--data", "digits:test", "--bn", "current").err
+    r = cli("export", student, "--onnx", tmp_path / "s.onnx", "--json")
+    assert r.code == 0 and "come from noise" in r.json()["warning"] and "warning:" in r.err
+    r = cli("bench", student, "--batch", "1", "--warmup", "1", "--min-iters", "2",
+            "--min-time", "0.01", "--json")
+    assert r.code == 0 and "come from noise" in r.err
+    meta.stages["calibrate"] = {"bn_running_stats": "real"}
+    save_checkpoint(student, model, meta, force=True)
+    assert "warning" not in cli("eval", student, "--data", "digits:test").err
