@@ -24,7 +24,7 @@ from kdtool.calibrate.sweep import (
     write_csv,
     write_png,
 )
-from kdtool.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
+from kdtool.checkpoint import CHECKPOINT_SUFFIX, ModelMeta, load_checkpoint, save_checkpoint
 from kdtool.data import ImageData, check_fits, load_data, match_classes
 from kdtool.device import resolve_device
 from kdtool.errors import KdtoolError
@@ -93,13 +93,18 @@ class CalibrateRun:
             raise KdtoolError(f"--tolerance must be > 0, got {cfg.tolerance}")
         if cfg.repeats < 1:
             raise KdtoolError(f"--repeats must be >= 1, got {cfg.repeats}")
+        if cfg.repeats != 1 and not cfg.sweep:
+            raise KdtoolError(f"--repeats {cfg.repeats} repeats the points of a --sweep, and "
+                              "there is none", "add --sweep 1,2,4,8,16,32 --val DIR, or drop "
+                              "--repeats")
         if cfg.sweep and not cfg.val:
             raise KdtoolError(
                 "--sweep measures accuracy and needs labelled --val data", "add --val DIR"
             )
         check_counts(cfg.batches, cfg.batch_size)
         self.out = check_output(
-            cfg.out or default_out(cfg.checkpoint), cfg.force, "output checkpoint"
+            cfg.out or default_out(cfg.checkpoint), cfg.force, "checkpoint",
+            (CHECKPOINT_SUFFIX,)
         )
         self.csv = self.png = None
         if cfg.sweep:

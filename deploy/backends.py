@@ -118,16 +118,7 @@ def load_model(path: str | Path) -> BenchModel:
 def _checkpoint_model(path: Path) -> BenchModel:
     from kdtool.checkpoint import read_meta
 
-    try:
-        meta = read_meta(path)
-    except KdtoolError as e:
-        if "without kdtool metadata" in e.message:  # read_meta's hint names options bench lacks
-            raise KdtoolError(
-                e.message,
-                "make it a kdtool checkpoint first: kdtool convert "
-                "FILE --arch ARCH --out model.safetensors",
-            ) from None
-        raise
+    meta = read_meta(path)
     uncalibrated = meta.noise_bn_warning(str(path))
     if uncalibrated:
         from kdtool import console

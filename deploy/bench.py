@@ -83,6 +83,9 @@ class BenchConfig:
         ):
             if value is not None and value < low:
                 raise KdtoolError(f"{name} must be at least {low}, not {value}")
+        if self.limit is not None and self.data is None:
+            raise KdtoolError(f"--limit {self.limit} picks images of --data, and there is none",
+                              "add --data DIR to measure accuracy too, or drop --limit")
         if self.min_time <= 0:
             raise KdtoolError(f"--min-time must be positive, not {self.min_time}")
         if self.max_drop is not None and self.max_drop < 0:

@@ -111,6 +111,10 @@ class DistillRun:
         self.precision = resolve_precision(self.cfg.precision, self.device)
         # Called after every iteration when set (a profiler's ``step``: bench/distill_speed.py).
         self.step_hook = None
+        if self.cfg.teacher_stats == "global" and not self.dist.enabled:
+            console.warn("--teacher-stats global normalises over all ranks' batches; this is "
+                         "one process, so the teacher uses its own batch (run under torchrun "
+                         "for more ranks)")
         if self.cfg.batch_size < MIN_GOOD_BATCH:
             console.warn(f"--batch-size {self.cfg.batch_size} is below {MIN_GOOD_BATCH}: the "
                          "teacher's batch statistics get noisy and the student learns less")
@@ -160,7 +164,8 @@ class DistillRun:
         if start:
             console.info(f"resuming {self.ckpt.path} after epoch {start}/{c.epochs}")
         console.info(f"distilling {tmeta.arch} -> {c.student} on {c.noise} noise "
-                     f"({c.batch_size} x {c.iters_per_epoch} per epoch, {c.epochs} epochs), "
+                     f"({c.batch_size} x {c.iters_per_epoch} per epoch, {c.epochs} "
+                     f"epoch{'s' * (c.epochs != 1)}), "
                      f"teacher BN {c.teacher_bn}, on {dev} ({self.precision})")
         row: dict = history[-1] if history else {}
         per_epoch = c.iters_per_epoch * c.batch_size

@@ -237,13 +237,14 @@ def _validate(cfg: ExportConfig) -> tuple[BatchProfile, _Outputs]:
         raise KdtoolError(f"--workspace must be a positive number of GiB, got {cfg.workspace}")
     if cfg.min_agreement is not None and not 0 <= cfg.min_agreement <= 100:
         raise KdtoolError(f"--min-agreement is a percentage, got {cfg.min_agreement}")
-    onnx_path = check_output(cfg.onnx, cfg.force, "ONNX model")
+    onnx_path = check_output(cfg.onnx, cfg.force, "ONNX model", (".onnx",))
     engine = sidecar = None
     if cfg.trt:
         from kdtool.export.engine import sidecar_path
 
         engine = check_output(
-            cfg.engine or onnx_path.with_suffix(".engine"), cfg.force, "TensorRT engine"
+            cfg.engine or onnx_path.with_suffix(".engine"), cfg.force, "TensorRT engine",
+            (".engine", ".plan", ".trt")
         )
         sidecar = check_output(sidecar_path(engine), cfg.force, "engine sidecar")
     triton = name = None

@@ -29,6 +29,7 @@ from kdtool.models import TV_PREFIX, create_model
 FORMAT = "kdtool.checkpoint"
 FORMAT_VERSION = 1
 META_KEY = "kdtool"
+CHECKPOINT_SUFFIX = ".safetensors"  # kdtool writes these; a .pt is read as a plain state_dict
 FOREIGN_SUFFIXES = (".pt", ".pth", ".bin")
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -186,7 +187,7 @@ class ForeignSpec:
 
 def save_checkpoint(path: str | Path, model: nn.Module, meta: ModelMeta, force: bool) -> Path:
     """Write ``model``'s state_dict and ``meta`` atomically; refuse to overwrite without force."""
-    path = check_output(path, force, "checkpoint")
+    path = check_output(path, force, "checkpoint", (CHECKPOINT_SUFFIX,))
     meta.validate(str(path))
     write_checkpoint(path, checkpoint_tensors(model), meta.to_json())
     return path
@@ -221,14 +222,30 @@ def _safetensors_header(path: Path) -> dict[str, str]:
         ) from e
 
 
+def has_kdtool_meta(path: str | Path) -> bool:
+    """Whether ``path`` is a safetensors file with kdtool metadata (False when unreadable)."""
+    try:
+        return META_KEY in _safetensors_header(Path(path))
+    except KdtoolError:
+        return False
+
+
 def read_meta(path: str | Path) -> ModelMeta:
     """Read a kdtool checkpoint's metadata without loading its weights."""
     path = Path(path)
     _require_file(path)
+    if path.name.endswith(".state.pt"):  # kdtool's own resumable run state
+        out = path.name.removesuffix(".state.pt")
+        raise KdtoolError(
+            f"'{path}' is the run state of an interrupted train or distill run, not a "
+            "checkpoint", f"rerun that command with --resume to finish '{out}'; 'kdtool "
+            f"analyze curves {path}' plots its history",
+        )
     if path.suffix.lower() in FOREIGN_SUFFIXES:
         raise KdtoolError(
             f"'{path}' is a plain PyTorch file, not a kdtool checkpoint",
-            "convert it first: kdtool convert FILE --arch ARCH --out model.safetensors",
+            f"make it one: kdtool convert {path} --arch ARCH --mean M --std S --out "
+            f"{path.with_suffix('.safetensors').name}",
         )
     if path.suffix.lower() == ".onnx":
         raise KdtoolError(
@@ -239,8 +256,10 @@ def read_meta(path: str | Path) -> ModelMeta:
     header = _safetensors_header(path)
     if META_KEY not in header:
         raise KdtoolError(
-            f"'{path}' is a safetensors file without kdtool metadata",
-            "pass --arch (and --num-classes, --mean, --std) to load it as a plain state_dict",
+            f"'{path}' is a safetensors file without kdtool metadata (a plain state_dict)",
+            f"make it a kdtool checkpoint: kdtool convert {path} --arch ARCH --mean M --std S "
+            f"--out {path.with_name(path.stem + '.kdtool.safetensors').name} ('kdtool eval' "
+            "also takes it with --arch)",
         )
     return ModelMeta.from_json(header[META_KEY], str(path))
 

@@ -127,13 +127,19 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+# Whether this command printed its JSON object (a command may emit, then fail: bench).
+json_emitted = False
+
+
 def emit(result: dict, as_json: bool, render=None) -> None:
     """Print a command's result: exactly one JSON object on stdout, or ``render(result)``."""
+    global json_emitted
     if out.quiet:  # a process other than rank 0 of a multi-process run
         return
     if as_json:
         sys.stdout.write(json.dumps(result, default=_json_default) + "\n")
         sys.stdout.flush()
+        json_emitted = True
     elif render is not None:
         render(result)
 

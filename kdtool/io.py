@@ -21,9 +21,16 @@ def require_file(path: str | Path, what: str, hint: str = "check the path") -> P
     return path
 
 
-def check_output(path: str | Path, force: bool, what: str = "output") -> Path:
-    """Refuse to overwrite ``path`` without ``force``; create its folder."""
+def check_output(path: str | Path, force: bool, what: str = "output",
+                 suffixes: tuple[str, ...] = ()) -> Path:
+    """Refuse to overwrite ``path`` without ``force``; create its folder. With ``suffixes``
+    (the first is the canonical one), refuse a name that readers take for another kind of
+    file: kdtool tells files apart by their suffix."""
     path = Path(path)
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise KdtoolError(f"{what} '{path}' must end in {' or '.join(suffixes)}: kdtool "
+                          "tells files apart by their suffix and would not read it back as "
+                          f"one", f"name it '{path.with_suffix(suffixes[0])}'")
     if path.is_dir():
         raise KdtoolError(f"{what} '{path}' is a directory", "pass a file path to --out")
     if path.exists() and not force:

@@ -96,6 +96,7 @@ class RunCheckpoint:
     """
 
     def __init__(self, out: str | Path, force: bool, resume: bool, writer: bool = True):
+        from kdtool.checkpoint import CHECKPOINT_SUFFIX
         from kdtool.io import check_output
 
         self.out = Path(out)
@@ -105,7 +106,7 @@ class RunCheckpoint:
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         if not resume and writer:
-            check_output(self.out, force, "output")
+            check_output(self.out, force, "checkpoint", (CHECKPOINT_SUFFIX,))
             if self.path.exists() and not force:
                 raise KdtoolError(f"a run state '{self.path}' exists from an earlier run",
                                   "pass --resume to continue it or --force to start over")

@@ -9,6 +9,7 @@ torch, and neither does the server.
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 from PIL import Image
@@ -17,6 +18,7 @@ from kdtool.deploy.server.protocol import RequestError
 from kdtool.imageprep import Fit, to_array
 
 FORMATS = ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"]
+_BUFFER_REPR = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 MAX_PIXELS = 64_000_000  # larger images are refused before decoding (decompression bombs)
 
 
@@ -35,6 +37,7 @@ def decode(data: bytes, what: str = "the request body") -> Image.Image:
         raise
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        reason = _BUFFER_REPR.sub("", reason)  # PIL names the in-memory buffer, not the data
         raise RequestError(
             f"{what} is not a decodable image ({', '.join(FORMATS)}): {reason}"
         ) from None

@@ -104,6 +104,8 @@ def banner(model: OnnxModel, config: ServerConfig, url: str) -> str:
             f"  classify an image:  curl -s{auth} --data-binary @image.jpg '{m}/classify?top_k=3'",
             f"  v2 inference:       curl -s{auth} {m}/infer -d {example}",
             f"  metrics:            curl -s{auth} {url}/metrics",
+            *([f"  (the examples read the key from ${API_KEY_ENV}: set it in the client's "
+               "shell; the key is never printed)"] if config.api_key else []),
             "  Ctrl-C (or SIGTERM) stops it after the requests in flight.",
         ]
     )

@@ -13,7 +13,7 @@ try:  # typer >= 0.22 vendors its own copy of click
 except ImportError:  # older typer runs on click itself
     from click.exceptions import NoSuchOption, UsageError
 
-from kdtool import __version__
+from kdtool import __version__, console
 from kdtool.cli.hints import foreign_option_hint
 from kdtool.errors import KdtoolError
 from kdtool.runinfo import set_command_line
@@ -51,6 +51,17 @@ def _error(message: str) -> None:
     prefix = "\x1b[1;31merror:\x1b[0m" if sys.stderr.isatty() else "error:"
     sys.stderr.write(f"{prefix} {message}\n")
     sys.stderr.flush()
+
+
+def _json_error(argv: list[str] | None, message: str, hint: str | None) -> None:
+    """Under --json, a failure is also the one JSON object on stdout: a script reads
+    {"error", "hint"} where it would have read the result."""
+    args = sys.argv[1:] if argv is None else argv
+    if "--json" in args and not console.json_emitted and not console.out.quiet:
+        import json
+
+        sys.stdout.write(json.dumps({"error": message, "hint": hint}) + "\n")
+        sys.stdout.flush()
 
 
 _LIST_ITEM = re.compile(r"\s*([-*]|\d+[.)])\s")
@@ -92,19 +103,42 @@ def _usage_message(e: UsageError) -> str:
     return e.format_message()
 
 
+def _hide_flag_types(command) -> None:
+    """A flag takes no value: newer typer labels it <bool> in --help, which reads as if
+    '--force true' were the way to pass it."""
+    for sub in (getattr(command, "commands", None) or {}).values():
+        _hide_flag_types(sub)
+    for param in command.params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    make_help_option = command.get_help_option
+
+    def get_help_option(ctx):  # click builds --help afresh for each context
+        option = make_help_option(ctx)
+        if option is not None and option.metavar is None:
+            option.metavar = ""
+        return option
+
+    command.get_help_option = get_help_option
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print one line and exit 1; bugs keep their traceback."""
     set_command_line(sys.argv[1:] if argv is None else argv)
     _reflow_help(app)
     command = typer.main.get_command(app)
+    _hide_flag_types(command)
+    console.json_emitted = False
     try:
         code = command.main(args=argv, prog_name="kdtool", standalone_mode=False)
     except KdtoolError as e:
         _error(str(e))
+        _json_error(argv, e.message, e.hint)
         sys.exit(1)
     except UsageError as e:
         where = e.ctx.command_path if e.ctx is not None else "kdtool"
         _error(f"{_usage_message(e)} (see '{where} --help')")
+        _json_error(argv, _usage_message(e), f"see '{where} --help'")
         sys.exit(1)
     except (typer.Abort, KeyboardInterrupt):
         _error("interrupted")

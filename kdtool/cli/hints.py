@@ -30,6 +30,13 @@ FOREIGN_OPTIONS: dict[str, list[str]] = {
     "--dataset": ["--data"],
     "--calib": ["--calib-data"],
     "--val-data": ["--val"],
+    # kdtool's own spellings across commands: labelled data is --data where a command
+    # takes only one dataset (eval, bench) and --val beside other inputs (train, distill,
+    # calibrate, export); a student is an --arch in train and a --student in distill.
+    "--val": ["--data"],
+    "--data": ["--val", "--calib-data"],
+    "--calib-data": ["--data"],
+    "--arch": ["--student"],
     "--num-epochs": ["--epochs"],
     "--iters": ["--iters-per-epoch"],
     "--steps": ["--iters-per-epoch"],

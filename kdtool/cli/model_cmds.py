@@ -234,13 +234,23 @@ def convert_cmd(
     --class-names imagenet --out teacher.safetensors[/bold]
     """
     from kdtool import console
-    from kdtool.checkpoint import load_checkpoint, save_checkpoint
+    from kdtool.checkpoint import (
+        CHECKPOINT_SUFFIX,
+        has_kdtool_meta,
+        load_checkpoint,
+        save_checkpoint,
+    )
     from kdtool.errors import KdtoolError
+    from kdtool.io import check_output
     from kdtool.runinfo import provenance
 
+    if state_dict.suffix.lower() == CHECKPOINT_SUFFIX and has_kdtool_meta(state_dict):
+        raise KdtoolError(f"'{state_dict}' is already a kdtool checkpoint: nothing to convert",
+                          f"use it as it is; 'kdtool info {state_dict}' shows what it records")
     if arch is None:
         raise KdtoolError(f"converting '{state_dict}' needs its architecture",
                           "pass --arch (see 'kdtool models')")
+    check_output(out, force, "checkpoint", (CHECKPOINT_SUFFIX,))  # before any work
     spec = foreign_spec(state_dict, arch, num_classes, in_chans, mean, std, image_size)
     # None: the architecture's default (torchvision's: its weights' evaluation transform)
     spec.resize, spec.interpolation = resize, interpolation

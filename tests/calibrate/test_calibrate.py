@@ -164,6 +164,8 @@ def test_errors_name_the_problem_and_write_nothing(cli, noise_student, tmp_path)
     assert r.code == 1 and "--sweep up to 8 batches of 16 needs 128 images but" in r.err
     r = cli("calibrate", noise_student, "--data", "digits", "--sweep", "1,2", "--out", out)
     assert r.code == 1 and "needs labelled --val" in r.err
+    r = cli("calibrate", noise_student, "--data", "digits", "--repeats", "3", "--out", out)
+    assert r.code == 1 and "--repeats 3 repeats the points of a --sweep" in r.err
     r = cli("calibrate", noise_student, "--data", "digits", "--val", few, "--out", out)
     assert r.code == 1 and "has no labels" in r.err
     r = cli("calibrate", noise_student, "--data", "digitz", "--out", out)

@@ -409,6 +409,7 @@ def test_tensorrt_engine_without_tensorrt_or_gpu_is_an_unavailable_row(cli, mode
         (["{onnx}", "--batch", "1,x"], "--batch '1,x' is not a comma-separated list of integers"),
         (["{onnx}", "--batch", "0"], "batch sizes must be positive"),
         (["{onnx}", "--max-drop", "1"], "need --data"),
+        (["{onnx}", "--limit", "10"], "--limit 10 picks images of --data"),
         (["{onnx}", "--plot", "out.jpg"], "cannot tell the plot format of 'out.jpg'"),
         (["{onnx}", "--data", "digits:tset"], "did you mean 'digits:test'"),
         (["model.h5"], "is not a model file kdtool bench can run"),

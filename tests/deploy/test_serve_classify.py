@@ -135,3 +135,4 @@ def test_classify_errors_are_400(rgb_server, query, body, headers, message):
         r = c.post(URL + query, content=body, headers=headers)
         assert r.status_code == 400, r.text
         assert message in r.json()["error"]
+        assert "BytesIO" not in r.json()["error"]  # PIL's name for the buffer means nothing

@@ -111,7 +111,8 @@ def test_cli_banner_auth_and_sigterm_finishes_in_flight(tiny_onnx):
                 pass
             assert time.monotonic() < deadline, "server never became ready"
             time.sleep(0.05)
-        banner = "".join(lines) + "".join(proc.stderr.readline() for _ in range(4))
+        banner = "".join(lines) + "".join(proc.stderr.readline() for _ in range(5))
+        assert "the examples read the key from $KDTOOL_API_KEY" in banner
         assert "kdtool serve: model 'tiny' (tiny_cnn, 1x8x8 NCHW, 10 classes" in banner
         assert (
             f'curl -s -H "Authorization: Bearer $KDTOOL_API_KEY" {url}/v2/models/tiny/infer'

@@ -286,3 +286,13 @@ def test_cli_ema_writes_the_average_and_shows_the_live_weights(cli, small_teache
     assert read_meta(out).stages["distill"]["config"]["ema"] == 0.9
     bad = cli(*args[:-1], "1.5", "--out", tmp_path / "x.safetensors")
     assert bad.code == 1 and "--ema" in bad.err and "Traceback" not in bad.err
+
+
+def test_global_teacher_statistics_in_one_process_say_they_do_nothing(small_teacher, tmp_path,
+                                                                       cli):
+    r = cli("distill", "--teacher", small_teacher, "--student", "tiny_cnn", "--epochs", "1",
+            "--iters-per-epoch", "2", "--batch-size", "32", "--teacher-stats", "global",
+            "--out", tmp_path / "s.safetensors")
+    assert r.code == 0, r.err
+    err = " ".join(r.err.split())
+    assert "--teacher-stats global" in err and "this is one process" in err

@@ -19,6 +19,7 @@ def test_every_command_has_help_with_an_example(cli):
         r = cli(name, "--help")
         assert r.code == 0, r.err
         assert "Example" in r.out, f"'kdtool {name} --help' shows no example"
+        assert "<bool>" not in r.out, f"'kdtool {name} --help' shows a value for a flag"
 
 
 def test_help_paragraphs_are_reflowed_to_the_terminal(cli, monkeypatch):
@@ -87,6 +88,10 @@ def _one_line_error(r, *fragments):
          ["--format; kdtool spells it --precision fp32|fp16|int8 or --trt"]),
         (["distill", "--model", "resnet8"], ["--model; kdtool spells it --student or --teacher"]),
         (["train", "--model", "resnet8"], ["--model; kdtool spells it --arch ("]),
+        (["eval", "m.safetensors", "--val", "digits"], ["--val; kdtool spells it --data ("]),
+        (["export", "m.safetensors", "--data", "digits"],
+         ["--data; kdtool spells it --val or --calib-data ("]),
+        (["distill", "--arch", "resnet8"], ["--arch; kdtool spells it --student ("]),
         (["calibrate", "s.safetensors", "-o", "c.safetensors"], ["-o; kdtool spells it --out ("]),
         # bench has no --precision: the look-alike suggestion stays.
         (["bench", "--format", "onnx"], ["--format", "--formats"]),
@@ -312,3 +317,17 @@ def test_an_uncalibrated_noise_student_is_flagged_where_running_statistics_are_u
     meta.stages["calibrate"] = {"bn_running_stats": "real"}
     save_checkpoint(student, model, meta, force=True)
     assert "warning" not in cli("eval", student, "--data", "digits:test").err
+
+
+def test_a_failure_under_json_is_one_json_object_too(cli, tmp_path):
+    """Scripts parse stdout: under --json an error is {"error", "hint"} there as well."""
+    import json
+
+    r = cli("eval", tmp_path / "missing.safetensors", "--data", "digits", "--json")
+    assert r.code == 1 and r.err.startswith("error: ")
+    got = json.loads(r.out)
+    assert "missing.safetensors" in got["error"] and set(got) == {"error", "hint"}
+    r = cli("models", "--json", "--bogus")
+    assert r.code == 1 and "--bogus" in json.loads(r.out)["error"]
+    r = cli("eval", tmp_path / "missing.safetensors", "--data", "digits")
+    assert r.code == 1 and r.out == ""

@@ -27,3 +27,25 @@ def test_outputs_are_written_whole_and_never_overwritten_without_force(tmp_path)
     atomic_write_text(out, "second")
     assert out.read_text() == "second"
     assert [p.name for p in out.parent.iterdir()] == ["result.json"]  # no temp file left
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["train", "--data", "digits", "--arch", "tiny_cnn", "--out", "m.pt"], "'m.safetensors'"),
+    (["distill", "--teacher", "{teacher}", "--student", "tiny_cnn", "--out", "m.pth"],
+     "'m.safetensors'"),
+    (["calibrate", "{teacher}", "--data", "digits", "--out", "m.bin"], "'m.safetensors'"),
+    (["convert", "{pt}", "--arch", "tiny_cnn", "--mean", "0.5", "--std", "0.5", "--out",
+      "m.pt"], "'m.safetensors'"),
+    (["export", "{teacher}", "--onnx", "m.txt"], "'m.onnx'"),
+])
+def test_outputs_get_the_suffix_they_are_read_back_by(cli, digits_teacher, tmp_path,
+                                                      monkeypatch, args, fragment):
+    """kdtool reads a .pt as a plain state_dict: a checkpoint written as m.pt was a file
+    kdtool itself could not load. The name is refused before any work."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    torch.save({}, tmp_path / "plain.pt")
+    r = cli(*[a.format(teacher=digits_teacher, pt=tmp_path / "plain.pt") for a in args])
+    assert r.code == 1 and "must end in" in r.err and fragment in r.err, r.err
+    assert "Traceback" not in r.err and not list(tmp_path.glob("m.*"))
