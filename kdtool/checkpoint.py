@@ -11,6 +11,7 @@ nothing a user hands in is ever unpickled.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,9 +238,8 @@ def read_meta(path: str | Path) -> ModelMeta:
     if path.name.endswith(".state.pt"):  # kdtool's own resumable run state
         out = path.name.removesuffix(".state.pt")
         raise KdtoolError(
-            f"'{path}' is the run state of an interrupted train or distill run, not a "
-            "checkpoint", f"rerun that command with --resume to finish '{out}'; 'kdtool "
-            f"analyze curves {path}' plots its history",
+            f"'{path}' is the run state that kdtool train and distill keep beside '{out}' "
+            "for --resume, not a checkpoint", f"use '{out}' itself",
         )
     if path.suffix.lower() in FOREIGN_SUFFIXES:
         raise KdtoolError(
@@ -269,6 +269,14 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for bad pickles and refused globals
+            refused = _REFUSED_GLOBAL.search(str(e))
+            if refused:  # torch's own text is a paragraph of unpickling advice, with escapes
+                raise KdtoolError(
+                    f"'{path}' holds a pickled Python object ({refused.group(1)}), not just "
+                    "tensors: kdtool never unpickles a file (it could run any code)",
+                    "where the model is trusted, save its weights alone: "
+                    "torch.save(model.state_dict(), path)",
+                ) from e
             raise KdtoolError(
                 f"cannot read '{path}' as a PyTorch state_dict: {str(e).splitlines()[0]}",
                 "save it with torch.save(model.state_dict(), path); "
@@ -281,6 +289,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise KdtoolError(
             f"'{path}' is corrupt or truncated ({e})", "copy it again or re-create it"
         ) from e
+
+
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
 
 def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:

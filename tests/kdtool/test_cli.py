@@ -331,3 +331,28 @@ def test_a_failure_under_json_is_one_json_object_too(cli, tmp_path):
     assert r.code == 1 and "--bogus" in json.loads(r.out)["error"]
     r = cli("eval", tmp_path / "missing.safetensors", "--data", "digits")
     assert r.code == 1 and r.out == ""
+
+
+def test_files_of_the_wrong_kind_get_the_command_that_fixes_them(cli, digits_teacher, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from kdtool.models import create_model
+
+    torch.save(create_model("tiny_cnn"), tmp_path / "whole.pt")  # the model object, pickled
+    _one_line_error(cli("eval", tmp_path / "whole.pt", "--arch", "tiny_cnn", "--mean", "0.5",
+                        "--std", "0.5", "--data", "digits"),
+                    "holds a pickled Python object (kdtool.models.tiny.PlainCNN)",
+                    "never unpickles", "torch.save(model.state_dict(), path)")
+    assert "\x1b" not in cli("eval", tmp_path / "whole.pt", "--arch", "tiny_cnn", "--mean",
+                             "0.5", "--std", "0.5", "--data", "digits").err
+    save_file(create_model("tiny_cnn").state_dict(), tmp_path / "plain.safetensors")
+    _one_line_error(cli("info", tmp_path / "plain.safetensors"), "without kdtool metadata",
+                    f"kdtool convert {tmp_path / 'plain.safetensors'} --arch ARCH")
+    (tmp_path / "m.safetensors.state.pt").write_bytes(b"x")
+    _one_line_error(cli("info", tmp_path / "m.safetensors.state.pt"), "is the run state",
+                    "use '" + "m.safetensors' itself")
+    _one_line_error(cli("convert", digits_teacher, "--arch", "resnet8", "--out",
+                        tmp_path / "c.safetensors"), "already a kdtool checkpoint",
+                    "nothing to convert")
+    assert not (tmp_path / "c.safetensors").exists()
