@@ -67,8 +67,9 @@ def _check_images(data: ImageData, meta: ModelMeta, what: str) -> None:
     if data.channels != meta.in_chans:
         raise KdtoolError(
             f"{what} '{data.source}' has {data.channels}-channel images but the model takes "
-            f"{meta.in_chans}",
-            f"give {meta.in_chans}-channel images",
+            f"{meta.in_chans}: BN statistics of converted copies are not those of the "
+            "images it will be served",
+            f"give {meta.in_chans}-channel images, like those it will see in deployment",
         )
 
 

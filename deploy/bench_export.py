@@ -32,6 +32,7 @@ class Exported:
     path: Path  # the file written (or that would have been)
     error: str | None = None
     seconds: float = 0.0
+    reused: bool = False  # an earlier run's export of the same checkpoint, same settings
 
     @property
     def backend(self) -> str:
@@ -42,7 +43,7 @@ class Exported:
             "checkpoint": str(self.checkpoint),
             "format": self.format,
             "path": str(self.path),
-            "status": "export failed" if self.error else "ok",
+            "status": "export failed" if self.error else "reused" if self.reused else "ok",
             "reason": self.error or "",
             "seconds": round(self.seconds, 2),
         }
@@ -83,6 +84,10 @@ def export_all(
             force=force,
             threads=threads,
         )
+        if not force and not trt and _made_by_this_export(onnx, checkpoint, cfg):
+            console.info(f"bench: reusing {onnx}, exported from this {checkpoint.name} as {fmt}")
+            done.append(Exported(checkpoint, fmt, target, reused=True))
+            continue
         console.info(f"bench: exporting {checkpoint.name} as {fmt}")
         start = time.perf_counter()
         try:
@@ -92,3 +97,20 @@ def export_all(
             console.warn(escape(f"export of {checkpoint.name} as {fmt} failed: {e}"))
             done.append(Exported(checkpoint, fmt, target, str(e), time.perf_counter() - start))
     return done
+
+
+def _made_by_this_export(onnx: Path, checkpoint: Path, cfg) -> bool:
+    """Whether ``onnx`` is what ``cfg`` would write: the same checkpoint bytes, precision
+    and calibration data (so a rerun of a bench with --export-dir reuses its exports)."""
+    from kdtool.export.metadata import read_info
+    from kdtool.io import file_sha256
+
+    if not onnx.is_file():
+        return False
+    try:
+        info = read_info(onnx)
+    except KdtoolError:  # not a kdtool export: run_export refuses to overwrite it
+        return False
+    calib = info.quantization.get("calib_data") if info.quantization else None
+    return (info.source_sha256 == file_sha256(checkpoint) and info.precision == cfg.precision
+            and calib == cfg.calib_data)

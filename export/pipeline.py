@@ -15,7 +15,6 @@ valid (a previous output kept with --force stays as it was). Order of work:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from dataclasses import asdict, dataclass, replace
@@ -40,7 +39,7 @@ from kdtool.export.onnx_export import (
 from kdtool.export.parity import TOLERANCES, TRT_TOLERANCES, Tolerance, compare, normalise
 from kdtool.export.parity import parity_batches as make_parity_batches
 from kdtool.export.precision import ACTIVATION_MODES, CALIB_METHODS
-from kdtool.io import check_output
+from kdtool.io import check_output, file_sha256
 
 
 @dataclass
@@ -99,7 +98,7 @@ def run_export(cfg: ExportConfig) -> dict:
         precision=cfg.precision,
         batch=profile.max if profile.static else None,
         source=Path(cfg.checkpoint).name,
-        source_sha256=_sha256(Path(cfg.checkpoint)),
+        source_sha256=file_sha256(cfg.checkpoint),
         folded=folded,
         opset=cfg.opset,
         max_batch=profile.max,
@@ -445,14 +444,6 @@ def _tensorrt(
     os.replace(sidecar_tmp, outs.sidecar)
     console.info(f"wrote {outs.engine} and {outs.sidecar}")
     return {"engine": str(outs.engine), "sidecar": str(outs.sidecar), **record}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _mb(n: int) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Annotated
 
@@ -23,6 +22,7 @@ from kdtool.cli.options import (
     foreign_spec,
     parse_class_names,
 )
+from kdtool.io import file_sha256
 
 
 @app.command("models")
@@ -68,14 +68,6 @@ def models_cmd(
              for r in result["models"]]))
 
     console.emit({"models": rows}, as_json, render)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @app.command("info")

@@ -308,6 +308,21 @@ def test_formats_export_on_the_fly_and_failed_exports_are_rows(cli, models, tmp_
     assert (out / "tiny.onnx").is_file() and not (out / "tiny.int8.onnx").exists()
     # the export is the checkpoint: same predictions on the same images
     assert res["rows"][1]["accuracy"]["correct"] == res["rows"][0]["accuracy"]["correct"]
+    # A rerun reuses the export of the same checkpoint; one of other weights is refused.
+    written = (out / "tiny.onnx").stat().st_mtime_ns
+    again = cli("bench", models["dir"] / "tiny.safetensors", "--formats", "onnx",
+                "--export-dir", out, "--batch", "2", *FAST, "--json")
+    assert again.code == 0 and [e["status"] for e in again.json()["exports"]] == ["reused"]
+    assert (out / "tiny.onnx").stat().st_mtime_ns == written and "bench: reusing" in again.err
+    other = tmp_path / "other" / "tiny.safetensors"  # same name, other weights
+    model, meta = load_checkpoint(models["dir"] / "tiny.safetensors")
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    save_checkpoint(other, model, meta, force=False)
+    r = cli("bench", other, "--formats", "onnx", "--export-dir", out, "--batch", "2", *FAST,
+            "--json")
+    assert r.json()["exports"][0]["status"] == "export failed"
+    assert "already exists" in r.json()["exports"][0]["reason"]
     bad = cli("bench", models["onnx"], "--formats", "onnx8")
     assert bad.code == 1 and "unknown bench format 'onnx8'" in bad.err
 
