@@ -18,7 +18,7 @@ analyze_app = typer.Typer(
 app.add_typer(analyze_app, name="analyze")
 
 OutStem = Annotated[Path, typer.Option(
-    "--out", help="Output stem: writes STEM.png and STEM.csv (and a sweep's students in STEM/).")]
+    "--out", help="Output stem: writes STEM.png and STEM.csv.")]
 
 
 def _outputs(out: Path, force: bool) -> tuple[Path, Path]:
@@ -189,7 +189,9 @@ def sweep_cmd(
         "--keep", help="batch-size sweeps: keep the number of noise 'images' (fewer steps for "
         "larger batches) or of optimiser 'steps' (more images for larger batches).")
     ] = "images",
-    out: OutStem = Path("sweep"),
+    out: Annotated[Path, typer.Option(
+        "--out", help="Output stem: writes STEM.png and STEM.csv, and the students in "
+        "STEM/.")] = Path("sweep"),
     force: Force = False,
     seed: Seed = 0,
     device: Device = "auto",
