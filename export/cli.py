@@ -87,29 +87,32 @@ def export_cmd(
         ),
     ] = None,
     calib_images: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--calib-images",
             help="Calibration images used (a seeded random choice).",
+            show_default="512",
             rich_help_panel=_INT8,
         ),
-    ] = 512,
+    ] = None,
     calib_method: Annotated[
-        str,
+        str | None,
         typer.Option(
-            "--calib-method", help="minmax, entropy or percentile.", rich_help_panel=_INT8
+            "--calib-method", help="minmax, entropy or percentile.", show_default="minmax",
+            rich_help_panel=_INT8,
         ),
-    ] = "minmax",
+    ] = None,
     int8_activations: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--int8-activations",
             help="symmetric (int8, zero point 0: valid for TensorRT; kdtool's ONNX Runtime "
             "CPU sessions run it as uint8, same values) or asymmetric (uint8 with zero "
             "points: fast in any ONNX Runtime CPU session, not for TensorRT).",
+            show_default="symmetric",
             rich_help_panel=_INT8,
         ),
-    ] = "symmetric",
+    ] = None,
     trt: Annotated[
         bool,
         typer.Option(
@@ -175,8 +178,16 @@ def export_cmd(
     int8 --calib-data calib/ --val val/ --triton-repo models/[/bold]
     """
     from kdtool import console
+    from kdtool.errors import KdtoolError
     from kdtool.export.pipeline import ExportConfig, run_export
 
+    int8_only = {"--calib-images": calib_images, "--calib-method": calib_method,
+                 "--int8-activations": int8_activations}
+    given = [name for name, value in int8_only.items() if value is not None]
+    if given and precision in ("fp32", "fp16"):  # it would change nothing: say so
+        raise KdtoolError(f"{given[0]} sets up INT8 quantisation, and --precision is "
+                          f"{precision}", f"add --precision int8, or drop {given[0]}")
+    defaults = ExportConfig(checkpoint="", onnx="")
     cfg = ExportConfig(
         checkpoint=str(checkpoint),
         onnx=str(onnx),
@@ -186,9 +197,9 @@ def export_cmd(
         exporter=exporter,
         slim=slim,
         calib_data=calib_data,
-        calib_images=calib_images,
-        calib_method=calib_method,
-        int8_activations=int8_activations,
+        calib_images=defaults.calib_images if calib_images is None else calib_images,
+        calib_method=calib_method or defaults.calib_method,
+        int8_activations=int8_activations or defaults.int8_activations,
         val=val,
         parity_batch=parity_batch,
         min_agreement=min_agreement,

@@ -257,6 +257,9 @@ def _one_line_error(r, *fragments):
         (["--batch", "a"], ["not integers"]),
         (["--exporter", "dynamic"], ["unknown exporter", "did you mean 'dynamo'"]),
         (["--opset", "7"], ["--opset 7"]),
+        (["--calib-images", "64"], ["--calib-images sets up INT8", "--precision is fp32",
+                                    "add --precision int8"]),
+        (["--precision", "fp16", "--calib-method", "entropy"], ["--calib-method sets up"]),
         (
             [
                 "--precision",
