@@ -123,7 +123,7 @@ def _checkpoint_model(path: Path) -> BenchModel:
     if uncalibrated:
         from kdtool import console
 
-        console.warn(uncalibrated)
+        console.warn(uncalibrated, once=True)
     from kdtool.export.metadata import OnnxInfo
 
     # A PyTorch model has no tensor names; the rest is what an export would record.

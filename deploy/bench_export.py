@@ -66,8 +66,9 @@ def export_all(
 
     from kdtool import console
     from kdtool.export.pipeline import ExportConfig, run_export
+    from kdtool.io import file_sha256
 
-    done = []
+    done, source_sha256 = [], None
     for fmt in formats:
         if fmt == "torch":
             done.append(Exported(checkpoint, fmt, checkpoint))
@@ -84,10 +85,13 @@ def export_all(
             force=force,
             threads=threads,
         )
-        if not force and not trt and _made_by_this_export(onnx, checkpoint, cfg):
-            console.info(f"bench: reusing {onnx}, exported from this {checkpoint.name} as {fmt}")
-            done.append(Exported(checkpoint, fmt, target, reused=True))
-            continue
+        if not force and not trt and onnx.is_file():
+            source_sha256 = source_sha256 or file_sha256(checkpoint)  # once per checkpoint
+            if _made_by_this_export(onnx, source_sha256, cfg):
+                console.info(f"bench: reusing {onnx}, exported from this {checkpoint.name} "
+                             f"as {fmt}")
+                done.append(Exported(checkpoint, fmt, target, reused=True))
+                continue
         console.info(f"bench: exporting {checkpoint.name} as {fmt}")
         start = time.perf_counter()
         try:
@@ -99,18 +103,16 @@ def export_all(
     return done
 
 
-def _made_by_this_export(onnx: Path, checkpoint: Path, cfg) -> bool:
-    """Whether ``onnx`` is what ``cfg`` would write: the same checkpoint bytes, precision
-    and calibration data (so a rerun of a bench with --export-dir reuses its exports)."""
+def _made_by_this_export(onnx: Path, source_sha256: str, cfg) -> bool:
+    """Whether ``onnx`` is what ``cfg`` would write: the same checkpoint bytes (their
+    SHA-256), precision and calibration data (so a rerun of a bench with --export-dir
+    reuses its exports)."""
     from kdtool.export.metadata import read_info
-    from kdtool.io import file_sha256
 
-    if not onnx.is_file():
-        return False
     try:
         info = read_info(onnx)
     except KdtoolError:  # not a kdtool export: run_export refuses to overwrite it
         return False
     calib = info.quantization.get("calib_data") if info.quantization else None
-    return (info.source_sha256 == file_sha256(checkpoint) and info.precision == cfg.precision
+    return (info.source_sha256 == source_sha256 and info.precision == cfg.precision
             and calib == cfg.calib_data)

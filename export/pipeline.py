@@ -86,7 +86,7 @@ def run_export(cfg: ExportConfig) -> dict:
     model, meta = load_checkpoint(cfg.checkpoint)
     uncalibrated = meta.noise_bn_warning(cfg.checkpoint)
     if uncalibrated:  # an ONNX file runs on running statistics, whatever its consumer
-        console.warn(uncalibrated)
+        console.warn(uncalibrated, once=True)
     sample_shape = (meta.in_chans, *meta.input_size)
     calib = _load(cfg.calib_data, meta, "--calib-data") if cfg.calib_data else None
     val = _load(cfg.val, meta, "--val", labelled=True) if cfg.val else None

@@ -129,12 +129,8 @@ def per_channel_norm(mean: list[float], std: list[float], channels: int,
                               f"give {channels} values, or one for all channels")
         out.append([float(v) for v in values] * (channels if len(values) == 1 else 1))
     if any(v <= 0 for v in out[1]):
-        raise KdtoolError(f"--std must be positive, got {_fmt(out[1])}")
+        raise KdtoolError("--std must be positive, got " + ",".join(f"{v:g}" for v in out[1]))
     return out[0], out[1]
-
-
-def _fmt(values: list[float]) -> str:
-    return ",".join(f"{v:g}" for v in values)
 
 
 @dataclass
@@ -155,18 +151,18 @@ class ForeignSpec:
         from kdtool.models import model_spec
 
         spec = model_spec(self.arch)
-        if self.mean is not None and self.std is not None:
-            mean, std = per_channel_norm(self.mean, self.std, self.in_chans,
-                                         f"'{source}' (--in-chans {self.in_chans})")
-        elif self.arch.startswith(TV_PREFIX):
-            mean, std = IMAGENET_MEAN, IMAGENET_STD  # torchvision's own weights use these
-            mean, std = per_channel_norm(mean[:1], std[:1], self.in_chans, source) \
-                if self.in_chans != len(mean) else (mean, std)
-        else:
-            raise KdtoolError(
-                f"'{source}' is a plain state_dict and its normalisation is unknown",
-                "pass --mean and --std (the values the model was trained with)",
-            )
+        mean, std = self.mean, self.std
+        if mean is None or std is None:
+            if not self.arch.startswith(TV_PREFIX):
+                raise KdtoolError(
+                    f"'{source}' is a plain state_dict and its normalisation is unknown",
+                    "pass --mean and --std (the values the model was trained with)",
+                )
+            # torchvision's own weights use ImageNet's; other channel counts get its first
+            mean, std = (IMAGENET_MEAN, IMAGENET_STD) if self.in_chans == 3 else \
+                (IMAGENET_MEAN[:1], IMAGENET_STD[:1])
+        mean, std = per_channel_norm(mean, std, self.in_chans,
+                                     f"'{source}' (--in-chans {self.in_chans})")
         # The flags override the architecture's default (Fit checks them: "did you mean").
         fit = Fit(spec.crop_fraction if self.resize is None else parse_resize(self.resize),
                   self.interpolation or spec.interpolation)

@@ -83,7 +83,16 @@ def info(message: str) -> None:
     err.print(message)
 
 
-def warn(message: str) -> None:
+_warned: set[str] = set()  # messages given with once=True in this command
+
+
+def warn(message: str, once: bool = False) -> None:
+    """``once``: say it only the first time in this command (a file that several stages
+    of one command open, such as bench exporting a checkpoint in each format)."""
+    if once:
+        if message in _warned:
+            return
+        _warned.add(message)
     err.print(f"[yellow]warning:[/yellow] {message}")
 
 
@@ -129,6 +138,13 @@ def _fmt(v: Any) -> str:
 
 # Whether this command printed its JSON object (a command may emit, then fail: bench).
 json_emitted = False
+
+
+def reset() -> None:
+    """Forget what the previous command said (main() runs one command per call)."""
+    global json_emitted
+    json_emitted = False
+    _warned.clear()
 
 
 def emit(result: dict, as_json: bool, render=None) -> None:

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     _reflow_help(app)
     command = typer.main.get_command(app)
     _hide_flag_types(command)
-    console.json_emitted = False
+    console.reset()
     try:
         code = command.main(args=argv, prog_name="kdtool", standalone_mode=False)
     except KdtoolError as e:
