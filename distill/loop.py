@@ -170,8 +170,8 @@ class DistillRun:
         row: dict = history[-1] if history else {}
         per_epoch = c.iters_per_epoch * c.batch_size
         with self.ckpt.writing(), \
-                console.progress_task("distill", c.epochs * per_epoch, unit="img") as advance:
-            advance(start * per_epoch)
+                console.progress_task("distill", c.epochs * per_epoch, unit="img",
+                                      completed=start * per_epoch) as advance:
             for epoch in range(start, c.epochs):
                 torch.manual_seed(c.seed * 100_003 + epoch)
                 row = self._epoch(step_fn, student, noise, epoch, opt, sched, advance)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -26,6 +28,27 @@ from rich.text import Text
 # Logs and progress go to stderr so that stdout carries only results (``--json`` stays parseable).
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
+# In a log file (nohup, SLURM, CI) a message is one line that grep finds whole, not text
+# folded at rich's default 80 columns.
+err.soft_wrap = not err.is_terminal
+
+PROGRESS_MODES = ("auto", "bar", "lines", "off")
+LINE_EVERY_S = 30.0  # lines mode: at least one line this often on long work
+LINE_EVERY_FRACTION = 0.1  # ... and one per tenth of the work,
+LINE_MIN_S = 5.0  # but not more often than this: a few seconds' work gets its last line only
+
+
+def progress_mode() -> str:
+    """``$KDTOOL_PROGRESS``: ``bar`` (rich, redrawn in place), ``lines`` (plain lines that a
+    log keeps), ``off``; ``auto`` (default) is ``bar`` on a terminal and ``lines`` elsewhere."""
+    mode = os.environ.get("KDTOOL_PROGRESS", "auto").strip().lower() or "auto"
+    if mode not in PROGRESS_MODES:
+        warn(f"KDTOOL_PROGRESS={mode!r} is not one of {', '.join(PROGRESS_MODES)}; using auto",
+             once=True)
+        mode = "auto"
+    if mode == "auto":
+        return "bar" if err.is_terminal or err.is_jupyter else "lines"
+    return mode
 
 
 class _RateColumn(ProgressColumn):
@@ -55,11 +78,96 @@ def make_progress(transient: bool = False) -> Progress:
     )
 
 
+def _clock(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def _count(n: float) -> str:
+    return f"{n:,.0f}"
+
+
+class _LineProgress:
+    """Progress as plain lines for logs: one per tenth of the work (at most one per
+    ``LINE_MIN_S``) or per ``LINE_EVERY_S``, whichever comes first, and a last one at the
+    end. A transient task (a short decode or evaluation) only reports when it runs long,
+    and says nothing at the end."""
+
+    def __init__(self, description: str, total: int | None, unit: str, transient: bool,
+                 completed: int, clock=time.monotonic):
+        self.description, self.total, self.unit = description, total, unit
+        self.transient = transient
+        self.clock = clock
+        self.completed = self.start_completed = completed
+        self.t0 = self.last_t = clock()
+        self.last_fraction = completed / total if total else 0.0
+        self.info = ""
+        self.printed = 0
+
+    def advance(self, n: int = 1, info: str | None = None) -> None:
+        self.completed += n
+        if info is not None:
+            self.info = info
+        now = self.clock()
+        since = now - self.last_t
+        due = since >= LINE_EVERY_S
+        if not self.transient and self.total and since >= LINE_MIN_S:
+            due |= self.completed / self.total - self.last_fraction >= LINE_EVERY_FRACTION - 1e-9
+        if due and (not self.total or self.completed < self.total):
+            self._line(now)
+
+    def finish(self) -> None:
+        if not self.transient and self.completed > self.start_completed:
+            self._line(self.clock())
+
+    def line(self, now: float) -> str:
+        elapsed = now - self.t0
+        done = self.completed - self.start_completed  # work of this run: a resume skips ahead
+        rate = done / elapsed if elapsed > 0 else None
+        parts = [self.description]
+        if self.total:
+            parts.append(f"{100 * self.completed / self.total:3.0f}% "
+                         f"{_count(self.completed)}/{_count(self.total)} {self.unit}")
+        else:
+            parts.append(f"{_count(self.completed)} {self.unit}")
+        if rate:
+            parts.append(f"{rate:,.0f} {self.unit}/s" if rate >= 100
+                         else f"{rate:.1f} {self.unit}/s")
+        parts.append(f"elapsed {_clock(elapsed)}")
+        if rate and self.total and self.completed < self.total:
+            parts.append(f"eta {_clock((self.total - self.completed) / rate)}")
+        if self.info:
+            parts.append(self.info)
+        return "  ".join(parts)
+
+    def _line(self, now: float) -> None:
+        err.print(self.line(now), markup=False)
+        self.printed += 1
+        self.last_t = now
+        if self.total:
+            self.last_fraction = self.completed / self.total
+
+
 @contextmanager
-def progress_task(description: str, total: int | None, unit: str = "it", transient=False):
-    """``with progress_task("decode", n, unit="img") as advance: advance(k, info="...")``."""
+def progress_task(description: str, total: int | None, unit: str = "it", transient=False,
+                  completed: int = 0):
+    """``with progress_task("decode", n, unit="img") as advance: advance(k, info="...")``.
+    ``completed``: work already done (a resumed run), so rates count this run's work only.
+    Drawn as ``progress_mode()`` says."""
+    mode = progress_mode()
+    if mode != "bar":
+        lines = _LineProgress(description, total, unit, transient, completed)
+
+        def advance_line(n: int = 1, info: str | None = None):
+            if mode == "lines":
+                lines.advance(n, info)
+
+        yield advance_line
+        if mode == "lines":
+            lines.finish()
+        return
     with make_progress(transient=transient) as prog:
-        task = prog.add_task(description, total=total, info="", unit=unit)
+        task = prog.add_task(description, total=total, info="", unit=unit, completed=completed)
 
         def advance(n: int = 1, info: str | None = None):
             if info is None:

@@ -164,8 +164,8 @@ class Trainer:
                             channels_last=cuda)["top1"]
 
         with self.ckpt.writing(), \
-                console.progress_task("train", c.epochs * loader.num_images, unit="img") as advance:
-            advance(start * loader.num_images)
+                console.progress_task("train", c.epochs * loader.num_images, unit="img",
+                                      completed=start * loader.num_images) as advance:
             for epoch in range(start, c.epochs):
                 torch.manual_seed(c.seed * 100_003 + epoch)  # dropout etc.: exact on resume
                 row = self._train_epoch(step_model, loader, epoch, opt, sched, criterion,
