@@ -158,7 +158,7 @@ class DistillRun:
             teacher_val = teacher_val.argmax(1)
         opt, sched = optim.build(student, c.optimizer, c.schedule, c.lr, c.weight_decay,
                                  c.epochs * c.iters_per_epoch)
-        step_fn = compile_step(distiller, c.compile_mode) if c.compile else distiller
+        step_fn = compile_step(distiller, c.compile_mode, dev) if c.compile else distiller
         config = asdict(c)
         start, best, history = self.ckpt.restore(config, student, opt, sched, self.ema)
         if start:

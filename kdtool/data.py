@@ -18,12 +18,14 @@
 
 A zip or directory is decoded once (in parallel) and cached as safetensors under
 ``cache_dir``, ``$KDTOOL_CACHE`` or ``~/.cache/kdtool/datasets``, keyed by the
-absolute path, the file sizes and mtimes, image_size, channels and the fit rule.
+absolute path, the file sizes and mtimes, image_size, channels and the fit rule. A new
+entry replaces the one for the same path and conversion whose files have since changed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import io
 import json
@@ -425,7 +427,8 @@ def _load_images_cached(spec: str, path: Path, size, channels, fit: Fit,
         raise KdtoolError(f"no images found in {path}",
                           f"looked for {' '.join(IMAGE_EXTS)} files (any case) in class folders"
                           " or directly inside")
-    key = json.dumps([CACHE_FORMAT, str(path), stamp, size, channels, *fit.cache_key()])
+    variant = [CACHE_FORMAT, str(path), size, channels, *fit.cache_key()]
+    key = json.dumps([*variant[:2], stamp, *variant[2:]])
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", path.name)[:40]  # readable, safe file name
     root = Path(cache_dir or os.environ.get("KDTOOL_CACHE") or "~/.cache/kdtool/datasets")
@@ -439,7 +442,8 @@ def _load_images_cached(spec: str, path: Path, size, channels, fit: Fit,
         names = [n for n, r in zip(names, rels, strict=True) if "/" in r]
     data = _to_data(_decode_images(path, names, is_zip, channels, size, fit),
                     np.array(labels), classes, spec)
-    _write_cache(cache, data, str(path))
+    if _write_cache(cache, data, str(path), json.dumps(variant)):
+        _drop_superseded(cache, json.dumps(variant))
     return data
 
 
@@ -462,13 +466,35 @@ def _read_cache(cache: Path, source: str) -> tuple[torch.Tensor, torch.Tensor, l
         return None
 
 
-def _write_cache(cache: Path, data: ImageData, source: str) -> None:
+def _write_cache(cache: Path, data: ImageData, source: str, variant: str) -> bool:
     from safetensors.torch import save_file
 
-    meta = {"format": CACHE_FORMAT, "source": source, "class_names": data.class_names}
+    meta = {"format": CACHE_FORMAT, "source": source, "variant": variant,
+            "class_names": data.class_names}
     try:
         # Temp file + rename: a crash or a concurrent load never sees a half-written entry.
         with atomic_path(cache) as tmp:
             save_file({"x": data.x, "y": data.y}, str(tmp), metadata={"kdtool": json.dumps(meta)})
     except OSError as e:  # a read-only or full disk costs speed next time, not this run
         console.warn(f"could not write dataset cache {cache}: {e}")
+        return False
+    return True
+
+
+def _drop_superseded(cache: Path, variant: str) -> None:
+    """Delete entries for the same source and conversion as ``cache`` but older contents
+    (the folder or zip changed since): nothing would read them again, and a CIFAR-sized
+    entry is 100+ MB. Entries at other sizes or channels are kept."""
+    from safetensors import safe_open
+
+    stem = cache.name[: cache.name.rindex("-")]
+    for other in cache.parent.glob(f"{glob.escape(stem)}-*.safetensors"):
+        if other == cache:
+            continue
+        try:
+            with safe_open(str(other), framework="pt") as f:  # reads the header only
+                same = json.loads(f.metadata()["kdtool"]).get("variant") == variant
+            if same:
+                other.unlink()
+        except Exception:  # unreadable or another process's: leave it
+            continue

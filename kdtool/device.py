@@ -73,9 +73,15 @@ def channels_last_for(device: torch.device, precision: str) -> torch.memory_form
     return torch.channels_last if device.type == "cuda" or precision == "bf16" else None
 
 
-def compile_step(fn, mode: str = "default"):
+def compile_step(fn, mode: str = "default", device: torch.device | None = None):
     """``torch.compile(fn)`` in ``mode`` (one of COMPILE_MODES; CUDA graphs apply on CUDA)."""
     check_choice(mode, COMPILE_MODES, "--compile-mode")
+    if device is not None and device.type != "cuda" and mode in CUDA_GRAPH_MODES:
+        from kdtool import console
+
+        console.warn(f"--compile-mode {mode}: CUDA graphs need a CUDA device; on {device.type} "
+                     "it compiles like --compile-mode default"
+                     + (" with kernel tuning" if mode == "max-autotune" else ""))
     return torch.compile(fn, mode=None if mode == "default" else mode)
 
 

@@ -28,13 +28,24 @@ class InternalError(RuntimeError):
     """A broken invariant inside kdtool: a bug, reported with its traceback."""
 
 
+# Words users write for what the choices call otherwise: spelling distance alone would
+# answer "gpu" with "cpu".
+_SYNONYMS = (("gpu", "cuda"), ("nvidia", "cuda"), ("tensorrt", "trt"))
+
+
 def suggest(value: str, choices: Iterable[str]) -> str | None:
     """The closest of ``choices`` to a mistyped ``value``, or None."""
     choices = list(choices)
     lowered = {c.lower(): c for c in choices}
-    if value.lower() in lowered:
-        return lowered[value.lower()]
-    match = difflib.get_close_matches(value.lower(), list(lowered), n=1, cutoff=0.6)
+    value = value.lower()
+    for word, meant in _SYNONYMS:
+        if word in value and meant not in value:
+            guess = suggest(value.replace(word, meant), choices)
+            if guess is not None:
+                return guess
+    if value in lowered:
+        return lowered[value]
+    match = difflib.get_close_matches(value, list(lowered), n=1, cutoff=0.6)
     return lowered[match[0]] if match else None
 
 

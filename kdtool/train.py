@@ -137,7 +137,7 @@ class Trainer:
         opt, sched = optim.build(model, c.optimizer, c.schedule, c.lr, c.weight_decay,
                                  c.epochs * len(loader))
         criterion = nn.CrossEntropyLoss(label_smoothing=c.label_smoothing)
-        step_model = compile_step(model, c.compile_mode) if c.compile else model
+        step_model = compile_step(model, c.compile_mode, self.device) if c.compile else model
         ema = make_ema(model, c.ema)
 
         config = asdict(c)

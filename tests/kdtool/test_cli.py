@@ -93,6 +93,10 @@ def _one_line_error(r, *fragments):
          ["--data; kdtool spells it --val or --calib-data ("]),
         (["distill", "--arch", "resnet8"], ["--arch; kdtool spells it --student ("]),
         (["calibrate", "s.safetensors", "-o", "c.safetensors"], ["-o; kdtool spells it --out ("]),
+        # What users call a GPU is CUDA here, not the nearest spelling ('cpu').
+        (["serve", "m.onnx", "--provider", "gpu"], ["did you mean 'cuda'"]),
+        (["bench", "m.onnx", "--backends", "ort-gpu"], ["did you mean 'ort-cuda'"]),
+        (["bench", "m.onnx", "--backends", "ort-tensorrt"], ["did you mean 'ort-trt'"]),
         # bench has no --precision: the look-alike suggestion stays.
         (["bench", "--format", "onnx"], ["--format", "--formats"]),
     ],

@@ -42,6 +42,7 @@ def test_compile_mode_implies_compile_on_the_command_line(cli, recorded, digits_
             "--out", tmp_path / "s.safetensors", "--json")
     assert r.code == 0, r.err
     assert recorded["modes"] == ["reduce-overhead"] and recorded["marks"] == 2
+    assert "--compile-mode reduce-overhead: CUDA graphs need a CUDA device; on cpu" in r.err
     r = cli("train", "--arch", "tiny_cnn", "--data", "digits", "--epochs", "1",
             "--out", tmp_path / "t.safetensors", "--json")
     assert r.code == 0, r.err

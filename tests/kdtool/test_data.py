@@ -241,9 +241,14 @@ def test_cache_default_dir_and_invalidation(tmp_path, monkeypatch):
     root = _rgb_folder(tmp_path / "ds")
     first = load_data(str(root))  # KDTOOL_CACHE from the autouse fixture
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+    (rgb_entry,) = (tmp_path / "cache").glob("*.safetensors")
+    load_data(str(root), channels=1)  # another conversion: an entry of its own
+    (gray_entry,) = set((tmp_path / "cache").glob("*.safetensors")) - {rgb_entry}
     _save(root / "dog" / "c.png")  # a new file changes the key: decoded again
     assert len(load_data(str(root))) == len(first) + 1
-    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+    # ... and the entry of the old contents goes; the grayscale one is not this conversion
+    entries = set((tmp_path / "cache").glob("*.safetensors"))
+    assert len(entries) == 2 and rgb_entry not in entries and gray_entry in entries
 
 
 def test_corrupt_cache_rebuilt(tmp_path):
