@@ -193,6 +193,10 @@ def sweep_cmd(
         "--out", help="Output stem: writes STEM.png and STEM.csv, and the students in "
         "STEM/.")] = Path("sweep"),
     force: Force = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue an interrupted sweep with the same --out and settings: "
+        "finished points are read back, the interrupted one continues from its last epoch, "
+        "the rest run.")] = False,
     seed: Seed = 0,
     device: Device = "auto",
     as_json: Json = False,
@@ -201,7 +205,8 @@ def sweep_cmd(
 
     --param running-fraction: the share P of the teacher's BN layers kept on running
     statistics (0 = the method, 1 = classic KD). --param batch-size: the noise batch whose
-    statistics the teacher uses, at a constant number of noise images.
+    statistics the teacher uses, at a constant number of noise images. Each point's student
+    is kept in STEM/; an interrupted sweep continues with --resume.
 
     Example: [bold]kdtool analyze sweep --teacher teacher.safetensors --val digits:test
     --param running-fraction --values 0,0.25,0.5,0.75,1 --out figures/table1[/bold]
@@ -209,16 +214,19 @@ def sweep_cmd(
     from kdtool.analyze.sweep import PARAMS, run_sweep, write_png
     from kdtool.cli.options import parse_floats
     from kdtool.distill.loop import DistillConfig
-    from kdtool.errors import check_choice
+    from kdtool.errors import KdtoolError, check_choice
 
     check_choice(param, list(PARAMS), "sweep parameter")
     points = parse_floats(values, "--values")
-    csv_path, png_path = _outputs(out, force)
+    if force and resume:
+        raise KdtoolError("--force and --resume contradict each other",
+                          "--resume continues the sweep in --out; --force starts it over")
+    csv_path, png_path = _outputs(out, force or resume)  # a resumed sweep rewrites its summary
     base = DistillConfig(teacher=str(teacher), student=student, noise=noise, epochs=epochs,
                          iters_per_epoch=iters_per_epoch, batch_size=batch_size,
                          schedule="onecycle", lr=lr, val=val, seed=seed, device=device,
                          balance="off")  # the paper's figures: its plain loss
-    rows = run_sweep(base, param, points, out, keep)
+    rows = run_sweep(base, param, points, out, keep, force=force, resume=resume)
     write_csv(csv_path, rows)
     write_png(png_path, rows, f"{student} from {teacher.name}, {noise} noise")
     result = {"param": param, "keep": keep, "rows": rows, "csv": str(csv_path),

@@ -7,13 +7,13 @@ student is evaluated on ``--val`` on current and on running statistics.
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from pathlib import Path
 
 from kdtool.analyze import pyplot, save_png
 from kdtool.distill.loop import DistillConfig, DistillRun
 from kdtool.errors import KdtoolError, check_choice
+from kdtool.runstate import state_path_for
 
 PARAMS = {
     "running-fraction": "share of the teacher's BN layers on running statistics",
@@ -44,22 +44,37 @@ def point_config(base: DistillConfig, param: str, value: float,
     return replace(base, batch_size=b, iters_per_epoch=iters)
 
 
+def point_path(workdir: Path, param: str, value: float) -> Path:
+    return Path(workdir) / f"{param}_{value:g}.safetensors"
+
+
 def run_sweep(base: DistillConfig, param: str, values: list[float], workdir: Path,
-              keep: str = "images") -> list[dict]:
+              keep: str = "images", force: bool = False, resume: bool = False) -> list[dict]:
+    """One distillation per value; ``resume``: points whose run state is in ``workdir``
+    continue from it (a finished one is read back, not run again), the others start."""
     check_choice(param, list(PARAMS), "sweep parameter")
     if not base.val:
         raise KdtoolError("a sweep measures accuracy and needs labelled --val data")
     configs = [point_config(base, param, v, keep) for v in values]  # check every value first
+    paths = [point_path(workdir, param, v) for v in values]
+    if not (force or resume):
+        for path in paths:
+            if path.exists() or state_path_for(path).exists():
+                raise KdtoolError(f"'{path}' exists from an earlier sweep",
+                                  "pass --resume to continue that sweep (finished points are "
+                                  "kept) or --force to start over")
     rows = []
-    for value, cfg in zip(values, configs, strict=True):
-        t0 = time.perf_counter()
-        r = DistillRun(replace(cfg, val_every=cfg.epochs),
-                       workdir / f"{param}_{value:g}.safetensors", force=True).run()
+    for value, cfg, path in zip(values, configs, paths, strict=True):
+        cont = resume and state_path_for(path).exists()
+        # force: without a state the file is this sweep's own, cut off before its state
+        r = DistillRun(replace(cfg, val_every=cfg.epochs), path, force=not cont,
+                       resume=cont).run()
         rows.append({"param": param, "value": value, "teacher_bn": cfg.teacher_bn,
                      "batch_size": cfg.batch_size, "iters": cfg.epochs * cfg.iters_per_epoch,
                      "val_top1_current": r["val_top1_current"],
                      "val_top1_running": r["val_top1_running"],
-                     "seconds": time.perf_counter() - t0})
+                     # distillation time over all its epochs, also those run before a resume
+                     "seconds": sum(h["seconds"] for h in r["history"])})
     return rows
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 
 import pytest
+import torch
 
 from kdtool.analyze.sweep import point_config
 from kdtool.distill.loop import DistillConfig
@@ -40,3 +41,42 @@ def test_running_fraction_sweep_writes_csv_and_png(cli, digits_teacher, tmp_path
     bad = cli("analyze", "sweep", "--teacher", digits_teacher, "--val", "digits:test",
               "--param", "batchsize", "--out", tmp_path / "x")
     assert bad.code == 1 and "did you mean 'batch-size'" in bad.err
+
+
+def test_an_interrupted_sweep_resumes_to_the_same_result(cli, digits_teacher, tmp_path,
+                                                         monkeypatch):
+    from safetensors.torch import load_file
+
+    from kdtool.analyze.sweep import point_path, run_sweep
+    from kdtool.distill.loop import DistillRun
+
+    base = DistillConfig(teacher=str(digits_teacher), student="tiny_cnn", epochs=2,
+                         iters_per_epoch=10, batch_size=64, schedule="onecycle", lr=0.01,
+                         val="digits:test", device="cpu", balance="off")
+    whole = run_sweep(base, "running-fraction", [0, 1], tmp_path / "whole")
+
+    real, epochs_run = DistillRun._epoch, []
+
+    def ctrl_c_at_the_fourth_epoch(self, *args):
+        epochs_run.append(args[3])
+        if len(epochs_run) == 4:  # point 1's second epoch: point 0 done, point 1 half
+            raise KeyboardInterrupt
+        return real(self, *args)
+
+    monkeypatch.setattr(DistillRun, "_epoch", ctrl_c_at_the_fourth_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(base, "running-fraction", [0, 1], tmp_path / "cut")
+    # Without --resume or --force the students of the cut-off sweep are not overwritten.
+    r = cli("analyze", "sweep", "--teacher", digits_teacher, "--val", "digits:test",
+            "--values", "0,1", "--out", tmp_path / "cut")
+    assert r.code == 1 and "exists from an earlier sweep" in r.err and "--resume" in r.err
+    epochs_run.clear()
+    resumed = run_sweep(base, "running-fraction", [0, 1], tmp_path / "cut", resume=True)
+    assert epochs_run == [1]  # only what was lost: point 0 is read back, not run again
+    for a, b in zip(whole, resumed, strict=True):
+        assert {k: v for k, v in a.items() if k != "seconds"} == \
+            {k: v for k, v in b.items() if k != "seconds"}
+    for v in (0, 1):
+        wa = load_file(point_path(tmp_path / "whole", "running-fraction", v))
+        wb = load_file(point_path(tmp_path / "cut", "running-fraction", v))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
