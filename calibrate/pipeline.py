@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 
 from kdtool import console
+from kdtool.analyze import require_matplotlib
 from kdtool.bn import bn_layers
 from kdtool.calibrate.fold import DEFAULT_TOLERANCE, fold_bn, max_abs_diff
 from kdtool.calibrate.recompute import check_counts, recompute_bn_stats, sample_indices
 from kdtool.calibrate.sweep import (
     reference_rows,
-    require_matplotlib,
     run_sweep,
     write_csv,
     write_png,
@@ -109,7 +109,7 @@ class CalibrateRun:
         )
         self.csv = self.png = None
         if cfg.sweep:
-            require_matplotlib()
+            require_matplotlib("--sweep")
             self.csv = check_output(
                 cfg.sweep_out
                 or self.out.with_name(self.out.name.removesuffix(".safetensors") + ".sweep.csv"),

@@ -42,16 +42,6 @@ def parse_points(text: str) -> list[int]:
     return sorted(set(points))
 
 
-def require_matplotlib() -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise KdtoolError(
-            "--sweep draws its plot with matplotlib, which is not installed",
-            "pip install 'kdtool[plot]'",
-        ) from None
-
-
 def run_sweep(
     model: nn.Module,
     data: ImageData,

@@ -31,7 +31,8 @@ def bench_cmd(
         list[Path],
         typer.Argument(
             help="Model files: kdtool checkpoints (.safetensors), .onnx files with kdtool "
-            "metadata, TensorRT .plan engines (metadata from the sidecar kdtool export writes).",
+            "metadata, TensorRT engines (.engine, .plan, .trt; metadata from the sidecar "
+            "kdtool export writes).",
             show_default=False,
         ),
     ],
@@ -135,7 +136,7 @@ def bench_cmd(
     failed, export failed (--formats) or accuracy failed (--min-accuracy, --max-drop).
     Exit 1 when a row failed or none ran.
 
-    Example: [bold]kdtool bench student.safetensors student.onnx --batch 1,64 --data
+    Example: [bold]kdtool bench student.cal.safetensors student.onnx --batch 1,64 --data
     digits:test --max-drop 1 --markdown bench.md --plot bench.png[/bold]
     """
     from kdtool import console

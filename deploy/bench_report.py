@@ -226,21 +226,23 @@ def write_markdown(result: dict, path: Path) -> None:
 
 
 def check_plot_path(path: Path) -> str:
+    """The plot format of ``path``, checked with matplotlib's presence before the bench."""
+    from kdtool.analyze import require_matplotlib
+
     fmt = path.suffix.lower().lstrip(".")
     if fmt not in PLOT_FORMATS:
         raise KdtoolError(
             f"cannot tell the plot format of '{path}'", "end the file name in .png, .svg or .pdf"
         )
+    require_matplotlib("--plot")
     return fmt
 
 
 def write_plot(result: dict, path: Path) -> None:
     """Latency (p50, with the p50..p99 band) and throughput against batch size, per series."""
     fmt = check_plot_path(path)
-    try:
-        import matplotlib
-    except ImportError as e:
-        raise KdtoolError("--plot needs matplotlib", "pip install 'kdtool[plot]'") from e
+    import matplotlib
+
     matplotlib.use("Agg", force=True)  # no display needed; also safe in threads and servers
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullLocator

@@ -8,12 +8,13 @@ from pathlib import Path
 from kdtool.errors import KdtoolError
 
 
-def require_matplotlib() -> None:
+def require_matplotlib(what: str = "kdtool analyze") -> None:
+    """Refuse before any work when ``what`` (a command or option) would draw a plot last."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise KdtoolError("kdtool analyze draws its plots with matplotlib, which is not "
-                          "installed", "pip install 'kdtool[plot]'") from None
+        raise KdtoolError(f"{what} draws its plots with matplotlib, which is not installed",
+                          "pip install 'kdtool[plot]'") from None
 
 
 def pyplot():

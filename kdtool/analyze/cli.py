@@ -12,7 +12,8 @@ from kdtool.cli.app import app
 from kdtool.cli.options import DATA_HELP, Device, Force, Json, Seed
 
 analyze_app = typer.Typer(
-    help="The paper's analyses, and learning curves of runs; each writes a PNG and a CSV.",
+    help="The paper's analyses, and learning curves of runs; each writes a PNG and a CSV.\n\n"
+    "Example: [bold]kdtool analyze toy --out figures/toy[/bold]",
     no_args_is_help=True,
 )
 app.add_typer(analyze_app, name="analyze")

@@ -75,5 +75,8 @@ def render_summary(r: dict) -> None:
                            f"{row['throughput']:,.0f} img/s"])
     console.out.print(console.table(f"kdtool demo: {r['seconds']:.0f} s", ["stage", "result"],
                                     rows))
-    console.out.print(f"files in {r['out']}: " + ", ".join(
-        sorted(p.name for p in Path(r["out"]).iterdir() if not p.name.endswith(".state.pt"))))
+    files = sorted(p.name for p in Path(r["out"]).iterdir())
+    states = [f for f in files if f.endswith(".state.pt")]
+    console.out.print(f"files in {r['out']}: " + ", ".join(f for f in files if f not in states)
+                      + (f" (and {len(states)} run states, *.state.pt, for --resume)"
+                         if states else ""))

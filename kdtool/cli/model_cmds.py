@@ -233,6 +233,7 @@ def convert_cmd(
         save_checkpoint,
     )
     from kdtool.errors import KdtoolError
+    from kdtool.imageprep import Fit, describe_resize
     from kdtool.io import check_output
     from kdtool.runinfo import provenance
 
@@ -253,9 +254,13 @@ def convert_cmd(
                                  imported_sha256=file_sha256(state_dict))
     path = save_checkpoint(out, model, meta, force=force)
     h, w = meta.input_size
+    fit = Fit.of(meta)
     console.emit({"out": str(path), "arch": meta.arch, "num_classes": meta.num_classes,
-                  "input": [meta.in_chans, h, w], "mean": meta.mean, "std": meta.std},
+                  "input": [meta.in_chans, h, w], "mean": meta.mean, "std": meta.std,
+                  "resize": describe_resize(fit.crop_fraction),
+                  "interpolation": fit.interpolation},
                  as_json, lambda r: console.info(
                      f"wrote {r['out']} ({r['arch']}, {r['num_classes']} classes, input "
                      f"{meta.in_chans}x{h}x{w}, mean {_fmt_list(meta.mean)}, std "
-                     f"{_fmt_list(meta.std)}): check these are what the model was trained on"))
+                     f"{_fmt_list(meta.std)}, other sizes fitted by {fit.describe()}): check "
+                     "these are what the model was trained on"))

@@ -51,8 +51,9 @@ InChans = Annotated[int, typer.Option(
     "--in-chans", help="Input channels of a plain state_dict.", rich_help_panel="Plain state_dict")]
 ImageSize = Annotated[str | None, typer.Option(
     "--image-size", help="Input size of a plain state_dict, N or H,W (default: the "
-    "architecture's, 32 for kdtool's and 224 for tv:). It must be the size the model was "
-    "trained at: a CIFAR model scored at 224 is scored at chance.",
+    "architecture's: 32 for kdtool's, torchvision's crop size for tv:, 224 for most). It "
+    "must be the size the model was trained at: a CIFAR model scored at 224 is scored at "
+    "chance.",
     rich_help_panel="Plain state_dict")]
 Mean = Annotated[str | None, typer.Option(
     "--mean", help="Normalisation mean per channel, e.g. 0.4914,0.4822,0.4465.",

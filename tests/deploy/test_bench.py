@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 import warnings
 
@@ -463,3 +464,14 @@ def test_torch_cuda_row_measures_gpu_memory(cli, models):
     assert gpu["gpu_mem_kind"] == "torch peak allocated"
     # fp32 on both: at most a few images may flip between CPU and GPU kernels
     assert abs(gpu["accuracy"]["top1"] - rows["torch-cpu", 64]["accuracy"]["top1"]) <= 1
+
+
+def test_plot_without_matplotlib_is_refused_before_the_bench(cli, models, tmp_path,
+                                                             monkeypatch):
+    import kdtool.deploy.bench as bench_mod
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    monkeypatch.setattr(bench_mod.Bench, "run", lambda self: pytest.fail("bench ran"))
+    r = cli("bench", models["onnx"], "--plot", tmp_path / "b.png", *FAST)
+    assert r.code == 1 and "--plot draws its plots with matplotlib" in r.err
+    assert "pip install 'kdtool[plot]'" in r.err

@@ -15,7 +15,8 @@ COMMANDS = ["models", "info", "convert", "train", "eval"]
 def test_every_command_has_help_with_an_example(cli):
     registered = {c.name for c in app.registered_commands}
     assert set(COMMANDS) <= registered
-    for name in registered:
+    groups = {g.name for g in app.registered_groups}  # kdtool analyze
+    for name in registered | groups:
         r = cli(name, "--help")
         assert r.code == 0, r.err
         assert "Example" in r.out, f"'kdtool {name} --help' shows no example"
@@ -268,7 +269,11 @@ def test_a_plain_state_dict_takes_its_input_size_and_scores_as_its_source(cli, d
     r = cli("eval", tmp_path / "c.safetensors", "--data", "digits:test", "--json")
     assert r.json()["top1"] == want
     r = cli("convert", tmp_path / "t.pt", *plain, "--out", tmp_path / "d.safetensors")
-    assert r.code == 0 and "input 1x32x32" in " ".join(r.err.split() + r.out.split())
+    said = " ".join(r.err.split() + r.out.split())
+    assert r.code == 0 and "input 1x32x32" in said and "fitted by --resize stretch" in said
+    r = cli("convert", tmp_path / "t.pt", *plain, "--resize", "crop:0.875", "--out",
+            tmp_path / "e.safetensors", "--json")
+    assert (r.json()["resize"], r.json()["interpolation"]) == ("crop:0.875", "bilinear")
 
 
 @pytest.mark.parametrize(("args", "fragments"), [
