@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 
 import torch
@@ -70,20 +71,38 @@ def predict(
     return ordered, data.y.clone()
 
 
+def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The 95% Wilson score interval of an accuracy of ``correct`` of ``n``, in %.
+
+    What a top-1 on this many images can tell apart: on 360 images an 84% is 80-87%, so
+    two models 1 point apart on it are not known to differ. Wilson, not the normal
+    approximation, stays inside 0-100% and is right near 0% and 100%."""
+    if n <= 0:
+        raise ValueError("an interval needs at least one image")
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return 100.0 * max(0.0, centre - half), 100.0 * min(1.0, centre + half)
+
+
 def accuracy_report(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict:
-    """Top-1 (and top-5 where there are > 5 classes) accuracy, overall and per class, in %."""
+    """Top-1 (and top-5 where there are > 5 classes) accuracy, overall and per class, in %,
+    with the top-1's 95% interval and the image count of each class."""
     pred = logits.argmax(1)
     correct = pred == labels
-    report = {"images": len(labels), "top1": 100.0 * correct.float().mean().item()}
+    n, k = len(labels), int(correct.sum())
+    report = {"images": n, "top1": 100.0 * k / n, "top1_ci95": list(wilson_interval(k, n))}
     if logits.shape[1] > 5:
         top5 = logits.topk(5, dim=1).indices.eq(labels[:, None]).any(1)
-        report["top5"] = 100.0 * top5.float().mean().item()
-    per_class = {}
+        report["top5"] = 100.0 * int(top5.sum()) / n
+    per_class, per_class_images = {}, {}
     for c, name in enumerate(class_names):
         mask = labels == c
         if mask.any():
-            per_class[name] = 100.0 * correct[mask].float().mean().item()
+            per_class[name] = 100.0 * int(correct[mask].sum()) / int(mask.sum())
+            per_class_images[name] = int(mask.sum())
     report["per_class"] = per_class
+    report["per_class_images"] = per_class_images
     return report
 
 

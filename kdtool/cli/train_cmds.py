@@ -183,16 +183,20 @@ def eval_cmd(
               "tta": tta, **rep}
     if not per_class:
         result.pop("per_class")
+        result.pop("per_class_images")
 
     def render(r):
-        rows = [["images", r["images"]], ["top-1", f"{r['top1']:.2f}%"]]
+        lo, hi = r["top1_ci95"]
+        rows = [["images", r["images"]], ["top-1", f"{r['top1']:.2f}%"],
+                ["top-1, 95% interval", f"{lo:.1f}-{hi:.1f}%"]]
         if "top5" in r:
             rows.append(["top-5", f"{r['top5']:.2f}%"])
         tta_note = f", {r['tta']} TTA" if r["tta"] != "none" else ""
         console.print_kv(f"{r['checkpoint']} on {r['data']} (BN {r['bn']}, batch "
                          f"{r['batch_size']}{tta_note})", rows)
         if r.get("per_class"):
-            console.out.print(console.table("per class", ["class", "top-1 %"],
-                                            [[k, f"{v:.2f}"] for k, v in r["per_class"].items()]))
+            console.out.print(console.table(
+                "per class", ["class", "images", "top-1 %"],
+                [[k, r["per_class_images"][k], f"{v:.2f}"] for k, v in r["per_class"].items()]))
 
     console.emit(result, as_json, render)

@@ -1,4 +1,4 @@
-"""Evaluation with flip test-time augmentation (``kdtool eval --tta flip``)."""
+"""Evaluation: flip test-time augmentation (``kdtool eval --tta flip``), the accuracy report."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from kdtool.checkpoint import load_checkpoint
 from kdtool.data import ImageData, load_data
-from kdtool.evaluate import predict
+from kdtool.evaluate import accuracy_report, predict, wilson_interval
 
 
 def _mirrored(data: ImageData) -> ImageData:
@@ -57,3 +57,32 @@ def test_eval_current_bn_warns_when_the_data_is_smaller_than_a_batch(cli, digits
     assert r.code == 0, r.err
     assert "has 360 images, fewer than --batch-size 512" in r.err
     assert r.json()["images"] == 360
+
+
+@pytest.mark.parametrize(("correct", "n", "lo", "hi"), [
+    (5, 10, 23.66, 76.34),  # textbook Wilson values
+    (0, 10, 0.0, 27.75),  # stays inside 0-100%, unlike p +- 1.96 se
+    (10, 10, 72.25, 100.0),
+    (303, 360, 80.0, 87.6),
+])
+def test_the_top1_interval_is_wilsons(correct, n, lo, hi):
+    got = wilson_interval(correct, n)
+    assert got == pytest.approx((lo, hi), abs=0.05)
+
+
+def test_the_report_counts_images_and_gives_the_interval():
+    labels = torch.tensor([0, 0, 0, 1])
+    logits = torch.tensor([[1.0, 0], [1, 0], [0, 1], [0, 1]])  # 3 of 4 right
+    r = accuracy_report(logits, labels, ["cat", "dog"])
+    assert r["top1"] == 75.0 and r["top1_ci95"] == list(wilson_interval(3, 4))
+    assert r["per_class"] == pytest.approx({"cat": 200 / 3, "dog": 100.0})
+    assert r["per_class_images"] == {"cat": 3, "dog": 1}
+
+
+def test_eval_shows_the_interval_and_class_sizes(cli, digits_teacher):
+    r = cli("eval", digits_teacher, "--data", "digits:test")
+    assert r.code == 0 and "95% interval" in r.out and "images" in r.out
+    j = cli("eval", digits_teacher, "--data", "digits:test", "--json").json()
+    lo, hi = j["top1_ci95"]
+    assert lo < j["top1"] < hi or j["top1"] == 100.0
+    assert sum(j["per_class_images"].values()) == j["images"] == 360
