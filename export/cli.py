@@ -130,11 +130,12 @@ def export_cmd(
         ),
     ] = None,
     workspace: Annotated[
-        float,
+        float | None,
         typer.Option(
-            "--workspace", help="TensorRT builder workspace limit, GiB.", rich_help_panel=_TRT
+            "--workspace", help="TensorRT builder workspace limit, GiB (default: 4).",
+            rich_help_panel=_TRT
         ),
-    ] = 4.0,
+    ] = None,
     timing_cache: Annotated[
         Path | None,
         typer.Option(
@@ -178,15 +179,22 @@ def export_cmd(
     int8 --calib-data calib/ --val val/ --triton-repo models/[/bold]
     """
     from kdtool import console
-    from kdtool.errors import KdtoolError
     from kdtool.export.pipeline import ExportConfig, run_export
 
-    int8_only = {"--calib-images": calib_images, "--calib-method": calib_method,
-                 "--int8-activations": int8_activations}
-    given = [name for name, value in int8_only.items() if value is not None]
-    if given and precision in ("fp32", "fp16"):  # it would change nothing: say so
-        raise KdtoolError(f"{given[0]} sets up INT8 quantisation, and --precision is "
-                          f"{precision}", f"add --precision int8, or drop {given[0]}")
+    # An option that would change nothing is refused, with what it belongs to.
+    _refuse_unused({"--calib-images": calib_images, "--calib-method": calib_method,
+                    "--int8-activations": int8_activations}, precision in ("fp32", "fp16"),
+                   f"sets up INT8 quantisation, and --precision is {precision}",
+                   "add --precision int8")
+    _refuse_unused({"--engine": engine, "--workspace": workspace,
+                    "--timing-cache": timing_cache}, not trt,
+                   "configures the TensorRT build, and --trt is not given", "add --trt")
+    _refuse_unused({"--triton-name": triton_name}, triton_repo is None,
+                   "names the model in a Triton repository, and --triton-repo is not given",
+                   "add --triton-repo DIR")
+    _refuse_unused({"--min-agreement": min_agreement}, precision == "fp32" and not trt,
+                   "sets the top-1 agreement FP16, INT8 and TensorRT builds need; an FP32 ONNX "
+                   "is checked by its largest logit difference", "add --precision or --trt")
     defaults = ExportConfig(checkpoint="", onnx="")
     cfg = ExportConfig(
         checkpoint=str(checkpoint),
@@ -205,7 +213,7 @@ def export_cmd(
         min_agreement=min_agreement,
         trt=trt,
         engine=str(engine) if engine else None,
-        workspace=workspace,
+        workspace=defaults.workspace if workspace is None else workspace,
         timing_cache=str(timing_cache) if timing_cache else None,
         triton_repo=str(triton_repo) if triton_repo else None,
         triton_name=triton_name,
@@ -272,6 +280,15 @@ def export_cmd(
         console.print_kv("kdtool export", rows)
 
     console.emit(result, as_json, render)
+
+
+def _refuse_unused(given: dict, unused: bool, what: str, fix: str) -> None:
+    """Refuse the first of ``given`` (option -> value, None when not given) if ``unused``."""
+    from kdtool.errors import KdtoolError
+
+    names = [name for name, value in given.items() if value is not None]
+    if names and unused:
+        raise KdtoolError(f"{names[0]} {what}", f"{fix}, or drop {names[0]}")
 
 
 def _batch_text(b: dict) -> str:

@@ -260,6 +260,13 @@ def _one_line_error(r, *fragments):
         (["--calib-images", "64"], ["--calib-images sets up INT8", "--precision is fp32",
                                     "add --precision int8"]),
         (["--precision", "fp16", "--calib-method", "entropy"], ["--calib-method sets up"]),
+        # TensorRT and Triton settings without --trt / --triton-repo would change nothing.
+        (["--engine", "m.engine"], ["--engine configures the TensorRT build", "add --trt"]),
+        (["--workspace", "8"], ["--workspace configures the TensorRT build"]),
+        (["--timing-cache", "c.cache"], ["--timing-cache configures"]),
+        (["--triton-name", "m"], ["--triton-name names the model", "add --triton-repo DIR"]),
+        (["--min-agreement", "99"], ["--min-agreement sets the top-1 agreement",
+                                     "add --precision or --trt"]),
         (
             [
                 "--precision",
