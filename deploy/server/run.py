@@ -89,10 +89,14 @@ def banner(model: OnnxModel, config: ServerConfig, url: str) -> str:
         f'{{"inputs": [{{"name": "{model.input.name}", "shape": [1, {x}], '
         f'"datatype": "{model.input.datatype}", "data": [...]}}]}}'
     )
+    most = min(config.max_batch, model.fixed_batch or config.max_batch)  # as the batcher
+    capped = (f" (the graph's static batch, below --max-batch {config.max_batch}: export with "
+              "a dynamic --batch for more)" if most < config.max_batch else "")
     batching = (
-        f"batches up to {config.max_batch} within {config.max_delay_ms:g} ms"
-        if config.max_batch > 1
-        else "no batching (--max-batch 1)"
+        f"batches up to {most}{capped} within {config.max_delay_ms:g} ms"
+        if most > 1
+        else "no batching (--max-batch 1)" if config.max_batch == 1
+        else f"no batching{capped}"
     )
     return "\n".join(
         [

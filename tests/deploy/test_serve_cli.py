@@ -175,3 +175,17 @@ def test_loopback_hosts_need_no_key(host):
     assert is_loopback(host)
     check_exposure(host, None)
     assert not is_loopback("0.0.0.0") and not is_loopback("example.com")
+
+
+def test_the_banner_states_the_batch_a_static_graph_allows(static_onnx, tiny_onnx):
+    from kdtool.deploy.server.app import ServerConfig
+    from kdtool.deploy.server.model import OnnxModel
+    from kdtool.deploy.server.run import banner
+
+    static = OnnxModel(static_onnx, threads=1)
+    text = banner(static, ServerConfig(max_batch=32), "http://127.0.0.1:8000")
+    assert "batches up to 4 (the graph's static batch, below --max-batch 32" in text
+    assert "batches up to 32" not in text
+    dynamic = OnnxModel(tiny_onnx, threads=1)
+    assert "; batches up to 32 within 5 ms" in banner(dynamic, ServerConfig(), "http://h:1")
+    assert "no batching (--max-batch 1)" in banner(dynamic, ServerConfig(max_batch=1), "u")
