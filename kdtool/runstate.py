@@ -46,7 +46,7 @@ def load_state(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, refused global, ...
         raise KdtoolError(f"run state '{path}' is unreadable: {str(e).splitlines()[0]}",
-                          "start over with --force") from e
+                          "start over: drop --resume and pass --force") from e
 
 
 # Where and how fast a run computes may change on resume; what it computes may not.
@@ -66,7 +66,7 @@ def check_same_config(saved: dict[str, Any], current: dict[str, Any], path: Path
         if saved.get(key) != current.get(key):
             raise KdtoolError(
                 f"cannot resume '{path}': {key} was {saved.get(key)!r}, now {current.get(key)!r}",
-                "resume with the same options, or start over with --force",
+                "resume with the same options, or start over: drop --resume and pass --force",
             )
 
 
@@ -105,6 +105,9 @@ class RunCheckpoint:
         self.writer = writer  # in a multi-process run only rank 0 checks and writes files
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
+        if resume and force:
+            raise KdtoolError("--force and --resume contradict each other",
+                              "--resume continues the run in --out; --force starts it over")
         if not resume and writer:
             check_output(self.out, force, "checkpoint", (CHECKPOINT_SUFFIX,))
             if self.path.exists() and not force:

@@ -157,3 +157,12 @@ def test_snapshot_copies_tensors_and_containers():
     obj["a"].append(0)
     assert copy["a"][0].sum() == 0 and copy["a"][1][0].sum() == 0 and len(copy["a"]) == 2
     assert copy["b"] == "x" and copy["c"] == 2.5
+
+
+@pytest.mark.parametrize("command", ["train", "distill"])
+def test_force_with_resume_is_refused_not_ignored(cli, digits_teacher, tmp_path, command):
+    args = (["train", "--arch", "tiny_cnn", "--data", "digits"] if command == "train" else
+            ["distill", "--teacher", digits_teacher, "--student", "tiny_cnn"])
+    r = cli(*args, "--out", tmp_path / "m.safetensors", "--resume", "--force")
+    assert r.code == 1 and "--force and --resume contradict each other" in r.err
+    assert len(r.err.strip().splitlines()) == 1
