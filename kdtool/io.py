@@ -40,6 +40,9 @@ def check_output(path: str | Path, force: bool, what: str = "output",
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise KdtoolError(f"cannot create folder '{path.parent}': {e.strerror}") from e
+    if not os.access(path.parent, os.W_OK):  # say so now, not after the work
+        raise KdtoolError(f"cannot write {what} '{path}': folder '{path.parent}' is not "
+                          "writable", "choose a folder you can write to")
     return path
 
 

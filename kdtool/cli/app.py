@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import inspect
 import re
 import sys
@@ -44,6 +45,17 @@ def _root(
     ),
 ) -> None:
     """kdtool: data-free distillation of image classifiers for the edge."""
+
+
+# OS errors that are the machine's state, never kdtool's bug: a full disk, or a file or
+# folder the user may not touch, met where check_output could not foresee it.
+_ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "free some disk space or write elsewhere",
+    errno.EDQUOT: "free some of your disk quota or write elsewhere",
+    errno.EACCES: "check the permissions of that file or folder, or use another",
+    errno.EPERM: "check the permissions of that file or folder, or use another",
+    errno.EROFS: "the filesystem is read-only: write elsewhere",
+}
 
 
 def _error(message: str) -> None:
@@ -139,6 +151,14 @@ def main(argv: list[str] | None = None) -> None:
         where = e.ctx.command_path if e.ctx is not None else "kdtool"
         _error(f"{_usage_message(e)} (see '{where} --help')")
         _json_error(argv, _usage_message(e), f"see '{where} --help'")
+        sys.exit(1)
+    except OSError as e:
+        hint = _ENVIRONMENT_ERRNOS.get(e.errno)
+        if hint is None:  # not the machine's state: a bug, with its traceback
+            raise
+        message = f"'{e.filename}': {e.strerror}" if e.filename else str(e.strerror or e)
+        _error(f"{message} ({hint})")
+        _json_error(argv, message, hint)
         sys.exit(1)
     except (typer.Abort, KeyboardInterrupt):
         _error("interrupted")

@@ -365,3 +365,35 @@ def test_files_of_the_wrong_kind_get_the_command_that_fixes_them(cli, digits_tea
                         tmp_path / "c.safetensors"), "already a kdtool checkpoint",
                     "nothing to convert")
     assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_a_folder_that_cannot_be_written_is_refused_before_the_work(cli, tmp_path,
+                                                                    monkeypatch):
+    import os
+
+    real = os.access
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(ro) and
+                        mode == os.W_OK else real(p, mode))
+    r = cli("train", "--arch", "tiny_cnn", "--data", "digits", "--out", ro / "t.safetensors")
+    _one_line_error(r, f"folder '{ro}' is not writable", "choose a folder you can write to")
+
+
+def test_a_full_disk_met_late_is_one_line_not_a_traceback(cli, digits_teacher, tmp_path,
+                                                         monkeypatch):
+    import errno
+
+    import kdtool.io as kio
+
+    out = tmp_path / "c.safetensors"
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out))
+
+    monkeypatch.setattr(kio.tempfile, "mkstemp", full)
+    r = cli("calibrate", digits_teacher, "--calib-data", "digits", "--batches", "2",
+            "--out", out)
+    assert r.code == 1 and "Traceback" not in r.err
+    assert r.err.strip().splitlines()[-1] == (
+        f"error: '{out}': No space left on device (free some disk space or write elsewhere)")
