@@ -22,9 +22,16 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as e:
         raise KdtoolError(f"unknown device '{name}'", "use auto, cpu, cuda or cuda:N") from e
+    if device.type not in ("cpu", "cuda"):  # kdtool's precision and memory paths know these
+        raise KdtoolError(f"device '{name}' is not supported", "use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KdtoolError(f"device '{name}' asked for but no CUDA GPU is available",
                           "use --device cpu")
+    if device.type == "cuda" and device.index is not None and \
+            device.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise KdtoolError(f"device '{name}' asked for but this machine has {n} CUDA GPU"
+                          f"{'s' * (n != 1)}", f"use cuda:0 to cuda:{n - 1}")
     return device
 
 

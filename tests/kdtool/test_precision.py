@@ -82,3 +82,26 @@ def test_the_commands_take_precision_and_suggest_on_a_typo(cli, digits_teacher, 
     bad = cli("train", "--arch", "tiny_cnn", "--data", "digits", "--precision", "bf61",
               "--out", tmp_path / "t.safetensors")
     assert bad.code == 1 and "did you mean 'bf16'" in bad.err
+
+
+@pytest.mark.parametrize(("name", "gpus", "message"), [
+    ("mps", 0, "device 'mps' is not supported"),
+    ("meta", 0, "device 'meta' is not supported"),
+    ("tpu", 0, "unknown device 'tpu'"),
+    ("cuda", 0, "no CUDA GPU is available"),
+    ("cuda:1", 1, "this machine has 1 CUDA GPU (use cuda:0 to cuda:0)"),
+    ("cuda:2", 2, "this machine has 2 CUDA GPUs (use cuda:0 to cuda:1)"),
+])
+def test_a_device_that_cannot_run_is_refused_up_front(monkeypatch, name, gpus, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    with pytest.raises(KdtoolError) as e:
+        device.resolve_device(name)
+    assert message in str(e.value)
+
+
+def test_the_devices_that_run_resolve(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert device.resolve_device("cuda:1") == torch.device("cuda:1")
+    assert device.resolve_device("cpu") == torch.device("cpu")
