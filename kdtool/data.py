@@ -53,8 +53,10 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", 
 CACHE_FORMAT = 1
 PARALLEL_MIN_IMAGES = 2000  # below this, starting worker processes costs more than it saves
 # What a broken image file can raise from PIL / zipfile while it is decoded.
+# RuntimeError: an encrypted zip member; NotImplementedError: a compression method Python's
+# zipfile cannot read (Deflate64, as Windows writes for large archives).
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, zipfile.BadZipFile, zlib.error,
-                  Image.DecompressionBombError)
+                  Image.DecompressionBombError, RuntimeError, NotImplementedError)
 _FORMS_HINT = ("give a directory of <class>/<image> folders, a .zip or .npz file, or one of: "
                + ", ".join(BUILTIN_DATASETS))
 
@@ -284,7 +286,11 @@ def _list_dir(root: Path) -> tuple[list[str], list[tuple]]:
         for f in filenames:
             if f.lower().endswith(IMAGE_EXTS) and not _is_hidden([f]):
                 name = f if rel == "." else f"{rel}/{f}"
-                st = os.stat(os.path.join(dirpath, f))
+                try:
+                    st = os.stat(os.path.join(dirpath, f))
+                except OSError as e:  # a dangling symlink, a file gone since the listing
+                    raise KdtoolError(f"cannot read image {root / name}: {e.strerror}",
+                                      "delete or replace the file, then load again") from None
                 names.append(name)
                 stamp.append((name, st.st_size, st.st_mtime_ns))
     return sorted(names), sorted(stamp)

@@ -328,3 +328,36 @@ def test_check_fits():
         check_fits(d, num_classes=100, in_chans=1, what="resnet.ckpt")
     unlabeled = ImageData(d.x, torch.full((len(d),), -1), [], "calib")
     check_fits(unlabeled, num_classes=100, in_chans=1, what="m")
+
+
+def test_a_dangling_symlink_in_a_folder_is_named(tmp_path):
+    root = _rgb_folder(tmp_path / "ds")
+    (root / "dog" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(KdtoolError, match=r"cannot read image .*gone\.png: No such file"):
+        load_data(str(root))
+
+
+def _patched_zip(tmp_path: Path, flag: int = 0, method: int | None = None) -> Path:
+    """A zip whose headers claim encryption (``flag`` 0x1) or another compression method:
+    what Python's zipfile meets in archives it cannot read."""
+    z = bytearray(_zip(_rgb_folder(tmp_path / "ds"), tmp_path / "ds.zip").read_bytes())
+    for sig, flag_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # local and central headers
+        i = z.find(sig)
+        while i != -1:
+            z[i + flag_at] |= flag
+            if method is not None:
+                z[i + flag_at + 2:i + flag_at + 4] = method.to_bytes(2, "little")
+            i = z.find(sig, i + 4)
+    out = tmp_path / "patched.zip"
+    out.write_bytes(bytes(z))
+    return out
+
+
+@pytest.mark.parametrize(("flag", "method", "said"), [
+    (0x1, None, "encrypted"),
+    (0, 9, "compression method"),  # Deflate64
+])
+def test_zips_python_cannot_read_are_a_clear_error(tmp_path, flag, method, said):
+    z = _patched_zip(tmp_path, flag, method)
+    with pytest.raises(KdtoolError, match=rf"cannot read image .*patched\.zip:.*{said}"):
+        load_data(str(z))
