@@ -203,8 +203,8 @@ def convert_cmd(
     state_dict: Annotated[Path, typer.Argument(help="A plain state_dict: .pt, .pth, .bin or "
                                                ".safetensors without kdtool metadata.")],
     arch: Arch = None,
-    num_classes: NumClasses = 10,
-    in_chans: InChans = 3,
+    num_classes: NumClasses = None,
+    in_chans: InChans = None,
     image_size: ImageSize = None,
     mean: Mean = None,
     std: Std = None,
@@ -248,7 +248,7 @@ def convert_cmd(
     # None: the architecture's default (torchvision's: its weights' evaluation transform)
     spec.resize, spec.interpolation = resize, interpolation
     if class_names is not None:
-        spec.class_names = parse_class_names(class_names, num_classes)
+        spec.class_names = parse_class_names(class_names, spec.num_classes)
     model, meta = load_checkpoint(state_dict, foreign=spec)
     meta.provenance = provenance(imported_from=str(state_dict),
                                  imported_sha256=file_sha256(state_dict))

@@ -45,10 +45,12 @@ DATA_HELP = ("A dataset: an ImageFolder directory (<class>/<image>), a zip of on
 Arch = Annotated[str | None, typer.Option(
     "--arch", help="Architecture of a plain state_dict (kdtool models; tv:NAME for torchvision).",
     rich_help_panel="Plain state_dict")]
-NumClasses = Annotated[int, typer.Option(
-    "--num-classes", help="Classes of a plain state_dict.", rich_help_panel="Plain state_dict")]
-InChans = Annotated[int, typer.Option(
-    "--in-chans", help="Input channels of a plain state_dict.", rich_help_panel="Plain state_dict")]
+NumClasses = Annotated[int | None, typer.Option(
+    "--num-classes", help="Classes of a plain state_dict (default: 10).",
+    rich_help_panel="Plain state_dict")]
+InChans = Annotated[int | None, typer.Option(
+    "--in-chans", help="Input channels of a plain state_dict (default: 3).",
+    rich_help_panel="Plain state_dict")]
 ImageSize = Annotated[str | None, typer.Option(
     "--image-size", help="Input size of a plain state_dict, N or H,W (default: the "
     "architecture's: 32 for kdtool's, torchvision's crop size for tv:, 224 for most). It "
@@ -103,7 +105,10 @@ def parse_image_size(text: str | None, option: str = "--image-size") -> list[int
     return size
 
 
-def foreign_spec(path: Path, arch: str | None, num_classes: int, in_chans: int,
+DEFAULT_NUM_CLASSES, DEFAULT_IN_CHANS = 10, 3  # of a plain state_dict, unless told
+
+
+def foreign_spec(path: Path, arch: str | None, num_classes: int | None, in_chans: int | None,
                  mean: str | None, std: str | None, image_size: str | None = None):
     """A ForeignSpec when the user described a plain state_dict, else None (kdtool file)."""
     from kdtool.checkpoint import FOREIGN_SUFFIXES, ForeignSpec
@@ -117,9 +122,16 @@ def foreign_spec(path: Path, arch: str | None, num_classes: int, in_chans: int,
             raise KdtoolError(f"--image-size describes a plain state_dict; '{path}' records "
                               "its input size", "drop --image-size: images of other sizes are "
                               "fitted by the checkpoint's --resize rule")
+        for option, value, what in (("--num-classes", num_classes, "classes"),
+                                    ("--in-chans", in_chans, "input channels")):
+            if value is not None:
+                raise KdtoolError(f"{option} describes a plain state_dict; '{path}' records "
+                                  f"its {what}", f"drop {option}")
         return None
     mean_values, std_values = parse_norm(mean, std)
-    return ForeignSpec(arch=arch, num_classes=num_classes, in_chans=in_chans,
+    return ForeignSpec(arch=arch,
+                       num_classes=DEFAULT_NUM_CLASSES if num_classes is None else num_classes,
+                       in_chans=DEFAULT_IN_CHANS if in_chans is None else in_chans,
                        input_size=parse_image_size(image_size), mean=mean_values, std=std_values)
 
 

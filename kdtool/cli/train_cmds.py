@@ -132,8 +132,8 @@ def eval_cmd(
         "image and its mirror image; for classes that mirroring does not change, unlike "
         "digits).")] = "none",
     arch: Arch = None,
-    num_classes: NumClasses = 10,
-    in_chans: InChans = 3,
+    num_classes: NumClasses = None,
+    in_chans: InChans = None,
     image_size: ImageSize = None,
     mean: Mean = None,
     std: Std = None,

@@ -94,6 +94,11 @@ def _one_line_error(r, *fragments):
          ["--data; kdtool spells it --val or --calib-data ("]),
         (["distill", "--arch", "resnet8"], ["--arch; kdtool spells it --student ("]),
         (["calibrate", "s.safetensors", "-o", "c.safetensors"], ["-o; kdtool spells it --out ("]),
+        # A kdtool checkpoint records what the plain-state_dict flags would say.
+        (["eval", "{teacher}", "--data", "digits", "--num-classes", "100"],
+         ["--num-classes describes a plain state_dict", "records its classes"]),
+        (["eval", "{teacher}", "--data", "digits", "--in-chans", "3"],
+         ["--in-chans describes a plain state_dict", "drop --in-chans"]),
         # What users call a GPU is CUDA here, not the nearest spelling ('cpu').
         (["serve", "m.onnx", "--provider", "gpu"], ["did you mean 'cuda'"]),
         (["bench", "m.onnx", "--backends", "ort-gpu"], ["did you mean 'ort-cuda'"]),
@@ -102,9 +107,10 @@ def _one_line_error(r, *fragments):
         (["bench", "--format", "onnx"], ["--format", "--formats"]),
     ],
 )
-def test_user_errors_are_one_line_exit_1(cli, tmp_path, monkeypatch, args, fragments):
+def test_user_errors_are_one_line_exit_1(cli, tmp_path, monkeypatch, args, fragments,
+                                        digits_teacher):
     monkeypatch.chdir(tmp_path)
-    _one_line_error(cli(*args), *fragments)
+    _one_line_error(cli(*[a.format(teacher=digits_teacher) for a in args]), *fragments)
 
 
 def test_eval_bad_bn_mode_suggests(cli, digits_teacher):
