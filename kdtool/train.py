@@ -124,6 +124,11 @@ class Trainer:
             mean, std = per_channel_norm(c.mean, c.std, train.channels,
                                          f"training data '{c.data}'")
         augment = c.augment if c.augment is not None else min(train.image_size) >= 16
+        if c.cutout and not augment:  # cutout is part of the augmentation: it would do nothing
+            why = "--no-augment" if c.augment is False else \
+                f"augmentation is off for {train.image_size[0]}x{train.image_size[1]} images"
+            raise KdtoolError(f"--cutout {c.cutout} erases squares during augmentation, and "
+                              f"{why}", "drop --cutout, or add --augment")
         cuda = self.device.type == "cuda"
         if cuda:
             torch.backends.cudnn.benchmark = True

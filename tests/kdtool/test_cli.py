@@ -94,6 +94,12 @@ def _one_line_error(r, *fragments):
          ["--data; kdtool spells it --val or --calib-data ("]),
         (["distill", "--arch", "resnet8"], ["--arch; kdtool spells it --student ("]),
         (["calibrate", "s.safetensors", "-o", "c.safetensors"], ["-o; kdtool spells it --out ("]),
+        # Cutout is part of the augmentation, which is off for 8x8 digits.
+        (["train", "--data", "digits", "--arch", "tiny_cnn", "--cutout", "4"],
+         ["--cutout 4 erases squares during augmentation", "off for 8x8 images",
+          "add --augment"]),
+        (["train", "--data", "digits", "--arch", "tiny_cnn", "--cutout", "4", "--no-augment"],
+         ["and --no-augment"]),
         # A kdtool checkpoint records what the plain-state_dict flags would say.
         (["eval", "{teacher}", "--data", "digits", "--num-classes", "100"],
          ["--num-classes describes a plain state_dict", "records its classes"]),
