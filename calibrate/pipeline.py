@@ -98,6 +98,14 @@ class CalibrateRun:
             raise KdtoolError(f"--repeats {cfg.repeats} repeats the points of a --sweep, and "
                               "there is none", "add --sweep 1,2,4,8,16,32 --val DIR, or drop "
                               "--repeats")
+        if cfg.sweep_out and not cfg.sweep:
+            raise KdtoolError(f"--sweep-out '{cfg.sweep_out}' names the CSV of a --sweep, and "
+                              "there is none", "add --sweep 1,2,4,8,16,32 --val DIR, or drop "
+                              "--sweep-out")
+        if cfg.tolerance != DEFAULT_TOLERANCE and not cfg.fold:
+            raise KdtoolError(f"--tolerance {cfg.tolerance:g} bounds what folding BatchNorm may "
+                              "change, and --no-fold skips folding", "drop --tolerance or "
+                              "--no-fold")
         if cfg.sweep and not cfg.val:
             raise KdtoolError(
                 "--sweep measures accuracy and needs labelled --val data", "add --val DIR"

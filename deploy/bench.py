@@ -98,9 +98,14 @@ class BenchConfig:
         if self.backends is not None:
             self.backends = [check_backend(b) for b in self.backends]
         if self.formats is not None:
-            from kdtool.deploy.bench_export import check_formats
+            from kdtool.deploy.bench_export import check_formats, needs_calib
 
             self.formats = check_formats(self.formats)
+            if self.calib_data and not needs_calib(self.formats):
+                raise KdtoolError(
+                    f"--calib-data calibrates INT8 exports, and --formats "
+                    f"{','.join(self.formats)} has none", "add onnx-int8 to --formats, or "
+                    "drop --calib-data")
         elif self.export_dir or self.calib_data:
             raise KdtoolError(
                 "--export-dir and --calib-data go with --formats",

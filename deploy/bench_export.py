@@ -13,16 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdtool.errors import KdtoolError, check_choice
+from kdtool.export.formats import FORMATS as EXPORT_FORMATS
+from kdtool.export.formats import ExportFormat
 
-# format -> (precision, TensorRT engine?, the backend its rows go under when it fails,
-#            the ONNX file name's suffix after the checkpoint's stem)
-FORMATS = {
-    "torch": (None, False, "torch-cpu", ""),
-    "onnx": ("fp32", False, "ort-cpu", ".onnx"),
-    "onnx-fp16": ("fp16", False, "ort-cpu", ".fp16.onnx"),
-    "onnx-int8": ("int8", False, "ort-cpu", ".int8.onnx"),
-    "tensorrt": ("fp32", True, "trt", ".trt.onnx"),  # the engine: <stem>.trt.engine
-}
+TORCH = "torch"  # the checkpoint itself, run by PyTorch: not an export
+# The backend a format's rows go under (when its export fails too), by its runner.
+_BACKEND_OF_RUNNER = {"onnxruntime": "ort-cpu", "tensorrt": "trt"}
+# What bench can make and run: export's table, less what no runner executes (Triton).
+BENCH_FORMATS: dict[str, ExportFormat] = {
+    name: f for name, f in EXPORT_FORMATS.items() if f.runner in _BACKEND_OF_RUNNER}
 
 
 @dataclass
@@ -36,7 +35,9 @@ class Exported:
 
     @property
     def backend(self) -> str:
-        return FORMATS[self.format][2]
+        if self.format == TORCH:
+            return "torch-cpu"
+        return _BACKEND_OF_RUNNER[BENCH_FORMATS[self.format].runner]
 
     def summary(self) -> dict:
         return {
@@ -50,7 +51,11 @@ class Exported:
 
 
 def check_formats(formats: list[str]) -> list[str]:
-    return [check_choice(f, list(FORMATS), "bench format") for f in formats]
+    return [check_choice(f, [TORCH, *BENCH_FORMATS], "bench format") for f in formats]
+
+
+def needs_calib(formats: list[str]) -> bool:
+    return any(f != TORCH and BENCH_FORMATS[f].needs_calib for f in formats)
 
 
 def export_all(
@@ -70,17 +75,18 @@ def export_all(
 
     done, source_sha256 = [], None
     for fmt in formats:
-        if fmt == "torch":
+        if fmt == TORCH:
             done.append(Exported(checkpoint, fmt, checkpoint))
             continue
-        precision, trt, _, suffix = FORMATS[fmt]
-        onnx = out_dir / f"{checkpoint.stem}{suffix}"
-        target = onnx.with_suffix(".engine") if trt else onnx
+        row = BENCH_FORMATS[fmt]
+        trt = row.needs_tensorrt
+        onnx = out_dir / f"{checkpoint.stem}{row.tag}.onnx"
+        target = onnx.with_suffix(row.suffix)  # the engine: <stem>.trt.engine
         cfg = ExportConfig(
             checkpoint=str(checkpoint),
             onnx=str(onnx),
-            precision=precision,
-            calib_data=calib_data if precision == "int8" else None,
+            precision=row.precisions[0],  # an engine: of the FP32 graph
+            calib_data=calib_data if row.needs_calib else None,
             trt=trt,
             force=force,
             threads=threads,

@@ -99,6 +99,9 @@ class DistillConfig:
         if c.batch_size < 2:
             raise KdtoolError("--batch-size must be >= 2: the teacher normalises with the "
                               "statistics of the batch")
+        if c.val_every != 1 and not c.val:
+            raise KdtoolError(f"--val-every {c.val_every} paces validation on --val, and there "
+                              "is none", "add --val DATA, or drop --val-every")
         return c
 
 

@@ -28,6 +28,8 @@ class ExportFormat:
     needs_tensorrt: bool = False
     needs_gpu: bool = False
     cli: str = ""  # the flags that produce it
+    # tells this format's ONNX apart from others of one model (bench --formats file names)
+    tag: str = ""
 
     def missing(self) -> list[str]:
         """What this machine lacks to produce or run this format (empty: nothing)."""
@@ -50,6 +52,7 @@ FORMATS: dict[str, ExportFormat] = {
             ("fp16",),
             "onnxruntime",
             cli="--onnx M.onnx --precision fp16",
+            tag=".fp16",
         ),
         ExportFormat(
             "onnx-int8",
@@ -59,6 +62,7 @@ FORMATS: dict[str, ExportFormat] = {
             "onnxruntime",
             needs_calib=True,
             cli="--onnx M.onnx --precision int8 --calib-data DIR",
+            tag=".int8",
         ),
         ExportFormat(
             "tensorrt",
@@ -69,6 +73,7 @@ FORMATS: dict[str, ExportFormat] = {
             needs_tensorrt=True,
             needs_gpu=True,
             cli="--onnx M.onnx --trt [--precision P] [--batch MIN:OPT:MAX]",
+            tag=".trt",
         ),
         ExportFormat(
             "triton",

@@ -26,6 +26,7 @@ KEEP = ("images", "steps")  # what a batch-size sweep holds constant
 
 def point_config(base: DistillConfig, param: str, value: float,
                  keep: str = "images") -> DistillConfig:
+    check_choice(keep, KEEP, "--keep")
     if param == "running-fraction":
         if not 0 <= value <= 1:
             raise KdtoolError(f"running fraction {value} is not between 0 and 1")
@@ -37,7 +38,6 @@ def point_config(base: DistillConfig, param: str, value: float,
     b = int(value)
     if b != value or b < 2:
         raise KdtoolError(f"batch size {value} must be an integer >= 2")
-    check_choice(keep, KEEP, "--keep")
     if keep == "steps":  # same optimiser steps: a larger batch sees more noise
         return replace(base, batch_size=b)
     iters = max(1, round(base.iters_per_epoch * base.batch_size / b))

@@ -166,6 +166,12 @@ def test_errors_name_the_problem_and_write_nothing(cli, noise_student, tmp_path)
     assert r.code == 1 and "needs labelled --val" in r.err
     r = cli("calibrate", noise_student, "--data", "digits", "--repeats", "3", "--out", out)
     assert r.code == 1 and "--repeats 3 repeats the points of a --sweep" in r.err
+    r = cli("calibrate", noise_student, "--data", "digits", "--sweep-out", tmp_path / "s.csv",
+            "--out", out)
+    assert r.code == 1 and "names the CSV of a --sweep, and there is none" in r.err
+    r = cli("calibrate", noise_student, "--data", "digits", "--no-fold", "--tolerance", "1e-3",
+            "--out", out)
+    assert r.code == 1 and "--no-fold skips folding" in r.err
     r = cli("calibrate", noise_student, "--data", "digits", "--val", few, "--out", out)
     assert r.code == 1 and "has no labels" in r.err
     r = cli("calibrate", noise_student, "--data", "digitz", "--out", out)

@@ -326,6 +326,23 @@ def test_formats_export_on_the_fly_and_failed_exports_are_rows(cli, models, tmp_
     assert "already exists" in r.json()["exports"][0]["reason"]
     bad = cli("bench", models["onnx"], "--formats", "onnx8")
     assert bad.code == 1 and "unknown bench format 'onnx8'" in bad.err
+    bad = cli("bench", models["onnx"], "--formats", "triton")  # no runner executes it
+    assert bad.code == 1 and "unknown bench format 'triton'" in bad.err
+    bad = cli("bench", models["dir"] / "tiny.safetensors", "--formats", "torch,onnx",
+              "--calib-data", "digits")
+    assert bad.code == 1 and "--calib-data calibrates INT8 exports, and --formats " \
+        "torch,onnx has none" in bad.err
+
+
+def test_bench_formats_come_from_the_export_table():
+    from kdtool.deploy.bench_export import BENCH_FORMATS, TORCH, Exported
+    from kdtool.export.formats import FORMATS
+
+    assert list(BENCH_FORMATS) == ["onnx", "onnx-fp16", "onnx-int8", "tensorrt"]
+    assert all(BENCH_FORMATS[n] is FORMATS[n] for n in BENCH_FORMATS)
+    backends = {f: Exported(None, f, None).backend for f in [TORCH, *BENCH_FORMATS]}
+    assert backends == {"torch": "torch-cpu", "onnx": "ort-cpu", "onnx-fp16": "ort-cpu",
+                        "onnx-int8": "ort-cpu", "tensorrt": "trt"}
 
 
 def test_int8_rows_on_a_cpu_with_overflowing_int8_kernels_say_so(cli, models, tmp_path,

@@ -100,6 +100,10 @@ def _one_line_error(r, *fragments):
           "add --augment"]),
         (["train", "--data", "digits", "--arch", "tiny_cnn", "--cutout", "4", "--no-augment"],
          ["and --no-augment"]),
+        (["distill", "--teacher", "{teacher}", "--val-every", "5"],
+         ["--val-every 5 paces validation on --val, and there is none"]),
+        (["analyze", "sweep", "--teacher", "{teacher}", "--val", "digits:test", "--keep",
+          "step"], ["unknown --keep 'step'", "did you mean 'steps'"]),
         # A kdtool checkpoint records what the plain-state_dict flags would say.
         (["eval", "{teacher}", "--data", "digits", "--num-classes", "100"],
          ["--num-classes describes a plain state_dict", "records its classes"]),
