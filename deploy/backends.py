@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from kdtool.errors import KdtoolError, check_choice
+from kdtool.errors import InternalError, KdtoolError, check_choice
 from kdtool.export.formats import GPU_EXTRA_HINT
 from kdtool.io import require_file
 
@@ -330,6 +330,12 @@ def make_runner(model: BenchModel, backend: str, threads: int | None = None) -> 
             raise
         raise BackendUnavailable(str(e)) from e
     return BenchRunner(inner, backend, restore)
+
+
+# Errors of Python code itself: kdtool's bugs, which keep their traceback rather than
+# become a "failed" row (a runtime that refuses a model raises its own types instead).
+PROGRAMMING_ERRORS = (AttributeError, NameError, TypeError, KeyError, IndexError,
+                      AssertionError, InternalError)
 
 
 def first_line(e: BaseException) -> str:

@@ -31,6 +31,7 @@ import numpy as np
 
 from kdtool.deploy.backends import (
     BACKENDS,
+    PROGRAMMING_ERRORS,
     BackendUnavailable,
     BenchModel,
     backend_problem,
@@ -324,6 +325,8 @@ class Bench:
             runner = make_runner(model, backend, cfg.threads)
         except BackendUnavailable as e:
             return rows_with(UNAVAILABLE, str(e))
+        except PROGRAMMING_ERRORS:
+            raise
         except Exception as e:  # the runtime refused this model: this row failed
             return rows_with(FAILED, f"load failed: {first_line(e)}")
         try:
@@ -337,7 +340,7 @@ class Bench:
             if cfg.data is not None:
                 try:
                     base["accuracy"] = self._accuracy(model, runner, advance)
-                except KdtoolError:
+                except (KdtoolError, *PROGRAMMING_ERRORS):
                     raise
                 except Exception as e:
                     return rows_with(FAILED, f"accuracy run failed: {first_line(e)}")
@@ -359,6 +362,8 @@ class Bench:
         self.mem.start_cell()
         try:
             times = time_calls(runner.infer, x, cfg.warmup, cfg.min_time, cfg.min_iters)
+        except PROGRAMMING_ERRORS:
+            raise
         except Exception as e:  # the backend failed at this batch size
             advance(1)
             return empty_row(base, batch, FAILED, f"run failed: {first_line(e)}")

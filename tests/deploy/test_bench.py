@@ -492,3 +492,32 @@ def test_plot_without_matplotlib_is_refused_before_the_bench(cli, models, tmp_pa
     r = cli("bench", models["onnx"], "--plot", tmp_path / "b.png", *FAST)
     assert r.code == 1 and "--plot draws its plots with matplotlib" in r.err
     assert "pip install 'kdtool[plot]'" in r.err
+
+
+@pytest.mark.parametrize("where", ["load", "run"])
+def test_a_runtime_failure_is_a_failed_row_and_a_bug_keeps_its_traceback(models, monkeypatch,
+                                                                          where):
+    import kdtool.deploy.bench as bench_mod
+
+    real = bench_mod.make_runner
+
+    def runner_that_raises(error):
+        def make(*args, **kwargs):
+            if where == "load":
+                raise error
+            runner = real(*args, **kwargs)
+            runner.infer = lambda x: (_ for _ in ()).throw(error)
+            return runner
+        return make
+
+    cfg = BenchConfig(models=[str(models["onnx"])], backends=["ort-cpu"], batches=(1,),
+                      min_time=0.01, min_iters=2, warmup=1)
+    monkeypatch.setattr(bench_mod, "make_runner",
+                        runner_that_raises(RuntimeError("the runtime says no")))
+    (row,) = Bench(cfg).run()["rows"]
+    assert row["status"] == "failed"
+    assert row["reason"] == f"{where} failed: RuntimeError: the runtime says no"
+    monkeypatch.setattr(bench_mod, "make_runner",
+                        runner_that_raises(AttributeError("a kdtool bug")))
+    with pytest.raises(AttributeError, match="a kdtool bug"):
+        Bench(cfg).run()
