@@ -252,6 +252,12 @@ def _validate(cfg: ExportConfig) -> tuple[BatchProfile, _Outputs]:
 
         name = model_name(cfg.triton_name or onnx_path.stem)
         triton = Path(cfg.triton_repo) / name
+        if Path(cfg.triton_repo).exists() and not Path(cfg.triton_repo).is_dir():
+            raise KdtoolError(f"--triton-repo '{cfg.triton_repo}' is a file, not a folder",
+                              "name a folder (it is created if missing)")
+        if triton.exists() and not triton.is_dir():
+            raise KdtoolError(f"'{triton}' is a file where the Triton model's folder goes",
+                              "move it away, or choose another --triton-name")
         if triton.exists() and not cfg.force:
             raise KdtoolError(
                 f"Triton model '{triton}' already exists", "pass --force to replace it"

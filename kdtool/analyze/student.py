@@ -48,6 +48,8 @@ def run_student(cfg: StudentConfig) -> dict:
     from kdtool.checkpoint import load_checkpoint
     from kdtool.data import load_for_model
 
+    if cfg.samples < 2:  # current statistics need a batch of two or more
+        raise KdtoolError(f"--samples must be >= 2, got {cfg.samples}")
     model, meta = load_checkpoint(cfg.student)
     if not bn_layers(model):
         raise KdtoolError(f"'{cfg.student}' has no BatchNorm layers (already folded?)",

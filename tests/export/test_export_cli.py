@@ -288,6 +288,20 @@ def test_bad_options_are_one_line_errors(cli, digits_teacher, tmp_path, args, fr
     assert not out.exists()
 
 
+def test_a_file_where_a_triton_folder_goes_is_refused_before_the_export(cli, digits_teacher,
+                                                                        tmp_path):
+    (tmp_path / "repo").write_text("not a folder")
+    r = cli("export", digits_teacher, "--onnx", tmp_path / "m.onnx", "--triton-repo",
+            tmp_path / "repo")
+    _one_line_error(r, "is a file, not a folder")
+    (tmp_path / "repo2").mkdir()
+    (tmp_path / "repo2" / "m").write_text("a file named like the model")
+    r = cli("export", digits_teacher, "--onnx", tmp_path / "m.onnx", "--triton-repo",
+            tmp_path / "repo2", "--force")
+    _one_line_error(r, "is a file where the Triton model's folder goes")
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_refuses_to_overwrite_and_non_kdtool_checkpoints(cli, digits_teacher, tmp_path):
     out = tmp_path / "m.onnx"
     out.write_bytes(b"old")

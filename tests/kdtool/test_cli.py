@@ -104,6 +104,8 @@ def _one_line_error(r, *fragments):
          ["--val-every 5 paces validation on --val, and there is none"]),
         (["analyze", "sweep", "--teacher", "{teacher}", "--val", "digits:test", "--keep",
           "step"], ["unknown --keep 'step'", "did you mean 'steps'"]),
+        (["analyze", "student", "{teacher}", "--data", "digits:test", "--samples", "0"],
+         ["--samples must be >= 2, got 0"]),
         # A kdtool checkpoint records what the plain-state_dict flags would say.
         (["eval", "{teacher}", "--data", "digits", "--num-classes", "100"],
          ["--num-classes describes a plain state_dict", "records its classes"]),
