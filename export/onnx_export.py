@@ -128,8 +128,13 @@ def _slim(proto):
         import onnxslim
     except ImportError:
         return proto, None
-    with contextlib.redirect_stdout(io.StringIO()):
-        slimmed = onnxslim.slim(proto)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            slimmed = onnxslim.slim(proto)
+    except Exception as e:  # a graph onnxslim cannot simplify: the plain export still works
+        raise KdtoolError(f"onnxslim failed to simplify the graph: {type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+                          "export with --no-slim") from e
     return slimmed, f"onnxslim {getattr(onnxslim, '__version__', '')}".strip()
 
 
@@ -138,7 +143,8 @@ def _check(proto, what: str) -> None:
 
     try:
         onnx.checker.check_model(proto, full_check=True)
-    except onnx.checker.ValidationError as e:
+    # full_check runs shape inference too, whose errors are not ValidationErrors
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise KdtoolError(
             f"the {what} ONNX graph fails onnx.checker: {str(e).strip().splitlines()[0]}",
             "try --no-slim or --exporter torchscript, and report it",

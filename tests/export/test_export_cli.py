@@ -340,3 +340,26 @@ def test_trt_without_tensorrt_writes_the_onnx_then_fails(cli, digits_teacher, tm
     _one_line_error(r, f"wrote {out}", "--trt needs", "pip install 'kdtool[gpu]'")
     assert read_info(out).precision == "fp32"  # the verified ONNX is there
     assert not (tmp_path / "m.engine").exists()
+
+
+def test_a_graph_onnxslim_or_the_checker_chokes_on_is_one_line_with_the_way_out(
+        cli, digits_teacher, tmp_path, monkeypatch):
+    import onnx
+
+    onnxslim = pytest.importorskip("onnxslim")
+
+    def choke(proto):
+        raise ValueError("cannot fold this node\nmore detail")
+
+    monkeypatch.setattr(onnxslim, "slim", choke)
+    r = cli("export", digits_teacher, "--onnx", tmp_path / "m.onnx")
+    _one_line_error(r, "onnxslim failed to simplify the graph: ValueError: cannot fold this "
+                    "node", "export with --no-slim")
+    assert not (tmp_path / "m.onnx").exists()
+
+    def bad_shapes(proto, full_check=False):
+        raise onnx.shape_inference.InferenceError("[ShapeInferenceError] rank mismatch")
+
+    monkeypatch.setattr(onnx.checker, "check_model", bad_shapes)
+    r = cli("export", digits_teacher, "--onnx", tmp_path / "m.onnx", "--no-slim")
+    _one_line_error(r, "fails onnx.checker: [ShapeInferenceError] rank mismatch")
