@@ -39,7 +39,7 @@ from kdtool.export.onnx_export import (
 from kdtool.export.parity import TOLERANCES, TRT_TOLERANCES, Tolerance, compare, normalise
 from kdtool.export.parity import parity_batches as make_parity_batches
 from kdtool.export.precision import ACTIVATION_MODES, CALIB_METHODS
-from kdtool.io import check_output, file_sha256
+from kdtool.io import atomic_path, check_output, file_sha256
 
 
 @dataclass
@@ -176,7 +176,7 @@ def run_export(cfg: ExportConfig) -> dict:
         console.info(f"wrote {outs.onnx} ({_mb(result['sizes']['onnx_bytes'])})")
         # 5. TensorRT
         if cfg.trt:
-            result["tensorrt"] = _tensorrt(cfg, outs, batches, profile, info, work)
+            result["tensorrt"] = _tensorrt(cfg, outs, batches, profile, info)
         # 6. Triton
         if outs.triton is not None:
             from kdtool.export.triton import write_repo
@@ -410,44 +410,41 @@ def _predict(runner, val, meta, profile: BatchProfile, advance) -> np.ndarray:
     )
 
 
-def _tensorrt(
-    cfg, outs: _Outputs, batches, profile: BatchProfile, info: OnnxInfo, work: Path
-) -> dict:
+def _tensorrt(cfg, outs: _Outputs, batches, profile: BatchProfile, info: OnnxInfo) -> dict:
     from kdtool.export.engine import build_engine, sidecar_text
     from kdtool.export.formats import require
     from kdtool.export.runners import OrtRunner, TrtRunner
 
     # The ONNX is in place already: say so, and how to get what is missing.
     require(FORMATS["tensorrt"], wrote=str(outs.onnx), what="--trt")
-    engine_tmp = work / "model.engine"
     console.info(f"building a TensorRT {cfg.precision} engine (batch {profile.spec})")
-    record = build_engine(
-        outs.onnx,
-        engine_tmp,
-        precision=cfg.precision,
-        profile=profile,
-        workspace_gib=cfg.workspace,
-        timing_cache=Path(cfg.timing_cache) if cfg.timing_cache else None,
-        log=console.info,
-    )
-    tol = _tolerance(TRT_TOLERANCES[cfg.precision], cfg.min_agreement)
-    with (
-        OrtRunner(outs.onnx, threads=cfg.threads) as ort_runner,
-        TrtRunner(engine_tmp) as trt_runner,
-    ):
-        report = compare(ort_runner, trt_runner, batches, tol)
-    console.info(f"parity TensorRT: {report.summary()}")
-    if not report.passed:
-        raise KdtoolError(
-            f"the TensorRT engine fails its parity check against ONNX Runtime: "
-            f"{report.problem}; the engine was not written (the ONNX was)",
-            "try --precision fp32, or --min-agreement",
+    # Built beside the engine, not in the ONNX's work folder: a rename into place cannot
+    # cross filesystems (--engine on another disk). Exits rename the engine, then its sidecar.
+    with atomic_path(outs.sidecar) as sidecar_tmp, atomic_path(outs.engine) as engine_tmp:
+        record = build_engine(
+            outs.onnx,
+            engine_tmp,
+            precision=cfg.precision,
+            profile=profile,
+            workspace_gib=cfg.workspace,
+            timing_cache=Path(cfg.timing_cache) if cfg.timing_cache else None,
+            log=console.info,
         )
-    record.update(parity=report.to_dict(), kdtool=asdict(info))
-    sidecar_tmp = work / "engine.json"
-    sidecar_tmp.write_text(sidecar_text(record))
-    os.replace(engine_tmp, outs.engine)
-    os.replace(sidecar_tmp, outs.sidecar)
+        tol = _tolerance(TRT_TOLERANCES[cfg.precision], cfg.min_agreement)
+        with (
+            OrtRunner(outs.onnx, threads=cfg.threads) as ort_runner,
+            TrtRunner(engine_tmp) as trt_runner,
+        ):
+            report = compare(ort_runner, trt_runner, batches, tol)
+        console.info(f"parity TensorRT: {report.summary()}")
+        if not report.passed:
+            raise KdtoolError(
+                f"the TensorRT engine fails its parity check against ONNX Runtime: "
+                f"{report.problem}; the engine was not written (the ONNX was)",
+                "try --precision fp32, or --min-agreement",
+            )
+        record.update(parity=report.to_dict(), kdtool=asdict(info))
+        sidecar_tmp.write_text(sidecar_text(record))
     console.info(f"wrote {outs.engine} and {outs.sidecar}")
     return {"engine": str(outs.engine), "sidecar": str(outs.sidecar), **record}
 

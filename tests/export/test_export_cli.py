@@ -2,6 +2,7 @@
 
 import hashlib
 import importlib.util
+import json
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -363,3 +364,36 @@ def test_a_graph_onnxslim_or_the_checker_chokes_on_is_one_line_with_the_way_out(
     monkeypatch.setattr(onnx.checker, "check_model", bad_shapes)
     r = cli("export", digits_teacher, "--onnx", tmp_path / "m.onnx", "--no-slim")
     _one_line_error(r, "fails onnx.checker: [ShapeInferenceError] rank mismatch")
+
+
+def test_the_engine_is_built_beside_its_destination_and_lands_whole(cli, digits_teacher,
+                                                                    tmp_path, monkeypatch):
+    """TensorRT faked (no GPU here): the engine and sidecar are written in their own folder
+    (a rename cannot cross filesystems), renamed into place only after the parity check."""
+    import kdtool.export.engine as engine_mod
+    import kdtool.export.formats as formats_mod
+    import kdtool.export.runners as runners_mod
+
+    onnx_path, engine = tmp_path / "a" / "m.onnx", tmp_path / "b" / "m.engine"
+    built_at = []
+
+    def fake_build(onnx_file, engine_path, **kwargs):
+        built_at.append(Path(engine_path).parent)
+        Path(engine_path).write_bytes(b"serialized engine")
+        return {"tensorrt_version": "fake"}
+
+    class FakeTrt(runners_mod.OrtRunner):  # runs the ONNX itself: parity passes
+        def __init__(self, engine_file):
+            assert Path(engine_file).read_bytes() == b"serialized engine"
+            super().__init__(onnx_path)
+
+    monkeypatch.setattr(formats_mod, "require", lambda *a, **k: None)
+    monkeypatch.setattr(engine_mod, "build_engine", fake_build)
+    monkeypatch.setattr(runners_mod, "TrtRunner", FakeTrt)
+    (tmp_path / "b").mkdir()
+    r = cli("export", digits_teacher, "--onnx", onnx_path, "--trt", "--engine", engine, "--json")
+    assert r.code == 0, r.err
+    assert built_at == [engine.parent]
+    assert engine.read_bytes() == b"serialized engine"
+    assert json.loads(engine.with_suffix(".engine.json").read_text())["parity"]["passed"]
+    assert sorted(p.name for p in engine.parent.iterdir()) == ["m.engine", "m.engine.json"]
