@@ -101,6 +101,7 @@ def build_engine(
     profile: BatchProfile,
     workspace_gib: float = 4.0,
     timing_cache: Path | None = None,
+    force: bool = False,
     log=print,
 ) -> dict:
     """Build ``engine_path`` from ``onnx_path``; return the sidecar record (versions, profile).
@@ -163,9 +164,13 @@ def build_engine(
     cache_path = timing_cache or default_timing_cache(trt.__version__, gpu)
     cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
     cache = config.create_timing_cache(cache_bytes)
-    if not config.set_timing_cache(cache, False):
-        log(f"timing cache {cache_path} does not match this GPU/TensorRT: starting afresh")
+    loaded = config.set_timing_cache(cache, False)
+    if not loaded:
         config.set_timing_cache(config.create_timing_cache(b""), False)
+    save_cache = keep_timing_cache(cache_path, timing_cache is not None, loaded, force)
+    if not loaded:
+        log(f"timing cache {cache_path} does not match this GPU/TensorRT: starting afresh"
+            + ("" if save_cache else "; the file is left as it is (--force replaces it)"))
 
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
@@ -178,7 +183,8 @@ def build_engine(
     engine_path.write_bytes(bytes(serialized))
     from kdtool.io import atomic_write_bytes
 
-    atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
+    if save_cache:
+        atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
     return {
         "tensorrt_version": trt.__version__,
         "gpu": gpu,
@@ -192,6 +198,13 @@ def build_engine(
         "build_seconds": round(seconds, 2),
         "onnx": onnx_path.name,
     }
+
+
+def keep_timing_cache(path: Path, named_by_user: bool, loaded: bool, force: bool) -> bool:
+    """Whether a build may write its timing cache to ``path``: kdtool's own default cache
+    always; a file the user named (``--timing-cache``) only when it was a cache this build
+    read, is new, or ``force``: a mistyped name must not overwrite someone's file."""
+    return not named_by_user or loaded or force or not path.exists()
 
 
 def sidecar_path(engine_path: Path) -> Path:

@@ -428,6 +428,7 @@ def _tensorrt(cfg, outs: _Outputs, batches, profile: BatchProfile, info: OnnxInf
             profile=profile,
             workspace_gib=cfg.workspace,
             timing_cache=Path(cfg.timing_cache) if cfg.timing_cache else None,
+            force=cfg.force,
             log=console.info,
         )
         tol = _tolerance(TRT_TOLERANCES[cfg.precision], cfg.min_agreement)

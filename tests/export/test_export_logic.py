@@ -215,3 +215,16 @@ def test_ort_runner_refuses_a_provider_it_does_not_have(tmp_path):
         OrtRunner(path, providers=("cuda",))
     with pytest.raises(KdtoolError, match="does not exist"):
         OrtRunner(tmp_path / "missing.onnx")
+
+
+def test_a_timing_cache_the_user_named_is_replaced_only_when_it_was_one(tmp_path):
+    from kdtool.export.engine import keep_timing_cache
+
+    mine = tmp_path / "student.onnx"  # a mistyped --timing-cache naming someone's file
+    mine.write_bytes(b"not a timing cache")
+    assert not keep_timing_cache(mine, named_by_user=True, loaded=False, force=False)
+    assert keep_timing_cache(mine, named_by_user=True, loaded=False, force=True)
+    assert keep_timing_cache(mine, named_by_user=True, loaded=True, force=False)
+    assert keep_timing_cache(tmp_path / "new.cache", named_by_user=True, loaded=False,
+                             force=False)
+    assert keep_timing_cache(mine, named_by_user=False, loaded=False, force=False)  # kdtool's
