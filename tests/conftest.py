@@ -84,6 +84,33 @@ def interrupted_distill(monkeypatch):
     return interrupt
 
 
+@pytest.fixture
+def recorded_epochs(monkeypatch):
+    """``with recorded_epochs() as epochs: run.run()``: the 0-based epochs a DistillRun
+    computes, so a test tells a resume (the lost epochs only) from a restart."""
+    from contextlib import contextmanager
+
+    from kdtool.distill.loop import DistillRun
+
+    real = DistillRun._epoch
+
+    @contextmanager
+    def record():
+        epochs: list[int] = []
+
+        def spy(self, step_fn, student, noise, epoch, *a):
+            epochs.append(epoch)
+            return real(self, step_fn, student, noise, epoch, *a)
+
+        monkeypatch.setattr(DistillRun, "_epoch", spy)
+        try:
+            yield epochs
+        finally:
+            monkeypatch.setattr(DistillRun, "_epoch", real)
+
+    return record
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

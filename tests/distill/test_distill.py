@@ -117,10 +117,13 @@ def _cfg(teacher, **kw):
 
 
 @pytest.mark.parametrize("ema", [0.0, 0.9])
-def test_resume_continues_exactly(small_teacher, tmp_path, interrupted_distill, ema):
+def test_resume_continues_exactly(small_teacher, tmp_path, interrupted_distill, ema,
+                                  recorded_epochs):
     DistillRun(_cfg(small_teacher, ema=ema), tmp_path / "a.safetensors").run()
     interrupted_distill(DistillRun(_cfg(small_teacher, ema=ema), tmp_path / "b.safetensors"), 2)
-    DistillRun(_cfg(small_teacher, ema=ema), tmp_path / "b.safetensors", resume=True).run()
+    with recorded_epochs() as epochs:
+        DistillRun(_cfg(small_teacher, ema=ema), tmp_path / "b.safetensors", resume=True).run()
+    assert epochs == list(range(2, _cfg(small_teacher).epochs))  # resumed, not restarted
     a = load_checkpoint(tmp_path / "a.safetensors")[0].state_dict()
     b = load_checkpoint(tmp_path / "b.safetensors")[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -216,11 +219,13 @@ def test_current_statistics_distil_running_statistics_fail(digits_cnn3, tmp_path
 
 
 def test_noise_pool_run_resumes_exactly_and_is_recorded(small_teacher, tmp_path,
-                                                         interrupted_distill):
+                                                         interrupted_distill, recorded_epochs):
     cfg = _cfg(small_teacher, noise="dead_leaves", noise_pool=64, epochs=2)
     DistillRun(cfg, tmp_path / "a.safetensors").run()
     interrupted_distill(DistillRun(cfg, tmp_path / "b.safetensors"), 1)
-    DistillRun(cfg, tmp_path / "b.safetensors", resume=True).run()
+    with recorded_epochs() as epochs:
+        DistillRun(cfg, tmp_path / "b.safetensors", resume=True).run()
+    assert epochs == [1]
     a = load_checkpoint(tmp_path / "a.safetensors")[0].state_dict()
     b = load_checkpoint(tmp_path / "b.safetensors")[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -31,10 +31,25 @@ def _worker(rank, world, port, teacher, out, dump):
     torch.set_num_threads(1)
     from kdtool.distill.loop import DistillConfig, DistillRun
 
+    batches, real_epoch = [], DistillRun._epoch
+
+    def recording_noise(self, step_fn, student, noise, epoch, *a):
+        draw = noise.sample
+
+        def sample(n, gen):
+            x = draw(n, gen)
+            batches.append(x.clone())
+            return x
+
+        noise.sample = sample
+        return real_epoch(self, step_fn, student, noise, epoch, *a)
+
+    DistillRun._epoch = recording_noise  # a spawned process of its own: nothing to restore
     run = DistillRun(DistillConfig(teacher=str(teacher), student="tiny_cnn", epochs=2,
                                    iters_per_epoch=3, batch_size=32, device="cpu"), out)
     run.run()
     torch.save(run.student.state_dict(), dump / f"rank{rank}.pt")
+    torch.save(batches[0], dump / f"noise{rank}.pt")
 
 
 def test_two_ranks_hold_identical_students(tmp_path):
@@ -44,6 +59,9 @@ def test_two_ranks_hold_identical_students(tmp_path):
     a = torch.load(tmp_path / "rank0.pt", weights_only=True)
     b = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # ... trained on different noise: each rank draws its own (seed + rank)
+    assert not torch.equal(torch.load(tmp_path / "noise0.pt", weights_only=True),
+                           torch.load(tmp_path / "noise1.pt", weights_only=True))
     saved = load_checkpoint(tmp_path / "s.safetensors")[0].state_dict()  # rank 0 wrote it
     assert all(torch.equal(a[k], saved[k]) for k in a)
 

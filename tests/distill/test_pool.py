@@ -44,8 +44,10 @@ def test_samples_are_symmetries_of_pool_images():
     dist = torch.cdist(x.flatten(1), bank, compute_mode="donot_use_mm_for_euclid_dist")
     dist = dist.min(1).values
     assert dist.max() < 1e-4
-    # and not always the identity: the transforms are in use
-    assert not all(torch.allclose(s, pool[i]) for s in x[:8] for i in range(1))
+    # and not always the identity: most samples are no pool image as it is
+    plain = torch.cdist(x.flatten(1), pool.flatten(1),
+                        compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+    assert (plain > 1e-3).float().mean() > 0.5
 
 
 def test_pool_is_refilled_per_epoch_and_reproducible():

@@ -224,6 +224,7 @@ def test_fp16_static_batch_and_its_triton_config(cli, digits_teacher, tmp_path):
     model = onnx.load(str(tmp_path / "t16.onnx"))
     assert any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer)
     assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert model.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT  # kept fp32
     assert _dims(model.graph.input[0]) == [8, 1, 8, 8]
     info = read_info(tmp_path / "t16.onnx")
     assert info.precision == "fp16" and info.batch == 8
@@ -235,6 +236,7 @@ def test_fp16_static_batch_and_its_triton_config(cli, digits_teacher, tmp_path):
     config, _ = _parse_config(tmp_path / "repo" / "t16" / "config.pbtxt")
     assert config.max_batch_size == 0 and not config.HasField("dynamic_batching")
     assert list(config.input[0].dims) == [8, 1, 8, 8]
+    assert config.output[0].data_type == config.input[0].data_type  # both TYPE_FP32
 
 
 def _one_line_error(r, *fragments):
@@ -278,7 +280,7 @@ def _one_line_error(r, *fragments):
                 "--int8-activations",
                 "asymmetric",
             ],
-            ["symmetric"],
+            ["TensorRT takes only symmetric INT8 activations"],
         ),
     ],
 )
@@ -337,10 +339,12 @@ def test_failed_parity_leaves_no_file(cli, digits_teacher, tmp_path, monkeypatch
 )
 def test_trt_without_tensorrt_writes_the_onnx_then_fails(cli, digits_teacher, tmp_path):
     out = tmp_path / "m.onnx"
-    r = cli("export", digits_teacher, "--onnx", out, "--trt")
+    r = cli("export", digits_teacher, "--onnx", out, "--trt", "--triton-repo",
+            tmp_path / "repo")
     _one_line_error(r, f"wrote {out}", "--trt needs", "pip install 'kdtool[gpu]'")
     assert read_info(out).precision == "fp32"  # the verified ONNX is there
     assert not (tmp_path / "m.engine").exists()
+    assert not (tmp_path / "repo" / "m").exists()  # a --trt repository holds the engine
 
 
 def test_a_graph_onnxslim_or_the_checker_chokes_on_is_one_line_with_the_way_out(
@@ -375,17 +379,23 @@ def test_the_engine_is_built_beside_its_destination_and_lands_whole(cli, digits_
     import kdtool.export.runners as runners_mod
 
     onnx_path, engine = tmp_path / "a" / "m.onnx", tmp_path / "b" / "m.engine"
-    built_at = []
+    built_at, skew = [], [0.0]
 
     def fake_build(onnx_file, engine_path, **kwargs):
+        assert Path(engine_path) != engine and not engine.exists()  # a temporary, aside
         built_at.append(Path(engine_path).parent)
         Path(engine_path).write_bytes(b"serialized engine")
         return {"tensorrt_version": "fake"}
 
-    class FakeTrt(runners_mod.OrtRunner):  # runs the ONNX itself: parity passes
+    class FakeTrt(runners_mod.OrtRunner):  # runs the ONNX itself: parity passes unless skewed
         def __init__(self, engine_file):
             assert Path(engine_file).read_bytes() == b"serialized engine"
+            assert not engine.exists()  # not in place before its parity check
             super().__init__(onnx_path)
+
+        def infer(self, x):
+            y = super().infer(x)
+            return y + skew[0] * np.arange(y.shape[1], dtype=y.dtype)
 
     monkeypatch.setattr(formats_mod, "require", lambda *a, **k: None)
     monkeypatch.setattr(engine_mod, "build_engine", fake_build)
@@ -397,3 +407,11 @@ def test_the_engine_is_built_beside_its_destination_and_lands_whole(cli, digits_
     assert engine.read_bytes() == b"serialized engine"
     assert json.loads(engine.with_suffix(".engine.json").read_text())["parity"]["passed"]
     assert sorted(p.name for p in engine.parent.iterdir()) == ["m.engine", "m.engine.json"]
+    # An engine that fails its parity check is not written, and leaves no temporary.
+    skew[0] = 100.0
+    engine.unlink()
+    engine.with_suffix(".engine.json").unlink()
+    r = cli("export", digits_teacher, "--onnx", onnx_path, "--trt", "--engine", engine,
+            "--force")
+    assert r.code == 1 and "the engine was not written (the ONNX was)" in r.err
+    assert list(engine.parent.iterdir()) == [] and onnx_path.is_file()

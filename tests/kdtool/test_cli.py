@@ -93,6 +93,8 @@ def _one_line_error(r, *fragments):
         (["export", "m.safetensors", "--data", "digits"],
          ["--data; kdtool spells it --val or --calib-data ("]),
         (["distill", "--arch", "resnet8"], ["--arch; kdtool spells it --student ("]),
+        (["export", "m.safetensors", "--half"], ["--half; kdtool spells it --precision fp16"]),
+        (["train", "--data", "digits", "-b", "64"], ["-b; kdtool spells it --batch-size"]),
         (["calibrate", "s.safetensors", "-o", "c.safetensors"], ["-o; kdtool spells it --out ("]),
         # Cutout is part of the augmentation, which is off for 8x8 digits.
         (["train", "--data", "digits", "--arch", "tiny_cnn", "--cutout", "4"],

@@ -57,8 +57,15 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, ema):
     monkeypatch.setattr(Trainer, "_train_epoch", killed_in_third_epoch)
     with pytest.raises(KeyboardInterrupt):
         Trainer(_cfg(ema=ema), resumed).run()
-    monkeypatch.setattr(Trainer, "_train_epoch", real_epoch)
+    epochs = []
+
+    def recorded(self, model, loader, epoch, *a):
+        epochs.append(epoch)
+        return real_epoch(self, model, loader, epoch, *a)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", recorded)
     Trainer(_cfg(ema=ema), resumed, resume=True).run()
+    assert epochs == [2]  # resumed after the two saved epochs, not restarted
 
     a, _ = load_checkpoint(straight)
     b, _ = load_checkpoint(resumed)
