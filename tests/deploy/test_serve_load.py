@@ -141,6 +141,11 @@ def test_32_clients_with_malformed_requests(serve_model, tiny_onnx, offline, wor
     images = _metric(metrics, "kdtool_batch_size_sum")
     assert images == len(xs) and batches < len(valid), (batches, images)
     assert _metric(metrics, 'kdtool_requests_total{endpoint="infer",status="400"}') == 32
+    # the other series README names count the same work
+    assert _metric(metrics, "kdtool_inferred_images_total") == len(xs)
+    assert _metric(metrics, "kdtool_inference_duration_seconds_count") == batches
+    assert _metric(metrics, "kdtool_queue_duration_seconds_count") == len(valid)
+    assert _metric(metrics, "kdtool_request_duration_seconds_count") >= len(valid)
     print(f"{len(requests)} requests in {elapsed:.2f}s, {images / batches:.1f} images/batch")
 
 

@@ -156,6 +156,20 @@ def test_int8_is_qdq_with_zero_zero_points_and_agrees_with_fp32(int8_export, fp3
     assert agree >= 0.95
 
 
+def test_asymmetric_int8_activations_have_uint8_zero_points_and_are_not_for_tensorrt(
+        cli, digits_teacher, tmp_path):
+    out = tmp_path / "a.onnx"
+    r = cli("export", digits_teacher, "--onnx", out, "--precision", "int8", "--calib-data",
+            "digits", "--calib-images", "128", "--int8-activations", "asymmetric", "--json")
+    assert r.code == 0, r.err
+    q = read_info(out).quantization
+    assert q["activations"] == "uint8 asymmetric" and q["tensorrt_compatible"] is False
+    zps = quant_zero_points(onnx.load(str(out)))
+    activations = [z for z in zps.values() if z.dtype == np.uint8]
+    assert activations and any(np.any(z != 0) for z in activations)  # real zero points
+    assert r.json()["parity"]["int8"]["passed"]
+
+
 @pytest.mark.parametrize("exact", [False, True])
 def test_an_int8_check_on_uint8_weights_says_its_cpu_is_no_guide_to_speed(
         cli, digits_teacher, tmp_path, monkeypatch, exact):
@@ -331,6 +345,10 @@ def test_failed_parity_leaves_no_file(cli, digits_teacher, tmp_path, monkeypatch
     r = cli("export", digits_teacher, "--onnx", out, "--triton-repo", tmp_path / "repo")
     _one_line_error(r, "FP32 export fails its parity check", "nothing was written")
     assert os.listdir(tmp_path) == []  # no ONNX, no Triton repository, no temporary folder
+    out.write_bytes(b"an earlier export")  # with --force, a failed check keeps the old file
+    r = cli("export", digits_teacher, "--onnx", out, "--force")
+    _one_line_error(r, "FP32 export fails its parity check")
+    assert out.read_bytes() == b"an earlier export" and os.listdir(tmp_path) == ["m.onnx"]
 
 
 @pytest.mark.skipif(
