@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kdtool.bn import batch_stats
 from kdtool.checkpoint import load_checkpoint
 from kdtool.data import ImageData, load_data
 from kdtool.evaluate import accuracy_report, predict, wilson_interval
@@ -86,3 +87,25 @@ def test_eval_shows_the_interval_and_class_sizes(cli, digits_teacher):
     lo, hi = j["top1_ci95"]
     assert lo < j["top1"] < hi or j["top1"] == 100.0
     assert sum(j["per_class_images"].values()) == j["images"] == 360
+
+
+def test_current_statistics_do_not_depend_on_a_class_sorted_order(digits_teacher):
+    """Image folders load sorted by class; --bn current draws batches in a seeded random
+    order, or a batch of one class would be normalised with statistics of that class."""
+    from kdtool.evaluate import evaluate
+
+    model, meta = load_checkpoint(digits_teacher)
+    data = load_data("digits:test", channels=1)
+    order = torch.argsort(data.y, stable=True)
+    by_class = ImageData(data.x[order].contiguous(), data.y[order], data.class_names,
+                         data.source)
+    args = dict(batch_size=32, bn="current", seed=0)
+    mixed = evaluate(model, data, meta.mean, meta.std, **args)["top1"]
+    sorted_ = evaluate(model, by_class, meta.mean, meta.std, **args)["top1"]
+    assert mixed > 90 and abs(sorted_ - mixed) <= 2.0, (mixed, sorted_)
+    # what an unshuffled pass would do: each batch of one or two classes
+    model.eval()
+    with torch.no_grad(), batch_stats(model):
+        x = (by_class.x.float() / 255 - meta.mean[0]) / meta.std[0]
+        pred = torch.cat([model(x[i:i + 32]).argmax(1) for i in range(0, len(x), 32)])
+    assert 100.0 * (pred == by_class.y).float().mean().item() < mixed - 20
