@@ -521,3 +521,19 @@ def test_a_runtime_failure_is_a_failed_row_and_a_bug_keeps_its_traceback(models,
                         runner_that_raises(AttributeError("a kdtool bug")))
     with pytest.raises(AttributeError, match="a kdtool bug"):
         Bench(cfg).run()
+
+
+def test_an_int8_export_is_reused_only_with_the_same_calibration_data(cli, models, tmp_path):
+    out, ckpt = tmp_path / "exports", models["dir"] / "tiny.safetensors"
+
+    def bench(*extra):
+        r = cli("bench", ckpt, "--formats", "onnx-int8", "--export-dir", out, "--batch", "2",
+                *FAST, "--json", *extra)
+        status = r.json()["exports"][0]["status"]
+        assert r.code == (1 if status == "export failed" else 0), r.err
+        return status
+
+    assert bench("--calib-data", "digits") == "ok"
+    assert bench("--calib-data", "digits") == "reused"
+    assert bench("--calib-data", "digits:test") == "export failed"  # other data: not reused,
+    assert bench("--calib-data", "digits:test", "--force") == "ok"  # and kept without --force
