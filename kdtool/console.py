@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -25,9 +25,36 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+PIPE_WIDTH = 400  # results in a pipe or file, when no stream is a terminal and COLUMNS is unset
+
+
+def _size_off_terminal(self) -> ConsoleDimensions:
+    """rich folds tables at 80 columns when no stream is a terminal (nohup, CI, a file):
+    there they take their natural width instead, up to PIPE_WIDTH; COLUMNS still rules."""
+    size = Console.size.fget(self)
+    if self._width is None and "COLUMNS" not in self._environ and not _any_terminal():
+        return ConsoleDimensions(PIPE_WIDTH, size.height)
+    return size
+
+
+def _any_terminal() -> bool:
+    # The streams rich asks for a terminal size.
+    for fd in (0, 1, 2):
+        try:
+            os.get_terminal_size(fd)
+        except (AttributeError, ValueError, OSError):
+            continue
+        return True
+    return False
+
+
+class _Console(Console):
+    size = property(_size_off_terminal, Console.size.fset)
+
+
 # Logs and progress go to stderr so that stdout carries only results (``--json`` stays parseable).
 err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+out = _Console(highlight=False)
 # In a log file (nohup, SLURM, CI) a message is one line that grep finds whole, not text
 # folded at rich's default 80 columns.
 err.soft_wrap = not err.is_terminal

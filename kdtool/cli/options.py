@@ -42,14 +42,15 @@ DATA_HELP = ("A dataset: an ImageFolder directory (<class>/<image>), a zip of on
              "(x uint8 NHWC, y int), or the embedded 'digits' / 'digits:test'.")
 
 # For plain state_dicts (.pt/.pth), which do not describe themselves.
+DEFAULT_NUM_CLASSES, DEFAULT_IN_CHANS = 10, 3  # unless told
 Arch = Annotated[str | None, typer.Option(
     "--arch", help="Architecture of a plain state_dict (kdtool models; tv:NAME for torchvision).",
     rich_help_panel="Plain state_dict")]
 NumClasses = Annotated[int | None, typer.Option(
-    "--num-classes", help="Classes of a plain state_dict (default: 10).",
+    "--num-classes", help=f"Classes of a plain state_dict (default: {DEFAULT_NUM_CLASSES}).",
     rich_help_panel="Plain state_dict")]
 InChans = Annotated[int | None, typer.Option(
-    "--in-chans", help="Input channels of a plain state_dict (default: 3).",
+    "--in-chans", help=f"Input channels of a plain state_dict (default: {DEFAULT_IN_CHANS}).",
     rich_help_panel="Plain state_dict")]
 ImageSize = Annotated[str | None, typer.Option(
     "--image-size", help="Input size of a plain state_dict, N or H,W (default: the "
@@ -104,8 +105,6 @@ def parse_image_size(text: str | None, option: str = "--image-size") -> list[int
         raise KdtoolError(f"{option} '{text}' is not a size", f"e.g. {option} 32 or 32,32")
     return size
 
-
-DEFAULT_NUM_CLASSES, DEFAULT_IN_CHANS = 10, 3  # of a plain state_dict, unless told
 
 
 def foreign_spec(path: Path, arch: str | None, num_classes: int | None, in_chans: int | None,

@@ -119,6 +119,12 @@ def make_graph_onnx(
     return path
 
 
+@pytest.fixture
+def graph_onnx(tmp_path):
+    """``graph_onnx(name, **kwargs)``: a make_graph_onnx model in this test's folder."""
+    return lambda name, **kwargs: make_graph_onnx(tmp_path / name, **kwargs)
+
+
 @pytest.fixture(scope="session")
 def tiny_onnx(tmp_path_factory) -> Path:
     """The zoo's tiny_cnn, 1x8x8 grey input (digits-sized), NCHW, dynamic batch, 10 classes."""

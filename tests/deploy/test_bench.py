@@ -14,7 +14,7 @@ import torch
 
 from kdtool.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
 from kdtool.data import load_data
-from kdtool.deploy import backends
+from kdtool.deploy import backends, memory
 from kdtool.deploy.bench import Bench, BenchConfig, cell_stats, clip_outliers, time_calls
 from kdtool.evaluate import evaluate
 from kdtool.export.metadata import OnnxInfo, write_info
@@ -537,3 +537,18 @@ def test_an_int8_export_is_reused_only_with_the_same_calibration_data(cli, model
     assert bench("--calib-data", "digits") == "reused"
     assert bench("--calib-data", "digits:test") == "export failed"  # other data: not reused,
     assert bench("--calib-data", "digits:test", "--force") == "ok"  # and kept without --force
+
+
+@pytest.mark.skipif(not memory.MemoryProbe().host, reason="no resettable RSS high-water mark")
+def test_peak_memory_is_the_cells_own_and_grows_with_the_batch(cli, graph_onnx):
+    # One 3->8 conv at 256x256: at batch 64 its input is 48 MiB and its output 128 MiB.
+    path = graph_onnx("wide.onnx", in_chans=3, size=256, num_classes=10)
+    r = cli("bench", path, "--backends", "ort-cpu", "--batch", "1,64", *FAST, "--json")
+    assert r.code == 0, r.err
+    peak = {row["batch"]: row["peak_rss_mb"] for row in r.json()["rows"]}
+    input_mb, conv_mb = 64 * 3 * 256**2 * 4 / 2**20, 64 * 8 * 256**2 * 4 / 2**20
+    # What the batch-64 call holds at once (ONNX Runtime's arena keeps more: ~890 MiB here).
+    assert peak[64] >= input_mb + conv_mb
+    # The batch-1 cell counts its own memory from the backend's load, not the process's
+    # (torch and the test suite hold hundreds of MB).
+    assert peak[1] < input_mb

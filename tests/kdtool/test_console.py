@@ -19,6 +19,29 @@ def test_a_long_name_folds_whole_in_a_narrow_table():
     assert "…" not in text and "85.28%" in text
 
 
+def _models_table(monkeypatch, cli, terminal: bool, columns: str | None) -> list[str]:
+    monkeypatch.setattr(console, "_any_terminal", lambda: terminal)
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    r = cli("models")
+    assert r.code == 0, r.err
+    return r.out.splitlines()
+
+
+def test_a_table_in_a_pipe_keeps_its_natural_width_and_columns_still_rule(monkeypatch, cli):
+    from kdtool.models import list_models
+
+    piped = _models_table(monkeypatch, cli, terminal=False, columns=None)
+    rows = [line for line in piped if line.startswith("│")]
+    # One line per model: rich's 80-column default would fold the descriptions over lines.
+    assert len(rows) == len(list_models()), piped
+    assert max(len(line) for line in piped) > 80
+    narrow = _models_table(monkeypatch, cli, terminal=False, columns="80")
+    assert max(len(line) for line in narrow) <= 80 and len(narrow) > len(piped)
+
+
 class _Clock:
     def __init__(self):
         self.t = 0.0
