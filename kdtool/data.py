@@ -55,7 +55,7 @@ PARALLEL_MIN_IMAGES = 2000  # below this, starting worker processes costs more t
 # What a broken image file can raise from PIL / zipfile while it is decoded.
 # RuntimeError: an encrypted zip member; NotImplementedError: a compression method Python's
 # zipfile cannot read (Deflate64, as Windows writes for large archives).
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, zipfile.BadZipFile, zlib.error,
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, zipfile.BadZipFile, zlib.error,
                   Image.DecompressionBombError, RuntimeError, NotImplementedError)
 _FORMS_HINT = ("give a directory of <class>/<image> folders, a .zip or .npz file, or one of: "
                + ", ".join(BUILTIN_DATASETS))
@@ -296,6 +296,12 @@ def _list_dir(root: Path) -> tuple[list[str], list[tuple]]:
     return sorted(names), sorted(stamp)
 
 
+def image_files(root: Path) -> list[Path]:
+    """The images in ``root`` and its subfolders as the folder loaders find them (hidden
+    files and folders skipped), sorted."""
+    return [root / name for name in _list_dir(root)[0]]
+
+
 def _list_zip(path: Path) -> tuple[list[str], int]:
     """Member names of images in the zip, and how many leading folders to strip (0 or 1)."""
     try:
@@ -347,7 +353,7 @@ class _Decoder:
             src = io.BytesIO(self.zip.read(name)) if self.zip else where
             with Image.open(src) as im:
                 return to_array(im, self.channels, self.size, self.fit)
-        except _DECODE_ERRORS as e:
+        except DECODE_ERRORS as e:
             raise KdtoolError(f"cannot read image {where}: {e}",
                               "delete or replace the file, then load again") from None
 

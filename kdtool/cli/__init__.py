@@ -14,6 +14,7 @@ for _module in (
     "kdtool.export.cli",
     "kdtool.deploy.bench_cli",
     "kdtool.deploy.serve_cli",
+    "kdtool.deploy.predict_cli",
     "kdtool.analyze.cli",
     "kdtool.cli.model_cmds",
 ):

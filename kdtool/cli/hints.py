@@ -11,8 +11,8 @@ from __future__ import annotations
 
 # option users type -> kdtool's equivalents (option, optionally with its value)
 FOREIGN_OPTIONS: dict[str, list[str]] = {
-    "--output": ["--out", "--onnx"],
-    "-o": ["--out", "--onnx"],
+    "--output": ["--out", "--onnx", "--csv"],
+    "-o": ["--out", "--onnx", "--csv"],
     "--format": ["--precision fp32|fp16|int8", "--trt"],
     "--half": ["--precision fp16"],
     "--fp16": ["--precision fp16"],
@@ -45,6 +45,15 @@ FOREIGN_OPTIONS: dict[str, list[str]] = {
     "--cpu": ["--device cpu"],
     "--gpu": ["--device cuda"],
     "--cuda": ["--device cuda"],
+    # Where a model runs: --device (torch), --provider (serve), --backends / --backend
+    # (bench / predict, which run every kind of model file).
+    "--device": ["--backend", "--backends", "--provider"],
+    "--provider": ["--backend", "--backends", "--device"],
+    "--backend": ["--backends", "--provider", "--device"],
+    "--backends": ["--backend", "--provider", "--device"],
+    "--top-k": ["--top"],
+    "--topk": ["--top"],
+    "-k": ["--top"],
 }
 
 

@@ -117,6 +117,11 @@ def _one_line_error(r, *fragments):
         (["serve", "m.onnx", "--provider", "gpu"], ["did you mean 'cuda'"]),
         (["bench", "m.onnx", "--backends", "ort-gpu"], ["did you mean 'ort-cuda'"]),
         (["bench", "m.onnx", "--backends", "ort-tensorrt"], ["did you mean 'ort-trt'"]),
+        (["predict", "m.onnx", "a.png", "--device", "cuda"],
+         ["--device; kdtool spells it --backend"]),
+        (["predict", "m.onnx", "a.png", "-k", "3"], ["-k; kdtool spells it --top"]),
+        (["predict", "m.onnx", "a.png", "-o", "p.csv"], ["-o; kdtool spells it --csv"]),
+        (["bench", "m.onnx", "--backend", "ort-cpu"], ["--backend; kdtool spells it --backends"]),
         # bench has no --precision: the look-alike suggestion stays.
         (["bench", "--format", "onnx"], ["--format", "--formats"]),
     ],
@@ -181,19 +186,20 @@ def test_every_config_field_is_reachable_from_its_command():
     from kdtool.analyze.toy import ToyConfig
     from kdtool.calibrate.pipeline import CalibrateConfig
     from kdtool.deploy.bench import BenchConfig
+    from kdtool.deploy.predict import PredictConfig
     from kdtool.deploy.server.app import ServerConfig
     from kdtool.distill.loop import DistillConfig
     from kdtool.export.pipeline import ExportConfig
     from kdtool.train import TrainConfig
 
     # Fields the CLI fills under another name, or that only library callers set.
-    other_names = {"compile": "compile_", "noise_options": "shapes"}
+    other_names = {"compile": "compile_", "noise_options": "shapes", "inputs": "images"}
     bench_names = {"batches": "batch"}  # bench's --batch 1,8,64
     library_only = {"log_every", "threads", "default_top_k"}
     configs = {"train": TrainConfig, "distill": DistillConfig, "calibrate": CalibrateConfig,
                "export": ExportConfig, "bench": BenchConfig, "serve": ServerConfig,
-               "analyze toy": ToyConfig, "analyze activations": ActivationsConfig,
-               "analyze student": StudentConfig}
+               "predict": PredictConfig, "analyze toy": ToyConfig,
+               "analyze activations": ActivationsConfig, "analyze student": StudentConfig}
     commands = _commands(app)
     for name, config in configs.items():
         params = set(inspect.signature(commands[name]).parameters)

@@ -1,0 +1,193 @@
+"""``kdtool predict``: a model's top classes for image files, without a server.
+
+The model file says how to feed it (input size, channels, --resize rule, normalisation,
+layout, class names); the pixels are prepared by the code ``kdtool serve``'s /classify
+uses, and the model runs on the runners ``kdtool bench`` and ``kdtool export`` use, so a
+prediction here is the one the server and the benchmark would give.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdtool.deploy.backends import (
+    BACKENDS,
+    BackendUnavailable,
+    BenchModel,
+    backend_problem,
+    load_model,
+    make_runner,
+)
+from kdtool.errors import KdtoolError, check_choice
+
+# backend "auto": the first of these that runs here, per kind of model file
+AUTO_BACKENDS = {
+    "checkpoint": ("torch-cuda", "torch-cpu"),
+    "onnx": ("ort-cuda", "ort-cpu"),
+    "trt": ("trt",),
+}
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    model: Path
+    inputs: tuple[Path, ...]
+    backend: str = "auto"
+    top: int = 5
+    batch_size: int = 32
+    threads: int | None = None
+
+
+def list_images(inputs: tuple[Path, ...]) -> list[Path]:
+    """Image files given, and the images inside folders given (recursively), each once."""
+    from kdtool.data import IMAGE_EXTS, image_files
+
+    found: list[Path] = []
+    for path in inputs:
+        if path.is_dir():
+            inside = image_files(path)
+            if not inside:
+                raise KdtoolError(f"folder '{path}' holds no images",
+                                  f"looked for {' '.join(IMAGE_EXTS)} files (any case)")
+            found += inside
+        elif path.is_file():
+            found.append(path)  # any name: a file that is no image says so when decoded
+        else:
+            raise KdtoolError(f"'{path}' does not exist", "pass image files or folders of images")
+    return list(dict.fromkeys(found))
+
+
+def read_image(path: Path, model: BenchModel) -> np.ndarray:
+    """One image as the model's input row, prepared as the server prepares it."""
+    from PIL import Image
+
+    from kdtool.data import DECODE_ERRORS
+    from kdtool.deploy.server.images import preprocess
+
+    try:
+        with Image.open(path) as im:
+            return preprocess(im, model, np.dtype(model.input_dtype))
+    except DECODE_ERRORS as e:
+        raise KdtoolError(f"cannot read image '{path}': {e}",
+                          "pass JPEG, PNG, BMP, TIFF or WebP files; delete or replace this one"
+                          ) from None
+
+
+def check_top(top: int, num_classes: int) -> int:
+    if top < 1:
+        raise KdtoolError(f"--top {top} is not a number of classes", "e.g. --top 5")
+    return min(top, num_classes)
+
+
+def start_runner(model: BenchModel, backend: str, threads: int | None):
+    """(runner, backend): ``backend``, or for "auto" the first of AUTO_BACKENDS that starts."""
+    from kdtool import console
+
+    check_choice(backend, ["auto", *BACKENDS], "backend")
+    if backend != "auto":
+        kind = BACKENDS[backend][0]
+        if kind != model.kind:
+            raise KdtoolError(
+                f"backend {backend} runs {kind} files; '{model.path}' is a {model.kind} file",
+                "choose one of: auto, " + ", ".join(AUTO_BACKENDS[model.kind]))
+        try:
+            return make_runner(model, backend, threads), backend
+        except BackendUnavailable as e:
+            raise KdtoolError(f"backend {backend} cannot run here: {e}",
+                              "use --backend auto (the first backend that runs here)") from None
+    candidates = AUTO_BACKENDS[model.kind]
+    reasons = []
+    for name in candidates:
+        problem = backend_problem(name)
+        if problem is None:
+            try:
+                return make_runner(model, name, threads), name
+            except BackendUnavailable as e:
+                problem = str(e)
+                if name != candidates[-1]:
+                    console.warn(f"{name} did not start ({problem}); trying the next backend")
+        reasons.append(f"{name}: {problem}")
+    raise KdtoolError(f"no backend runs '{model.path}' here ({'; '.join(reasons)})",
+                      "install what the reason names, or run the file on another machine")
+
+
+def _batch_for(runner, wanted: int) -> int:
+    """The batch the runner takes: its static batch, or ``wanted`` within its profile."""
+    fixed = runner.inner.fixed_batch
+    if fixed is not None:
+        return fixed
+    lo, hi = runner.inner.batch_range
+    return max(lo, wanted if hi is None else min(wanted, hi))
+
+
+def predict(cfg: PredictConfig) -> dict[str, Any]:
+    from kdtool import console
+    from kdtool.deploy.server.images import top_k
+
+    if cfg.batch_size < 1:
+        raise KdtoolError(f"--batch-size {cfg.batch_size} is not a batch size", "e.g. 32")
+    model = load_model(cfg.model)
+    k = check_top(cfg.top, model.num_classes)
+    images = list_images(cfg.inputs)
+    names = model.class_names or [f"class_{i}" for i in range(model.num_classes)]
+    runner, backend = start_runner(model, cfg.backend, cfg.threads)
+    results = []
+    try:
+        batch = _batch_for(runner, cfg.batch_size)
+        smallest = runner.inner.fixed_batch or runner.inner.batch_range[0]
+        with console.progress_task("predict", len(images), unit="img") as advance:
+            for start in range(0, len(images), batch):
+                chunk = images[start:start + batch]
+                x = np.stack([read_image(p, model) for p in chunk])
+                if len(x) < smallest:
+                    # A static batch (or an engine profile's least): fill it with copies
+                    # of the last image, then drop their answers.
+                    x = np.concatenate([x, np.repeat(x[-1:], smallest - len(x), axis=0)])
+                logits = runner.infer(x)[: len(chunk)]
+                results += [{"image": str(p), "predictions": top_k(row, k, names)}
+                            for p, row in zip(chunk, logits, strict=True)]
+                advance(len(chunk))
+        described = runner.describe()
+    finally:
+        runner.close()
+    return {
+        "model": model.summary(),
+        "backend": backend,
+        "runtime": described["runtime"],
+        "device": described["device"],
+        "preprocessing": {
+            "input_size": list(model.input_size),
+            "channels": model.in_chans,
+            "resize": _resize_rule(model),
+            "mean": list(model.mean),
+            "std": list(model.std),
+        },
+        "top": k,
+        "results": results,
+    }
+
+
+def _resize_rule(model: BenchModel) -> str:
+    from kdtool.imageprep import Fit
+
+    return Fit.of(model).describe().removeprefix("--resize ")
+
+
+def to_csv(result: dict) -> str:
+    """One row per image: image, then label and probability of each of the top classes."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    k = result["top"]
+    writer.writerow(["image"] + [f"{c}{i}" for i in range(1, k + 1) for c in ("label", "p")])
+    for r in result["results"]:
+        cells = [r["image"]]
+        for p in r["predictions"]:
+            cells += [p["label"], f"{p['probability']:.6f}"]
+        writer.writerow(cells)
+    return buf.getvalue()

@@ -1,0 +1,77 @@
+"""``kdtool predict``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kdtool.cli.app import app
+from kdtool.cli.options import Force, Json
+
+
+@app.command("predict")
+def predict_cmd(
+    model: Annotated[Path, typer.Argument(
+        help="A kdtool checkpoint (.safetensors), an .onnx file with kdtool metadata or a "
+        "TensorRT engine with its sidecar.", show_default=False)],
+    images: Annotated[list[Path], typer.Argument(
+        help="Image files, and folders searched for images (with their subfolders).",
+        show_default=False)],
+    top: Annotated[int, typer.Option("--top", help="Classes to give per image, most likely "
+                                     "first.")] = 5,
+    backend: Annotated[str, typer.Option(
+        "--backend", help="torch-cpu or torch-cuda (checkpoints), ort-cpu or ort-cuda (ONNX), "
+        "trt (engines). auto: the GPU one when it runs here, else the CPU one.")] = "auto",
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", help="Images per call (a static batch or engine profile rules).")] = 32,
+    threads: Annotated[int | None, typer.Option(
+        "--threads", help="CPU threads for PyTorch and ONNX Runtime (default: theirs).")] = None,
+    csv_out: Annotated[Path | None, typer.Option(
+        "--csv", help="Write the predictions here (image, label1, p1, label2, p2, ...) instead "
+        "of printing a table.")] = None,
+    force: Force = False,
+    as_json: Json = False,
+) -> None:
+    """Classify image files with a model: its top classes and their probabilities.
+
+    Images are fitted and normalised as the model file records (input size, channels,
+    --resize rule, mean and std), exactly as 'kdtool serve' prepares them, and the model
+    runs on the runners 'kdtool bench' measures. A student straight from 'kdtool distill'
+    still has noise statistics in its BatchNorm layers: calibrate it first.
+
+    Example: [bold]kdtool predict student.onnx photos/ cat.jpg --top 3[/bold]
+    """
+    from kdtool import console
+    from kdtool.deploy.predict import PredictConfig, predict, to_csv
+    from kdtool.io import atomic_write_text, check_output
+
+    if csv_out is not None:
+        check_output(csv_out, force, "CSV")
+    result = predict(PredictConfig(model=model, inputs=tuple(images), backend=backend, top=top,
+                                   batch_size=batch_size, threads=threads))
+    if csv_out is not None:
+        atomic_write_text(csv_out, to_csv(result))
+        result["csv"] = str(csv_out)
+    console.emit(result, as_json, _render)
+
+
+def _render(result: dict) -> None:
+    from kdtool import console
+
+    n = len(result["results"])
+    pre = result["preprocessing"]
+    where = (f"{result['model']['path']} on {result['backend']} ({result['runtime']}); images "
+             f"fitted to {'x'.join(map(str, pre['input_size']))} by {pre['resize']}")
+    if "csv" in result:
+        console.out.print(f"wrote {n} predictions to {result['csv']}: {where}")
+        return
+    rows = []
+    for r in result["results"]:
+        best, *rest = r["predictions"]
+        rows.append([r["image"], best["label"], f"{100 * best['probability']:.1f}%",
+                     ", ".join(f"{p['label']} {100 * p['probability']:.1f}%" for p in rest)])
+    console.out.print(console.table("predictions", ["image", "class", "probability", "next"],
+                                    rows))
+    console.out.print(where, style="dim", soft_wrap=True)

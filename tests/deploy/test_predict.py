@@ -1,0 +1,166 @@
+"""kdtool predict: the model's own answers for image files, on each kind of model file."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kdtool.checkpoint import load_checkpoint
+from kdtool.data import load_data
+
+
+def _digits_pngs(folder, n):
+    """The first n digits:test images as 8x8 PNGs under class folders, and their labels."""
+    data = load_data("digits:test")
+    labels = {}
+    for i in range(n):
+        label = int(data.y[i])
+        path = folder / str(label) / f"{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(data.x[i, 0].numpy()).save(path)
+        labels[str(path)] = label
+    return labels
+
+
+def _softmax(z):
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def test_a_checkpoint_predicts_what_its_model_computes(cli, digits_teacher, tmp_path):
+    labels = _digits_pngs(tmp_path / "digits", 40)
+    r = cli("predict", digits_teacher, tmp_path / "digits", "--top", "3", "--batch-size", "16",
+            "--json")
+    assert r.code == 0, r.err
+    res = r.json()
+    assert res["backend"] == "torch-cpu" and res["top"] == 3
+    assert res["preprocessing"]["resize"] == "stretch"
+    got = {row["image"]: row["predictions"] for row in res["results"]}
+    assert sorted(got) == sorted(labels)  # every image once, found in the class folders
+
+    model, meta = load_checkpoint(digits_teacher)
+    images = sorted(labels)
+    x = np.stack([np.asarray(Image.open(p), np.float32)[None] / 255 for p in images])
+    x = (x - np.float32(meta.mean[0])) / np.float32(meta.std[0])
+    with torch.no_grad():
+        p = _softmax(model.eval()(torch.from_numpy(x)).double().numpy())
+    for path, row in zip(images, p, strict=True):
+        order = np.argsort(-row)[:3]
+        assert [q["index"] for q in got[path]] == order.tolist()
+        assert [q["label"] for q in got[path]] == [meta.class_names[i] for i in order]
+        assert [q["probability"] for q in got[path]] == pytest.approx(row[order], abs=1e-5)
+    correct = sum(got[path][0]["index"] == label for path, label in labels.items())
+    assert correct >= 38  # the ~99% teacher, on real digits
+
+
+def test_onnx_files_predict_as_onnx_runtime_answers_with_a_static_batch_filled(
+        cli, tiny_onnx, static_onnx, offline, tmp_path):
+    labels = _digits_pngs(tmp_path / "d", 7)  # 7 images: a static batch of 4 is left 1 short
+    images = sorted(labels)
+    x = np.stack([np.asarray(Image.open(p), np.float32)[None] / 255 for p in images])
+    x = (x - 0.5) / 0.25  # the fixtures' normalisation
+    for path in (tiny_onnx, static_onnx):
+        r = cli("predict", path, *images, "--top", "10", "--batch-size", "3", "--json")
+        assert r.code == 0, r.err
+        res = r.json()
+        assert res["backend"] == "ort-cpu" and res["top"] == 10
+        want = _softmax(offline(path, x).astype(np.float64))
+        for row, p in zip(res["results"], want, strict=True):
+            probs = [q["probability"] for q in sorted(row["predictions"], key=lambda q: q["index"])]
+            assert probs == pytest.approx(p, abs=1e-5)
+
+
+def test_an_rgb_nhwc_model_gets_its_own_size_channels_and_class_names(
+        cli, rgb_nhwc_onnx, offline, tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(path, quality=95)
+    r = cli("predict", rgb_nhwc_onnx, path, "--top", "9", "--json")
+    assert r.code == 0, r.err
+    (row,) = r.json()["results"]
+    assert len(row["predictions"]) == 5  # --top beyond the class count gives every class
+    x = np.asarray(Image.open(path).resize((16, 16), Image.BILINEAR), np.float32) / 255
+    want = _softmax(offline(rgb_nhwc_onnx, ((x - 0.5) / 0.25)[None]).astype(np.float64))[0]
+    best = int(np.argmax(want))
+    assert row["predictions"][0]["label"] == ["cat", "dog", "fox", "owl", "yak"][best]
+    assert row["predictions"][0]["probability"] == pytest.approx(want[best], abs=1e-5)
+
+
+def test_csv_holds_the_table_and_is_not_overwritten_without_force(cli, tiny_onnx, tmp_path):
+    labels = _digits_pngs(tmp_path / "d", 5)
+    out = tmp_path / "pred.csv"
+    r = cli("predict", tiny_onnx, tmp_path / "d", "--top", "2", "--csv", out, "--json")
+    assert r.code == 0, r.err
+    res = r.json()
+    with open(out, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["image", "label1", "p1", "label2", "p2"]
+    assert [row[0] for row in rows[1:]] == sorted(labels)
+    for row, pred in zip(rows[1:], res["results"], strict=True):
+        assert row[1::2] == [q["label"] for q in pred["predictions"]]
+        assert [float(v) for v in row[2::2]] == pytest.approx(
+            [q["probability"] for q in pred["predictions"]], abs=1e-6)
+    before = out.read_bytes()
+    r = cli("predict", tiny_onnx, tmp_path / "d", "--top", "3", "--csv", out)
+    assert r.code == 1 and "already exists" in r.err and "--force" in r.err
+    assert out.read_bytes() == before
+    assert cli("predict", tiny_onnx, tmp_path / "d", "--csv", out, "--force").code == 0
+    assert out.read_bytes() != before
+
+
+def test_the_table_names_each_image_and_how_it_was_fitted(cli, tiny_onnx, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    labels = _digits_pngs(tmp_path / "d", 3)
+    r = cli("predict", tiny_onnx, tmp_path / "d", "--top", "2")
+    assert r.code == 0, r.err
+    for path in labels:
+        assert path in r.out
+    assert "on ort-cpu (onnxruntime" in r.out and "fitted to 8x8 by stretch" in r.out
+
+
+@pytest.mark.parametrize(
+    ("make", "args", "message"),
+    [
+        (None, ["missing.png"], "'{tmp}/missing.png' does not exist"),
+        ("empty", ["empty"], "folder '{tmp}/empty' holds no images"),
+        ("bad", ["bad.png"], "cannot read image '{tmp}/bad.png'"),
+        ("good", ["good.png", "--top", "0"], "--top 0 is not a number of classes"),
+        ("good", ["good.png", "--backend", "torch-cpu"], "backend torch-cpu runs checkpoint "
+         "files; '{onnx}' is a onnx file"),
+        ("good", ["good.png", "--backend", "ort-cpux"], "did you mean 'ort-cpu'"),
+        ("good", ["good.png", "--batch-size", "0"], "--batch-size 0 is not a batch size"),
+    ],
+)
+def test_bad_input_is_one_line_naming_it(cli, tiny_onnx, tmp_path, make, args, message):
+    if make == "empty":
+        (tmp_path / "empty" / "sub").mkdir(parents=True)
+        (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    elif make == "bad":
+        (tmp_path / "bad.png").write_bytes(b"not a png")
+    elif make == "good":
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "good.png")
+    args = [str(tmp_path / a) if a.endswith(".png") or a == "empty" else a for a in args]
+    r = cli("predict", tiny_onnx, *args)
+    assert r.code == 1
+    assert message.format(tmp=tmp_path, onnx=tiny_onnx) in r.err
+    assert "Traceback" not in r.err and len(r.err.strip().splitlines()) == 1, r.err
+
+
+def test_auto_falls_back_to_the_cpu_when_the_gpu_backend_does_not_start(
+        cli, tiny_onnx, tmp_path, monkeypatch):
+    from kdtool.deploy import predict
+
+    def no_gpu(backend):
+        return "no GPU here (test)" if backend != "ort-cpu" else None
+
+    monkeypatch.setattr(predict, "backend_problem", no_gpu)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
+    r = cli("predict", tiny_onnx, tmp_path / "a.png", "--json")
+    assert r.code == 0 and r.json()["backend"] == "ort-cpu"
+    monkeypatch.setattr(predict, "backend_problem", lambda backend: "no GPU here (test)")
+    r = cli("predict", tiny_onnx, tmp_path / "a.png")
+    assert r.code == 1 and "ort-cuda: no GPU here (test); ort-cpu: no GPU here (test)" in r.err
