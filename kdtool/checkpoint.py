@@ -25,16 +25,13 @@ from safetensors.torch import save as st_save
 from kdtool.errors import KdtoolError
 from kdtool.imageprep import Fit, fit_problems, parse_resize
 from kdtool.io import atomic_write_bytes, check_output, require_file
-from kdtool.models import TV_PREFIX, create_model
+from kdtool.models import create_model
 
 FORMAT = "kdtool.checkpoint"
 FORMAT_VERSION = 1
 META_KEY = "kdtool"
 CHECKPOINT_SUFFIX = ".safetensors"  # kdtool writes these; a .pt is read as a plain state_dict
 FOREIGN_SUFFIXES = (".pt", ".pth", ".bin")
-
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 @dataclass
@@ -153,14 +150,15 @@ class ForeignSpec:
         spec = model_spec(self.arch)
         mean, std = self.mean, self.std
         if mean is None or std is None:
-            if not self.arch.startswith(TV_PREFIX):
+            if spec.mean is None or spec.std is None:
                 raise KdtoolError(
                     f"'{source}' is a plain state_dict and its normalisation is unknown",
                     "pass --mean and --std (the values the model was trained with)",
                 )
-            # torchvision's own weights use ImageNet's; other channel counts get its first
-            mean, std = (IMAGENET_MEAN, IMAGENET_STD) if self.in_chans == 3 else \
-                (IMAGENET_MEAN[:1], IMAGENET_STD[:1])
+            # The published weights' normalisation (torchvision's, timm's); another channel
+            # count gets its first channel's
+            mean, std = (spec.mean, spec.std) if self.in_chans == len(spec.mean) else \
+                (spec.mean[:1], spec.std[:1])
         mean, std = per_channel_norm(mean, std, self.in_chans,
                                      f"'{source}' (--in-chans {self.in_chans})")
         # The flags override the architecture's default (Fit checks them: "did you mean").

@@ -29,27 +29,40 @@ from kdtool.io import file_sha256
 def models_cmd(
     torchvision: Annotated[bool, typer.Option(
         "--torchvision", help="Also list torchvision classifiers (use them as tv:NAME).")] = False,
+    timm: Annotated[str | None, typer.Option(
+        "--timm", metavar="PATTERN", help="Also list the timm classifiers whose names match "
+        "this pattern, e.g. 'resnet*' or '*' (use them as timm:NAME; needs timm).")] = None,
     as_json: Json = False,
 ) -> None:
     """List the registered architectures with parameter counts and input size.
 
-    Example: [bold]kdtool models[/bold]
+    Example: [bold]kdtool models --timm 'mobilenetv3*'[/bold]
     """
     import torch
 
     from kdtool import console
-    from kdtool.models import count_params, create_model, list_models, model_spec
+    from kdtool.errors import KdtoolError
+    from kdtool.models import TIMM_PREFIX, count_params, create_model, list_models, model_spec
     from kdtool.models.torchvision_models import published_params
 
     rows = []
     names = list_models()
+    registered = set(names)
     if torchvision:
         from kdtool.models.torchvision_models import list_names
 
         names += ["tv:" + n for n in list_names()]
+    if timm is not None:
+        from kdtool.models import timm_models
+
+        matched = timm_models.list_names(timm)
+        if not matched:
+            raise KdtoolError(f"no timm model matches '{timm}'",
+                              "patterns use * and ?, e.g. --timm 'resnet*'")
+        names += [TIMM_PREFIX + n for n in matched]
     for name in names:
         spec = model_spec(name)
-        num_classes = 1000 if name.startswith("tv:") else 10
+        num_classes = 10 if name in registered else 1000
         try:
             with torch.device("meta"):  # count parameters without allocating them
                 params = count_params(create_model(name, num_classes=num_classes))
@@ -61,7 +74,7 @@ def models_cmd(
 
     def render(result):
         console.out.print(console.table(
-            "kdtool architectures (parameters for 10 classes; 1000 for tv:)",
+            "kdtool architectures (parameters for 10 classes; 1000 for tv: and timm:)",
             ["name", "family", "params (M)", "input", "description"],
             [[r["name"], r["family"], f"{r['params'] / 1e6:.2f}",
               "x".join(map(str, r["input_size"])), r["description"]]

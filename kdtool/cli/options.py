@@ -36,7 +36,7 @@ Resize = Annotated[str | None, typer.Option(
     rich_help_panel="Normalisation")]
 Interpolation = Annotated[str | None, typer.Option(
     "--interpolation", help="Of the --resize resizes: bilinear or bicubic (recorded like "
-    "--resize).", show_default="bilinear; a tv: arch, its weights'",
+    "--resize).", show_default="bilinear; a tv: or timm: arch, its weights'",
     rich_help_panel="Normalisation")]
 DATA_HELP = ("A dataset: an ImageFolder directory (<class>/<image>), a zip of one, an .npz "
              "(x uint8 NHWC, y int), or the embedded 'digits' / 'digits:test'.")
@@ -44,7 +44,8 @@ DATA_HELP = ("A dataset: an ImageFolder directory (<class>/<image>), a zip of on
 # For plain state_dicts (.pt/.pth), which do not describe themselves.
 DEFAULT_NUM_CLASSES, DEFAULT_IN_CHANS = 10, 3  # unless told
 Arch = Annotated[str | None, typer.Option(
-    "--arch", help="Architecture of a plain state_dict (kdtool models; tv:NAME for torchvision).",
+    "--arch", help="Architecture of a plain state_dict (kdtool models; tv:NAME for torchvision, "
+    "timm:NAME for timm).",
     rich_help_panel="Plain state_dict")]
 NumClasses = Annotated[int | None, typer.Option(
     "--num-classes", help=f"Classes of a plain state_dict (default: {DEFAULT_NUM_CLASSES}).",
@@ -54,7 +55,8 @@ InChans = Annotated[int | None, typer.Option(
     rich_help_panel="Plain state_dict")]
 ImageSize = Annotated[str | None, typer.Option(
     "--image-size", help="Input size of a plain state_dict, N or H,W (default: the "
-    "architecture's: 32 for kdtool's, torchvision's crop size for tv:, 224 for most). It "
+    "architecture's: 32 for kdtool's, torchvision's crop size for tv:, the pretrained "
+    "config's for timm:). It "
     "must be the size the model was trained at: a CIFAR model scored at 224 is scored at "
     "chance.",
     rich_help_panel="Plain state_dict")]

@@ -1,7 +1,9 @@
-"""The kdtool model zoo: CIFAR-style classifiers plus any torchvision classifier (``tv:``)."""
+"""The kdtool model zoo: CIFAR-style classifiers plus any torchvision (``tv:``) or timm
+(``timm:``) classifier."""
 
 from kdtool.models import densenet, mobilenetv2, resnet, tiny, wide_resnet  # noqa: F401  (register)
 from kdtool.models._registry import (
+    TIMM_PREFIX,
     TV_PREFIX,
     ModelSpec,
     count_params,
@@ -12,6 +14,7 @@ from kdtool.models._registry import (
 )
 
 __all__ = [
+    "TIMM_PREFIX",
     "TV_PREFIX",
     "ModelSpec",
     "count_params",

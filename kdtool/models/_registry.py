@@ -22,11 +22,16 @@ class ModelSpec:
     # F: centre crop after resizing to input_size / F; kdtool.imageprep).
     crop_fraction: float | None = None
     interpolation: str = "bilinear"
+    # The normalisation its published weights use (torchvision's, timm's), the default of a
+    # plain state_dict's; None: unknown, the user must say.
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
 TV_PREFIX = "tv:"
+TIMM_PREFIX = "timm:"
 
 
 def register_model(
@@ -53,6 +58,10 @@ def model_spec(name: str) -> ModelSpec:
         from kdtool.models import torchvision_models
 
         return torchvision_models.spec(name[len(TV_PREFIX):])
+    if name.startswith(TIMM_PREFIX):
+        from kdtool.models import timm_models
+
+        return timm_models.spec(name[len(TIMM_PREFIX):])
     check_choice(name, list(_REGISTRY), "architecture")
     return _REGISTRY[name]
 
@@ -60,8 +69,8 @@ def model_spec(name: str) -> ModelSpec:
 def create_model(name: str, num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.Module:
     """Build architecture ``name`` with random weights.
 
-    ``name`` is a registered kdtool architecture (``kdtool models``) or
-    ``tv:<torchvision name>``.
+    ``name`` is a registered kdtool architecture (``kdtool models``),
+    ``tv:<torchvision name>`` or ``timm:<timm name>``.
     """
     if num_classes < 1:
         raise KdtoolError(f"num_classes must be >= 1, got {num_classes}")

@@ -15,6 +15,8 @@ from kdtool.models._registry import TV_PREFIX, ModelSpec
 
 # torchvision's ImageClassification evaluation transform without a resize_size: 256 / 224.
 _DEFAULT_RESIZE = 256
+# ... and the normalisation of its ImageNet weights.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # Builder defaults that make a plain logits-only classifier: with aux_logits the
 # net returns a namedtuple in training mode, and leaving init_weights unset
@@ -129,4 +131,6 @@ def spec(name: str) -> ModelSpec:
         # Fitted as torchvision evaluates its ImageNet weights: resize, then centre crop.
         crop_fraction=crop / resize,
         interpolation=interpolation,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
     )

@@ -1,0 +1,96 @@
+"""timm classifiers as timm:NAME: built, converted from a user's state_dict, trained,
+distilled from noise and exported like kdtool's own."""
+
+from __future__ import annotations
+
+import builtins
+
+import pytest
+import torch
+
+from kdtool.checkpoint import load_checkpoint
+from kdtool.errors import KdtoolError
+from kdtool.models import count_params, create_model, model_spec
+
+timm = pytest.importorskip("timm")
+
+
+def test_a_timm_name_builds_with_its_pretrained_configs_input_and_normalisation():
+    spec = model_spec("timm:resnet18")
+    cfg = timm.models.get_pretrained_cfg("resnet18").to_dict()
+    assert spec.family == "timm" and spec.input_size == tuple(cfg["input_size"][1:])
+    assert spec.crop_fraction == cfg["crop_pct"] and spec.interpolation == cfg["interpolation"]
+    assert spec.mean == tuple(cfg["mean"]) and spec.std == tuple(cfg["std"])
+    model = create_model("timm:resnet18", num_classes=7, in_chans=1)
+    assert count_params(model) == count_params(
+        timm.create_model("resnet18", num_classes=7, in_chans=1))
+    with torch.no_grad():
+        assert model.eval()(torch.randn(2, 1, 64, 64)).shape == (2, 7)
+
+
+def test_a_mistyped_timm_name_suggests_and_a_missing_timm_says_how_to_install(monkeypatch):
+    with pytest.raises(KdtoolError, match="did you mean 'resnet18'"):
+        model_spec("timm:resnet81")
+    from kdtool.models import timm_models
+
+    real_import = builtins.__import__
+
+    def no_timm(name, *args, **kwargs):
+        if name == "timm" or name.startswith("timm."):
+            raise ImportError("No module named 'timm'")
+        return real_import(name, *args, **kwargs)
+
+    timm_models._names.cache_clear()
+    monkeypatch.setattr(builtins, "__import__", no_timm)
+    try:
+        with pytest.raises(KdtoolError, match=r"need the timm package") as info:
+            model_spec("timm:resnet18")
+        assert "kdtool[timm]" in info.value.hint
+    finally:
+        monkeypatch.undo()
+        timm_models._names.cache_clear()
+
+
+def test_a_timm_state_dict_converts_with_the_configs_defaults(cli, tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=5)
+    state = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
+             for k, v in model.state_dict().items()}
+    # timm's training script wraps the weights, and DDP prefixes their names.
+    torch.save({"state_dict": {"module." + k: v for k, v in state.items()}, "epoch": 3},
+               tmp_path / "r10t.pth")
+    out = tmp_path / "r10t.safetensors"
+    r = cli("convert", tmp_path / "r10t.pth", "--arch", "timm:resnet10t", "--num-classes", "5",
+            "--out", out, "--json")
+    assert r.code == 0, r.err
+    loaded, meta = load_checkpoint(out)
+    cfg = timm.models.get_pretrained_cfg("resnet10t").to_dict()
+    assert meta.arch == "timm:resnet10t" and meta.input_size == list(cfg["input_size"][1:])
+    assert meta.mean == list(cfg["mean"]) and meta.std == list(cfg["std"])
+    assert meta.crop_fraction == cfg["crop_pct"] and meta.interpolation == "bicubic"
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_a_timm_teacher_trains_distils_from_noise_and_exports(cli, tmp_path):
+    teacher, student = tmp_path / "teacher.safetensors", tmp_path / "student.safetensors"
+    r = cli("train", "--arch", "timm:resnet10t", "--data", "digits", "--val", "digits:test",
+            "--epochs", "4", "--out", teacher, "--json")
+    assert r.code == 0, r.err
+    assert r.json()["val_top1"] >= 90
+    before = {k: v.clone() for k, v in load_checkpoint(teacher)[0].state_dict().items()}
+    r = cli("distill", "--teacher", teacher, "--student", "cnn3", "--epochs", "6",
+            "--iters-per-epoch", "40", "--schedule", "onecycle", "--lr", "0.01",
+            "--val", "digits:test", "--val-every", "6", "--out", student, "--json")
+    assert r.code == 0, r.err
+    res = r.json()
+    # timm's BatchNormAct2d layers are BatchNorm to the method, and the noise batch's
+    # statistics make the teacher's answers informative (93.6% measured here).
+    assert res["teacher_bn"]["bn_layers"] == sum(
+        isinstance(m, torch.nn.BatchNorm2d) for m in load_checkpoint(teacher)[0].modules())
+    assert res["val_top1_current"] >= 85, res
+    after = load_checkpoint(teacher)[0].state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    r = cli("export", teacher, "--out", tmp_path / "teacher.onnx", "--json")
+    assert r.code == 0, r.err
+    assert r.json()["parity"]["fp32"]["passed"]
