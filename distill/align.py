@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdtool.bn import swapped_forward
+from kdtool.errors import KdtoolError
 
 PER_SAMPLE_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
                     nn.InstanceNorm3d)
@@ -44,9 +45,27 @@ def _channel_shape(x: torch.Tensor, channel_dim: int) -> list[int]:
     return shape
 
 
+def _channels_first(m: nn.LayerNorm, x: torch.Tensor) -> bool:
+    """Whether ``m`` normalises an N, C, H, W input over C: the LayerNorm2d of ConvNeXt in
+    torchvision and timm, which subclass LayerNorm and permute in their own forward."""
+    if type(m).forward is nn.LayerNorm.forward:
+        return False  # torch's own: over the trailing dimensions, whatever they are
+    channels = m.normalized_shape[0] if len(m.normalized_shape) == 1 else None
+    if x.ndim == 4 and x.shape[1] == channels:
+        return True
+    raise KdtoolError(
+        f"cannot batch-align {type(m).__module__}.{type(m).__name__}: a LayerNorm with its "
+        f"own forward, normalised shape {list(m.normalized_shape)}, on input "
+        f"{list(x.shape)}",
+        "kdtool aligns torch's LayerNorm and channels-first LayerNorm2d layers (ConvNeXt's)")
+
+
 def aligned_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``m``'s output with its normalised values standardised per channel over the batch."""
     if isinstance(m, nn.LayerNorm):
+        channels_first = _channels_first(m, x)
+        if channels_first:
+            x = x.movedim(1, -1)
         xhat = F.layer_norm(x, m.normalized_shape, None, None, m.eps)
         # LayerNorm over the last (channel) dimension, as channels-last CNNs use it;
         # over (C, H, W) the channel is dimension 1.
@@ -54,7 +73,8 @@ def aligned_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         z = _standardise(xhat, channel_dim, m.eps)
         if m.weight is not None:
             z = z * m.weight
-        return z + m.bias if m.bias is not None else z
+        z = z + m.bias if m.bias is not None else z
+        return z.movedim(-1, 1) if channels_first else z
     if isinstance(m, nn.GroupNorm):
         xhat = F.group_norm(x, m.num_groups, None, None, m.eps)
     else:  # InstanceNorm: batch statistics per sample, never running ones here

@@ -12,6 +12,8 @@ from kdtool.distill.teacher import FrozenTeacher
 from kdtool.errors import KdtoolError
 from kdtool.models import create_model
 
+LayerNorm2d = pytest.importorskip("torchvision.models.convnext").LayerNorm2d
+
 
 def _with_affine(m: nn.Module) -> nn.Module:
     torch.manual_seed(1)
@@ -28,6 +30,9 @@ def _with_affine(m: nn.Module) -> nn.Module:
         (nn.InstanceNorm2d(8, affine=True), (16, 8, 5, 5), 1),
         (nn.LayerNorm(8), (16, 5, 5, 8), -1),  # channels-last, as ConvNeXt uses it
         (nn.LayerNorm([8, 5, 5]), (16, 8, 5, 5), 1),
+        # ConvNeXt's channels-first LayerNorm2d (torchvision's), which permutes in its forward;
+        # 8 x 8 spatial, so the last dimension alone cannot tell the channel dimension.
+        (LayerNorm2d(8), (16, 8, 8, 8), 1),
     ],
 )
 def test_aligned_output_is_standardised_per_channel_over_the_batch(layer, shape, channel_dim):
@@ -39,7 +44,7 @@ def test_aligned_output_is_standardised_per_channel_over_the_batch(layer, shape,
     with batch_aligned([layer]):
         y = layer(x)
     weight, bias = layer.weight, layer.bias
-    if isinstance(layer, (nn.GroupNorm, nn.InstanceNorm2d)):
+    if isinstance(layer, (nn.GroupNorm, nn.InstanceNorm2d, LayerNorm2d)):
         weight, bias = weight.view(1, -1, 1, 1), bias.view(1, -1, 1, 1)
     z = (y - bias) / weight  # undo the layer's own affine transform
     dims = [d for d in range(len(shape)) if d != channel_dim % len(shape)]
@@ -49,6 +54,33 @@ def test_aligned_output_is_standardised_per_channel_over_the_batch(layer, shape,
     assert not torch.allclose(y, plain, atol=1e-3)  # it did change something
     # Outside the context the layer is itself again.
     assert "forward" not in layer.__dict__ and torch.equal(layer(x), plain)
+
+
+def test_a_layernorm_subclass_of_unknown_layout_is_refused_not_misaligned():
+    class TokensLayerNorm(nn.LayerNorm):  # its own forward, on (N, tokens, C) input
+        def forward(self, x):
+            return super().forward(x)
+
+    layer = TokensLayerNorm(8)
+    with pytest.raises(KdtoolError, match="cannot batch-align .*TokensLayerNorm"), \
+            batch_aligned([layer]):
+        layer(torch.randn(4, 5, 8))
+
+
+@pytest.mark.parametrize("arch", ["tv:convnext_tiny", "timm:convnext_atto"])
+def test_a_convnext_teacher_runs_aligned(arch):
+    if arch.startswith("timm:"):
+        pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes=10).eval()
+    layers = [m for _, m in per_sample_norms(model)]
+    assert any(type(m).__name__ == "LayerNorm2d" for m in layers)
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        plain = model(x)
+        with batch_aligned(layers):
+            aligned = model(x)
+    assert aligned.shape == (8, 10) and not torch.allclose(aligned, plain, atol=1e-3)
 
 
 def test_alignment_is_undone_even_when_the_forward_fails():
