@@ -74,7 +74,9 @@ def calibrate_cmd(
     tolerance: Annotated[
         float,
         typer.Option(
-            "--tolerance", help="Largest allowed abs logit difference, folded vs unfolded."
+            "--tolerance", help="Largest allowed abs logit difference, folded vs unfolded, "
+            "per unit of the largest abs logit (when above 1: float32 rounding grows with "
+            "the logits)."
         ),
     ] = 1e-4,
     out: Annotated[
@@ -139,7 +141,8 @@ def calibrate_cmd(
                 ["folded", f["summary"]],
                 [
                     "fold check",
-                    f"max abs logit difference {f['max_abs_diff']:.2e} (<= {f['tolerance']:g})",
+                    f"max abs logit difference {f['max_abs_diff']:.2e} (<= {f['tolerance']:g} "
+                    f"x {f['logit_scale']:.3g}, the largest logit)",
                 ],
             ]
         else:

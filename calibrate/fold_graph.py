@@ -29,7 +29,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from kdtool.bn import bn_layers
+from kdtool.bn import bn_layers, bn_tail
 
 INTO_PREV, INTO_NEXT, AFFINE = "into_prev", "into_next", "affine"
 ACTIONS = (INTO_PREV, INTO_NEXT, AFFINE)
@@ -181,7 +181,11 @@ class _Analysis:
             why_not_prev = f"input comes from {self._describe(src, mods, prefix)}"
         users = list(node.users)
         nxt = users[0] if len(users) == 1 else None
-        if nxt is not None and nxt.op == "call_module" and nxt.args == (node,) and not nxt.kwargs:
+        tail = bn_tail(bn)
+        if tail:  # the layer's own activation comes between the BN and whatever is next
+            why_not_next = f"its fused activation ({type(tail[-1]).__name__}) comes next"
+        elif nxt is not None and nxt.op == "call_module" and nxt.args == (node,) \
+                and not nxt.kwargs:
             m = mods[nxt.target]
             why_not_next = foldable_after(m, bn, prefix + nxt.target)
             if why_not_next is None and (calls[nxt.target] > 1 or id(m) in self.shared):

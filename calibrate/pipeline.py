@@ -16,7 +16,7 @@ import torch
 from kdtool import console
 from kdtool.analyze import require_matplotlib
 from kdtool.bn import bn_layers
-from kdtool.calibrate.fold import DEFAULT_TOLERANCE, fold_bn, max_abs_diff
+from kdtool.calibrate.fold import DEFAULT_TOLERANCE, fold_bn, logit_scale, max_abs_diff
 from kdtool.calibrate.recompute import check_counts, recompute_bn_stats, sample_indices
 from kdtool.calibrate.sweep import (
     reference_rows,
@@ -256,11 +256,12 @@ class CalibrateRun:
         check = source.subset(slice(0, CHECK_IMAGES))
         x = next(iter(DeviceLoader(check, CHECK_IMAGES, "cpu", meta.mean, meta.std)))[0]
         folded, report = fold_bn(model, x, c.tolerance)
-        diff = max_abs_diff(model, folded, x)
-        if not diff <= c.tolerance:  # also catches NaN
+        diff, scale = max_abs_diff(model, folded, x), logit_scale(model, x)
+        if not diff <= c.tolerance * scale:  # also catches NaN
             raise KdtoolError(
                 f"folding BatchNorm changed the logits by up to {diff:.3g} (> --tolerance "
-                f"{c.tolerance:g}) on {len(check)} images: nothing was written",
+                f"{c.tolerance:g} x {scale:.3g}, the largest logit) on {len(check)} images: "
+                "nothing was written",
                 "write the calibrated model unfolded with --no-fold, and report this model",
             )
         stage.update(
@@ -268,6 +269,7 @@ class CalibrateRun:
             fold_plan=report.plan(),
             fold_check={
                 "max_abs_diff": diff,
+                "logit_scale": scale,
                 "tolerance": c.tolerance,
                 "images": len(check),
                 "source": source.source,
@@ -278,6 +280,7 @@ class CalibrateRun:
             "summary": report.summary(),
             **report.counts(),
             "max_abs_diff": diff,
+            "logit_scale": scale,
             "tolerance": c.tolerance,
             "layers": [asdict(e) for e in report.entries],
         }

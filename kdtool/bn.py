@@ -16,6 +16,24 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 BN_MODES = ("running", "current")
 
+# BatchNorm subclasses whose forward is the BN's, then their ``drop`` and ``act`` modules:
+# timm's fused norm + activation layers (BatchNormAct2d in EfficientNet, MobileNetV3, ...).
+_BN_THEN_ACT = {("timm.layers.norm_act", "BatchNormAct2d"),
+                ("timm.layers.norm_act", "SyncBatchNormAct")}
+_PLAIN_BN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+
+
+def bn_tail(m: _BatchNorm) -> list[nn.Module] | None:
+    """What a BN layer applies after normalising: [] for a plain BN, [drop, act] for a fused
+    BN + activation, None for a subclass with some other forward of its own."""
+    cls = type(m)
+    if cls.forward in _PLAIN_BN_FORWARDS:
+        return []
+    if (cls.__module__, cls.__qualname__) in _BN_THEN_ACT:
+        tail = [getattr(m, a, None) for a in ("drop", "act")]
+        return [t for t in tail if isinstance(t, nn.Module) and not isinstance(t, nn.Identity)]
+    return None
+
 
 def bn_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
@@ -33,12 +51,12 @@ def batch_stats(model: nn.Module, layers: Iterable[_BatchNorm] | None = None) ->
     saved = [(m, m.training, m.track_running_stats) for m in chosen]
     try:
         for m in chosen:
-            m.train()
+            m.training = True  # the BN alone: a fused BN + activation's dropout stays off
             m.track_running_stats = False
         yield
     finally:
         for m, training, track in saved:
-            m.train(training)
+            m.training = training
             m.track_running_stats = track
 
 
@@ -59,7 +77,10 @@ def _global_forward(m: _BatchNorm, x):
     y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + m.eps)
     if m.affine:
         y = y * m.weight.view(shape) + m.bias.view(shape)
-    return y.to(x.dtype)
+    y = y.to(x.dtype)
+    for module in bn_tail(m) or []:  # a fused BN + activation's activation
+        y = module(y)
+    return y
 
 
 @contextmanager

@@ -94,3 +94,29 @@ def test_a_timm_teacher_trains_distils_from_noise_and_exports(cli, tmp_path):
     r = cli("export", teacher, "--out", tmp_path / "teacher.onnx", "--json")
     assert r.code == 0, r.err
     assert r.json()["parity"]["fp32"]["passed"]
+
+
+def test_a_timm_mobilenetv3_calibrates_and_folds_its_fused_bn_activations(cli, tmp_path):
+    student = tmp_path / "mnv3.safetensors"
+    r = cli("train", "--arch", "timm:mobilenetv3_small_050", "--data", "digits", "--epochs",
+            "1", "--out", student, "--json")
+    assert r.code == 0, r.err
+    unfolded, folded = tmp_path / "unfolded.safetensors", tmp_path / "folded.safetensors"
+    args = ("--calib-data", "digits", "--batches", "4", "--batch-size", "16")
+    r = cli("calibrate", student, *args, "--no-fold", "--out", unfolded, "--json")
+    assert r.code == 0, r.err
+    r = cli("calibrate", student, *args, "--out", folded, "--json")
+    assert r.code == 0, r.err
+    fold = r.json()["fold"]
+    # Every BN folds into its conv, BatchNormAct2d's included, and the check scales with
+    # the logits (these reach tens: float32 rounding alone moves them by ~1e-4).
+    assert fold["into_prev"] == len(fold["layers"]) > 30 and fold["logit_scale"] > 1
+    assert fold["max_abs_diff"] <= fold["tolerance"] * fold["logit_scale"]
+    a, b = load_checkpoint(unfolded)[0].eval(), load_checkpoint(folded)[0].eval()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in b.modules())
+    x = torch.randn(8, 1, 8, 8)
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+    scale = max(1.0, ya.abs().max().item())
+    assert (ya - yb).abs().max().item() <= 1e-4 * scale
+    assert torch.equal(ya.argmax(1), yb.argmax(1))
