@@ -120,3 +120,15 @@ def test_a_timm_mobilenetv3_calibrates_and_folds_its_fused_bn_activations(cli, t
     scale = max(1.0, ya.abs().max().item())
     assert (ya - yb).abs().max().item() <= 1e-4 * scale
     assert torch.equal(ya.argmax(1), yb.argmax(1))
+
+
+def test_models_lists_the_timm_names_a_pattern_matches(cli):
+    r = cli("models", "--timm", "resnet1?t", "--json")
+    assert r.code == 0, r.err
+    rows = {m["name"]: m for m in r.json()["models"] if m["family"] == "timm"}
+    assert sorted(rows) == ["timm:" + n for n in timm.list_models("resnet1?t")]
+    assert "timm:resnet10t" in rows
+    assert rows["timm:resnet10t"]["params"] == count_params(timm.create_model("resnet10t"))
+    assert rows["timm:resnet10t"]["input_size"] == [176, 176]  # its pretrained config's
+    r = cli("models", "--timm", "no_such_net*")
+    assert r.code == 1 and "no timm model matches 'no_such_net*'" in r.err
