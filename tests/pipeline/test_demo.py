@@ -6,11 +6,14 @@ import csv
 import json
 from pathlib import Path
 
+from PIL import Image
+
 from kdtool.checkpoint import read_meta
+from kdtool.data import load_data
 from kdtool.export.metadata import read_info
 
 
-def test_demo_quick_end_to_end(cli, tmp_path):
+def test_demo_quick_end_to_end(cli, tmp_path, capsys):
     out = tmp_path / "demo"
     r = cli("demo", "--quick", "--out", out, "--json")
     assert r.code == 0, r.err
@@ -41,6 +44,25 @@ def test_demo_quick_end_to_end(cli, tmp_path):
     assert len({r["epoch"] for r in rows if r["metric"] == "val_top1_current"}) > 1
     assert Path(res["curves"]["png"]).read_bytes()[:4] == b"\x89PNG"
     json.dumps(res)  # everything in the result is JSON
+
+    # The summary ends with what to do next, and that command works on real digits.
+    from kdtool.cli.demo_cmd import render_summary
+
+    capsys.readouterr()
+    render_summary(res)
+    assert f"next: kdtool predict {out / 'student.onnx'} IMAGES" in capsys.readouterr().out
+    data = load_data("digits:test")
+    folder = tmp_path / "test"
+    folder.mkdir()
+    for i in range(len(data.y)):
+        Image.fromarray(data.x[i, 0].numpy()).save(folder / f"{i:03d}_{int(data.y[i])}.png")
+    r = cli("predict", out / "student.onnx", folder, "--json")
+    assert r.code == 0, r.err
+    right = sum(p["predictions"][0]["index"] == int(Path(p["image"]).stem.split("_")[1])
+                for p in r.json()["results"])
+    # The export's own accuracy on digits:test, image for image (one may flip at a tie).
+    onnx_top1 = fp32["result"]["val"]["onnx_fp32_top1"]
+    assert abs(100 * right / len(data.y) - onnx_top1) <= 100 / len(data.y) + 1e-6
 
 
 def test_demo_refuses_a_non_empty_folder(cli, tmp_path):
