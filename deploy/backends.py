@@ -293,7 +293,8 @@ class BenchRunner:
             self._restore()
 
 
-def make_runner(model: BenchModel, backend: str, threads: int | None = None) -> BenchRunner:
+def make_runner(model: BenchModel, backend: str, threads: int | None = None,
+                memory_arena: bool = True) -> BenchRunner:
     """Load ``model`` on ``backend`` with the export runners.
 
     BackendUnavailable when it cannot run here: the probe failed, or a GPU backend did
@@ -319,7 +320,8 @@ def make_runner(model: BenchModel, backend: str, threads: int | None = None) -> 
                 inner = runners.TorchRunner.from_checkpoint(model.path, backend[6:])
             elif backend.startswith("ort-"):
                 inner = runners.OrtRunner(
-                    model.path, providers=BACKENDS[backend][1], threads=threads
+                    model.path, providers=BACKENDS[backend][1], threads=threads,
+                    memory_arena=memory_arena,
                 )
             else:
                 inner = runners.TrtRunner(model.path)

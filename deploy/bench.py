@@ -59,6 +59,7 @@ class BenchConfig:
     min_time: float = 1.0
     min_iters: int = 10
     threads: int | None = None
+    memory_arena: bool = True  # ONNX Runtime's CPU arena (its default)
     data: str | None = None
     limit: int | None = None
     formats: list[str] | None = None  # export each checkpoint on the fly (bench_export)
@@ -322,7 +323,7 @@ class Bench:
             return rows_with(UNAVAILABLE, problem)
         self.mem.start_backend(backend)
         try:
-            runner = make_runner(model, backend, cfg.threads)
+            runner = make_runner(model, backend, cfg.threads, cfg.memory_arena)
         except BackendUnavailable as e:
             return rows_with(UNAVAILABLE, str(e))
         except PROGRAMMING_ERRORS:

@@ -9,6 +9,7 @@ import typer
 
 from kdtool.cli.app import app
 from kdtool.cli.options import DATA_HELP, Force, Json, Seed
+from kdtool.export.ort_session import MEMORY_ARENA_HELP
 
 
 def parse_ints(text: str, option: str) -> list[int]:
@@ -66,6 +67,10 @@ def bench_cmd(
             "--threads", help="CPU threads for PyTorch and ONNX Runtime (default: theirs)."
         ),
     ] = None,
+    memory_arena: Annotated[
+        bool,
+        typer.Option("--memory-arena/--no-memory-arena", help=MEMORY_ARENA_HELP),
+    ] = True,
     data: Annotated[
         str | None,
         typer.Option(
@@ -158,6 +163,7 @@ def bench_cmd(
         min_time=min_time,
         min_iters=min_iters,
         threads=threads,
+        memory_arena=memory_arena,
         data=data,
         limit=limit,
         min_accuracy=min_accuracy,

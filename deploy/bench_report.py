@@ -191,6 +191,8 @@ def _legend(result: dict) -> str:
     )
     if s["threads"]:
         text += f"; {s['threads']} CPU thread(s)"
+    if not s.get("memory_arena", True):
+        text += "; ONNX Runtime without its CPU memory arena"
     ref = result.get("reference")
     if ref:
         text += (

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from kdtool.cli.app import app
+from kdtool.export.ort_session import MEMORY_ARENA_HELP
 
 SERVE_DEPS = ("uvicorn", "starlette", "prometheus_client", "orjson")
 
@@ -73,6 +74,11 @@ def serve_cmd(
             rich_help_panel="Batching",
         ),
     ] = 0,
+    memory_arena: Annotated[
+        bool,
+        typer.Option("--memory-arena/--no-memory-arena", help=MEMORY_ARENA_HELP,
+                     rich_help_panel="Batching"),
+    ] = True,
     provider: Annotated[
         str,
         typer.Option(
@@ -127,4 +133,5 @@ def serve_cmd(
         max_body_mb=max_body_mb,
         api_key=api_key or None,
     )
-    serve(model, host=host, port=port, name=name, provider=provider, threads=threads, config=config)
+    serve(model, host=host, port=port, name=name, provider=provider, threads=threads,
+          memory_arena=memory_arena, config=config)

@@ -38,6 +38,14 @@ def load_hint(path: str | Path) -> str:
     return LOAD_HINT
 
 
+MEMORY_ARENA_HELP = (
+    "ONNX Runtime's CPU memory arena (its default) keeps the memory of the largest call "
+    "for the next. Off, a call's memory goes back when it ends (held after a batch of 64 x 3 "
+    "x 256 x 256 through a conv: 88 MB instead of 616), but large activations cost more "
+    "time (2.6x there; 0-6% for CIFAR ResNets): docs/BENCHMARKS.md."
+)
+
+
 @dataclass
 class OrtSession:
     """A loaded session, the providers it really runs on, and what was done to the graph."""
@@ -46,9 +54,12 @@ class OrtSession:
     providers: list[str]
     uint8_tensors: int = 0  # int8 activation tensors re-encoded as uint8 for the CPU
     uint8_weights: int = 0  # int8 weights re-encoded as uint8 (CPUs whose int8 kernels err)
+    memory_arena: bool = True
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"providers": self.providers}
+        if not self.memory_arena:
+            d["memory_arena"] = "off"
         if self.uint8_tensors:
             d["int8_activations"] = (
                 f"{self.uint8_tensors} tensors run as uint8 on the CPU provider (same values)"
@@ -69,13 +80,15 @@ def open_session(
     inter_op_threads: int | None = None,
     spinning: bool = True,
     uint8_on_cpu: bool = True,
+    memory_arena: bool = True,
 ) -> OrtSession:
     """Open ``path`` on ``providers`` (aliases or full names, in priority order).
 
     ``threads``: intra-op threads (None or 0: one per core). ``spinning=False`` stops idle
     ORT threads from spinning (a server's event loop needs those cores). ``uint8_on_cpu``:
-    see the module docstring. KdtoolError for a missing or unloadable file, a provider this
-    onnxruntime lacks, or one it did not activate.
+    see the module docstring. ``memory_arena=False``: no CPU memory arena, which otherwise
+    keeps the most a call ever needed, and more (it grows by doubling). KdtoolError for a
+    missing or unloadable file, a provider this onnxruntime lacks, or one it did not activate.
     """
     import onnxruntime as ort
 
@@ -96,6 +109,7 @@ def open_session(
         options.inter_op_num_threads = inter_op_threads
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.enable_cpu_mem_arena = memory_arena
     source: str | bytes = str(path)
     counts = (0, 0)
     if uint8_on_cpu and names[0] == "CPUExecutionProvider":
@@ -114,7 +128,7 @@ def open_session(
             f"{', '.join(active)}); it would run on {active[0]} instead",
             "check that the CUDA, cuDNN and TensorRT libraries match onnxruntime-gpu",
         )
-    return OrtSession(session, active, *counts)
+    return OrtSession(session, active, *counts, memory_arena=memory_arena)
 
 
 def _cpu_graph(path: Path) -> tuple[str | bytes, tuple[int, int]]:

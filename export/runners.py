@@ -124,12 +124,14 @@ class OrtRunner(Runner):
         providers: tuple[str, ...] | list[str] = ("cpu",),
         threads: int | None = None,
         uint8_on_cpu: bool = True,
+        memory_arena: bool = True,
     ):
         from kdtool.export.ort_session import open_session
 
         self.path = Path(path)
         self._opened = open_session(
-            self.path, providers, threads=threads, uint8_on_cpu=uint8_on_cpu
+            self.path, providers, threads=threads, uint8_on_cpu=uint8_on_cpu,
+            memory_arena=memory_arena,
         )
         self.session = self._opened.session
         self.providers = self._opened.providers

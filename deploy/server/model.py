@@ -52,6 +52,7 @@ class OnnxModel:
         name: str | None = None,
         provider: str = "cpu",
         threads: int = 0,
+        memory_arena: bool = True,
         warmup: bool = True,
     ):
         from kdtool.export.ort_session import open_session
@@ -72,6 +73,7 @@ class OnnxModel:
             # Idle ORT threads spin by default, taking cores from the event loop that parses
             # the next requests; with batching, an ORT call is long enough that waking is free.
             spinning=False,
+            memory_arena=memory_arena,
         )
         self.session = self.opened.session
         self.providers = self.opened.providers
@@ -136,5 +138,6 @@ class OnnxModel:
             "class_names": self.class_names,
             "precision": i.precision,
             "providers": self.providers,
+            "memory_arena": self.opened.memory_arena,
             "fixed_batch": self.fixed_batch,
         }

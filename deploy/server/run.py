@@ -123,13 +123,15 @@ def serve(
     name: str | None = None,
     provider: str = "cpu",
     threads: int = 0,
+    memory_arena: bool = True,
     config: ServerConfig | None = None,
     log_level: str = "warning",
 ) -> None:
     """Load the model, bind, print the banner and serve until SIGINT/SIGTERM."""
     config = config or ServerConfig()
     check_exposure(host, config.api_key)
-    model = OnnxModel(model_path, name=name, provider=provider, threads=threads)
+    model = OnnxModel(model_path, name=name, provider=provider, threads=threads,
+                      memory_arena=memory_arena)
     app = create_app(model, config)
     sock = bind(host, port)
     logging.getLogger("kdtool.serve").setLevel(logging.INFO)

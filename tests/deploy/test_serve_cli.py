@@ -189,3 +189,19 @@ def test_the_banner_states_the_batch_a_static_graph_allows(static_onnx, tiny_onn
     dynamic = OnnxModel(tiny_onnx, threads=1)
     assert "; batches up to 32 within 5 ms" in banner(dynamic, ServerConfig(), "http://h:1")
     assert "no batching (--max-batch 1)" in banner(dynamic, ServerConfig(max_batch=1), "u")
+
+
+def test_no_memory_arena_reaches_the_session_and_the_model_metadata(cli, tiny_onnx,
+                                                                    monkeypatch):
+    from kdtool.deploy import server
+    from kdtool.deploy.server.model import OnnxModel
+
+    for arena in (True, False):
+        model = OnnxModel(tiny_onnx, threads=1, memory_arena=arena)
+        assert model.session.get_session_options().enable_cpu_mem_arena is arena
+        assert model.describe()["memory_arena"] is arena
+    got = {}
+    monkeypatch.setattr(server, "serve", lambda path, **kw: got.update(kw))
+    assert cli("serve", tiny_onnx, "--no-memory-arena").code == 0
+    assert got["memory_arena"] is False
+    assert cli("serve", tiny_onnx).code == 0 and got["memory_arena"] is True
