@@ -32,6 +32,8 @@ AUTO_BACKENDS = {
     "onnx": ("ort-cuda", "ort-cpu"),
     "trt": ("trt",),
 }
+KIND_NAMES = {"checkpoint": "a kdtool checkpoint", "onnx": "an ONNX file",
+              "trt": "a TensorRT engine"}
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,8 @@ def start_runner(model: BenchModel, backend: str, threads: int | None):
         kind = BACKENDS[backend][0]
         if kind != model.kind:
             raise KdtoolError(
-                f"backend {backend} runs {kind} files; '{model.path}' is a {model.kind} file",
+                f"'{model.path}' is {KIND_NAMES[model.kind]}, and backend {backend} runs "
+                f"{KIND_NAMES[kind]}",
                 "choose one of: auto, " + ", ".join(AUTO_BACKENDS[model.kind]))
         try:
             return make_runner(model, backend, threads), backend

@@ -129,8 +129,8 @@ def test_the_table_names_each_image_and_how_it_was_fitted(cli, tiny_onnx, tmp_pa
         ("empty", ["empty"], "folder '{tmp}/empty' holds no images"),
         ("bad", ["bad.png"], "cannot read image '{tmp}/bad.png'"),
         ("good", ["good.png", "--top", "0"], "--top 0 is not a number of classes"),
-        ("good", ["good.png", "--backend", "torch-cpu"], "backend torch-cpu runs checkpoint "
-         "files; '{onnx}' is a onnx file"),
+        ("good", ["good.png", "--backend", "torch-cpu"], "'{onnx}' is an ONNX file, and "
+         "backend torch-cpu runs a kdtool checkpoint"),
         ("good", ["good.png", "--backend", "ort-cpux"], "did you mean 'ort-cpu'"),
         ("good", ["good.png", "--batch-size", "0"], "--batch-size 0 is not a batch size"),
     ],
