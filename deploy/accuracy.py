@@ -34,33 +34,84 @@ def load_eval_data(spec: str, model: BenchModel, limit: int | None, seed: int) -
     return data
 
 
-def runner_accuracy(
-    runner, model: BenchModel, data: ImageData, batch: int, advance=None
-) -> dict[str, Any]:
-    """Top-1 of ``runner`` on ``data`` in batches of ``batch`` (the last one padded when the
-    runner only takes whole batches)."""
+def runner_logits(runner, model: BenchModel, data: ImageData, batch: int, advance=None,
+                  flip: bool = False) -> np.ndarray:
+    """Float32 logits of ``runner`` on ``data``, in the dataset's order, in batches of
+    ``batch`` (the last one padded when the runner only takes whole batches). ``flip``: the
+    mean of each image's logits and its mirror image's (``kdtool eval --tta flip``)."""
     # The same loader as kdtool eval: identical normalisation arithmetic, so the torch row
     # matches kdtool eval exactly.
     loader = DeviceLoader(data, batch, "cpu", model.mean, model.std)
-    correct = done = 0
-    for x, y in loader:
-        n = len(y)
-        xb = x.numpy()
-        if n < batch and runner.batch_problem(n):
-            xb = np.concatenate([xb, np.repeat(xb[-1:], batch - n, axis=0)])
-        logits = np.asarray(runner.infer(model.prepare(xb)))[:n]
-        if logits.shape != (n, model.num_classes):
-            raise RuntimeError(
-                f"the model returned shape {logits.shape} for {n} images; "
-                f"expected ({n}, {model.num_classes})"
-            )
-        correct += int((logits.argmax(1) == y.numpy()).sum())
+    out, done = [], 0
+    for x, _ in loader:
+        n = len(x)
+        logits = _infer(runner, model, x.numpy(), batch)
+        if flip:
+            logits = (logits + _infer(runner, model, x.flip(-1).numpy(), batch)) / 2
+        out.append(logits)
         done += n
         if advance is not None:
             advance(0, info=f"{model.label} {runner.backend} accuracy {done}/{len(data)}")
+    return np.concatenate(out)
+
+
+def _infer(runner, model: BenchModel, xb: np.ndarray, batch: int) -> np.ndarray:
+    n = len(xb)
+    if n < batch and runner.batch_problem(n):
+        xb = np.concatenate([xb, np.repeat(xb[-1:], batch - n, axis=0)])
+    logits = np.asarray(runner.infer(model.prepare(xb)), np.float32)[:n]
+    if logits.shape != (n, model.num_classes):
+        raise RuntimeError(
+            f"the model returned shape {logits.shape} for {n} images; "
+            f"expected ({n}, {model.num_classes})"
+        )
+    return logits
+
+
+def runner_accuracy(
+    runner, model: BenchModel, data: ImageData, batch: int, advance=None
+) -> dict[str, Any]:
+    """Top-1 of ``runner`` on ``data`` in batches of ``batch``."""
+    logits = runner_logits(runner, model, data, batch, advance)
+    correct = int((logits.argmax(1) == data.y.numpy()).sum())
     return {
         "top1": 100.0 * correct / len(data),
         "correct": correct,
         "images": len(data),
         "batch": batch,
     }
+
+
+def evaluate_file(path, spec: str, *, device: str = "auto", batch_size: int = 256,
+                  tta: str = "none") -> dict[str, Any]:
+    """``kdtool eval`` of an ONNX file or TensorRT engine: the deployed model's own accuracy
+    report (top-1 with its interval, top-5, per class) on ``spec``, run by the runners
+    ``kdtool bench`` uses. ``device``: auto, cpu or cuda[:N] (the provider for ONNX)."""
+    from kdtool.deploy.backends import load_model
+    from kdtool.deploy.predict import batch_for, start_runner
+    from kdtool.evaluate import accuracy_report
+
+    model = load_model(path)
+    backend = "trt" if model.kind == "trt" else "auto"
+    if device != "auto":
+        from kdtool.device import resolve_device
+
+        dev = resolve_device(device)  # a bad name, or no GPU: the usual one-line error
+        if dev.index not in (None, 0):
+            raise KdtoolError(f"--device {device}: kdtool runs ONNX Runtime and TensorRT on the "
+                              "first visible GPU", f"set CUDA_VISIBLE_DEVICES={dev.index}")
+        if model.kind == "onnx":
+            backend = "ort-cpu" if dev.type == "cpu" else "ort-cuda"
+        elif dev.type == "cpu":
+            raise KdtoolError(f"'{path}' is a TensorRT engine, which runs on a GPU only",
+                              "drop --device cpu, or evaluate the .onnx it was built from")
+    data = load_eval_data(spec, model, None, 0)
+    runner, used = start_runner(model, backend, None)
+    try:
+        batch = batch_for(runner, batch_size)
+        logits = runner_logits(runner, model, data, batch, flip=tta == "flip")
+        described = runner.describe()
+    finally:
+        runner.close()
+    report = accuracy_report(torch.from_numpy(logits), data.y, data.class_names)
+    return {"backend": used, "runtime": described["runtime"], "batch_size": batch, **report}

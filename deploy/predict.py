@@ -120,7 +120,7 @@ def start_runner(model: BenchModel, backend: str, threads: int | None):
                       "install what the reason names, or run the file on another machine")
 
 
-def _batch_for(runner, wanted: int) -> int:
+def batch_for(runner, wanted: int) -> int:
     """The batch the runner takes: its static batch, or ``wanted`` within its profile."""
     fixed = runner.inner.fixed_batch
     if fixed is not None:
@@ -142,7 +142,7 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
     runner, backend = start_runner(model, cfg.backend, cfg.threads)
     results = []
     try:
-        batch = _batch_for(runner, cfg.batch_size)
+        batch = batch_for(runner, cfg.batch_size)
         smallest = runner.inner.fixed_batch or runner.inner.batch_range[0]
         with console.progress_task("predict", len(images), unit="img") as advance:
             for start in range(0, len(images), batch):

@@ -119,7 +119,8 @@ def train_cmd(
 @app.command("eval")
 def eval_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="A kdtool checkpoint (or a plain "
-                                               "state_dict with --arch).")],
+                                               "state_dict with --arch), an .onnx file or a "
+                                               "TensorRT engine.")],
     data: Annotated[str, typer.Option("--data", help="Labelled data. " + DATA_HELP)],
     bn: Annotated[str, typer.Option(
         "--bn", help="BatchNorm statistics: running (deployment) or current (batch statistics,"
@@ -143,26 +144,68 @@ def eval_cmd(
 ) -> None:
     """Top-1 accuracy (overall and per class) of a checkpoint on a labelled dataset.
 
+    An .onnx file or TensorRT engine is evaluated as deployed, on ONNX Runtime or TensorRT
+    (the runners of 'kdtool bench'), with the normalisation it records.
+
     Example: [bold]kdtool eval student.safetensors --data digits:test --bn current
     --batch-size 256[/bold]
     """
     from kdtool import console
     from kdtool.bn import BN_MODES
-    from kdtool.checkpoint import load_checkpoint, per_channel_norm
-    from kdtool.data import check_fits, load_for_model
-    from kdtool.device import resolve_device
     from kdtool.errors import KdtoolError, check_choice
-    from kdtool.evaluate import TTA_MODES, evaluate
+    from kdtool.evaluate import TTA_MODES
 
     check_choice(bn, BN_MODES, "--bn value")
     check_choice(tta, TTA_MODES, "--tta mode")
     if batch_size < 1:
         raise KdtoolError(f"--batch-size must be >= 1, got {batch_size}")
-    model, meta = load_checkpoint(checkpoint, foreign_spec(checkpoint, arch, num_classes,
-                                                           in_chans, mean, std, image_size))
-    if arch is None and (mean or std):  # a kdtool file knows its normalisation; flags override
-        meta.mean, meta.std = per_channel_norm(*parse_norm(mean, std), meta.in_chans,
-                                               f"checkpoint '{checkpoint}'")
+    if checkpoint.suffix.lower() in DEPLOYED_SUFFIXES:
+        described = {"--arch": arch, "--num-classes": num_classes, "--in-chans": in_chans,
+                     "--image-size": image_size, "--mean": mean, "--std": std}
+        rep = _eval_deployed(checkpoint, data, bn, batch_size, tta, device, described)
+    else:
+        rep = _eval_checkpoint(checkpoint, data, bn, batch_size, tta, device, seed,
+                               foreign_spec(checkpoint, arch, num_classes, in_chans, mean, std,
+                                            image_size),
+                               parse_norm(mean, std) if arch is None and (mean or std) else None)
+    result = {"checkpoint": str(checkpoint), "data": data, "bn": bn, "tta": tta,
+              "batch_size": batch_size, **rep}
+    if not per_class:
+        result.pop("per_class")
+        result.pop("per_class_images")
+
+    def render(r):
+        lo, hi = r["top1_ci95"]
+        rows = [["images", r["images"]], ["top-1", f"{r['top1']:.2f}%"],
+                ["top-1, 95% interval", f"{lo:.1f}-{hi:.1f}%"]]
+        if "top5" in r:
+            rows.append(["top-5", f"{r['top5']:.2f}%"])
+        tta_note = f", {r['tta']} TTA" if r["tta"] != "none" else ""
+        where = f"{r['backend']}, " if "backend" in r else f"BN {r['bn']}, "
+        console.print_kv(f"{r['checkpoint']} on {r['data']} ({where}batch "
+                         f"{r['batch_size']}{tta_note})", rows)
+        if r.get("per_class"):
+            console.out.print(console.table(
+                "per class", ["class", "images", "top-1 %"],
+                [[k, r["per_class_images"][k], f"{v:.2f}"] for k, v in r["per_class"].items()]))
+
+    console.emit(result, as_json, render)
+
+
+DEPLOYED_SUFFIXES = (".onnx", ".plan", ".engine", ".trt")
+
+
+def _eval_checkpoint(checkpoint: Path, data: str, bn: str, batch_size: int, tta: str,
+                     device: str, seed: int, spec, norm) -> dict:
+    from kdtool import console
+    from kdtool.checkpoint import load_checkpoint, per_channel_norm
+    from kdtool.data import check_fits, load_for_model
+    from kdtool.device import resolve_device
+    from kdtool.evaluate import evaluate
+
+    model, meta = load_checkpoint(checkpoint, spec)
+    if norm is not None:  # a kdtool file knows its normalisation; flags override
+        meta.mean, meta.std = per_channel_norm(*norm, meta.in_chans, f"checkpoint '{checkpoint}'")
     uncalibrated = meta.noise_bn_warning(str(checkpoint))
     if bn == "running" and uncalibrated:
         console.warn(f"{uncalibrated}; or measure what it learnt with --bn current")
@@ -177,26 +220,24 @@ def eval_cmd(
         console.warn(f"'{data}' has {len(ds)} images, fewer than --batch-size {batch_size}: the "
                      f"current statistics come from one batch of {len(ds)}, noisier than the "
                      f"{batch_size} the figure is meant for")
-    rep = evaluate(model.to(dev), ds, meta.mean, meta.std, batch_size=batch_size, device=dev,
-                   bn=bn, seed=seed, progress=True, tta=tta)
-    result = {"checkpoint": str(checkpoint), "data": data, "bn": bn, "batch_size": batch_size,
-              "tta": tta, **rep}
-    if not per_class:
-        result.pop("per_class")
-        result.pop("per_class_images")
+    return evaluate(model.to(dev), ds, meta.mean, meta.std, batch_size=batch_size, device=dev,
+                    bn=bn, seed=seed, progress=True, tta=tta)
 
-    def render(r):
-        lo, hi = r["top1_ci95"]
-        rows = [["images", r["images"]], ["top-1", f"{r['top1']:.2f}%"],
-                ["top-1, 95% interval", f"{lo:.1f}-{hi:.1f}%"]]
-        if "top5" in r:
-            rows.append(["top-5", f"{r['top5']:.2f}%"])
-        tta_note = f", {r['tta']} TTA" if r["tta"] != "none" else ""
-        console.print_kv(f"{r['checkpoint']} on {r['data']} (BN {r['bn']}, batch "
-                         f"{r['batch_size']}{tta_note})", rows)
-        if r.get("per_class"):
-            console.out.print(console.table(
-                "per class", ["class", "images", "top-1 %"],
-                [[k, r["per_class_images"][k], f"{v:.2f}"] for k, v in r["per_class"].items()]))
 
-    console.emit(result, as_json, render)
+def _eval_deployed(path: Path, data: str, bn: str, batch_size: int, tta: str, device: str,
+                   described: dict) -> dict:
+    """An exported file as deployed: it records its input, normalisation and classes, and
+    its BatchNorm is fixed (folded, or running statistics), so --bn current cannot apply."""
+    from kdtool.deploy.accuracy import evaluate_file
+    from kdtool.errors import KdtoolError
+
+    given = [flag for flag, value in described.items() if value is not None]
+    if given:
+        raise KdtoolError(f"{given[0]} describes a plain state_dict, and '{path}' records its "
+                          "own input, normalisation and classes", f"drop {' '.join(given)}")
+    if bn == "current":
+        raise KdtoolError(f"--bn current renormalises BatchNorm with batch statistics, and "
+                          f"'{path}' is an exported graph whose BatchNorm is fixed",
+                          "evaluate the checkpoint it was exported from with --bn current")
+    return {**evaluate_file(path, data, device=device, batch_size=batch_size, tta=tta),
+            "bn": "as exported"}
