@@ -244,8 +244,8 @@ def read_meta(path: str | Path) -> ModelMeta:
     if path.suffix.lower() == ".onnx":
         raise KdtoolError(
             f"'{path}' is an ONNX model, not a kdtool checkpoint",
-            "this stage takes the .safetensors it was exported from; 'kdtool bench FILE.onnx "
-            "--data DATA' measures an ONNX model's accuracy",
+            "this stage takes the .safetensors it was exported from; 'kdtool eval FILE.onnx "
+            "--data DATA' and 'kdtool bench' measure an ONNX model",
         )
     header = _safetensors_header(path)
     if META_KEY not in header:
