@@ -58,9 +58,9 @@ def test_info_reads_the_onnx_metadata_and_checkpoint_stages_refuse_onnx(cli, int
     monkeypatch.setenv("COLUMNS", "200")
     out = cli("info", path).out
     assert "ONNX, int8, opset 18, batch dynamic" in out and "int8 calib_method" in out
-    r = cli("eval", path, "--data", "digits:test")
+    r = cli("calibrate", path, "--data", "digits")
     assert r.code == 1 and "is an ONNX model, not a kdtool checkpoint" in r.err
-    assert "kdtool bench" in r.err and "Traceback" not in r.err
+    assert "kdtool eval FILE.onnx" in r.err and "Traceback" not in r.err
 
 
 def test_parity_and_accuracy_are_reported(fp32_export):
