@@ -6,6 +6,8 @@ import errno
 import inspect
 import re
 import sys
+import typing
+from pathlib import PurePath
 
 import typer
 
@@ -123,6 +125,7 @@ def _hide_flag_types(command) -> None:
     for param in command.params:
         if getattr(param, "is_flag", False) and param.metavar is None:
             param.metavar = ""
+        _name_list_items(param)
     make_help_option = command.get_help_option
 
     def get_help_option(ctx):  # click builds --help afresh for each context
@@ -132,6 +135,18 @@ def _hide_flag_types(command) -> None:
         return option
 
     command.get_help_option = get_help_option
+
+
+def _name_list_items(param) -> None:
+    """A list of paths reads <list[Path]> in newer typer's --help: show <path> (the name
+    column already ends in '...')."""
+    desc = getattr(param, "type_descriptor", None)
+    if desc is None or not getattr(desc, "is_list", False):
+        return
+    (item,) = typing.get_args(desc.annotation) or (str,)
+    label = "path" if isinstance(item, type) and issubclass(item, PurePath) else \
+        getattr(item, "__name__", "value").lower()
+    param.display_type = lambda ctx, label=label: f"<{label}>"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,5 +1,6 @@
 """The CLI's contract: --help everywhere, --json, one-line errors with exit 1."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,9 @@ def test_every_command_has_help_with_an_example(cli):
         assert r.code == 0, r.err
         assert "Example" in r.out, f"'kdtool {name} --help' shows no example"
         assert "<bool>" not in r.out, f"'kdtool {name} --help' shows a value for a flag"
+        assert "<list[" not in r.out, f"'kdtool {name} --help' shows a Python type"
+    r = cli("analyze", "curves", "--help")
+    assert re.search(r"checkpoints\.\.\.\s+<path>", r.out) and "<list[" not in r.out
 
 
 def test_help_paragraphs_are_reflowed_to_the_terminal(cli, monkeypatch):
