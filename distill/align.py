@@ -16,6 +16,8 @@ context, and these layers hold no buffers.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -45,19 +47,45 @@ def _channel_shape(x: torch.Tensor, channel_dim: int) -> list[int]:
     return shape
 
 
+# The layout each LayerNorm subclass was found to normalise in (True: channels first).
+_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
 def _channels_first(m: nn.LayerNorm, x: torch.Tensor) -> bool:
-    """Whether ``m`` normalises an N, C, H, W input over C: the LayerNorm2d of ConvNeXt in
-    torchvision and timm, which subclass LayerNorm and permute in their own forward."""
+    """Whether ``m`` normalises its input over dimension 1 rather than the trailing ones.
+
+    torch's own LayerNorm works over the trailing dimensions. A subclass with its own
+    forward may permute (ConvNeXt's LayerNorm2d in torchvision and timm: N, C, H, W over
+    C) or not (timm's LayerNorm, a faster kernel): its first call here runs its own
+    forward once and keeps the layout whose layer norm gives the same output."""
     if type(m).forward is nn.LayerNorm.forward:
-        return False  # torch's own: over the trailing dimensions, whatever they are
-    channels = m.normalized_shape[0] if len(m.normalized_shape) == 1 else None
-    if x.ndim == 4 and x.shape[1] == channels:
-        return True
+        return False
+    if m not in _LAYOUTS:
+        _LAYOUTS[m] = _measure_layout(m, x)
+    return _LAYOUTS[m]
+
+
+def _measure_layout(m: nn.LayerNorm, x: torch.Tensor) -> bool:
+    shape = tuple(m.normalized_shape)
+    with torch.no_grad():
+        own = type(m).forward(m, x).float()
+        candidates = {}
+        if tuple(x.shape[-len(shape):]) == shape:
+            candidates[False] = F.layer_norm(x, shape, m.weight, m.bias, m.eps)
+        if len(shape) == 1 and x.ndim >= 3 and x.shape[1] == shape[0]:
+            candidates[True] = F.layer_norm(x.movedim(1, -1), shape, m.weight, m.bias,
+                                            m.eps).movedim(-1, 1)
+        # A wrong layout normalises other values: differences of order 1, not rounding.
+        same = [first for first, y in candidates.items()
+                if y.shape == own.shape and torch.allclose(own, y.float(), rtol=1e-2, atol=1e-2)]
+    if len(same) == 1:
+        return same[0]
     raise KdtoolError(
-        f"cannot batch-align {type(m).__module__}.{type(m).__name__}: a LayerNorm with its "
-        f"own forward, normalised shape {list(m.normalized_shape)}, on input "
-        f"{list(x.shape)}",
-        "kdtool aligns torch's LayerNorm and channels-first LayerNorm2d layers (ConvNeXt's)")
+        f"cannot batch-align {type(m).__module__}.{type(m).__name__} on input "
+        f"{list(x.shape)}: its own forward is not a layer norm over the trailing dimensions "
+        f"or over dimension 1 ({'both fit' if same else 'neither fits'}; normalised shape "
+        f"{list(shape)})",
+        "kdtool aligns LayerNorm layers in either layout, GroupNorm and InstanceNorm")
 
 
 def aligned_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -56,26 +56,40 @@ def test_aligned_output_is_standardised_per_channel_over_the_batch(layer, shape,
     assert "forward" not in layer.__dict__ and torch.equal(layer(x), plain)
 
 
-def test_a_layernorm_subclass_of_unknown_layout_is_refused_not_misaligned():
-    class TokensLayerNorm(nn.LayerNorm):  # its own forward, on (N, tokens, C) input
+def test_a_layernorm_subclass_is_aligned_in_the_layout_its_own_forward_uses():
+    class TokensLayerNorm(nn.LayerNorm):  # its own forward (a faster kernel, say), channels last
         def forward(self, x):
             return super().forward(x)
 
-    layer = TokensLayerNorm(8)
-    with pytest.raises(KdtoolError, match="cannot batch-align .*TokensLayerNorm"), \
-            batch_aligned([layer]):
-        layer(torch.randn(4, 5, 8))
+    class RmsLike(nn.LayerNorm):  # no mean subtracted: a layer norm in neither layout
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+    x = torch.randn(16, 8, 8) * torch.linspace(0.5, 3, 8) + 2  # (N, tokens, C), C == tokens
+    layer = _with_affine(TokensLayerNorm(8))
+    with batch_aligned([layer]):
+        y = layer(x)
+    z = (y - layer.bias) / layer.weight
+    var, mean = torch.var_mean(z, dim=(0, 1), unbiased=False)
+    torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-5, rtol=0)
+    torch.testing.assert_close(var, torch.ones_like(var), atol=1e-2, rtol=0)
+    rms = RmsLike(8)
+    with pytest.raises(KdtoolError, match="cannot batch-align .*RmsLike.*neither fits"), \
+            batch_aligned([rms]):
+        rms(x)
 
 
-@pytest.mark.parametrize("arch", ["tv:convnext_tiny", "timm:convnext_atto"])
-def test_a_convnext_teacher_runs_aligned(arch):
+@pytest.mark.parametrize("arch", ["tv:convnext_tiny", "timm:convnext_atto",
+                                  "timm:vit_tiny_patch16_224"])
+def test_layernorm_teachers_run_aligned(arch):
     if arch.startswith("timm:"):
         pytest.importorskip("timm")
     torch.manual_seed(0)
     model = create_model(arch, num_classes=10).eval()
     layers = [m for _, m in per_sample_norms(model)]
-    assert any(type(m).__name__ == "LayerNorm2d" for m in layers)
-    x = torch.randn(8, 3, 32, 32)
+    assert any(type(m).forward is not nn.LayerNorm.forward for m in layers)  # subclasses
+    size = 224 if "vit" in arch else 32
+    x = torch.randn(8, 3, size, size)
     with torch.no_grad():
         plain = model(x)
         with batch_aligned(layers):
