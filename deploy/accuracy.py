@@ -57,9 +57,7 @@ def runner_logits(runner, model: BenchModel, data: ImageData, batch: int, advanc
 
 def _infer(runner, model: BenchModel, xb: np.ndarray, batch: int) -> np.ndarray:
     n = len(xb)
-    if n < batch and runner.batch_problem(n):
-        xb = np.concatenate([xb, np.repeat(xb[-1:], batch - n, axis=0)])
-    logits = np.asarray(runner.infer(model.prepare(xb)), np.float32)[:n]
+    logits = np.asarray(runner.infer_whole(model.prepare(xb), batch), np.float32)
     if logits.shape != (n, model.num_classes):
         raise RuntimeError(
             f"the model returned shape {logits.shape} for {n} images; "

@@ -257,6 +257,15 @@ class BenchRunner:
         self.infer = inner.infer
         self._restore = restore
 
+    def infer_whole(self, x: np.ndarray, batch: int) -> np.ndarray:
+        """``infer`` on ``x``, first filled up to ``batch`` with copies of its last row when
+        the runner cannot take ``len(x)`` (a static batch, an engine profile's least); the
+        copies' answers are dropped."""
+        n = len(x)
+        if n < batch and self.batch_problem(n):
+            x = np.concatenate([x, np.repeat(x[-1:], batch - n, axis=0)])
+        return self.infer(x)[:n]
+
     def batch_problem(self, batch: int) -> str | None:
         fixed = self.inner.fixed_batch
         if fixed is not None:

@@ -143,16 +143,11 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
     results = []
     try:
         batch = batch_for(runner, cfg.batch_size)
-        smallest = runner.inner.fixed_batch or runner.inner.batch_range[0]
         with console.progress_task("predict", len(images), unit="img") as advance:
             for start in range(0, len(images), batch):
                 chunk = images[start:start + batch]
                 x = np.stack([read_image(p, model) for p in chunk])
-                if len(x) < smallest:
-                    # A static batch (or an engine profile's least): fill it with copies
-                    # of the last image, then drop their answers.
-                    x = np.concatenate([x, np.repeat(x[-1:], smallest - len(x), axis=0)])
-                logits = runner.infer(x)[: len(chunk)]
+                logits = runner.infer_whole(x, batch)
                 results += [{"image": str(p), "predictions": top_k(row, k, names)}
                             for p, row in zip(chunk, logits, strict=True)]
                 advance(len(chunk))
