@@ -3,9 +3,12 @@
 Host: Linux keeps the resident-set high-water mark (``VmHWM`` in
 ``/proc/self/status``) and resets it when ``5`` is written to
 ``/proc/self/clear_refs``; the peak of a cell is its high-water mark minus the
-RSS before the backend was loaded (weights + runtime + activations).  Memory a
-previous backend freed may stay mapped by the allocator, so in-process figures
-are indicative, not exact.  Elsewhere host peaks are not measured (None).
+RSS before the backend was loaded (weights + runtime + activations).  In-process
+figures are indicative, not exact; two things make them read low, and both are
+undone before the baseline and before each cell: garbage of earlier work that is
+freed after the baseline was taken (``gc.collect``), and freed heap pages that
+stay resident, so that reusing them adds nothing to RSS (glibc's ``malloc_trim``).
+Elsewhere host peaks are not measured (None).
 
 GPU: PyTorch's own peak (``torch.cuda.max_memory_allocated``) for torch-cuda; for
 ONNX Runtime and TensorRT, which allocate outside PyTorch, the device's used
@@ -14,6 +17,9 @@ memory after the cell minus before the load (``torch.cuda.mem_get_info``).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 from pathlib import Path
 
 STATUS = Path("/proc/self/status")
@@ -28,6 +34,23 @@ def _status_kb(field: str) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def _load_malloc_trim():
+    try:  # glibc only; musl and other C libraries have no malloc_trim
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def _settle() -> None:
+    """Free what is garbage now and hand freed heap pages back to the kernel."""
+    gc.collect()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _reset_peak() -> bool:
@@ -47,6 +70,8 @@ class MemoryProbe:
 
     def start_backend(self, backend: str) -> None:
         """Call before loading a backend: its memory is measured from here."""
+        if self.host:
+            _settle()
         self.base_rss_kb = _status_kb("VmRSS") or 0
         self.gpu_kind = None
         if backend in ("torch-cpu", "ort-cpu"):
@@ -66,6 +91,7 @@ class MemoryProbe:
 
     def start_cell(self) -> None:
         if self.host:
+            _settle()
             _reset_peak()
         if self.gpu_kind == "torch peak allocated":
             import torch

@@ -10,6 +10,7 @@ import typer
 from kdtool.cli.app import app
 from kdtool.cli.options import (
     DATA_HELP,
+    ChannelsLast,
     Compile,
     CompileMode,
     Device,
@@ -85,6 +86,7 @@ def distill_cmd(
     compile_: Compile = False,
     compile_mode: CompileMode = None,
     precision: Precision = "auto",
+    channels_last: ChannelsLast = True,
     ema: Ema = 0.0,
     out: Annotated[Path, typer.Option("--out", help="Student checkpoint to write.")] = Path(
         "student.safetensors"),
@@ -117,7 +119,7 @@ def distill_cmd(
         batch_size=batch_size, optimizer=optimizer, schedule=schedule, lr=lr,
         weight_decay=weight_decay, val=val, val_every=val_every, seed=seed, device=device,
         compile=compile_ or compile_mode is not None, compile_mode=compile_mode or "default",
-        precision=precision, ema=ema)
+        precision=precision, channels_last=channels_last, ema=ema)
     try:
         result = DistillRun(cfg, out, force=force, resume=resume).run()
     except KeyboardInterrupt:

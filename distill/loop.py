@@ -25,8 +25,8 @@ from kdtool.device import (
     PRECISIONS,
     autocast_for,
     begin_step,
-    channels_last_for,
     compile_step,
+    memory_format_for,
     resolve_device,
     resolve_precision,
 )
@@ -78,6 +78,7 @@ class DistillConfig:
     compile: bool = False
     compile_mode: str = "default"  # kdtool.device.COMPILE_MODES
     precision: str = "auto"  # auto: bf16 on CUDA, fp32 on a CPU (kdtool.device.PRECISIONS)
+    channels_last: bool = True  # NHWC models and noise (kdtool.device.memory_format_for)
     ema: float = 0.0  # > 0: validate and write an average of the student (kdtool/ema.py)
     log_every: int = 20
 
@@ -125,7 +126,7 @@ class DistillRun:
     def run(self) -> dict:
         c, dev = self.cfg, self.device
         cuda = dev.type == "cuda"
-        fmt = channels_last_for(dev, self.precision)
+        fmt = memory_format_for(c.channels_last)
         self.memory_format = fmt
         if cuda:
             torch.backends.cudnn.benchmark = True

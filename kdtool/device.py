@@ -75,9 +75,12 @@ def autocast_for(device: torch.device, precision: str | None = None):
     return nullcontext()
 
 
-def channels_last_for(device: torch.device, precision: str) -> torch.memory_format | None:
-    """NHWC where convolutions run fastest in it: on CUDA, and for oneDNN's bf16 kernels."""
-    return torch.channels_last if device.type == "cuda" or precision == "bf16" else None
+def memory_format_for(channels_last: bool) -> torch.memory_format | None:
+    """The layout of a run's models and batches: NHWC (``--channels-last``, the default) or
+    PyTorch's NCHW. NHWC is where cuDNN's tensor-core and oneDNN's bf16 kernels run fastest,
+    and on a 2-core x86 CPU fp32 steps ran 1.03-1.44x faster in it too
+    (bench/cpu_step_layout.py, docs/BENCHMARKS.md)."""
+    return torch.channels_last if channels_last else None
 
 
 def compile_step(fn, mode: str = "default", device: torch.device | None = None):

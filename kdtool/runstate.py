@@ -50,7 +50,7 @@ def load_state(path: Path) -> dict[str, Any]:
 
 
 # Where and how fast a run computes may change on resume; what it computes may not.
-RESUMABLE_CHANGES = ("device", "precision", "compile", "compile_mode")
+RESUMABLE_CHANGES = ("device", "precision", "compile", "compile_mode", "channels_last")
 
 
 def check_same_config(saved: dict[str, Any], current: dict[str, Any], path: Path,

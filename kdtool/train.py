@@ -24,8 +24,8 @@ from kdtool.device import (
     PRECISIONS,
     autocast_for,
     begin_step,
-    channels_last_for,
     compile_step,
+    memory_format_for,
     resolve_device,
     resolve_precision,
 )
@@ -63,6 +63,7 @@ class TrainConfig:
     compile: bool = False
     compile_mode: str = "default"  # kdtool.device.COMPILE_MODES
     precision: str = "auto"  # auto: bf16 on CUDA, fp32 on a CPU (kdtool.device.PRECISIONS)
+    channels_last: bool = True  # NHWC models and batches (kdtool.device.memory_format_for)
     ema: float = 0.0  # > 0: validate and write an average of the weights (kdtool/ema.py)
 
     def fit(self) -> Fit:
@@ -132,7 +133,7 @@ class Trainer:
         cuda = self.device.type == "cuda"
         if cuda:
             torch.backends.cudnn.benchmark = True
-        fmt = channels_last_for(self.device, self.precision)
+        fmt = memory_format_for(c.channels_last)
         model = create_model(c.arch, num_classes=train.num_classes, in_chans=train.channels)
         model = model.to(self.device, memory_format=fmt)
         loader = DeviceLoader(train, c.batch_size, self.device, mean, std, shuffle=True,

@@ -11,6 +11,7 @@ from kdtool.cli.app import app
 from kdtool.cli.options import (
     DATA_HELP,
     Arch,
+    ChannelsLast,
     Compile,
     CompileMode,
     Device,
@@ -67,6 +68,7 @@ def train_cmd(
     compile_: Compile = False,
     compile_mode: CompileMode = None,
     precision: Precision = "auto",
+    channels_last: ChannelsLast = True,
     ema: Ema = 0.0,
     out: Annotated[Path, typer.Option("--out", help="Checkpoint to write.")] = Path(
         "teacher.safetensors"),
@@ -96,7 +98,7 @@ def train_cmd(
                       mean=mean_values, std=std_values,
                       seed=seed, device=device, compile=compile_ or compile_mode is not None,
                       compile_mode=compile_mode or "default", precision=precision,
-                      ema=ema)
+                      channels_last=channels_last, ema=ema)
     try:
         result = Trainer(cfg, out, force=force, resume=resume).run()
     except KeyboardInterrupt:

@@ -547,8 +547,11 @@ def test_peak_memory_is_the_cells_own_and_grows_with_the_batch(cli, graph_onnx):
     assert r.code == 0, r.err
     peak = {row["batch"]: row["peak_rss_mb"] for row in r.json()["rows"]}
     input_mb, conv_mb = 64 * 3 * 256**2 * 4 / 2**20, 64 * 8 * 256**2 * 4 / 2**20
-    # What the batch-64 call holds at once (ONNX Runtime's arena keeps more: ~890 MiB here).
-    assert peak[64] >= input_mb + conv_mb
+    # What the batch-64 call holds at once (ONNX Runtime's arena keeps more: ~890 MiB here),
+    # less 1 MiB: in-process RSS is indicative (pages the process freed after the baseline
+    # read ~0.1 MiB low here).
+    held_mb = input_mb + conv_mb - 1
+    assert peak[64] >= held_mb
     # The batch-1 cell counts its own memory from the backend's load, not the process's
     # (torch and the test suite hold hundreds of MB).
     assert peak[1] < input_mb
@@ -560,4 +563,4 @@ def test_peak_memory_is_the_cells_own_and_grows_with_the_batch(cli, graph_onnx):
     res = r.json()
     assert res["settings"]["memory_arena"] is False
     (row,) = res["rows"]
-    assert input_mb + conv_mb <= row["peak_rss_mb"] < peak[64], (row["peak_rss_mb"], peak)
+    assert held_mb <= row["peak_rss_mb"] < peak[64], (row["peak_rss_mb"], peak)

@@ -1,4 +1,4 @@
-"""``--precision``: bf16 autocast (and channels_last) for training steps, on CUDA or a CPU."""
+"""``--precision`` (bf16 autocast) and ``--channels-last`` (NHWC) for training steps."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import kdtool.device as device
-from kdtool.checkpoint import load_checkpoint
-from kdtool.device import channels_last_for, cpu_has_native_bf16, resolve_precision
+from kdtool.checkpoint import load_checkpoint, read_meta
+from kdtool.device import cpu_has_native_bf16, memory_format_for, resolve_precision
 from kdtool.errors import KdtoolError
 from kdtool.train import TrainConfig, Trainer
 
@@ -18,9 +18,8 @@ def test_auto_is_bf16_on_cuda_and_fp32_on_a_cpu():
     assert resolve_precision("auto", CUDA) == "bf16"
     assert resolve_precision("auto", CPU) == "fp32"
     assert resolve_precision("fp32", CUDA) == "fp32"
-    assert channels_last_for(CPU, "fp32") is None
-    assert channels_last_for(CPU, "bf16") is torch.channels_last
-    assert channels_last_for(CUDA, "fp32") is torch.channels_last
+    assert memory_format_for(True) is torch.channels_last
+    assert memory_format_for(False) is None
     with pytest.raises(KdtoolError, match="did you mean 'bf16'"):
         resolve_precision("bf61", CPU)
 
@@ -54,9 +53,11 @@ def _conv_dtypes(model: torch.nn.Module) -> list:
     return seen
 
 
-@pytest.mark.parametrize(("precision", "dtype", "nhwc"),
-                         [("bf16", torch.bfloat16, True), ("auto", torch.float32, False)])
-def test_train_steps_run_in_the_chosen_precision(tmp_path, monkeypatch, precision, dtype, nhwc):
+@pytest.mark.parametrize(("precision", "channels_last", "dtype"),
+                         [("bf16", True, torch.bfloat16), ("auto", True, torch.float32),
+                          ("bf16", False, torch.bfloat16), ("auto", False, torch.float32)])
+def test_train_steps_run_in_the_chosen_precision_and_layout(tmp_path, monkeypatch, precision,
+                                                            channels_last, dtype):
     seen = []
     real = Trainer._train_epoch
 
@@ -66,9 +67,9 @@ def test_train_steps_run_in_the_chosen_precision(tmp_path, monkeypatch, precisio
 
     monkeypatch.setattr(Trainer, "_train_epoch", spy)
     cfg = TrainConfig(arch="tiny_cnn", data="digits", epochs=1, batch_size=256,
-                      augment=False, precision=precision)
+                      augment=False, precision=precision, channels_last=channels_last)
     Trainer(cfg, tmp_path / "t.safetensors").run()
-    assert seen[0] and set(seen[0]) == {(dtype, nhwc)}
+    assert seen[0] and set(seen[0]) == {(dtype, channels_last)}
     model, _ = load_checkpoint(tmp_path / "t.safetensors")
     assert {v.dtype for v in model.state_dict().values() if v.is_floating_point()} == {
         torch.float32}  # autocast: the weights themselves stay float32
@@ -79,6 +80,10 @@ def test_the_commands_take_precision_and_suggest_on_a_typo(cli, digits_teacher, 
             "--iters-per-epoch", "2", "--batch-size", "32", "--precision", "bf16",
             "--out", tmp_path / "s.safetensors", "--json")
     assert r.code == 0, r.err
+    r = cli("train", "--arch", "tiny_cnn", "--data", "digits", "--epochs", "1",
+            "--no-channels-last", "--out", tmp_path / "t.safetensors", "--json")
+    assert r.code == 0, r.err
+    assert read_meta(tmp_path / "t.safetensors").stages["train"]["config"]["channels_last"] is False
     bad = cli("train", "--arch", "tiny_cnn", "--data", "digits", "--precision", "bf61",
               "--out", tmp_path / "t.safetensors")
     assert bad.code == 1 and "did you mean 'bf16'" in bad.err
