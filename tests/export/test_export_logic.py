@@ -228,3 +228,30 @@ def test_a_timing_cache_the_user_named_is_replaced_only_when_it_was_one(tmp_path
     assert keep_timing_cache(tmp_path / "new.cache", named_by_user=True, loaded=False,
                              force=False)
     assert keep_timing_cache(mine, named_by_user=False, loaded=False, force=False)  # kdtool's
+
+
+def test_the_benchmarked_torch_runner_is_nhwc_and_the_export_reference_is_left_alone(tmp_path):
+    from kdtool.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
+    from kdtool.export.runners import TorchRunner
+    from kdtool.models import create_model
+
+    torch.manual_seed(0)
+    path = tmp_path / "m.safetensors"
+    meta = ModelMeta(arch="resnet8", num_classes=10, in_chans=3, input_size=[16, 16],
+                     mean=[0.5] * 3, std=[0.25] * 3)
+    save_checkpoint(path, create_model("resnet8"), meta, force=False)
+    runner = TorchRunner.from_checkpoint(path)  # what kdtool bench and predict run
+    seen = []
+    first = next(m for m in runner.model.modules() if isinstance(m, torch.nn.Conv2d))
+    first.register_forward_hook(lambda m, a, y: seen.append(
+        a[0].is_contiguous(memory_format=torch.channels_last)))
+    x = np.random.default_rng(0).standard_normal((5, 3, 16, 16), dtype=np.float32)
+    model = load_checkpoint(path)[0].eval()
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(runner.infer(x), expected, rtol=1e-4, atol=1e-5)
+    assert seen == [True] and runner.describe()["memory_format"] == "channels_last"
+    # The export's reference wraps the caller's model: it must not convert it in place.
+    reference = TorchRunner(model)
+    assert reference.describe()["memory_format"] == "contiguous"
+    assert all(p.is_contiguous() for p in model.parameters())
