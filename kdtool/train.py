@@ -167,7 +167,7 @@ class Trainer:
 
         def val_top1(m) -> float:
             return evaluate(m, val, mean, std, batch_size=512, device=self.device,
-                            channels_last=cuda)["top1"]
+                            channels_last=fmt is not None)["top1"]
 
         with self.ckpt.writing(), \
                 console.progress_task("train", c.epochs * loader.num_images, unit="img",

@@ -202,7 +202,7 @@ def _eval_checkpoint(checkpoint: Path, data: str, bn: str, batch_size: int, tta:
     from kdtool import console
     from kdtool.checkpoint import load_checkpoint, per_channel_norm
     from kdtool.data import check_fits, load_for_model
-    from kdtool.device import resolve_device
+    from kdtool.device import memory_format_for, resolve_device
     from kdtool.evaluate import evaluate
 
     model, meta = load_checkpoint(checkpoint, spec)
@@ -222,8 +222,10 @@ def _eval_checkpoint(checkpoint: Path, data: str, bn: str, batch_size: int, tta:
         console.warn(f"'{data}' has {len(ds)} images, fewer than --batch-size {batch_size}: the "
                      f"current statistics come from one batch of {len(ds)}, noisier than the "
                      f"{batch_size} the figure is meant for")
-    return evaluate(model.to(dev), ds, meta.mean, meta.std, batch_size=batch_size, device=dev,
-                    bn=bn, seed=seed, progress=True, tta=tta)
+    # NHWC, PyTorch's faster layout for convolutions (as train and distill validate)
+    model = model.to(dev, memory_format=memory_format_for(True))
+    return evaluate(model, ds, meta.mean, meta.std, batch_size=batch_size, device=dev,
+                    bn=bn, seed=seed, channels_last=True, progress=True, tta=tta)
 
 
 def _eval_deployed(path: Path, data: str, bn: str, batch_size: int, tta: str, device: str,

@@ -109,3 +109,24 @@ def test_current_statistics_do_not_depend_on_a_class_sorted_order(digits_teacher
         x = (by_class.x.float() / 255 - meta.mean[0]) / meta.std[0]
         pred = torch.cat([model(x[i:i + 32]).argmax(1) for i in range(0, len(x), 32)])
     assert 100.0 * (pred == by_class.y).float().mean().item() < mixed - 20
+
+
+def test_eval_runs_nhwc_and_scores_what_nchw_scores(cli, digits_teacher, monkeypatch):
+    import kdtool.checkpoint
+
+    seen, real = [], kdtool.checkpoint.load_checkpoint
+
+    def spied(*a, **k):
+        model, meta = real(*a, **k)
+        conv = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        conv.register_forward_hook(lambda m, args, y: seen.append(
+            args[0].is_contiguous(memory_format=torch.channels_last)))
+        return model, meta
+
+    monkeypatch.setattr(kdtool.checkpoint, "load_checkpoint", spied)
+    r = cli("eval", digits_teacher, "--data", "digits:test", "--json")
+    assert r.code == 0, r.err
+    assert seen and all(seen)  # NHWC, PyTorch's faster layout on CPUs and GPUs
+    model, meta = real(digits_teacher)
+    logits, labels = predict(model, load_data("digits:test", channels=1), meta.mean, meta.std)
+    assert r.json()["top1"] == 100.0 * int((logits.argmax(1) == labels).sum()) / len(labels)
