@@ -9,8 +9,11 @@ One fp32 step on the CPU, three ways, alternated in one process (medians of --re
   now (``--memory-format auto``).
 
 A distillation step is kdtool's own: ``NoiseKD`` with a ``FrozenTeacher`` on current BN
-statistics, Gaussian noise, Adam. A training step is cross-entropy and SGD + Nesterov.
-Weights are random: speed does not depend on them.
+statistics, Gaussian noise, Adam. A training step is cross-entropy and SGD + Nesterov. An
+``infer`` case is one eager forward in eval mode (what ``kdtool bench``'s torch backends,
+``predict`` and ``eval`` run), with no optimiser, so its ``fused`` column is empty. An
+``adam`` or ``sgd`` case times the optimiser step alone (random gradients), where only the
+fused column differs. Weights are random: speed does not depend on them.
 
     python bench/cpu_step_layout.py --threads 2 --repeats 5
     python bench/cpu_step_layout.py --threads 2 --cases distill:cnn3:tiny_cnn:1:8:256
@@ -29,7 +32,7 @@ from kdtool.distill.distiller import NoiseKD
 from kdtool.distill.teacher import FrozenTeacher
 from kdtool.models import create_model
 
-# kind:teacher:student:channels:size:batch for distill, kind:arch:-:channels:size:batch for train
+# distill:teacher:student:channels:size:batch; train|infer|adam|sgd:arch:-:channels:size:batch
 DEFAULT_CASES = [
     "distill:cnn3:tiny_cnn:1:8:256",  # the method's test on digits
     "distill:resnet20:tiny_cnn:1:8:256",  # bench/distill_digits.py's pair
@@ -41,6 +44,12 @@ DEFAULT_CASES = [
     "train:mobilenetv2:-:3:32:64",
     "train:wrn16_8:-:3:32:16",
     "train:densenet121:-:3:32:16",
+    "infer:resnet8:-:3:32:64",
+    "infer:resnet18:-:3:32:1",
+    "infer:resnet18:-:3:32:64",
+    "infer:mobilenetv2:-:3:32:64",
+    "adam:resnet18:-:3:32:1",
+    "sgd:resnet18:-:3:32:1",
 ]
 WAYS = {"before": (None, False), "fused": (None, True), "after": (torch.channels_last, True)}
 
@@ -61,16 +70,32 @@ def build_step(case: str, memory_format, fused: bool):
 
         def loss_fn():
             return sum(kd(x)[2].values())
-    elif kind == "train":
+    elif kind in ("train", "infer", "adam", "sgd"):
         model = create_model(a, num_classes=10, in_chans=chans).to(memory_format=memory_format)
         y = torch.randint(10, (batch,))
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
-                              weight_decay=5e-4, fused=fused)
+        if kind == "adam":
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
+        else:
+            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                                  weight_decay=5e-4, fused=fused)
+        if kind == "infer":
+            model.eval()
+
+            def forward():
+                with torch.inference_mode():
+                    model(x)
+
+            return forward
+        if kind in ("adam", "sgd"):
+            for p in model.parameters():
+                p.grad = torch.randn_like(p)
+            return opt.step
 
         def loss_fn():
             return F.cross_entropy(model(x), y)
     else:
-        raise SystemExit(f"unknown kind '{kind}' in case '{case}' (distill or train)")
+        raise SystemExit(f"unknown kind '{kind}' in case '{case}' (distill, train, infer, "
+                         "adam or sgd)")
     model.train()
 
     def step():
@@ -82,12 +107,21 @@ def build_step(case: str, memory_format, fused: bool):
     return step
 
 
+def ways_for(case: str) -> dict:
+    kind = case.split(":")[0]
+    if kind == "infer":  # no optimiser: layout only
+        return {w: cfg for w, cfg in WAYS.items() if w != "fused"}
+    if kind in ("adam", "sgd"):  # the optimiser alone: NCHW or NHWC holds the same numbers
+        return {w: cfg for w, cfg in WAYS.items() if w != "after"}
+    return WAYS
+
+
 def measure(case: str, repeats: int, iters: int) -> dict[str, float]:
-    steps = {way: build_step(case, *cfg) for way, cfg in WAYS.items()}
+    steps = {way: build_step(case, *cfg) for way, cfg in ways_for(case).items()}
     for step in steps.values():  # warm-up: oneDNN primitives, optimiser state
         step()
         step()
-    times: dict[str, list[float]] = {way: [] for way in WAYS}
+    times: dict[str, list[float]] = {way: [] for way in steps}
     for _ in range(repeats):
         for way, step in steps.items():
             t0 = time.perf_counter()
@@ -111,7 +145,7 @@ def main() -> None:
     print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, medians of "
           f"{args.repeats}\n")
     print("| step | teacher / model | student | input | before (NCHW, foreach) ms | "
-          "fused ms | after (NHWC, fused) ms | after / before speed-up |")
+          "fused ms | after (NHWC, fused) ms | speed-up over before |")
     print("|---|---|---|---|---:|---:|---:|---:|")
     for case in args.cases:
         probe = build_step(case, None, False)
@@ -121,9 +155,10 @@ def main() -> None:
         iters = max(1, round(args.min_time / max((time.perf_counter() - t0) / 2, 1e-6)))
         m = measure(case, args.repeats, iters)
         kind, a, b, chans, size, batch = case.split(":")
+        last = m.get("after", m.get("fused"))
+        cells = " | ".join(f"{m[w]:.2f}" if w in m else "-" for w in WAYS)
         print(f"| {kind} | {a} | {b if kind == 'distill' else '-'} | {batch}x{chans}x{size}x"
-              f"{size} | {m['before']:.1f} | {m['fused']:.1f} | {m['after']:.1f} | "
-              f"{m['before'] / m['after']:.2f}x |", flush=True)
+              f"{size} | {cells} | {m['before'] / last:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

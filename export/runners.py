@@ -74,9 +74,10 @@ class TorchRunner(Runner):
     """PyTorch eager: the reference every export is compared against.
 
     ``channels_last``: run the model and its inputs in NHWC, PyTorch's faster layout for
-    convolutions on CUDA and on x86 CPUs (1.01-1.47x for CIFAR ResNets and a MobileNetV2
-    at batch 1 and 64 on 2 cores). It converts the model in place, so only a runner that
-    owns its model (``from_checkpoint``, the benchmark's) turns it on.
+    convolutions on CUDA and on x86 CPUs (1.11-1.38x for CIFAR ResNets and a MobileNetV2
+    at batch 64 on 2 cores, level at batch 1: bench/cpu_step_layout.py). It converts the
+    model in place, so only a runner that owns its model (``from_checkpoint``, the
+    benchmark's) turns it on.
     """
 
     backend = "torch"

@@ -78,7 +78,7 @@ def autocast_for(device: torch.device, precision: str | None = None):
 def memory_format_for(channels_last: bool) -> torch.memory_format | None:
     """The layout of a run's models and batches: NHWC (``--channels-last``, the default) or
     PyTorch's NCHW. NHWC is where cuDNN's tensor-core and oneDNN's bf16 kernels run fastest,
-    and on a 2-core x86 CPU fp32 steps ran 1.03-1.44x faster in it too
+    and on a 2-core x86 CPU fp32 steps ran 1.00-1.36x faster in it too
     (bench/cpu_step_layout.py, docs/BENCHMARKS.md)."""
     return torch.channels_last if channels_last else None
 

@@ -22,7 +22,7 @@ Precision = Annotated[str, typer.Option(
     "BF16, 2-3x faster than fp32).")]
 ChannelsLast = Annotated[bool, typer.Option(
     "--channels-last/--no-channels-last", help="Lay models and batches out as NHWC, where "
-    "convolutions run fastest on CUDA and, measured, on x86 CPUs too (1.03-1.44x for fp32 "
+    "convolutions run fastest on CUDA and, measured, on x86 CPUs too (1.00-1.36x for fp32 "
     "steps on 2 cores); --no-channels-last keeps PyTorch's NCHW. It changes speed, not what "
     "is computed, and may change on --resume.")]
 CompileMode = Annotated[str | None, typer.Option(

@@ -39,7 +39,7 @@ def test_resolve_defaults_and_errors():
 
 @pytest.mark.parametrize("name", ["sgd", "adam"])
 def test_cpu_optimisers_are_fused_and_step_as_the_reference_does(name):
-    # Fused kernels on the CPU (4x faster steps, bench/cpu_step_layout.py) must compute what
+    # Fused kernels on the CPU (3x faster steps, bench/cpu_step_layout.py) must compute what
     # PyTorch's default implementation computes: both groups, weight decay included.
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.BatchNorm2d(4))
