@@ -34,17 +34,27 @@ def per_sample_norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, PER_SAMPLE_NORMS)]
 
 
-def _standardise(x: torch.Tensor, channel_dim: int, eps: float) -> torch.Tensor:
-    """Zero mean and unit variance per channel over every other dimension (batch included)."""
-    dims = [d for d in range(x.ndim) if d != channel_dim % x.ndim]
-    var, mean = torch.var_mean(x, dim=dims, keepdim=True, unbiased=False)
-    return (x - mean) * torch.rsqrt(var + eps)
+def _batch_standardised(z: torch.Tensor, channel_dim: int, weight: torch.Tensor | None,
+                        bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """``weight * z' + bias``, z' being ``z`` at zero mean and unit variance per channel
+    over every other dimension (the batch included).
 
-
-def _channel_shape(x: torch.Tensor, channel_dim: int) -> list[int]:
-    shape = [1] * x.ndim
-    shape[channel_dim] = x.shape[channel_dim]
-    return shape
+    That is BatchNorm in training mode without running statistics, so BN's own fused
+    kernel computes it: the aligned teacher's forward runs 1.7x faster than with var_mean,
+    subtract, rsqrt and affine as separate ops (bench/align_cost.py). An affine transform
+    that is not per channel (LayerNorm over C x H x W) is applied after it."""
+    channels = z.shape[channel_dim]
+    per_channel = weight is None or weight.numel() == channels
+    w, b = (weight, bias) if per_channel else (None, None)
+    if channel_dim % z.ndim == z.ndim - 1 and z.ndim > 2:  # channels last: (..., C) as (M, C)
+        out = F.batch_norm(z.reshape(-1, channels), None, None, w, b, True, 0.0, eps)
+        out = out.view(z.shape)
+    else:
+        out = F.batch_norm(z, None, None, w, b, True, 0.0, eps)
+    if not per_channel:
+        out = out * weight
+        out = out + bias if bias is not None else out
+    return out
 
 
 # The layout each LayerNorm subclass was found to normalise in (True: channels first).
@@ -98,19 +108,14 @@ def aligned_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         # LayerNorm over the last (channel) dimension, as channels-last CNNs use it;
         # over (C, H, W) the channel is dimension 1.
         channel_dim = -1 if len(m.normalized_shape) == 1 else 1
-        z = _standardise(xhat, channel_dim, m.eps)
-        if m.weight is not None:
-            z = z * m.weight
-        z = z + m.bias if m.bias is not None else z
+        z = _batch_standardised(xhat, channel_dim, m.weight, m.bias, m.eps)
         return z.movedim(-1, 1) if channels_first else z
     if isinstance(m, nn.GroupNorm):
         xhat = F.group_norm(x, m.num_groups, None, None, m.eps)
     else:  # InstanceNorm: batch statistics per sample, never running ones here
         xhat = F.instance_norm(x, None, None, None, None, True, 0.0, m.eps)
-    z = _standardise(xhat, 1, m.eps)
-    if m.affine:
-        z = z * m.weight.view(_channel_shape(z, 1)) + m.bias.view(_channel_shape(z, 1))
-    return z
+    return _batch_standardised(xhat, 1, m.weight if m.affine else None,
+                               m.bias if m.affine else None, m.eps)
 
 
 def batch_aligned(layers: list[nn.Module]):

@@ -170,8 +170,10 @@ def gn_digits_teacher(tmp_path_factory):
 
 def test_alignment_makes_a_groupnorm_teacher_distil_better_on_digits(gn_digits_teacher,
                                                                      tmp_path):
-    # bench/distill_digits.py --variants norm_align (30 x 100 batches, 3 seeds): 79.2%
-    # aligned against 68.0% not aligned. Here a quarter of that budget, one seed.
+    # `python bench/distill_digits.py --variants norm_align --teacher-epochs 12 --epochs E
+    # --iters-per-epoch 75 --val digits:test --seeds 0 1 2` (this test's teacher and budget,
+    # 2-core AVX2 EPYC): aligned 65.7% (63.3-70.3) against 40.6% (37.8-44.7) not aligned at
+    # E=5, 76.5% against 50.7% at E=10. Here E=5, one seed: the contrast is 19 points or more.
     import contextlib
     from unittest import mock
 
@@ -179,9 +181,9 @@ def test_alignment_makes_a_groupnorm_teacher_distil_better_on_digits(gn_digits_t
     from kdtool.distill.loop import DistillConfig, DistillRun
 
     def distil(align: bool) -> float:
-        cfg = DistillConfig(teacher=str(gn_digits_teacher), student="tiny_cnn", epochs=10,
+        cfg = DistillConfig(teacher=str(gn_digits_teacher), student="tiny_cnn", epochs=5,
                             iters_per_epoch=75, batch_size=256, schedule="onecycle", lr=0.01,
-                            teacher_norm_align=True, val="digits:test", val_every=10, seed=0,
+                            teacher_norm_align=True, val="digits:test", val_every=5, seed=0,
                             balance="off")  # as measured: the plain loss
         off = mock.patch.object(kdtool.distill.teacher, "batch_aligned",
                                 lambda layers: contextlib.nullcontext())
@@ -190,5 +192,5 @@ def test_alignment_makes_a_groupnorm_teacher_distil_better_on_digits(gn_digits_t
         return r["val_top1_current"]
 
     aligned, plain = distil(True), distil(False)
-    assert aligned >= plain + 4, (aligned, plain)
-    assert aligned >= 70, aligned
+    assert aligned >= plain + 10, (aligned, plain)
+    assert aligned >= 55, aligned

@@ -73,21 +73,26 @@ def test_a_timm_state_dict_converts_with_the_configs_defaults(cli, tmp_path):
 
 
 def test_a_timm_teacher_trains_distils_from_noise_and_exports(cli, tmp_path):
+    # timm's own tiny test EfficientNet (100K parameters): its BatchNormAct2d layers are
+    # what the method must treat as BatchNorm, and it trains in seconds.
+    if "test_efficientnet" not in timm.list_models("test_*"):
+        pytest.skip("this timm has no test_efficientnet (timm >= 1.0.10 has)")
     teacher, student = tmp_path / "teacher.safetensors", tmp_path / "student.safetensors"
-    r = cli("train", "--arch", "timm:resnet10t", "--data", "digits", "--val", "digits:test",
-            "--epochs", "4", "--out", teacher, "--json")
+    r = cli("train", "--arch", "timm:test_efficientnet", "--data", "digits", "--val",
+            "digits:test", "--epochs", "4", "--out", teacher, "--json")
     assert r.code == 0, r.err
     assert r.json()["val_top1"] >= 90
     before = {k: v.clone() for k, v in load_checkpoint(teacher)[0].state_dict().items()}
-    r = cli("distill", "--teacher", teacher, "--student", "cnn3", "--epochs", "6",
-            "--iters-per-epoch", "40", "--schedule", "onecycle", "--lr", "0.01",
-            "--val", "digits:test", "--val-every", "6", "--out", student, "--json")
+    r = cli("distill", "--teacher", teacher, "--student", "cnn3", "--epochs", "4",
+            "--iters-per-epoch", "30", "--schedule", "onecycle", "--lr", "0.01",
+            "--val", "digits:test", "--val-every", "4", "--out", student, "--json")
     assert r.code == 0, r.err
     res = r.json()
-    # timm's BatchNormAct2d layers are BatchNorm to the method, and the noise batch's
-    # statistics make the teacher's answers informative (93.6% measured here).
-    assert res["teacher_bn"]["bn_layers"] == sum(
-        isinstance(m, torch.nn.BatchNorm2d) for m in load_checkpoint(teacher)[0].modules())
+    bn = [m for m in load_checkpoint(teacher)[0].modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert any(type(m).__name__ == "BatchNormAct2d" for m in bn)
+    # Every one of them normalises with the noise batch's statistics, which makes the
+    # teacher's answers informative: 95.6% teacher, 92.2% student measured here.
+    assert res["teacher_bn"]["bn_layers"] == len(bn)
     assert res["val_top1_current"] >= 85, res
     after = load_checkpoint(teacher)[0].state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
