@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn as nn
 
 from kdtool.errors import KdtoolError, check_choice
@@ -82,3 +84,38 @@ def create_model(name: str, num_classes: int = 10, in_chans: int = 3, **kwargs) 
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def _keep_tensor(*args, **kwargs):
+    return args[0] if args else next(iter(kwargs.values()))
+
+
+@contextmanager
+def _weights_left_uninitialised() -> Iterator[None]:
+    """Inside, ``torch.nn.init``'s in-place initialisers leave their tensor as it is.
+
+    On the meta device they are most of a model's build time (torch runs each one's
+    decomposition in Python) and their values are never read: the transformers library
+    skips them the same way. Restored on exit, even after an error."""
+    saved = {name: fn for name, fn in vars(nn.init).items()
+             if name.endswith("_") and not name.startswith("_") and callable(fn)}
+    try:
+        for name in saved:
+            setattr(nn.init, name, _keep_tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
+def architecture_params(name: str, num_classes: int = 10) -> int:
+    """Parameters of architecture ``name`` with ``num_classes`` outputs and 3 input channels,
+    counted without allocating or initialising weights (meta device)."""
+    try:
+        with _weights_left_uninitialised(), torch.device("meta"):
+            return count_params(create_model(name, num_classes=num_classes))
+    except NotImplementedError:  # a builder that reads tensor values (tv: RegNets)
+        from kdtool.models.torchvision_models import published_params
+
+        return published_params(name) or count_params(create_model(name,
+                                                                   num_classes=num_classes))

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from kdtool.errors import KdtoolError
-from kdtool.models import count_params, create_model, list_models, model_spec
+from kdtool.models import (
+    architecture_params,
+    count_params,
+    create_model,
+    list_models,
+    model_spec,
+)
 
 # Reference counts for 10 classes, 3 input channels.  resnet18/34, mobilenetv2 and
 # densenet121 match kuangliu/pytorch-cifar, wrn* match xternalz/WideResNet-pytorch;
@@ -87,3 +93,40 @@ def test_unknown_name_suggests(name, guess):
     with pytest.raises(KdtoolError, match="did you mean") as info:
         create_model(name)
     assert guess in str(info.value)
+
+
+@pytest.mark.parametrize("name, classes", [("resnet8", 10), ("densenet121", 10),
+                                           ("tv:mobilenet_v3_small", 1000),
+                                           ("tv:vit_b_16", 1000), ("tv:regnet_y_400mf", 1000)])
+def test_architecture_params_counts_what_create_model_builds(name, classes):
+    initialisers = dict(vars(torch.nn.init))
+    if name in PARAM_COUNTS:
+        expected = PARAM_COUNTS[name]
+    else:  # published by torchvision for its default weights at 1000 classes
+        from kdtool.models.torchvision_models import published_params
+
+        expected = published_params(name)
+    assert architecture_params(name, num_classes=classes) == expected
+    # The initialisers are back, and initialise again.
+    assert dict(vars(torch.nn.init)) == initialisers
+    torch.manual_seed(0)
+    a = torch.nn.Linear(4, 4).weight.detach().clone()
+    torch.manual_seed(0)
+    assert torch.equal(a, torch.nn.Linear(4, 4).weight.detach()) and a.abs().sum() > 0
+
+
+def test_initialisers_come_back_after_a_failing_build(monkeypatch):
+    from kdtool.models import _registry
+
+    initialisers = dict(vars(torch.nn.init))
+
+    def broken(**kwargs):
+        torch.nn.init.zeros_(torch.empty(2))
+        raise ValueError("broken builder")
+
+    spec = model_spec("resnet8")
+    monkeypatch.setitem(_registry._REGISTRY, "broken_net", spec.__class__(
+        "broken_net", broken, spec.family, spec.input_size))
+    with pytest.raises(ValueError, match="broken builder"):
+        architecture_params("broken_net")
+    assert dict(vars(torch.nn.init)) == initialisers
