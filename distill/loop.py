@@ -40,7 +40,7 @@ from kdtool.ema import check_decay, make_ema
 from kdtool.errors import KdtoolError, check_choice
 from kdtool.evaluate import predict
 from kdtool.loader import epoch_generator
-from kdtool.models import create_model, model_spec
+from kdtool.models import check_input_size, create_model, model_spec
 from kdtool.runinfo import provenance
 from kdtool.runstate import RunCheckpoint
 
@@ -145,7 +145,11 @@ class DistillRun:
         if c.balance == "reject":
             noise = BalancedNoise(noise, teacher, tmeta.num_classes)
         student = create_model(c.student, num_classes=tmeta.num_classes,
-                               in_chans=tmeta.in_chans).to(dev, memory_format=fmt)
+                               in_chans=tmeta.in_chans)
+        check_input_size(student, c.student, tmeta.in_chans, size,
+                         f"the student learns at the teacher's input size: pick a student "
+                         f"that takes {size[0]}x{size[1]} images (kdtool models)")
+        student = student.to(dev, memory_format=fmt)
         distiller = NoiseKD(student, teacher, c.temperature, c.loss,
                             class_weighted=c.balance == "weight")
         self.ema = make_ema(student, c.ema)

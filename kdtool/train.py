@@ -34,7 +34,7 @@ from kdtool.errors import KdtoolError, check_choice
 from kdtool.evaluate import evaluate
 from kdtool.imageprep import Fit, parse_resize
 from kdtool.loader import Augment, DeviceLoader
-from kdtool.models import create_model, model_spec
+from kdtool.models import check_input_size, create_model, model_spec
 from kdtool.runinfo import provenance
 from kdtool.runstate import RunCheckpoint
 
@@ -135,6 +135,11 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
         fmt = memory_format_for(c.channels_last)
         model = create_model(c.arch, num_classes=train.num_classes, in_chans=train.channels)
+        check_input_size(model, c.arch, train.channels, train.image_size,
+                         f"fit the images to a size it takes (e.g. --image-size "
+                         f"{','.join(map(str, model_spec(c.arch).input_size))}), or pick an "
+                         f"architecture for {train.image_size[0]}x{train.image_size[1]} "
+                         f"images (kdtool models)")
         model = model.to(self.device, memory_format=fmt)
         loader = DeviceLoader(train, c.batch_size, self.device, mean, std, shuffle=True,
                               augment=Augment(cutout=c.cutout) if augment else None,

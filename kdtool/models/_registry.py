@@ -82,6 +82,39 @@ def create_model(name: str, num_classes: int = 10, in_chans: int = 3, **kwargs) 
     return spec.fn(num_classes=num_classes, in_chans=in_chans, **kwargs)
 
 
+def check_input_size(model: nn.Module, name: str, in_chans: int, size: tuple[int, int],
+                     fix: str) -> None:
+    """Raise a KdtoolError if ``model`` (architecture ``name``) cannot take
+    ``in_chans x size`` images, before any work: a network that downsamples 8x8 digits
+    below its kernels' size fails only at its first batch, with torch's message.
+
+    A forward of one image that fails at ``size`` but works at the architecture's own
+    input size is the input's fault; a forward that fails at both is a bug, and keeps its
+    traceback. The probe runs in eval mode without gradients, so nothing of the model
+    changes."""
+    def forward(hw) -> None:
+        device = next(iter(model.parameters()), torch.empty(0)).device
+        with torch.no_grad():
+            model(torch.zeros(1, in_chans, *hw, device=device))
+
+    training = model.training
+    model.eval()
+    try:
+        try:
+            forward(size)
+        except (RuntimeError, ValueError, AssertionError) as e:
+            native = tuple(model_spec(name).input_size)
+            if native == tuple(size):
+                raise
+            forward(native)  # a bug if this fails too: it raises as it is
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise KdtoolError(
+                f"{name} cannot take {in_chans}x{size[0]}x{size[1]} images ({first}); it "
+                f"works at its own {native[0]}x{native[1]}", fix) from e
+    finally:
+        model.train(training)
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -277,8 +277,11 @@ def test_teacher_and_student_run_in_the_chosen_precision_and_layout(
 
     def spy(model, who):
         last = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
-        last.register_forward_hook(lambda m, a, y: seen[who].add(
-            (y.dtype, a[0].is_contiguous(memory_format=torch.channels_last))))
+        def record(m, a, y) -> None:
+            if a[0].shape[0] > 1:  # check_input_size's one-image probe runs fp32, NCHW
+                seen[who].add((y.dtype, a[0].is_contiguous(memory_format=torch.channels_last)))
+
+        last.register_forward_hook(record)
         return model
 
     real_load, real_create = loop.load_checkpoint, loop.create_model

@@ -130,3 +130,65 @@ def test_initialisers_come_back_after_a_failing_build(monkeypatch):
     with pytest.raises(ValueError, match="broken builder"):
         architecture_params("broken_net")
     assert dict(vars(torch.nn.init)) == initialisers
+
+
+def _register(monkeypatch, name, fn, input_size=(32, 32)):
+    from kdtool.models import _registry
+
+    base = model_spec("resnet8")
+    monkeypatch.setitem(_registry._REGISTRY, name, base.__class__(
+        name, fn, base.family, input_size))
+
+
+class _NeedsAtLeast(torch.nn.Module):
+    """A conv net that needs inputs of at least ``side`` pixels (like a deep stride stack)."""
+
+    def __init__(self, side=16, broken=False, num_classes=10, in_chans=3):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(in_chans, 4, side)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4, num_classes)
+        self.broken = broken
+
+    def forward(self, x):
+        if self.broken:
+            raise RuntimeError("an internal bug")
+        return self.fc(self.bn(self.conv(x)).mean((2, 3)))
+
+
+def test_check_input_size_refuses_a_too_small_input_and_keeps_bugs_as_they_are(monkeypatch):
+    from kdtool.models import check_input_size
+
+    _register(monkeypatch, "needs16", lambda **kw: _NeedsAtLeast(**kw))
+    model = create_model("needs16", num_classes=10, in_chans=1).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    check_input_size(model, "needs16", 1, (16, 16), "unused")  # big enough: silent
+    with pytest.raises(KdtoolError, match=r"needs16 cannot take 1x8x8 images \(.*Kernel "
+                                          r"size.*works at its own 32x32") as info:
+        check_input_size(model, "needs16", 1, (8, 8), "use --image-size 32")
+    assert info.value.hint == "use --image-size 32"
+    # The probe changed nothing: mode, weights, BN running statistics, gradients.
+    assert model.training and all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # A model that fails at its own size too is broken, not misfed: the error is torch's.
+    _register(monkeypatch, "broken", lambda **kw: _NeedsAtLeast(broken=True, **kw))
+    with pytest.raises(RuntimeError, match="an internal bug"):
+        check_input_size(create_model("broken", in_chans=1), "broken", 1, (8, 8), "unused")
+
+
+def test_train_and_distill_refuse_an_architecture_the_images_are_too_small_for(
+        cli, monkeypatch, tmp_path, digits_teacher):
+    _register(monkeypatch, "needs16", lambda **kw: _NeedsAtLeast(**kw))
+    out = tmp_path / "m.safetensors"
+    r = cli("train", "--arch", "needs16", "--data", "digits", "--epochs", "1", "--out", out)
+    assert r.code == 1 and "Traceback" not in r.err
+    assert "needs16 cannot take 1x8x8 images" in r.err and "--image-size 32,32" in r.err
+    r = cli("distill", "--teacher", digits_teacher, "--student", "needs16", "--epochs", "1",
+            "--iters-per-epoch", "1", "--out", out)
+    assert r.code == 1 and "Traceback" not in r.err
+    assert "needs16 cannot take 1x8x8 images" in r.err and "teacher's input size" in r.err
+    assert not out.exists()
+    # Fitted to a size it takes, the same architecture trains.
+    r = cli("train", "--arch", "needs16", "--data", "digits", "--image-size", "16",
+            "--epochs", "1", "--out", out, "--json")
+    assert r.code == 0, r.err
