@@ -45,6 +45,7 @@ from kdtool.runinfo import provenance
 from kdtool.runstate import RunCheckpoint
 
 MIN_GOOD_BATCH = 32  # below this the teacher's batch statistics get noisy (appendix Fig. 3b)
+ALIGNED_TEACHER_LOSS_WARN = 5.0  # points of --val top-1 that alignment may cost silently
 
 
 @dataclass
@@ -160,10 +161,11 @@ class DistillRun:
             distiller.student = DDP(student, device_ids=[dev.index] if dev.type == "cuda"
                                     else None)
         val = self._load_val(tmeta)
-        teacher_val = None
+        teacher_val, teacher_scores = None, {}
         if val is not None and self.dist.is_main:  # the teacher's own answers, computed once
-            teacher_val = predict(teacher_model, val, tmeta.mean, tmeta.std, 512, dev)[0]
-            teacher_val = teacher_val.argmax(1)
+            logits, labels = predict(teacher_model, val, tmeta.mean, tmeta.std, 512, dev)
+            teacher_val = logits.argmax(1)
+            teacher_scores = self._teacher_scores(teacher, teacher_val, labels, val, tmeta)
         opt, sched = optim.build(student, c.optimizer, c.schedule, c.lr, c.weight_decay,
                                  c.epochs * c.iters_per_epoch)
         step_fn = compile_step(distiller, c.compile_mode, dev) if c.compile else distiller
@@ -189,6 +191,7 @@ class DistillRun:
                 if val is not None and self.dist.is_main and (
                         (epoch + 1) % c.val_every == 0 or epoch + 1 == c.epochs):
                     row.update(self._validate(student, val, tmeta, teacher_val))
+                    row.update(teacher_scores)
                 history.append(row)
                 console.info(_epoch_line(row, c.epochs))
                 best = max(best, row.get("val_top1_current", -row["loss"]))
@@ -273,6 +276,27 @@ class DistillRun:
                 "teacher_class_balance": class_balance(hist), "lr": lr,
                 "seconds": secs, "images_per_s": n * c.batch_size / secs}
 
+    def _teacher_scores(self, teacher: FrozenTeacher, answers: torch.Tensor,
+                        labels: torch.Tensor, val, tmeta: ModelMeta) -> dict:
+        """The teacher's own top-1 on --val, the student's reference; batch-aligned too with
+        --teacher-norm-align, since alignment changes the teacher itself, on real images as
+        on noise, and the student can learn no better than the teacher it is shown."""
+        scores = {"val_teacher_top1": 100.0 * (answers == labels).float().mean().item()}
+        if not self.cfg.teacher_norm_align:
+            return scores
+        logits, _ = predict(_Answering(teacher), val, tmeta.mean, tmeta.std, 256, self.device,
+                            seed=self.cfg.seed, shuffle=True)  # batches as the student's
+        aligned = 100.0 * (logits.argmax(1) == labels).float().mean().item()
+        scores["val_teacher_top1_aligned"] = aligned
+        console.info(f"teacher on --val: {scores['val_teacher_top1']:.2f}% as is, "
+                     f"{aligned:.2f}% batch-aligned (the answers the student learns from)")
+        if aligned < scores["val_teacher_top1"] - ALIGNED_TEACHER_LOSS_WARN:
+            console.warn(f"batch alignment costs this teacher "
+                         f"{scores['val_teacher_top1'] - aligned:.1f} points on --val "
+                         f"({aligned:.2f}% against {scores['val_teacher_top1']:.2f}% as is): "
+                         "expect a student below the aligned teacher's accuracy")
+        return scores
+
     def _validate(self, student, val, tmeta, teacher_val) -> dict:
         """Accuracy and agreement of the model written (the average with --ema) on both BN
         statistics; with --ema also the live student's, on current statistics."""
@@ -316,6 +340,17 @@ def class_balance(hist: torch.Tensor) -> float:
     entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
     # max(0, ...): one class only gives -0.0, which would print as "-0.000"
     return max(0.0, entropy / math.log(len(hist))) if len(hist) > 1 else 1.0
+
+
+class _Answering(torch.nn.Module):
+    """A FrozenTeacher as a module, for ``predict``: its BN mode and alignment stay its own."""
+
+    def __init__(self, teacher: FrozenTeacher):
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.teacher(x)
 
 
 def _epoch_line(row: dict, epochs: int) -> str:

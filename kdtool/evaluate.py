@@ -31,6 +31,7 @@ def predict(
     channels_last: bool = False,
     progress: bool = False,
     tta: str = "none",
+    shuffle: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (float32, CPU) and labels of ``data``, in the dataset's order.
 
@@ -40,6 +41,8 @@ def predict(
     class and a batch of one class has statistics unlike any real batch.
     ``tta="flip"``: the mean of the logits of each batch and of its mirror image (the
     mirrored batch is a batch of its own for ``bn="current"``).
+    ``shuffle``: draw batches in that seeded order whatever ``bn`` says (a model that
+    couples a batch's images in other ways than BN; default: as ``bn="current"`` does).
     """
     check_choice(bn, BN_MODES, "BN mode")
     check_choice(tta, TTA_MODES, "--tta mode")
@@ -48,7 +51,8 @@ def predict(
                           "use --bn running")
     device = torch.device(device)
     model.eval()
-    loader = DeviceLoader(data, batch_size, device, mean, std, shuffle=(bn == "current"),
+    shuffle = bn == "current" if shuffle is None else shuffle
+    loader = DeviceLoader(data, batch_size, device, mean, std, shuffle=shuffle,
                           seed=seed, channels_last=channels_last)
     logits, indices = [], []
     ctx = batch_stats(model) if bn == "current" else nullcontext()

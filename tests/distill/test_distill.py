@@ -164,6 +164,11 @@ def test_cli_distill_json_and_errors(cli, small_teacher, tmp_path):
     assert r.code == 0, r.err
     res = r.json()
     assert {"val_top1_current", "val_top1_running", "agreement_current"} <= set(res)
+    # The teacher's own top-1 on --val, the student's reference: what kdtool eval gives.
+    teacher_top1 = cli("eval", small_teacher, "--data", "digits:test", "--json").json()["top1"]
+    assert res["val_teacher_top1"] == pytest.approx(teacher_top1)
+    assert read_meta(out).provenance["metrics"]["val_teacher_top1"] == res["val_teacher_top1"]
+    assert "val_teacher_top1_aligned" not in res
     assert "noisy" in r.err  # batch 16 < 32 warns
     again = cli("distill", "--teacher", small_teacher, "--out", out)
     assert again.code == 1 and "already exists" in again.err
