@@ -25,7 +25,7 @@ from safetensors.torch import save as st_save
 from kdtool.errors import KdtoolError
 from kdtool.imageprep import Fit, fit_problems, parse_resize
 from kdtool.io import atomic_write_bytes, check_output, require_file
-from kdtool.models import create_model
+from kdtool.models import check_input_size, create_model, model_spec
 
 FORMAT = "kdtool.checkpoint"
 FORMAT_VERSION = 1
@@ -340,4 +340,9 @@ def load_checkpoint(
     meta = foreign.to_meta(str(path)) if foreign is not None else read_meta(path)
     model = meta.build()
     load_into(model, _read_state_dict(path), str(path))
+    if foreign is not None:  # the user's --image-size: one the architecture takes?
+        default = "x".join(map(str, model_spec(meta.arch).input_size))
+        check_input_size(model, meta.arch, meta.in_chans, tuple(meta.input_size),
+                         f"pass --image-size with the size '{path}' was trained at "
+                         f"(default: {default})")
     return model.eval(), meta

@@ -192,3 +192,12 @@ def test_train_and_distill_refuse_an_architecture_the_images_are_too_small_for(
     r = cli("train", "--arch", "needs16", "--data", "digits", "--image-size", "16",
             "--epochs", "1", "--out", out, "--json")
     assert r.code == 0, r.err
+    # A plain state_dict said to be for images it cannot take is refused at conversion.
+    torch.save(create_model("needs16", in_chans=1).state_dict(), tmp_path / "plain.pth")
+    args = ("convert", tmp_path / "plain.pth", "--arch", "needs16", "--in-chans", "1",
+            "--mean", "0.3", "--std", "0.37", "--out", tmp_path / "c.safetensors")
+    r = cli(*args, "--image-size", "8")
+    assert r.code == 1 and "Traceback" not in r.err
+    assert "needs16 cannot take 1x8x8 images" in r.err and "--image-size" in r.err
+    assert not (tmp_path / "c.safetensors").exists()
+    assert cli(*args, "--image-size", "16").code == 0
