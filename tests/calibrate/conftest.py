@@ -28,7 +28,8 @@ def noise_student(digits_teacher, tmp_path_factory):
     """
     from kdtool.distill.loop import DistillConfig, DistillRun
 
-    # Distillation at batch 256 does use two threads: 22 against 36 ms a step (AVX2 EPYC).
+    # Distillation at batch 256 does use two threads: resnet8 -> tiny_cnn ran 1,144 img/s
+    # on 2 threads, 705 on 1 (bench/distill_speed.py --device cpu, docs/BENCHMARKS.md).
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

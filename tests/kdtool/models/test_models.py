@@ -115,29 +115,26 @@ def test_architecture_params_counts_what_create_model_builds(name, classes):
     assert torch.equal(a, torch.nn.Linear(4, 4).weight.detach()) and a.abs().sum() > 0
 
 
-def test_initialisers_come_back_after_a_failing_build(monkeypatch):
+def _register(monkeypatch, name, fn, input_size=(32, 32)):
+    """Register architecture ``name`` built by ``fn`` for this test only."""
     from kdtool.models import _registry
 
+    base = model_spec("resnet8")
+    monkeypatch.setitem(_registry._REGISTRY, name, base.__class__(
+        name, fn, base.family, input_size))
+
+
+def test_initialisers_come_back_after_a_failing_build(monkeypatch):
     initialisers = dict(vars(torch.nn.init))
 
     def broken(**kwargs):
         torch.nn.init.zeros_(torch.empty(2))
         raise ValueError("broken builder")
 
-    spec = model_spec("resnet8")
-    monkeypatch.setitem(_registry._REGISTRY, "broken_net", spec.__class__(
-        "broken_net", broken, spec.family, spec.input_size))
+    _register(monkeypatch, "broken_net", broken)
     with pytest.raises(ValueError, match="broken builder"):
         architecture_params("broken_net")
     assert dict(vars(torch.nn.init)) == initialisers
-
-
-def _register(monkeypatch, name, fn, input_size=(32, 32)):
-    from kdtool.models import _registry
-
-    base = model_spec("resnet8")
-    monkeypatch.setitem(_registry._REGISTRY, name, base.__class__(
-        name, fn, base.family, input_size))
 
 
 class _NeedsAtLeast(torch.nn.Module):
