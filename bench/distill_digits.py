@@ -92,6 +92,12 @@ VARIANTS = {
         "teacher BN current, class-weighted": {**FAST, "balance": "weight"},
         "teacher BN running (classic KD)": {**FAST, "teacher_bn": "running"},
     },
+    "demo": {  # kdtool/demo.py's three students (its STUDENTS and full SCALE)
+        "gaussian, teacher BN running (classic KD)": {**FAST, "teacher_bn": "running"},
+        "gaussian, class-weighted": {**FAST, "balance": "weight"},
+        "dead leaves, class-weighted, pool 4096 per epoch": {
+            **FAST, "noise": "dead_leaves", "balance": "weight", "noise_pool": 4096},
+    },
     "noise": {
         "gaussian": {**FAST, "noise": "gaussian"},
         "uniform": {**FAST, "noise": "uniform"},

@@ -15,7 +15,7 @@ in-process; the files it writes are ordinary kdtool outputs to continue from.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from kdtool import console
@@ -41,7 +41,7 @@ class DemoScale:
 
 # Sized by measurement on 2 CPU cores (docs/BENCHMARKS.md, "kdtool demo").
 SCALES = {
-    "full": DemoScale("resnet20", 15, "tiny_cnn", 12, 100, 256, 4096, 0.01, 32, (1, 64), 0.5),
+    "full": DemoScale("cnn3", 15, "tiny_cnn", 12, 100, 256, 4096, 0.01, 32, (1, 64), 0.5),
     "quick": DemoScale("resnet8", 10, "tiny_cnn", 6, 50, 256, 1024, 0.01, 32, (1,), 0.1),
 }
 STUDENTS = (  # (file stem, label, noise, teacher BN, --balance)
@@ -66,9 +66,13 @@ def check_out_dir(out: Path, force: bool) -> Path:
 
 class Demo:
     def __init__(self, out: str | Path, quick: bool = False, seed: int = 0, force: bool = False,
-                 device: str = "auto"):
+                 device: str = "auto", teacher: str | None = None):
+        from kdtool.models import model_spec
+
+        scale = SCALES["quick" if quick else "full"]
+        self.scale = replace(scale, teacher=teacher) if teacher else scale
+        model_spec(self.scale.teacher)  # a mistyped name fails before any file is written
         self.out = check_out_dir(Path(out), force)
-        self.scale = SCALES["quick" if quick else "full"]
         self.seed, self.device = seed, device
         self.steps: list[dict] = []
 

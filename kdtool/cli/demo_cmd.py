@@ -18,6 +18,9 @@ def demo_cmd(
     quick: Annotated[bool, typer.Option(
         "--quick", help="A smaller run (under a minute on 2 CPU cores): same stages, fewer "
         "noise batches, lower accuracies.")] = False,
+    teacher: Annotated[str | None, typer.Option(
+        "--teacher", help="The teacher's architecture (kdtool models), trained on digits "
+        "first. Default: cnn3 (resnet8 with --quick).", show_default=False)] = None,
     force: Force = False,
     seed: Seed = 0,
     device: Device = "auto",
@@ -34,7 +37,8 @@ def demo_cmd(
     from kdtool import console
     from kdtool.demo import Demo
 
-    result = Demo(out, quick=quick, seed=seed, force=force, device=device).run()
+    result = Demo(out, quick=quick, seed=seed, force=force, device=device,
+                  teacher=teacher).run()
     console.emit(result, as_json, render_summary)
 
 

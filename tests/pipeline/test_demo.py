@@ -70,3 +70,23 @@ def test_demo_refuses_a_non_empty_folder(cli, tmp_path):
     r = cli("demo", "--quick", "--out", tmp_path)
     assert r.code == 1 and "is not empty" in r.err and "--force" in r.err
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_demo_teacher_option_trains_that_architecture(tmp_path):
+    from dataclasses import replace
+
+    from kdtool.demo import SCALES, Demo
+
+    demo = Demo(tmp_path / "demo", quick=True, teacher="cnn3")
+    assert demo.scale == replace(SCALES["quick"], teacher="cnn3")
+    demo.scale = replace(demo.scale, teacher_epochs=1)  # the option, not the teacher's quality
+    t = demo.train_teacher()
+    assert t["arch"] == "cnn3"
+    assert read_meta(t["file"]).arch == "cnn3"
+    assert Demo(tmp_path / "other").scale == SCALES["full"]
+
+
+def test_demo_refuses_an_unknown_teacher_before_writing(cli, tmp_path):
+    r = cli("demo", "--quick", "--teacher", "cnn", "--out", tmp_path / "demo")
+    assert r.code == 1 and "cnn3" in r.err and "Traceback" not in r.err
+    assert not (tmp_path / "demo").exists()
