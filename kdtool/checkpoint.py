@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -260,6 +261,7 @@ def read_meta(path: str | Path) -> ModelMeta:
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix.lower() in FOREIGN_SUFFIXES:
+        _check_torch_file(path)
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for bad pickles and refused globals
@@ -286,6 +288,26 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 _REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def _check_torch_file(path: Path) -> None:
+    """torch.load's own errors for a damaged file are a bare ``KeyError: 101`` or a
+    paragraph on miniz: name the damage instead."""
+    with path.open("rb") as f:
+        head = f.read(2)
+    if head[:1] == b"\x80":  # a pickle (torch.save's legacy format)
+        return
+    damaged = head != b"PK"
+    if not damaged:
+        try:
+            zipfile.ZipFile(path).close()  # reads the central directory, lost on truncation
+        except (zipfile.BadZipFile, OSError):
+            damaged = True
+    if damaged:
+        raise KdtoolError(
+            f"'{path}' is corrupt or truncated: it is neither a whole torch.save archive "
+            "nor a pickle",
+            "copy it again, or re-create it with torch.save(model.state_dict(), path)")
 
 
 def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -337,9 +359,14 @@ def load_checkpoint(
     """Load a kdtool checkpoint (or a plain state_dict described by ``foreign``), in eval mode."""
     path = Path(path)
     _require_file(path)
-    meta = foreign.to_meta(str(path)) if foreign is not None else read_meta(path)
+    if foreign is None:
+        meta = read_meta(path)
+        state = _read_state_dict(path)
+    else:  # a corrupt file is named as such before what the user's flags leave unsaid
+        state = _read_state_dict(path)
+        meta = foreign.to_meta(str(path))
     model = meta.build()
-    load_into(model, _read_state_dict(path), str(path))
+    load_into(model, state, str(path))
     if foreign is not None:  # the user's --image-size: one the architecture takes?
         default = "x".join(map(str, model_spec(meta.arch).input_size))
         check_input_size(model, meta.arch, meta.in_chans, tuple(meta.input_size),

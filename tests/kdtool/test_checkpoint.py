@@ -81,6 +81,22 @@ def test_missing_file_and_not_a_checkpoint(tmp_path: Path):
     (tmp_path / "text.safetensors").write_text("hello")
     with pytest.raises(KdtoolError, match="corrupt or truncated"):
         load_checkpoint(tmp_path / "text.safetensors")
+    # A corrupt plain state_dict is named as corrupt, not as lacking --mean/--std (a
+    # kdtool architecture has no published normalisation to fall back on).
+    for name in ("text.safetensors", "text.pt"):
+        (tmp_path / name).write_text("hello")
+        with pytest.raises(KdtoolError, match="corrupt or truncated"):
+            load_checkpoint(tmp_path / name, ForeignSpec("tiny_cnn"))
+    # torch.save's archive cut short (torch itself says "KeyError: 101" or speaks of miniz).
+    torch.save(create_model("tiny_cnn").state_dict(), tmp_path / "whole.pt")
+    data = (tmp_path / "whole.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[:len(data) // 2])
+    with pytest.raises(KdtoolError, match="cut.pt' is corrupt or truncated.*torch.save"):
+        load_checkpoint(tmp_path / "cut.pt", ForeignSpec("tiny_cnn", mean=[0.5], std=[0.5]))
+    legacy = tmp_path / "legacy.pt"  # torch.save's pre-1.6 format: a pickle, still readable
+    torch.save(create_model("tiny_cnn").state_dict(), legacy,
+               _use_new_zipfile_serialization=False)
+    load_checkpoint(legacy, ForeignSpec("tiny_cnn", mean=[0.5], std=[0.5]))
 
 
 def test_wrong_architecture_names_first_mismatch(tmp_path: Path):
