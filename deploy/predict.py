@@ -69,14 +69,14 @@ def read_image(path: Path, model: BenchModel) -> np.ndarray:
     """One image as the model's input row, prepared as the server prepares it."""
     from PIL import Image
 
-    from kdtool.data import DECODE_ERRORS
+    from kdtool.data import DECODE_ERRORS, decode_error_text
     from kdtool.deploy.server.images import preprocess
 
     try:
         with Image.open(path) as im:
             return preprocess(im, model, np.dtype(model.input_dtype))
     except DECODE_ERRORS as e:
-        raise KdtoolError(f"cannot read image '{path}': {e}",
+        raise KdtoolError(f"cannot read image '{path}': {decode_error_text(e)}",
                           "pass JPEG, PNG, BMP, TIFF or WebP files; delete or replace this one"
                           ) from None
 

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from kdtool import console
 from kdtool.errors import InternalError, KdtoolError, check_choice, suggest
@@ -59,6 +59,13 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, zipfile.BadZipFile,
                   Image.DecompressionBombError, RuntimeError, NotImplementedError)
 _FORMS_HINT = ("give a directory of <class>/<image> folders, a .zip or .npz file, or one of: "
                + ", ".join(BUILTIN_DATASETS))
+
+
+def decode_error_text(e: BaseException) -> str:
+    """Why an image did not decode, without Pillow's repr of an in-memory stream."""
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image format Pillow recognises, or a damaged file"
+    return str(e)
 
 
 @dataclass
@@ -354,7 +361,7 @@ class _Decoder:
             with Image.open(src) as im:
                 return to_array(im, self.channels, self.size, self.fit)
         except DECODE_ERRORS as e:
-            raise KdtoolError(f"cannot read image {where}: {e}",
+            raise KdtoolError(f"cannot read image {where}: {decode_error_text(e)}",
                               "delete or replace the file, then load again") from None
 
     def __call__(self, names: list[str]) -> tuple[np.ndarray | None, tuple | None]:
