@@ -108,6 +108,7 @@ def distill_cmd(
     """
     from kdtool import console
     from kdtool.distill.loop import DistillConfig, DistillRun
+    from kdtool.interrupts import describe
 
     options = {"shapes": shapes} if shapes is not None else {}
     cfg = DistillConfig(
@@ -122,10 +123,11 @@ def distill_cmd(
         precision=precision, channels_last=channels_last, ema=ema)
     try:
         result = DistillRun(cfg, out, force=force, resume=resume).run()
-    except KeyboardInterrupt:
-        console.warn("interrupted: every finished epoch is saved; continue with the same "
+    except KeyboardInterrupt as e:
+        what, status = describe(e)
+        console.warn(f"{what}: every finished epoch is saved; continue with the same "
                      "command and --resume")
-        raise typer.Exit(130) from None
+        raise typer.Exit(status) from None
 
     def render(r):
         rows = [["output", r["out"]], ["student", f"{r['student']} from {r['teacher']}"],

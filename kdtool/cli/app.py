@@ -19,6 +19,7 @@ except ImportError:  # older typer runs on click itself
 from kdtool import __version__, console
 from kdtool.cli.hints import foreign_option_hint
 from kdtool.errors import KdtoolError
+from kdtool.interrupts import describe, sigterm_as_interrupt
 from kdtool.runinfo import set_command_line
 
 app = typer.Typer(
@@ -157,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     _hide_flag_types(command)
     console.reset()
     try:
-        code = command.main(args=argv, prog_name="kdtool", standalone_mode=False)
+        with sigterm_as_interrupt():
+            code = command.main(args=argv, prog_name="kdtool", standalone_mode=False)
     except KdtoolError as e:
         _error(str(e))
         _json_error(argv, e.message, e.hint)
@@ -175,7 +177,9 @@ def main(argv: list[str] | None = None) -> None:
         _error(f"{message} ({hint})")
         _json_error(argv, message, hint)
         sys.exit(1)
-    except (typer.Abort, KeyboardInterrupt):
-        _error("interrupted")
-        sys.exit(130)
+    except (typer.Abort, KeyboardInterrupt) as e:
+        # click turns an interrupt escaping a command into Abort, the interrupt its cause
+        what, status = describe(e if isinstance(e, KeyboardInterrupt) else e.__cause__)
+        _error(what)
+        sys.exit(status)
     sys.exit(code or 0)

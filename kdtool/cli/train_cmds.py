@@ -84,6 +84,7 @@ def train_cmd(
     --out teacher.safetensors[/bold]
     """
     from kdtool import console
+    from kdtool.interrupts import describe
     from kdtool.train import TrainConfig, Trainer
 
     mean_values, std_values = parse_norm(mean, std)
@@ -101,9 +102,11 @@ def train_cmd(
                       channels_last=channels_last, ema=ema)
     try:
         result = Trainer(cfg, out, force=force, resume=resume).run()
-    except KeyboardInterrupt:
-        console.warn("interrupted; continue with the same command and --resume")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as e:
+        what, status = describe(e)
+        console.warn(f"{what}: every finished epoch is saved; continue with the same "
+                     "command and --resume")
+        raise typer.Exit(status) from None
 
     def render(r):
         rows = [["output", r["out"]], ["best epoch", f"{r['best_epoch']}/{r['epochs']}"],

@@ -1,0 +1,48 @@
+"""SIGTERM stops a kdtool command the way Ctrl-C does.
+
+Batch schedulers (SLURM preemption, Kubernetes eviction, ``docker stop``) end a job with
+SIGTERM and a grace period before SIGKILL. Python's default for SIGTERM kills the process
+at once, mid-write of whatever it was saving; raised as an interrupt instead, it runs the
+same clean-up as Ctrl-C: a run waits for its checkpoint write, says how to resume, exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread where Ctrl-C raises KeyboardInterrupt."""
+
+
+def describe(e: BaseException | None) -> tuple[str, int]:
+    """What stopped the command and its exit status (128 + the signal, as shells report);
+    anything but SIGTERM counts as Ctrl-C."""
+    if isinstance(e, Terminated):
+        return "terminated (SIGTERM)", 128 + signal.SIGTERM
+    return "interrupted", 128 + signal.SIGINT
+
+
+def _raise_terminated(signum, frame) -> None:
+    # Once stopping, a second SIGTERM must not cut short the clean-up (the checkpoint write
+    # the run waits for); SIGKILL at the end of the grace period still ends it.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises ``Terminated`` in the main thread. Left alone where
+    the host program (an embedding application, a test runner) set its own handler."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)

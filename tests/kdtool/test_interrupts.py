@@ -1,0 +1,81 @@
+"""SIGTERM (a scheduler's preemption) stops a command as Ctrl-C does: saved, resumable."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kdtool.checkpoint import read_meta
+from kdtool.interrupts import Terminated, describe, sigterm_as_interrupt
+
+
+def test_sigterm_raises_terminated_inside_the_block_only():
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    with pytest.raises(Terminated), sigterm_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler runs at the next bytecode; never reached
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert describe(Terminated()) == ("terminated (SIGTERM)", 143)
+    assert describe(KeyboardInterrupt()) == ("interrupted", 130)
+    assert describe(None) == ("interrupted", 130)
+
+
+def test_a_host_programs_own_handler_is_left_alone():
+    calls = []
+    previous = signal.signal(signal.SIGTERM, lambda *a: calls.append(a))
+    try:
+        with sigterm_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+        assert len(calls) == 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_sigterm_stops_distill_cleanly_and_it_resumes(digits_teacher, tmp_path, cli):
+    out = tmp_path / "s.safetensors"
+    args = ["distill", "--teacher", str(digits_teacher), "--student", "tiny_cnn",
+            "--epochs", "60", "--iters-per-epoch", "3", "--batch-size", "64", "--out", str(out)]
+    state = Path(f"{out}.state.pt")
+    proc = subprocess.Popen([sys.executable, "-m", "kdtool", *args], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "KDTOOL_PROGRESS": "off"})
+    try:
+        deadline = time.monotonic() + 120
+        while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert "terminated (SIGTERM): every finished epoch is saved" in err and "--resume" in err
+    assert "Traceback" not in err
+    read_meta(out)  # the files are whole
+    r = cli(*args, "--resume", "--json")
+    assert r.code == 0, r.err
+    done = int(re.search(r"resuming .* after epoch (\d+)/60", r.err).group(1))
+    assert 1 <= done < 60  # stopped part-way, continued from its last saved epoch
+    assert [row["epoch"] for row in r.json()["history"]] == list(range(1, 61))
+
+
+@pytest.mark.parametrize("stop, status, said", [(Terminated, 143, "terminated (SIGTERM)"),
+                                                 (KeyboardInterrupt, 130, "interrupted")])
+def test_train_says_how_it_stopped(cli, tmp_path, monkeypatch, stop, status, said):
+    from kdtool.train import Trainer
+
+    def stopped(self):
+        raise stop()
+
+    monkeypatch.setattr(Trainer, "run", stopped)
+    r = cli("train", "--arch", "tiny_cnn", "--data", "digits", "--out", tmp_path / "t.safetensors")
+    assert r.code == status
+    assert f"{said}: every finished epoch is saved" in r.err and "--resume" in r.err
