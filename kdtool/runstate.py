@@ -51,6 +51,8 @@ def load_state(path: Path) -> dict[str, Any]:
 
 # Where and how fast a run computes may change on resume; what it computes may not.
 RESUMABLE_CHANGES = ("device", "precision", "compile", "compile_mode", "channels_last")
+# Settings newer than some saved states, with the value that does what those runs did.
+ADDED_SETTINGS = {"val_every": 1}
 
 
 def check_same_config(saved: dict[str, Any], current: dict[str, Any], path: Path,
@@ -58,10 +60,12 @@ def check_same_config(saved: dict[str, Any], current: dict[str, Any], path: Path
     """A resumed run must be the same run: refuse when a setting changed.
 
     A setting newer than the saved state (absent from it) matches when it is left off
-    (0, None or False), so a run started before an upgrade still resumes.
+    (0, None or False) or at the value that behaves as before (``ADDED_SETTINGS``), so a
+    run started before an upgrade still resumes.
     """
     for key in sorted(set(saved) | set(current)):
-        if key in ignore or (key not in saved and not current[key]):
+        if key in ignore or (key not in saved and (
+                not current[key] or current[key] == ADDED_SETTINGS.get(key))):
             continue
         if saved.get(key) != current.get(key):
             raise KdtoolError(

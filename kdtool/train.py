@@ -44,6 +44,7 @@ class TrainConfig:
     arch: str = "resnet18"
     data: str = "digits"
     val: str | None = None
+    val_every: int = 1  # validate every N epochs and after the last
     epochs: int = 30
     batch_size: int = 128
     optimizer: str = "sgd"
@@ -75,9 +76,13 @@ class TrainConfig:
         model_spec(self.arch)  # unknown architecture -> "did you mean"
         c = TrainConfig(**asdict(self))
         c.schedule, c.lr = optim.resolve(c.optimizer, c.schedule, c.lr)
-        for name, value, low in (("--epochs", c.epochs, 1), ("--batch-size", c.batch_size, 1)):
+        for name, value, low in (("--epochs", c.epochs, 1), ("--batch-size", c.batch_size, 1),
+                                 ("--val-every", c.val_every, 1)):
             if value < low:
                 raise KdtoolError(f"{name} must be >= {low}, got {value}")
+        if c.val_every != 1 and not c.val:
+            raise KdtoolError(f"--val-every {c.val_every} paces validation on --val, and there "
+                              "is none", "add --val DATA, or drop --val-every")
         check_choice(c.compile_mode, COMPILE_MODES, "--compile-mode")
         check_choice(c.precision, PRECISIONS, "--precision")
         check_decay(c.ema)
@@ -181,23 +186,28 @@ class Trainer:
                 torch.manual_seed(c.seed * 100_003 + epoch)  # dropout etc.: exact on resume
                 row = self._train_epoch(step_model, loader, epoch, opt, sched, criterion,
                                         advance, ema)
-                if val is not None:
+                validated = val is not None and (
+                    (epoch + 1) % c.val_every == 0 or epoch + 1 == c.epochs)
+                if validated:
                     # With --ema the average is the model kept; the live one is shown beside.
                     row["val_top1"] = val_top1(ema.module if ema else model)
                     if ema is not None:
                         row["val_top1_live"] = val_top1(model)
                     model.train()
-                metric = row.get("val_top1", -row["loss"])
-                if not optim.steps_per_iteration(sched):
-                    sched.step(-metric if val is not None else row["loss"])
+                if not optim.steps_per_iteration(sched) and (val is None or validated):
+                    # plateau: on validation accuracy when there is --val (its patience then
+                    # counts validations), else on the training loss
+                    sched.step(-row["val_top1"] if validated else row["loss"])
                 history.append(row)
                 console.info(_epoch_line(row, c.epochs))
-                improved = metric > best
-                best = max(best, metric)
+                # The output is the best validated epoch (every epoch's, without --val).
+                improved = validated and row["val_top1"] > best
+                best = max(best, row["val_top1"]) if validated else best
                 output = make_meta(_metrics(row), epoch + 1) if improved or val is None else None
                 self.ckpt.save(config, epoch, best, history, model, opt, sched, output=output,
                                ema=ema)
-        best_row = max(history, key=lambda r: r.get("val_top1", -r["loss"]))
+        scored = [r for r in history if "val_top1" in r]
+        best_row = max(scored, key=lambda r: r["val_top1"]) if scored else history[-1]
         return {"out": str(self.out), "state": str(self.ckpt.path), "device": str(self.device),
                 "epochs": c.epochs, "best_epoch": best_row["epoch"], **_metrics(best_row),
                 "images_per_s": sum(r["images_per_s"] for r in history) / len(history),

@@ -42,6 +42,9 @@ def train_cmd(
     val: Annotated[str | None, typer.Option(
         "--val", help="Validation data (same forms as --data); the best epoch by it is kept.")
     ] = None,
+    val_every: Annotated[int, typer.Option(
+        "--val-every", help="Validate every N epochs and after the last (a large --val costs "
+        "time each epoch); the best of the validated epochs is kept.")] = 1,
     epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training data.")] = 30,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step.")] = 128,
     optimizer: Annotated[str, typer.Option(
@@ -91,8 +94,9 @@ def train_cmd(
     size = parse_image_size(image_size)
     if size is not None and size[0] == size[1]:
         size = size[0]  # a square size as an int, as run states have recorded it
-    cfg = TrainConfig(arch=arch, data=data, val=val, epochs=epochs, batch_size=batch_size,
-                      optimizer=optimizer, schedule=schedule, lr=lr, weight_decay=weight_decay,
+    cfg = TrainConfig(arch=arch, data=data, val=val, val_every=val_every, epochs=epochs,
+                      batch_size=batch_size, optimizer=optimizer, schedule=schedule, lr=lr,
+                      weight_decay=weight_decay,
                       label_smoothing=label_smoothing, augment=augment, cutout=cutout,
                       image_size=size, resize=resize,
                       interpolation=interpolation or "bilinear",

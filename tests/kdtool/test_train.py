@@ -107,8 +107,36 @@ def test_adam_plateau_recipe_runs(tmp_path):
     (dict(schedule="cosin"), "did you mean 'cosine'"),
     (dict(lr=-1.0), "--lr must be positive"),
     (dict(label_smoothing=1.5), "label-smoothing"),
+    (dict(val_every=0, val="digits:test"), "--val-every must be >= 1"),
+    (dict(val_every=2), "--val-every 2 paces validation on --val, and there is none"),
     (dict(device="cuda:0" if not torch.cuda.is_available() else "tpu"), "device"),
 ])
 def test_bad_config_values(tmp_path, kw, match):
     with pytest.raises(KdtoolError, match=match):
         Trainer(_cfg(**kw), tmp_path / "x.safetensors").run()
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "plateau"])
+def test_val_every_validates_every_nth_and_the_last_epoch(cli, tmp_path, schedule):
+    out = tmp_path / "t.safetensors"
+    optimizer = "adam" if schedule == "plateau" else "sgd"
+    r = Trainer(_cfg(epochs=5, val="digits:test", val_every=2, optimizer=optimizer,
+                     schedule=schedule), out).run()
+    validated = [row["epoch"] for row in r["history"] if "val_top1" in row]
+    assert validated == [2, 4, 5]
+    best = max((row for row in r["history"] if "val_top1" in row), key=lambda row: row["val_top1"])
+    assert r["best_epoch"] == best["epoch"] and r["val_top1"] == best["val_top1"]
+    meta = read_meta(out)  # the file is that epoch's model, with its validation score
+    assert meta.stages["train"]["epoch"] == best["epoch"]
+    assert meta.provenance["metrics"]["val_top1"] == best["val_top1"]
+    ev = cli("eval", out, "--data", "digits:test", "--json")
+    assert ev.json()["top1"] == pytest.approx(best["val_top1"])
+
+
+def test_a_state_from_before_val_every_resumes(tmp_path):
+    from kdtool.runstate import check_same_config
+
+    saved = {"arch": "resnet8", "epochs": 3}
+    check_same_config(saved, {**saved, "val_every": 1}, tmp_path)
+    with pytest.raises(KdtoolError, match="val_every was None, now 2"):
+        check_same_config(saved, {**saved, "val_every": 2}, tmp_path)
