@@ -14,7 +14,7 @@ from pathlib import Path
 
 from kdtool.errors import KdtoolError, check_choice
 from kdtool.export.formats import FORMATS as EXPORT_FORMATS
-from kdtool.export.formats import ExportFormat
+from kdtool.export.formats import ExportFormat, onnx_path_for
 
 TORCH = "torch"  # the checkpoint itself, run by PyTorch: not an export
 # The backend a format's rows go under (when its export fails too), by its runner.
@@ -80,7 +80,7 @@ def export_all(
             continue
         row = BENCH_FORMATS[fmt]
         trt = row.needs_tensorrt
-        onnx = out_dir / f"{checkpoint.stem}{row.tag}.onnx"
+        onnx = onnx_path_for(checkpoint, row, out_dir)
         target = onnx.with_suffix(row.suffix)  # the engine: <stem>.trt.engine
         cfg = ExportConfig(
             checkpoint=str(checkpoint),

@@ -21,7 +21,10 @@ def export_cmd(
         Path,
         typer.Argument(help="A kdtool checkpoint (normally the calibrated, BN-folded student)."),
     ],
-    onnx: Annotated[Path, typer.Option("--onnx", "--out", help="ONNX file to write.")],
+    onnx: Annotated[Path | None, typer.Option(
+        "--onnx", "--out", help="ONNX file to write.",
+        show_default="beside CHECKPOINT: its name with .onnx, .fp16.onnx or .int8.onnx")
+    ] = None,
     precision: Annotated[
         str,
         typer.Option(
@@ -175,8 +178,8 @@ def export_cmd(
     'kdtool bench' and 'kdtool serve' read. Without TensorRT or a GPU, --trt writes the
     ONNX and then exits 1 saying what is missing.
 
-    Example: [bold]kdtool export student.cal.safetensors --onnx student.onnx --precision
-    int8 --calib-data calib/ --val val/ --triton-repo models/[/bold]
+    Example: [bold]kdtool export student.cal.safetensors --precision int8 --calib-data calib/
+    --val val/ --triton-repo models/[/bold] (writes student.cal.int8.onnx)
     """
     from kdtool import console
     from kdtool.export.pipeline import ExportConfig, run_export
@@ -195,6 +198,10 @@ def export_cmd(
     _refuse_unused({"--min-agreement": min_agreement}, precision == "fp32" and not trt,
                    "sets the top-1 agreement FP16, INT8 and TensorRT builds need; an FP32 ONNX "
                    "is checked by its largest logit difference", "add --precision or --trt")
+    if onnx is None:
+        from kdtool.export.formats import onnx_format, onnx_path_for
+
+        onnx = onnx_path_for(checkpoint, onnx_format(precision))
     defaults = ExportConfig(checkpoint="", onnx="")
     cfg = ExportConfig(
         checkpoint=str(checkpoint),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 
 from kdtool.errors import KdtoolError, check_choice
 from kdtool.export.metadata import PRECISIONS
@@ -96,6 +97,12 @@ def check_precision(precision: str) -> str:
 def onnx_format(precision: str) -> ExportFormat:
     """The ONNX row for ``precision`` (fp32, fp16 or int8)."""
     return FORMATS[ONNX_FORMAT_BY_PRECISION[check_precision(precision)]]
+
+
+def onnx_path_for(checkpoint: Path, fmt: ExportFormat, folder: Path | None = None) -> Path:
+    """Where ``fmt``'s ONNX of ``checkpoint`` goes unless told: ``<stem><tag>.onnx`` beside
+    it (or in ``folder``), so each precision of one model has a name of its own."""
+    return (folder or checkpoint.parent) / f"{checkpoint.stem}{fmt.tag}.onnx"
 
 
 def get_format(name: str) -> ExportFormat:

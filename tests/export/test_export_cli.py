@@ -338,6 +338,23 @@ def test_refuses_to_overwrite_and_non_kdtool_checkpoints(cli, digits_teacher, tm
     )
 
 
+def test_without_onnx_the_file_goes_beside_the_checkpoint(cli, digits_teacher, tmp_path):
+    from kdtool.export.formats import FORMATS, onnx_format, onnx_path_for
+
+    ckpt = tmp_path / "student.cal.safetensors"
+    ckpt.write_bytes(Path(digits_teacher).read_bytes())
+    r = cli("export", ckpt, "--json")
+    assert r.code == 0, r.err
+    assert r.json()["onnx"] == str(tmp_path / "student.cal.onnx")
+    assert read_info(tmp_path / "student.cal.onnx").source == ckpt.name
+    _one_line_error(cli("export", ckpt), "student.cal.onnx' already exists", "--force")
+    # Each precision has a name of its own, as bench --formats names its exports.
+    names = {p: onnx_path_for(ckpt, onnx_format(p)).name for p in ("fp32", "fp16", "int8")}
+    assert names == {"fp32": "student.cal.onnx", "fp16": "student.cal.fp16.onnx",
+                     "int8": "student.cal.int8.onnx"}
+    assert onnx_path_for(ckpt, FORMATS["tensorrt"], tmp_path / "b").name == "student.cal.trt.onnx"
+
+
 def test_failed_parity_leaves_no_file(cli, digits_teacher, tmp_path, monkeypatch):
     # An impossible tolerance stands in for a broken export: the check must stop the write.
     monkeypatch.setitem(pipeline.TOLERANCES, "fp32", Tolerance(max_rel_diff=-1.0))
