@@ -9,6 +9,7 @@ same clean-up as Ctrl-C: a run waits for its checkpoint write, says how to resum
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -33,6 +34,16 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated()
 
 
+def _default_in_forked_child() -> None:
+    # A forked helper (the dataset decoders) must die quietly on SIGTERM, as before, not
+    # raise into its own loop and print a traceback; the parent does the clean-up.
+    if signal.getsignal(signal.SIGTERM) is _raise_terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+_fork_hook_registered = False
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM raises ``Terminated`` in the main thread. Left alone where
@@ -41,6 +52,10 @@ def sigterm_as_interrupt() -> Iterator[None]:
             or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         yield
         return
+    global _fork_hook_registered
+    if not _fork_hook_registered and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_default_in_forked_child)
+        _fork_hook_registered = True
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield

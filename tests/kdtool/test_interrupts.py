@@ -27,6 +27,22 @@ def test_sigterm_raises_terminated_inside_the_block_only():
     assert describe(None) == ("interrupted", 130)
 
 
+def _exit_0_if_sigterm_is_default() -> None:
+    sys.exit(0 if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL else 1)
+
+
+def test_forked_helpers_keep_the_default_sigterm():
+    # The dataset decoders are forked: on SIGTERM they must die quietly, not raise.
+    import multiprocessing as mp
+
+    with sigterm_as_interrupt():
+        child = mp.get_context("fork").Process(target=_exit_0_if_sigterm_is_default)
+        child.start()
+        child.join(30)
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # the parent's stays
+    assert child.exitcode == 0
+
+
 def test_a_host_programs_own_handler_is_left_alone():
     calls = []
     previous = signal.signal(signal.SIGTERM, lambda *a: calls.append(a))
