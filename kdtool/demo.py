@@ -64,14 +64,25 @@ def check_out_dir(out: Path, force: bool) -> Path:
     return out
 
 
+def _check_teacher(arch: str) -> None:
+    from kdtool.data import load_data
+    from kdtool.models import check_input_size, create_model
+
+    data = load_data(TRAIN)
+    model = create_model(arch, num_classes=data.num_classes, in_chans=data.channels)
+    size = "x".join(map(str, (data.channels, *data.image_size)))
+    check_input_size(model, arch, data.channels, data.image_size,
+                     f"the demo's digits are {size} images: pick a --teacher that takes them, "
+                     "e.g. cnn3, resnet8 or resnet20 (kdtool models)")
+
+
 class Demo:
     def __init__(self, out: str | Path, quick: bool = False, seed: int = 0, force: bool = False,
                  device: str = "auto", teacher: str | None = None):
-        from kdtool.models import model_spec
-
         scale = SCALES["quick" if quick else "full"]
         self.scale = replace(scale, teacher=teacher) if teacher else scale
-        model_spec(self.scale.teacher)  # a mistyped name fails before any file is written
+        if teacher:  # a name or an architecture the digits do not fit fails before any file
+            _check_teacher(teacher)
         self.out = check_out_dir(Path(out), force)
         self.seed, self.device = seed, device
         self.steps: list[dict] = []

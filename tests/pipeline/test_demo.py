@@ -86,7 +86,12 @@ def test_demo_teacher_option_trains_that_architecture(tmp_path):
     assert Demo(tmp_path / "other").scale == SCALES["full"]
 
 
-def test_demo_refuses_an_unknown_teacher_before_writing(cli, tmp_path):
+def test_demo_refuses_an_unknown_or_unfit_teacher_before_writing(cli, tmp_path):
     r = cli("demo", "--quick", "--teacher", "cnn", "--out", tmp_path / "demo")
     assert r.code == 1 and "cnn3" in r.err and "Traceback" not in r.err
+    # A network that downsamples 8x8 digits below its kernels: the demo has no
+    # --image-size, so the fix it names is another teacher.
+    r = cli("demo", "--quick", "--teacher", "tv:squeezenet1_0", "--out", tmp_path / "demo")
+    assert r.code == 1 and "cannot take 1x8x8 images" in r.err, r.err
+    assert "pick a --teacher that takes them" in r.err and "--image-size" not in r.err
     assert not (tmp_path / "demo").exists()
