@@ -37,7 +37,7 @@ from kdtool.distill.noise import make_noise
 from kdtool.distill.pool import PooledNoise
 from kdtool.distill.teacher import TEACHER_BN_MODES, TEACHER_STATS, FrozenTeacher
 from kdtool.ema import check_decay, make_ema
-from kdtool.errors import KdtoolError, check_choice
+from kdtool.errors import KdtoolError, check_choice, check_val_every
 from kdtool.evaluate import predict
 from kdtool.loader import epoch_generator
 from kdtool.models import check_input_size, create_model, model_spec
@@ -94,16 +94,13 @@ class DistillConfig:
         check_decay(c.ema)
         c.schedule, c.lr = optim.resolve(c.optimizer, c.schedule, c.lr)
         for name, value in (("--epochs", c.epochs), ("--iters-per-epoch", c.iters_per_epoch),
-                            ("--batch-size", c.batch_size), ("--val-every", c.val_every),
-                            ("--log-every", c.log_every)):
+                            ("--batch-size", c.batch_size), ("--log-every", c.log_every)):
             if value < 1:
                 raise KdtoolError(f"{name} must be >= 1, got {value}")
         if c.batch_size < 2:
             raise KdtoolError("--batch-size must be >= 2: the teacher normalises with the "
                               "statistics of the batch")
-        if c.val_every != 1 and not c.val:
-            raise KdtoolError(f"--val-every {c.val_every} paces validation on --val, and there "
-                              "is none", "add --val DATA, or drop --val-every")
+        check_val_every(c.val_every, c.val)
         return c
 
 

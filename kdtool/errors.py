@@ -57,3 +57,12 @@ def check_choice(value: str, choices: Iterable[str], what: str) -> str:
     guess = suggest(value, choices)
     hint = f"did you mean '{guess}'?" if guess else "choose one of: " + ", ".join(choices)
     raise KdtoolError(f"unknown {what} '{value}'", hint)
+
+
+def check_val_every(val_every: int, val: str | None) -> None:
+    """--val-every paces validation on --val (train and distill alike)."""
+    if val_every < 1:
+        raise KdtoolError(f"--val-every must be >= 1, got {val_every}")
+    if val_every != 1 and not val:
+        raise KdtoolError(f"--val-every {val_every} paces validation on --val, and there "
+                          "is none", "add --val DATA, or drop --val-every")

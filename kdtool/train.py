@@ -30,7 +30,7 @@ from kdtool.device import (
     resolve_precision,
 )
 from kdtool.ema import check_decay, make_ema
-from kdtool.errors import KdtoolError, check_choice
+from kdtool.errors import KdtoolError, check_choice, check_val_every
 from kdtool.evaluate import evaluate
 from kdtool.imageprep import Fit, parse_resize
 from kdtool.loader import Augment, DeviceLoader
@@ -76,13 +76,10 @@ class TrainConfig:
         model_spec(self.arch)  # unknown architecture -> "did you mean"
         c = TrainConfig(**asdict(self))
         c.schedule, c.lr = optim.resolve(c.optimizer, c.schedule, c.lr)
-        for name, value, low in (("--epochs", c.epochs, 1), ("--batch-size", c.batch_size, 1),
-                                 ("--val-every", c.val_every, 1)):
+        for name, value, low in (("--epochs", c.epochs, 1), ("--batch-size", c.batch_size, 1)):
             if value < low:
                 raise KdtoolError(f"{name} must be >= {low}, got {value}")
-        if c.val_every != 1 and not c.val:
-            raise KdtoolError(f"--val-every {c.val_every} paces validation on --val, and there "
-                              "is none", "add --val DATA, or drop --val-every")
+        check_val_every(c.val_every, c.val)
         check_choice(c.compile_mode, COMPILE_MODES, "--compile-mode")
         check_choice(c.precision, PRECISIONS, "--precision")
         check_decay(c.ema)
