@@ -50,7 +50,7 @@ from kdtool.io import atomic_path
 
 BUILTIN_DATASETS = ("digits", "digits:train", "digits:test")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: images turned upright by their EXIF orientation
 PARALLEL_MIN_IMAGES = 2000  # below this, starting worker processes costs more than it saves
 # What a broken image file can raise from PIL / zipfile while it is decoded.
 # RuntimeError: an encrypted zip member; NotImplementedError: a compression method Python's

@@ -22,13 +22,14 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from kdtool.errors import KdtoolError, check_choice, suggest
 
 INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N"}
 RESIZE_MODES = ("stretch", "crop")
+EXIF_ORIENTATION = 0x0112  # 1: upright; 2-8: mirrored and/or rotated, as cameras save photos
 
 
 def parse_resize(text: str) -> float | None:
@@ -97,6 +98,16 @@ class Fit:
         return text if self.interpolation == "bilinear" else \
             f"{text} --interpolation {self.interpolation}"
 
+    def explain(self, size: tuple[int, int] | list[int]) -> str:
+        """What the rule does to images for a ``size`` (height, width) input, in words."""
+        h, w = size
+        if self.crop_fraction is None:
+            return f"{self.describe()}: images resized to {h}x{w}; images already {h}x{w} " \
+                   "are used as they are"
+        cover = "x".join(str(math.floor(s / self.crop_fraction + 1e-9)) for s in (h, w))
+        return f"{self.describe()}: every image, even one already {h}x{w}, is resized to " \
+               f"cover {cover} and centre-cropped to {h}x{w}"
+
     def apply(self, im: Image.Image, size: tuple[int, int]) -> Image.Image:
         """``im`` fitted to ``size`` (height, width) by stretching or by a centre crop."""
         h, w = size
@@ -120,10 +131,22 @@ class Fit:
 STRETCH = Fit()
 
 
+def upright(im: Image.Image) -> Image.Image:
+    """``im`` as it is displayed: turned by its EXIF orientation tag, if it has one.
+
+    Phones store photos as the sensor read them plus a tag saying how to turn them; every
+    viewer honours it, so a model must too, or it classifies photos lying on their side.
+    """
+    if im.getexif().get(EXIF_ORIENTATION, 1) in (1, None):
+        return im  # no copy: most images (CIFAR, scans, PNGs) carry no turn
+    return ImageOps.exif_transpose(im)
+
+
 def to_array(im: Image.Image, channels: int | None, size: tuple[int, int] | None,
              fit: Fit = STRETCH) -> np.ndarray:
-    """A PIL image as H x W x C uint8: grayscale (C=1) unless it has colour or channels=3,
-    fitted to ``size`` when one is given."""
+    """A PIL image as H x W x C uint8, upright (EXIF orientation): grayscale (C=1) unless it
+    has colour or channels=3, fitted to ``size`` when one is given."""
+    im = upright(im)
     target = channels or (1 if im.mode in GRAY_MODES else 3)
     if im.mode.startswith("I"):  # 16/32-bit grayscale: scale to 8 bits (PIL's convert clips)
         im = Image.fromarray((np.asarray(im).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8))

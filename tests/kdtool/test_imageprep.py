@@ -198,6 +198,20 @@ def test_imagenet_names_for_a_torchvision_teacher(cli, tmp_path):
     info = cli("info", out, "--json").json()
     assert info["class_names"][:2] == ["tench", "goldfish"] and len(info["class_names"]) == 1000
     assert info["crop_fraction"] == 0.875  # torchvision's resize 256 / crop 224
+    assert "every image, even one already 224x224, is resized to cover 256x256" in r.err
+    # Trained at another size (CIFAR's 32): its images were seen whole, as kdtool train
+    # sees them, not cropped by a rule made for the published weights at 224.
+    r = cli("convert", path, "--arch", "tv:resnet18", "--num-classes", "1000", "--image-size",
+            "32", "--out", tmp_path / "c32.safetensors")
+    assert r.code == 0, r.err
+    assert cli("info", tmp_path / "c32.safetensors", "--json").json()["crop_fraction"] is None
+    assert "images already 32x32 are used as they are" in r.err
+    shown = cli("info", tmp_path / "c32.safetensors").out
+    assert "used as they are" in shown and "None" not in shown  # a converted file has no seed
+    r = cli("convert", path, "--arch", "tv:resnet18", "--num-classes", "1000", "--image-size",
+            "32", "--resize", "crop:0.875", "--out", tmp_path / "crop32.safetensors")
+    assert cli("info", tmp_path / "crop32.safetensors", "--json").json()["crop_fraction"] == 0.875
+    assert "resized to cover 36x36 and centre-cropped to 32x32" in r.err
 
 
 def test_the_rule_travels_from_train_through_distill_to_onnx(cli, tmp_path):
@@ -255,3 +269,44 @@ def test_labels_follow_the_models_class_names(cli, tmp_path):
     assert match_classes(data, ["cat", "dog"]) is data  # not the model's names: by index
     assert match_classes(data, []) is data
     assert match_classes(data, ["zebra", "ant", "bee"]).y.tolist() == [1, 1, 0, 0]
+
+
+def _photo_with_turn(upright_im: Image.Image, path, orientation: int = 6) -> None:
+    """``upright_im`` saved as a phone saves it: pixels as the sensor read them, plus the EXIF
+    orientation that turns them upright (6: rotate 90 degrees clockwise to display)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    upright_im.transpose(Image.Transpose.ROTATE_90).save(path, exif=exif)
+
+
+def test_photos_are_turned_upright_by_their_exif_orientation(tmp_path):
+    from types import SimpleNamespace
+
+    from kdtool.deploy.server.images import decode, preprocess
+
+    upright_im = _image(12, 8)  # wide: a sideways copy is 8 x 12 and differs
+    (tmp_path / "a").mkdir()
+    upright_im.save(tmp_path / "a" / "upright.png")
+    _photo_with_turn(upright_im, tmp_path / "a" / "turned.png")
+    want = np.asarray(upright_im)
+    np.testing.assert_array_equal(to_array(Image.open(tmp_path / "a" / "turned.png"), 3, None),
+                                  want)
+    # Data loading (train, eval, calibrate, export) turns it too: same size as the upright one.
+    data = load_data(str(tmp_path))
+    assert data.x.shape == (2, 3, 8, 12)
+    np.testing.assert_array_equal(data.x[0].numpy(), data.x[1].numpy())
+    # ... and so do the server and predict (one preprocess), from the request's bytes.
+    info = SimpleNamespace(in_chans=3, input_size=[8, 12], crop_fraction=None,
+                           interpolation="bilinear", mean=[0.0] * 3, std=[1 / 255] * 3,
+                           layout="NHWC")
+    served = preprocess(decode((tmp_path / "a" / "turned.png").read_bytes()), info, np.float32)
+    np.testing.assert_allclose(served, want.astype(np.float32), atol=1e-3)
+    # Mirrored orientations (2, 4, 5, 7) and a tag of 1 are honoured as well.
+    for orientation, undo in [(1, None), (2, Image.Transpose.FLIP_LEFT_RIGHT),
+                              (3, Image.Transpose.ROTATE_180)]:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        stored = upright_im.transpose(undo) if undo is not None else upright_im
+        stored.save(tmp_path / f"o{orientation}.png", exif=exif)
+        np.testing.assert_array_equal(
+            to_array(Image.open(tmp_path / f"o{orientation}.png"), 3, None), want)
