@@ -162,14 +162,18 @@ class ForeignSpec:
                 (spec.mean[:1], spec.std[:1])
         mean, std = per_channel_norm(mean, std, self.in_chans,
                                      f"'{source}' (--in-chans {self.in_chans})")
-        # The flags override the architecture's default (Fit checks them: "did you mean").
-        fit = Fit(spec.crop_fraction if self.resize is None else parse_resize(self.resize),
+        size = list(self.input_size or spec.input_size)
+        # The architecture's crop is its published weights' evaluation at their own size; a
+        # model trained at another size (CIFAR's 32) saw its images whole, as kdtool train
+        # does. The flags override either (Fit checks them: "did you mean").
+        default_crop = spec.crop_fraction if size == list(spec.input_size) else None
+        fit = Fit(default_crop if self.resize is None else parse_resize(self.resize),
                   self.interpolation or spec.interpolation)
         meta = ModelMeta(
             arch=self.arch,
             num_classes=self.num_classes,
             in_chans=self.in_chans,
-            input_size=list(self.input_size or spec.input_size),
+            input_size=size,
             mean=list(mean),
             std=list(std),
             class_names=list(self.class_names),
@@ -207,11 +211,55 @@ def _require_file(path: Path) -> None:
     require_file(path, "checkpoint")
 
 
+# Leading bytes of files that users hand to a checkpoint option by mistake.
+_MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"),
+          (b"GIF8", "a GIF image"), (b"BM", "a BMP image"), (b"\x1f\x8b", "a gzip archive"),
+          (b"\x80", "a Python pickle (a torch.save file of the old format)"),
+          (b"\x93NUMPY", "a NumPy .npy array"))
+
+
+def _looks_like(path: Path) -> str | None:
+    """What a file that is not the expected checkpoint is, by its content; None: unknown."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(12)
+    except OSError:
+        return None
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "a WebP image"
+    if head[:2] == b"PK":
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return None
+        if any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
+            return "a torch.save file"
+        return "an .npz array file" if names and all(n.endswith(".npy") for n in names) \
+            else "a zip archive"
+    return next((kind for magic, kind in _MAGIC if head.startswith(magic)), None)
+
+
+def _not_a_checkpoint(path: Path, kind: str) -> KdtoolError:
+    if "torch.save" in kind:  # only reached under another suffix than .pt/.pth/.bin
+        pt = path.with_suffix(".pt").name
+        return KdtoolError(
+            f"'{path}' is {kind}, not a safetensors file",
+            f"rename it to {pt}; then kdtool reads it as a state_dict (kdtool convert {pt} "
+            "--arch ARCH ... makes a kdtool checkpoint of it)")
+    return KdtoolError(f"'{path}' is {kind}, not a model checkpoint",
+                       "pass a kdtool checkpoint (.safetensors), or a PyTorch state_dict "
+                       "(.pt/.pth) with --arch")
+
+
 def _safetensors_header(path: Path) -> dict[str, str]:
     try:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
+        kind = _looks_like(path)
+        if kind is not None:
+            raise _not_a_checkpoint(path, kind) from e
         raise KdtoolError(
             f"'{path}' is not a readable safetensors file ({e})",
             "the file is corrupt or truncated: copy it again or re-create it",
@@ -282,6 +330,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         return st_load(path.read_bytes())
     except (SafetensorError, ValueError) as e:
+        kind = _looks_like(path)
+        if kind is not None:
+            raise _not_a_checkpoint(path, kind) from e
         raise KdtoolError(
             f"'{path}' is corrupt or truncated ({e})", "copy it again or re-create it"
         ) from e
@@ -297,6 +348,9 @@ def _check_torch_file(path: Path) -> None:
         head = f.read(2)
     if head[:1] == b"\x80":  # a pickle (torch.save's legacy format)
         return
+    kind = _looks_like(path)
+    if kind not in (None, "a torch.save file", "a zip archive"):
+        raise _not_a_checkpoint(path, kind)
     damaged = head != b"PK"
     if not damaged:
         try:

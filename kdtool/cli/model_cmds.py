@@ -70,8 +70,8 @@ def models_cmd(
     def render(result):
         console.out.print(console.table(
             "kdtool architectures (parameters for 10 classes; 1000 for tv: and timm:)",
-            ["name", "family", "params (M)", "input", "description"],
-            [[r["name"], r["family"], f"{r['params'] / 1e6:.2f}",
+            ["name", "family", "params", "input", "description"],
+            [[r["name"], r["family"], params_text(r["params"]),
               "x".join(map(str, r["input_size"])), r["description"]]
              for r in result["models"]]))
 
@@ -115,11 +115,11 @@ def info_cmd(
         rows = [["architecture", r["arch"] + (f" {r['arch_args']}" if r["arch_args"] else "")],
                 ["classes", _classes(r["num_classes"], r["class_names"])],
                 ["input", f"{r['in_chans']}x{r['input_size'][0]}x{r['input_size'][1]} "
-                          f"(other sizes: {fit.describe()})"],
+                          f"({fit.explain(r['input_size'])})"],
                 ["mean / std", f"{_fmt_list(r['mean'])} / {_fmt_list(r['std'])}"],
                 ["tensors", f"{r['tensors']} ({r['values']:,} values)"],
                 ["file", f"{r['bytes']:,} bytes, sha256 {r['sha256'][:16]}..."]]
-        rows += [[k, str(v)] for k, v in prov.items() if k != "metrics"]
+        rows += [[k, str(v)] for k, v in prov.items() if k != "metrics" and v is not None]
         rows += [[f"metric {k}", f"{v:.4g}" if isinstance(v, float) else str(v)]
                  for k, v in prov.get("metrics", {}).items()]
         rows += [[f"stage {k}", _stage_line(k, v, checkpoint)] for k, v in r["stages"].items()]
@@ -202,6 +202,13 @@ def _numel(shape) -> int:
     return n
 
 
+def params_text(n: int) -> str:
+    """A parameter count as people quote it: 11.17M, 1.6K (a test model has a few thousand)."""
+    if n >= 1_000_000:
+        return f"{n / 1e6:.2f}M"
+    return f"{n / 1e3:.1f}K" if n >= 1000 else str(n)
+
+
 def _fmt_list(values) -> str:
     return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 
@@ -270,5 +277,5 @@ def convert_cmd(
                  as_json, lambda r: console.info(
                      f"wrote {r['out']} ({r['arch']}, {r['num_classes']} classes, input "
                      f"{meta.in_chans}x{h}x{w}, mean {_fmt_list(meta.mean)}, std "
-                     f"{_fmt_list(meta.std)}, other sizes fitted by {fit.describe()}): check "
-                     "these are what the model was trained on"))
+                     f"{_fmt_list(meta.std)}; {fit.explain((h, w))}): check these are what "
+                     "the model was trained on"))

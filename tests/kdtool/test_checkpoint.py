@@ -99,6 +99,28 @@ def test_missing_file_and_not_a_checkpoint(tmp_path: Path):
     load_checkpoint(legacy, ForeignSpec("tiny_cnn", mean=[0.5], std=[0.5]))
 
 
+def test_a_file_of_another_kind_is_named_not_called_corrupt(tmp_path: Path, cli):
+    import numpy as np
+    from PIL import Image
+
+    Image.new("L", (8, 8)).save(tmp_path / "digit.png")
+    np.savez(tmp_path / "data.npz", x=np.zeros((1, 8, 8, 1), np.uint8), y=np.zeros(1))
+    torch.save(create_model("tiny_cnn").state_dict(), tmp_path / "weights.safetensors")
+    for name, kind in [("digit.png", "a PNG image"), ("data.npz", "an .npz array file"),
+                       ("weights.safetensors", "a torch.save file")]:
+        r = cli("info", tmp_path / name)
+        assert r.code == 1 and f"is {kind}, not a" in r.err, r.err
+        assert "corrupt" not in r.err and "Traceback" not in r.err
+    r = cli("info", tmp_path / "weights.safetensors")
+    assert "rename it to weights.pt" in r.err
+    # Under a PyTorch suffix (read as a state_dict), and as a plain safetensors state_dict.
+    (tmp_path / "digit.pt").write_bytes((tmp_path / "digit.png").read_bytes())
+    spec = ForeignSpec("tiny_cnn", mean=[0.5], std=[0.5])
+    for name in ("digit.pt", "digit.png"):
+        with pytest.raises(KdtoolError, match="is a PNG image, not a model checkpoint"):
+            load_checkpoint(tmp_path / name, spec)
+
+
 def test_wrong_architecture_names_first_mismatch(tmp_path: Path):
     path = save_checkpoint(tmp_path / "m.safetensors", create_model("resnet8"),
                            _meta("resnet8"), False)

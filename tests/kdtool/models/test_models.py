@@ -198,3 +198,13 @@ def test_train_and_distill_refuse_an_architecture_the_images_are_too_small_for(
     assert "needs16 cannot take 1x8x8 images" in r.err and "--image-size" in r.err
     assert not (tmp_path / "c.safetensors").exists()
     assert cli(*args, "--image-size", "16").code == 0
+
+
+def test_the_models_table_quotes_small_counts_in_thousands(cli, monkeypatch):
+    from kdtool.cli.model_cmds import params_text
+
+    assert [params_text(n) for n in (11_173_962, 1_634, 999)] == ["11.17M", "1.6K", "999"]
+    monkeypatch.setenv("COLUMNS", "160")
+    r = cli("models")
+    row = next(line for line in r.out.splitlines() if " tiny_cnn " in line)
+    assert "K " in row and "0.00" not in row  # tiny_cnn: 1.6K, not "0.00" million
