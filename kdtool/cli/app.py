@@ -17,11 +17,13 @@ except ImportError:  # older typer runs on click itself
     from click.exceptions import NoSuchOption, UsageError
 
 from kdtool import __version__, console
+from kdtool.cli.helpfmt import negatives_in_descriptions
 from kdtool.cli.hints import foreign_option_hint
 from kdtool.errors import KdtoolError
 from kdtool.interrupts import describe, sigterm_as_interrupt
 from kdtool.runinfo import set_command_line
 
+negatives_in_descriptions()
 app = typer.Typer(
     name="kdtool",
     help="Turn a trained image classifier into a small, fast student without its training "
