@@ -143,6 +143,10 @@ def distill_cmd(
         if "val_top1_current_live" in r:
             rows.append(["val top-1 (current BN), live weights (not --ema)",
                          f"{r['val_top1_current_live']:.2f}%"])
+        if "val_teacher_top1" in r:  # the student's reference, on the same --val
+            aligned = (f" ({r['val_teacher_top1_aligned']:.2f}% batch-aligned, the answers "
+                       "the student learns from)" if "val_teacher_top1_aligned" in r else "")
+            rows.append(["val top-1 (teacher)", f"{r['val_teacher_top1']:.2f}%{aligned}"])
         rows.append(["throughput", f"{r['images_per_s']:,.0f} img/s on {r['device']}"])
         console.print_kv("kdtool distill", rows)
 

@@ -33,11 +33,11 @@ from kdtool.device import (
 from kdtool.dist import all_reduce_mean, finish, init_from_env, sync_buffers
 from kdtool.distill.balance import BALANCE_MODES, BalancedNoise
 from kdtool.distill.distiller import NoiseKD
-from kdtool.distill.noise import make_noise
+from kdtool.distill.noise import check_noise_options, make_noise
 from kdtool.distill.pool import PooledNoise
 from kdtool.distill.teacher import TEACHER_BN_MODES, TEACHER_STATS, FrozenTeacher
 from kdtool.ema import check_decay, make_ema
-from kdtool.errors import KdtoolError, check_choice, check_val_every
+from kdtool.errors import KdtoolError, check_choice, check_val_every, check_weight_decay
 from kdtool.evaluate import predict
 from kdtool.loader import epoch_generator
 from kdtool.models import check_input_size, create_model, model_spec
@@ -93,6 +93,8 @@ class DistillConfig:
         check_choice(c.precision, PRECISIONS, "--precision")
         check_decay(c.ema)
         c.schedule, c.lr = optim.resolve(c.optimizer, c.schedule, c.lr)
+        check_weight_decay(c.weight_decay)
+        check_noise_options(c.noise, c.noise_options)
         for name, value in (("--epochs", c.epochs), ("--iters-per-epoch", c.iters_per_epoch),
                             ("--batch-size", c.batch_size), ("--log-every", c.log_every)):
             if value < 1:

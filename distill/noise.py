@@ -22,6 +22,9 @@ from kdtool.errors import KdtoolError, check_choice
 NOISE_KINDS = ("gaussian", "uniform", "dead_leaves")
 _OPTIONS = {"gaussian": (), "uniform": (),
             "dead_leaves": ("rmin", "rmax", "alpha", "shapes", "leaves", "budget")}
+# The command-line option that sets a noise option (``kdtool distill``); the others are set
+# only through the Python API (``DistillConfig.noise_options``).
+CLI_OPTIONS = {"shapes": "--shapes"}
 
 
 class NoiseSource:
@@ -129,12 +132,28 @@ class DeadLeavesNoise(NoiseSource):
 _CLASSES = {"gaussian": GaussianNoise, "uniform": UniformNoise, "dead_leaves": DeadLeavesNoise}
 
 
-def make_noise(kind: str, channels: int, size, mean, std, device, **options) -> NoiseSource:
-    """The noise source ``kind`` (one of NOISE_KINDS) with its ``options``."""
+def check_noise_options(kind: str, options) -> None:
+    """``kind`` is one of NOISE_KINDS and takes every option named in ``options``.
+
+    An option of another kind is named as the user set it (``--shapes``, or its key where
+    no option of the command sets it) together with the ``--noise`` that takes it."""
     check_choice(kind, NOISE_KINDS, "noise kind")
     for name in options:
-        if name not in _OPTIONS[kind]:
-            if not _OPTIONS[kind]:
-                raise KdtoolError(f"{kind} noise takes no options, got '{name}'")
-            check_choice(name, _OPTIONS[kind], f"{kind} noise option")
+        if name in _OPTIONS[kind]:
+            continue
+        takers = [k for k in NOISE_KINDS if name in _OPTIONS[k]]
+        if takers:
+            what = CLI_OPTIONS.get(name, f"noise option '{name}'")
+            noise = " or ".join(f"--noise {k}" for k in takers)
+            raise KdtoolError(f"{what} applies to {noise} only; this run uses --noise {kind}",
+                              f"drop {what}, or use {noise}" if name in CLI_OPTIONS
+                              else f"drop it, or use {noise}")
+        if not _OPTIONS[kind]:
+            raise KdtoolError(f"{kind} noise takes no options, got '{name}'")
+        check_choice(name, _OPTIONS[kind], f"{kind} noise option")
+
+
+def make_noise(kind: str, channels: int, size, mean, std, device, **options) -> NoiseSource:
+    """The noise source ``kind`` (one of NOISE_KINDS) with its ``options``."""
+    check_noise_options(kind, options)
     return _CLASSES[kind](channels, size, mean, std, device, **options)

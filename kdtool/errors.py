@@ -9,6 +9,7 @@ traceback; ``InternalError`` marks broken invariants explicitly.
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Iterable
 
 
@@ -66,3 +67,11 @@ def check_val_every(val_every: int, val: str | None) -> None:
     if val_every != 1 and not val:
         raise KdtoolError(f"--val-every {val_every} paces validation on --val, and there "
                           "is none", "add --val DATA, or drop --val-every")
+
+
+def check_weight_decay(weight_decay: float) -> None:
+    """--weight-decay shrinks weights towards zero (train and distill alike): a negative or
+    non-finite value would grow them without bound."""
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise KdtoolError(f"--weight-decay must be a finite number >= 0, got {weight_decay:g}",
+                          "use 0 for none, or a small positive value such as 5e-4")

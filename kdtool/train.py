@@ -30,7 +30,7 @@ from kdtool.device import (
     resolve_precision,
 )
 from kdtool.ema import check_decay, make_ema
-from kdtool.errors import KdtoolError, check_choice, check_val_every
+from kdtool.errors import KdtoolError, check_choice, check_val_every, check_weight_decay
 from kdtool.evaluate import evaluate
 from kdtool.imageprep import Fit, parse_resize
 from kdtool.loader import Augment, DeviceLoader
@@ -76,6 +76,7 @@ class TrainConfig:
         model_spec(self.arch)  # unknown architecture -> "did you mean"
         c = TrainConfig(**asdict(self))
         c.schedule, c.lr = optim.resolve(c.optimizer, c.schedule, c.lr)
+        check_weight_decay(c.weight_decay)
         for name, value, low in (("--epochs", c.epochs, 1), ("--batch-size", c.batch_size, 1)):
             if value < low:
                 raise KdtoolError(f"{name} must be >= {low}, got {value}")

@@ -57,8 +57,24 @@ FOREIGN_OPTIONS: dict[str, list[str]] = {
 }
 
 
+# Options that mean two things in a command: (options the command has, the whole hint),
+# tried in order before FOREIGN_OPTIONS. In distill (and analyze sweep) --arch may describe
+# the student, or a plain PyTorch state_dict teacher: --teacher takes a kdtool checkpoint
+# only, so that teacher is converted first (naming --student alone would silently change
+# the student's architecture instead).
+TWO_MEANINGS: dict[str, list[tuple[tuple[str, ...], str]]] = {
+    "--arch": [(("--student", "--teacher"),
+                "; kdtool spells it --student for the student's architecture; a plain PyTorch "
+                "state_dict teacher becomes a kdtool checkpoint first: 'kdtool convert T.pt "
+                "--arch ARCH --out T.safetensors', then --teacher T.safetensors")],
+}
+
+
 def foreign_option_hint(option: str, command_options: set[str]) -> str | None:
     """``"; kdtool spells it --precision fp16"`` for the candidates the command has, else None."""
+    for needs, hint in TWO_MEANINGS.get(option, []):
+        if set(needs) <= command_options:
+            return hint
     have = [c for c in FOREIGN_OPTIONS.get(option, []) if c.split()[0] in command_options]
     if not have:
         return None

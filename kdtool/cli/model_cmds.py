@@ -258,8 +258,10 @@ def convert_cmd(
     if arch is None:
         raise KdtoolError(f"converting '{state_dict}' needs its architecture",
                           "pass --arch (see 'kdtool models')")
-    check_output(out, force, "checkpoint", (CHECKPOINT_SUFFIX,))  # before any work
+    # The flags first (a --mean without --std is the mistake to fix, not an existing --out),
+    # then the output, before any work.
     spec = foreign_spec(state_dict, arch, num_classes, in_chans, mean, std, image_size)
+    check_output(out, force, "checkpoint", (CHECKPOINT_SUFFIX,))
     # None: the architecture's default (torchvision's: its weights' evaluation transform)
     spec.resize, spec.interpolation = resize, interpolation
     if class_names is not None:

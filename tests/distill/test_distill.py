@@ -326,3 +326,44 @@ def test_global_teacher_statistics_in_one_process_say_they_do_nothing(small_teac
     assert r.code == 0, r.err
     err = " ".join(r.err.split())
     assert "--teacher-stats global" in err and "this is one process" in err
+
+
+@pytest.mark.parametrize("value, shown", [("-1", "-1"), ("nan", "nan"), ("inf", "inf")])
+def test_cli_refuses_negative_or_non_finite_weight_decay_before_writing(cli, small_teacher,
+                                                                         tmp_path, value, shown):
+    r = cli("distill", "--teacher", small_teacher, "--student", "tiny_cnn", "--epochs", "1",
+            "--weight-decay", value, "--out", tmp_path / "s.safetensors")
+    assert r.code == 1 and "Traceback" not in r.err
+    assert r.err.strip().splitlines() == [f"error: --weight-decay must be a finite number >= 0, "
+                                          f"got {shown} (use 0 for none, or a small positive "
+                                          "value such as 5e-4)"]
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(KdtoolError, match="--weight-decay must be a finite number >= 0"):
+        DistillRun(_cfg(small_teacher, weight_decay=float(value)), tmp_path / "s.safetensors")
+
+
+def test_cli_shapes_with_another_noise_names_the_option_and_its_noise(cli, small_teacher,
+                                                                      tmp_path):
+    r = cli("distill", "--teacher", small_teacher, "--student", "tiny_cnn", "--noise",
+            "gaussian", "--shapes", "circle", "--out", tmp_path / "s.safetensors")
+    assert r.code == 1 and "Traceback" not in r.err
+    assert r.err.strip().splitlines() == ["error: --shapes applies to --noise dead_leaves only; "
+                                          "this run uses --noise gaussian (drop --shapes, or "
+                                          "use --noise dead_leaves)"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_table_shows_the_teachers_val_top1_beside_the_students(cli, small_teacher,
+                                                                    tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # table rows on one line each
+    args = ["distill", "--teacher", small_teacher, "--student", "tiny_cnn", "--epochs", "1",
+            "--iters-per-epoch", "2", "--batch-size", "32"]
+    r = cli(*args, "--val", "digits:test", "--out", tmp_path / "s.safetensors")
+    assert r.code == 0, r.err
+    teacher_top1 = read_meta(tmp_path / "s.safetensors").provenance["metrics"][
+        "val_teacher_top1"]
+    rows = [line for line in r.out.splitlines() if "val top-1 (teacher)" in line]
+    assert len(rows) == 1 and f"{teacher_top1:.2f}%" in rows[0], r.out
+    r = cli(*args, "--out", tmp_path / "t.safetensors")  # no --val: no teacher row
+    assert r.code == 0, r.err
+    assert "val top-1" not in r.out

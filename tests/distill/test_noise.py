@@ -88,7 +88,21 @@ def test_errors_suggest_names():
         noise("dead_leaves", shape="circle")
     assert "did you mean 'shapes'" in str(e.value)
     with pytest.raises(KdtoolError, match="takes no options"):
-        noise("gaussian", rmin=0.1)
+        noise("gaussian", foo=0.1)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "uniform"])
+def test_another_kinds_option_names_the_noise_that_takes_it(kind):
+    """Named as the user set it (--shapes on the command line), with the --noise it needs."""
+    with pytest.raises(KdtoolError) as e:
+        noise(kind, shapes="circle")
+    assert e.value.message == (f"--shapes applies to --noise dead_leaves only; this run uses "
+                               f"--noise {kind}")
+    assert e.value.hint == "drop --shapes, or use --noise dead_leaves"
+    with pytest.raises(KdtoolError) as e:  # set through the Python API only: its key
+        noise(kind, rmin=0.1)
+    assert e.value.message == (f"noise option 'rmin' applies to --noise dead_leaves only; "
+                               f"this run uses --noise {kind}")
 
 
 def test_bad_values():

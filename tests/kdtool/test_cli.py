@@ -96,7 +96,12 @@ def _one_line_error(r, *fragments):
         (["eval", "m.safetensors", "--val", "digits"], ["--val; kdtool spells it --data ("]),
         (["export", "m.safetensors", "--data", "digits"],
          ["--data; kdtool spells it --val or --calib-data ("]),
-        (["distill", "--arch", "resnet8"], ["--arch; kdtool spells it --student ("]),
+        # distill's --arch may describe the student or a plain state_dict teacher: both.
+        (["distill", "--teacher", "t.pt", "--arch", "tv:resnet18"],
+         ["--arch; kdtool spells it --student for the student's architecture; a plain "
+          "PyTorch state_dict teacher becomes a kdtool checkpoint first: 'kdtool convert T.pt "
+          "--arch ARCH --out T.safetensors', then --teacher T.safetensors ("]),
+        (["analyze", "sweep", "--arch", "resnet8"], ["--arch; kdtool spells it --student for"]),
         (["export", "m.safetensors", "--half"], ["--half; kdtool spells it --precision fp16"]),
         (["train", "--data", "digits", "-b", "64"], ["-b; kdtool spells it --batch-size"]),
         (["calibrate", "s.safetensors", "-o", "c.safetensors"], ["-o; kdtool spells it --out ("]),
@@ -259,7 +264,7 @@ def test_foreign_option_hints_name_real_options():
     """Every kdtool spelling in the hint table is an option of some command: no hint rots."""
     import typer
 
-    from kdtool.cli.hints import FOREIGN_OPTIONS
+    from kdtool.cli.hints import FOREIGN_OPTIONS, TWO_MEANINGS
 
     def commands(c):
         subs = getattr(c, "commands", None)
@@ -270,6 +275,10 @@ def test_foreign_option_hints_name_real_options():
     for foreign, spellings in FOREIGN_OPTIONS.items():
         for s in spellings:
             assert s.split()[0] in real, (foreign, s)
+    for foreign, meanings in TWO_MEANINGS.items():
+        for needs, _ in meanings:
+            assert any(set(needs) <= {o for p in c.params for o in (*p.opts, *p.secondary_opts)}
+                       for c in commands(typer.main.get_command(app))), (foreign, needs)
 
 
 def _plain_copy(checkpoint: Path, out: Path):
@@ -300,7 +309,7 @@ def test_a_plain_state_dict_takes_its_input_size_and_scores_as_its_source(cli, d
     assert r.json()["top1"] == want
     r = cli("convert", tmp_path / "t.pt", *plain, "--out", tmp_path / "d.safetensors")
     said = " ".join(r.err.split() + r.out.split())
-    assert r.code == 0 and "input 1x32x32" in said and "fitted by --resize stretch" in said
+    assert r.code == 0 and "input 1x32x32" in said and "--resize stretch: images resized to 32x32" in said
     r = cli("convert", tmp_path / "t.pt", *plain, "--resize", "crop:0.875", "--out",
             tmp_path / "e.safetensors", "--json")
     assert (r.json()["resize"], r.json()["interpolation"]) == ("crop:0.875", "bilinear")

@@ -183,6 +183,10 @@ def test_convert_class_names_from_files_and_imagenet(cli, tmp_path, tiny_pt):
     assert r.code == 1 and "(0, 1]" in r.err
     r = _convert(cli, tiny_pt, tmp_path / "x.safetensors", "--interpolation", "bicubik")
     assert r.code == 1 and "did you mean 'bicubic'" in r.err
+    # A flag mistake is named before an existing --out is: fixing it is the first step.
+    r = cli("convert", tiny_pt, "--arch", "tiny_cnn", "--mean", "0.5", "--out",
+            tmp_path / "names.txt.safetensors")
+    assert r.code == 1 and "--std" in r.err and "exists" not in r.err, r.err
 
 
 def test_imagenet_names_for_a_torchvision_teacher(cli, tmp_path):

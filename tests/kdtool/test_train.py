@@ -107,6 +107,9 @@ def test_adam_plateau_recipe_runs(tmp_path):
     (dict(schedule="cosin"), "did you mean 'cosine'"),
     (dict(lr=-1.0), "--lr must be positive"),
     (dict(label_smoothing=1.5), "label-smoothing"),
+    (dict(weight_decay=-1.0), r"--weight-decay must be a finite number >= 0, got -1 \(use 0"),
+    (dict(weight_decay=float("nan")), "--weight-decay must be a finite number >= 0, got nan"),
+    (dict(weight_decay=float("inf")), "--weight-decay must be a finite number >= 0, got inf"),
     (dict(val_every=0, val="digits:test"), "--val-every must be >= 1"),
     (dict(val_every=2), "--val-every 2 paces validation on --val, and there is none"),
     (dict(device="cuda:0" if not torch.cuda.is_available() else "tpu"), "device"),
@@ -114,6 +117,17 @@ def test_adam_plateau_recipe_runs(tmp_path):
 def test_bad_config_values(tmp_path, kw, match):
     with pytest.raises(KdtoolError, match=match):
         Trainer(_cfg(**kw), tmp_path / "x.safetensors").run()
+
+
+def test_cli_refuses_negative_weight_decay_before_writing(cli, tmp_path):
+    out = tmp_path / "x.safetensors"
+    r = cli("train", "--arch", "tiny_cnn", "--data", "digits", "--weight-decay", "-1",
+            "--epochs", "1", "--out", out)
+    assert r.code == 1 and "Traceback" not in r.err
+    assert r.err.strip().splitlines() == ["error: --weight-decay must be a finite number >= 0, "
+                                          "got -1 (use 0 for none, or a small positive value "
+                                          "such as 5e-4)"]
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("schedule", ["onecycle", "plateau"])
