@@ -274,6 +274,11 @@ def has_kdtool_meta(path: str | Path) -> bool:
         return False
 
 
+# What else a plain state_dict needs, in a hint: tv: and timm: know their own weights'.
+_CONVERT_FLAGS = ("(plus --mean M --std S for kdtool's own architectures; --num-classes N "
+                  "unless 10)")
+
+
 def read_meta(path: str | Path) -> ModelMeta:
     """Read a kdtool checkpoint's metadata without loading its weights."""
     path = Path(path)
@@ -287,8 +292,8 @@ def read_meta(path: str | Path) -> ModelMeta:
     if path.suffix.lower() in FOREIGN_SUFFIXES:
         raise KdtoolError(
             f"'{path}' is a plain PyTorch file, not a kdtool checkpoint",
-            f"make it one: kdtool convert {path} --arch ARCH --mean M --std S --out "
-            f"{path.with_suffix('.safetensors').name}",
+            f"make it one: kdtool convert {path} --arch ARCH --out "
+            f"{path.with_suffix('.safetensors').name} {_CONVERT_FLAGS}",
         )
     if path.suffix.lower() == ".onnx":
         raise KdtoolError(
@@ -300,9 +305,9 @@ def read_meta(path: str | Path) -> ModelMeta:
     if META_KEY not in header:
         raise KdtoolError(
             f"'{path}' is a safetensors file without kdtool metadata (a plain state_dict)",
-            f"make it a kdtool checkpoint: kdtool convert {path} --arch ARCH --mean M --std S "
-            f"--out {path.with_name(path.stem + '.kdtool.safetensors').name} ('kdtool eval' "
-            "also takes it with --arch)",
+            f"make it a kdtool checkpoint: kdtool convert {path} --arch ARCH "
+            f"--out {path.with_name(path.stem + '.kdtool.safetensors').name} {_CONVERT_FLAGS}"
+            " ('kdtool eval' also takes it with --arch)",
         )
     return ModelMeta.from_json(header[META_KEY], str(path))
 

@@ -108,6 +108,11 @@ class Trainer:
         if not train.labeled:
             raise KdtoolError(f"training data '{c.data}' has no labels",
                               "use a folder of class subfolders, a zip of one, or an npz with y")
+        if train.num_classes < 2:  # one class: every answer is right, nothing is learnt
+            raise KdtoolError(f"training data '{c.data}' has {train.num_classes} class "
+                              f"({', '.join(map(str, train.class_names)) or 'no name'}); a "
+                              "classifier needs at least 2",
+                              "give each class a folder of its own: DATA/<class>/<image>")
         val = None
         if c.val:
             # Fitted to the training images' size, as eval and serve will fit them.

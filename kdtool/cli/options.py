@@ -122,8 +122,9 @@ def foreign_spec(path: Path, arch: str | None, num_classes: int | None, in_chans
     if arch is None:
         if path.suffix.lower() in FOREIGN_SUFFIXES:
             raise KdtoolError(f"'{path}' is a plain state_dict and does not name its architecture",
-                              "pass --arch (see 'kdtool models'), --num-classes, --mean/--std "
-                              "and --image-size")
+                              "pass --arch (see 'kdtool models'); --num-classes unless 10, "
+                              "--image-size unless the architecture's, and --mean/--std for "
+                              "kdtool's own architectures (tv: and timm: know their weights')")
         if image_size is not None:
             raise KdtoolError(f"--image-size describes a plain state_dict; '{path}' records "
                               "its input size", "drop --image-size: images of other sizes are "

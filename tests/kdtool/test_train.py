@@ -154,3 +154,17 @@ def test_a_state_from_before_val_every_resumes(tmp_path):
     check_same_config(saved, {**saved, "val_every": 1}, tmp_path)
     with pytest.raises(KdtoolError, match="val_every was None, now 2"):
         check_same_config(saved, {**saved, "val_every": 2}, tmp_path)
+
+
+def test_one_class_of_training_data_is_refused_before_writing(cli, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "data" / "cat").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / "data/cat" / f"{i}.png")
+    out = tmp_path / "t.safetensors"
+    r = cli("train", "--arch", "tiny_cnn", "--data", tmp_path / "data", "--epochs", "1",
+            "--out", out)
+    assert r.code == 1 and "has 1 class (cat); a classifier needs at least 2" in r.err, r.err
+    assert "Traceback" not in r.err and not out.exists()
