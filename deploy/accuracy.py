@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdtool import console
 from kdtool.data import ImageData, check_fits, load_for_model
 from kdtool.deploy.backends import BenchModel
 from kdtool.errors import KdtoolError
@@ -107,7 +108,10 @@ def evaluate_file(path, spec: str, *, device: str = "auto", batch_size: int = 25
     runner, used = start_runner(model, backend, None)
     try:
         batch = batch_for(runner, batch_size)
-        logits = runner_logits(runner, model, data, batch, flip=tta == "flip")
+        # The bar of kdtool eval on a checkpoint: the command's own work, so it stays.
+        with console.progress_task("evaluate", -(-len(data) // batch), unit="batch") as step:
+            logits = runner_logits(runner, model, data, batch, lambda n, info=None: step(1),
+                                   flip=tta == "flip")
         described = runner.describe()
     finally:
         runner.close()

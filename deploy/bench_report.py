@@ -52,12 +52,14 @@ _HEADER = {
 
 
 def runs_on(row: dict) -> str:
-    """The providers an ONNX Runtime session actually uses, else the device or runtime."""
+    """The providers an ONNX Runtime session actually uses, else the device or runtime,
+    named one way in the column: a torch row's device "cpu" / "cuda:1" reads as ONNX
+    Runtime's CPU / CUDA do (the JSON keeps torch's own name)."""
     if row["providers"]:
         return "+".join(_SHORT.get(p, p) for p in row["providers"])
     if row["device"] is None:  # it did not run
         return ""
-    return "TensorRT" if row["backend"] == "trt" else row["device"]
+    return "TensorRT" if row["backend"] == "trt" else row["device"].upper()
 
 
 def _num(v: float | None, digits: int = 3) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,17 +47,47 @@ class PredictConfig:
     threads: int | None = None
 
 
+def image_extensions() -> tuple[str, ...]:
+    """The names a folder scan takes for images: the dataset loaders' (``IMAGE_EXTS``) and
+    every one Pillow registers for a format ``kdtool serve`` decodes (GIF among them), so
+    that a folder gives predict the images that naming its files would."""
+    from PIL import Image
+
+    from kdtool.data import IMAGE_EXTS
+    from kdtool.deploy.server.images import FORMATS
+
+    Image.init()
+    served = sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in FORMATS)
+    return tuple(dict.fromkeys([*IMAGE_EXTS, *served]))
+
+
+def _hidden(name: str) -> bool:
+    # as the dataset loaders skip them: dot files, and macOS's __MACOSX resource forks
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def images_in(root: Path, exts: tuple[str, ...]) -> list[Path]:
+    """The images in ``root`` and its subfolders (hidden ones skipped), in the order the
+    dataset loaders list a folder."""
+    names = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not _hidden(d)]
+        rel = Path(dirpath).relative_to(root).as_posix()
+        names += [f if rel == "." else f"{rel}/{f}" for f in filenames
+                  if f.lower().endswith(exts) and not _hidden(f)]
+    return [root / name for name in sorted(names)]
+
+
 def list_images(inputs: tuple[Path, ...]) -> list[Path]:
     """Image files given, and the images inside folders given (recursively), each once."""
-    from kdtool.data import IMAGE_EXTS, image_files
-
+    exts = image_extensions()
     found: list[Path] = []
     for path in inputs:
         if path.is_dir():
-            inside = image_files(path)
+            inside = images_in(path, exts)
             if not inside:
                 raise KdtoolError(f"folder '{path}' holds no images",
-                                  f"looked for {' '.join(IMAGE_EXTS)} files (any case)")
+                                  f"looked for {' '.join(exts)} files (any case)")
             found += inside
         elif path.is_file():
             found.append(path)  # any name: a file that is no image says so when decoded
@@ -65,8 +96,12 @@ def list_images(inputs: tuple[Path, ...]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-def read_image(path: Path, model: BenchModel) -> np.ndarray:
-    """One image as the model's input row, prepared as the server prepares it."""
+READ_HINT = "pass JPEG, PNG, BMP, GIF, TIFF or WebP files; delete or replace this one"
+
+
+def read_image(path: Path, model: BenchModel) -> np.ndarray | str:
+    """One image as the model's input row, prepared as the server prepares it; or, for a
+    file that does not decode, why (the run goes on without it)."""
     from PIL import Image
 
     from kdtool.data import DECODE_ERRORS, decode_error_text
@@ -76,9 +111,7 @@ def read_image(path: Path, model: BenchModel) -> np.ndarray:
         with Image.open(path) as im:
             return preprocess(im, model, np.dtype(model.input_dtype))
     except DECODE_ERRORS as e:
-        raise KdtoolError(f"cannot read image '{path}': {decode_error_text(e)}",
-                          "pass JPEG, PNG, BMP, TIFF or WebP files; delete or replace this one"
-                          ) from None
+        return decode_error_text(e)
 
 
 def check_top(top: int, num_classes: int) -> int:
@@ -140,20 +173,40 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
     images = list_images(cfg.inputs)
     names = model.class_names or [f"class_{i}" for i in range(model.num_classes)]
     runner, backend = start_runner(model, cfg.backend, cfg.threads)
-    results = []
+    results: list[dict[str, Any]] = []
+    unreadable: list[tuple[Path, str]] = []
     try:
         batch = batch_for(runner, cfg.batch_size)
         with console.progress_task("predict", len(images), unit="img") as advance:
             for start in range(0, len(images), batch):
                 chunk = images[start:start + batch]
-                x = np.stack([read_image(p, model) for p in chunk])
-                logits = runner.infer_whole(x, batch)
-                results += [{"image": str(p), "predictions": top_k(row, k, names)}
-                            for p, row in zip(chunk, logits, strict=True)]
+                entries = [{"image": str(p)} for p in chunk]
+                rows, read = [], []
+                for p, entry in zip(chunk, entries, strict=True):
+                    x = read_image(p, model)
+                    if isinstance(x, str):  # one bad file costs its own answer, not the run's
+                        entry["error"] = x
+                        unreadable.append((p, x))
+                    else:
+                        rows.append(x)
+                        read.append(entry)
+                if rows:
+                    logits = runner.infer_whole(np.stack(rows), batch)
+                    for entry, row in zip(read, logits, strict=True):
+                        entry["predictions"] = top_k(row, k, names)
+                results += entries
                 advance(len(chunk))
+            if len(unreadable) == len(images):
+                # Nothing to show: one line, as any user error (and no progress line after).
+                path, why = unreadable[0]
+                raise KdtoolError(
+                    f"cannot read image '{path}': {why}", READ_HINT if len(images) == 1
+                    else f"none of the {len(images)} images could be read; {READ_HINT}")
         described = runner.describe()
     finally:
         runner.close()
+    for path, why in unreadable:  # after the run, so that all of them are one line each
+        console.warn(f"cannot read image '{path}': {why}; skipped")
     return {
         "model": model.summary(),
         "backend": backend,
@@ -168,6 +221,7 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
         },
         "top": k,
         "results": results,
+        "unreadable": len(unreadable),
     }
 
 
@@ -178,14 +232,19 @@ def _resize_rule(model: BenchModel) -> str:
 
 
 def to_csv(result: dict) -> str:
-    """One row per image: image, then label and probability of each of the top classes."""
+    """One row per image: image, then label and probability of each of the top classes; when
+    an image could not be read, an ``error`` column says why (and its other cells are empty)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     k = result["top"]
-    writer.writerow(["image"] + [f"{c}{i}" for i in range(1, k + 1) for c in ("label", "p")])
+    errors = any("error" in r for r in result["results"])
+    writer.writerow(["image"] + [f"{c}{i}" for i in range(1, k + 1) for c in ("label", "p")]
+                    + (["error"] if errors else []))
     for r in result["results"]:
         cells = [r["image"]]
-        for p in r["predictions"]:
+        for p in r.get("predictions", []):
             cells += [p["label"], f"{p['probability']:.6f}"]
+        if errors:
+            cells += [""] * (1 + 2 * k - len(cells)) + [r.get("error", "")]
         writer.writerow(cells)
     return buf.getvalue()

@@ -29,8 +29,8 @@ def predict_cmd(
     threads: Annotated[int | None, typer.Option(
         "--threads", help="CPU threads for PyTorch and ONNX Runtime (default: theirs).")] = None,
     csv_out: Annotated[Path | None, typer.Option(
-        "--csv", help="Write the predictions here (image, label1, p1, label2, p2, ...) instead "
-        "of printing a table.")] = None,
+        "--csv", help="Write the predictions here (image, label1, p1, label2, p2, ...; and "
+        "error, when an image cannot be read) instead of printing a table.")] = None,
     force: Force = False,
     as_json: Json = False,
 ) -> None:
@@ -39,15 +39,20 @@ def predict_cmd(
     Images are fitted and normalised as the model file records (input size, channels,
     --resize rule, mean and std), exactly as 'kdtool serve' prepares them, and the model
     runs on the runners 'kdtool bench' measures. A student straight from 'kdtool distill'
-    still has noise statistics in its BatchNorm layers: calibrate it first.
+    still has noise statistics in its BatchNorm layers: calibrate it first. An image that
+    cannot be read is reported and skipped; the command then exits 1 after the others.
 
     Example: [bold]kdtool predict student.onnx photos/ cat.jpg --top 3[/bold]
     """
     from kdtool import console
     from kdtool.deploy.predict import PredictConfig, predict, to_csv
+    from kdtool.errors import KdtoolError
     from kdtool.io import atomic_write_text, check_output
 
     if csv_out is not None:
+        if csv_out.is_dir():  # before check_output, whose hint names --out
+            raise KdtoolError(f"--csv '{csv_out}' is a folder; it takes the file to write",
+                              f"e.g. --csv {csv_out / 'predictions.csv'}")
         check_output(csv_out, force, "CSV")
     result = predict(PredictConfig(model=model, inputs=tuple(images), backend=backend, top=top,
                                    batch_size=batch_size, threads=threads))
@@ -55,12 +60,15 @@ def predict_cmd(
         atomic_write_text(csv_out, to_csv(result))
         result["csv"] = str(csv_out)
     console.emit(result, as_json, _render)
+    if result["unreadable"]:
+        raise KdtoolError(f"{result['unreadable']} of {len(result['results'])} images could "
+                          "not be read", "see the warnings above; the others were predicted")
 
 
 def _render(result: dict) -> None:
     from kdtool import console
 
-    n = len(result["results"])
+    n = len(result["results"]) - result["unreadable"]
     pre = result["preprocessing"]
     where = (f"{result['model']['path']} on {result['backend']} ({result['runtime']}); images "
              f"fitted to {'x'.join(map(str, pre['input_size']))} by {pre['resize']}")
@@ -69,6 +77,9 @@ def _render(result: dict) -> None:
         return
     rows = []
     for r in result["results"]:
+        if "error" in r:
+            rows.append([r["image"], "-", "-", f"unreadable: {r['error']}"])
+            continue
         best, *rest = r["predictions"]
         rows.append([r["image"], best["label"], f"{100 * best['probability']:.1f}%",
                      ", ".join(f"{p['label']} {100 * p['probability']:.1f}%" for p in rest)])

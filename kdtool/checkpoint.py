@@ -94,13 +94,14 @@ class ModelMeta:
 
     def noise_bn_warning(self, source: str) -> str | None:
         """What to tell a user about to run a distilled student that was never calibrated:
-        its BN running statistics are the noise's, which cost it tens of points."""
+        its BN running statistics are the noise's, which can cost it much of its accuracy
+        (tens of points on CIFAR-10; on digits sometimes nothing: a warning, not a verdict)."""
         noise = (self.stages.get("distill") or {}).get("bn_running_stats") == "noise"
         if not noise or "calibrate" in self.stages:
             return None
-        return (f"'{source}' is a distilled student whose BN running statistics come from "
-                "noise: on them it scores far below what it learnt, often by tens of points; "
-                f"calibrate it first: kdtool calibrate {source} --data REAL_IMAGES")
+        return (f"'{source}' is a distilled student whose BN running statistics are noise "
+                "statistics, not yet calibrated: accuracy on them can be far below what it "
+                f"learnt; calibrate it first: kdtool calibrate {source} --data REAL_IMAGES")
 
     def build(self) -> nn.Module:
         model = create_model(

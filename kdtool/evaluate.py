@@ -32,6 +32,7 @@ def predict(
     progress: bool = False,
     tta: str = "none",
     shuffle: bool | None = None,
+    lasting: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (float32, CPU) and labels of ``data``, in the dataset's order.
 
@@ -43,6 +44,9 @@ def predict(
     mirrored batch is a batch of its own for ``bn="current"``).
     ``shuffle``: draw batches in that seeded order whatever ``bn`` says (a model that
     couples a batch's images in other ways than BN; default: as ``bn="current"`` does).
+    ``progress``: a progress bar over the batches, on stderr. It goes when done, as a step of
+    a larger command should, unless ``lasting`` (``kdtool eval``, whose work it is: the bar
+    stays, and with ``KDTOOL_PROGRESS=lines`` a log gets its lines and a last one).
     """
     check_choice(bn, BN_MODES, "BN mode")
     check_choice(tta, TTA_MODES, "--tta mode")
@@ -56,11 +60,10 @@ def predict(
                           seed=seed, channels_last=channels_last)
     logits, indices = [], []
     ctx = batch_stats(model) if bn == "current" else nullcontext()
-    batches = loader.epoch(0, with_index=True)
-    if progress:
-        batches = console.track(batches, "evaluate", total=len(loader), unit="batch")
-    with ctx, autocast_for(device):
-        for x, y, idx in batches:
+    bar = (console.progress_task("evaluate", len(loader), unit="batch", transient=not lasting)
+           if progress else nullcontext(lambda n=1, info=None: None))
+    with bar as advance, ctx, autocast_for(device):
+        for x, y, idx in loader.epoch(0, with_index=True):
             if bn == "current" and len(y) == 1:
                 # one image has no batch statistics; BN would divide by zero variance
                 raise KdtoolError("--bn current needs batches of 2 or more images",
@@ -70,6 +73,7 @@ def predict(
                 out = (out + model(x.flip(-1)).float()) / 2
             logits.append(out.cpu())
             indices.append(idx.cpu())
+            advance()
     ordered = torch.empty(len(data), logits[0].shape[1])
     ordered[torch.cat(indices)] = torch.cat(logits)
     return ordered, data.y.clone()

@@ -232,7 +232,8 @@ def _eval_checkpoint(checkpoint: Path, data: str, bn: str, batch_size: int, tta:
     # NHWC, PyTorch's faster layout for convolutions (as train and distill validate)
     model = model.to(dev, memory_format=memory_format_for(True))
     return evaluate(model, ds, meta.mean, meta.std, batch_size=batch_size, device=dev,
-                    bn=bn, seed=seed, channels_last=True, progress=True, tta=tta)
+                    bn=bn, seed=seed, channels_last=True, progress=True, lasting=True,
+                    tta=tta)
 
 
 def _eval_deployed(path: Path, data: str, bn: str, batch_size: int, tta: str, device: str,

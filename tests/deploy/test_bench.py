@@ -204,6 +204,7 @@ def test_bench_checkpoint_and_onnx_end_to_end(cli, models, tmp_path):
     text = md.read_text()
     assert "| model | backend | runs on | batch | status | p50 ms |" in text
     assert f"| {models['onnx'].name} | ort-cpu | CPU | 16 | ok |" in text
+    assert f"| {models['teacher'].name} | torch-cpu | CPU | 16 | ok |" in text  # not "cpu"
     assert "unavailable [1]" in text and "1. teacher.onnx ort-cuda (unavailable)" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
@@ -332,6 +333,25 @@ def test_formats_export_on_the_fly_and_failed_exports_are_rows(cli, models, tmp_
               "--calib-data", "digits")
     assert bad.code == 1 and "--calib-data calibrates INT8 exports, and --formats " \
         "torch,onnx has none" in bad.err
+
+
+@pytest.mark.parametrize(
+    ("backend", "device", "providers", "shown"),
+    [
+        ("torch-cpu", "cpu", [], "CPU"),
+        ("ort-cpu", "cpu", ["CPUExecutionProvider"], "CPU"),
+        ("torch-cuda", "cuda", [], "CUDA"),
+        ("torch-cuda", "cuda:1", [], "CUDA:1"),
+        ("ort-cuda", "cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"], "CUDA+CPU"),
+        ("trt", "NVIDIA H100", [], "TensorRT"),
+        ("torch-cpu", None, [], ""),  # it did not run
+    ],
+)
+def test_the_runs_on_column_names_devices_one_way(backend, device, providers, shown):
+    """A torch row said "cpu" where an ONNX Runtime row said "CPU", in one column."""
+    from kdtool.deploy.bench_report import runs_on
+
+    assert runs_on({"backend": backend, "device": device, "providers": providers}) == shown
 
 
 def test_bench_formats_come_from_the_export_table():

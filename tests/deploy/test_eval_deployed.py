@@ -15,12 +15,15 @@ def _digits_test_normalised():
     return x.astype(np.float32), data.y.numpy()
 
 
-def test_an_exported_onnx_scores_what_its_checkpoint_scores(cli, digits_teacher, tmp_path):
+def test_an_exported_onnx_scores_what_its_checkpoint_scores(cli, digits_teacher, tmp_path,
+                                                            monkeypatch):
     onnx_path = tmp_path / "teacher.onnx"
     assert cli("export", digits_teacher, "--out", onnx_path).code == 0
     ref = cli("eval", digits_teacher, "--data", "digits:test", "--json").json()
-    r = cli("eval", onnx_path, "--data", "digits:test", "--json")
+    monkeypatch.setenv("KDTOOL_PROGRESS", "lines")  # its batches show, as a checkpoint's do
+    r = cli("eval", onnx_path, "--data", "digits:test", "--batch-size", "64", "--json")
     assert r.code == 0, r.err
+    assert "evaluate  100% 6/6 batch" in r.err, r.err
     got = r.json()
     assert got["backend"] == "ort-cpu" and got["bn"] == "as exported"
     assert got["images"] == ref["images"] == 360

@@ -164,3 +164,81 @@ def test_auto_falls_back_to_the_cpu_when_the_gpu_backend_does_not_start(
     monkeypatch.setattr(predict, "backend_problem", lambda backend: "no GPU here (test)")
     r = cli("predict", tiny_onnx, tmp_path / "a.png")
     assert r.code == 1 and "ort-cuda: no GPU here (test); ort-cpu: no GPU here (test)" in r.err
+
+
+def test_a_folder_scan_finds_every_format_the_decoder_reads(cli, tiny_onnx, tmp_path):
+    from kdtool.deploy.server.images import FORMATS
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    pixels = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    names = {"JPEG": "a.jpg", "PNG": "b.png", "WEBP": "c.webp", "BMP": "d.bmp", "GIF": "e.gif",
+             "TIFF": "f.tiff"}
+    assert sorted(names) == sorted(FORMATS)  # one file of each format serve decodes
+    for fmt, name in names.items():
+        Image.fromarray(pixels).save(folder / name, format=fmt)
+    (folder / ".hidden.gif").write_bytes((folder / "e.gif").read_bytes())
+    (folder / "notes.txt").write_text("not an image")
+    r = cli("predict", tiny_onnx, folder, "--json")
+    assert r.code == 0, r.err
+    assert [row["image"] for row in r.json()["results"]] == [
+        str(folder / n) for n in sorted(names.values())]
+
+
+def _with_broken(folder, n_good):
+    labels = _digits_pngs(folder, n_good)
+    broken = folder / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n1234")  # 12 bytes: a PNG signature, then nothing
+    return labels, broken
+
+
+def test_an_unreadable_image_is_reported_and_the_others_predicted(cli, tiny_onnx, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    labels, broken = _with_broken(tmp_path / "d", 4)
+    r = cli("predict", tiny_onnx, tmp_path / "d", "--top", "2", "--batch-size", "2", "--json")
+    assert r.code == 1 and "Traceback" not in r.err
+    assert f"warning: cannot read image '{broken}'" in r.err  # the file, and why
+    assert r.err.strip().splitlines()[-1].startswith("error: 1 of 5 images could not be read")
+    res = r.json()  # the result is still the one JSON object on stdout
+    rows = {row["image"]: row for row in res["results"]}
+    assert sorted(rows) == sorted([*labels, str(broken)])
+    assert "predictions" not in rows[str(broken)] and rows[str(broken)]["error"]
+    assert all(len(rows[p]["predictions"]) == 2 and "error" not in rows[p] for p in labels)
+    assert res["unreadable"] == 1
+
+    # The table names it too; the CSV gives it a row with its error and no prediction.
+    r = cli("predict", tiny_onnx, tmp_path / "d", "--top", "2")
+    assert r.code == 1 and str(broken) in r.out and "unreadable" in r.out
+    out = tmp_path / "pred.csv"
+    r = cli("predict", tiny_onnx, tmp_path / "d", "--top", "2", "--csv", out)
+    assert r.code == 1 and "1 of 5 images could not be read" in r.err
+    with open(out, newline="") as f:
+        table = list(csv.reader(f))
+    assert table[0] == ["image", "label1", "p1", "label2", "p2", "error"]
+    by_image = {row[0]: row for row in table[1:]}
+    assert by_image[str(broken)][1:5] == ["", "", "", ""] and by_image[str(broken)][5]
+    assert all(by_image[p][5] == "" and by_image[p][1] for p in labels)
+
+
+def test_when_no_image_can_be_read_the_error_is_one_line(cli, tiny_onnx, tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    for name in ("x.png", "y.png"):
+        (folder / name).write_bytes(b"not a png")
+    r = cli("predict", tiny_onnx, folder, "--json")
+    assert r.code == 1 and len(r.err.strip().splitlines()) == 1, r.err
+    assert f"cannot read image '{folder / 'x.png'}'" in r.err and "none of the 2" in r.err
+    assert set(r.json()) == {"error", "hint"}
+
+
+def test_csv_into_an_existing_folder_is_refused_with_a_file_name(cli, tiny_onnx, tmp_path):
+    _digits_pngs(tmp_path / "d", 2)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    for force in ([], ["--force"]):
+        r = cli("predict", tiny_onnx, tmp_path / "d", "--csv", f"{folder}/", *force)
+        assert r.code == 1 and len(r.err.strip().splitlines()) == 1, r.err
+        assert f"--csv '{folder}' is a folder" in r.err
+        assert str(folder / "predictions.csv") in r.err
+        assert list(folder.iterdir()) == []

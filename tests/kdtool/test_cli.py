@@ -355,14 +355,14 @@ def test_an_uncalibrated_noise_student_is_flagged_where_running_statistics_are_u
     meta.stages["distill"] = {"bn_running_stats": "noise"}  # what kdtool distill records
     student = save_checkpoint(tmp_path / "s.safetensors", model, meta, force=False)
     r = cli("eval", student, "--data", "digits:test")
-    assert r.code == 0 and "BN running statistics come from noise" in r.err
+    assert r.code == 0 and "BN running statistics are noise statistics" in r.err
     assert "kdtool calibrate" in r.err and "--bn current" in r.err
     assert "warning" not in cli("eval", student, "--data", "digits:test", "--bn", "current").err
     r = cli("export", student, "--onnx", tmp_path / "s.onnx", "--json")
-    assert r.code == 0 and "come from noise" in r.json()["warning"] and "warning:" in r.err
+    assert r.code == 0 and "are noise statistics" in r.json()["warning"] and "warning:" in r.err
     r = cli("bench", student, "--batch", "1", "--warmup", "1", "--min-iters", "2",
             "--min-time", "0.01", "--json")
-    assert r.code == 0 and "come from noise" in r.err
+    assert r.code == 0 and "are noise statistics" in r.err
     meta.stages["calibrate"] = {"bn_running_stats": "real"}
     save_checkpoint(student, model, meta, force=True)
     assert "warning" not in cli("eval", student, "--data", "digits:test").err
