@@ -211,6 +211,7 @@ def _eval_checkpoint(checkpoint: Path, data: str, bn: str, batch_size: int, tta:
     from kdtool.data import check_fits, load_for_model
     from kdtool.device import memory_format_for, resolve_device
     from kdtool.evaluate import evaluate
+    from kdtool.train import trained_with_flips
 
     model, meta = load_checkpoint(checkpoint, spec)
     if norm is not None:  # a kdtool file knows its normalisation; flags override
@@ -218,6 +219,13 @@ def _eval_checkpoint(checkpoint: Path, data: str, bn: str, batch_size: int, tta:
     uncalibrated = meta.noise_bn_warning(str(checkpoint))
     if bn == "running" and uncalibrated:
         console.warn(f"{uncalibrated}; or measure what it learnt with --bn current")
+    trained = (meta.stages.get("train") or {}).get("config")
+    if tta == "flip" and trained is not None and not trained_with_flips(trained,
+                                                                         meta.input_size):
+        console.warn(f"'{checkpoint}' was trained without flips (augmentation off): --tta "
+                     "flip also shows it mirror images it never learnt, which can cost "
+                     "accuracy (digits: 2 and 5 mirror into other shapes); compare with --tta "
+                     "none")
     dev = resolve_device(device)
     ds = load_for_model(data, meta)  # as export, bench and serve will fit them
     check_fits(ds, num_classes=meta.num_classes, in_chans=meta.in_chans,

@@ -44,10 +44,28 @@ def test_eval_cli_reports_tta_and_suggests_on_a_typo(cli, digits_teacher):
     assert r.code == 0, r.err
     res = r.json()
     assert res["tta"] == "flip" and 0 < res["top1"] <= 100
-    plain = cli("eval", digits_teacher, "--data", "digits:test", "--json").json()
-    assert plain["tta"] == "none" and plain["top1"] != res["top1"]
+    # The digits teacher trained without flips (8 px images): flip TTA is flagged.
+    assert "trained without flips" in r.err and "--tta none" in r.err
+    plain = cli("eval", digits_teacher, "--data", "digits:test", "--json")
+    assert plain.json()["tta"] == "none" and plain.json()["top1"] != res["top1"]
+    assert "trained without flips" not in plain.err
     bad = cli("eval", digits_teacher, "--data", "digits:test", "--tta", "flp")
     assert bad.code == 1 and "did you mean 'flip'" in bad.err
+
+
+def test_flip_tta_is_not_flagged_for_a_model_trained_with_flips(cli, digits_teacher,
+                                                               tmp_path):
+    from kdtool.checkpoint import load_checkpoint, save_checkpoint
+    from kdtool.train import trained_with_flips
+
+    assert trained_with_flips({"augment": None}, [32, 32])
+    assert not trained_with_flips({"augment": None}, [8, 8])
+    assert trained_with_flips({"augment": True}, [8, 8])
+    model, meta = load_checkpoint(digits_teacher)
+    meta.stages["train"]["config"]["augment"] = True  # as --augment records it
+    flipped = save_checkpoint(tmp_path / "f.safetensors", model, meta, force=False)
+    r = cli("eval", flipped, "--data", "digits:test", "--tta", "flip", "--json")
+    assert r.code == 0 and "trained without flips" not in r.err, r.err
 
 
 def test_eval_current_bn_warns_when_the_data_is_smaller_than_a_batch(cli, digits_teacher):
