@@ -168,3 +168,13 @@ def test_one_class_of_training_data_is_refused_before_writing(cli, tmp_path):
             "--out", out)
     assert r.code == 1 and "has 1 class (cat); a classifier needs at least 2" in r.err, r.err
     assert "Traceback" not in r.err and not out.exists()
+
+
+def test_a_batch_larger_than_the_data_is_warned(cli, tmp_path):
+    r = cli("train", "--arch", "tiny_cnn", "--data", "digits", "--epochs", "1", "--batch-size",
+            "5000", "--out", tmp_path / "t.safetensors")
+    assert r.code == 0, r.err
+    assert "--batch-size 5000 is more than the 1437 training images" in " ".join(r.err.split())
+    r = cli("train", "--arch", "tiny_cnn", "--data", "digits", "--epochs", "1", "--batch-size",
+            "256", "--out", tmp_path / "u.safetensors")
+    assert r.code == 0 and "is more than" not in r.err
