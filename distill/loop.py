@@ -38,7 +38,7 @@ from kdtool.distill.pool import PooledNoise
 from kdtool.distill.teacher import TEACHER_BN_MODES, TEACHER_STATS, FrozenTeacher
 from kdtool.ema import check_decay, make_ema
 from kdtool.errors import KdtoolError, check_choice, check_val_every, check_weight_decay
-from kdtool.evaluate import predict
+from kdtool.evaluate import percent_equal, predict
 from kdtool.loader import epoch_generator
 from kdtool.models import check_input_size, create_model, model_spec
 from kdtool.runinfo import provenance
@@ -280,12 +280,12 @@ class DistillRun:
         """The teacher's own top-1 on --val, the student's reference; batch-aligned too with
         --teacher-norm-align, since alignment changes the teacher itself, on real images as
         on noise, and the student can learn no better than the teacher it is shown."""
-        scores = {"val_teacher_top1": 100.0 * (answers == labels).float().mean().item()}
+        scores = {"val_teacher_top1": percent_equal(answers, labels)}
         if not self.cfg.teacher_norm_align:
             return scores
         logits, _ = predict(_Answering(teacher), val, tmeta.mean, tmeta.std, 256, self.device,
                             seed=self.cfg.seed, shuffle=True)  # batches as the student's
-        aligned = 100.0 * (logits.argmax(1) == labels).float().mean().item()
+        aligned = percent_equal(logits.argmax(1), labels)
         scores["val_teacher_top1_aligned"] = aligned
         console.info(f"teacher on --val: {scores['val_teacher_top1']:.2f}% as is, "
                      f"{aligned:.2f}% batch-aligned (the answers the student learns from)")
@@ -303,8 +303,7 @@ class DistillRun:
             logits, labels = predict(model, val, tmeta.mean, tmeta.std, 256, self.device,
                                      bn=bn, seed=self.cfg.seed)
             pred = logits.argmax(1)
-            return (100.0 * (pred == labels).float().mean().item(),
-                    100.0 * (pred == teacher_val).float().mean().item())
+            return percent_equal(pred, labels), percent_equal(pred, teacher_val)
 
         out = {}
         for bn in ("current", "running"):

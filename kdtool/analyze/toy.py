@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from kdtool.analyze import pyplot, save_png
 from kdtool.bn import batch_stats, bn_layers
+from kdtool.evaluate import percent_equal
 from kdtool.io import atomic_path
 
 
@@ -67,7 +68,7 @@ def run_toy(cfg: ToyConfig) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     noise = torch.randn(cfg.samples, 2, generator=gen) * cfg.noise_scale
     with torch.no_grad():
-        accuracy = 100.0 * (model(x).argmax(1) == y).float().mean().item()
+        accuracy = percent_equal(model(x).argmax(1), y)
         emb = {SETS[0]: model.embed(x), SETS[1]: model.embed(noise)}
         pred = {SETS[0]: model(x).argmax(1), SETS[1]: model(noise).argmax(1)}
         with batch_stats(model, [m for _, m in bn_layers(model)]):
