@@ -16,7 +16,7 @@ def demo_cmd(
     out: Annotated[Path, typer.Option("--out", help="Folder for the files the demo writes.")
                    ] = Path("kdtool-demo"),
     quick: Annotated[bool, typer.Option(
-        "--quick", help="A smaller run (under a minute on 2 CPU cores): same stages, fewer "
+        "--quick", help="A smaller run (about a minute on 2 CPU cores): same stages, fewer "
         "noise batches, lower accuracies.")] = False,
     teacher: Annotated[str | None, typer.Option(
         "--teacher", help="The teacher's architecture (kdtool models), trained on digits "
