@@ -184,9 +184,9 @@ def plan_pairs(models: list, backends: list[str] | None):
     pairs = []
     kinds = set()
     for model in models:
-        if not isinstance(model, BenchModel):  # a failed export
+        if not isinstance(model, BenchModel):  # an export that failed or was not made
             kinds.add(BACKENDS[model.backend][0])
-            pairs.append((model, model.backend, model.error))
+            pairs.append((model, model.backend, model.error or model.unavailable))
             continue
         kinds.add(model.kind)
         fitting = [b for b, (kind, _) in BACKENDS.items() if kind == model.kind]
@@ -284,13 +284,14 @@ class Bench:
                 model.path, cfg.formats, out_dir, cfg.calib_data, cfg.force, cfg.threads
             ):
                 exports.append(ex)
-                models.append(ex if ex.error else load_model(ex.path))
+                models.append(ex if ex.error or ex.unavailable else load_model(ex.path))
         return models, exports
 
     def _pair(self, model, backend: str, problem: str | None, advance) -> list[dict]:
         cfg = self.cfg
-        if not isinstance(model, BenchModel):  # a failed export: its rows say why
-            advance(len(cfg.batches), info=f"{model.path.name}: export failed")
+        if not isinstance(model, BenchModel):  # an export failed or not made: rows say why
+            status = UNAVAILABLE if model.unavailable else EXPORT_FAILED
+            advance(len(cfg.batches), info=f"{model.path.name}: {status}")
             base = {
                 "model": model.path.name,
                 "path": str(model.path),
@@ -302,7 +303,7 @@ class Bench:
                 "runtime": None,
                 "accuracy": None,
             }
-            return [empty_row(base, b, EXPORT_FAILED, problem or "") for b in cfg.batches]
+            return [empty_row(base, b, status, problem or "") for b in cfg.batches]
         base = {
             "model": model.label,
             "path": str(model.path),

@@ -100,7 +100,8 @@ def bench_cmd(
             "--formats",
             help="Export each checkpoint on the fly with kdtool export (parity "
             "checked) and bench the results: torch (the checkpoint itself), onnx, onnx-fp16, "
-            "onnx-int8, tensorrt. A format that cannot be made gets an 'export failed' row.",
+            "onnx-int8, tensorrt. A format that fails to export gets an 'export failed' row; "
+            "tensorrt where TensorRT cannot run is not made and its rows are 'unavailable'.",
             rich_help_panel="Export on the fly",
         ),
     ] = None,

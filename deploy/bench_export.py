@@ -2,8 +2,9 @@
 
 Each format is one ``kdtool.export.pipeline.run_export`` call, with its parity checks
 against PyTorch; a format that cannot be made (INT8 without calibration images,
-TensorRT without TensorRT or a GPU, a parity failure) becomes an ``export failed`` row
-instead of stopping the benchmark.
+a parity failure) becomes an ``export failed`` row instead of stopping the benchmark. A
+format whose runner cannot run on this machine (TensorRT without TensorRT or a GPU) is not
+made at all: its rows are ``unavailable``, as that backend's rows are for a given file.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Exported:
     error: str | None = None
     seconds: float = 0.0
     reused: bool = False  # an earlier run's export of the same checkpoint, same settings
+    unavailable: str | None = None  # why its runner cannot run here: not made at all
 
     @property
     def backend(self) -> str:
@@ -44,8 +46,9 @@ class Exported:
             "checkpoint": str(self.checkpoint),
             "format": self.format,
             "path": str(self.path),
-            "status": "export failed" if self.error else "reused" if self.reused else "ok",
-            "reason": self.error or "",
+            "status": "export failed" if self.error else "unavailable" if self.unavailable
+            else "reused" if self.reused else "ok",
+            "reason": self.error or self.unavailable or "",
             "seconds": round(self.seconds, 2),
         }
 
@@ -70,6 +73,7 @@ def export_all(
     from rich.markup import escape
 
     from kdtool import console
+    from kdtool.deploy.backends import backend_problem
     from kdtool.export.pipeline import ExportConfig, run_export
     from kdtool.io import file_sha256
 
@@ -82,6 +86,11 @@ def export_all(
         trt = row.needs_tensorrt
         onnx = onnx_path_for(checkpoint, row, out_dir)
         target = onnx.with_suffix(row.suffix)  # the engine: <stem>.trt.engine
+        problem = backend_problem(_BACKEND_OF_RUNNER[row.runner])
+        if problem is not None:  # an engine nothing here can build or run: no files either
+            console.info(f"bench: {fmt} not made: {problem}")
+            done.append(Exported(checkpoint, fmt, target, unavailable=problem))
+            continue
         cfg = ExportConfig(
             checkpoint=str(checkpoint),
             onnx=str(onnx),

@@ -424,6 +424,23 @@ def test_nhwc_models_get_nhwc_input():
     assert y[1, 2, 3, 0] == x[1, 0, 2, 3]
 
 
+def test_a_tensorrt_format_that_cannot_run_here_is_unavailable_and_not_made(cli, models,
+                                                                             tmp_path):
+    from kdtool.deploy import backends
+
+    problem = backends.backend_problem("trt")
+    if problem is None:
+        pytest.skip("this machine runs TensorRT")
+    out = tmp_path / "exports"
+    r = cli("bench", models["dir"] / "tiny.safetensors", "--formats", "onnx,tensorrt",
+            "--export-dir", out, "--batch", "2", *FAST, "--json")
+    assert r.code == 0, r.err  # nothing failed: an engine is simply not for this machine
+    rows = [(row["backend"], row["status"], row["reason"]) for row in r.json()["rows"]]
+    assert rows == [("ort-cpu", "ok", ""), ("trt", "unavailable", problem)]
+    assert [e["status"] for e in r.json()["exports"]] == ["ok", "unavailable"]
+    assert sorted(p.name for p in out.iterdir()) == ["tiny.onnx"]  # no spare .trt.onnx
+
+
 def test_tensorrt_engine_without_tensorrt_or_gpu_is_an_unavailable_row(cli, models, tmp_path):
     plan = tmp_path / "m.plan"
     plan.write_bytes(b"not an engine")  # never opened: the backend is unavailable first
