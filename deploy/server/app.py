@@ -48,8 +48,14 @@ def json_response(obj, status: int = 200, headers: dict | None = None) -> Respon
     return Response(protocol.dumps(obj), status, headers, media_type="application/json")
 
 
+# A full queue drains within a batch or two: clients with built-in retry (HTTP libraries,
+# load balancers) read this header rather than the body's "retry later".
+RETRY_AFTER_S = 1
+
+
 def error_response(message: str, status: int) -> Response:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else \
+        {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
     return json_response({"error": message}, status, headers)
 
 

@@ -136,8 +136,8 @@ class DynamicBatcher:
             if self.metrics is not None:
                 self.metrics.rejected.inc(n)
             raise RequestError(
-                f"server overloaded: {queued} images are queued and the "
-                f"limit is {self.max_queue} (--max-queue); retry later",
+                f"server overloaded: this request's {n} images would join {queued} "
+                f"queued, over the limit of {self.max_queue} (--max-queue); retry later",
                 503,
             )
         self._set_gauge()

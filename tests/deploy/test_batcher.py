@@ -144,6 +144,7 @@ def test_full_queue_is_503_and_oversized_request_is_400():
 
     full, big = asyncio.run(main())
     assert full.status == 503 and "overloaded" in str(full)
+    assert "this request's 1 images would join 2 queued, over the limit of 2" in str(full)
     assert big.status == 400 and "more than the server queues" in str(big)
 
 

@@ -185,6 +185,7 @@ def test_overload_gets_503_and_health_answers_during_a_batch(serve_model, tiny_o
         for r in responses:
             if r.status_code == 503:
                 assert "overloaded" in r.json()["error"] and "--max-queue" in r.json()["error"]
+                assert r.headers["retry-after"] == "1"  # what retrying clients read
         with httpx.Client(base_url=srv.url) as c:
             assert _metric(c.get("/metrics").text, "kdtool_rejected_images_total") >= 1
             r = c.post(URL, json=_json(np.zeros((2, 1, 8, 8), np.float32)))
