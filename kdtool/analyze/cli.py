@@ -22,6 +22,13 @@ OutStem = Annotated[Path, typer.Option(
     "--out", help="Output stem: writes STEM.png and STEM.csv.")]
 
 
+def _beside(checkpoint: Path, analysis: str) -> Path:
+    """The default stem of an analysis of one checkpoint: NAME_ANALYSIS beside it, so
+    analyses of two models do not meet at one fixed name."""
+    name = checkpoint.name.removesuffix(".safetensors").replace(".", "_")
+    return checkpoint.with_name(f"{name}_{analysis}")
+
+
 def _outputs(out: Path, force: bool) -> tuple[Path, Path]:
     """STEM.csv and STEM.png, checked before any work (no overwrite without --force)."""
     from kdtool.analyze import require_matplotlib
@@ -87,7 +94,9 @@ def toy_cmd(
 def activations_cmd(
     teacher: Annotated[Path, typer.Argument(help="A kdtool checkpoint with BatchNorm layers.")],
     data: Annotated[str, typer.Option("--data", help="Real images. " + DATA_HELP)],
-    out: OutStem = Path("activations"),
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Output stem: writes STEM.png and STEM.csv.",
+        show_default="NAME_activations beside the checkpoint")] = None,
     noise: Annotated[str, typer.Option(
         "--noise", help="gaussian, uniform or dead_leaves.")] = "gaussian",
     layers: Annotated[str | None, typer.Option(
@@ -111,7 +120,7 @@ def activations_cmd(
     """
     from kdtool.analyze.activations import ActivationsConfig, run_activations, write_png
 
-    csv_path, png_path = _outputs(out, force)
+    csv_path, png_path = _outputs(out or _beside(teacher, "activations"), force)
     names = [n for n in layers.split(",") if n] if layers else None
     r = run_activations(ActivationsConfig(teacher=str(teacher), data=data, noise=noise,
                                           layers=names, samples=samples, batch_size=batch_size,
@@ -135,7 +144,9 @@ def student_cmd(
     batches: Annotated[int, typer.Option("--batches", help="Calibration batches.")] = 32,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration batch.")] = 16,
     samples: Annotated[int, typer.Option("--samples", help="Images looked at.")] = 512,
-    out: OutStem = Path("student"),
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Output stem: writes STEM.png and STEM.csv.",
+        show_default="NAME_student beside the checkpoint")] = None,
     force: Force = False,
     seed: Seed = 0,
     as_json: Json = False,
@@ -152,7 +163,7 @@ def student_cmd(
     """
     from kdtool.analyze.student import StudentConfig, run_student, write_png
 
-    csv_path, png_path = _outputs(out, force)
+    csv_path, png_path = _outputs(out or _beside(student, "student"), force)
     r = run_student(StudentConfig(student=str(student), data=data, calib_data=calib_data,
                                   batches=batches, batch_size=batch_size, samples=samples,
                                   seed=seed))

@@ -37,3 +37,17 @@ def test_errors_name_the_layer_and_refuse_overwrite(cli, digits_teacher, tmp_pat
     again = cli("analyze", "activations", digits_teacher, "--data", "digits:test", "--out",
                 tmp_path / "b")
     assert again.code == 1 and "already exists" in again.err
+
+
+def test_analyses_of_one_checkpoint_default_to_stems_beside_it(cli, digits_teacher, tmp_path):
+    import shutil
+
+    for name in ("a.safetensors", "b.v2.safetensors"):
+        shutil.copy(digits_teacher, tmp_path / name)
+    (tmp_path / "a_activations.png").write_bytes(b"x")  # an earlier analysis of a
+    (tmp_path / "b_v2_student.csv").write_text("x")  # and of b
+    for command, model, stem in (("activations", "a.safetensors", "a_activations"),
+                                 ("student", "b.v2.safetensors", "b_v2_student")):
+        r = cli("analyze", command, tmp_path / model, "--data", "digits:test")
+        assert r.code == 1 and str(tmp_path / stem) in r.err and "already exists" in r.err, \
+            r.err
