@@ -193,6 +193,7 @@ def gn_digits_teacher(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # two runs of 375 batches, 20-26 s (-m slow); the figures: docs/RESULTS.md
 def test_alignment_makes_a_groupnorm_teacher_distil_better_on_digits(gn_digits_teacher,
                                                                      tmp_path):
     # `python bench/distill_digits.py --variants norm_align --teacher-epochs 12 --epochs E

@@ -72,6 +72,8 @@ def test_a_timm_state_dict_converts_with_the_configs_defaults(cli, tmp_path):
         assert torch.equal(v, state[k]), k
 
 
+@pytest.mark.slow  # train, distil and export: 17-18 s (-m slow); the mobilenetv3 test below
+# keeps timm's fused BatchNormAct2d in the default suite
 def test_a_timm_teacher_trains_distils_from_noise_and_exports(cli, tmp_path):
     # timm's own tiny test EfficientNet (100K parameters): its BatchNormAct2d layers are
     # what the method must treat as BatchNorm, and it trains in seconds.
