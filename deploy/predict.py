@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,30 +60,15 @@ def image_extensions() -> tuple[str, ...]:
     return tuple(dict.fromkeys([*IMAGE_EXTS, *served]))
 
 
-def _hidden(name: str) -> bool:
-    # as the dataset loaders skip them: dot files, and macOS's __MACOSX resource forks
-    return name.startswith(".") or name == "__MACOSX"
-
-
-def images_in(root: Path, exts: tuple[str, ...]) -> list[Path]:
-    """The images in ``root`` and its subfolders (hidden ones skipped), in the order the
-    dataset loaders list a folder."""
-    names = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not _hidden(d)]
-        rel = Path(dirpath).relative_to(root).as_posix()
-        names += [f if rel == "." else f"{rel}/{f}" for f in filenames
-                  if f.lower().endswith(exts) and not _hidden(f)]
-    return [root / name for name in sorted(names)]
-
-
 def list_images(inputs: tuple[Path, ...]) -> list[Path]:
     """Image files given, and the images inside folders given (recursively), each once."""
+    from kdtool.data import image_files
+
     exts = image_extensions()
     found: list[Path] = []
     for path in inputs:
         if path.is_dir():
-            inside = images_in(path, exts)
+            inside = image_files(path, exts)
             if not inside:
                 raise KdtoolError(f"folder '{path}' holds no images",
                                   f"looked for {' '.join(exts)} files (any case)")

@@ -350,24 +350,15 @@ _REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 def _check_torch_file(path: Path) -> None:
     """torch.load's own errors for a damaged file are a bare ``KeyError: 101`` or a
     paragraph on miniz: name the damage instead."""
-    with path.open("rb") as f:
-        head = f.read(2)
-    if head[:1] == b"\x80":  # a pickle (torch.save's legacy format)
-        return
+    # _looks_like reads a zip's central directory, which truncation loses: None then
     kind = _looks_like(path)
-    if kind not in (None, "a torch.save file", "a zip archive"):
-        raise _not_a_checkpoint(path, kind)
-    damaged = head != b"PK"
-    if not damaged:
-        try:
-            zipfile.ZipFile(path).close()  # reads the central directory, lost on truncation
-        except (zipfile.BadZipFile, OSError):
-            damaged = True
-    if damaged:
+    if kind is None:
         raise KdtoolError(
             f"'{path}' is corrupt or truncated: it is neither a whole torch.save archive "
             "nor a pickle",
             "copy it again, or re-create it with torch.save(model.state_dict(), path)")
+    if "torch.save" not in kind and kind != "a zip archive":  # a pickle is the legacy format
+        raise _not_a_checkpoint(path, kind)
 
 
 def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:

@@ -284,14 +284,14 @@ def _is_hidden(parts: list[str]) -> bool:
     return any(p.startswith(".") or p == "__MACOSX" for p in parts)
 
 
-def _list_dir(root: Path) -> tuple[list[str], list[tuple]]:
+def _list_dir(root: Path, exts: tuple[str, ...] = IMAGE_EXTS) -> tuple[list[str], list[tuple]]:
     """Image paths relative to ``root`` (posix), and (path, size, mtime_ns) for the cache key."""
     names, stamp = [], []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = [d for d in dirnames if not _is_hidden([d])]
         rel = Path(dirpath).relative_to(root).as_posix()
         for f in filenames:
-            if f.lower().endswith(IMAGE_EXTS) and not _is_hidden([f]):
+            if f.lower().endswith(exts) and not _is_hidden([f]):
                 name = f if rel == "." else f"{rel}/{f}"
                 try:
                     st = os.stat(os.path.join(dirpath, f))
@@ -303,10 +303,10 @@ def _list_dir(root: Path) -> tuple[list[str], list[tuple]]:
     return sorted(names), sorted(stamp)
 
 
-def image_files(root: Path) -> list[Path]:
+def image_files(root: Path, exts: tuple[str, ...] = IMAGE_EXTS) -> list[Path]:
     """The images in ``root`` and its subfolders as the folder loaders find them (hidden
-    files and folders skipped), sorted."""
-    return [root / name for name in _list_dir(root)[0]]
+    files and folders skipped), sorted; ``exts``: the file name endings taken."""
+    return [root / name for name in _list_dir(root, exts)[0]]
 
 
 def _list_zip(path: Path) -> tuple[list[str], int]:

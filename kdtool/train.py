@@ -92,11 +92,10 @@ class TrainConfig:
         return c
 
 
-def trained_with_flips(config: dict, image_size) -> bool:
-    """Whether a ``kdtool train`` run with this (saved) config augmented with crops and flips:
-    --augment/--no-augment, else on except for images under 16 px (digits, which a mirror
-    turns into other shapes)."""
-    augment = config.get("augment")
+def trained_with_flips(augment: bool | None, image_size) -> bool:
+    """Whether a ``kdtool train`` run augmented with crops and flips, from its --augment
+    setting (None: on, except for images under 16 px: digits, which a mirror turns into
+    other shapes)."""
     return bool(augment) if augment is not None else min(image_size) >= 16
 
 
@@ -140,7 +139,7 @@ class Trainer:
         else:
             mean, std = per_channel_norm(c.mean, c.std, train.channels,
                                          f"training data '{c.data}'")
-        augment = trained_with_flips(asdict(c), train.image_size)
+        augment = trained_with_flips(c.augment, train.image_size)
         if c.cutout and not augment:  # cutout is part of the augmentation: it would do nothing
             why = "--no-augment" if c.augment is False else \
                 f"augmentation is off for {train.image_size[0]}x{train.image_size[1]} images"

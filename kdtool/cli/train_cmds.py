@@ -220,8 +220,8 @@ def _eval_checkpoint(checkpoint: Path, data: str, bn: str, batch_size: int, tta:
     if bn == "running" and uncalibrated:
         console.warn(f"{uncalibrated}; or measure what it learnt with --bn current")
     trained = (meta.stages.get("train") or {}).get("config")
-    if tta == "flip" and trained is not None and not trained_with_flips(trained,
-                                                                         meta.input_size):
+    if tta == "flip" and trained is not None and \
+            not trained_with_flips(trained.get("augment"), meta.input_size):
         console.warn(f"'{checkpoint}' was trained without flips (augmentation off): --tta "
                      "flip also shows it mirror images it never learnt, which can cost "
                      "accuracy (digits: 2 and 5 mirror into other shapes); compare with --tta "

@@ -58,9 +58,9 @@ def test_flip_tta_is_not_flagged_for_a_model_trained_with_flips(cli, digits_teac
     from kdtool.checkpoint import load_checkpoint, save_checkpoint
     from kdtool.train import trained_with_flips
 
-    assert trained_with_flips({"augment": None}, [32, 32])
-    assert not trained_with_flips({"augment": None}, [8, 8])
-    assert trained_with_flips({"augment": True}, [8, 8])
+    assert trained_with_flips(None, [32, 32])
+    assert not trained_with_flips(None, [8, 8])
+    assert trained_with_flips(True, [8, 8])
     model, meta = load_checkpoint(digits_teacher)
     meta.stages["train"]["config"]["augment"] = True  # as --augment records it
     flipped = save_checkpoint(tmp_path / "f.safetensors", model, meta, force=False)
