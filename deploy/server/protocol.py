@@ -219,15 +219,7 @@ def _tensor(t: dict, spec, binary: memoryview | None, offset: int) -> tuple[np.n
         data = t.get("data")
         if not isinstance(data, list):
             raise RequestError(f"input '{name}' has no 'data' list (nor binary_data_size)")
-        try:
-            with np.errstate(over="ignore"):  # 1e39 -> inf in FP32: reported below
-                x = np.array(data, dtype=dtype)
-        except (ValueError, TypeError, OverflowError) as e:
-            reason = str(e).splitlines()[0][:200]
-            raise RequestError(
-                f"input '{name}': 'data' must be {count} numbers "
-                f"(flat or nested by shape): {reason}"
-            ) from None
+        x = _json_numbers(data, dtype, name, count)
         if x.size != count:
             raise RequestError(
                 f"input '{name}' has {x.size} values in 'data'; shape {shape} needs {count}"
@@ -238,6 +230,41 @@ def _tensor(t: dict, spec, binary: memoryview | None, offset: int) -> tuple[np.n
         if bad:
             raise RequestError(f"input '{name}' has {bad} non-finite values (NaN or infinity)")
     return x, offset
+
+
+def _json_numbers(data: list, dtype: np.dtype, name: str, count: int) -> np.ndarray:
+    """JSON ``data`` as ``dtype``, refusing what numpy would quietly coerce.
+
+    A direct ``np.array(data, dtype)`` turns true/false into 1/0, "1.5" into 1.5 and, for
+    integer inputs, 2.7 into 2: a client bug would be served as if it were pixels.  Letting
+    numpy infer first shows booleans, strings and fractions by the inferred kind.
+    """
+
+    def refuse(reason: str):
+        raise RequestError(
+            f"input '{name}': 'data' must be {count} numbers (flat or nested by shape): {reason}"
+        )
+
+    try:
+        raw = np.array(data)  # None -> object; mixed bool/number promotes to number
+    except (ValueError, TypeError, OverflowError) as e:
+        refuse(str(e).splitlines()[0][:200])
+    if raw.dtype.kind == "O":  # null among numbers, or integers past 64 bits
+        if not all(v is None or type(v) in (int, float) for v in raw.flat):
+            refuse("found values that are not numbers")
+        raw = raw.astype(np.float64)  # null -> NaN, refused below as non-finite
+    if raw.dtype.kind == "b":
+        refuse("true/false are not numbers")
+    if raw.dtype.kind in "US":
+        refuse("found strings")
+    if dtype.kind in "iu":
+        if raw.dtype.kind == "f":
+            refuse(f"{dtype.name} takes whole numbers (null, fractions and 2**64 are not)")
+        info = np.iinfo(dtype)
+        if raw.size and (raw.min() < info.min or raw.max() > info.max):
+            refuse(f"{dtype.name} holds {info.min}..{info.max}")
+    with np.errstate(over="ignore"):  # 1e39 -> inf in FP32: reported by the caller
+        return raw.astype(dtype)
 
 
 def _outputs(header: dict, model) -> list[OutputRequest]:

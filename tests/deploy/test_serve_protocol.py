@@ -159,6 +159,38 @@ BAD_REQUESTS = {
         {},
         "must be 64 numbers",
     ),
+    "booleans": (
+        {
+            "inputs": [
+                {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [True] * 64}
+            ]
+        },
+        {},
+        "true/false are not numbers",
+    ),
+    "numeric strings": (
+        {
+            "inputs": [
+                {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": ["1.5"] * 64}
+            ]
+        },
+        {},
+        "found strings",
+    ),
+    "null among numbers": (
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [1, 1, 8, 8],
+                    "datatype": "FP32",
+                    "data": [None, None] + [0.5] * 62,
+                }
+            ]
+        },
+        {},
+        "2 non-finite",
+    ),
     "ragged": (
         {
             "inputs": [
@@ -326,3 +358,23 @@ def test_an_int8_model_is_served_the_way_kdtool_runs_it_on_cpu(tiny_onnx, tmp_pa
     x = calib[:5]
     with OrtRunner(path, threads=1) as runner:
         np.testing.assert_array_equal(model.run(x), runner.infer(x))
+
+
+def test_json_integers_are_checked_against_the_input_type():
+    """A foreign ONNX may take integer inputs: fractions and out-of-range values are refused."""
+    from kdtool.deploy.server.protocol import RequestError, _json_numbers
+
+    u8 = np.dtype(np.uint8)
+    np.testing.assert_array_equal(_json_numbers([0, 255, 7], u8, "x", 3), [0, 255, 7])
+    assert _json_numbers([0, 255, 7], u8, "x", 3).dtype == np.uint8
+    for data, message in [
+        ([0, 256, 1], "holds 0..255"),
+        ([-1, 0, 1], "holds 0..255"),
+        ([0.5, 1, 2], "whole numbers"),
+        ([None, 1, 2], "whole numbers"),
+        ([True, False, True], "true/false"),
+    ]:
+        with pytest.raises(RequestError, match=message):
+            _json_numbers(data, u8, "x", 3)
+    big = _json_numbers([2**70, 1], np.dtype(np.float32), "x", 2)  # past int64: still a number
+    assert big.dtype == np.float32 and big[0] == np.float32(2**70)
