@@ -1,7 +1,8 @@
 """``kdtool calibrate``'s run: recompute BN statistics, validate, fold, check, write.
 
 Every check runs before anything is written: a fold that changes the logits
-by more than the tolerance, or any other error, leaves no output behind.
+by more than the tolerance, or any other error, leaves no output behind.  The
+checkpoint is written last, after a --sweep's CSV and plot.
 """
 
 from __future__ import annotations
@@ -211,8 +212,8 @@ class CalibrateRun:
             model = self._fold(model, data, val, index, meta, stage, result)
         if accuracy:
             stage["accuracy"] = accuracy
-        meta = self._meta(meta, stage)
-        save_checkpoint(self.out, model, meta, force=c.force)
+        # The checkpoint is written last, so a failed plot leaves no checkpoint that a rerun
+        # would need --force to replace, and its metadata holds the total time.
         if sweep_rows is not None:
             write_csv(self.csv, sweep_rows)
             write_png(
@@ -224,6 +225,7 @@ class CalibrateRun:
             )
             result["sweep"] = {"csv": str(self.csv), "png": str(self.png), "rows": sweep_rows}
         stage["seconds"]["total"] = round(time.perf_counter() - t0, 3)
+        save_checkpoint(self.out, model, self._meta(meta, stage), force=c.force)
         result.update(
             out=str(self.out), folded=stage["folded"], accuracy=accuracy, seconds=stage["seconds"]
         )

@@ -10,8 +10,6 @@ accuracies (its own, noise, running statistics; current statistics at batch
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import statistics
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from kdtool.calibrate.recompute import recompute_bn_stats
 from kdtool.data import ImageData
 from kdtool.errors import KdtoolError
 from kdtool.evaluate import evaluate
-from kdtool.io import atomic_path, atomic_write_text
+from kdtool.io import atomic_path
 
 CSV_COLUMNS = ("kind", "batches", "batch_size", "images", "seed", "top1")
 
@@ -100,12 +98,9 @@ def reference_rows(running: float, current: float) -> list[dict]:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, CSV_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
-    atomic_write_text(path, buf.getvalue())
+    from kdtool.analyze import write_csv as write_rows
+
+    write_rows(path, rows, CSV_COLUMNS)
 
 
 def write_png(path: Path, rows: list[dict], title: str, noise: bool = True) -> None:

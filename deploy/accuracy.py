@@ -60,9 +60,13 @@ def _infer(runner, model: BenchModel, xb: np.ndarray, batch: int) -> np.ndarray:
     n = len(xb)
     logits = np.asarray(runner.infer_whole(model.prepare(xb), batch), np.float32)
     if logits.shape != (n, model.num_classes):
-        raise RuntimeError(
-            f"the model returned shape {logits.shape} for {n} images; "
-            f"expected ({n}, {model.num_classes})"
+        # The file disagrees with its own metadata: an edited ONNX, or an engine scored with
+        # the metadata of an ONNX beside it that was re-exported since.
+        raise KdtoolError(
+            f"'{model.path}' returned logits of shape {list(logits.shape)} for {n} images, "
+            f"but its kdtool metadata says {model.num_classes} classes",
+            "export the model again (kdtool export), and keep a TensorRT engine beside the "
+            "metadata of the ONNX it was built from",
         )
     return logits
 

@@ -99,11 +99,12 @@ class MemoryProbe:
             torch.cuda.reset_peak_memory_stats()
 
     def cell_peak(self) -> dict:
-        """peak_rss_mb, gpu_mem_mb and gpu_mem_kind of the cell that just ran."""
+        """peak_rss_mb, gpu_mem_mb and gpu_mem_kind of the cell that just ran, in MB of
+        10**6 bytes, the unit of the table's file sizes beside them."""
         rss = None
         if self.host:
             hwm = _status_kb("VmHWM")
-            rss = None if hwm is None else max(0, hwm - self.base_rss_kb) / 1024
+            rss = None if hwm is None else max(0, hwm - self.base_rss_kb) * 1024 / 1e6
         gpu = None
         if self.gpu_kind is not None:
             import torch
@@ -114,5 +115,5 @@ class MemoryProbe:
             else:
                 free, total = torch.cuda.mem_get_info()
                 now = total - free
-            gpu = max(0, now - self.base_gpu) / 2**20
+            gpu = max(0, now - self.base_gpu) / 1e6
         return {"peak_rss_mb": rss, "gpu_mem_mb": gpu, "gpu_mem_kind": self.gpu_kind}

@@ -1,9 +1,10 @@
 """``kdtool distill``'s run: noise in, teacher outputs as targets, a student out.
 
 Noise is drawn on the training device every iteration from a generator seeded
-by (seed, epoch), so an epoch's noise depends on the seed alone and
-``--resume`` is exact.  The loss terms are summed on the device and read back
-only every ``log_every`` steps: no host synchronisation per iteration.
+by (seed, epoch), so an epoch's noise depends on the seed (and the device's
+generator) alone and ``--resume`` on the same device is exact.  The loss terms
+are summed on the device and read back only every ``log_every`` steps: no host
+synchronisation per iteration.
 """
 
 from __future__ import annotations
@@ -156,7 +157,8 @@ class DistillRun:
         if self.dist.enabled:
             # Gradients are averaged across ranks and BN buffers averaged after each epoch
             # (sync_buffers), so every rank holds the same student. Each rank's teacher
-            # normalises with the statistics of its own batch (per-rank statistics).
+            # normalises with the statistics of its own batch, or with --teacher-stats global
+            # of all ranks' batches (distill/teacher.py).
             distiller.student = DDP(student, device_ids=[dev.index] if dev.type == "cuda"
                                     else None)
         val = self._load_val(tmeta)
@@ -341,14 +343,15 @@ def class_balance(hist: torch.Tensor) -> float:
 
 
 class _Answering(torch.nn.Module):
-    """A FrozenTeacher as a module, for ``predict``: its BN mode and alignment stay its own."""
+    """A FrozenTeacher as a module, for ``predict``: its BN mode and alignment stay its own,
+    but on per-rank statistics, since only rank 0 answers --val."""
 
     def __init__(self, teacher: FrozenTeacher):
         super().__init__()
         self.teacher = teacher
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.teacher(x)
+        return self.teacher(x, stats="rank")
 
 
 def _epoch_line(row: dict, epochs: int) -> str:

@@ -17,7 +17,7 @@ from kdtool.distill.dead_leaves import (
     default_leaves,
     render_dead_leaves,
 )
-from kdtool.errors import KdtoolError, check_choice
+from kdtool.errors import InternalError, KdtoolError, check_choice
 
 NOISE_KINDS = ("gaussian", "uniform", "dead_leaves")
 _OPTIONS = {"gaussian": (), "uniform": (),
@@ -53,11 +53,12 @@ class NoiseSource:
 
     def sample(self, n: int, gen: torch.Generator) -> torch.Tensor:
         """(n, C, H, W) float32 on the device, in the teacher's normalised input space."""
+        # Callers are kdtool's own (the loop, the pool, benchmarks): a bad call is a bug.
         if n < 1:
-            raise KdtoolError(f"noise batch size must be >= 1, got {n}")
+            raise InternalError(f"noise batch size must be >= 1, got {n}")
         if gen.device.type != self.device.type:
-            raise KdtoolError(f"noise generator is on {gen.device} but noise is made on "
-                              f"{self.device}", f"use torch.Generator(device='{self.device}')")
+            raise InternalError(f"noise generator is on {gen.device} but noise is made on "
+                                f"{self.device}: use torch.Generator(device='{self.device}')")
         return self._normalised(n, gen)
 
     def start_epoch(self, gen: torch.Generator) -> None:

@@ -101,10 +101,12 @@ class FrozenTeacher:
         return self
 
     @torch.inference_mode()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, stats: str | None = None) -> torch.Tensor:
+        """The teacher's answers; ``stats="rank"`` overrides a global teacher for a call that
+        one process makes alone (its all-reduce would wait for ranks that never join)."""
         self.model.eval()  # dropout off, and running-statistics layers really on running stats
-        bn = (global_batch_stats(self._current) if self.stats == "global" and self._global()
-              else batch_stats(self.model, self._current))
+        glob = (stats or self.stats) == "global" and self._global()
+        bn = global_batch_stats(self._current) if glob else batch_stats(self.model, self._current)
         with bn, batch_aligned(self._aligned):
             return self.model(x)
 

@@ -131,7 +131,7 @@ def _slim(proto):
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             slimmed = onnxslim.slim(proto)
-    except Exception as e:  # a graph onnxslim cannot simplify: the plain export still works
+    except Exception as e:  # a graph onnxslim cannot simplify: --no-slim exports it as is
         raise KdtoolError(f"onnxslim failed to simplify the graph: {type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}",
                           "export with --no-slim") from e

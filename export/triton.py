@@ -121,10 +121,26 @@ def write_repo(
             config_text(name, kind, graph, profile, labels=bool(class_names))
         )
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders; Triton may run as another user
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        _swap_in(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     return target
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Rename folder ``new`` to ``target``; an old ``target`` is moved aside first and deleted
+    only once the new one is in place (a folder cannot be renamed over a non-empty one), and
+    put back if that rename fails."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    old.rmdir()  # only the unique name is wanted
+    os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old)

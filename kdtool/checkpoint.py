@@ -11,6 +11,7 @@ nothing a user hands in is ever unpickled.
 from __future__ import annotations
 
 import json
+import math
 import re
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -82,6 +83,8 @@ class ModelMeta:
         problems = []
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
             problems.append(f"mean/std need {self.in_chans} values")
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
+            problems.append("mean/std must be finite numbers")
         if any(s <= 0 for s in self.std):
             problems.append("std must be positive")
         if self.class_names and len(self.class_names) != self.num_classes:
@@ -127,6 +130,8 @@ def per_channel_norm(mean: list[float], std: list[float], channels: int,
                               "channel(s)", "give one value" if channels == 1 else
                               f"give {channels} values, or one for all channels")
         out.append([float(v) for v in values] * (channels if len(values) == 1 else 1))
+    if not all(math.isfinite(v) for v in (*out[0], *out[1])):
+        raise KdtoolError("--mean and --std must be finite numbers")
     if any(v <= 0 for v in out[1]):
         raise KdtoolError("--std must be positive, got " + ",".join(f"{v:g}" for v in out[1]))
     return out[0], out[1]

@@ -4,7 +4,8 @@ The whole uint8 dataset is moved to the device once; batches are indexed,
 converted, augmented (random crop with zero padding + horizontal flip) and
 normalised there, so a GPU is never waiting for a CPU loader.  Shuffling and
 augmentation draw from generators seeded by (seed, epoch): an epoch's batches
-are a function of the seed alone, which makes ``--resume`` exact.
+are a function of the seed alone on a given device (CPU and CUDA generators differ),
+which makes ``--resume`` exact.
 """
 
 from __future__ import annotations

@@ -49,7 +49,9 @@ def load_state(path: Path) -> dict[str, Any]:
                           "start over: drop --resume and pass --force") from e
 
 
-# Where and how fast a run computes may change on resume; what it computes may not.
+# Where and how fast a run computes may change on resume; what it computes may not.  A
+# changed device or precision continues the run, not bit for bit: its generators and
+# arithmetic differ.
 RESUMABLE_CHANGES = ("device", "precision", "compile", "compile_mode", "channels_last")
 # Settings newer than some saved states, with the value that does what those runs did.
 ADDED_SETTINGS = {"val_every": 1}

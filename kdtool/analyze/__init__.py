@@ -37,12 +37,12 @@ def save_png(fig, path: Path, dpi: int = 100) -> None:
     pyplot().close(fig)
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    """Rows of one shape (the first row's keys) as CSV, floats to 6 significant digits."""
+def write_csv(path: Path, rows: list[dict], columns: tuple[str, ...] | None = None) -> None:
+    """Rows as CSV (``columns``, or the first row's keys), floats to 6 significant digits."""
     from kdtool.io import atomic_path
 
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=list(columns or rows[0]), lineterminator="\n")
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})

@@ -34,8 +34,10 @@ def _outputs(out: Path, force: bool) -> tuple[Path, Path]:
     from kdtool.analyze import require_matplotlib
     from kdtool.io import check_output
 
-    paths = (check_output(out.with_suffix(".csv"), force, "CSV"),
-             check_output(out.with_suffix(".png"), force, "plot"))
+    # A stem may hold dots (runs/r18.v2); a .csv or .png given as --out names the stem too.
+    stem = out.with_suffix("") if out.suffix.lower() in (".csv", ".png") else out
+    paths = (check_output(stem.with_name(stem.name + ".csv"), force, "CSV"),
+             check_output(stem.with_name(stem.name + ".png"), force, "plot"))
     require_matplotlib()
     return paths
 

@@ -98,7 +98,7 @@ def _nearest(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def write_csv(path: Path, r: dict) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
+        w = csv.writer(f, lineterminator="\n")
         w.writerow(["set", "space", "x", "y", "label_or_prediction"])
         for (px, py), label in zip(r["inputs"]["real"], r["inputs"]["labels"], strict=True):
             w.writerow(["real", "input", f"{px:.5f}", f"{py:.5f}", int(label)])

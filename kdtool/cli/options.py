@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -83,6 +84,9 @@ def parse_floats(text: str | None, option: str) -> list[float] | None:
                           f"e.g. {option} 0.5,0.5,0.5") from None
     if not values:
         raise KdtoolError(f"{option} is empty", f"e.g. {option} 0.5,0.5,0.5")
+    if not all(math.isfinite(v) for v in values):  # float() reads "nan" and "inf"
+        raise KdtoolError(f"{option} '{text}' has a value that is not a finite number",
+                          f"e.g. {option} 0.5,0.5,0.5")
     return values
 
 

@@ -180,3 +180,12 @@ def test_info_says_which_epoch_the_weights_are_and_where_the_curves_are(cli, dig
     assert _stage_line("calibrate", {"batches": 2, "folded": True}, runs["leaves"]) == (
         "batches=2, folded=True")
     assert cli("info", runs["leaves"]).code == 0
+
+
+def test_a_stem_with_dots_keeps_them_and_a_csv_or_png_names_the_stem(cli, runs, tmp_path):
+    r = cli("analyze", "curves", runs["gauss"], "--out", tmp_path / "r18.v2", "--json")
+    assert r.code == 0, r.err
+    assert (r.json()["csv"], r.json()["png"]) == (str(tmp_path / "r18.v2.csv"),
+                                                  str(tmp_path / "r18.v2.png"))
+    r = cli("analyze", "curves", runs["gauss"], "--out", tmp_path / "c.png", "--json")
+    assert r.code == 0 and r.json()["csv"] == str(tmp_path / "c.csv"), r.err

@@ -267,4 +267,24 @@ def test_sweep_writes_csv_and_plot(cli, noise_student, tmp_path):
         csv_path,
     )
     assert again.code == 1 and "sweep CSV" in again.err and "already exists" in again.err
-    assert read_meta(out).stages["calibrate"]["batches"] == 2
+    stage = read_meta(out).stages["calibrate"]
+    assert stage["batches"] == 2
+    assert stage["seconds"]["total"] >= stage["seconds"]["recompute"] > 0
+
+
+def test_a_sweep_plot_that_fails_leaves_no_checkpoint(cli, noise_student, tmp_path,
+                                                      monkeypatch):
+    """The checkpoint is written last: a rerun after a failed plot needs no --force."""
+    import errno
+
+    from kdtool.calibrate import pipeline
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "write_png", full_disk)
+    out = tmp_path / "s.safetensors"
+    r = cli("calibrate", noise_student, "--data", "digits", "--batches", "1", "--batch-size",
+            "8", "--val", "digits:test", "--sweep", "1", "--out", out, "--device", "cpu")
+    assert r.code == 1 and "No space left" in r.err, r.err
+    assert not out.exists()

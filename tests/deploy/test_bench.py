@@ -578,15 +578,16 @@ def test_an_int8_export_is_reused_only_with_the_same_calibration_data(cli, model
 
 @pytest.mark.skipif(not memory.MemoryProbe().host, reason="no resettable RSS high-water mark")
 def test_peak_memory_is_the_cells_own_and_grows_with_the_batch(cli, graph_onnx):
-    # One 3->8 conv at 256x256: at batch 64 its input is 48 MiB and its output 128 MiB.
+    # One 3->8 conv at 256x256: at batch 64 its input is 50 MB and its output 134 MB (bench
+    # reports MB of 10**6 bytes, like its file sizes).
     path = graph_onnx("wide.onnx", in_chans=3, size=256, num_classes=10)
     r = cli("bench", path, "--backends", "ort-cpu", "--batch", "1,64", *FAST, "--json")
     assert r.code == 0, r.err
     peak = {row["batch"]: row["peak_rss_mb"] for row in r.json()["rows"]}
-    input_mb, conv_mb = 64 * 3 * 256**2 * 4 / 2**20, 64 * 8 * 256**2 * 4 / 2**20
-    # What the batch-64 call holds at once (ONNX Runtime's arena keeps more: ~890 MiB here),
-    # less 1 MiB: in-process RSS is indicative (pages the process freed after the baseline
-    # read ~0.1 MiB low here).
+    input_mb, conv_mb = 64 * 3 * 256**2 * 4 / 1e6, 64 * 8 * 256**2 * 4 / 1e6
+    # What the batch-64 call holds at once (ONNX Runtime's arena keeps more: ~930 MB here),
+    # less 1 MB: in-process RSS is indicative (pages the process freed after the baseline
+    # read ~0.1 MB low here).
     held_mb = input_mb + conv_mb - 1
     assert peak[64] >= held_mb
     # The batch-1 cell counts its own memory from the backend's load, not the process's
@@ -601,3 +602,12 @@ def test_peak_memory_is_the_cells_own_and_grows_with_the_batch(cli, graph_onnx):
     assert res["settings"]["memory_arena"] is False
     (row,) = res["rows"]
     assert held_mb <= row["peak_rss_mb"] < peak[64], (row["peak_rss_mb"], peak)
+
+
+def test_peak_memory_is_in_the_megabytes_of_the_file_size_column(monkeypatch):
+    """The table shows peak memory and file size side by side, both as MB (10**6 bytes)."""
+    probe = memory.MemoryProbe()
+    probe.host, probe.base_rss_kb = True, 1000
+    # /proc reports KiB: 97,656 KiB above the base is 99,999,744 bytes (95.4 MiB).
+    monkeypatch.setattr(memory, "_status_kb", lambda field: 1000 + 97_656)
+    assert probe.cell_peak()["peak_rss_mb"] == pytest.approx(100.0, abs=0.001)

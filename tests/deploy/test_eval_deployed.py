@@ -63,3 +63,25 @@ def test_options_an_exported_file_cannot_take_are_refused(cli, tiny_onnx, args, 
         pytest.skip("this machine has a second GPU")
     r = cli("eval", tiny_onnx, "--data", "digits:test", *args)
     assert r.code == 1 and message in r.err and "Traceback" not in r.err, r.err
+
+
+def test_a_graph_that_disagrees_with_its_metadata_is_a_user_error(cli, tiny_onnx, tmp_path):
+    """An edited ONNX (or an engine beside a re-exported ONNX) says 7 classes, returns 10."""
+    import dataclasses
+
+    import onnx
+
+    from kdtool.export.metadata import read_info, write_info
+
+    model = onnx.load(tiny_onnx)
+    info = read_info(tiny_onnx)
+    write_info(model, dataclasses.replace(info, num_classes=7,
+                                          class_names=[str(i) for i in range(7)]))
+    bad = tmp_path / "bad.onnx"
+    onnx.save(model, bad)
+    data = tmp_path / "seven.npz"
+    np.savez(data, x=np.zeros((14, 8, 8), np.uint8), y=np.arange(14) % 7)
+    r = cli("eval", bad, "--data", data)
+    assert r.code == 1 and "Traceback" not in r.err
+    assert f"'{bad}' returned logits of shape [14, 10]" in r.err
+    assert "metadata says 7 classes" in r.err

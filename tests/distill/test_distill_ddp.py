@@ -95,6 +95,11 @@ def _global_worker(rank, world, port, dump):
     model = create_model("resnet8", num_classes=10, in_chans=1)
     full = torch.randn(2 * 16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     mine = full[rank * 16:(rank + 1) * 16]
+    if rank == 0:  # --val is answered by rank 0 alone: no all-reduce may wait for rank 1
+        from kdtool.distill.loop import _Answering
+
+        alone = _Answering(FrozenTeacher(model, stats="global"))(mine)
+        torch.save(alone, dump / "alone.pt")
     out = {"global": FrozenTeacher(model, stats="global")(mine),
            "rank": FrozenTeacher(model, stats="rank")(mine)}
     torch.save({**out, "state": model.state_dict()}, dump / f"g{rank}.pt")
@@ -118,3 +123,4 @@ def test_global_teacher_statistics_equal_one_process_on_the_whole_batch(tmp_path
         torch.testing.assert_close(got["rank"], halves[rank])  # per-rank: its own half
         assert not torch.allclose(got["rank"], got["global"], atol=1e-3)
         assert all(torch.equal(got["state"][k], v) for k, v in before.items())
+    torch.testing.assert_close(torch.load(tmp_path / "alone.pt", weights_only=True), halves[0])

@@ -3,6 +3,7 @@ table, parity judgement, Triton configs, runner refusals. No TensorRT is imitate
 the TensorRT tests proper run where it is installed (test_tensorrt_gpu.py)."""
 
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -255,3 +256,31 @@ def test_the_benchmarked_torch_runner_is_nhwc_and_the_export_reference_is_left_a
     reference = TorchRunner(model)
     assert reference.describe()["memory_format"] == "contiguous"
     assert all(p.is_contiguous() for p in model.parameters())
+
+
+def test_a_replaced_triton_model_survives_a_failed_swap(tmp_path, monkeypatch):
+    """--force deletes the old model folder only once the new one is in place."""
+    import os
+
+    from kdtool.export import triton
+
+    target, new = tmp_path / "m", tmp_path / ".m.new"
+    for folder, text in ((target, "old"), (new, "new")):
+        (folder / "1").mkdir(parents=True)
+        (folder / "1" / "model.onnx").write_text(text)
+    real = os.replace
+
+    def failing(src, dst):
+        if Path(src) == new:
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(triton.os, "replace", failing)
+    with pytest.raises(OSError):
+        triton._swap_in(new, target)
+    assert (target / "1" / "model.onnx").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".m.new", "m"]  # nothing stranded
+    monkeypatch.setattr(triton.os, "replace", real)
+    triton._swap_in(new, target)
+    assert (target / "1" / "model.onnx").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]

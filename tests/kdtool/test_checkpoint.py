@@ -161,3 +161,7 @@ def test_inconsistent_metadata_is_refused(tmp_path: Path):
     bad.mean = [0.5]
     with pytest.raises(KdtoolError, match="mean/std need 3 values"):
         save_checkpoint(tmp_path / "m.safetensors", create_model("tiny_cnn"), bad, False)
+    bad = _meta()
+    bad.std = [0.25, float("nan"), 0.25]  # NaN > 0 is False, and so is NaN <= 0
+    with pytest.raises(KdtoolError, match="mean/std must be finite numbers"):
+        save_checkpoint(tmp_path / "m.safetensors", create_model("tiny_cnn"), bad, False)

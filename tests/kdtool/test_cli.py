@@ -327,6 +327,10 @@ def test_a_plain_state_dict_takes_its_input_size_and_scores_as_its_source(cli, d
      ["--mean has 2 values", "1 channel(s)", "give one value"]),
     (["eval", "{teacher}", "--data", "digits:test", "--mean", "0.5", "--std", "0"],
      ["--std must be positive"]),
+    (["train", "--data", "digits", "--mean", "nan", "--std", "0.5", "--out", "x.safetensors"],
+     ["--mean 'nan' has a value that is not a finite number"]),  # float() reads nan, inf
+    (["convert", "{pt}", "--arch", "tiny_cnn", "--mean", "0.5", "--std", "inf"],
+     ["--std 'inf' has a value that is not a finite number"]),
     (["convert", "{pt}", "--arch", "tiny_cnn", "--in-chans", "3", "--mean", "0.5,0.5",
       "--std", "0.5,0.5,0.5"], ["--mean has 2 values", "give 3 values, or one for all"]),
     (["eval", "{teacher}", "--data", "digits:test", "--image-size", "8"],
