@@ -132,6 +132,11 @@ def _checkpoint_model(path: Path) -> BenchModel:
 
 
 def _from_info(path: Path, kind: str, info, file_bytes: int) -> BenchModel:
+    uncalibrated = info.noise_bn_warning(str(path)) if kind != "checkpoint" else None
+    if uncalibrated:  # the checkpoint's own warning is said by _checkpoint_model
+        from kdtool import console
+
+        console.warn(uncalibrated, once=True)
     return BenchModel(
         path=path,
         kind=kind,

@@ -239,6 +239,9 @@ class Bench:
             with console.progress_task("bench", total, unit="cell") as adv:
                 for model, backend, problem in pairs:
                     rows += self._pair(model, backend, problem, adv)
+        for row, label in zip(rows, distinct_labels([Path(r["path"]) for r in rows]),
+                              strict=True):
+            row["model"] = label  # files of one name in two folders: the rows tell them apart
         reference = check_accuracy(rows, cfg.min_accuracy, cfg.max_drop)
         prov = provenance(seed=cfg.seed)
         settings = {k: v for k, v in asdict(cfg).items() if k != "models"}
@@ -276,12 +279,17 @@ class Bench:
         else:
             out_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kdtool-")))
         models, exports = [], []
-        for model in given:
+        # Checkpoints of one name from several folders export into subfolders named after
+        # theirs, or the second export would replace the first (c1/s.safetensors -> c1/s.onnx).
+        labels = distinct_labels([m.path for m in given])
+        for model, label in zip(given, labels, strict=True):
             if model.kind != "checkpoint":
                 models.append(model)
                 continue
+            folder = out_dir / Path(label).parent
+            folder.mkdir(parents=True, exist_ok=True)
             for ex in export_all(
-                model.path, cfg.formats, out_dir, cfg.calib_data, cfg.force, cfg.threads
+                model.path, cfg.formats, folder, cfg.calib_data, cfg.force, cfg.threads
             ):
                 exports.append(ex)
                 models.append(ex if ex.error or ex.unavailable else load_model(ex.path))
@@ -409,6 +417,21 @@ def empty_row(base: dict, batch: int, status: str, reason: str) -> dict:
         "gpu_mem_mb": None,
         "gpu_mem_kind": None,
     }
+
+
+def distinct_labels(paths: list[Path]) -> list[str]:
+    """Each path's name, or where two different files share it, the fewest trailing folders
+    that tell them apart (``c1/s.onnx`` and ``c4/s.onnx``)."""
+    full = [p.resolve() for p in paths]
+    labels = []
+    for p in full:
+        rivals = {q for q in full if q.name == p.name and q != p}
+        depth = 1
+        while rivals and depth < len(p.parts):
+            depth += 1
+            rivals = {q for q in rivals if q.parts[-depth:] == p.parts[-depth:]}
+        labels.append("/".join(p.parts[-depth:]).lstrip("/"))
+    return labels
 
 
 def check_accuracy(rows: list[dict], min_accuracy: float | None, max_drop: float | None):

@@ -59,10 +59,17 @@ def predict_cmd(
     if csv_out is not None:
         atomic_write_text(csv_out, to_csv(result))
         result["csv"] = str(csv_out)
-    console.emit(result, as_json, _render)
+    failed = None
     if result["unreadable"]:
-        raise KdtoolError(f"{result['unreadable']} of {len(result['results'])} images could "
-                          "not be read", "see the warnings above; the others were predicted")
+        failed = KdtoolError(f"{result['unreadable']} of {len(result['results'])} images "
+                             "could not be read", "see the warnings above; the others were "
+                             "predicted")
+        # --json: the one object holds the predictions made and, as any failure's does,
+        # "error" and "hint" (the exit status is 1)
+        result.update(error=failed.message, hint=failed.hint)
+    console.emit(result, as_json, _render)
+    if failed is not None:
+        raise failed
 
 
 def _render(result: dict) -> None:

@@ -108,7 +108,7 @@ def distill_cmd(
     """
     from kdtool import console
     from kdtool.distill.loop import DistillConfig, DistillRun
-    from kdtool.interrupts import describe
+    from kdtool.interrupts import Stopped
 
     options = {"shapes": shapes} if shapes is not None else {}
     cfg = DistillConfig(
@@ -124,10 +124,8 @@ def distill_cmd(
     try:
         result = DistillRun(cfg, out, force=force, resume=resume).run()
     except KeyboardInterrupt as e:
-        what, status = describe(e)
-        console.warn(f"{what}: every finished epoch is saved; continue with the same "
-                     "command and --resume")
-        raise typer.Exit(status) from None
+        raise Stopped(e, "every finished epoch is saved; continue with the same command and "
+                      "--resume") from None
 
     def render(r):
         rows = [["output", r["out"]], ["student", f"{r['student']} from {r['teacher']}"],

@@ -50,6 +50,9 @@ class OnnxInfo:
     # How images of another size are fitted to input_size (None: stretch; kdtool.imageprep).
     crop_fraction: float | None = None
     interpolation: str = "bilinear"
+    # "noise": exported from a distilled student never calibrated, so the graph normalises
+    # with the noise's BN statistics; "" otherwise (and in files that predate the field).
+    bn_running_stats: str = ""
 
     @classmethod
     def from_meta(cls, meta, *, input_name: str, output_name: str, **fields) -> OnnxInfo:
@@ -66,8 +69,19 @@ class OnnxInfo:
             arch=meta.arch,
             crop_fraction=meta.crop_fraction,
             interpolation=meta.interpolation,
+            bn_running_stats="noise" if meta.noise_bn_uncalibrated else "",
             **fields,
         )
+
+    def noise_bn_warning(self, path: str) -> str | None:
+        """The checkpoint's "not yet calibrated" warning, kept with the exported file."""
+        if self.bn_running_stats != "noise":
+            return None
+        source = self.source or "its checkpoint"
+        return (f"'{path}' was exported from a distilled student whose BN running statistics "
+                "are noise statistics, never calibrated: its accuracy can be far below what "
+                f"the student learnt; calibrate {source} (kdtool calibrate --data "
+                "REAL_IMAGES) and export again")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

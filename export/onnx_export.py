@@ -17,6 +17,7 @@ import torch
 
 from kdtool.errors import KdtoolError, check_choice
 from kdtool.export.batch import BatchProfile
+from kdtool.interrupts import raise_if_interrupted
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear
@@ -68,6 +69,7 @@ def export_onnx(
     except KdtoolError:
         raise
     except Exception as e:  # the exporters raise many types for untraceable code
+        raise_if_interrupted(e)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         other = "torchscript" if exporter == "dynamo" else "dynamo"
         raise KdtoolError(
@@ -132,6 +134,7 @@ def _slim(proto):
         with contextlib.redirect_stdout(io.StringIO()):
             slimmed = onnxslim.slim(proto)
     except Exception as e:  # a graph onnxslim cannot simplify: --no-slim exports it as is
+        raise_if_interrupted(e)
         raise KdtoolError(f"onnxslim failed to simplify the graph: {type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}",
                           "export with --no-slim") from e

@@ -95,12 +95,17 @@ class ModelMeta:
         if problems:
             raise KdtoolError(f"'{source}' has inconsistent metadata: " + "; ".join(problems))
 
+    @property
+    def noise_bn_uncalibrated(self) -> bool:
+        """A distilled student whose BN running statistics are still the noise's."""
+        noise = (self.stages.get("distill") or {}).get("bn_running_stats") == "noise"
+        return noise and "calibrate" not in self.stages
+
     def noise_bn_warning(self, source: str) -> str | None:
         """What to tell a user about to run a distilled student that was never calibrated:
         its BN running statistics are the noise's, which can cost it much of its accuracy
         (tens of points on CIFAR-10; on digits sometimes nothing: a warning, not a verdict)."""
-        noise = (self.stages.get("distill") or {}).get("bn_running_stats") == "noise"
-        if not noise or "calibrate" in self.stages:
+        if not self.noise_bn_uncalibrated:
             return None
         return (f"'{source}' is a distilled student whose BN running statistics are noise "
                 "statistics, not yet calibrated: accuracy on them can be far below what it "

@@ -19,12 +19,37 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread where Ctrl-C raises KeyboardInterrupt."""
 
 
+class Stopped(Exception):
+    """A Ctrl-C or SIGTERM that stopped a command, carried to kdtool's ``main`` as an
+    ordinary exception: typer turns an interrupt that leaves a command into a bare exit 130,
+    with no message and SIGTERM's 143 lost. ``hint`` says what was kept and how to go on."""
+
+    def __init__(self, interrupt: KeyboardInterrupt, hint: str | None = None):
+        super().__init__(interrupt)
+        self.interrupt = interrupt
+        self.hint = hint
+
+
 def describe(e: BaseException | None) -> tuple[str, int]:
     """What stopped the command and its exit status (128 + the signal, as shells report);
     anything but SIGTERM counts as Ctrl-C."""
     if isinstance(e, Terminated):
         return "terminated (SIGTERM)", 128 + signal.SIGTERM
     return "interrupted", 128 + signal.SIGINT
+
+
+def raise_if_interrupted(e: BaseException) -> None:
+    """Re-raise the Ctrl-C or SIGTERM that ``e`` wraps, if any.
+
+    Libraries that catch broad errors while tracing Python code (torch.export) can turn an
+    interrupt that arrives inside them into their own error type; reported as that error,
+    the user's Ctrl-C would read as a bug, with a hint to change options."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            raise e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
 
 
 def _raise_terminated(signum, frame) -> None:

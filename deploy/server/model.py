@@ -79,6 +79,11 @@ class OnnxModel:
         self.providers = self.opened.providers
         meta = self.session.get_modelmeta().custom_metadata_map
         self.info: OnnxInfo = info_from_props(meta, str(self.path))
+        uncalibrated = self.info.noise_bn_warning(str(self.path))
+        if uncalibrated:
+            from kdtool import console
+
+            console.warn(uncalibrated)
         self.input, self.output, self.fixed_batch = self._specs()
         if warmup:  # the first call allocates and plans: keep it out of the first request
             self.run(np.zeros((self.fixed_batch or 1, *self.input.shape[1:]), self.input.dtype))

@@ -240,7 +240,13 @@ def sweep_cmd(
                          iters_per_epoch=iters_per_epoch, batch_size=batch_size,
                          schedule="onecycle", lr=lr, val=val, seed=seed, device=device,
                          balance="off")  # the paper's figures: its plain loss
-    rows = run_sweep(base, param, points, out, keep, force=force, resume=resume)
+    try:
+        rows = run_sweep(base, param, points, out, keep, force=force, resume=resume)
+    except KeyboardInterrupt as e:
+        from kdtool.interrupts import Stopped
+
+        raise Stopped(e, "finished points and every finished epoch are saved; continue "
+                      "with the same command and --resume") from None
     write_csv(csv_path, rows)
     write_png(png_path, rows, f"{student} from {teacher.name}, {noise} noise")
     result = {"param": param, "keep": keep, "rows": rows, "csv": str(csv_path),

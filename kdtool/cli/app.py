@@ -20,7 +20,7 @@ from kdtool import __version__, console
 from kdtool.cli.helpfmt import negatives_in_descriptions
 from kdtool.cli.hints import foreign_option_hint
 from kdtool.errors import KdtoolError
-from kdtool.interrupts import describe, sigterm_as_interrupt
+from kdtool.interrupts import Stopped, describe, sigterm_as_interrupt
 from kdtool.runinfo import set_command_line
 
 negatives_in_descriptions()
@@ -152,12 +152,38 @@ def _name_list_items(param) -> None:
     param.display_type = lambda ctx, label=label: f"<{label}>"
 
 
+def _carry_interrupts(command) -> None:
+    """Wrap every command's callback so that an interrupt leaves it as ``Stopped``."""
+    for sub in getattr(command, "commands", {}).values():
+        _carry_interrupts(sub)
+    callback = command.callback
+    if callback is None or getattr(callback, "_carries_interrupts", False):
+        return
+
+    def run(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except KeyboardInterrupt as e:
+            raise Stopped(e) from e
+
+    run._carries_interrupts = True
+    command.callback = run
+
+
+def _stopped(argv: list[str] | None, interrupt: BaseException | None, hint: str | None):
+    what, status = describe(interrupt)
+    console.warn(f"{what}: {hint}" if hint else what)
+    _json_error(argv, what, hint)
+    sys.exit(status)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print one line and exit 1; bugs keep their traceback."""
     set_command_line(sys.argv[1:] if argv is None else argv)
     _reflow_help(app)
     command = typer.main.get_command(app)
     _hide_flag_types(command)
+    _carry_interrupts(command)
     console.reset()
     try:
         with sigterm_as_interrupt():
@@ -179,9 +205,10 @@ def main(argv: list[str] | None = None) -> None:
         _error(f"{message} ({hint})")
         _json_error(argv, message, hint)
         sys.exit(1)
+    except Stopped as e:
+        _stopped(argv, e.interrupt, e.hint)
     except (typer.Abort, KeyboardInterrupt) as e:
-        # click turns an interrupt escaping a command into Abort, the interrupt its cause
-        what, status = describe(e if isinstance(e, KeyboardInterrupt) else e.__cause__)
-        _error(what)
-        sys.exit(status)
+        # Outside a command (parsing options); older typer and click turn an interrupt
+        # escaping a command into Abort, the interrupt its cause.
+        _stopped(argv, e if isinstance(e, KeyboardInterrupt) else e.__cause__, None)
     sys.exit(code or 0)

@@ -12,8 +12,10 @@ from __future__ import annotations
 # option users type -> kdtool's equivalents (option, optionally with its value)
 FOREIGN_OPTIONS: dict[str, list[str]] = {
     "--output": ["--out", "--onnx", "--csv"],
+    "--output-format": ["--json"],
     "-o": ["--out", "--onnx", "--csv"],
-    "--format": ["--precision fp32|fp16|int8", "--trt"],
+    # Ultralytics' export --format, or an output format elsewhere (--format json).
+    "--format": ["--precision fp32|fp16|int8", "--trt", "--formats", "--json"],
     "--half": ["--precision fp16"],
     "--fp16": ["--precision fp16"],
     "--bf16": ["--precision bf16"],

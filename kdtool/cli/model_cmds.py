@@ -166,6 +166,9 @@ def _onnx_info(path: Path, as_json: bool) -> None:
     from kdtool.imageprep import Fit
 
     info = read_info(path)
+    uncalibrated = info.noise_bn_warning(str(path))
+    if uncalibrated:
+        console.warn(uncalibrated)
     result = {"file": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path),
               "format": "onnx", **asdict(info)}
 
@@ -181,6 +184,8 @@ def _onnx_info(path: Path, as_json: bool) -> None:
                 ["output", f"'{r['output_name']}'"],
                 ["mean / std", f"{_fmt_list(r['mean'])} / {_fmt_list(r['std'])}"],
                 ["exported from", f"{r['source']} (sha256 {r['source_sha256'][:16]}...)"],
+                *([["BN running stats", "noise statistics: never calibrated"]]
+                  if r["bn_running_stats"] == "noise" else []),
                 ["file", f"{r['bytes']:,} bytes, sha256 {r['sha256'][:16]}..."]]
         rows += [[f"int8 {k}", str(v)] for k, v in r["quantization"].items()
                  if not isinstance(v, list | dict)]

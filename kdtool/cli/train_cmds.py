@@ -87,7 +87,7 @@ def train_cmd(
     --out teacher.safetensors[/bold]
     """
     from kdtool import console
-    from kdtool.interrupts import describe
+    from kdtool.interrupts import Stopped
     from kdtool.train import TrainConfig, Trainer
 
     mean_values, std_values = parse_norm(mean, std)
@@ -107,10 +107,8 @@ def train_cmd(
     try:
         result = Trainer(cfg, out, force=force, resume=resume).run()
     except KeyboardInterrupt as e:
-        what, status = describe(e)
-        console.warn(f"{what}: every finished epoch is saved; continue with the same "
-                     "command and --resume")
-        raise typer.Exit(status) from None
+        raise Stopped(e, "every finished epoch is saved; continue with the same command and "
+                      "--resume") from None
 
     def render(r):
         rows = [["output", r["out"]], ["best epoch", f"{r['best_epoch']}/{r['epochs']}"],
@@ -179,6 +177,8 @@ def eval_cmd(
                                parse_norm(mean, std) if arch is None and (mean or std) else None)
     result = {"checkpoint": str(checkpoint), "data": data, "bn": bn, "tta": tta,
               "batch_size": batch_size, **rep}
+    if bn == "current":  # which images share a batch, and so the statistics, follows --seed
+        result["seed"] = seed
     if not per_class:
         result.pop("per_class")
         result.pop("per_class_images")

@@ -288,3 +288,17 @@ def test_a_sweep_plot_that_fails_leaves_no_checkpoint(cli, noise_student, tmp_pa
             "8", "--val", "digits:test", "--sweep", "1", "--out", out, "--device", "cpu")
     assert r.code == 1 and "No space left" in r.err, r.err
     assert not out.exists()
+
+
+def test_eval_with_the_runs_seed_reproduces_its_current_statistics_figure(cli, noise_student,
+                                                                         tmp_path):
+    """On current statistics, which images share a batch follows --seed: eval with the seed
+    of the calibrate run gives its figure exactly, and records the seed it used."""
+    r = cli("calibrate", noise_student, "--data", "digits", "--batches", "2", "--val",
+            "digits:test", "--seed", "3", "--out", tmp_path / "s.safetensors", "--json")
+    assert r.code == 0, r.err
+    figure = r.json()["accuracy"]["input_current"]
+    r = cli("eval", noise_student, "--data", "digits:test", "--bn", "current", "--seed", "3",
+            "--json")
+    assert r.code == 0 and r.json()["seed"] == 3
+    assert r.json()["top1"] == figure

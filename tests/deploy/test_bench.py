@@ -354,6 +354,28 @@ def test_the_runs_on_column_names_devices_one_way(backend, device, providers, sh
     assert runs_on({"backend": backend, "device": device, "providers": providers}) == shown
 
 
+def test_checkpoints_of_one_name_in_two_folders_export_and_report_apart(cli, models,
+                                                                         tmp_path):
+    """c1/s and c2/s once both exported to s.onnx: the second replaced the first, and the
+    first's ONNX row scored the second model."""
+    model, meta = load_checkpoint(models["teacher"])
+    save_checkpoint(tmp_path / "c1" / "s.safetensors", model, meta, force=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5).add_(0.05 * torch.randn_like(p))  # other weights, other answers
+    save_checkpoint(tmp_path / "c2" / "s.safetensors", model, meta, force=False)
+    out = tmp_path / "exports"
+    r = cli("bench", tmp_path / "c1" / "s.safetensors", tmp_path / "c2" / "s.safetensors",
+            "--formats", "torch,onnx", "--export-dir", out, "--batch", "2", *FAST,
+            "--data", "digits:test", "--limit", "120", "--json")
+    assert r.code == 0, r.err
+    rows = {row["model"]: row["accuracy"]["correct"] for row in r.json()["rows"]}
+    assert list(rows) == ["c1/s.safetensors", "c1/s.onnx", "c2/s.safetensors", "c2/s.onnx"]
+    assert rows["c1/s.onnx"] == rows["c1/s.safetensors"] != rows["c2/s.safetensors"]
+    assert rows["c2/s.onnx"] == rows["c2/s.safetensors"]
+    assert (out / "c1" / "s.onnx").is_file() and (out / "c2" / "s.onnx").is_file()
+
+
 def test_bench_formats_come_from_the_export_table():
     from kdtool.deploy.bench_export import BENCH_FORMATS, TORCH, Exported
     from kdtool.export.formats import FORMATS

@@ -206,6 +206,8 @@ def test_an_unreadable_image_is_reported_and_the_others_predicted(cli, tiny_onnx
     assert "predictions" not in rows[str(broken)] and rows[str(broken)]["error"]
     assert all(len(rows[p]["predictions"]) == 2 and "error" not in rows[p] for p in labels)
     assert res["unreadable"] == 1
+    # ... and, as every failure's object does, "error" and "hint" (a script tests for them)
+    assert res["error"] == "1 of 5 images could not be read" and "others were" in res["hint"]
 
     # The table names it too; the CSV gives it a row with its error and no prediction.
     r = cli("predict", tiny_onnx, tmp_path / "d", "--top", "2")

@@ -450,3 +450,41 @@ def test_the_engine_is_built_beside_its_destination_and_lands_whole(cli, digits_
             "--force")
     assert r.code == 1 and "the engine was not written (the ONNX was)" in r.err
     assert list(engine.parent.iterdir()) == [] and onnx_path.is_file()
+
+
+def test_an_uncalibrated_students_onnx_keeps_the_warning(cli, digits_teacher, tmp_path,
+                                                         capsys):
+    """The checkpoint's "not yet calibrated" warning once ended at export: the .onnx that
+    ships scored far below what the student learnt, and info, eval, predict, bench and
+    serve said nothing."""
+    from PIL import Image
+
+    from kdtool.checkpoint import load_checkpoint, save_checkpoint
+    from kdtool.deploy.server.model import OnnxModel
+
+    model, meta = load_checkpoint(digits_teacher)
+    meta.stages["distill"] = {"bn_running_stats": "noise"}  # as distill marks its output
+    student = save_checkpoint(tmp_path / "s.safetensors", model, meta, force=False)
+    onnx_path = tmp_path / "s.onnx"
+    r = cli("export", student, "--onnx", onnx_path, "--exporter", "torchscript")
+    assert r.code == 0 and "not yet calibrated" in r.err, r.err
+    said = "was exported from a distilled student whose BN running statistics are noise"
+    r = cli("info", onnx_path)
+    assert r.code == 0 and said in r.err and "never calibrated" in r.out
+    assert cli("info", onnx_path, "--json").json()["bn_running_stats"] == "noise"
+    r = cli("eval", onnx_path, "--data", "digits:test")
+    assert r.code == 0 and said in r.err and "calibrate s.safetensors" in r.err
+    Image.new("L", (8, 8)).save(tmp_path / "a.png")
+    r = cli("predict", onnx_path, tmp_path / "a.png")
+    assert r.code == 0 and said in r.err
+    capsys.readouterr()
+    assert OnnxModel(onnx_path, warmup=False).info.bn_running_stats == "noise"  # serve's
+    assert said in capsys.readouterr().err
+    # A calibrated student's export is quiet.
+    meta.stages["calibrate"] = {"folded": False}
+    save_checkpoint(tmp_path / "c.safetensors", model, meta, force=False)
+    r = cli("export", tmp_path / "c.safetensors", "--onnx", tmp_path / "c.onnx", "--exporter",
+            "torchscript")
+    assert r.code == 0 and "not yet calibrated" not in r.err
+    r = cli("info", tmp_path / "c.onnx")
+    assert r.code == 0 and "noise statistics" not in r.err + r.out

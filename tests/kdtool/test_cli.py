@@ -133,6 +133,8 @@ def _one_line_error(r, *fragments):
         (["bench", "m.onnx", "--backend", "ort-cpu"], ["--backend; kdtool spells it --backends"]),
         # bench has no --precision: the look-alike suggestion stays.
         (["bench", "--format", "onnx"], ["--format", "--formats"]),
+        (["eval", "m.safetensors", "--format", "json"], ["--format; kdtool spells it --json"]),
+        (["info", "m.safetensors", "--format", "json"], ["--format; kdtool spells it --json"]),
     ],
 )
 def test_user_errors_are_one_line_exit_1(cli, tmp_path, monkeypatch, args, fragments,

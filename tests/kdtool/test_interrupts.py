@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -95,3 +96,43 @@ def test_train_says_how_it_stopped(cli, tmp_path, monkeypatch, stop, status, sai
     r = cli("train", "--arch", "tiny_cnn", "--data", "digits", "--out", tmp_path / "t.safetensors")
     assert r.code == status
     assert f"{said}: every finished epoch is saved" in r.err and "--resume" in r.err
+
+
+@pytest.mark.parametrize("stop, status", [(Terminated, 143), (KeyboardInterrupt, 130)])
+def test_an_interrupt_inside_the_onnx_exporter_is_an_interrupt(cli, digits_teacher, tmp_path,
+                                                               monkeypatch, stop, status):
+    """torch.export wraps a Ctrl-C that lands while it traces in its own error: that read as
+    "cannot export the model (try --exporter torchscript)", exit 1."""
+    from kdtool.export import onnx_export
+
+    def traced(*args):
+        try:
+            raise stop()
+        except KeyboardInterrupt as e:  # as torch.export does: AttributeError, then its own
+            try:
+                raise AttributeError("'NoneType' object has no attribute 'graph'") from e
+            except AttributeError as inner:
+                raise RuntimeError("Failed to export the model with torch.export") from inner
+
+    monkeypatch.setattr(onnx_export, "_dynamo", traced)
+    r = cli("export", digits_teacher, "--onnx", tmp_path / "t.onnx")
+    assert r.code == status, r.err
+    assert "cannot export" not in r.err and not (tmp_path / "t.onnx").exists()
+
+
+@pytest.mark.parametrize("stop, status, said", [(Terminated, 143, "terminated (SIGTERM)"),
+                                                 (KeyboardInterrupt, 130, "interrupted")])
+def test_every_command_says_how_it_stopped_and_json_gets_its_object(cli, digits_teacher,
+                                                                    monkeypatch, stop, status,
+                                                                    said):
+    """typer turns an interrupt that leaves a command into a bare exit 130: no word on
+    stderr, nothing for --json, and SIGTERM's 143 lost."""
+    from kdtool import evaluate
+
+    def stopped(*args, **kwargs):
+        raise stop()
+
+    monkeypatch.setattr(evaluate, "evaluate", stopped)
+    r = cli("eval", digits_teacher, "--data", "digits:test", "--json")
+    assert r.code == status and said in r.err, r.err
+    assert json.loads(r.out) == {"error": said, "hint": None}
