@@ -26,14 +26,10 @@ CSV_COLUMNS = ("kind", "batches", "batch_size", "images", "seed", "top1")
 
 
 def parse_points(text: str) -> list[int]:
-    try:
-        points = [int(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise KdtoolError(
-            f"--sweep '{text}' is not a comma-separated list of batch counts",
-            "e.g. --sweep 1,2,4,8,16,32,64",
-        ) from None
-    if not points or min(points) < 1:
+    from kdtool.cli.options import parse_list
+
+    points = parse_list(text, "--sweep", int, "1,2,4,8,16,32,64", "batch counts")
+    if min(points) < 1:
         raise KdtoolError(
             f"--sweep '{text}' needs batch counts >= 1", "e.g. --sweep 1,2,4,8,16,32,64"
         )

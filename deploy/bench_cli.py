@@ -13,16 +13,9 @@ from kdtool.export.ort_session import MEMORY_ARENA_HELP
 
 
 def parse_ints(text: str, option: str) -> list[int]:
-    from kdtool.errors import KdtoolError
+    from kdtool.cli.options import parse_list
 
-    try:
-        values = [int(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise KdtoolError(
-            f"{option} '{text}' is not a comma-separated list of integers", f"e.g. {option} 1,8,64"
-        ) from None
-    if not values:
-        raise KdtoolError(f"{option} is empty", f"e.g. {option} 1,8,64")
+    values = parse_list(text, option, int, "1,8,64", "integers")
     return list(dict.fromkeys(values))  # keeps order, drops repeats
 
 

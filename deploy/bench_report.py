@@ -245,11 +245,11 @@ def check_plot_path(path: Path) -> str:
 def write_plot(result: dict, path: Path) -> None:
     """Latency (p50, with the p50..p99 band) and throughput against batch size, per series."""
     fmt = check_plot_path(path)
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)  # no display needed; also safe in threads and servers
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import NullLocator
+
+    from kdtool.analyze import pyplot
+
+    plt = pyplot()
 
     series: dict[str, list[dict[str, Any]]] = {}
     for r in result["rows"]:

@@ -74,20 +74,24 @@ Std = Annotated[str | None, typer.Option(
     rich_help_panel="Normalisation")]
 
 
-def parse_floats(text: str | None, option: str) -> list[float] | None:
-    if text is None:
-        return None
+def parse_list(text: str, option: str, kind: type = float, example: str = "0.5,0.5,0.5",
+               what: str = "numbers") -> list:
+    """``--option 1,2,3`` as a list of ``kind`` (int or float), in the order given."""
     try:
-        values = [float(v) for v in text.replace(" ", "").split(",") if v]
+        values = [kind(v) for v in text.replace(" ", "").split(",") if v]
     except ValueError:
-        raise KdtoolError(f"{option} '{text}' is not a comma-separated list of numbers",
-                          f"e.g. {option} 0.5,0.5,0.5") from None
+        raise KdtoolError(f"{option} '{text}' is not a comma-separated list of {what}",
+                          f"e.g. {option} {example}") from None
     if not values:
-        raise KdtoolError(f"{option} is empty", f"e.g. {option} 0.5,0.5,0.5")
+        raise KdtoolError(f"{option} is empty", f"e.g. {option} {example}")
     if not all(math.isfinite(v) for v in values):  # float() reads "nan" and "inf"
         raise KdtoolError(f"{option} '{text}' has a value that is not a finite number",
-                          f"e.g. {option} 0.5,0.5,0.5")
+                          f"e.g. {option} {example}")
     return values
+
+
+def parse_floats(text: str | None, option: str) -> list[float] | None:
+    return None if text is None else parse_list(text, option)
 
 
 def parse_norm(mean: str | None, std: str | None) -> tuple[list[float] | None, ...]:
