@@ -10,7 +10,8 @@
 * a directory in ImageFolder layout ``<class>/<image>`` (classes = sorted subfolder
   names, label = index, images sorted by relative path, hidden files ignored); a
   directory with images directly inside and no class subfolders is unlabeled
-  (y = -1, no class names).
+  (y = -1, no class names).  Class names are NFC; a parent of split folders (train/,
+  val/) is refused; a symlink back up the tree is not followed.
 * a ``.zip`` with the same layout, optionally under one common top folder (so a
   zip holding only ``<folder>/<image>`` is unlabeled), read without extracting.
 * an ``.npz`` with ``x`` (uint8, NHWC or NHW) and ``y`` (int; all -1 = unlabeled) and
@@ -33,6 +34,7 @@ import multiprocessing as mp
 import os
 import re
 import sys
+import unicodedata
 import zipfile
 import zlib
 from concurrent.futures import ProcessPoolExecutor
@@ -49,7 +51,11 @@ from kdtool.imageprep import STRETCH, Fit, to_array
 from kdtool.io import atomic_path
 
 BUILTIN_DATASETS = ("digits", "digits:train", "digits:test")
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+IMAGE_EXTS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp",
+              ".gif")  # a GIF is its first frame, as kdtool serve and predict read it
+# Top folders that name splits, not classes: a parent of train/ and val/ given as --data.
+SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing", "dev"}
+MAX_NPZ_CLASSES = 100_000  # more is a sentinel label (255, 10**9), not a class count
 CACHE_FORMAT = 2  # 2: images turned upright by their EXIF orientation
 PARALLEL_MIN_IMAGES = 2000  # below this, starting worker processes costs more than it saves
 # What a broken image file can raise from PIL / zipfile while it is decoded.
@@ -171,12 +177,24 @@ def load_for_model(spec: str, model) -> ImageData:
 def match_classes(data: ImageData, names: list[str]) -> ImageData:
     """``data`` labelled in the order of a model's class ``names`` when its own class names
     are all among them (a folder holding some of the classes, or all in another order);
-    otherwise unchanged: labels then mean class indices."""
-    if not data.labeled or not names or data.class_names == names \
-            or not set(data.class_names) <= set(names):
+    unchanged when none is (labels then mean class indices); refused when only some are:
+    index labels would score those images against other classes."""
+    if not data.labeled or not names or data.class_names == names:
         return data
-    index = {n: i for i, n in enumerate(names)}
-    remap = torch.tensor([index[n] for n in data.class_names])
+    index = {unicodedata.normalize("NFC", n): i for i, n in enumerate(names)}
+    own = [unicodedata.normalize("NFC", n) for n in data.class_names]
+    strangers = [n for n in own if n not in index]
+    if len(strangers) == len(own):
+        return data
+    if strangers:
+        guess = suggest(strangers[0], list(index))
+        raise KdtoolError(
+            f"{data.source}: class folder '{strangers[0]}' is not one of the model's classes"
+            + (f" (did you mean '{guess}'?)" if guess else "")
+            + (f", nor are {len(strangers) - 1} more" if len(strangers) > 1 else ""),
+            "name class folders as the model's classes ('kdtool info' lists them) or leave "
+            "the others out")
+    remap = torch.tensor([index[n] for n in own])
     return ImageData(data.x, remap[data.y], list(names), data.source)
 
 
@@ -229,14 +247,17 @@ def _load_digits(spec: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
 def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     how = "save it with np.savez(path, x=uint8 NHWC images, y=int labels (-1 = unlabeled))"
     try:
-        with np.load(path, allow_pickle=False) as f:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # np.save's .npy under an .npz name
+            raise KdtoolError(f"{path} is one array ({loaded.dtype}, shape {loaded.shape}), "
+                              "not an .npz archive of x and y", how)
+        with loaded as f:
             missing = [k for k in ("x", "y") if k not in f.files]
             if missing:
                 raise KdtoolError(f"{path} has no array {' or '.join(map(repr, missing))}", how)
             x, y = f["x"], f["y"]
             names = f["class_names"] if "class_names" in f.files else None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, AttributeError) as e:
-        # AttributeError: a plain .npy named .npz has no .files.
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise KdtoolError(f"cannot read {path} as .npz: {e}", how) from None
     if x.dtype != np.uint8:
         raise KdtoolError(f"{path}: x has dtype {x.dtype}, expected uint8 (0..255)", how)
@@ -255,10 +276,27 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
         return x, y, []
     if names is not None and (names.ndim != 1 or names.dtype.kind != "U"):
         raise KdtoolError(f"{path}: class_names must be a 1-d str array, not {names.dtype}", how)
+    if names is not None and len(set(names.tolist())) < len(names):
+        twice = sorted({n for n in names.tolist() if names.tolist().count(n) > 1})
+        raise KdtoolError(f"{path}: class name '{twice[0]}' is given more than once",
+                          "give each class a name of its own")
+    if y.min() < 0:
+        raise KdtoolError(f"{path}: y holds the label {y.min()}",
+                          "labels are class indices 0..N-1, or -1 for every image (unlabeled)")
+    if names is None and y.max() >= MAX_NPZ_CLASSES:
+        raise KdtoolError(f"{path}: y holds the label {y.max()}, which would make "
+                          f"{int(y.max()) + 1:,} classes", "labels are class indices 0..N-1: "
+                          "renumber them, or add class_names")
     n_names = len(names) if names is not None else int(y.max()) + 1
-    if y.min() < 0 or y.max() >= n_names:
+    if y.max() >= n_names:
         raise KdtoolError(f"{path}: labels span {y.min()}..{y.max()} but there are {n_names}"
                           " class names", "labels must be 0..len(class_names)-1, or all -1")
+    if names is None:
+        empty = np.flatnonzero(np.bincount(y, minlength=n_names) == 0)
+        if len(empty):
+            shown = ", ".join(map(str, empty[:8])) + (" ..." if len(empty) > 8 else "")
+            console.warn(f"{path}: labels {shown} have no images; the labels are class "
+                         f"indices, so this is {n_names}-class data")
     return x, y, [str(s) for s in names] if names is not None else [str(i) for i in range(n_names)]
 
 
@@ -288,7 +326,9 @@ def _list_dir(root: Path, exts: tuple[str, ...] = IMAGE_EXTS) -> tuple[list[str]
     """Image paths relative to ``root`` (posix), and (path, size, mtime_ns) for the cache key."""
     names, stamp = [], []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not _is_hidden([d])]
+        here = os.path.realpath(dirpath)
+        dirnames[:] = [d for d in dirnames
+                       if not _is_hidden([d]) and not _loops_back(dirpath, d, here, root)]
         rel = Path(dirpath).relative_to(root).as_posix()
         for f in filenames:
             if f.lower().endswith(exts) and not _is_hidden([f]):
@@ -301,6 +341,17 @@ def _list_dir(root: Path, exts: tuple[str, ...] = IMAGE_EXTS) -> tuple[list[str]
                 names.append(name)
                 stamp.append((name, st.st_size, st.st_mtime_ns))
     return sorted(names), sorted(stamp)
+
+
+def _loops_back(dirpath: str, name: str, here: str, root: Path) -> bool:
+    """Whether subfolder ``name`` is a symlink back to a folder above it (``up -> ..``):
+    followed, the walk would list the same images again, under other labels, until the
+    path grew too long."""
+    target = os.path.realpath(os.path.join(dirpath, name))
+    if here != target and not here.startswith(target.rstrip(os.sep) + os.sep):
+        return False
+    console.warn(f"skipping {Path(dirpath, name)}: a link back to {target}", once=True)
+    return True
 
 
 def image_files(root: Path, exts: tuple[str, ...] = IMAGE_EXTS) -> list[Path]:
@@ -329,17 +380,34 @@ def _labels(path: Path, rels: list[str], is_dir: bool) -> tuple[list[int], list[
     nested = [r for r in rels if "/" in r]
     if not nested:
         return [-1] * len(rels), []
-    classes = sorted({r.split("/")[0] for r in nested})
+    classes = sorted({_class_of(r) for r in nested})
+    if all(r.count("/") >= 2 for r in nested):  # no image directly in a class folder
+        if {c.lower() for c in classes} <= SPLIT_NAMES:
+            raise KdtoolError(
+                f"{path} holds splits ({', '.join(classes)}), not classes: its images sit in "
+                f"{classes[0]}/<class>/...",
+                f"give one split: --data {path / classes[0]}" if is_dir else
+                f"zip one split's folder, e.g. {classes[0]}/")
+        console.warn(f"{path}: every image sits in a subfolder of its class folder; the "
+                     f"classes are the {len(classes)} top folders ({', '.join(classes[:5])}"
+                     f"{' ...' if len(classes) > 5 else ''})")
     if is_dir:  # torchvision-style: every subfolder is a class, so an empty one is a mistake
         empty = sorted(d.name for d in path.iterdir()
-                       if d.is_dir() and not _is_hidden([d.name]) and d.name not in classes)
+                       if d.is_dir() and not _is_hidden([d.name])
+                       and unicodedata.normalize("NFC", d.name) not in classes)
         if empty:
             raise KdtoolError(f"class folder {path / empty[0]} has no images",
                               "add images or remove the folder (it would shift the labels)")
     if len(nested) < len(rels):
         console.warn(f"{path}: ignoring {len(rels) - len(nested)} images outside class folders")
     index = {c: i for i, c in enumerate(classes)}
-    return [index[r.split("/")[0]] for r in nested], classes
+    return [index[_class_of(r)] for r in nested], classes
+
+
+def _class_of(rel: str) -> str:
+    """The class folder of a relative image path, in NFC: macOS writes folder names
+    decomposed (NFD), so "ü" would otherwise differ from the model's "ü"."""
+    return unicodedata.normalize("NFC", rel.split("/")[0])
 
 
 class _Decoder:

@@ -148,8 +148,15 @@ def to_array(im: Image.Image, channels: int | None, size: tuple[int, int] | None
     has colour or channels=3, fitted to ``size`` when one is given."""
     im = upright(im)
     target = channels or (1 if im.mode in GRAY_MODES else 3)
+    if im.mode == "F":  # PIL's convert would clip 0..1 floats to black
+        raise ValueError("a 32-bit float image has no standard pixel scale; save it as 8- or "
+                         "16-bit")
     if im.mode.startswith("I"):  # 16/32-bit grayscale: scale to 8 bits (PIL's convert clips)
-        im = Image.fromarray((np.asarray(im).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8))
+        a = np.asarray(im).astype(np.int64)
+        # A 32-bit "I" image has no declared range: one holding 0..255 is 8-bit data (what
+        # Image.fromarray makes of an int array), not a near-black 16-bit image.
+        eight_bit = im.mode == "I" and a.min(initial=0) >= 0 and a.max(initial=0) <= 255
+        im = Image.fromarray((a if eight_bit else a.clip(0, 65535) >> 8).astype(np.uint8))
     mode = "L" if target == 1 else "RGB"
     if im.mode != mode:
         im = im.convert(mode)

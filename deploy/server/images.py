@@ -17,7 +17,7 @@ from PIL import Image
 from kdtool.deploy.server.protocol import RequestError
 from kdtool.imageprep import Fit, to_array
 
-FORMATS = ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"]
+FORMATS = ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM"]  # what the dataset loaders read
 _BUFFER_REPR = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 MAX_PIXELS = 64_000_000  # larger images are refused before decoding (decompression bombs)
 

@@ -173,7 +173,7 @@ def test_a_folder_scan_finds_every_format_the_decoder_reads(cli, tiny_onnx, tmp_
     folder.mkdir()
     pixels = np.arange(64, dtype=np.uint8).reshape(8, 8)
     names = {"JPEG": "a.jpg", "PNG": "b.png", "WEBP": "c.webp", "BMP": "d.bmp", "GIF": "e.gif",
-             "TIFF": "f.tiff"}
+             "TIFF": "f.tiff", "PPM": "g.pgm"}
     assert sorted(names) == sorted(FORMATS)  # one file of each format serve decodes
     for fmt, name in names.items():
         Image.fromarray(pixels).save(folder / name, format=fmt)

@@ -136,3 +136,14 @@ def test_classify_errors_are_400(rgb_server, query, body, headers, message):
         assert r.status_code == 400, r.text
         assert message in r.json()["error"]
         assert "BytesIO" not in r.json()["error"]  # PIL's name for the buffer means nothing
+
+
+def test_serve_decodes_every_format_the_dataset_loaders_read(tmp_path):
+    """A model evaluated on a folder of .ppm (or .gif) files is served those files too."""
+    from kdtool.data import IMAGE_EXTS
+
+    im = _image("RGB", size=(5, 4))
+    for ext in IMAGE_EXTS:
+        path = tmp_path / f"x{ext}"
+        (im.convert("L") if ext == ".pgm" else im).save(path)
+        assert images.decode(path.read_bytes(), path.name).size == (5, 4), ext

@@ -312,7 +312,7 @@ def test_npz_errors(tmp_path):
     }
     match = {"nox": "no array 'x'", "noy": "no array 'y'", "dtype": "float32", "ndim": "shape",
              "ydtype": "y has dtype", "length": "3 images but y has 4",
-             "names": "2 class names", "mixed": "labels span -1..1"}
+             "names": "2 class names", "mixed": "y holds the label -1"}
     for name, arrays in cases.items():
         np.savez(tmp_path / f"{name}.npz", **arrays)
         _raises(f"{name}.npz.*{match[name]}", tmp_path / f"{name}.npz")
@@ -363,3 +363,85 @@ def test_zips_python_cannot_read_are_a_clear_error(tmp_path, flag, method, said)
     z = _patched_zip(tmp_path, flag, method)
     with pytest.raises(KdtoolError, match=rf"cannot read image .*patched\.zip:.*{said}"):
         load_data(str(z))
+
+
+# ----------------------------------------------------------------------------- messy data
+
+
+def test_a_parent_of_splits_is_refused_naming_a_split(tmp_path):
+    """splits/train/cat/... once trained as a 2-class "train vs val" model."""
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            _save(tmp_path / "splits" / split / cls / "1.png")
+    e = _raises(r"splits holds splits \(train, val\), not classes", tmp_path / "splits")
+    assert e.hint == f"give one split: --data {tmp_path / 'splits' / 'train'}"
+    _raises("holds splits", _zip(tmp_path / "splits", tmp_path / "s.zip", top="ds/"))
+    # Other names two levels down are classes with subfolders: loaded, with a word on it.
+    for cls in ("cat", "dog"):
+        _save(tmp_path / "nested" / cls / "day1" / "1.png")
+    d = load_data(str(tmp_path / "nested"))
+    assert d.class_names == ["cat", "dog"]
+
+
+def test_a_symlink_back_up_the_tree_is_not_followed(tmp_path):
+    """cat/up -> .. once listed dog's images again under cat, until ELOOP."""
+    for cls in ("cat", "dog"):
+        _save(tmp_path / "loop" / cls / "1.png")
+    (tmp_path / "loop" / "cat" / "up").symlink_to("..")
+    d = load_data(str(tmp_path / "loop"))
+    assert len(d) == 2 and d.y.tolist() == [0, 1]
+
+
+def test_messy_npz_labels(tmp_path):
+    x = np.zeros((6, 4, 4), np.uint8)
+    np.save(tmp_path / "plain.npy", x)
+    (tmp_path / "plain.npy").rename(tmp_path / "plain.npz")
+    _raises(r"plain\.npz is one array \(uint8, shape \(6, 4, 4\)\), not an \.npz",
+            tmp_path / "plain.npz")
+    np.savez(tmp_path / "sentinel.npz", x=x, y=np.array([0, 1, 0, 1, 0, 10**9]))
+    _raises(r"the label 1000000000, which would make 1,000,000,001 classes",
+            tmp_path / "sentinel.npz")
+    np.savez(tmp_path / "twice.npz", x=x, y=np.arange(6) % 3,
+             class_names=np.array(["a", "a", "b"]))
+    _raises("class name 'a' is given more than once", tmp_path / "twice.npz")
+    np.savez(tmp_path / "gaps.npz", x=x, y=np.array([0, 2, 5, 0, 2, 5]))
+    assert load_data(str(tmp_path / "gaps.npz")).num_classes == 6  # indices, as documented
+
+
+def test_gif_and_jfif_load_as_predict_and_serve_read_them(tmp_path):
+    gif = _save(tmp_path / "g" / "bird" / "1.gif", (4, 4), value=90)
+    _save(tmp_path / "g" / "cat" / "2.jfif", (4, 4), value=10)
+    d = load_data(str(tmp_path / "g"))
+    assert d.class_names == ["bird", "cat"] and np.array_equal(d.x[0, 0].numpy(), gif)
+
+
+def test_32_bit_images(tmp_path):
+    """A float image has no pixel scale: refused. An int32 ("I") image of 0..255 values is
+    8-bit data, not a near-black 16-bit image."""
+    Image.fromarray(np.full((4, 4), 200, np.int32)).save(tmp_path / "i32.tiff")
+    with Image.open(tmp_path / "i32.tiff") as im:
+        assert im.mode == "I"
+        assert (data_mod.to_array(im, None, None) == 200).all()
+    _save(tmp_path / "f" / "a" / "1.png")
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "f" / "a" / "2.tiff")
+    _raises(r"2\.tiff: a 32-bit float image has no standard pixel scale", tmp_path / "f")
+
+
+def test_class_folders_are_matched_to_the_model_by_name_or_refused(tmp_path):
+    import unicodedata
+
+    from kdtool.data import match_classes
+
+    names = ["cat", "dog", "über"]
+    for cls in ("dog", unicodedata.normalize("NFD", "über")):  # as macOS names folders
+        _save(tmp_path / "ok" / cls / "1.png")
+    d = match_classes(load_data(str(tmp_path / "ok")), names)
+    assert d.class_names == names and d.y.tolist() == [1, 2]
+    for cls in ("dog", "dgo"):
+        _save(tmp_path / "typo" / cls / "1.png")
+    with pytest.raises(KdtoolError, match="class folder 'dgo' is not one of the model's "
+                                          "classes \\(did you mean 'dog'\\?\\)"):
+        match_classes(load_data(str(tmp_path / "typo")), names)
+    for cls in ("x", "y"):  # no name in common: labels are class indices
+        _save(tmp_path / "idx" / cls / "1.png")
+    assert match_classes(load_data(str(tmp_path / "idx")), names).y.tolist() == [0, 1]
