@@ -554,6 +554,7 @@ def _read_cache(cache: Path, source: str) -> tuple[torch.Tensor, torch.Tensor, l
 
 
 def _write_cache(cache: Path, data: ImageData, source: str, variant: str) -> bool:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     meta = {"format": CACHE_FORMAT, "source": source, "variant": variant,
@@ -562,7 +563,9 @@ def _write_cache(cache: Path, data: ImageData, source: str, variant: str) -> boo
         # Temp file + rename: a crash or a concurrent load never sees a half-written entry.
         with atomic_path(cache) as tmp:
             save_file({"x": data.x, "y": data.y}, str(tmp), metadata={"kdtool": json.dumps(meta)})
-    except OSError as e:  # a read-only or full disk costs speed next time, not this run
+    # A read-only or full disk costs speed next time, not this run; safetensors' own writer
+    # reports a full disk as SafetensorError, not OSError.
+    except (OSError, SafetensorError) as e:
         console.warn(f"could not write dataset cache {cache}: {e}")
         return False
     return True

@@ -22,12 +22,22 @@ def require_file(path: str | Path, what: str, hint: str = "check the path") -> P
     return path
 
 
+# The longest name kdtool derives from an output's: ".NAME.XXXXXXXX.tmp" (atomic_path) and
+# ".NAME.state.pt.XXXXXXXX.tmp" (a run's state, written the same way).
+SIDE_NAME_EXTRA = len(".") + len(".state.pt") + len(".XXXXXXXX.tmp")
+
+
 def check_output(path: str | Path, force: bool, what: str = "output",
                  suffixes: tuple[str, ...] = ()) -> Path:
     """Refuse to overwrite ``path`` without ``force``; create its folder. With ``suffixes``
     (the first is the canonical one), refuse a name that readers take for another kind of
     file: kdtool tells files apart by their suffix."""
     path = Path(path)
+    if path.parts and path.parts[0].startswith("~"):
+        # --out=~/x: the shell expands ~ only at the start of a word, not after "="
+        raise KdtoolError(f"{what} '{path}' starts with '~', which the shell did not expand "
+                          "(it does not after '=')", f"write it as --out {path} (a space, not "
+                          "'='), or give the full path")
     if suffixes and path.suffix.lower() not in suffixes:
         raise KdtoolError(f"{what} '{path}' must end in {' or '.join(suffixes)}: kdtool "
                           "tells files apart by their suffix and would not read it back as "
@@ -43,6 +53,15 @@ def check_output(path: str | Path, force: bool, what: str = "output",
     if not os.access(path.parent, os.W_OK):  # say so now, not after the work
         raise KdtoolError(f"cannot write {what} '{path}': folder '{path.parent}' is not "
                           "writable", "choose a folder you can write to")
+    try:
+        name_max = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows), or no such limit
+        name_max = 255
+    if len(path.name.encode()) + SIDE_NAME_EXTRA > name_max:
+        raise KdtoolError(f"{what} name '{path.name}' is {len(path.name.encode())} bytes; "
+                          f"the files kdtool writes beside it (a temporary file; a run's "
+                          f"state) need up to {SIDE_NAME_EXTRA} more, over this filesystem's "
+                          f"{name_max}", "use a shorter name")
     return path
 
 
@@ -65,6 +84,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None:  # writers of bytes (safetensors, onnx) say "disk full", not where
+            e.filename = str(path)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -32,6 +33,55 @@ def state_path_for(out: str | Path) -> Path:
     return out.with_name(out.name + ".state.pt")
 
 
+def stopped_hint(out: str | Path, resume: bool, started: float) -> str:
+    """What a run stopped by Ctrl-C or SIGTERM kept: offer --resume only when a state is on
+    disk that this run wrote (or resumed from)."""
+    path = state_path_for(out)
+    # (a second of slack: some filesystems keep coarse modification times)
+    if path.exists() and (resume or path.stat().st_mtime >= started - 1):
+        return "every finished epoch is saved; continue with the same command and --resume"
+    return "it stopped before its first epoch was saved: nothing to resume"
+
+
+class RunLock:
+    """An advisory lock on a run's output (``.OUT.lock`` beside it): a second process
+    writing the same --out, or resuming a run that is still going, is refused instead of
+    taking turns with the first over its files. The kernel releases it when the process
+    ends, however it ends; the file goes when the run ends normally."""
+
+    def __init__(self, out: Path):
+        self.path = out.with_name(f".{out.name}.lock")
+        self._file = None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; runs are not guarded there
+            return
+        f = open(self.path, "a+")  # noqa: SIM115 (held until release)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            who = f.read().strip() or "?"
+            f.close()
+            out = self.path.with_name(self.path.name[1:].removesuffix(".lock"))
+            raise KdtoolError(f"another kdtool process (pid {who}) is writing '{out}'",
+                              "wait for it to finish, stop it, or write to another --out") \
+                from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is not None:
+            self.path.unlink(missing_ok=True)
+            self._file.close()  # closing releases the lock
+            self._file = None
+
+
 def save_state(path: Path, state: dict[str, Any]) -> None:
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -44,8 +94,11 @@ def load_state(path: Path) -> dict[str, Any]:
                           "start without --resume (the state file is written after each epoch)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, refused global, ...
-        raise KdtoolError(f"run state '{path}' is unreadable: {str(e).splitlines()[0]}",
+    except Exception as e:  # truncated zip, refused global, an empty file (EOFError), ...
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        if path.stat().st_size == 0:
+            why = "the file is empty (a write cut off by a crash or power loss)"
+        raise KdtoolError(f"run state '{path}' is unreadable: {why}",
                           "start over: drop --resume and pass --force") from e
 
 
@@ -114,11 +167,15 @@ class RunCheckpoint:
         if resume and force:
             raise KdtoolError("--force and --resume contradict each other",
                               "--resume continues the run in --out; --force starts it over")
+        self._lock = RunLock(self.out)
         if not resume and writer:
             check_output(self.out, force, "checkpoint", (CHECKPOINT_SUFFIX,))
             if self.path.exists() and not force:
                 raise KdtoolError(f"a run state '{self.path}' exists from an earlier run",
                                   "pass --resume to continue it or --force to start over")
+        if writer:  # refuse now, before the work, if another process holds the run
+            self._lock.acquire()
+            self._lock.release()
 
     def restore(self, config: dict, model, opt, sched,
                 ema=None) -> tuple[int, float, list[dict]]:
@@ -176,6 +233,8 @@ class RunCheckpoint:
 
     @contextmanager
     def writing(self) -> Iterator[RunCheckpoint]:
+        if self.writer:
+            self._lock.acquire()
         try:
             yield self
         except BaseException:
@@ -190,6 +249,7 @@ class RunCheckpoint:
             if self._executor is not None:
                 self._executor.shutdown()
                 self._executor = None
+            self._lock.release()
 
 
 def _write_all(jobs: list[tuple[Path, Callable[[], None]]]) -> None:
@@ -197,5 +257,7 @@ def _write_all(jobs: list[tuple[Path, Callable[[], None]]]) -> None:
         try:
             write()
         except OSError as e:
-            hint = "free some disk space or choose another --out, then --resume"
+            state = jobs[-1][0]  # the state is written last: resumable if an earlier one is
+            hint = "free some disk space or choose another --out" + (
+                ", then --resume" if state.exists() else "")
             raise KdtoolError(f"could not write '{path}': {e.strerror or e}", hint) from e

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import inspect
 import re
@@ -60,6 +61,9 @@ _ENVIRONMENT_ERRNOS = {
     errno.EACCES: "check the permissions of that file or folder, or use another",
     errno.EPERM: "check the permissions of that file or folder, or use another",
     errno.EROFS: "the filesystem is read-only: write elsewhere",
+    errno.EFBIG: "the file is over this filesystem's (or ulimit -f's) size limit: write "
+                 "elsewhere",
+    errno.ENAMETOOLONG: "use a shorter file name",
 }
 
 
@@ -211,4 +215,28 @@ def main(argv: list[str] | None = None) -> None:
         # Outside a command (parsing options); older typer and click turn an interrupt
         # escaping a command into Abort, the interrupt its cause.
         _stopped(argv, e if isinstance(e, KeyboardInterrupt) else e.__cause__, None)
+    if argv is None:  # the program itself, not a caller in its own process (tests)
+        _late_signals_keep_status(code or 0)
     sys.exit(code or 0)
+
+
+def _late_signals_keep_status(code: int) -> None:
+    """The command is done and its files written: a Ctrl-C or SIGTERM during the second or
+    so of interpreter shutdown (torch and ONNX Runtime tearing down) ends the process at
+    once with the command's own status, not 130 or 143 for a job a scheduler would then
+    count as failed."""
+    import os
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def finish(signum, frame):
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, finish)

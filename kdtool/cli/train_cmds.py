@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -88,6 +89,7 @@ def train_cmd(
     """
     from kdtool import console
     from kdtool.interrupts import Stopped
+    from kdtool.runstate import stopped_hint
     from kdtool.train import TrainConfig, Trainer
 
     mean_values, std_values = parse_norm(mean, std)
@@ -104,11 +106,11 @@ def train_cmd(
                       seed=seed, device=device, compile=compile_ or compile_mode is not None,
                       compile_mode=compile_mode or "default", precision=precision,
                       channels_last=channels_last, ema=ema)
+    started = time.time()
     try:
         result = Trainer(cfg, out, force=force, resume=resume).run()
     except KeyboardInterrupt as e:
-        raise Stopped(e, "every finished epoch is saved; continue with the same command and "
-                      "--resume") from None
+        raise Stopped(e, stopped_hint(out, resume, started)) from None
 
     def render(r):
         rows = [["output", r["out"]], ["best epoch", f"{r['best_epoch']}/{r['epochs']}"],

@@ -426,8 +426,12 @@ def test_a_folder_that_cannot_be_written_is_refused_before_the_work(cli, tmp_pat
     _one_line_error(r, f"folder '{ro}' is not writable", "choose a folder you can write to")
 
 
+@pytest.mark.parametrize(("number", "strerror", "hint"), [
+    ("ENOSPC", "No space left on device", "free some disk space or write elsewhere"),
+    ("EFBIG", "File too large", "the file is over this filesystem's (or ulimit -f's) size "
+                                "limit: write elsewhere")])
 def test_a_full_disk_met_late_is_one_line_not_a_traceback(cli, digits_teacher, tmp_path,
-                                                         monkeypatch):
+                                                         monkeypatch, number, strerror, hint):
     import errno
 
     import kdtool.io as kio
@@ -435,11 +439,10 @@ def test_a_full_disk_met_late_is_one_line_not_a_traceback(cli, digits_teacher, t
     out = tmp_path / "c.safetensors"
 
     def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(out))
+        raise OSError(getattr(errno, number), strerror, str(out))
 
     monkeypatch.setattr(kio.tempfile, "mkstemp", full)
     r = cli("calibrate", digits_teacher, "--calib-data", "digits", "--batches", "2",
             "--out", out)
     assert r.code == 1 and "Traceback" not in r.err
-    assert r.err.strip().splitlines()[-1] == (
-        f"error: '{out}': No space left on device (free some disk space or write elsewhere)")
+    assert r.err.strip().splitlines()[-1] == f"error: '{out}': {strerror} ({hint})"

@@ -445,3 +445,17 @@ def test_class_folders_are_matched_to_the_model_by_name_or_refused(tmp_path):
     for cls in ("x", "y"):  # no name in common: labels are class indices
         _save(tmp_path / "idx" / cls / "1.png")
     assert match_classes(load_data(str(tmp_path / "idx")), names).y.tolist() == [0, 1]
+
+
+def test_a_full_disk_under_the_cache_costs_the_cache_not_the_run(tmp_path, monkeypatch, capsys):
+    """safetensors reports ENOSPC as its own SafetensorError, which was not caught."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    _save(tmp_path / "f" / "a" / "1.png")
+    assert len(load_data(str(tmp_path / "f"))) == 1
+    assert "could not write dataset cache" in capsys.readouterr().err

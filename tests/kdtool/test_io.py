@@ -49,3 +49,26 @@ def test_outputs_get_the_suffix_they_are_read_back_by(cli, digits_teacher, tmp_p
     r = cli(*[a.format(teacher=digits_teacher, pt=tmp_path / "plain.pt") for a in args])
     assert r.code == 1 and "must end in" in r.err and fragment in r.err, r.err
     assert "Traceback" not in r.err and not list(tmp_path.glob("m.*"))
+
+
+def test_a_write_that_fails_names_the_file(tmp_path):
+    """safetensors and onnx write bytes that say "disk full" but not where."""
+    import errno
+
+    from kdtool.io import atomic_path
+
+    with pytest.raises(OSError) as e, atomic_path(tmp_path / "m.onnx"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert e.value.filename == str(tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []  # and no temporary file stays behind
+
+
+def test_outputs_the_shell_did_not_expand_or_too_long_to_write_beside(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(KdtoolError, match="starts with '~', which the shell did not expand"):
+        check_output("~/x.safetensors", False)
+    assert not (tmp_path / "~").exists()
+    name = "a" * 228 + ".safetensors"  # 240 bytes: legal, but its .state.pt temp is not
+    with pytest.raises(KdtoolError, match="is 240 bytes; the files kdtool writes beside it"):
+        check_output(tmp_path / name, False)
+    check_output(tmp_path / ("a" * 220 + ".safetensors"), False)

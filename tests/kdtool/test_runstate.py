@@ -108,7 +108,55 @@ def test_a_failed_write_is_a_user_error_naming_the_file(tmp_path, monkeypatch):
     with pytest.raises(KdtoolError, match=r"could not write '.*out\.safetensors\.state\.pt': "
                                           r"No space left on device") as e, ckpt.writing():
         ckpt.save({}, 0, 1.0, [], model, opt, sched)
-    assert "--resume" in e.value.hint
+    # The first epoch's state was never written: there is nothing to resume yet.
+    assert "free some disk space" in e.value.hint and "--resume" not in e.value.hint
+    monkeypatch.undo()
+    ckpt = RunCheckpoint(tmp_path / "out.safetensors", force=True, resume=False)
+    with ckpt.writing():
+        ckpt.save({}, 0, 1.0, [], model, opt, sched)  # epoch 1 on disk
+    monkeypatch.setattr(runstate, "atomic_write_bytes", full)
+    with pytest.raises(KdtoolError) as e, ckpt.writing():
+        ckpt.save({}, 1, 1.0, [], model, opt, sched)
+    assert e.value.hint.endswith(", then --resume")
+
+
+def test_an_empty_state_file_is_named_as_such(tmp_path):
+    """What a power loss can leave: torch.load raised EOFError with no message."""
+    (tmp_path / "out.safetensors.state.pt").write_bytes(b"")
+    with pytest.raises(KdtoolError, match="the file is empty"):
+        load_state(tmp_path / "out.safetensors.state.pt")
+
+
+def test_a_second_process_writing_the_run_is_refused(tmp_path):
+    """Two runs on one --out (or --resume of a run still going) took turns over its files."""
+    model, opt, sched = _run_parts()
+    out = tmp_path / "out.safetensors"
+    first = RunCheckpoint(out, force=False, resume=False)
+    with first.writing():
+        lock = tmp_path / ".out.safetensors.lock"
+        assert lock.read_text() == str(__import__("os").getpid())
+        for resume in (False, True):
+            with pytest.raises(KdtoolError, match=r"another kdtool process \(pid \d+\) is "
+                                                  r"writing '.*out\.safetensors'"):
+                RunCheckpoint(out, force=not resume, resume=resume)
+        first.save({}, 0, 1.0, [], model, opt, sched)
+    assert not lock.exists()  # the run ended: the lock went with it
+    RunCheckpoint(out, force=False, resume=True)  # and the run may be resumed
+
+
+def test_the_stopped_hint_offers_resume_only_for_a_state_this_run_wrote(tmp_path):
+    import os
+    import time
+
+    out = tmp_path / "out.safetensors"
+    started = time.time()
+    assert "nothing to resume" in runstate.stopped_hint(out, False, started)
+    state = runstate.state_path_for(out)
+    state.write_bytes(b"state")
+    assert "--resume" in runstate.stopped_hint(out, False, started)
+    os.utime(state, (started - 3600, started - 3600))  # an earlier run's, replaced by --force
+    assert "nothing to resume" in runstate.stopped_hint(out, False, started)
+    assert "--resume" in runstate.stopped_hint(out, True, started)  # the one being resumed
 
 
 def test_an_error_in_the_run_is_the_one_raised_and_finished_epochs_stay_saved(
