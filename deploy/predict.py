@@ -115,7 +115,8 @@ def start_runner(model: BenchModel, backend: str, threads: int | None):
             raise KdtoolError(
                 f"'{model.path}' is {KIND_NAMES[model.kind]}, and backend {backend} runs "
                 f"{KIND_NAMES[kind]}",
-                "choose one of: auto, " + ", ".join(AUTO_BACKENDS[model.kind]))
+                "choose one of: auto, " + ", ".join(
+                    b for b, (k, _) in BACKENDS.items() if k == model.kind))
         try:
             return make_runner(model, backend, threads), backend
         except BackendUnavailable as e:

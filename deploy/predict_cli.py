@@ -22,8 +22,9 @@ def predict_cmd(
     top: Annotated[int, typer.Option("--top", help="Classes to give per image, most likely "
                                      "first.")] = 5,
     backend: Annotated[str, typer.Option(
-        "--backend", help="torch-cpu or torch-cuda (checkpoints), ort-cpu or ort-cuda (ONNX), "
-        "trt (engines). auto: the GPU one when it runs here, else the CPU one.")] = "auto",
+        "--backend", help="torch-cpu or torch-cuda (checkpoints), ort-cpu, ort-cuda or ort-trt "
+        "(ONNX), trt (engines). auto: the GPU one when it runs here, else the CPU one.")
+    ] = "auto",
     batch_size: Annotated[int, typer.Option(
         "--batch-size", help="Images per call (a static batch or engine profile rules).")] = 32,
     threads: Annotated[int | None, typer.Option(

@@ -18,9 +18,12 @@ from kdtool.cli.options import (
     Ema,
     Force,
     Json,
+    LearningRate,
     Precision,
     Resume,
+    Schedule,
     Seed,
+    WeightDecay,
 )
 
 
@@ -67,7 +70,8 @@ def distill_cmd(
         "--loss", help="soft_ce (the paper's soft cross-entropy) or kl (KL x T^2).")] = "soft_ce",
     temperature: Annotated[float, typer.Option("--temperature", help="Softmax temperature.")
                            ] = 1.0,
-    epochs: Annotated[int, typer.Option("--epochs")] = 200,
+    epochs: Annotated[int, typer.Option(
+        "--epochs", help="Epochs of --iters-per-epoch noise batches.")] = 200,
     iters_per_epoch: Annotated[int, typer.Option(
         "--iters-per-epoch", help="Noise batches per epoch (196 = CIFAR-10 at batch 256).")
     ] = 196,
@@ -76,14 +80,13 @@ def distill_cmd(
         "normalises with.")] = 256,
     optimizer: Annotated[str, typer.Option("--optimizer", help="adam (the paper's) or sgd.")
                          ] = "adam",
-    schedule: Annotated[str | None, typer.Option(
-        "--schedule", help="plateau (default for adam, the paper's), onecycle or cosine.")
-    ] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate (adam: 1e-3).")] = None,
-    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 0.0,
+    schedule: Schedule = None,
+    lr: LearningRate = None,
+    weight_decay: WeightDecay = 0.0,
     val: Annotated[str | None, typer.Option(
         "--val", help="Optional labelled real data to validate on. " + DATA_HELP)] = None,
-    val_every: Annotated[int, typer.Option("--val-every", help="Validate every N epochs.")] = 1,
+    val_every: Annotated[int, typer.Option(
+        "--val-every", help="Validate every N epochs and after the last.")] = 1,
     compile_: Compile = False,
     compile_mode: CompileMode = None,
     precision: Precision = "auto",

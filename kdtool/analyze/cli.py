@@ -186,9 +186,10 @@ def sweep_cmd(
     param: Annotated[str, typer.Option(
         "--param", help="running-fraction (Table 1) or batch-size (Fig. 3b).")
     ] = "running-fraction",
-    values: Annotated[str, typer.Option(
-        "--values", help="Comma-separated points, e.g. 0,0.25,0.5,0.75,1 or 16,32,64,128,256.")
-    ] = "0,0.25,0.5,0.75,1",
+    values: Annotated[str | None, typer.Option(
+        "--values", help="Comma-separated points.",
+        show_default="0,0.25,0.5,0.75,1 for running-fraction, 16,32,64,128,256 for batch-size")
+    ] = None,
     student: Annotated[str, typer.Option("--student", help="Student architecture.")
                        ] = "tiny_cnn",
     noise: Annotated[str, typer.Option("--noise", help="gaussian, uniform or dead_leaves.")
@@ -225,13 +226,13 @@ def sweep_cmd(
     Example: [bold]kdtool analyze sweep --teacher teacher.safetensors --val digits:test
     --param running-fraction --values 0,0.25,0.5,0.75,1 --out figures/table1[/bold]
     """
-    from kdtool.analyze.sweep import PARAMS, run_sweep, write_png
+    from kdtool.analyze.sweep import DEFAULT_VALUES, PARAMS, run_sweep, write_png
     from kdtool.cli.options import parse_floats
     from kdtool.distill.loop import DistillConfig
     from kdtool.errors import KdtoolError, check_choice
 
     check_choice(param, list(PARAMS), "sweep parameter")
-    points = parse_floats(values, "--values")
+    points = parse_floats(values or DEFAULT_VALUES[param], "--values")
     if force and resume:
         raise KdtoolError("--force and --resume contradict each other",
                           "--resume continues the sweep in --out; --force starts it over")

@@ -19,6 +19,8 @@ PARAMS = {
     "running-fraction": "share of the teacher's BN layers on running statistics",
     "batch-size": "distillation batch size",
 }
+# The points of the appendix's Table 1 and Fig. 3b.
+DEFAULT_VALUES = {"running-fraction": "0,0.25,0.5,0.75,1", "batch-size": "16,32,64,128,256"}
 
 
 KEEP = ("images", "steps")  # what a batch-size sweep holds constant

@@ -67,10 +67,13 @@ ImageSize = Annotated[str | None, typer.Option(
     "chance.",
     rich_help_panel="Plain state_dict")]
 Mean = Annotated[str | None, typer.Option(
-    "--mean", help="Normalisation mean per channel, e.g. 0.4914,0.4822,0.4465.",
+    "--mean", help="Normalisation mean per channel, e.g. 0.4914,0.4822,0.4465. Default: train "
+    "measures the data's; a tv: or timm: state_dict has its weights'; a plain state_dict of a "
+    "kdtool architecture needs it given.",
     rich_help_panel="Normalisation")]
 Std = Annotated[str | None, typer.Option(
-    "--std", help="Normalisation std per channel, e.g. 0.2023,0.1994,0.2010.",
+    "--std", help="Normalisation std per channel, e.g. 0.2023,0.1994,0.2010; given with "
+    "--mean, and defaulted as it is.",
     rich_help_panel="Normalisation")]
 
 
@@ -183,3 +186,13 @@ def parse_class_names(text: str, num_classes: int, option: str = "--class-names"
     if any(not n for n in names):
         raise KdtoolError(f"{option} '{text}' has an empty name", how)
     return names
+
+
+# The optimiser's defaults, one wording for train and distill (kdtool.optim.resolve).
+Schedule = Annotated[str | None, typer.Option(
+    "--schedule", help="onecycle, cosine or plateau (default: onecycle for sgd, plateau for "
+    "adam, the paper's).")]
+LearningRate = Annotated[float | None, typer.Option(
+    "--lr", help="Peak learning rate (default 0.1 for sgd, 1e-3 for adam).")]
+WeightDecay = Annotated[float, typer.Option(
+    "--weight-decay", help="L2 penalty on weights (not on BN or biases).")]

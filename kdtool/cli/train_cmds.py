@@ -22,13 +22,16 @@ from kdtool.cli.options import (
     InChans,
     Interpolation,
     Json,
+    LearningRate,
     Mean,
     NumClasses,
     Precision,
     Resize,
     Resume,
+    Schedule,
     Seed,
     Std,
+    WeightDecay,
     foreign_spec,
     parse_image_size,
     parse_norm,
@@ -50,13 +53,12 @@ def train_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step.")] = 128,
     optimizer: Annotated[str, typer.Option(
         "--optimizer", help="sgd (Nesterov; fast default) or adam (the paper's).")] = "sgd",
-    schedule: Annotated[str | None, typer.Option(
-        "--schedule", help="onecycle, cosine or plateau (default: onecycle for sgd, plateau "
-        "for adam).")] = None,
-    lr: Annotated[float | None, typer.Option(
-        "--lr", help="Peak learning rate (default 0.1 for sgd, 1e-3 for adam).")] = None,
-    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 5e-4,
-    label_smoothing: Annotated[float, typer.Option("--label-smoothing")] = 0.0,
+    schedule: Schedule = None,
+    lr: LearningRate = None,
+    weight_decay: WeightDecay = 5e-4,
+    label_smoothing: Annotated[float, typer.Option(
+        "--label-smoothing", help="Share of each target spread over the other classes, e.g. "
+        "0.1.")] = 0.0,
     augment: Annotated[bool | None, typer.Option(
         "--augment/--no-augment", help="Random crop (pad 4) + flip; default on except for "
         "images under 16 px.", show_default=False)] = None,

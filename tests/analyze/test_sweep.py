@@ -80,3 +80,20 @@ def test_an_interrupted_sweep_resumes_to_the_same_result(cli, digits_teacher, tm
         wa = load_file(point_path(tmp_path / "whole", "running-fraction", v))
         wb = load_file(point_path(tmp_path / "cut", "running-fraction", v))
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize(("param", "points"), [("running-fraction", [0, 0.25, 0.5, 0.75, 1]),
+                                               ("batch-size", [16, 32, 64, 128, 256])])
+def test_the_default_points_follow_the_parameter(cli, digits_teacher, tmp_path, monkeypatch,
+                                                 param, points):
+    """--param batch-size once took the running-fraction points: 'batch size 0.0'."""
+    from kdtool.analyze import sweep
+    from kdtool.errors import KdtoolError
+
+    def swept(base, param, values, *args, **kwargs):
+        raise KdtoolError(f"points {values}")
+
+    monkeypatch.setattr(sweep, "run_sweep", swept)
+    r = cli("analyze", "sweep", "--teacher", digits_teacher, "--val", "digits:test", "--param",
+            param, "--out", tmp_path / "s")
+    assert r.code == 1 and f"points {[float(p) for p in points]}" in r.err, r.err
