@@ -317,6 +317,9 @@ def make_runner(model: BenchModel, backend: str, threads: int | None = None,
     """
     from kdtool.export import runners
 
+    if threads is not None and threads < 0:
+        raise KdtoolError(f"--threads must be at least 0, not {threads}",
+                          "0 (or no --threads) is the library's default, one per core")
     problem = backend_problem(backend)
     if problem:
         raise BackendUnavailable(problem)

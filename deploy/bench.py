@@ -80,7 +80,7 @@ class BenchConfig:
         for name, value, low in (
             ("--warmup", self.warmup, 0),
             ("--min-iters", self.min_iters, 1),
-            ("--threads", self.threads, 1),
+            ("--threads", self.threads, 0),  # 0: the library's default, as predict and serve
             ("--limit", self.limit, 1),
         ):
             if value is not None and value < low:

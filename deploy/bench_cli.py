@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from kdtool.cli.app import app
-from kdtool.cli.options import DATA_HELP, Force, Json, Seed
+from kdtool.cli.options import DATA_HELP, Force, Json, Seed, Threads
 from kdtool.export.ort_session import MEMORY_ARENA_HELP
 
 
@@ -54,12 +54,7 @@ def bench_cmd(
     min_iters: Annotated[
         int, typer.Option("--min-iters", help="Timed calls per cell, at least.")
     ] = 10,
-    threads: Annotated[
-        int | None,
-        typer.Option(
-            "--threads", help="CPU threads for PyTorch and ONNX Runtime (default: theirs)."
-        ),
-    ] = None,
+    threads: Threads = None,
     memory_arena: Annotated[
         bool,
         typer.Option("--memory-arena/--no-memory-arena", help=MEMORY_ARENA_HELP),

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from kdtool.cli.app import app
-from kdtool.cli.options import Force, Json
+from kdtool.cli.options import Force, Json, Threads
 
 
 @app.command("predict")
@@ -27,8 +27,7 @@ def predict_cmd(
     ] = "auto",
     batch_size: Annotated[int, typer.Option(
         "--batch-size", help="Images per call (a static batch or engine profile rules).")] = 32,
-    threads: Annotated[int | None, typer.Option(
-        "--threads", help="CPU threads for PyTorch and ONNX Runtime (default: theirs).")] = None,
+    threads: Threads = None,
     csv_out: Annotated[Path | None, typer.Option(
         "--csv", help="Write the predictions here (image, label1, p1, label2, p2, ...; and "
         "error, when an image cannot be read) instead of printing a table.")] = None,

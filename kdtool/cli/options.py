@@ -196,3 +196,6 @@ LearningRate = Annotated[float | None, typer.Option(
     "--lr", help="Peak learning rate (default 0.1 for sgd, 1e-3 for adam).")]
 WeightDecay = Annotated[float, typer.Option(
     "--weight-decay", help="L2 penalty on weights (not on BN or biases).")]
+Threads = Annotated[int | None, typer.Option(
+    "--threads", help="CPU threads for PyTorch and ONNX Runtime (unset or 0: theirs, one per "
+    "core).")]

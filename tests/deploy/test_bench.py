@@ -506,6 +506,7 @@ def test_tensorrt_engine_without_tensorrt_or_gpu_is_an_unavailable_row(cli, mode
         (["{onnx}", "--data", "digits:tset"], "did you mean 'digits:test'"),
         (["model.h5"], "is not a model file kdtool bench can run"),
         (["{plain}"], "plain.onnx' has no kdtool metadata"),
+        (["{onnx}", "--threads", "-1"], "--threads must be at least 0, not -1"),
     ],
 )
 def test_errors_are_one_clear_line(cli, models, tmp_path, args, message):

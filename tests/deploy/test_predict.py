@@ -244,3 +244,13 @@ def test_csv_into_an_existing_folder_is_refused_with_a_file_name(cli, tiny_onnx,
         assert f"--csv '{folder}' is a folder" in r.err
         assert str(folder / "predictions.csv") in r.err
         assert list(folder.iterdir()) == []
+
+
+def test_threads_zero_is_the_librarys_default_and_negative_is_refused(cli, tiny_onnx, tmp_path):
+    """bench refused --threads 0 that predict took and serve documents as one per core."""
+    Image.new("L", (8, 8)).save(tmp_path / "a.png")
+    assert cli("predict", tiny_onnx, tmp_path / "a.png", "--threads", "0").code == 0
+    assert cli("bench", tiny_onnx, "--threads", "0", "--batch", "1", "--min-time", "0.01",
+               "--min-iters", "2", "--warmup", "0").code == 0
+    r = cli("predict", tiny_onnx, tmp_path / "a.png", "--threads", "-1")
+    assert r.code == 1 and "--threads must be at least 0, not -1" in r.err
