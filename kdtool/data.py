@@ -328,7 +328,7 @@ def _list_dir(root: Path, exts: tuple[str, ...] = IMAGE_EXTS) -> tuple[list[str]
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         here = os.path.realpath(dirpath)
         dirnames[:] = [d for d in dirnames
-                       if not _is_hidden([d]) and not _loops_back(dirpath, d, here, root)]
+                       if not _is_hidden([d]) and not _loops_back(dirpath, d, here)]
         rel = Path(dirpath).relative_to(root).as_posix()
         for f in filenames:
             if f.lower().endswith(exts) and not _is_hidden([f]):
@@ -343,7 +343,7 @@ def _list_dir(root: Path, exts: tuple[str, ...] = IMAGE_EXTS) -> tuple[list[str]
     return sorted(names), sorted(stamp)
 
 
-def _loops_back(dirpath: str, name: str, here: str, root: Path) -> bool:
+def _loops_back(dirpath: str, name: str, here: str) -> bool:
     """Whether subfolder ``name`` is a symlink back to a folder above it (``up -> ..``):
     followed, the walk would list the same images again, under other labels, until the
     path grew too long."""
