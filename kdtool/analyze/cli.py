@@ -200,10 +200,11 @@ def sweep_cmd(
         "--batch-size", help="Batch of every point (batch-size sweeps keep the number of "
         "noise images of this batch x iterations).")] = 256,
     lr: Annotated[float, typer.Option("--lr", help="Adam one-cycle peak rate.")] = 0.01,
-    keep: Annotated[str, typer.Option(
+    keep: Annotated[str | None, typer.Option(
         "--keep", help="batch-size sweeps: keep the number of noise 'images' (fewer steps for "
-        "larger batches) or of optimiser 'steps' (more images for larger batches).")
-    ] = "images",
+        "larger batches) or of optimiser 'steps' (more images for larger batches).",
+        show_default="images")
+    ] = None,
     out: Annotated[Path, typer.Option(
         "--out", help="Output stem: writes STEM.png and STEM.csv, and the students in "
         "STEM/.")] = Path("sweep"),
@@ -221,7 +222,8 @@ def sweep_cmd(
     --param running-fraction: the share P of the teacher's BN layers kept on running
     statistics (0 = the method, 1 = classic KD). --param batch-size: the noise batch whose
     statistics the teacher uses, at a constant number of noise images. Each point's student
-    is kept in STEM/; an interrupted sweep continues with --resume.
+    is kept in STEM/; an interrupted sweep continues with --resume. The students learn with
+    the paper's plain loss (distill --balance off), as the paper's figures did.
 
     Example: [bold]kdtool analyze sweep --teacher teacher.safetensors --val digits:test
     --param running-fraction --values 0,0.25,0.5,0.75,1 --out figures/table1[/bold]
@@ -233,6 +235,10 @@ def sweep_cmd(
 
     check_choice(param, list(PARAMS), "sweep parameter")
     points = parse_floats(values or DEFAULT_VALUES[param], "--values")
+    if keep is not None and param != "batch-size":
+        raise KdtoolError(f"--keep {keep} applies to batch-size sweeps, not {param}",
+                          "drop --keep, or sweep --param batch-size")
+    keep = keep or "images"
     if force and resume:
         raise KdtoolError("--force and --resume contradict each other",
                           "--resume continues the sweep in --out; --force starts it over")

@@ -97,3 +97,9 @@ def test_the_default_points_follow_the_parameter(cli, digits_teacher, tmp_path, 
     r = cli("analyze", "sweep", "--teacher", digits_teacher, "--val", "digits:test", "--param",
             param, "--out", tmp_path / "s")
     assert r.code == 1 and f"points {[float(p) for p in points]}" in r.err, r.err
+
+
+def test_keep_is_refused_where_it_means_nothing(cli, digits_teacher, tmp_path):
+    r = cli("analyze", "sweep", "--teacher", digits_teacher, "--val", "digits:test", "--keep",
+            "steps", "--out", tmp_path / "s")
+    assert r.code == 1 and "--keep steps applies to batch-size sweeps" in r.err
