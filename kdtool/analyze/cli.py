@@ -228,13 +228,15 @@ def sweep_cmd(
     Example: [bold]kdtool analyze sweep --teacher teacher.safetensors --val digits:test
     --param running-fraction --values 0,0.25,0.5,0.75,1 --out figures/table1[/bold]
     """
-    from kdtool.analyze.sweep import DEFAULT_VALUES, PARAMS, run_sweep, write_png
+    from kdtool.analyze.sweep import DEFAULT_VALUES, KEEP, PARAMS, run_sweep, write_png
     from kdtool.cli.options import parse_floats
     from kdtool.distill.loop import DistillConfig
     from kdtool.errors import KdtoolError, check_choice
 
     check_choice(param, list(PARAMS), "sweep parameter")
     points = parse_floats(values or DEFAULT_VALUES[param], "--values")
+    if keep is not None:
+        check_choice(keep, KEEP, "--keep")
     if keep is not None and param != "batch-size":
         raise KdtoolError(f"--keep {keep} applies to batch-size sweeps, not {param}",
                           "drop --keep, or sweep --param batch-size")
