@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -112,8 +111,7 @@ def distill_cmd(
     """
     from kdtool import console
     from kdtool.distill.loop import DistillConfig, DistillRun
-    from kdtool.interrupts import Stopped
-    from kdtool.runstate import stopped_hint
+    from kdtool.runstate import stopped_with_hint
 
     options = {"shapes": shapes} if shapes is not None else {}
     cfg = DistillConfig(
@@ -126,11 +124,8 @@ def distill_cmd(
         weight_decay=weight_decay, val=val, val_every=val_every, seed=seed, device=device,
         compile=compile_ or compile_mode is not None, compile_mode=compile_mode or "default",
         precision=precision, channels_last=channels_last, ema=ema)
-    started = time.time()
-    try:
+    with stopped_with_hint(out, resume):
         result = DistillRun(cfg, out, force=force, resume=resume).run()
-    except KeyboardInterrupt as e:
-        raise Stopped(e, stopped_hint(out, resume, started)) from None
 
     def render(r):
         rows = [["output", r["out"]], ["student", f"{r['student']} from {r['teacher']}"],

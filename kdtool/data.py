@@ -37,6 +37,7 @@ import sys
 import unicodedata
 import zipfile
 import zlib
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -276,8 +277,9 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
         return x, y, []
     if names is not None and (names.ndim != 1 or names.dtype.kind != "U"):
         raise KdtoolError(f"{path}: class_names must be a 1-d str array, not {names.dtype}", how)
-    if names is not None and len(set(names.tolist())) < len(names):
-        twice = sorted({n for n in names.tolist() if names.tolist().count(n) > 1})
+    twice = sorted(n for n, k in Counter(names.tolist()).items() if k > 1) if names is not None \
+        else []
+    if twice:
         raise KdtoolError(f"{path}: class name '{twice[0]}' is given more than once",
                           "give each class a name of its own")
     if y.min() < 0:

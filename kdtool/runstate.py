@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import io
 import os
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -41,6 +42,19 @@ def stopped_hint(out: str | Path, resume: bool, started: float) -> str:
     if path.exists() and (resume or path.stat().st_mtime >= started - 1):
         return "every finished epoch is saved; continue with the same command and --resume"
     return "it stopped before its first epoch was saved: nothing to resume"
+
+
+@contextmanager
+def stopped_with_hint(out: str | Path, resume: bool) -> Iterator[None]:
+    """Around a run (train, distill): Ctrl-C or SIGTERM leaves it as ``Stopped`` whose hint
+    says whether there is a state to --resume (``stopped_hint``)."""
+    from kdtool.interrupts import Stopped
+
+    started = time.time()
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        raise Stopped(e, stopped_hint(out, resume, started)) from None
 
 
 class RunLock:

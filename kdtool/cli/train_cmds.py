@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -90,8 +89,7 @@ def train_cmd(
     --out teacher.safetensors[/bold]
     """
     from kdtool import console
-    from kdtool.interrupts import Stopped
-    from kdtool.runstate import stopped_hint
+    from kdtool.runstate import stopped_with_hint
     from kdtool.train import TrainConfig, Trainer
 
     mean_values, std_values = parse_norm(mean, std)
@@ -108,11 +106,8 @@ def train_cmd(
                       seed=seed, device=device, compile=compile_ or compile_mode is not None,
                       compile_mode=compile_mode or "default", precision=precision,
                       channels_last=channels_last, ema=ema)
-    started = time.time()
-    try:
+    with stopped_with_hint(out, resume):
         result = Trainer(cfg, out, force=force, resume=resume).run()
-    except KeyboardInterrupt as e:
-        raise Stopped(e, stopped_hint(out, resume, started)) from None
 
     def render(r):
         rows = [["output", r["out"]], ["best epoch", f"{r['best_epoch']}/{r['epochs']}"],
