@@ -236,11 +236,7 @@ class CalibrateRun:
             return None
         val = load_data(self.cfg.val, image_size=size, fit=Fit.of(meta))
         _check_images(val, meta, "validation data")
-        if not val.labeled:
-            raise KdtoolError(
-                f"validation data '{self.cfg.val}' has no labels",
-                "use a labelled dataset for --val",
-            )
+        val.require_labels("validation data")
         val = match_classes(val, meta.class_names)
         check_fits(
             val,

@@ -18,11 +18,7 @@ def load_eval_data(spec: str, model: BenchModel, limit: int | None, seed: int) -
     """``spec`` at the model's input size and channels; ``limit`` keeps a seeded random subset
     (image folders are sorted by class, so the first N images would be one class)."""
     data = load_for_model(spec, model)
-    if not data.labeled:
-        raise KdtoolError(
-            f"dataset '{spec}' has no labels, so accuracy cannot be measured",
-            "pass labelled data: a folder of class subfolders, a zip of one, or an npz with y",
-        )
+    data.require_labels("accuracy data")
     check_fits(
         data,
         num_classes=model.num_classes,

@@ -36,8 +36,8 @@ def bench_cmd(
             "--backends",
             help="Comma-separated: torch-cpu, torch-cuda (checkpoints); ort-cpu, "
             "ort-cuda, ort-trt (ONNX Runtime execution providers); trt (engines). auto: every "
-            "backend that fits a file and runs here. A named backend that cannot run gets a row "
-            "saying why.",
+            "backend that fits a file and runs here. A named backend that cannot run here gets a "
+            "row saying why; one that fits none of the files is an error.",
         ),
     ] = "auto",
     batch: Annotated[str, typer.Option("--batch", help="Batch sizes, e.g. 1,8,64.")] = "1,8,64",

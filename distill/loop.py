@@ -213,9 +213,7 @@ class DistillRun:
         val = load_for_model(self.cfg.val, tmeta)
         check_fits(val, num_classes=tmeta.num_classes, in_chans=tmeta.in_chans,
                    what=f"teacher '{self.cfg.teacher}'")
-        if not val.labeled:
-            raise KdtoolError(f"validation data '{self.cfg.val}' has no labels",
-                              "use a labelled dataset for --val")
+        val.require_labels("validation data")
         return val
 
     def _epoch(self, step_fn, student, noise, epoch, opt, sched, advance) -> dict:

@@ -278,11 +278,7 @@ def _load(spec: str, meta, option: str, labelled: bool = False):
             in_chans=meta.in_chans,
             what=f"the model ({meta.arch})",
         )
-    if labelled and not data.labeled:
-        raise KdtoolError(
-            f"{option} {spec} has no labels",
-            "give a folder of <class>/<image>, a zip of one, or a labelled npz",
-        )
+        data.require_labels(option)
     if not len(data):
         raise KdtoolError(f"{option} {spec} holds no images")
     return data

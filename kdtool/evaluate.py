@@ -121,8 +121,6 @@ def accuracy_report(logits: torch.Tensor, labels: torch.Tensor, class_names: lis
 
 
 def evaluate(model, data, mean, std, **kwargs) -> dict:
-    if not data.labeled:
-        raise KdtoolError(f"dataset '{data.source}' has no labels",
-                          "evaluate on a folder of class subfolders, a zip of one, or an npz")
+    data.require_labels("dataset")
     logits, labels = predict(model, data, mean, std, **kwargs)
     return accuracy_report(logits, labels, data.class_names)

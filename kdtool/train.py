@@ -112,9 +112,7 @@ class Trainer:
         c = self.cfg
         self.fit = c.fit()
         train = load_data(c.data, image_size=c.image_size, fit=self.fit)
-        if not train.labeled:
-            raise KdtoolError(f"training data '{c.data}' has no labels",
-                              "use a folder of class subfolders, a zip of one, or an npz with y")
+        train.require_labels("training data")
         if train.num_classes < 2:  # one class: every answer is right, nothing is learnt
             raise KdtoolError(f"training data '{c.data}' has {train.num_classes} class "
                               f"({', '.join(map(str, train.class_names)) or 'no name'}); a "

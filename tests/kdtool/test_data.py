@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -148,6 +149,15 @@ def test_unlabeled_folder_and_zip(tmp_path):
     # A zip of one folder of images: the folder is the top folder, not a class.
     z = _zip(tmp_path / "calib", tmp_path / "c.zip", "calib/")
     assert _same(load_data(str(z)), d)
+    # Where labels are needed, the error says why the data read as unlabeled: a zip of one
+    # class folder is ambiguous with a wrapper folder, and the user would not guess that.
+    with pytest.raises(KdtoolError, match="one top folder 'calib/'.*at least two"):
+        load_data(str(z)).require_labels("dataset")
+    with pytest.raises(KdtoolError, match="directly in it, not in class subfolders"):
+        d.require_labels("--val")
+    np.savez(tmp_path / "u.npz", x=np.zeros((2, 4, 4), np.uint8), y=np.full(2, -1))
+    with pytest.raises(KdtoolError, match="y is -1 for every image"):
+        load_data(str(tmp_path / "u.npz")).require_labels("dataset")
 
 
 def test_npz(tmp_path):
@@ -251,13 +261,23 @@ def test_cache_default_dir_and_invalidation(tmp_path, monkeypatch):
     assert len(entries) == 2 and rgb_entry not in entries and gray_entry in entries
 
 
-def test_corrupt_cache_rebuilt(tmp_path):
+def test_corrupt_cache_rebuilt(tmp_path, capsys):
     root = _rgb_folder(tmp_path / "ds")
     first = load_data(str(root), cache_dir=tmp_path / "c")
     (entry,) = (tmp_path / "c").glob("*.safetensors")
     entry.write_bytes(b"garbage")
     assert _same(load_data(str(root), cache_dir=tmp_path / "c"), first)
     assert entry.stat().st_size > 100  # rewritten
+    # A file that still parses but has one pixel byte flipped (bit rot, a bad copy) is
+    # caught by its checksum, not trained on.
+    raw = bytearray(entry.read_bytes())
+    header = int.from_bytes(raw[:8], "little")
+    start = 8 + header + json.loads(raw[8:8 + header])["x"]["data_offsets"][0]
+    raw[start] ^= 0xFF
+    entry.write_bytes(bytes(raw))
+    capsys.readouterr()
+    assert _same(load_data(str(root), cache_dir=tmp_path / "c"), first)
+    assert "ValueError" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- errors
