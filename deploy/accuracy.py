@@ -9,7 +9,7 @@ import torch
 
 from kdtool import console
 from kdtool.data import ImageData, check_fits, load_for_model
-from kdtool.deploy.backends import BenchModel
+from kdtool.deploy.backends import BenchModel, int8_caveat
 from kdtool.errors import KdtoolError
 from kdtool.loader import DeviceLoader
 
@@ -116,4 +116,10 @@ def evaluate_file(path, spec: str, *, device: str = "auto", batch_size: int = 25
     finally:
         runner.close()
     report = accuracy_report(torch.from_numpy(logits), data.y, data.class_names)
-    return {"backend": used, "runtime": described["runtime"], "batch_size": batch, **report}
+    result = {"backend": used, "runtime": described["runtime"], "batch_size": batch, **report}
+    caveat = int8_caveat(described)
+    if caveat:
+        result["cpu_caveat"] = caveat
+        console.info(f"note: {caveat}")
+    return result
+

@@ -162,10 +162,11 @@ def _from_info(path: Path, kind: str, info, file_bytes: int) -> BenchModel:
 def _onnx_model(path: Path) -> BenchModel:
     import onnx
 
-    from kdtool.export.metadata import info_from_props, load_proto
+    from kdtool.export.metadata import check_graph, info_from_props, load_proto, proto_io
 
     proto = load_proto(path)
     info = info_from_props({p.key: p.value for p in proto.metadata_props}, str(path))
+    check_graph(info, *proto_io(proto), str(path))
     # Weights stored outside the .onnx (models over 2 GB) count towards the model's size.
     external = {
         e.value
@@ -190,13 +191,19 @@ def plan_info_paths(path: Path) -> list[Path]:
 
 
 def _trt_model(path: Path) -> BenchModel:
+    return _from_info(path, "trt", engine_info(path), path.stat().st_size)
+
+
+def engine_info(path: Path):
+    """A TensorRT engine's kdtool metadata (``OnnxInfo``), from the JSON sidecar or the
+    ONNX that kdtool export wrote beside it (an engine file has no room for it)."""
     from kdtool.export.metadata import OnnxInfo, read_info
 
     for candidate in plan_info_paths(path):
         if not candidate.is_file():
             continue
         if candidate.suffix == ".onnx":
-            return _from_info(path, "trt", read_info(candidate), path.stat().st_size)
+            return read_info(candidate)
         try:
             sidecar = json.loads(candidate.read_text())
         except (OSError, ValueError) as e:
@@ -207,11 +214,10 @@ def _trt_model(path: Path) -> BenchModel:
         # names the ONNX the engine was built from (kdtool export's sidecar does).
         d = sidecar.get("kdtool", sidecar)
         if isinstance(d, dict) and "input_name" in d:
-            info = OnnxInfo.from_json(json.dumps(d), str(candidate))
-            return _from_info(path, "trt", info, path.stat().st_size)
+            return OnnxInfo.from_json(json.dumps(d), str(candidate))
         source = candidate.parent / str(sidecar.get("onnx", ""))
         if sidecar.get("onnx") and source.is_file():
-            return _from_info(path, "trt", read_info(source), path.stat().st_size)
+            return read_info(source)
     raise KdtoolError(
         f"TensorRT engine '{path}' has no kdtool metadata next to it",
         "keep the JSON sidecar or the .onnx that kdtool export wrote beside the engine "
@@ -305,6 +311,18 @@ class BenchRunner:
         self.inner.close()
         if self._restore is not None:
             self._restore()
+
+
+def int8_caveat(described: dict) -> str | None:
+    """What eval and predict say when the int8 weights ran as uint8 (x86 without VNNI):
+    their figures are the INT8 model's own, which a plain ONNX Runtime session on this CPU
+    does not reproduce."""
+    weights = described.get("int8_weights")
+    if not weights:
+        return None
+    return (f"{weights}; these are the INT8 model's own outputs, as VNNI x86 and ARM CPUs "
+            "compute them; a plain ONNX Runtime session on this CPU saturates some int8 "
+            "products and can score differently (docs/BENCHMARKS.md)")
 
 
 def make_runner(model: BenchModel, backend: str, threads: int | None = None,

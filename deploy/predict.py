@@ -21,6 +21,7 @@ from kdtool.deploy.backends import (
     BackendUnavailable,
     BenchModel,
     backend_problem,
+    int8_caveat,
     load_model,
     make_runner,
 )
@@ -192,6 +193,9 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
         runner.close()
     for path, why in unreadable:  # after the run, so that all of them are one line each
         console.warn(f"cannot read image '{path}': {why}; skipped")
+    caveat = int8_caveat(described)
+    if caveat:
+        console.info(f"note: {caveat}")
     return {
         "model": model.summary(),
         "backend": backend,
@@ -207,6 +211,7 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
         "top": k,
         "results": results,
         "unreadable": len(unreadable),
+        **({"cpu_caveat": caveat} if caveat else {}),
     }
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kdtool.errors import KdtoolError
-from kdtool.imageprep import fit_problems
+from kdtool.imageprep import record_problems
 from kdtool.io import require_file
 
 ONNX_META_KEY = "kdtool"
@@ -106,16 +106,9 @@ class OnnxInfo:
         return info
 
     def validate(self, source: str) -> None:
-        problems = []
+        problems = record_problems(self)
         if self.layout not in ("NCHW", "NHWC"):
             problems.append(f"layout '{self.layout}' is not NCHW or NHWC")
-        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
-            problems.append(f"mean/std need {self.in_chans} values")
-        if len(self.input_size) != 2:
-            problems.append("input_size must be [height, width]")
-        if self.class_names and len(self.class_names) != self.num_classes:
-            problems.append(f"{len(self.class_names)} class names for {self.num_classes} classes")
-        problems += fit_problems(self)
         if self.precision not in PRECISIONS:
             problems.append(f"precision '{self.precision}' is not one of {', '.join(PRECISIONS)}")
         if problems:
@@ -167,6 +160,56 @@ def load_proto(path: str | Path):
 
 
 def read_info(path: str | Path) -> OnnxInfo:
-    """Read an ONNX file's kdtool metadata without loading external weights."""
+    """Read an ONNX file's kdtool metadata without loading external weights, checked
+    against the graph's own inputs and outputs."""
     model = load_proto(path)
-    return info_from_props({p.key: p.value for p in model.metadata_props}, str(path))
+    info = info_from_props({p.key: p.value for p in model.metadata_props}, str(path))
+    check_graph(info, *proto_io(model), str(path))
+    return info
+
+
+Dims = dict[str, list]  # tensor name -> dims: an int where fixed, anything else where symbolic
+
+
+def proto_io(model) -> tuple[Dims, Dims]:
+    """The graph inputs (not initializers, which old exporters list as inputs) and outputs
+    of an ``onnx.ModelProto``, with their dims."""
+    weights = {t.name for t in model.graph.initializer}
+
+    def dims(v) -> list:
+        return [d.dim_value if d.HasField("dim_value") else d.dim_param
+                for d in v.type.tensor_type.shape.dim]
+
+    return ({v.name: dims(v) for v in model.graph.input if v.name not in weights},
+            {v.name: dims(v) for v in model.graph.output})
+
+
+def check_graph(info: OnnxInfo, inputs: Dims, outputs: Dims, source: str) -> None:
+    """Refuse a graph that disagrees with its metadata (an edited file, or metadata copied
+    onto another model): fed as the metadata says, it would fail in ONNX Runtime or answer
+    with the wrong number of classes."""
+    problems = []
+    if list(inputs) != [info.input_name] or info.output_name not in outputs:
+        problems.append(f"the graph has inputs {sorted(inputs)} and outputs {sorted(outputs)}, "
+                        f"the metadata names input '{info.input_name}' and output "
+                        f"'{info.output_name}'")
+    else:
+        want = list(info.input_shape(1)[1:])
+        got = inputs[info.input_name]
+        if len(got) != 4 or any(isinstance(g, int) and g > 0 and g != w
+                                for g, w in zip(got[1:], want, strict=True)):
+            problems.append(f"the graph's input is {_shape(got)}, the metadata's {info.layout} "
+                            f"input is [N, {', '.join(map(str, want))}]")
+        out = outputs[info.output_name]
+        if len(out) != 2 or (isinstance(out[1], int) and out[1] > 0
+                             and out[1] != info.num_classes):
+            problems.append(f"the graph's output is {_shape(out)}, the metadata says "
+                            f"{info.num_classes} classes")
+    if problems:
+        raise KdtoolError(f"'{source}' does not match its kdtool metadata: "
+                          + "; ".join(problems), "re-export it with kdtool export")
+
+
+def _shape(dims: list) -> str:
+    return "[" + ", ".join(str(d) if isinstance(d, int) and d > 0 else "N" if i == 0 else "?"
+                           for i, d in enumerate(dims)) + "]"

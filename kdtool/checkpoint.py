@@ -25,7 +25,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from kdtool.errors import KdtoolError
-from kdtool.imageprep import Fit, fit_problems, parse_resize
+from kdtool.imageprep import Fit, parse_resize, record_problems
 from kdtool.io import atomic_write_bytes, check_output, require_file
 from kdtool.models import check_input_size, create_model, model_spec
 
@@ -80,18 +80,7 @@ class ModelMeta:
         return meta
 
     def validate(self, source: str) -> None:
-        problems = []
-        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
-            problems.append(f"mean/std need {self.in_chans} values")
-        if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
-            problems.append("mean/std must be finite numbers")
-        if any(s <= 0 for s in self.std):
-            problems.append("std must be positive")
-        if self.class_names and len(self.class_names) != self.num_classes:
-            problems.append(f"{len(self.class_names)} class names for {self.num_classes} classes")
-        if len(self.input_size) != 2:
-            problems.append("input_size must be [height, width]")
-        problems += fit_problems(self)
+        problems = record_problems(self)
         if problems:
             raise KdtoolError(f"'{source}' has inconsistent metadata: " + "; ".join(problems))
 

@@ -573,11 +573,15 @@ def _read_cache(cache: Path, source: str) -> tuple[torch.Tensor, torch.Tensor, l
         ImageData(x, y, names)  # validates dtypes and shapes
         if meta["format"] != CACHE_FORMAT or meta["source"] != source:
             raise ValueError("stale entry")
-        if meta.get("crc32") != _crc32(x, y):  # flipped bytes would train on wrong pixels
+        if "crc32" not in meta:  # entries before the checksum (non-square crops differed too)
+            raise ValueError("written by an older kdtool")
+        if meta["crc32"] != _crc32(x, y):  # flipped bytes would train on wrong pixels
             raise ValueError("checksum mismatch")
         return x, y, [str(n) for n in names]
     except Exception as e:  # any damage to the file: rebuild instead of failing the run
-        console.warn(f"ignoring unreadable cache file {cache} ({type(e).__name__}); rebuilding")
+        why = str(e).strip().split("\n")[0][:120] if isinstance(e, ValueError) else ""
+        console.warn(f"ignoring cache file {cache} ({type(e).__name__}{': ' * bool(why)}"
+                     f"{why}); rebuilding")
         return None
 
 

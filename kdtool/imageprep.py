@@ -58,13 +58,27 @@ def check_crop_fraction(fraction: float | None, what: str) -> None:
                           "e.g. crop:0.875 (resize 256, crop 224) or crop (crop:1)")
 
 
-def fit_problems(model) -> list[str]:
-    """What is wrong with a model record's fit fields (for its metadata's validate)."""
+def record_problems(model) -> list[str]:
+    """What is wrong with a model record's input and class fields: a checkpoint's ModelMeta
+    or an ONNX file's OnnxInfo (here, as the ONNX side must not import torch)."""
+    problems = []
+    if len(model.mean) != model.in_chans or len(model.std) != model.in_chans:
+        problems.append(f"mean/std need {model.in_chans} values")
+    if not all(isinstance(v, (int, float)) and math.isfinite(v)
+               for v in (*model.mean, *model.std)):
+        problems.append("mean/std must be finite numbers")
+    elif any(s <= 0 for s in model.std):  # std 0 turns every pixel into inf or NaN
+        problems.append("std must be positive")
+    if model.class_names and len(model.class_names) != model.num_classes:
+        problems.append(f"{len(model.class_names)} class names for {model.num_classes} classes")
+    if len(model.input_size) != 2 or not all(isinstance(s, int) and s > 0
+                                             for s in model.input_size):
+        problems.append("input_size must be [height, width], positive")
     try:
         Fit.of(model)
     except KdtoolError as e:
-        return [str(e)]
-    return []
+        problems.append(str(e))
+    return problems
 
 
 def describe_resize(crop_fraction: float | None) -> str:
@@ -116,12 +130,14 @@ class Fit:
             return im if im.size == (w, h) else im.resize((w, h), how)
         src_w, src_h = im.size
         cover_h, cover_w = (math.floor(s / self.crop_fraction + 1e-9) for s in (h, w))
-        # The side that needs the larger scale sets it; the other keeps the aspect ratio,
-        # truncated as torchvision's Resize truncates the longer side.
+        # The side that needs the larger scale sets it; the other keeps the aspect ratio:
+        # truncated for a square input, as torchvision's Resize(int) (timm's too), rounded
+        # for a non-square one, as timm's ResizeKeepRatio (torchvision has no such case).
+        keep = int if h == w else round
         if cover_h * src_w >= cover_w * src_h:
-            new_h, new_w = cover_h, int(cover_h * src_w / src_h)
+            new_h, new_w = cover_h, keep(cover_h * src_w / src_h)
         else:
-            new_h, new_w = int(cover_w * src_h / src_w), cover_w
+            new_h, new_w = keep(cover_w * src_h / src_w), cover_w
         if (new_w, new_h) != im.size:
             im = im.resize((new_w, new_h), how)
         top, left = round((new_h - h) / 2.0), round((new_w - w) / 2.0)  # as torchvision rounds

@@ -10,7 +10,7 @@ import numpy as np
 
 from kdtool.deploy.server.protocol import ORT_TO_V2, V2_TO_NP
 from kdtool.errors import KdtoolError, check_choice
-from kdtool.export.metadata import OnnxInfo, info_from_props
+from kdtool.export.metadata import OnnxInfo, check_graph, info_from_props
 
 # --provider -> ONNX Runtime providers in priority order.  CPU is never appended to a GPU
 # list: ORT would silently run the whole graph there when the GPU provider fails to load.
@@ -92,13 +92,8 @@ class OnnxModel:
         info, path = self.info, self.path
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = {o.name: o for o in self.session.get_outputs()}
-        if info.input_name not in inputs or info.output_name not in outputs or len(inputs) != 1:
-            raise KdtoolError(
-                f"'{path}' does not match its kdtool metadata: the graph has inputs "
-                f"{sorted(inputs)} and outputs {sorted(outputs)}, the metadata names input "
-                f"'{info.input_name}' and output '{info.output_name}'",
-                "re-export it with kdtool export",
-            )
+        check_graph(info, {n: list(i.shape) for n, i in inputs.items()},
+                    {n: list(o.shape) for n, o in outputs.items()}, str(path))
         inp, out = inputs[info.input_name], outputs[info.output_name]
         for t in (inp, out):
             if t.type not in ORT_TO_V2:
@@ -108,15 +103,6 @@ class OnnxModel:
                     "export a float model",
                 )
         expected = info.input_shape(1)[1:]
-        graph_dims = list(inp.shape[1:]) if len(inp.shape) == 4 else None
-        if graph_dims is None or any(
-            isinstance(g, int) and g != e for g, e in zip(graph_dims, expected, strict=True)
-        ):
-            raise KdtoolError(
-                f"'{path}': the graph's input shape {inp.shape} does not match "
-                f"the metadata's {info.layout} {list(expected)}",
-                "re-export it with kdtool export",
-            )
         fixed = inp.shape[0] if isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
         in_spec = TensorSpec(inp.name, ORT_TO_V2[inp.type], (-1, *expected))
         out_spec = TensorSpec(out.name, ORT_TO_V2[out.type], (-1, info.num_classes))

@@ -22,7 +22,7 @@ from kdtool.cli.options import (
     foreign_spec,
     parse_class_names,
 )
-from kdtool.io import file_sha256
+from kdtool.io import file_sha256, require_file
 
 
 @app.command("models")
@@ -81,12 +81,14 @@ def models_cmd(
 @app.command("info")
 def info_cmd(
     checkpoint: Annotated[Path, typer.Argument(
-        help="A kdtool .safetensors checkpoint, or an .onnx file written by kdtool export.")],
+        help="A kdtool .safetensors checkpoint, an .onnx file written by kdtool export, or "
+        "a TensorRT engine (its metadata is in the sidecar kdtool export writes).")],
     as_json: Json = False,
 ) -> None:
     """Print a checkpoint's metadata: architecture, classes, input, normalisation, provenance.
 
-    An ONNX file shows the metadata kdtool export wrote into it (what bench and serve read).
+    An ONNX file shows the metadata kdtool export wrote into it (what bench and serve read);
+    a TensorRT engine, the metadata of the ONNX it was built from.
 
     Example: [bold]kdtool info teacher.safetensors[/bold]
     """
@@ -96,9 +98,10 @@ def info_cmd(
 
     from kdtool import console
     from kdtool.checkpoint import read_meta
+    from kdtool.deploy.backends import TRT_SUFFIXES
     from kdtool.imageprep import Fit
 
-    if checkpoint.suffix.lower() == ".onnx":
+    if checkpoint.suffix.lower() in (".onnx", *TRT_SUFFIXES):
         _onnx_info(checkpoint, as_json)
         return
     meta = read_meta(checkpoint)
@@ -162,21 +165,25 @@ def _onnx_info(path: Path, as_json: bool) -> None:
     from dataclasses import asdict
 
     from kdtool import console
+    from kdtool.deploy.backends import engine_info
     from kdtool.export.metadata import read_info
     from kdtool.imageprep import Fit
 
-    info = read_info(path)
+    engine = path.suffix.lower() != ".onnx"
+    require_file(path, "TensorRT engine" if engine else "ONNX model")
+    info = engine_info(path) if engine else read_info(path)
     uncalibrated = info.noise_bn_warning(str(path))
     if uncalibrated:
         console.warn(uncalibrated)
     result = {"file": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path),
-              "format": "onnx", **asdict(info)}
+              "format": "tensorrt" if engine else "onnx", **asdict(info)}
 
     def render(r):
         h, w = r["input_size"]
         batch = f"fixed {r['batch']}" if r["batch"] else "dynamic" + (
             f" (profiled up to {r['max_batch']})" if r["max_batch"] else "")
-        rows = [["format", f"ONNX, {r['precision']}, opset {r['opset']}, batch {batch}"],
+        kind = "TensorRT engine built from ONNX" if engine else "ONNX"
+        rows = [["format", f"{kind}, {r['precision']}, opset {r['opset']}, batch {batch}"],
                 ["architecture", r["arch"] + (" (BN folded)" if r["folded"] else "")],
                 ["classes", _classes(r["num_classes"], r["class_names"])],
                 ["input", f"'{r['input_name']}' {r['layout']} {r['in_chans']}x{h}x{w} "

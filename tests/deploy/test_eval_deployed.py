@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from kdtool.data import load_data
 
@@ -65,23 +68,93 @@ def test_options_an_exported_file_cannot_take_are_refused(cli, tiny_onnx, args, 
     assert r.code == 1 and message in r.err and "Traceback" not in r.err, r.err
 
 
-def test_a_graph_that_disagrees_with_its_metadata_is_a_user_error(cli, tiny_onnx, tmp_path):
-    """An edited ONNX (or an engine beside a re-exported ONNX) says 7 classes, returns 10."""
+def _edited(tiny_onnx, path, **fields):
+    """tiny_onnx with some kdtool metadata fields replaced (a hand-edited file)."""
     import dataclasses
 
     import onnx
 
-    from kdtool.export.metadata import read_info, write_info
+    from kdtool.export.metadata import ONNX_META_KEY, read_info
 
     model = onnx.load(tiny_onnx)
+    info = dataclasses.replace(read_info(tiny_onnx), **fields)
+    for p in model.metadata_props:  # not write_info, which validates what it writes
+        if p.key == ONNX_META_KEY:
+            p.value = info.to_json()
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"num_classes": 7, "class_names": [str(i) for i in range(7)]},
+     "the graph's output is [N, 10], the metadata says 7 classes"),
+    ({"input_size": [16, 16]},
+     "the graph's input is [N, 1, 8, 8], the metadata's NCHW input is [N, 1, 16, 16]"),
+    ({"std": [0.0]}, "std must be positive"),
+    ({"mean": [float("nan")]}, "mean/std must be finite numbers"),
+])
+def test_a_graph_that_disagrees_with_its_metadata_is_refused_by_every_reader(
+        cli, tiny_onnx, tmp_path, fields, message):
+    """An edited ONNX (or metadata copied onto another graph) would otherwise give NaN
+    probabilities, an IndexError, an ONNX Runtime traceback or a 500 from the server."""
+    from kdtool.deploy.server.model import OnnxModel
+    from kdtool.errors import KdtoolError
+
+    bad = _edited(tiny_onnx, tmp_path / "bad.onnx", **fields)
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(image)
+    for args in (["eval", bad, "--data", "digits:test"], ["predict", bad, image],
+                 ["info", bad], ["bench", bad, "--batch", "1", "--min-time", "0.01"]):
+        r = cli(*args)
+        assert r.code == 1 and "Traceback" not in r.err, (args, r.err)
+        assert message in " ".join(r.err.split()), (args, r.err)
+    with pytest.raises(KdtoolError, match=re.escape(message)):
+        OnnxModel(bad, threads=1)
+
+
+def test_int8_eval_and_predict_say_when_their_figures_are_not_this_cpus_plain_ort(
+        cli, tiny_onnx, tmp_path, monkeypatch):
+    """On x86 without VNNI kdtool runs int8 weights as uint8 (exact); a plain ONNX Runtime
+    session there saturates, so an eval figure must say whose numbers it is."""
+    import onnx
+
+    import kdtool.export.cpu_int8 as cpu_int8
+    from kdtool.export.metadata import read_info, write_info
+    from kdtool.export.precision import quantize_int8
+
+    calib = np.random.default_rng(0).standard_normal((64, 1, 8, 8)).astype(np.float32)
+    path = tmp_path / "tiny.int8.onnx"
+    quantize_int8(tiny_onnx, path, calib, input_name="input", batch_size=16)
+    proto = onnx.load(str(path))
     info = read_info(tiny_onnx)
-    write_info(model, dataclasses.replace(info, num_classes=7,
-                                          class_names=[str(i) for i in range(7)]))
-    bad = tmp_path / "bad.onnx"
-    onnx.save(model, bad)
-    data = tmp_path / "seven.npz"
-    np.savez(data, x=np.zeros((14, 8, 8), np.uint8), y=np.arange(14) % 7)
-    r = cli("eval", bad, "--data", data)
-    assert r.code == 1 and "Traceback" not in r.err
-    assert f"'{bad}' returned logits of shape [14, 10]" in r.err
-    assert "metadata says 7 classes" in r.err
+    info.precision = "int8"
+    write_info(proto, info)
+    onnx.save(proto, str(path))
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(image)
+    for exact in (False, True):
+        monkeypatch.setattr(cpu_int8, "int8_weights_exact", lambda exact=exact: exact)
+        for args in (["eval", path, "--data", "digits:test"], ["predict", path, image]):
+            r = cli(*args, "--json")
+            assert r.code == 0, r.err
+            caveat = r.json().get("cpu_caveat")
+            assert (caveat is None) is exact, (args, caveat)
+            if not exact:
+                assert "weights run as uint8" in caveat and "plain ONNX Runtime" in caveat
+                assert "note: " in r.err
+
+
+def test_info_of_a_tensorrt_engine_shows_the_metadata_kept_beside_it(cli, tiny_onnx, tmp_path):
+    import shutil
+
+    shutil.copy(tiny_onnx, tmp_path / "tiny.onnx")
+    (tmp_path / "tiny.engine").write_bytes(b"\x00" * 64)  # info never deserializes it
+    r = cli("info", tmp_path / "tiny.engine", "--json")
+    assert r.code == 0, r.err
+    got = r.json()
+    assert got["format"] == "tensorrt" and got["bytes"] == 64 and got["num_classes"] == 10
+    r = cli("info", tmp_path / "tiny.engine")
+    assert "TensorRT engine built from ONNX" in r.out
+    (tmp_path / "lone.plan").write_bytes(b"\x00" * 64)
+    r = cli("info", tmp_path / "lone.plan")
+    assert r.code == 1 and "has no kdtool metadata next to it" in r.err, r.err

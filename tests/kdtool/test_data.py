@@ -277,7 +277,7 @@ def test_corrupt_cache_rebuilt(tmp_path, capsys):
     entry.write_bytes(bytes(raw))
     capsys.readouterr()
     assert _same(load_data(str(root), cache_dir=tmp_path / "c"), first)
-    assert "ValueError" in capsys.readouterr().err
+    assert "checksum mismatch" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- errors

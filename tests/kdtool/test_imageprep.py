@@ -1,4 +1,4 @@
-"""Fitting images to a model's input: stretch, or torchvision's resize + centre crop."""
+"""Fitting images to a model's input: stretch, or torchvision's (timm's) resize + centre crop."""
 
 from __future__ import annotations
 
@@ -32,6 +32,22 @@ def test_crop_is_torchvision_resize_then_center_crop(w, h, fraction, how):
                              transforms.CenterCrop(side)])
     np.testing.assert_array_equal(np.asarray(Fit(fraction, how).apply(im, (side, side))),
                                   np.asarray(tv(im)))
+
+
+@pytest.mark.parametrize("how", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("fraction", [0.875, 0.95])
+@pytest.mark.parametrize("w,h", [(100, 75), (40, 30), (75, 100), (64, 48), (33, 17)])
+def test_crop_to_a_non_square_input_is_timms_eval_transform(w, h, fraction, how):
+    # timm keeps the aspect ratio with rounded sides here, where a square input truncates:
+    # a one-pixel shift of the crop for a 48x64 model on a 100x75 photo otherwise.
+    from timm.data import create_transform
+
+    size = (48, 64)
+    ref = create_transform(size, interpolation=how, crop_pct=fraction)
+    ref.transforms = ref.transforms[:2]  # resize and crop; not to-tensor and normalise
+    im = _image(w, h)
+    np.testing.assert_array_equal(np.asarray(Fit(fraction, how).apply(im, size)),
+                                  np.asarray(ref(im)))
 
 
 def test_crop_of_a_wide_input_covers_both_sides():
