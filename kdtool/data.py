@@ -171,6 +171,15 @@ def load_data(spec: str, *, image_size: int | tuple[int, int] | None = None,
     return _to_data(x, y, names, spec)
 
 
+def same_dataset(a: str, b: str) -> bool:
+    """Whether two dataset specs name the same images (``digits`` is ``digits:train``)."""
+    def canonical(spec: str) -> str:
+        if spec in BUILTIN_DATASETS:
+            return "digits:train" if spec == "digits" else spec
+        return str(Path(spec).expanduser().resolve())
+    return canonical(str(a)) == canonical(str(b))
+
+
 def load_for_model(spec: str, model) -> ImageData:
     """``spec`` fitted to a model's input: its channels, size and --resize rule.
 
@@ -194,6 +203,10 @@ def match_classes(data: ImageData, names: list[str]) -> ImageData:
     own = [unicodedata.normalize("NFC", n) for n in data.class_names]
     strangers = [n for n in own if n not in index]
     if len(strangers) == len(own):
+        # Say so, as every stage that scores or calibrates with labels gets here: digits
+        # (0..9) scored against a CIFAR teacher would otherwise pass for a 10% model.
+        console.warn(f"{data.source}: none of its class names ({_few(own)}) is one of the "
+                     f"model's ({_few(names)}); its labels are read as class indices")
         return data
     if strangers:
         guess = suggest(strangers[0], list(index))
@@ -205,6 +218,10 @@ def match_classes(data: ImageData, names: list[str]) -> ImageData:
             "the others out")
     remap = torch.tensor([index[n] for n in own])
     return ImageData(data.x, remap[data.y], list(names), data.source)
+
+
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
 
 
 def check_fits(data: ImageData, *, num_classes: int, in_chans: int, what: str) -> None:
@@ -540,13 +557,22 @@ def _load_images_cached(spec: str, path: Path, size, channels, fit: Fit,
         raise KdtoolError(f"no images found in {path}",
                           f"looked for {' '.join(IMAGE_EXTS)} files (any case) in class folders"
                           " or directly inside")
-    variant = [CACHE_FORMAT, str(path), size, channels, *fit.cache_key()]
-    key = json.dumps([*variant[:2], stamp, *variant[2:]])
-    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
-    stem = re.sub(r"[^A-Za-z0-9._-]", "_", path.name)[:40]  # readable, safe file name
     root = Path(cache_dir or os.environ.get("KDTOOL_CACHE") or "~/.cache/kdtool/datasets")
-    cache = root.expanduser() / f"{stem}-{digest}.safetensors"
+
+    def entry(channels) -> tuple[Path, list]:
+        variant = [CACHE_FORMAT, str(path), size, channels, *fit.cache_key()]
+        key = json.dumps([*variant[:2], stamp, *variant[2:]])
+        digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+        stem = re.sub(r"[^A-Za-z0-9._-]", "_", path.name)[:40]  # readable, safe file name
+        return root.expanduser() / f"{stem}-{digest}.safetensors", variant
+
+    cache, variant = entry(channels)
     cached = _read_cache(cache, str(path))
+    if cached is None and channels is not None and entry(None)[0].is_file():
+        # The images as they are (train's --data, calibrate's) already hold this many
+        # channels: the same pixels as converting each image, so no second decode.
+        cached = _read_cache(entry(None)[0], str(path))
+        cached = cached if cached is not None and cached[0].shape[1] == channels else None
     if cached is not None:
         return ImageData(*cached, spec)
     rels = ["/".join(n.split("/")[strip:]) for n in names]

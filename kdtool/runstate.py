@@ -183,10 +183,14 @@ class RunCheckpoint:
                               "--resume continues the run in --out; --force starts it over")
         self._lock = RunLock(self.out)
         if not resume and writer:
-            check_output(self.out, force, "checkpoint", (CHECKPOINT_SUFFIX,))
+            # The state first: an interrupted run leaves both files, and the fix it needs is
+            # --resume, which "already exists (pass --force)" would hide.
             if self.path.exists() and not force:
-                raise KdtoolError(f"a run state '{self.path}' exists from an earlier run",
-                                  "pass --resume to continue it or --force to start over")
+                both = f"checkpoint '{self.out}' and its " if self.out.exists() else "a "
+                raise KdtoolError(f"{both}run state '{self.path}' exist from an earlier run",
+                                  "pass --resume to continue it from its last finished epoch, "
+                                  "or --force to start over")
+            check_output(self.out, force, "checkpoint", (CHECKPOINT_SUFFIX,))
         if writer:  # refuse now, before the work, if another process holds the run
             self._lock.acquire()
             self._lock.release()

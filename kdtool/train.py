@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from kdtool import console, optim
 from kdtool.checkpoint import ModelMeta, per_channel_norm
-from kdtool.data import ImageData, check_fits, load_data, match_classes
+from kdtool.data import ImageData, check_fits, load_data, match_classes, same_dataset
 from kdtool.device import (
     COMPILE_MODES,
     PRECISIONS,
@@ -120,10 +120,14 @@ class Trainer:
                               "give each class a folder of its own: DATA/<class>/<image>")
         val = None
         if c.val:
+            if same_dataset(c.data, c.val):
+                console.warn(f"--val '{c.val}' is the training data: its accuracy will be "
+                             "training accuracy, not a held-out figure")
             # Fitted to the training images' size, as eval and serve will fit them.
             val = match_classes(load_data(c.val, image_size=train.image_size,
                                           channels=train.channels, fit=self.fit),
                                 train.class_names)
+            val.require_labels("validation data")
             check_fits(val, num_classes=train.num_classes, in_chans=train.channels,
                        what=f"training data '{c.data}'")
         return train, val

@@ -104,6 +104,7 @@ def _one_line_error(r, *fragments):
         (["analyze", "sweep", "--arch", "resnet8"], ["--arch; kdtool spells it --student for"]),
         (["export", "m.safetensors", "--half"], ["--half; kdtool spells it --precision fp16"]),
         (["train", "--data", "digits", "-b", "64"], ["-b; kdtool spells it --batch-size"]),
+        (["bench", "m.onnx", "-b", "1"], ["-b; kdtool spells it --batch ("]),
         (["calibrate", "s.safetensors", "-o", "c.safetensors"], ["-o; kdtool spells it --out ("]),
         # Cutout is part of the augmentation, which is off for 8x8 digits.
         (["train", "--data", "digits", "--arch", "tiny_cnn", "--cutout", "4"],

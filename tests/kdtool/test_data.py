@@ -242,9 +242,29 @@ def test_cache_reused(tmp_path, monkeypatch):
     monkeypatch.setattr(data_mod, "_decode_images", no_decode)
     second = load_data(str(z), cache_dir=cache)
     assert _same(first, second) and second.x.is_contiguous()
-    # Different conversion options are different entries.
+    # Asking for the channels the images have is the same entry (train loads --data as it
+    # is, eval and export for the model's 3 channels: one decode between them) ...
+    assert _same(load_data(str(z), cache_dir=cache, channels=3), first)
+    # ... and a conversion is an entry of its own.
     with pytest.raises(AssertionError):
         load_data(str(z), cache_dir=cache, channels=1)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_images_as_they_are_serve_a_request_for_their_channels(tmp_path, channels):
+    """A folder of grey and colour images reads as RGB: the same pixels as converting each
+    image to RGB, so that entry serves a request for 3 channels (not one for 1)."""
+    _save(tmp_path / "m" / "a" / "1.png", (9, 7))
+    _save(tmp_path / "m" / "a" / "2.png", (6, 5, 3))
+    _save(tmp_path / "m" / "b" / "3.png", (8, 8), value=200)
+    natural = load_data(str(tmp_path / "m"), image_size=6, cache_dir=tmp_path / "c")
+    assert natural.channels == 3
+    shared = load_data(str(tmp_path / "m"), image_size=6, channels=channels,
+                       cache_dir=tmp_path / "c")
+    fresh = load_data(str(tmp_path / "m"), image_size=6, channels=channels,
+                      cache_dir=tmp_path / "fresh")
+    assert _same(shared, fresh) and shared.channels == channels
+    assert len(list((tmp_path / "c").glob("*.safetensors"))) == (1 if channels == 3 else 2)
 
 
 def test_cache_default_dir_and_invalidation(tmp_path, monkeypatch):
@@ -447,7 +467,7 @@ def test_32_bit_images(tmp_path):
     _raises(r"2\.tiff: a 32-bit float image has no standard pixel scale", tmp_path / "f")
 
 
-def test_class_folders_are_matched_to_the_model_by_name_or_refused(tmp_path):
+def test_class_folders_are_matched_to_the_model_by_name_or_refused(tmp_path, capsys):
     import unicodedata
 
     from kdtool.data import match_classes
@@ -464,7 +484,11 @@ def test_class_folders_are_matched_to_the_model_by_name_or_refused(tmp_path):
         match_classes(load_data(str(tmp_path / "typo")), names)
     for cls in ("x", "y"):  # no name in common: labels are class indices
         _save(tmp_path / "idx" / cls / "1.png")
+    capsys.readouterr()
     assert match_classes(load_data(str(tmp_path / "idx")), names).y.tolist() == [0, 1]
+    err = " ".join(capsys.readouterr().err.split())
+    assert "none of its class names (x, y) is one of the model's (cat, dog, über)" in err
+    assert "read as class indices" in err
 
 
 def test_a_full_disk_under_the_cache_costs_the_cache_not_the_run(tmp_path, monkeypatch, capsys):

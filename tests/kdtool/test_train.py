@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -84,8 +85,14 @@ def test_same_seed_same_model_other_seed_differs(tmp_path):
 def test_existing_output_and_state_are_protected(tmp_path):
     out = tmp_path / "t.safetensors"
     Trainer(_cfg(epochs=1), out).run()
+    # A stopped (or finished) run's two files: the way on is --resume, offered first.
+    with pytest.raises(KdtoolError, match="checkpoint .* and its run state .*--resume.*--force"):
+        Trainer(_cfg(epochs=1), out)
+    state = out.with_name(out.name + ".state.pt")
+    state.rename(tmp_path / "kept.pt")
     with pytest.raises(KdtoolError, match="already exists.*--force"):
         Trainer(_cfg(epochs=1), out)
+    (tmp_path / "kept.pt").rename(state)
     out.unlink()
     with pytest.raises(KdtoolError, match="run state.*--resume"):
         Trainer(_cfg(epochs=1), out)
@@ -178,3 +185,16 @@ def test_a_batch_larger_than_the_data_is_warned(cli, tmp_path):
     r = cli("train", "--arch", "tiny_cnn", "--data", "digits", "--epochs", "1", "--batch-size",
             "256", "--out", tmp_path / "u.safetensors")
     assert r.code == 0 and "is more than" not in r.err
+
+
+def test_validating_on_the_training_data_is_named_and_unlabelled_val_refused(tmp_path, capsys):
+    from kdtool.data import same_dataset
+
+    assert same_dataset("digits", "digits:train") and not same_dataset("digits", "digits:test")
+    assert same_dataset(str(tmp_path / "a" / ".." / "d.zip"), str(tmp_path / "d.zip"))
+    Trainer(_cfg(epochs=1, val="digits:train"), tmp_path / "t.safetensors").run()
+    assert "is the training data: its accuracy will be training accuracy" in " ".join(
+        capsys.readouterr().err.split())
+    np.savez(tmp_path / "u.npz", x=np.zeros((4, 8, 8), np.uint8), y=np.full(4, -1))
+    with pytest.raises(KdtoolError, match="validation data .* has no labels"):
+        Trainer(_cfg(epochs=1, val=str(tmp_path / "u.npz")), tmp_path / "u.safetensors").run()
