@@ -186,10 +186,12 @@ class RunCheckpoint:
             # The state first: an interrupted run leaves both files, and the fix it needs is
             # --resume, which "already exists (pass --force)" would hide.
             if self.path.exists() and not force:
-                both = f"checkpoint '{self.out}' and its " if self.out.exists() else "a "
-                raise KdtoolError(f"{both}run state '{self.path}' exist from an earlier run",
-                                  "pass --resume to continue it from its last finished epoch, "
-                                  "or --force to start over")
+                what = (f"checkpoint '{self.out}' already exists, with the run state "
+                        f"'{self.path}' of the run that wrote it" if self.out.exists() else
+                        f"a run state '{self.path}' exists from an earlier run")
+                raise KdtoolError(what, "pass --resume to continue that run from its last "
+                                  "finished epoch (if it stopped early), or --force to start "
+                                  "over")
             check_output(self.out, force, "checkpoint", (CHECKPOINT_SUFFIX,))
         if writer:  # refuse now, before the work, if another process holds the run
             self._lock.acquire()

@@ -86,7 +86,7 @@ def test_existing_output_and_state_are_protected(tmp_path):
     out = tmp_path / "t.safetensors"
     Trainer(_cfg(epochs=1), out).run()
     # A stopped (or finished) run's two files: the way on is --resume, offered first.
-    with pytest.raises(KdtoolError, match="checkpoint .* and its run state .*--resume.*--force"):
+    with pytest.raises(KdtoolError, match="already exists, with the run state .*--resume.*--force"):
         Trainer(_cfg(epochs=1), out)
     state = out.with_name(out.name + ".state.pt")
     state.rename(tmp_path / "kept.pt")
