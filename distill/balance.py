@@ -7,7 +7,9 @@ rest.  Two remedies (``--balance``):
 - ``reject``: ``BalancedNoise`` draws ``oversample`` x n candidates, asks the
   teacher (on the candidates' own batch statistics) which class each one looks
   like, and keeps at most ceil(n / classes) per class, filling any shortfall
-  at random from the rejected ones.  Costs one extra teacher forward.
+  from the rejected ones a class at a time (each over-supplied class gives its
+  next candidate in turn, so the extras spread evenly).  Costs one extra
+  teacher forward.
 - ``weight``: importance weights (``class_weights``) in the loss, so every
   class the teacher predicts in a batch carries the same total weight.  Costs
   nothing: the batch is the one the teacher already saw.
