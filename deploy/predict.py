@@ -53,8 +53,8 @@ def image_extensions() -> tuple[str, ...]:
     that a folder gives predict the images that naming its files would."""
     from PIL import Image
 
-    from kdtool.data import IMAGE_EXTS
     from kdtool.deploy.server.images import FORMATS
+    from kdtool.imagefiles import IMAGE_EXTS
 
     Image.init()
     served = sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in FORMATS)
@@ -63,7 +63,7 @@ def image_extensions() -> tuple[str, ...]:
 
 def list_images(inputs: tuple[Path, ...]) -> list[Path]:
     """Image files given, and the images inside folders given (recursively), each once."""
-    from kdtool.data import image_files
+    from kdtool.imagefiles import image_files
 
     exts = image_extensions()
     found: list[Path] = []
@@ -89,8 +89,8 @@ def read_image(path: Path, model: BenchModel) -> np.ndarray | str:
     file that does not decode, why (the run goes on without it)."""
     from PIL import Image
 
-    from kdtool.data import DECODE_ERRORS, decode_error_text
     from kdtool.deploy.server.images import preprocess
+    from kdtool.imagefiles import DECODE_ERRORS, decode_error_text
 
     try:
         with Image.open(path) as im:

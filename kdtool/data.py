@@ -44,35 +44,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from kdtool import console
 from kdtool.errors import InternalError, KdtoolError, check_choice, suggest
+from kdtool.imagefiles import (
+    DECODE_ERRORS,
+    IMAGE_EXTS,
+    decode_error_text,
+    is_hidden,
+    list_dir,
+)
 from kdtool.imageprep import STRETCH, Fit, to_array
 from kdtool.io import atomic_path
 
 BUILTIN_DATASETS = ("digits", "digits:train", "digits:test")
-IMAGE_EXTS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp",
-              ".gif")  # a GIF is its first frame, as kdtool serve and predict read it
 # Top folders that name splits, not classes: a parent of train/ and val/ given as --data.
 SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing", "dev"}
 MAX_NPZ_CLASSES = 100_000  # more is a sentinel label (255, 10**9), not a class count
 CACHE_FORMAT = 2  # 2: images turned upright by their EXIF orientation
 PARALLEL_MIN_IMAGES = 2000  # below this, starting worker processes costs more than it saves
-# What a broken image file can raise from PIL / zipfile while it is decoded.
-# RuntimeError: an encrypted zip member; NotImplementedError: a compression method Python's
-# zipfile cannot read (Deflate64, as Windows writes for large archives).
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, zipfile.BadZipFile, zlib.error,
-                  Image.DecompressionBombError, RuntimeError, NotImplementedError)
 _FORMS_HINT = ("give a directory of <class>/<image> folders, a .zip or .npz file, or one of: "
                + ", ".join(BUILTIN_DATASETS))
-
-
-def decode_error_text(e: BaseException) -> str:
-    """Why an image did not decode, without Pillow's repr of an in-memory stream."""
-    if isinstance(e, UnidentifiedImageError):
-        return "not an image format Pillow recognises, or a damaged file"
-    return str(e)
 
 
 @dataclass
@@ -344,49 +337,6 @@ def _conform(x: np.ndarray, channels: int | None, size: tuple[int, int] | None,
 # ----------------------------------------------------------------------------- image files
 
 
-def _is_hidden(parts: list[str]) -> bool:
-    # __MACOSX holds resource forks that macOS's zip tool adds next to the real files.
-    return any(p.startswith(".") or p == "__MACOSX" for p in parts)
-
-
-def _list_dir(root: Path, exts: tuple[str, ...] = IMAGE_EXTS) -> tuple[list[str], list[tuple]]:
-    """Image paths relative to ``root`` (posix), and (path, size, mtime_ns) for the cache key."""
-    names, stamp = [], []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        here = os.path.realpath(dirpath)
-        dirnames[:] = [d for d in dirnames
-                       if not _is_hidden([d]) and not _loops_back(dirpath, d, here)]
-        rel = Path(dirpath).relative_to(root).as_posix()
-        for f in filenames:
-            if f.lower().endswith(exts) and not _is_hidden([f]):
-                name = f if rel == "." else f"{rel}/{f}"
-                try:
-                    st = os.stat(os.path.join(dirpath, f))
-                except OSError as e:  # a dangling symlink, a file gone since the listing
-                    raise KdtoolError(f"cannot read image {root / name}: {e.strerror}",
-                                      "delete or replace the file, then load again") from None
-                names.append(name)
-                stamp.append((name, st.st_size, st.st_mtime_ns))
-    return sorted(names), sorted(stamp)
-
-
-def _loops_back(dirpath: str, name: str, here: str) -> bool:
-    """Whether subfolder ``name`` is a symlink back to a folder above it (``up -> ..``):
-    followed, the walk would list the same images again, under other labels, until the
-    path grew too long."""
-    target = os.path.realpath(os.path.join(dirpath, name))
-    if here != target and not here.startswith(target.rstrip(os.sep) + os.sep):
-        return False
-    console.warn(f"skipping {Path(dirpath, name)}: a link back to {target}", once=True)
-    return True
-
-
-def image_files(root: Path, exts: tuple[str, ...] = IMAGE_EXTS) -> list[Path]:
-    """The images in ``root`` and its subfolders as the folder loaders find them (hidden
-    files and folders skipped), sorted; ``exts``: the file name endings taken."""
-    return [root / name for name in _list_dir(root, exts)[0]]
-
-
 def _list_zip(path: Path) -> tuple[list[str], int]:
     """Member names of images in the zip, and how many leading folders to strip (0 or 1)."""
     try:
@@ -396,7 +346,7 @@ def _list_zip(path: Path) -> tuple[list[str], int]:
         raise KdtoolError(f"cannot read zip file {path}: {e}",
                           "re-create or re-download it") from None
     names = sorted(n for n in names
-                   if n.lower().endswith(IMAGE_EXTS) and not _is_hidden(n.split("/")))
+                   if n.lower().endswith(IMAGE_EXTS) and not is_hidden(n.split("/")))
     tops = {n.split("/")[0] for n in names}
     strip = int(len(tops) == 1 and all("/" in n for n in names))
     return names, strip
@@ -420,7 +370,7 @@ def _labels(path: Path, rels: list[str], is_dir: bool) -> tuple[list[int], list[
                      f"{' ...' if len(classes) > 5 else ''})")
     if is_dir:  # torchvision-style: every subfolder is a class, so an empty one is a mistake
         empty = sorted(d.name for d in path.iterdir()
-                       if d.is_dir() and not _is_hidden([d.name])
+                       if d.is_dir() and not is_hidden([d.name])
                        and unicodedata.normalize("NFC", d.name) not in classes)
         if empty:
             raise KdtoolError(f"class folder {path / empty[0]} has no images",
@@ -551,7 +501,7 @@ def _load_images_cached(spec: str, path: Path, size, channels, fit: Fit,
         st = path.stat()
         stamp: object = (st.st_size, st.st_mtime_ns)
     else:
-        names, stamp = _list_dir(path)
+        names, stamp = list_dir(path)
         strip = 0
     if not names:
         raise KdtoolError(f"no images found in {path}",

@@ -18,14 +18,12 @@ def set_command_line(args: list[str]) -> None:
 
 
 def provenance(seed: int | None = None, metrics: dict | None = None, **extra) -> dict[str, Any]:
-    import torch
-
     import kdtool
 
     args = _command_line if _command_line is not None else sys.argv[1:]
     return {
         "kdtool_version": kdtool.__version__,
-        "torch_version": torch.__version__,
+        "torch_version": _torch_version(),
         "python": platform.python_version(),
         "command": shlex.join(["kdtool", *args]),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -33,3 +31,16 @@ def provenance(seed: int | None = None, metrics: dict | None = None, **extra) ->
         "metrics": metrics or {},
         **extra,
     }
+
+
+def _torch_version() -> str:
+    """torch's version without importing it (2 s) where a command has not: bench and
+    eval of ONNX files record it but never run torch."""
+    if "torch" in sys.modules:
+        return sys.modules["torch"].__version__
+    from importlib import metadata
+
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return "not installed"

@@ -94,16 +94,17 @@ def info_cmd(
     """
     from dataclasses import asdict
 
+    from kdtool.deploy.backends import TRT_SUFFIXES
+
+    if checkpoint.suffix.lower() in (".onnx", *TRT_SUFFIXES):
+        _onnx_info(checkpoint, as_json)  # without torch: 0.7 s instead of 3
+        return
     from safetensors import safe_open
 
     from kdtool import console
     from kdtool.checkpoint import read_meta
-    from kdtool.deploy.backends import TRT_SUFFIXES
     from kdtool.imageprep import Fit
 
-    if checkpoint.suffix.lower() in (".onnx", *TRT_SUFFIXES):
-        _onnx_info(checkpoint, as_json)
-        return
     meta = read_meta(checkpoint)
     with safe_open(str(checkpoint), framework="pt") as f:
         keys = list(f.keys())

@@ -140,7 +140,7 @@ def test_classify_errors_are_400(rgb_server, query, body, headers, message):
 
 def test_serve_decodes_every_format_the_dataset_loaders_read(tmp_path):
     """A model evaluated on a folder of .ppm (or .gif) files is served those files too."""
-    from kdtool.data import IMAGE_EXTS
+    from kdtool.imagefiles import IMAGE_EXTS
 
     im = _image("RGB", size=(5, 4))
     for ext in IMAGE_EXTS:

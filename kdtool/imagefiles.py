@@ -1,0 +1,71 @@
+"""Image files on disk: which names are images, how a folder is listed, and what a broken
+file raises. No torch here, so that predict and serve list and read images without it."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+import zlib
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from kdtool import console
+from kdtool.errors import KdtoolError
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp",
+              ".gif")  # a GIF is its first frame, as kdtool serve and predict read it
+# What a broken image file can raise from PIL / zipfile while it is decoded.
+# RuntimeError: an encrypted zip member; NotImplementedError: a compression method Python's
+# zipfile cannot read (Deflate64, as Windows writes for large archives).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, zipfile.BadZipFile, zlib.error,
+                  Image.DecompressionBombError, RuntimeError, NotImplementedError)
+
+def decode_error_text(e: BaseException) -> str:
+    """Why an image did not decode, without Pillow's repr of an in-memory stream."""
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image format Pillow recognises, or a damaged file"
+    return str(e)
+
+
+def is_hidden(parts: list[str]) -> bool:
+    # __MACOSX holds resource forks that macOS's zip tool adds next to the real files.
+    return any(p.startswith(".") or p == "__MACOSX" for p in parts)
+
+
+def list_dir(root: Path, exts: tuple[str, ...] = IMAGE_EXTS) -> tuple[list[str], list[tuple]]:
+    """Image paths relative to ``root`` (posix), and (path, size, mtime_ns) for the cache key."""
+    names, stamp = [], []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        here = os.path.realpath(dirpath)
+        dirnames[:] = [d for d in dirnames
+                       if not is_hidden([d]) and not _loops_back(dirpath, d, here)]
+        rel = Path(dirpath).relative_to(root).as_posix()
+        for f in filenames:
+            if f.lower().endswith(exts) and not is_hidden([f]):
+                name = f if rel == "." else f"{rel}/{f}"
+                try:
+                    st = os.stat(os.path.join(dirpath, f))
+                except OSError as e:  # a dangling symlink, a file gone since the listing
+                    raise KdtoolError(f"cannot read image {root / name}: {e.strerror}",
+                                      "delete or replace the file, then load again") from None
+                names.append(name)
+                stamp.append((name, st.st_size, st.st_mtime_ns))
+    return sorted(names), sorted(stamp)
+
+
+def _loops_back(dirpath: str, name: str, here: str) -> bool:
+    """Whether subfolder ``name`` is a symlink back to a folder above it (``up -> ..``):
+    followed, the walk would list the same images again, under other labels, until the
+    path grew too long."""
+    target = os.path.realpath(os.path.join(dirpath, name))
+    if here != target and not here.startswith(target.rstrip(os.sep) + os.sep):
+        return False
+    console.warn(f"skipping {Path(dirpath, name)}: a link back to {target}", once=True)
+    return True
+
+
+def image_files(root: Path, exts: tuple[str, ...] = IMAGE_EXTS) -> list[Path]:
+    """The images in ``root`` and its subfolders as the folder loaders find them (hidden
+    files and folders skipped), sorted; ``exts``: the file name endings taken."""
+    return [root / name for name in list_dir(root, exts)[0]]
