@@ -152,7 +152,7 @@ def parse_setups(text: str) -> list[tuple[int, int]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, default=sl.DEFAULT_MODEL)
+    p.add_argument("--model", type=Path, help="default: /tmp/kdtool-bench/ARCH_cifar.onnx")
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--venv", type=Path, default=Path("/tmp/mlserver-venv"))
     p.add_argument("--concurrency", type=int, default=32)
@@ -179,6 +179,7 @@ def main() -> None:
     args.ceiling = False  # read by serve_load.bench_kdtool
 
     exe = ensure_venv(args.venv)
+    args.model = args.model or sl.BENCH_DIR / f"{args.arch}_cifar.onnx"
     if not args.model.exists():
         print(f"exporting zoo {args.arch} (random weights) to {args.model}", file=sys.stderr)
         sl.export_zoo(args.model, args.arch)

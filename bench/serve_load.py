@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_MODEL = Path("/tmp/kdtool-bench/resnet18_cifar.onnx")
+BENCH_DIR = Path("/tmp/kdtool-bench")  # --model defaults to BENCH_DIR/<arch>_cifar.onnx
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 
 
@@ -439,8 +439,8 @@ def main() -> None:
     p.add_argument(
         "--model",
         type=Path,
-        default=DEFAULT_MODEL,
-        help="kdtool ONNX file; exported from the zoo (--arch) when missing",
+        help="kdtool ONNX file; exported from the zoo (--arch) when missing (default: "
+        "/tmp/kdtool-bench/ARCH_cifar.onnx, so that each architecture has its own file)",
     )
     p.add_argument(
         "--arch",
@@ -449,7 +449,7 @@ def main() -> None:
     )
     p.add_argument(
         "--configs",
-        default="32:5,1:0",
+        default="32:0,1:0",
         help="max_batch:max_delay_ms pairs, each a kdtool serve run",
     )
     p.add_argument("--concurrency", type=int, default=32)
@@ -467,7 +467,7 @@ def main() -> None:
     )
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
-
+    args.model = args.model or BENCH_DIR / f"{args.arch}_cifar.onnx"
     if not args.model.exists():
         print(f"exporting zoo {args.arch} (random weights) to {args.model}", file=sys.stderr)
         export_zoo(args.model, args.arch)

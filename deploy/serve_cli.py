@@ -42,10 +42,13 @@ def serve_cmd(
         typer.Option(
             "--max-delay-ms",
             min=0.0,
-            help="How long the oldest queued request may wait for others to share its batch.",
+            help="How long the oldest queued request may wait for others to share its batch. "
+            "0 (the default, as Triton's): a request is served at once when a worker is free, "
+            "and batches form from requests that queue while a batch runs, so a lone client "
+            "never waits; a few ms helps only when load is just short of saturating.",
             rich_help_panel="Batching",
         ),
-    ] = 5.0,
+    ] = 0.0,
     max_queue: Annotated[
         int,
         typer.Option(

@@ -36,7 +36,7 @@ OFFLOAD_BYTES = 256 * 1024  # parse larger bodies on a thread: keep the event lo
 @dataclass
 class ServerConfig:
     max_batch: int = 32
-    max_delay_ms: float = 5.0
+    max_delay_ms: float = 0.0
     max_queue: int = 512  # images waiting for a batch; more get 503
     workers: int = 1  # ONNX Runtime calls in flight at once
     max_body_mb: float = 16.0

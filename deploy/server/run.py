@@ -92,8 +92,10 @@ def banner(model: OnnxModel, config: ServerConfig, url: str) -> str:
     most = min(config.max_batch, model.fixed_batch or config.max_batch)  # as the batcher
     capped = (f" (the graph's static batch, below --max-batch {config.max_batch}: export with "
               "a dynamic --batch for more)" if most < config.max_batch else "")
+    wait = (f"within {config.max_delay_ms:g} ms" if config.max_delay_ms
+            else "of the requests that queue while one runs")
     batching = (
-        f"batches up to {most}{capped} within {config.max_delay_ms:g} ms"
+        f"batches up to {most}{capped} {wait}"
         if most > 1
         else "no batching (--max-batch 1)" if config.max_batch == 1
         else f"no batching{capped}"
