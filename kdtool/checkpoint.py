@@ -14,7 +14,7 @@ import json
 import math
 import re
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -136,14 +136,29 @@ class ForeignSpec:
     """What a plain state_dict does not say about itself (the CLI's --arch and friends)."""
 
     arch: str
-    num_classes: int = 10
-    in_chans: int = 3
+    num_classes: int | None = None  # None: read from the file's tensors, else 10
+    in_chans: int | None = None  # None: read from the file's tensors, else 3
     input_size: list[int] | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
     class_names: list[str] = field(default_factory=list)
     resize: str | None = None  # the --resize text (kdtool.imageprep); None: the arch's default
     interpolation: str | None = None  # None: the arch's default
+    read_from: dict[str, str] = field(default_factory=dict)  # set by resolved()
+
+    def resolved(self, state: dict[str, torch.Tensor]) -> ForeignSpec:
+        """A copy with the classes and channels left unsaid read from ``state``'s shapes
+        (kdtool.state_dims), or the defaults where the shapes cannot tell; ``read_from``
+        names the tensor each came from."""
+        from kdtool.state_dims import read_dims
+
+        found = read_dims(self.arch, state, {"num_classes": self.num_classes,
+                                             "in_chans": self.in_chans})
+        spec = replace(self, read_from={k: name for k, (_, name) in found.items()})
+        for dim, default in (("num_classes", 10), ("in_chans", 3)):
+            if getattr(spec, dim) is None:
+                setattr(spec, dim, found[dim][0] if dim in found else default)
+        return spec
 
     def to_meta(self, source: str) -> ModelMeta:
         from kdtool.models import model_spec
@@ -177,7 +192,8 @@ class ForeignSpec:
             mean=list(mean),
             std=list(std),
             class_names=list(self.class_names),
-            provenance={"imported_from": str(source)},
+            provenance={"imported_from": str(source),
+                        **({"shapes_read": self.read_from} if self.read_from else {})},
             crop_fraction=fit.crop_fraction,
             interpolation=fit.interpolation,
         )
@@ -275,8 +291,7 @@ def has_kdtool_meta(path: str | Path) -> bool:
 
 
 # What else a plain state_dict needs, in a hint: tv: and timm: know their own weights'.
-_CONVERT_FLAGS = ("(plus --mean M --std S for kdtool's own architectures; --num-classes N "
-                  "unless 10)")
+_CONVERT_FLAGS = "(plus --mean M --std S for kdtool's own architectures)"
 
 
 def read_meta(path: str | Path) -> ModelMeta:
@@ -414,7 +429,7 @@ def load_checkpoint(
         state = _read_state_dict(path)
     else:  # a corrupt file is named as such before what the user's flags leave unsaid
         state = _read_state_dict(path)
-        meta = foreign.to_meta(str(path))
+        meta = foreign.resolved(state).to_meta(str(path))
     model = meta.build()
     load_into(model, state, str(path))
     if foreign is not None:  # the user's --image-size: one the architecture takes?

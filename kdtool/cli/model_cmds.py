@@ -250,8 +250,11 @@ def convert_cmd(
 
     The file is read with torch.load(weights_only=True): it is never unpickled.
 
-    Example: [bold]kdtool convert resnet18.pth --arch tv:resnet18 --num-classes 1000
-    --class-names imagenet --out teacher.safetensors[/bold]
+    The number of classes and input channels are read from the tensors' shapes unless
+    --num-classes and --in-chans say otherwise.
+
+    Example: [bold]kdtool convert resnet18.pth --arch tv:resnet18 --class-names imagenet
+    --out teacher.safetensors[/bold]
     """
     from kdtool import console
     from kdtool.checkpoint import (
@@ -277,20 +280,27 @@ def convert_cmd(
     check_output(out, force, "checkpoint", (CHECKPOINT_SUFFIX,))
     # None: the architecture's default (torchvision's: its weights' evaluation transform)
     spec.resize, spec.interpolation = resize, interpolation
-    if class_names is not None:
-        spec.class_names = parse_class_names(class_names, spec.num_classes)
     model, meta = load_checkpoint(state_dict, foreign=spec)
+    if class_names is not None:  # counted against the classes the file's shapes say
+        meta.class_names = parse_class_names(class_names, meta.num_classes)
+    shapes_read = meta.provenance.get("shapes_read", {})
     meta.provenance = provenance(imported_from=str(state_dict),
-                                 imported_sha256=file_sha256(state_dict))
+                                 imported_sha256=file_sha256(state_dict),
+                                 **({"shapes_read": shapes_read} if shapes_read else {}))
     path = save_checkpoint(out, model, meta, force=force)
     h, w = meta.input_size
     fit = Fit.of(meta)
+    def read(dim: str, what: str = "") -> str:  # where a value the flags left unsaid came from
+        return f" ({what}from '{shapes_read[dim]}')" if dim in shapes_read else ""
+
     console.emit({"out": str(path), "arch": meta.arch, "num_classes": meta.num_classes,
                   "input": [meta.in_chans, h, w], "mean": meta.mean, "std": meta.std,
+                  "shapes_read": shapes_read,
                   "resize": describe_resize(fit.crop_fraction),
                   "interpolation": fit.interpolation},
                  as_json, lambda r: console.info(
-                     f"wrote {r['out']} ({r['arch']}, {r['num_classes']} classes, input "
-                     f"{meta.in_chans}x{h}x{w}, mean {_fmt_list(meta.mean)}, std "
+                     f"wrote {r['out']} ({r['arch']}, {r['num_classes']} classes"
+                     f"{read('num_classes')}, input {meta.in_chans}x{h}x{w}"
+                     f"{read('in_chans', 'channels ')}, mean {_fmt_list(meta.mean)}, std "
                      f"{_fmt_list(meta.std)}; {fit.explain((h, w))}): check these are what "
                      "the model was trained on"))

@@ -48,16 +48,17 @@ DATA_HELP = ("A dataset: an ImageFolder directory (<class>/<image>), a zip of on
              "(x uint8 NHWC, y int), or the embedded 'digits' / 'digits:test'.")
 
 # For plain state_dicts (.pt/.pth), which do not describe themselves.
-DEFAULT_NUM_CLASSES, DEFAULT_IN_CHANS = 10, 3  # unless told
 Arch = Annotated[str | None, typer.Option(
     "--arch", help="Architecture of a plain state_dict (kdtool models; tv:NAME for torchvision, "
     "timm:NAME for timm).",
     rich_help_panel="Plain state_dict")]
 NumClasses = Annotated[int | None, typer.Option(
-    "--num-classes", help=f"Classes of a plain state_dict (default: {DEFAULT_NUM_CLASSES}).",
+    "--num-classes", help="Classes of a plain state_dict (default: read from its classifier's "
+    "shape).",
     rich_help_panel="Plain state_dict")]
 InChans = Annotated[int | None, typer.Option(
-    "--in-chans", help=f"Input channels of a plain state_dict (default: {DEFAULT_IN_CHANS}).",
+    "--in-chans", help="Input channels of a plain state_dict (default: read from its first "
+    "layer's shape).",
     rich_help_panel="Plain state_dict")]
 ImageSize = Annotated[str | None, typer.Option(
     "--image-size", help="Input size of a plain state_dict, N or H,W (default: the "
@@ -133,8 +134,8 @@ def foreign_spec(path: Path, arch: str | None, num_classes: int | None, in_chans
     if arch is None:
         if path.suffix.lower() in FOREIGN_SUFFIXES:
             raise KdtoolError(f"'{path}' is a plain state_dict and does not name its architecture",
-                              "pass --arch (see 'kdtool models'); --num-classes unless 10, "
-                              "--image-size unless the architecture's, and --mean/--std for "
+                              "pass --arch (see 'kdtool models'); --image-size unless the "
+                              "architecture's, and --mean/--std for "
                               "kdtool's own architectures (tv: and timm: know their weights')")
         if image_size is not None:
             raise KdtoolError(f"--image-size describes a plain state_dict; '{path}' records "
@@ -147,9 +148,7 @@ def foreign_spec(path: Path, arch: str | None, num_classes: int | None, in_chans
                                   f"its {what}", f"drop {option}")
         return None
     mean_values, std_values = parse_norm(mean, std)
-    return ForeignSpec(arch=arch,
-                       num_classes=DEFAULT_NUM_CLASSES if num_classes is None else num_classes,
-                       in_chans=DEFAULT_IN_CHANS if in_chans is None else in_chans,
+    return ForeignSpec(arch=arch, num_classes=num_classes, in_chans=in_chans,
                        input_size=parse_image_size(image_size), mean=mean_values, std=std_values)
 
 

@@ -317,6 +317,22 @@ def test_a_plain_state_dict_takes_its_input_size_and_scores_as_its_source(cli, d
     r = cli("convert", tmp_path / "t.pt", *plain, "--resize", "crop:0.875", "--out",
             tmp_path / "e.safetensors", "--json")
     assert (r.json()["resize"], r.json()["interpolation"]) == ("crop:0.875", "bilinear")
+    # without --in-chans: read from the first layer, and said so
+    unsaid = [a for a in plain if a not in ("--in-chans", "1")]
+    r = cli("convert", tmp_path / "t.pt", *unsaid, "--image-size", "8", "--class-names",
+            ",".join("abcdefghij"), "--out", tmp_path / "f.safetensors")
+    said = " ".join(r.err.split() + r.out.split())
+    assert r.code == 0 and "10 classes (from 'linear.weight')" in said, r.err
+    assert "input 1x8x8 (channels from 'conv1.weight')" in said
+    assert cli("eval", tmp_path / "f.safetensors", "--data", "digits:test",
+               "--json").json()["top1"] == want
+    # a --num-classes the file contradicts names the tensor and both shapes
+    _one_line_error(cli("convert", tmp_path / "t.pt", *plain, "--num-classes", "5", "--out",
+                        tmp_path / "g.safetensors"), "shape mismatch", "'linear.weight'",
+                    "--num-classes")
+    _one_line_error(cli("convert", tmp_path / "t.pt", *unsaid, "--class-names", "a,b", "--out",
+                        tmp_path / "g.safetensors"), "gives 2 names for 10 classes")
+    assert not (tmp_path / "g.safetensors").exists()
 
 
 @pytest.mark.parametrize(("args", "fragments"), [
