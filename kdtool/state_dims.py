@@ -41,6 +41,10 @@ def read_dims(arch: str, state: Mapping[str, torch.Tensor], known: Mapping[str, 
                 for i in (0, 1))
     except KdtoolError:  # e.g. an architecture that takes only 3 channels: the defaults stand
         return {}
+    except (NotImplementedError, RuntimeError):
+        # Some constructors copy tensor data (torchvision's RegNets), which meta tensors do
+        # not hold; building on the CPU instead could take gigabytes: the defaults stand.
+        return {}
     found: dict[str, tuple[int, str]] = {}
     for dim in unknown:
         p, q = PROBES[dim]

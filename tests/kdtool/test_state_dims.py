@@ -42,3 +42,8 @@ def test_a_plain_state_dict_loads_without_its_counts(tmp_path):
                                               "in_chans": "conv1.weight"}
     x = torch.randn(2, 1, 32, 32)
     assert torch.equal(loaded(x), model.eval()(x))
+
+
+def test_an_architecture_that_cannot_be_built_on_the_meta_device_keeps_the_defaults():
+    state = create_model("tv:regnet_x_400mf", num_classes=5).state_dict()
+    assert read_dims("tv:regnet_x_400mf", state, {}) == {}  # the load then names fc.weight
