@@ -4,9 +4,9 @@
 
 * ``digits`` (= ``digits:train``) and ``digits:test``: scikit-learn's 8x8 handwritten
   digits (shipped with scikit-learn, no download), values 0..16 mapped to
-  ``round(v * 255 / 16)``, classes "0".."9".  The split is fixed:
-  ``train_test_split(test_size=0.2, stratify=y, random_state=0)`` gives 1437 train and
-  360 test images, each kept in the original dataset order.
+  ``round(v * 255 / 16)``, classes "0".."9".  The split is fixed (``kdtool.digits``
+  stores it): ``train_test_split(test_size=0.2, stratify=y, random_state=0)`` gave 1437
+  train and 360 test images, each kept in the original dataset order.
 * a directory in ImageFolder layout ``<class>/<image>`` (classes = sorted subfolder
   names, label = index, images sorted by relative path, hidden files ignored); a
   directory with images directly inside and no class subfolders is unlabeled
@@ -252,15 +252,11 @@ def _to_data(x: np.ndarray, y: np.ndarray, names: list[str], source: str) -> Ima
 
 
 def _load_digits(spec: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    from kdtool.digits import load_split
 
-    digits = load_digits()
-    y = digits.target.astype(np.int64)
-    train, test = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y, random_state=0)
-    index = np.sort(test if spec == "digits:test" else train)
-    x = np.rint(digits.images[index] * 255 / 16).astype(np.uint8)[..., None]
-    return x, y[index], [str(d) for d in range(10)]
+    pixels, y = load_split("test" if spec == "digits:test" else "train")
+    x = np.rint(pixels * (255 / 16)).astype(np.uint8)[..., None]
+    return x, y, [str(d) for d in range(10)]
 
 
 def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:

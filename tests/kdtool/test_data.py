@@ -91,6 +91,49 @@ def test_digits_split():
     assert _same(load_data("digits:train"), train)  # deterministic, and digits = digits:train
 
 
+def test_the_stored_digits_split_is_scikit_learns_and_loads_without_it(monkeypatch, tmp_path):
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from kdtool import digits
+
+    y = load_digits().target
+    _, test = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y, random_state=0)
+    assert np.array_equal(np.flatnonzero(digits.held_out_mask()), np.sort(test))
+    # scikit-learn is not imported (1.2 s of every digits command's start-up)
+    code = ("import sys; from kdtool.data import load_data; load_data('digits:test'); "
+            "assert 'sklearn' not in sys.modules, 'imported sklearn'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    # without the CSV file, scikit-learn's loader gives the same images
+    pixels, labels = digits.load_split("test")
+    monkeypatch.setattr(digits.Path, "is_file", lambda self: False)
+    p2, l2 = digits.load_split("test")
+    assert np.array_equal(pixels, p2) and np.array_equal(labels, l2)
+
+
+def test_other_digits_than_the_split_was_made_for_are_refused(monkeypatch, tmp_path):
+    import gzip
+    import types
+
+    from kdtool import digits
+
+    package = tmp_path / "sklearn"
+    (package / "datasets/data").mkdir(parents=True)
+    with gzip.open(package / "datasets/data/digits.csv.gz", "wt") as f:
+        f.write("\n".join(",".join(["1"] * 65) for _ in range(1797)))
+    spec = types.SimpleNamespace(submodule_search_locations=[str(package)])
+    monkeypatch.setattr(digits.importlib.util, "find_spec", lambda name: spec)
+    with pytest.raises(KdtoolError, match="not the one kdtool's fixed split was made for"):
+        digits.load_split("train")
+    monkeypatch.setattr(digits.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(KdtoolError, match="pip install scikit-learn"):
+        digits.load_split("train")
+
+
 def test_digits_convert():
     d = load_data("digits:test", image_size=16, channels=3)
     assert d.x.shape == (360, 3, 16, 16)
