@@ -19,6 +19,7 @@ as ``crop_fraction``, and the ``interpolation`` of its resizes, bilinear or bicu
 from __future__ import annotations
 
 import math
+import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,6 +72,9 @@ def record_problems(model) -> list[str]:
         problems.append("std must be positive")
     if model.class_names and len(model.class_names) != model.num_classes:
         problems.append(f"{len(model.class_names)} class names for {model.num_classes} classes")
+    twice = repeated_name(model.class_names)
+    if twice is not None:
+        problems.append(f"class name '{twice}' appears twice")
     if len(model.input_size) != 2 or not all(isinstance(s, int) and s > 0
                                              for s in model.input_size):
         problems.append("input_size must be [height, width], positive")
@@ -79,6 +83,18 @@ def record_problems(model) -> list[str]:
     except KdtoolError as e:
         problems.append(str(e))
     return problems
+
+
+def repeated_name(names: list[str]) -> str | None:
+    """The first class name that appears twice (as Unicode NFC, how folders are matched):
+    data matched to the classes by name would score one class's images against the other."""
+    seen = set()
+    for name in names:
+        key = unicodedata.normalize("NFC", name) if isinstance(name, str) else name
+        if key in seen:
+            return key
+        seen.add(key)
+    return None
 
 
 def describe_resize(crop_fraction: float | None) -> str:

@@ -70,7 +70,8 @@ ImageSize = Annotated[str | None, typer.Option(
 Mean = Annotated[str | None, typer.Option(
     "--mean", help="Normalisation mean per channel, e.g. 0.4914,0.4822,0.4465. Default: train "
     "measures the data's; a tv: or timm: state_dict has its weights'; a plain state_dict of a "
-    "kdtool architecture needs it given.",
+    "kdtool architecture needs it given; on a kdtool checkpoint it overrides the recorded one, "
+    "with a warning.",
     rich_help_panel="Normalisation")]
 Std = Annotated[str | None, typer.Option(
     "--std", help="Normalisation std per channel, e.g. 0.2023,0.1994,0.2010; given with "
@@ -129,8 +130,12 @@ def parse_image_size(text: str | None, option: str = "--image-size") -> list[int
 def foreign_spec(path: Path, arch: str | None, num_classes: int | None, in_chans: int | None,
                  mean: str | None, std: str | None, image_size: str | None = None):
     """A ForeignSpec when the user described a plain state_dict, else None (kdtool file)."""
-    from kdtool.checkpoint import FOREIGN_SUFFIXES, ForeignSpec
+    from kdtool.checkpoint import FOREIGN_SUFFIXES, ForeignSpec, has_kdtool_meta
 
+    if arch is not None and has_kdtool_meta(path):  # its metadata would be ignored
+        raise KdtoolError(f"--arch describes a plain state_dict; '{path}' is a kdtool "
+                          "checkpoint and records its architecture, input and normalisation",
+                          "drop --arch ('kdtool info' shows what it records)")
     if arch is None:
         if path.suffix.lower() in FOREIGN_SUFFIXES:
             raise KdtoolError(f"'{path}' is a plain state_dict and does not name its architecture",
@@ -184,6 +189,12 @@ def parse_class_names(text: str, num_classes: int, option: str = "--class-names"
                           how)
     if any(not n for n in names):
         raise KdtoolError(f"{option} '{text}' has an empty name", how)
+    from kdtool.imageprep import repeated_name
+
+    twice = repeated_name(names)
+    if twice is not None:  # eval would match a folder of that name to one of them only
+        raise KdtoolError(f"{option} '{text}' names class '{twice}' twice",
+                          "give each class a name of its own")
     return names
 
 

@@ -213,8 +213,15 @@ def _eval_checkpoint(checkpoint: Path, data: str, bn: str, batch_size: int, tta:
     from kdtool.train import trained_with_flips
 
     model, meta = load_checkpoint(checkpoint, spec)
-    if norm is not None:  # a kdtool file knows its normalisation; flags override
+    override = None
+    if norm is not None:  # a kdtool file knows its normalisation; flags override, loudly
+        recorded = {"mean": meta.mean, "std": meta.std}
         meta.mean, meta.std = per_channel_norm(*norm, meta.in_chans, f"checkpoint '{checkpoint}'")
+        if [meta.mean, meta.std] != [recorded["mean"], recorded["std"]]:
+            override = {"recorded": recorded, "used": {"mean": meta.mean, "std": meta.std}}
+            console.warn(f"--mean/--std override the normalisation '{checkpoint}' records "
+                         f"(mean {recorded['mean']}, std {recorded['std']}): the accuracy is "
+                         "that of the model fed otherwise than it was trained")
     uncalibrated = meta.noise_bn_warning(str(checkpoint))
     if bn == "running" and uncalibrated:
         console.warn(f"{uncalibrated}; or measure what it learnt with --bn current")
@@ -235,9 +242,10 @@ def _eval_checkpoint(checkpoint: Path, data: str, bn: str, batch_size: int, tta:
                      f"{batch_size} the figure is meant for")
     # NHWC, PyTorch's faster layout for convolutions (as train and distill validate)
     model = model.to(dev, memory_format=memory_format_for(True))
-    return evaluate(model, ds, meta.mean, meta.std, batch_size=batch_size, device=dev,
-                    bn=bn, seed=seed, channels_last=True, progress=True, lasting=True,
-                    tta=tta)
+    result = evaluate(model, ds, meta.mean, meta.std, batch_size=batch_size, device=dev,
+                      bn=bn, seed=seed, channels_last=True, progress=True, lasting=True,
+                      tta=tta)
+    return {**result, "normalisation_override": override} if override else result
 
 
 def _eval_deployed(path: Path, data: str, bn: str, batch_size: int, tta: str, device: str,

@@ -165,3 +165,14 @@ def test_inconsistent_metadata_is_refused(tmp_path: Path):
     bad.std = [0.25, float("nan"), 0.25]  # NaN > 0 is False, and so is NaN <= 0
     with pytest.raises(KdtoolError, match="mean/std must be finite numbers"):
         save_checkpoint(tmp_path / "m.safetensors", create_model("tiny_cnn"), bad, False)
+
+
+def test_a_class_name_twice_is_refused(tmp_path: Path):
+    bad = _meta()
+    bad.class_names[3] = "c1"
+    with pytest.raises(KdtoolError, match="class name 'c1' appears twice"):
+        save_checkpoint(tmp_path / "m.safetensors", create_model("tiny_cnn"), bad, False)
+    bad.class_names[3] = "Cafe\u0301"  # NFC-equal to "Café": one folder name for both
+    bad.class_names[4] = "Caf\u00e9"
+    with pytest.raises(KdtoolError, match="appears twice"):
+        save_checkpoint(tmp_path / "m.safetensors", create_model("tiny_cnn"), bad, False)

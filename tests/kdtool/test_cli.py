@@ -354,6 +354,9 @@ def test_a_plain_state_dict_takes_its_input_size_and_scores_as_its_source(cli, d
       "--std", "0.5,0.5,0.5"], ["--mean has 2 values", "give 3 values, or one for all"]),
     (["eval", "{teacher}", "--data", "digits:test", "--image-size", "8"],
      ["--image-size describes a plain state_dict", "--resize rule"]),
+    # it would have been read as a plain state_dict: its input size and metadata ignored
+    (["eval", "{teacher}", "--data", "digits:test", "--arch", "cnn3", "--mean", "0.5", "--std",
+      "0.2"], ["--arch describes a plain state_dict", "is a kdtool checkpoint", "drop --arch"]),
     (["convert", "{pt}", "--arch", "tiny_cnn", "--mean", "0.5", "--std", "0.5",
       "--image-size", "8x"], ["--image-size '8x' is not a size"]),
     (["train", "--data", "digits", "--image-size", "0", "--out", "x.safetensors"],
@@ -463,3 +466,15 @@ def test_a_full_disk_met_late_is_one_line_not_a_traceback(cli, digits_teacher, t
             "--out", out)
     assert r.code == 1 and "Traceback" not in r.err
     assert r.err.strip().splitlines()[-1] == f"error: '{out}': {strerror} ({hint})"
+
+
+def test_a_normalisation_override_on_a_checkpoint_is_warned_and_recorded(cli, digits_teacher):
+    r = cli("eval", digits_teacher, "--data", "digits:test", "--mean", "0.5", "--std", "0.25",
+            "--json")
+    assert r.code == 0, r.err
+    assert "--mean/--std override the normalisation" in " ".join(r.err.split())
+    override = r.json()["normalisation_override"]
+    assert override["used"] == {"mean": [0.5], "std": [0.25]}
+    assert override["recorded"]["mean"] != [0.5]
+    assert "normalisation_override" not in cli("eval", digits_teacher, "--data", "digits:test",
+                                               "--json").json()

@@ -195,6 +195,11 @@ def test_convert_class_names_from_files_and_imagenet(cli, tmp_path, tiny_pt):
     (tmp_path / "bad.json").write_text('{"0": "cat"}')
     r = _convert(cli, tiny_pt, tmp_path / "x.safetensors", "--class-names", tmp_path / "bad.json")
     assert r.code == 1 and "JSON list of strings" in r.err
+    # a repeated name: eval would score one class's folder against the other class
+    (tmp_path / "twice.txt").write_text("cat\ncat\n")
+    for names in ("cat,cat", tmp_path / "twice.txt"):
+        r = _convert(cli, tiny_pt, tmp_path / "x.safetensors", "--class-names", names)
+        assert r.code == 1 and "names class 'cat' twice" in r.err, r.err
     r = _convert(cli, tiny_pt, tmp_path / "x.safetensors", "--resize", "crop:2")
     assert r.code == 1 and "(0, 1]" in r.err
     r = _convert(cli, tiny_pt, tmp_path / "x.safetensors", "--interpolation", "bicubik")
