@@ -112,7 +112,11 @@ class DistillRun:
                  resume: bool = False):
         self.cfg = cfg.resolved()
         self.dist, self.device = init_from_env(resolve_device(self.cfg.device))
-        self.ckpt = RunCheckpoint(out, force, resume, writer=self.dist.is_main)
+        if Path(out).resolve() == Path(self.cfg.teacher).resolve():
+            raise KdtoolError(f"--out '{out}' is the teacher: the student would replace it",
+                              "choose another --out")
+        self.ckpt = RunCheckpoint(out, force, resume, writer=self.dist.is_main,
+                                  command="distill")
         self.precision = resolve_precision(self.cfg.precision, self.device)
         # Called after every iteration when set (a profiler's ``step``: bench/distill_speed.py).
         self.step_hook = None

@@ -168,13 +168,15 @@ class RunCheckpoint:
     after Ctrl-C or an error, so every finished epoch is on disk when the run returns.
     """
 
-    def __init__(self, out: str | Path, force: bool, resume: bool, writer: bool = True):
+    def __init__(self, out: str | Path, force: bool, resume: bool, writer: bool = True,
+                 command: str = "train"):
         from kdtool.checkpoint import CHECKPOINT_SUFFIX
         from kdtool.io import check_output
 
         self.out = Path(out)
         self.path = state_path_for(self.out)
         self.resume = resume
+        self.command = command  # "train" or "distill": another's state cannot be resumed
         self.writer = writer  # in a multi-process run only rank 0 checks and writes files
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
@@ -186,6 +188,12 @@ class RunCheckpoint:
             # The state first: an interrupted run leaves both files, and the fix it needs is
             # --resume, which "already exists (pass --force)" would hide.
             if self.path.exists() and not force:
+                other = _stage_of(self.out)
+                if other not in (None, command):
+                    raise KdtoolError(
+                        f"checkpoint '{self.out}' already exists, written by 'kdtool {other}' "
+                        f"(its run state: '{self.path}')",
+                        "choose another --out, or pass --force to replace both")
                 what = (f"checkpoint '{self.out}' already exists, with the run state "
                         f"'{self.path}' of the run that wrote it" if self.out.exists() else
                         f"a run state '{self.path}' exists from an earlier run")
@@ -204,6 +212,13 @@ class RunCheckpoint:
         if not self.resume:
             return 0, float("-inf"), []
         state = load_state(self.path)
+        # States written before they named their command: distill's config has a teacher.
+        other = state.get("command") or ("distill" if "teacher" in state["config"] else "train")
+        if other != self.command:
+            raise KdtoolError(f"cannot resume '{self.path}': it is the run state of a 'kdtool "
+                              f"{other}' run, not of 'kdtool {self.command}'",
+                              f"resume it with 'kdtool {other} --resume', or choose another "
+                              "--out")
         check_same_config(state["config"], config, self.path)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -228,7 +243,8 @@ class RunCheckpoint:
 
         self.wait()
         state = snapshot({
-            "config": config, "epoch": epoch, "best": best, "history": history,
+            "command": self.command, "config": config, "epoch": epoch, "best": best,
+            "history": history,
             "model": model.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
             **({"ema": ema.state_dict()} if ema is not None else {})})
@@ -270,6 +286,16 @@ class RunCheckpoint:
                 self._executor.shutdown()
                 self._executor = None
             self._lock.release()
+
+
+def _stage_of(out: Path) -> str | None:
+    """The command ("train", "distill") that wrote the checkpoint ``out``, if it says."""
+    from kdtool.checkpoint import has_kdtool_meta, read_meta
+
+    if not has_kdtool_meta(out):
+        return None
+    stages = read_meta(out).stages
+    return next((s for s in ("distill", "train") if s in stages), None)
 
 
 def _write_all(jobs: list[tuple[Path, Callable[[], None]]]) -> None:

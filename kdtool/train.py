@@ -103,7 +103,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, out: str | Path, force: bool = False,
                  resume: bool = False):
         self.cfg = cfg.resolved()
-        self.ckpt = RunCheckpoint(out, force, resume)
+        self.ckpt = RunCheckpoint(out, force, resume, command="train")
         self.out = self.ckpt.out
         self.device = resolve_device(self.cfg.device)
         self.precision = resolve_precision(self.cfg.precision, self.device)

@@ -116,6 +116,24 @@ def _cfg(teacher, **kw):
     return DistillConfig(**{**base, **kw})
 
 
+def test_another_commands_run_and_the_teacher_itself_are_not_offered_as_outputs(
+        small_teacher, tmp_path):
+    from kdtool.train import TrainConfig, Trainer
+
+    trained = tmp_path / "trained.safetensors"
+    Trainer(TrainConfig(arch="tiny_cnn", data="digits", epochs=1, batch_size=256),
+            trained).run()
+    # --resume cannot continue a train run, so it is not offered
+    with pytest.raises(KdtoolError, match=r"written by 'kdtool train'.*another --out.*--force"):
+        DistillRun(_cfg(small_teacher), trained)
+    with pytest.raises(KdtoolError, match=r"run state of a 'kdtool train' run, not of 'kdtool "
+                                          r"distill'.*kdtool train --resume"):
+        DistillRun(_cfg(small_teacher), trained, resume=True).run()
+    for force in (False, True):  # the student would replace the teacher it learns from
+        with pytest.raises(KdtoolError, match="is the teacher"):
+            DistillRun(_cfg(small_teacher), small_teacher, force=force)
+
+
 @pytest.mark.parametrize("ema", [0.0, 0.9])
 def test_resume_continues_exactly(small_teacher, tmp_path, interrupted_distill, ema,
                                   recorded_epochs):
