@@ -136,6 +136,7 @@ class CalibrateRun:
                 or self.out.with_name(self.out.name.removesuffix(".safetensors") + ".sweep.csv"),
                 cfg.force,
                 "sweep CSV",
+                (".csv",),  # the plot goes beside it with .png: one name for both loses one
             )
             self.png = check_output(self.csv.with_suffix(".png"), cfg.force, "sweep plot")
 

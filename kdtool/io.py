@@ -27,6 +27,21 @@ def require_file(path: str | Path, what: str, hint: str = "check the path") -> P
 SIDE_NAME_EXTRA = len(".") + len(".state.pt") + len(".XXXXXXXX.tmp")
 
 
+def check_distinct(**paths: str | Path | None) -> None:
+    """Refuse two options naming one file (``markdown="a.md", plot="a.md"``): the second
+    write would replace the first, --force or not. Keys are option names (``_`` for ``-``)."""
+    seen: dict[Path, str] = {}
+    for key, path in paths.items():
+        if path is None:
+            continue
+        option = "--" + key.replace("_", "-")
+        resolved = Path(path).expanduser().resolve()
+        if resolved in seen:
+            raise KdtoolError(f"{seen[resolved]} and {option} both name '{path}': the second "
+                              "file would replace the first", "give each its own file")
+        seen[resolved] = option
+
+
 def check_output(path: str | Path, force: bool, what: str = "output",
                  suffixes: tuple[str, ...] = ()) -> Path:
     """Refuse to overwrite ``path`` without ``force``; create its folder. With ``suffixes``

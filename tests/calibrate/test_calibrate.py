@@ -169,6 +169,10 @@ def test_errors_name_the_problem_and_write_nothing(cli, noise_student, tmp_path)
     r = cli("calibrate", noise_student, "--data", "digits", "--sweep-out", tmp_path / "s.csv",
             "--out", out)
     assert r.code == 1 and "names the CSV of a --sweep, and there is none" in r.err
+    # the plot goes beside the CSV with .png: a .png CSV would be replaced by it
+    r = cli("calibrate", noise_student, "--data", "digits", "--sweep", "1,2", "--val",
+            "digits:test", "--sweep-out", tmp_path / "s.png", "--out", out)
+    assert r.code == 1 and "sweep CSV" in r.err and "must end in .csv" in r.err, r.err
     r = cli("calibrate", noise_student, "--data", "digits", "--no-fold", "--tolerance", "1e-3",
             "--out", out)
     assert r.code == 1 and "--no-fold skips folding" in r.err

@@ -214,6 +214,10 @@ def test_bench_checkpoint_and_onnx_end_to_end(cli, models, tmp_path):
     table = cli("bench", models["onnx"], "--batch", "1", *FAST, "--markdown", md, "--force")
     assert table.code == 0 and "ort-cpu" in table.out and "ok" in table.out
     assert "ort-cpu" in md.read_text()
+    # one file for two reports: the plot would replace the table, --force or not
+    same = cli("bench", models["onnx"], "--batch", "1", *FAST, "--markdown", png, "--plot",
+               png, "--force")
+    assert same.code == 1 and "--markdown and --plot both name" in same.err, same.err
 
 
 def test_a_silent_provider_fallback_is_reported_as_unavailable(models, monkeypatch):
