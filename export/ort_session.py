@@ -31,10 +31,16 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 def load_hint(path: str | Path) -> str:
     """What to do with a file that is not a loadable ONNX model."""
     path = Path(path)
-    if path.suffix.lower() in CHECKPOINT_SUFFIXES:
+    onnx = path.with_suffix(".onnx")
+    if path.suffix.lower() == ".safetensors":
         # The usual slip: handing the PyTorch checkpoint to an ONNX consumer.
         return (f"'{path.name}' looks like a PyTorch checkpoint; export it first: kdtool export "
-                f"{path} --onnx {path.with_suffix('.onnx')}")
+                f"{path} --onnx {onnx}")
+    if path.suffix.lower() in CHECKPOINT_SUFFIXES:  # a plain state_dict: export needs more
+        kd = path.with_suffix(".safetensors")
+        return (f"'{path.name}' looks like a plain PyTorch state_dict; make it a kdtool "
+                f"checkpoint, then export it: kdtool convert {path} --arch ARCH --out {kd}, "
+                f"then kdtool export {kd} --onnx {onnx}")
     return LOAD_HINT
 
 

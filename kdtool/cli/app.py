@@ -118,9 +118,11 @@ def _reflow_help(typer_app: typer.Typer) -> None:
 def _usage_message(e: UsageError) -> str:
     if isinstance(e, NoSuchOption) and e.ctx is not None:
         options = {o for p in e.ctx.command.params for o in (*p.opts, *p.secondary_opts)}
-        hint = foreign_option_hint(e.option_name, options)
+        hint = foreign_option_hint(e.option_name, options, e.ctx.command.name)
         if hint is not None:
             return f"No such option: {e.option_name}{hint}"
+        if e.possibilities == ["--help"]:  # click's only look-alike: no help at all
+            return f"No such option: {e.option_name}"
     return e.format_message()
 
 

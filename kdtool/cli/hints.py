@@ -16,8 +16,9 @@ FOREIGN_OPTIONS: dict[str, list[str]] = {
     "-o": ["--out", "--onnx", "--csv"],
     # Ultralytics' export --format, or an output format elsewhere (--format json).
     "--format": ["--precision fp32|fp16|int8", "--trt", "--formats", "--json"],
-    "--half": ["--precision fp16"],
-    "--fp16": ["--precision fp16"],
+    # export's --precision is the file's (fp16), train's and distill's the step's (bf16)
+    "--half": ["--precision fp16", "--precision bf16"],
+    "--fp16": ["--precision fp16", "--precision bf16"],
     "--bf16": ["--precision bf16"],
     "--amp": ["--precision bf16"],
     "--int8": ["--precision int8"],
@@ -59,6 +60,15 @@ FOREIGN_OPTIONS: dict[str, list[str]] = {
 }
 
 
+# The values an option takes in each command that has it, where commands differ: a
+# candidate "--option VALUE" is offered only where VALUE is one of them (tests check these
+# against kdtool.device.PRECISIONS and kdtool.export.metadata.PRECISIONS).
+OPTION_VALUES: dict[str, dict[str, tuple[str, ...]]] = {
+    "--precision": {"train": ("auto", "fp32", "bf16"), "distill": ("auto", "fp32", "bf16"),
+                    "export": ("fp32", "fp16", "int8")},
+}
+
+
 # Options that mean two things in a command: (options the command has, the whole hint),
 # tried in order before FOREIGN_OPTIONS. In distill (and analyze sweep) --arch may describe
 # the student, or a plain PyTorch state_dict teacher: --teacher takes a kdtool checkpoint
@@ -72,12 +82,22 @@ TWO_MEANINGS: dict[str, list[tuple[tuple[str, ...], str]]] = {
 }
 
 
-def foreign_option_hint(option: str, command_options: set[str]) -> str | None:
-    """``"; kdtool spells it --precision fp16"`` for the candidates the command has, else None."""
+def foreign_option_hint(option: str, command_options: set[str],
+                        command: str | None = None) -> str | None:
+    """``"; kdtool spells it --precision fp16"`` for the candidates the command has (with a
+    value the command takes), else None."""
     for needs, hint in TWO_MEANINGS.get(option, []):
         if set(needs) <= command_options:
             return hint
-    have = [c for c in FOREIGN_OPTIONS.get(option, []) if c.split()[0] in command_options]
+
+    def offered(candidate: str) -> bool:
+        name, *value = candidate.split(maxsplit=1)
+        if name not in command_options:
+            return False
+        takes = OPTION_VALUES.get(name, {}).get(command or "")
+        return not value or takes is None or set(value[0].split("|")) <= set(takes)
+
+    have = [c for c in FOREIGN_OPTIONS.get(option, []) if offered(c)]
     if not have:
         return None
     return "; kdtool spells it " + " or ".join(have)

@@ -284,3 +284,16 @@ def test_a_replaced_triton_model_survives_a_failed_swap(tmp_path, monkeypatch):
     triton._swap_in(new, target)
     assert (target / "1" / "model.onnx").read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def test_a_checkpoint_handed_to_an_onnx_consumer_gets_the_commands_that_make_one():
+    from kdtool.export.ort_session import LOAD_HINT, load_hint
+
+    hint = load_hint("m/student.safetensors")
+    assert hint.endswith("kdtool export m/student.safetensors --onnx m/student.onnx")
+    # a plain state_dict cannot be exported as it is: convert comes first
+    hint = load_hint("m/r18.pth")
+    assert "plain PyTorch state_dict" in hint
+    assert ("kdtool convert m/r18.pth --arch ARCH --out m/r18.safetensors, then kdtool export "
+            "m/r18.safetensors --onnx m/r18.onnx") in hint
+    assert load_hint("m/x.txt") == LOAD_HINT

@@ -136,6 +136,15 @@ def _one_line_error(r, *fragments):
         (["bench", "--format", "onnx"], ["--format", "--formats"]),
         (["eval", "m.safetensors", "--format", "json"], ["--format; kdtool spells it --json"]),
         (["info", "m.safetensors", "--format", "json"], ["--format; kdtool spells it --json"]),
+        # only values the command takes: train's --precision has bf16, not fp16 or int8
+        (["train", "--data", "digits", "--half"], ["--half; kdtool spells it --precision bf16 ("]),
+        (["distill", "--teacher", "t.safetensors", "--fp16"],
+         ["--fp16; kdtool spells it --precision bf16 ("]),
+        (["distill", "--teacher", "t.safetensors", "--int8"], ["No such option: --int8 ("]),
+        (["train", "--data", "digits", "--format", "onnx"],
+         ["--format; kdtool spells it --json ("]),
+        # click's only look-alike is --help: no "(Possible options: --help)"
+        (["info", "m.safetensors", "--model", "x"], ["No such option: --model (see"]),
     ],
 )
 def test_user_errors_are_one_line_exit_1(cli, tmp_path, monkeypatch, args, fragments,
@@ -478,3 +487,11 @@ def test_a_normalisation_override_on_a_checkpoint_is_warned_and_recorded(cli, di
     assert override["recorded"]["mean"] != [0.5]
     assert "normalisation_override" not in cli("eval", digits_teacher, "--data", "digits:test",
                                                "--json").json()
+
+
+def test_the_hints_option_values_are_the_commands_own():
+    from kdtool.cli.hints import OPTION_VALUES
+    from kdtool.device import PRECISIONS as STEP
+    from kdtool.export.metadata import PRECISIONS as FILE
+
+    assert OPTION_VALUES["--precision"] == {"train": STEP, "distill": STEP, "export": FILE}
