@@ -28,7 +28,13 @@ from kdtool.calibrate.sweep import (
     write_png,
 )
 from kdtool.checkpoint import CHECKPOINT_SUFFIX, ModelMeta, load_checkpoint, save_checkpoint
-from kdtool.data import ImageData, check_fits, load_data, match_classes
+from kdtool.data import (
+    ImageData,
+    check_fits,
+    load_data,
+    match_classes,
+    require_model_channels,
+)
 from kdtool.device import resolve_device
 from kdtool.errors import KdtoolError
 from kdtool.evaluate import evaluate
@@ -65,15 +71,7 @@ def default_out(checkpoint: str | Path) -> Path:
 
 
 def _check_images(data: ImageData, meta: ModelMeta, what: str) -> None:
-    """Channels must be the model's: statistics of grey copies are not an RGB model's.
-    (Sizes always are: images are loaded fitted to the model's input.)"""
-    if data.channels != meta.in_chans:
-        raise KdtoolError(
-            f"{what} '{data.source}' has {data.channels}-channel images but the model takes "
-            f"{meta.in_chans}: BN statistics of converted copies are not those of the "
-            "images it will be served",
-            f"give {meta.in_chans}-channel images, like those it will see in deployment",
-        )
+    require_model_channels(data, meta.in_chans, what, "BN statistics")
 
 
 @contextmanager

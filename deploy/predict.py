@@ -157,7 +157,7 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
     model = load_model(cfg.model)
     k = check_top(cfg.top, model.num_classes)
     images = list_images(cfg.inputs)
-    names = model.class_names or [f"class_{i}" for i in range(model.num_classes)]
+    names = model.class_names or [str(i) for i in range(model.num_classes)]  # as serve
     runner, backend = start_runner(model, cfg.backend, cfg.threads)
     results: list[dict[str, Any]] = []
     unreadable: list[tuple[Path, str]] = []

@@ -266,11 +266,17 @@ def _validate(cfg: ExportConfig) -> tuple[BatchProfile, _Outputs]:
 
 
 def _load(spec: str, meta, option: str, labelled: bool = False):
-    from kdtool.data import check_fits, load_for_model
+    from kdtool.data import check_fits, load_data, load_for_model, require_model_channels
+    from kdtool.imageprep import Fit
 
-    # Images are fitted and converted to the model's input; calibration ignores labels,
-    # so only --val must have the model's classes.
-    data = load_for_model(spec, meta)
+    # Images are fitted to the model's input; --val is converted to its channels too and
+    # must have its classes; calibration images are taken as they are, as calibrate takes
+    # them: ranges of converted copies are not those of the images served.
+    if labelled:
+        data = load_for_model(spec, meta)
+    else:
+        data = load_data(spec, image_size=tuple(meta.input_size), fit=Fit.of(meta))
+        require_model_channels(data, meta.in_chans, option, "INT8 activation ranges")
     if labelled:
         check_fits(
             data,

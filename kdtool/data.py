@@ -185,6 +185,17 @@ def load_for_model(spec: str, model) -> ImageData:
     return match_classes(data, model.class_names)
 
 
+def require_model_channels(data: ImageData, in_chans: int, what: str, stats: str) -> None:
+    """Refuse calibration images whose channels are not the model's: ``stats`` (BN's, INT8
+    ranges) taken from converted copies are not those of the images it will be served.
+    (Sizes are fitted: every stage loads images at the model's input size.)"""
+    if data.channels != in_chans:
+        raise KdtoolError(
+            f"{what} '{data.source}' has {data.channels}-channel images but the model takes "
+            f"{in_chans}: {stats} of converted copies are not those of the images it will be "
+            "served", f"give {in_chans}-channel images, like those it will see in deployment")
+
+
 def match_classes(data: ImageData, names: list[str]) -> ImageData:
     """``data`` labelled in the order of a model's class ``names`` when its own class names
     are all among them (a folder holding some of the classes, or all in another order);
@@ -230,7 +241,7 @@ def check_fits(data: ImageData, *, num_classes: int, in_chans: int, what: str) -
         raise KdtoolError(
             f"{data.source} has {data.num_classes} classes but {what} has {num_classes}",
             "use data labelled with the model's classes (class folders named as the model's "
-            "classes may hold a subset of them; 'kdtool info' lists them), or unlabeled data")
+            "classes may hold a subset of them; 'kdtool info' lists them)")
 
 
 def _check_size(image_size) -> tuple[int, int] | None:

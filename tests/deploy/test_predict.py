@@ -274,3 +274,23 @@ def test_onnx_only_commands_never_import_torch(tiny_onnx, tmp_path):
                            timeout=120)
         assert r.returncode == 0, (args, r.stderr)
         assert r.stdout.strip().splitlines()[-1] == "False", (args, r.stdout)
+
+
+def test_a_model_without_class_names_is_labelled_by_index_as_the_server_labels_it(
+        cli, graph_onnx, tmp_path):
+    from dataclasses import replace
+
+    import onnx
+
+    from kdtool.deploy.server.model import OnnxModel
+    from kdtool.export.metadata import read_info, write_info
+
+    path = graph_onnx("unnamed.onnx", in_chans=1, size=8, num_classes=3)
+    proto = onnx.load(path)
+    write_info(proto, replace(read_info(path), class_names=[]))
+    onnx.save(proto, path)
+    Image.fromarray(np.full((8, 8), 90, np.uint8)).save(tmp_path / "a.png")
+    r = cli("predict", path, tmp_path / "a.png", "--top", "3", "--json")
+    assert r.code == 0, r.err
+    labels = [q["label"] for q in r.json()["results"][0]["predictions"]]
+    assert sorted(labels) == ["0", "1", "2"] == OnnxModel(path, threads=1).class_names

@@ -305,6 +305,20 @@ def test_bad_options_are_one_line_errors(cli, digits_teacher, tmp_path, args, fr
     assert not out.exists()
 
 
+def test_int8_calibration_images_of_other_channels_are_refused_as_calibrate_refuses_them(
+        cli, digits_teacher, tmp_path):
+    import numpy as np
+
+    rgb = tmp_path / "rgb.npz"  # colour images for a grey model: converted copies' ranges
+    np.savez(rgb, x=np.random.default_rng(0).integers(0, 256, (64, 8, 8, 3), dtype=np.uint8),
+             y=np.full(64, -1))
+    out = tmp_path / "q.onnx"
+    r = cli("export", digits_teacher, "--onnx", out, "--precision", "int8", "--calib-data", rgb)
+    _one_line_error(r, "--calib-data", "has 3-channel images but the model takes 1",
+                    "INT8 activation ranges of converted copies")
+    assert not out.exists()
+
+
 def test_a_file_where_a_triton_folder_goes_is_refused_before_the_export(cli, digits_teacher,
                                                                         tmp_path):
     (tmp_path / "repo").write_text("not a folder")

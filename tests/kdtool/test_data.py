@@ -409,8 +409,10 @@ def test_check_fits():
     with pytest.raises(KdtoolError, match=r"test has 1-channel.*resnet\.ckpt expects 3") as e:
         check_fits(d, num_classes=10, in_chans=3, what="resnet.ckpt")
     assert "3 channel" in e.value.hint
-    with pytest.raises(KdtoolError, match=r"10 classes but resnet\.ckpt has 100"):
+    with pytest.raises(KdtoolError, match=r"10 classes but resnet\.ckpt has 100") as e:
         check_fits(d, num_classes=100, in_chans=1, what="resnet.ckpt")
+    # every caller scores with the labels: unlabelled data is no way out
+    assert "model's classes" in e.value.hint and "unlabel" not in e.value.hint
     unlabeled = ImageData(d.x, torch.full((len(d),), -1), [], "calib")
     check_fits(unlabeled, num_classes=100, in_chans=1, what="m")
 
