@@ -120,6 +120,12 @@ def create_app(model: OnnxModel, config: ServerConfig | None = None) -> Starlett
             )
 
     async def read_body(request: Request) -> bytes:
+        """The body, at most --max-body-mb, decompressed as its Content-Encoding says.
+
+        Every route that reads a body goes through here, so that /infer and /classify
+        (raw or multipart) take gzip/deflate alike and refuse what is over the limit
+        before and after decompressing (a zip bomb stops at the limit: 413).
+        """
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > body_limit:
             raise RequestError(
@@ -139,7 +145,9 @@ def create_app(model: OnnxModel, config: ServerConfig | None = None) -> Starlett
                 chunks.append(chunk)
         except ClientDisconnect:
             raise RequestError("the client disconnected", 499) from None
-        return b"".join(chunks)
+        body = b"".join(chunks)
+        encoding = request.headers.get("content-encoding")
+        return protocol.decompress(body, encoding, body_limit) if encoding else body
 
     @endpoint("health", auth=False)
     async def live(request: Request) -> Response:
@@ -178,9 +186,6 @@ def create_app(model: OnnxModel, config: ServerConfig | None = None) -> Starlett
     async def infer(request: Request) -> Response:
         check_model(request)
         body = await read_body(request)
-        encoding = request.headers.get("content-encoding")
-        if encoding:
-            body = protocol.decompress(body, encoding, body_limit)
         header_length = request.headers.get(protocol.HEADER_LENGTH)
         if len(body) > OFFLOAD_BYTES:
             req = await asyncio.get_running_loop().run_in_executor(

@@ -13,6 +13,7 @@ Every way a request can be wrong raises ``RequestError`` with a message saying w
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 import zlib
@@ -237,7 +238,8 @@ def _json_numbers(data: list, dtype: np.dtype, name: str, count: int) -> np.ndar
 
     A direct ``np.array(data, dtype)`` turns true/false into 1/0, "1.5" into 1.5 and, for
     integer inputs, 2.7 into 2: a client bug would be served as if it were pixels.  Letting
-    numpy infer first shows booleans, strings and fractions by the inferred kind.
+    numpy infer first shows strings and fractions by the inferred kind; true/false, which
+    numpy reads as 1/0 among numbers, are found by ``_first_bool``.
     """
 
     def refuse(reason: str):
@@ -249,12 +251,13 @@ def _json_numbers(data: list, dtype: np.dtype, name: str, count: int) -> np.ndar
         raw = np.array(data)  # None -> object; mixed bool/number promotes to number
     except (ValueError, TypeError, OverflowError) as e:
         refuse(str(e).splitlines()[0][:200])
+    found = _first_bool(data, raw)
+    if found:
+        refuse(f"true/false are not numbers (found {found})")
     if raw.dtype.kind == "O":  # null among numbers, or integers past 64 bits
         if not all(v is None or type(v) in (int, float) for v in raw.flat):
             refuse("found values that are not numbers")
         raw = raw.astype(np.float64)  # null -> NaN, refused below as non-finite
-    if raw.dtype.kind == "b":
-        refuse("true/false are not numbers")
     if raw.dtype.kind in "US":
         refuse("found strings")
     if dtype.kind in "iu":
@@ -265,6 +268,47 @@ def _json_numbers(data: list, dtype: np.dtype, name: str, count: int) -> np.ndar
             refuse(f"{dtype.name} holds {info.min}..{info.max}")
     with np.errstate(over="ignore"):  # 1e39 -> inf in FP32: reported by the caller
         return raw.astype(dtype)
+
+
+def _first_bool(data: list, raw: np.ndarray) -> str | None:
+    """The first true/false in ``data`` and where it is (``"true at data[0][3]"``), or None.
+
+    ``np.array`` reads true/false among numbers as 1/0, and checking the type of every value
+    costs about as much as parsing the JSON did.  So look only where ``raw`` holds a 0 or a 1
+    (microseconds; float pixels are seldom exactly either) and check the JSON values there:
+    one by one when they are few, all in one C-level pass when they are many (0/1 data).
+    ``raw`` is regular to ``raw.ndim`` levels, so flattening that many levels of ``data``
+    lines its values up with ``raw.ravel()``.
+    """
+    kind = raw.dtype.kind
+    if kind == "b":  # all true/false (an empty list is float64)
+        return f"{'true' if raw.flat[0] else 'false'} at data{_index(0, raw.shape)}"
+    if kind == "O":  # null among numbers, or integers past 64 bits: a rare, slow path
+        values, suspects = raw.ravel(), range(raw.size)
+    elif kind in "iuf":
+        mask = (raw == 0) | (raw == 1)  # where true/false went
+        many = int(np.count_nonzero(mask))
+        if not many:
+            return None
+        values = data
+        for _ in range(raw.ndim - 1):
+            values = list(itertools.chain.from_iterable(values))
+        if many * 3 < raw.size:  # a few: one by one
+            suspects = np.flatnonzero(mask).tolist()
+        elif bool in map(type, values):  # many (0/1 data): one pass in C is cheaper
+            suspects = range(raw.size)
+        else:
+            return None
+    else:  # strings: refused as such
+        return None
+    i = next((i for i in suspects if type(values[i]) is bool), None)
+    if i is None:
+        return None
+    return f"{'true' if values[i] else 'false'} at data{_index(i, raw.shape)}"
+
+
+def _index(flat: int, shape: tuple[int, ...]) -> str:
+    return "".join(f"[{j}]" for j in np.unravel_index(flat, shape))
 
 
 def _outputs(header: dict, model) -> list[OutputRequest]:

@@ -147,3 +147,45 @@ def test_serve_decodes_every_format_the_dataset_loaders_read(tmp_path):
         path = tmp_path / f"x{ext}"
         (im.convert("L") if ext == ".pgm" else im).save(path)
         assert images.decode(path.read_bytes(), path.name).size == (5, 4), ext
+
+
+def test_classify_takes_compressed_uploads(rgb_server):
+    """Content-Encoding applies to /classify as to /infer: raw and multipart bodies alike."""
+    import gzip
+    import zlib
+
+    png = _bytes(_image("RGB", seed=3))
+    multipart = (
+        b'--xx\r\nContent-Disposition: form-data; name=file; filename="a.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n" + png + b"\r\n--xx--\r\n"
+    )
+    form = {"Content-Type": "multipart/form-data; boundary=xx"}
+    with httpx.Client(base_url=rgb_server.url) as c:
+        plain = c.post(URL, content=png, headers={"Content-Type": "image/png"})
+        assert plain.status_code == 200, plain.text
+        want = plain.json()["results"][0]["predictions"]
+        for encoding, packed in [
+            ("gzip", gzip.compress(png)),
+            ("GZIP", gzip.compress(png)),
+            ("deflate", zlib.compress(png)),
+            ("identity", png),
+        ]:
+            r = c.post(URL, content=packed, headers={"Content-Encoding": encoding})
+            assert r.status_code == 200, (encoding, r.text)
+            assert r.json()["results"][0]["predictions"] == want, encoding
+
+        gzipped_form = form | {"Content-Encoding": "gzip"}
+        r = c.post(URL, content=gzip.compress(multipart), headers=gzipped_form)
+        assert r.status_code == 200, r.text
+        (result,) = r.json()["results"]
+        assert result == {"filename": "a.png", "predictions": want}
+
+        for body, headers in [(png, {}), (multipart, form)]:  # not gzip, though it says so
+            r = c.post(URL, content=body, headers=headers | {"Content-Encoding": "gzip"})
+            assert r.status_code == 400, r.text
+            assert "the gzip request body does not decompress" in r.json()["error"]
+        r = c.post(URL, content=gzip.compress(png)[:-20], headers={"Content-Encoding": "gzip"})
+        assert r.status_code == 400 and "truncated" in r.json()["error"]
+        r = c.post(URL, content=png, headers={"Content-Encoding": "br"})  # as /infer: 415
+        assert r.status_code == 415, r.text
+        assert r.json()["error"] == "Content-Encoding 'br' is not supported; use gzip or deflate"

@@ -129,6 +129,8 @@ def _binary(x: np.ndarray, header: dict | None = None, extra: bytes = b""):
 GOOD = np.zeros((1, 1, 8, 8), np.float32)
 NAN = GOOD.copy()
 NAN[0, 0, 1, 2] = np.nan
+NESTED_FALSE = np.ones((1, 1, 8, 8)).tolist()  # 1s, where a false hides from np.array
+NESTED_FALSE[0][0][5][3] = False
 BAD_REQUESTS = {
     "malformed JSON": (b'{"inputs": [', {}, "not valid JSON"),
     "not an object": (b"[1, 2]", {}, "JSON object with 'inputs'"),
@@ -167,6 +169,35 @@ BAD_REQUESTS = {
         },
         {},
         "true/false are not numbers",
+    ),
+    "booleans among numbers": (
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [1, 1, 8, 8],
+                    "datatype": "FP32",
+                    "data": [0.5, True] + [0.25] * 62,
+                }
+            ]
+        },
+        {},
+        "input 'input': 'data' must be 64 numbers (flat or nested by shape): "
+        "true/false are not numbers (found true at data[1])",
+    ),
+    "nested booleans among numbers": (
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [1, 1, 8, 8],
+                    "datatype": "FP32",
+                    "data": NESTED_FALSE,
+                }
+            ]
+        },
+        {},
+        "found false at data[0][0][5][3]",
     ),
     "numeric strings": (
         {
@@ -358,6 +389,39 @@ def test_an_int8_model_is_served_the_way_kdtool_runs_it_on_cpu(tiny_onnx, tmp_pa
     x = calib[:5]
     with OrtRunner(path, threads=1) as runner:
         np.testing.assert_array_equal(model.run(x), runner.infer(x))
+
+
+def test_json_booleans_are_refused_among_numbers():
+    """np.array reads true/false among numbers as 1/0: found and named, flat or nested."""
+    from kdtool.deploy.server.protocol import RequestError, _json_numbers
+
+    f32, i64 = np.dtype(np.float32), np.dtype(np.int64)
+    rows = np.random.default_rng(0).standard_normal((2, 3, 4)).tolist()
+    rows[1][2][3] = True
+    for data, dtype, count, found in [
+        ([0.5, True, 2.0], f32, 3, "true at data[1]"),
+        ([1.0, 0.0, False], f32, 3, "false at data[2]"),
+        ([3, 1, True], i64, 3, "true at data[2]"),
+        ([[0.0, 1.0], [True, 2.0]], f32, 4, "true at data[1][0]"),
+        (rows, f32, 24, "true at data[1][2][3]"),
+        ([None, 0.5, True], f32, 3, "true at data[2]"),  # null: numpy's object path
+        ([2**70, False], f32, 2, "false at data[1]"),  # past int64: the object path too
+        ([[False, True]], f32, 2, "false at data[0][0]"),  # all booleans
+    ]:
+        with pytest.raises(RequestError) as e:
+            _json_numbers(data, dtype, "pixels", count)
+        assert e.value.status == 400
+        assert e.value.message == (
+            f"input 'pixels': 'data' must be {count} numbers (flat or nested by shape): "
+            f"true/false are not numbers (found {found})"
+        )
+    # 0 and 1 as numbers (where booleans would hide) are numbers
+    ones = _json_numbers([[1.0, 0.0], [1, 0], [-0.0, 0.5]], f32, "x", 6)
+    np.testing.assert_array_equal(ones, [[1, 0], [1, 0], [0, 0.5]])
+    np.testing.assert_array_equal(_json_numbers([0, 1, 2], i64, "x", 3), [0, 1, 2])
+    few = [[0.5] * 7 + [1.0], [0.25] * 8]  # few 0/1s: looked at one by one
+    np.testing.assert_array_equal(_json_numbers(few, f32, "x", 16), few)
+    assert _json_numbers([], f32, "x", 0).size == 0
 
 
 def test_json_integers_are_checked_against_the_input_type():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+
 import httpx
 import numpy as np
 import pytest
@@ -68,4 +70,9 @@ def test_body_limit_gives_413(serve_model, tiny_onnx):
         assert r.status_code == 413 and "over the 0.01 MB limit" in r.json()["error"]
         r = c.post("/v2/models/tiny/classify", content=big, headers={"Content-Type": "image/png"})
         assert r.status_code == 413
+        bomb = gzip.compress(big)  # 20 kB of x in 60 bytes: over the limit once decompressed
+        for route in (URL, "/v2/models/tiny/classify"):
+            r = c.post(route, content=bomb, headers={"Content-Encoding": "gzip"})
+            assert r.status_code == 413, (route, r.text)
+            assert "decompressed request body is over" in r.json()["error"]
         assert c.post(URL, json=BODY).status_code == 200  # small requests still served
