@@ -159,9 +159,10 @@ class Trainer:
                          f"images (kdtool models)")
         model = model.to(self.device, memory_format=fmt)
         if c.batch_size > len(train):
+            tenth = max(1, len(train) // 10)
             console.warn(f"--batch-size {c.batch_size} is more than the {len(train)} training "
-                         f"images: every epoch is one step on all of them; a batch of about "
-                         f"{max(1, len(train) // 10)} gives 10 steps an epoch")
+                         f"images: every epoch is one step on all of them; a batch of "
+                         f"{tenth} gives {len(train) // tenth} steps an epoch")
         loader = DeviceLoader(train, c.batch_size, self.device, mean, std, shuffle=True,
                               augment=Augment(cutout=c.cutout) if augment else None,
                               drop_last=len(train) >= 2 * c.batch_size, seed=c.seed,

@@ -130,8 +130,10 @@ def parse_image_size(text: str | None, option: str = "--image-size") -> list[int
 def foreign_spec(path: Path, arch: str | None, num_classes: int | None, in_chans: int | None,
                  mean: str | None, std: str | None, image_size: str | None = None):
     """A ForeignSpec when the user described a plain state_dict, else None (kdtool file)."""
-    from kdtool.checkpoint import FOREIGN_SUFFIXES, ForeignSpec, has_kdtool_meta
+    from kdtool.checkpoint import FOREIGN_SUFFIXES, ForeignSpec, has_kdtool_meta, read_meta
 
+    if path.name.endswith(".state.pt"):
+        read_meta(path)  # raises: a run state, not a checkpoint; names the one beside it
     if arch is not None and has_kdtool_meta(path):  # its metadata would be ignored
         raise KdtoolError(f"--arch describes a plain state_dict; '{path}' is a kdtool "
                           "checkpoint and records its architecture, input and normalisation",

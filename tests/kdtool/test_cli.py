@@ -434,8 +434,9 @@ def test_files_of_the_wrong_kind_get_the_command_that_fixes_them(cli, digits_tea
     _one_line_error(cli("info", tmp_path / "plain.safetensors"), "without kdtool metadata",
                     f"kdtool convert {tmp_path / 'plain.safetensors'} --arch ARCH")
     (tmp_path / "m.safetensors.state.pt").write_bytes(b"x")
-    _one_line_error(cli("info", tmp_path / "m.safetensors.state.pt"), "is the run state",
-                    "use '" + "m.safetensors' itself")
+    for command in (["info"], ["eval", "--data", "digits"]):  # not "pass --arch"
+        _one_line_error(cli(command[0], tmp_path / "m.safetensors.state.pt", *command[1:]),
+                        "is the run state", "use '" + "m.safetensors' itself")
     _one_line_error(cli("convert", digits_teacher, "--arch", "resnet8", "--out",
                         tmp_path / "c.safetensors"), "already a kdtool checkpoint",
                     "nothing to convert")

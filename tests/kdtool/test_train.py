@@ -181,7 +181,9 @@ def test_a_batch_larger_than_the_data_is_warned(cli, tmp_path):
     r = cli("train", "--arch", "tiny_cnn", "--data", "digits", "--epochs", "1", "--batch-size",
             "5000", "--out", tmp_path / "t.safetensors")
     assert r.code == 0, r.err
-    assert "--batch-size 5000 is more than the 1437 training images" in " ".join(r.err.split())
+    said = " ".join(r.err.split())
+    assert "--batch-size 5000 is more than the 1437 training images" in said
+    assert "a batch of 143 gives 10 steps an epoch" in said  # 1437 // 143
     r = cli("train", "--arch", "tiny_cnn", "--data", "digits", "--epochs", "1", "--batch-size",
             "256", "--out", tmp_path / "u.safetensors")
     assert r.code == 0 and "is more than" not in r.err
