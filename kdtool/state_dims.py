@@ -3,7 +3,7 @@ input channels, read off the tensors whose shapes follow them (the classifier's 
 stem's input channels), so that ``--num-classes`` and ``--in-chans`` are needed only where
 the shapes cannot tell.
 
-The architecture is built twice on the meta device (no memory, no initialisation cost) with
+The architecture is built twice on the meta device (no memory, no initialisers run) with
 two different probe values of each; a tensor whose shape changes on one axis from one probe
 value to the other, exactly as the value does, holds that value on that axis in the file."""
 
@@ -15,15 +15,14 @@ from typing import Any
 import torch
 
 from kdtool.errors import KdtoolError
-from kdtool.models import create_model
+from kdtool.models import build_on_meta
 
 # Two values no architecture uses by default, so a tensor that follows them is unambiguous.
 PROBES = {"num_classes": (7, 11), "in_chans": (2, 5)}
 
 
 def _shapes(arch: str, arch_args: Mapping[str, Any], dims: Mapping[str, int]) -> dict:
-    with torch.device("meta"):
-        model = create_model(arch, **dims, **arch_args)
+    model = build_on_meta(arch, **dims, **arch_args)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 

@@ -141,12 +141,19 @@ def _weights_left_uninitialised() -> Iterator[None]:
             setattr(nn.init, name, fn)
 
 
+def build_on_meta(name: str, **kwargs) -> nn.Module:
+    """Architecture ``name`` for its shapes only: on the meta device, no memory allocated and
+    no initialiser run. Raises NotImplementedError for a builder that reads tensor values
+    (torchvision's RegNets)."""
+    with _weights_left_uninitialised(), torch.device("meta"):
+        return create_model(name, **kwargs)
+
+
 def architecture_params(name: str, num_classes: int = 10) -> int:
     """Parameters of architecture ``name`` with ``num_classes`` outputs and 3 input channels,
     counted without allocating or initialising weights (meta device)."""
     try:
-        with _weights_left_uninitialised(), torch.device("meta"):
-            return count_params(create_model(name, num_classes=num_classes))
+        return count_params(build_on_meta(name, num_classes=num_classes))
     except NotImplementedError:  # a builder that reads tensor values (tv: RegNets)
         from kdtool.models.torchvision_models import published_params
 
