@@ -78,15 +78,16 @@ def quantize_int8(
         )
 
     class Reader(CalibrationDataReader):
-        def __init__(self):
+        def __init__(self, report=progress):
             self._it = iter(batches)
+            self._report = report
 
         def get_next(self):
             batch = next(self._it, None)
             if batch is None:
                 return None
-            if progress is not None:
-                progress(1)
+            if self._report is not None:
+                self._report(1)
             return {input_name: np.ascontiguousarray(batch, dtype=np.float32)}
 
         def rewind(self):
@@ -106,25 +107,33 @@ def quantize_int8(
     }
     if method == "percentile":
         extra["CalibPercentile"] = 99.999
+    reader = Reader()
     try:
+        if method == "entropy":
+            # quantize_static cannot pass the histogram's size to its entropy calibrator,
+            # whose default (128 bins for 128 quantised bins) leaves one candidate threshold:
+            # the full range, minmax under another name. Find the thresholds here on 2,048
+            # bins (TensorRT's and PyTorch's), and hand them to the quantiser as overrides.
+            extra["TensorQuantOverrides"] = _entropy_ranges(pre_path, reader, symmetric)
+            method_used, reader = CalibrationMethod.MinMax, Reader(report=None)
+        else:
+            method_used = {"minmax": CalibrationMethod.MinMax,
+                           "percentile": CalibrationMethod.Percentile}[method]
         with _quiet():
             quantize_static(
                 str(pre_path),
                 str(out_path),
-                Reader(),
+                reader,
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
                 activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
-                calibrate_method={
-                    "minmax": CalibrationMethod.MinMax,
-                    "entropy": CalibrationMethod.Entropy,
-                    "percentile": CalibrationMethod.Percentile,
-                }[method],
+                calibrate_method=method_used,
                 extra_options=extra,
             )
     finally:
         pre_path.unlink(missing_ok=True)
+        pre_path.with_name(pre_path.stem + ".augmented.onnx").unlink(missing_ok=True)
     return {
         "format": "QDQ",
         "weights": "int8 per-channel symmetric",
@@ -133,6 +142,39 @@ def quantize_int8(
         "calib_method": method,
         "calib_images": sum(len(b) for b in batches),
     }
+
+
+ENTROPY_BINS, ENTROPY_QUANTIZED_BINS = 2048, 128
+
+
+def _entropy_ranges(pre_path: Path, reader, symmetric: bool) -> dict[str, list[dict]]:
+    """Each calibrated tensor's (rmin, rmax) by minimal KL divergence over an
+    ``ENTROPY_BINS`` histogram, as ``TensorQuantOverrides`` (about 0.5 s per tensor on a
+    2-core CPU)."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    from kdtool import console
+
+    # the op types quantize_static calibrates by default, so the same tensors get ranges
+    ops = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
+    with _quiet():
+        calibrator = create_calibrator(
+            pre_path, ops,
+            augmented_model_path=str(pre_path.with_name(pre_path.stem + ".augmented.onnx")),
+            calibrate_method=CalibrationMethod.Entropy,
+            extra_options={"num_bins": ENTROPY_BINS,
+                           "num_quantized_bins": ENTROPY_QUANTIZED_BINS,
+                           "symmetric": symmetric})
+        calibrator.collect_data(reader)
+    console.info(f"entropy calibration: searching each activation's threshold over "
+                 f"{ENTROPY_BINS:,} bins (about 0.5 s per tensor on 2 cores)")
+    with _quiet():
+        ranges = calibrator.compute_data()
+    # numpy scalars: the quantiser reads their dtype
+    return {name: [{"rmin": np.asarray(td.range_value[0], np.float32),
+                    "rmax": np.asarray(td.range_value[1], np.float32)}]
+            for name, td in ranges.items()}
 
 
 def quant_zero_points(model) -> dict[str, np.ndarray]:

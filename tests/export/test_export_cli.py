@@ -156,6 +156,30 @@ def test_int8_is_qdq_with_zero_zero_points_and_agrees_with_fp32(int8_export, fp3
     assert agree >= 0.95
 
 
+def test_entropy_calibration_clips_activation_ranges_that_minmax_keeps_whole(
+        cli, digits_teacher, int8_export, tmp_path):
+    """quantize_static's own entropy calibrator (128 bins) had one candidate threshold, the
+    full range: the file said entropy and held minmax's scales."""
+    from onnx import numpy_helper
+
+    out = tmp_path / "entropy.onnx"
+    r = cli("export", digits_teacher, "--onnx", out, "--precision", "int8", "--calib-data",
+            "digits", "--calib-images", "256", "--calib-method", "entropy", "--json")
+    assert r.code == 0, r.err
+    assert read_info(out).quantization["calib_method"] == "entropy"
+
+    def scales(path):
+        return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer
+                if t.name.endswith("_scale") and t.dims == []}  # per-tensor: activations
+
+    minmax, entropy = scales(int8_export[0]), scales(out)
+    assert minmax.keys() == entropy.keys() and minmax
+    # a threshold inside the range, never beyond it
+    assert all(entropy[k] <= minmax[k] * (1 + 1e-6) for k in minmax)
+    assert sum(entropy[k] < minmax[k] * 0.99 for k in minmax) >= 1, (minmax, entropy)
+    assert r.json()["parity"]["int8"]["passed"]
+
+
 def test_asymmetric_int8_activations_have_uint8_zero_points_and_are_not_for_tensorrt(
         cli, digits_teacher, tmp_path):
     out = tmp_path / "a.onnx"
