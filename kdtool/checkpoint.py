@@ -253,7 +253,27 @@ def _looks_like(path: Path) -> str | None:
             return "a torch.save file"
         return "an .npz array file" if names and all(n.endswith(".npy") for n in names) \
             else "a zip archive"
-    return next((kind for magic, kind in _MAGIC if head.startswith(magic)), None)
+    kind = next((kind for magic, kind in _MAGIC if head.startswith(magic)), None)
+    if kind is None and _is_text(path):  # a CSV, JSON or log beside the checkpoints
+        kind = f"a text file{f' ({path.suffix})' if path.suffix else ''}"
+    return kind
+
+
+def _is_text(path: Path) -> bool:
+    """Whether the file starts as UTF-8 text: a safetensors header length (8 little-endian
+    bytes) always holds a NUL or a control byte."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(512)
+    except OSError:
+        return False
+    if not head or any(b < 32 and b not in b"\t\n\r" for b in head):
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start >= len(head) - 3  # a character cut at the end of the read
+    return True
 
 
 def _not_a_checkpoint(path: Path, kind: str) -> KdtoolError:

@@ -46,6 +46,23 @@ def point_config(base: DistillConfig, param: str, value: float,
     return replace(base, batch_size=b, iters_per_epoch=iters)
 
 
+def _require_batchnorm(teacher: str) -> None:
+    """Both sweeps vary how the teacher's BatchNorm layers normalise noise; distill's own
+    message would offer options a sweep does not have (--teacher-norm-align, dropping
+    --teacher-bn)."""
+    from kdtool.bn import bn_layers
+    from kdtool.checkpoint import load_checkpoint
+
+    model, meta = load_checkpoint(teacher)
+    if not bn_layers(model):
+        raise KdtoolError(
+            f"teacher '{teacher}' ({meta.arch}) has no BatchNorm layers, and both sweeps vary "
+            "how a teacher's BatchNorm normalises noise: the share of its layers on running "
+            "statistics, or the batch whose statistics it uses",
+            "sweep a teacher with BatchNorm layers (a per-sample-normalised teacher distils "
+            "with 'kdtool distill --teacher-norm-align')")
+
+
 def point_path(workdir: Path, param: str, value: float) -> Path:
     return Path(workdir) / f"{param}_{value:g}.safetensors"
 
@@ -57,6 +74,7 @@ def run_sweep(base: DistillConfig, param: str, values: list[float], workdir: Pat
     check_choice(param, list(PARAMS), "sweep parameter")
     if not base.val:
         raise KdtoolError("a sweep measures accuracy and needs labelled --val data")
+    _require_batchnorm(base.teacher)
     configs = [point_config(base, param, v, keep) for v in values]  # check every value first
     paths = [point_path(workdir, param, v) for v in values]
     if not (force or resume):

@@ -103,3 +103,19 @@ def test_keep_is_refused_where_it_means_nothing(cli, digits_teacher, tmp_path):
     r = cli("analyze", "sweep", "--teacher", digits_teacher, "--val", "digits:test", "--keep",
             "steps", "--out", tmp_path / "s")
     assert r.code == 1 and "--keep steps applies to batch-size sweeps" in r.err
+
+
+def test_a_teacher_without_batchnorm_is_refused_with_what_the_sweep_offers(cli, tmp_path):
+    from kdtool.checkpoint import ModelMeta, save_checkpoint
+    from kdtool.models import create_model
+
+    gn = tmp_path / "gn.safetensors"
+    save_checkpoint(gn, create_model("resnet8_gn", num_classes=10, in_chans=1),
+                    ModelMeta(arch="resnet8_gn", num_classes=10, in_chans=1, input_size=[8, 8],
+                              mean=[0.3], std=[0.37]), force=False)
+    for param in ("running-fraction", "batch-size"):
+        r = cli("analyze", "sweep", "--teacher", gn, "--val", "digits:test", "--param", param,
+                "--out", tmp_path / "s")
+        assert r.code == 1 and "has no BatchNorm layers, and both sweeps vary" in r.err, r.err
+        assert "try --teacher-norm-align" not in r.err and "drop --teacher-bn" not in r.err
+    assert not (tmp_path / "s").exists()

@@ -79,12 +79,16 @@ def test_missing_file_and_not_a_checkpoint(tmp_path: Path):
     with pytest.raises(KdtoolError, match="without kdtool metadata.*--arch"):
         load_checkpoint(tmp_path / "plain.safetensors")
     (tmp_path / "text.safetensors").write_text("hello")
-    with pytest.raises(KdtoolError, match="corrupt or truncated"):
+    with pytest.raises(KdtoolError, match="is a text file"):  # not "corrupt"
         load_checkpoint(tmp_path / "text.safetensors")
+    damaged = b"\x40\x00\x00\x00\x00\x00\x00\x00{\"w\": {\"dtype\""  # header cut short
+    (tmp_path / "cut.safetensors").write_bytes(damaged)
+    with pytest.raises(KdtoolError, match="corrupt or truncated"):
+        load_checkpoint(tmp_path / "cut.safetensors")
     # A corrupt plain state_dict is named as corrupt, not as lacking --mean/--std (a
     # kdtool architecture has no published normalisation to fall back on).
-    for name in ("text.safetensors", "text.pt"):
-        (tmp_path / name).write_text("hello")
+    for name in ("cut.safetensors", "damaged.pt"):
+        (tmp_path / name).write_bytes(damaged)
         with pytest.raises(KdtoolError, match="corrupt or truncated"):
             load_checkpoint(tmp_path / name, ForeignSpec("tiny_cnn"))
     # torch.save's archive cut short (torch itself says "KeyError: 101" or speaks of miniz).
@@ -106,8 +110,10 @@ def test_a_file_of_another_kind_is_named_not_called_corrupt(tmp_path: Path, cli)
     Image.new("L", (8, 8)).save(tmp_path / "digit.png")
     np.savez(tmp_path / "data.npz", x=np.zeros((1, 8, 8, 1), np.uint8), y=np.zeros(1))
     torch.save(create_model("tiny_cnn").state_dict(), tmp_path / "weights.safetensors")
+    (tmp_path / "s.sweep.csv").write_text("batches,top1\n1,80.5\n2,82.1 \u00e9\n")
     for name, kind in [("digit.png", "a PNG image"), ("data.npz", "an .npz array file"),
-                       ("weights.safetensors", "a torch.save file")]:
+                       ("weights.safetensors", "a torch.save file"),
+                       ("s.sweep.csv", "a text file (.csv)")]:
         r = cli("info", tmp_path / name)
         assert r.code == 1 and f"is {kind}, not a" in r.err, r.err
         assert "corrupt" not in r.err and "Traceback" not in r.err
