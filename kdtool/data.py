@@ -62,7 +62,7 @@ BUILTIN_DATASETS = ("digits", "digits:train", "digits:test")
 # Top folders that name splits, not classes: a parent of train/ and val/ given as --data.
 SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing", "dev"}
 MAX_NPZ_CLASSES = 100_000  # more is a sentinel label (255, 10**9), not a class count
-CACHE_FORMAT = 2  # 2: images turned upright by their EXIF orientation
+CACHE_FORMAT = 3  # 2: images turned upright by their EXIF orientation; 3: Info-ZIP UTF-8 names
 PARALLEL_MIN_IMAGES = 2000  # below this, starting worker processes costs more than it saves
 _FORMS_HINT = ("give a directory of <class>/<image> folders, a .zip or .npz file, or one of: "
                + ", ".join(BUILTIN_DATASETS))
@@ -214,8 +214,9 @@ def match_classes(data: ImageData, names: list[str]) -> ImageData:
         return data
     if strangers:
         guess = suggest(strangers[0], list(index))
+        noun = "class" if str(data.source).lower().endswith(".npz") else "class folder"
         raise KdtoolError(
-            f"{data.source}: class folder '{strangers[0]}' is not one of the model's classes"
+            f"{data.source}: {noun} '{strangers[0]}' is not one of the model's classes"
             + (f" (did you mean '{guess}'?)" if guess else "")
             + (f", nor are {len(strangers) - 1} more" if len(strangers) > 1 else ""),
             "name class folders as the model's classes ('kdtool info' lists them) or leave "
@@ -344,11 +345,31 @@ def _conform(x: np.ndarray, channels: int | None, size: tuple[int, int] | None,
 # ----------------------------------------------------------------------------- image files
 
 
+ZIP_UTF8_FLAG = 0x800
+
+
+def zip_members(zf: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
+    """The zip's files by their names as written. Info-ZIP (Linux's ``zip``) and older tools
+    store UTF-8 names without the flag that says so, and zipfile then reads them as cp437
+    ("ñu" as "├▒u"): such a name is read as UTF-8 when it is valid UTF-8."""
+    members = {}
+    for info in zf.infolist():
+        if info.is_dir():
+            continue
+        name = info.filename
+        if not info.flag_bits & ZIP_UTF8_FLAG and not name.isascii():
+            with contextlib.suppress(UnicodeEncodeError, UnicodeDecodeError):
+                name = name.encode("cp437").decode("utf-8")
+        members[name] = info
+    return members
+
+
 def _list_zip(path: Path) -> tuple[list[str], int]:
-    """Member names of images in the zip, and how many leading folders to strip (0 or 1)."""
+    """Names of the images in the zip (``zip_members``), and how many leading folders to
+    strip (0 or 1)."""
     try:
         with zipfile.ZipFile(path) as zf:
-            names = [i.filename for i in zf.infolist() if not i.is_dir()]
+            names = list(zip_members(zf))
     except (OSError, zipfile.BadZipFile) as e:
         raise KdtoolError(f"cannot read zip file {path}: {e}",
                           "re-create or re-download it") from None
@@ -365,6 +386,13 @@ def _labels(path: Path, rels: list[str], is_dir: bool) -> tuple[list[int], list[
     if not nested:
         return [-1] * len(rels), []
     classes = sorted({_class_of(r) for r in nested})
+    tops = {r.split("/")[0] for r in nested}
+    if len(tops) > len(classes):  # macOS (NFD) and other systems (NFC) spell "é" differently
+        twins = sorted(t for t in tops if sum(_class_of(u) == _class_of(t) for u in tops) > 1)
+        raise KdtoolError(
+            f"{path}: class folders {' and '.join(repr(t) for t in twins[:2])} are one name in "
+            "two Unicode forms (composed and decomposed), which would make one class",
+            "move the images into one of them and remove the other")
     if all(r.count("/") >= 2 for r in nested):  # no image directly in a class folder
         if {c.lower() for c in classes} <= SPLIT_NAMES:
             raise KdtoolError(
@@ -417,6 +445,7 @@ class _Decoder:
         self.path, self.channels, self.size, self.fit = path, channels, size, fit
         # Opened in each process: a zip handle inherited by fork would share its file offset.
         self.zip = zipfile.ZipFile(path) if is_zip else None
+        self.members = zip_members(self.zip) if is_zip else {}
 
     def close(self) -> None:
         if self.zip:
@@ -425,7 +454,7 @@ class _Decoder:
     def read(self, name: str) -> np.ndarray:
         where = f"{self.path}:{name}" if self.zip else os.path.join(self.path, name)
         try:
-            src = io.BytesIO(self.zip.read(name)) if self.zip else where
+            src = io.BytesIO(self.zip.read(self.members[name])) if self.zip else where
             with Image.open(src) as im:
                 return to_array(im, self.channels, self.size, self.fit)
         except DECODE_ERRORS as e:

@@ -92,12 +92,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
-    # mkstemp makes 0600 files; outputs get the permissions of any new file (umask).
     umask = os.umask(0)
     os.umask(umask)
-    tmp.chmod(0o666 & ~umask)
     try:
         yield tmp
+        # mkstemp makes 0600 files, and so do writers that replace the file with their own
+        # temp file (safetensors' save_file): outputs get the permissions of any new file
+        # (umask), so a shared dataset cache stays readable by the others who share it.
+        tmp.chmod(0o666 & ~umask)
         os.replace(tmp, path)
     except OSError as e:
         if e.filename is None:  # writers of bytes (safetensors, onnx) say "disk full", not where

@@ -217,7 +217,8 @@ def create_app(model: OnnxModel, config: ServerConfig | None = None) -> Starlett
             for name, data in files:
                 what = f"image '{name}'" if name else "the request body"
                 rows.append(
-                    images.preprocess(images.decode(data, what), model.info, model.input.dtype)
+                    images.preprocess(images.decode(data, what), model.info, model.input.dtype,
+                                      what)
                 )
             return np.stack(rows)
 

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from kdtool.deploy.server.protocol import RequestError
+from kdtool.imagefiles import decode_error_text
 from kdtool.imageprep import Fit, to_array
 
 FORMATS = ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM"]  # what the dataset loaders read
@@ -44,9 +45,14 @@ def decode(data: bytes, what: str = "the request body") -> Image.Image:
     return im
 
 
-def preprocess(im: Image.Image, info, dtype: np.dtype) -> np.ndarray:
+def preprocess(im: Image.Image, info, dtype: np.dtype,
+               what: str = "the request body") -> np.ndarray:
     """One image as the model's input row: (C, H, W) or (H, W, C), normalised, in ``dtype``."""
-    pixels = to_array(im, info.in_chans, tuple(info.input_size), Fit.of(info))
+    try:
+        pixels = to_array(im, info.in_chans, tuple(info.input_size), Fit.of(info))
+    except (ValueError, OSError) as e:  # decoded, but not convertible (float, LAB, ...)
+        raise RequestError(f"{what} decodes but cannot be converted to the model's input: "
+                           f"{decode_error_text(e)}") from None
     x = pixels.astype(np.float32) / 255.0
     x = (x - np.asarray(info.mean, np.float32)) / np.asarray(info.std, np.float32)
     if info.layout == "NCHW":

@@ -31,6 +31,14 @@ def is_loopback(host: str) -> bool:
 
 
 def check_exposure(host: str, api_key: str | None) -> None:
+    if api_key is not None and not (api_key.isascii() and api_key.isprintable()
+                                    and api_key.strip() == api_key and api_key):
+        # Header values travel as bytes and are compared stripped: a space at either end, a
+        # blank key or a non-ASCII one (UTF-8 from curl, latin-1 as read) never matches.
+        raise KdtoolError(
+            f"the API key (--api-key or {API_KEY_ENV}) must be printable ASCII without spaces "
+            "at either end: no client could send this one",
+            "e.g. a key from: python -c \"import secrets; print(secrets.token_urlsafe(32))\"")
     if not is_loopback(host) and not api_key:
         raise KdtoolError(
             f"binding {host} exposes the model beyond this machine and needs an API key",

@@ -128,6 +128,9 @@ def test_classify_png_jpeg_multipart(rgb_server, rgb_nhwc_onnx, offline):
             {"Content-Type": "multipart/form-data; boundary=xx"},
             "image 'x.png' is not a decodable image",
         ),
+        # decodes, but has no conversion to the model's input: was a 500
+        ("", _bytes(Image.fromarray(np.zeros((8, 8), np.float32)), "TIFF"), {},
+         "decodes but cannot be converted to the model's input: a 32-bit float image"),
     ],
 )
 def test_classify_errors_are_400(rgb_server, query, body, headers, message):

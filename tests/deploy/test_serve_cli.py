@@ -177,6 +177,13 @@ def test_loopback_hosts_need_no_key(host):
     assert not is_loopback("0.0.0.0") and not is_loopback("example.com")
 
 
+@pytest.mark.parametrize("key", [" ", "abc ", " abc", "cl\u00e9", "a\tb"])
+def test_an_api_key_no_client_can_send_is_refused_at_start(cli, tiny_onnx, key, monkeypatch):
+    monkeypatch.setenv("KDTOOL_API_KEY", key)
+    r = cli("serve", tiny_onnx, "--host", "0.0.0.0", "--port", "0")
+    assert r.code == 1 and "must be printable ASCII without spaces at either end" in r.err
+
+
 def test_the_banner_states_the_batch_a_static_graph_allows(static_onnx, tiny_onnx):
     from kdtool.deploy.server.app import ServerConfig
     from kdtool.deploy.server.model import OnnxModel

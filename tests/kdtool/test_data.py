@@ -548,3 +548,48 @@ def test_a_full_disk_under_the_cache_costs_the_cache_not_the_run(tmp_path, monke
     _save(tmp_path / "f" / "a" / "1.png")
     assert len(load_data(str(tmp_path / "f"))) == 1
     assert "could not write dataset cache" in capsys.readouterr().err
+
+
+def test_a_zip_from_info_zip_keeps_its_utf8_class_names(tmp_path):
+    """Linux's zip writes UTF-8 names without the flag that says so; read as cp437 they
+    turned "ñu" into "├▒u", sorted differently and swapped the labels."""
+    src = tmp_path / "src"
+    for name, value in (("ñu", 10), ("üb", 200)):
+        _save(src / name / "a.png", value=value)
+    flagged = _zip(src, tmp_path / "flagged.zip")
+    # the same archive as Info-ZIP writes it: UTF-8 bytes, flag 0x800 cleared
+    infozip = tmp_path / "infozip.zip"
+    with zipfile.ZipFile(tmp_path / "ascii.zip", "w") as zf:
+        for name in ("N_u", "U_b"):  # placeholders of the UTF-8 names' byte length
+            zf.writestr(f"{name}/a.png", (src / {"N_u": "ñu", "U_b": "üb"}[name] / "a.png")
+                        .read_bytes())
+    data = (tmp_path / "ascii.zip").read_bytes()
+    for placeholder, name in ((b"N_u/", "ñu/"), (b"U_b/", "üb/")):
+        data = data.replace(placeholder, name.encode())
+    infozip.write_bytes(data)
+    with zipfile.ZipFile(infozip) as zf:
+        assert not any(i.flag_bits & 0x800 for i in zf.infolist())
+        assert zf.namelist()[0].startswith("├")  # what zipfile makes of it
+    for path in (flagged, infozip):
+        d = load_data(str(path), cache_dir=tmp_path / f"cache_{path.stem}")
+        assert d.class_names == ["ñu", "üb"], (path.name, d.class_names)
+        assert d.y.tolist() == [0, 1] and int(d.x[0].float().mean()) < int(d.x[1].float().mean())
+
+
+def test_class_folders_in_two_unicode_forms_are_refused_not_merged(tmp_path):
+    import unicodedata
+
+    for name in (unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café"),
+                 "thé"):
+        _save(tmp_path / "d" / name / "a.png")
+    with pytest.raises(KdtoolError, match="one name in two Unicode forms"):
+        load_data(str(tmp_path / "d"), cache_dir=tmp_path / "cache")
+
+
+def test_an_npz_label_the_model_lacks_is_a_class_not_a_folder(tmp_path):
+    from kdtool.data import match_classes
+
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 8, 8, 1), np.uint8), y=np.array([0, 10]))
+    d = load_data(str(tmp_path / "d.npz"))
+    with pytest.raises(KdtoolError, match=r"d\.npz: class '10' is not one of the model's"):
+        match_classes(d, [str(i) for i in range(10)])

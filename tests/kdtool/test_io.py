@@ -72,3 +72,23 @@ def test_outputs_the_shell_did_not_expand_or_too_long_to_write_beside(tmp_path, 
     with pytest.raises(KdtoolError, match="is 240 bytes; the files kdtool writes beside it"):
         check_output(tmp_path / name, False)
     check_output(tmp_path / ("a" * 220 + ".safetensors"), False)
+
+
+def test_outputs_get_the_umasks_permissions_even_from_writers_that_make_their_own_file(
+        tmp_path):
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from kdtool.io import atomic_path
+
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "a.safetensors") as tmp:  # writes a temp file + rename
+            save_file({"x": torch.zeros(2)}, str(tmp))
+        atomic_write_text(tmp_path / "b.txt", "b")
+    finally:
+        os.umask(old)
+    for name in ("a.safetensors", "b.txt"):  # readable by others, as any new file (0644)
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
