@@ -24,6 +24,7 @@ def load_eval_data(spec: str, model: BenchModel, limit: int | None, seed: int) -
         num_classes=model.num_classes,
         in_chans=model.in_chans,
         what=model.label,
+        class_names=model.class_names,
     )
     if limit is not None and limit < len(data):
         gen = torch.Generator().manual_seed(seed)

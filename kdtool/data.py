@@ -229,7 +229,8 @@ def _few(names: list[str]) -> str:
     return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
 
 
-def check_fits(data: ImageData, *, num_classes: int, in_chans: int, what: str) -> None:
+def check_fits(data: ImageData, *, num_classes: int, in_chans: int, what: str,
+               class_names: list[str] | None = None) -> None:
     """Raise if ``data`` cannot feed the model ``what``: channels, class count.
 
     Sizes are not checked: data for a model is loaded fitted to it (``load_for_model``).
@@ -239,8 +240,11 @@ def check_fits(data: ImageData, *, num_classes: int, in_chans: int, what: str) -
             f"{data.source} has {data.channels}-channel images but {what} expects {in_chans}",
             f"convert the images to {in_chans} channel(s)")
     if data.labeled and data.num_classes != num_classes:
+        unnamed = class_names is not None and not class_names
         raise KdtoolError(
             f"{data.source} has {data.num_classes} classes but {what} has {num_classes}",
+            f"the model records no class names, so class folders are its classes 0 to "
+            f"{num_classes - 1} in sorted order: give {num_classes} of them" if unnamed else
             "use data labelled with the model's classes (class folders named as the model's "
             "classes may hold a subset of them; 'kdtool info' lists them)")
 

@@ -235,7 +235,7 @@ def _eval_checkpoint(checkpoint: Path, data: str, bn: str, batch_size: int, tta:
     dev = resolve_device(device)
     ds = load_for_model(data, meta)  # as export, bench and serve will fit them
     check_fits(ds, num_classes=meta.num_classes, in_chans=meta.in_chans,
-               what=f"checkpoint '{checkpoint}'")
+               what=f"checkpoint '{checkpoint}'", class_names=meta.class_names)
     if bn == "current" and len(ds) < batch_size:
         console.warn(f"'{data}' has {len(ds)} images, fewer than --batch-size {batch_size}: the "
                      f"current statistics come from one batch of {len(ds)}, noisier than the "

@@ -413,6 +413,11 @@ def test_check_fits():
         check_fits(d, num_classes=100, in_chans=1, what="resnet.ckpt")
     # every caller scores with the labels: unlabelled data is no way out
     assert "model's classes" in e.value.hint and "unlabel" not in e.value.hint
+    # a model without class names (a plain state_dict): 'kdtool info' would list nothing
+    with pytest.raises(KdtoolError) as e:
+        check_fits(d, num_classes=5, in_chans=1, what="r18.pth", class_names=[])
+    assert "records no class names" in e.value.hint and "classes 0 to 4" in e.value.hint
+    assert "kdtool info" not in e.value.hint
     unlabeled = ImageData(d.x, torch.full((len(d),), -1), [], "calib")
     check_fits(unlabeled, num_classes=100, in_chans=1, what="m")
 
