@@ -179,7 +179,7 @@ def main() -> None:
     args.ceiling = False  # read by serve_load.bench_kdtool
 
     exe = ensure_venv(args.venv)
-    args.model = args.model or sl.BENCH_DIR / f"{args.arch}_cifar.onnx"
+    args.model = args.model or sl.default_model(args.arch)
     if not args.model.exists():
         print(f"exporting zoo {args.arch} (random weights) to {args.model}", file=sys.stderr)
         sl.export_zoo(args.model, args.arch)

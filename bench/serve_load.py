@@ -35,7 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
-BENCH_DIR = Path("/tmp/kdtool-bench")  # --model defaults to BENCH_DIR/<arch>_cifar.onnx
+BENCH_DIR = Path("/tmp/kdtool-bench")
+
+
+def default_model(arch: str) -> Path:
+    """--model's default: each architecture its own file (one name for all mislabelled runs)."""
+    return BENCH_DIR / f"{arch}_cifar.onnx"
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 
 
@@ -467,7 +472,7 @@ def main() -> None:
     )
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
-    args.model = args.model or BENCH_DIR / f"{args.arch}_cifar.onnx"
+    args.model = args.model or default_model(args.arch)
     if not args.model.exists():
         print(f"exporting zoo {args.arch} (random weights) to {args.model}", file=sys.stderr)
         export_zoo(args.model, args.arch)

@@ -272,12 +272,11 @@ def _load(spec: str, meta, option: str, labelled: bool = False):
     # Images are fitted to the model's input; --val is converted to its channels too and
     # must have its classes; calibration images are taken as they are, as calibrate takes
     # them: ranges of converted copies are not those of the images served.
-    if labelled:
-        data = load_for_model(spec, meta)
-    else:
+    if not labelled:
         data = load_data(spec, image_size=tuple(meta.input_size), fit=Fit.of(meta))
         require_model_channels(data, meta.in_chans, option, "INT8 activation ranges")
-    if labelled:
+    else:
+        data = load_for_model(spec, meta)
         check_fits(
             data,
             num_classes=meta.num_classes,

@@ -238,7 +238,7 @@ def _looks_like(path: Path) -> str | None:
     """What a file that is not the expected checkpoint is, by its content; None: unknown."""
     try:
         with path.open("rb") as f:
-            head = f.read(12)
+            head = f.read(512)  # enough for the magic numbers and to tell text
     except OSError:
         return None
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
@@ -254,19 +254,14 @@ def _looks_like(path: Path) -> str | None:
         return "an .npz array file" if names and all(n.endswith(".npy") for n in names) \
             else "a zip archive"
     kind = next((kind for magic, kind in _MAGIC if head.startswith(magic)), None)
-    if kind is None and _is_text(path):  # a CSV, JSON or log beside the checkpoints
+    if kind is None and _is_text(head):  # a CSV, JSON or log beside the checkpoints
         kind = f"a text file{f' ({path.suffix})' if path.suffix else ''}"
     return kind
 
 
-def _is_text(path: Path) -> bool:
-    """Whether the file starts as UTF-8 text: a safetensors header length (8 little-endian
-    bytes) always holds a NUL or a control byte."""
-    try:
-        with path.open("rb") as f:
-            head = f.read(512)
-    except OSError:
-        return False
+def _is_text(head: bytes) -> bool:
+    """Whether a file's first bytes read as UTF-8 text: a safetensors header length (8
+    little-endian bytes) always holds a NUL or a control byte."""
     if not head or any(b < 32 and b not in b"\t\n\r" for b in head):
         return False
     try:

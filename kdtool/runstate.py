@@ -290,11 +290,12 @@ class RunCheckpoint:
 
 def _stage_of(out: Path) -> str | None:
     """The command ("train", "distill") that wrote the checkpoint ``out``, if it says."""
-    from kdtool.checkpoint import has_kdtool_meta, read_meta
+    from kdtool.checkpoint import read_meta
 
-    if not has_kdtool_meta(out):
+    try:
+        stages = read_meta(out).stages
+    except KdtoolError:  # missing, foreign or unreadable: the usual messages follow
         return None
-    stages = read_meta(out).stages
     return next((s for s in ("distill", "train") if s in stages), None)
 
 
