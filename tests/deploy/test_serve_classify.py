@@ -192,3 +192,29 @@ def test_classify_takes_compressed_uploads(rgb_server):
         r = c.post(URL, content=png, headers={"Content-Encoding": "br"})  # as /infer: 415
         assert r.status_code == 415, r.text
         assert r.json()["error"] == "Content-Encoding 'br' is not supported; use gzip or deflate"
+
+
+def test_compressed_bodies_inflate_off_the_event_loop(rgb_server, monkeypatch):
+    """A 16 MB inflate on the loop would stall every other request for tens of ms."""
+    import asyncio
+    import gzip
+
+    from kdtool.deploy.server import protocol
+
+    on_loop = []
+    real = protocol.decompress
+
+    def spy(*args):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:  # no loop here: an executor thread
+            on_loop.append(False)
+        return real(*args)
+
+    monkeypatch.setattr(protocol, "decompress", spy)
+    png = _bytes(_image("RGB", seed=3))
+    with httpx.Client(base_url=rgb_server.url) as c:
+        r = c.post(URL, content=gzip.compress(png), headers={"Content-Encoding": "gzip"})
+    assert r.status_code == 200, r.text
+    assert on_loop == [False]
