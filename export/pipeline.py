@@ -153,7 +153,7 @@ def run_export(cfg: ExportConfig) -> dict:
             tol = _tolerance(TOLERANCES[cfg.precision], cfg.min_agreement)
             with OrtRunner(final_path, threads=cfg.threads) as ort_final:
                 checks[cfg.precision] = _parity(
-                    reference, ort_final, batches, tol, cfg.precision.upper()
+                    reference, ort_final, batches, tol, cfg.precision.upper(), cfg
                 )
                 caveat = ort_final.describe().get("int8_weights")
         if caveat:
@@ -348,16 +348,40 @@ def _tolerance(base: Tolerance, min_agreement: float | None) -> Tolerance:
     return base if min_agreement is None else replace(base, min_agreement=min_agreement)
 
 
-def _parity(reference, candidate, batches, tolerance: Tolerance, what: str) -> dict:
+def _parity(reference, candidate, batches, tolerance: Tolerance, what: str,
+            cfg: ExportConfig | None = None) -> dict:
     report = compare(reference, candidate, batches, tolerance)
     console.info(f"parity {what}: {report.summary()}")
     if not report.passed:
         raise KdtoolError(
             f"{what} export fails its parity check: {report.problem} ({report.summary()}); "
             "nothing was written",
-            "see 'kdtool export --help' on tolerances (--min-agreement for FP16/INT8)",
+            _parity_hint(what, report.top1_agreement, cfg),
         )
     return report.to_dict()
+
+
+# Below this top-1 agreement a reduced-precision file is a different model, not a rounded
+# one: the hint stops offering --min-agreement, which would only let it be written.
+FAR_AGREEMENT = 80.0
+
+
+def _parity_hint(what: str, agreement: float, cfg: ExportConfig | None) -> str:
+    if what == "FP32" or cfg is None:
+        return ("the exported graph computes something else than PyTorch: try --exporter "
+                "torchscript (and --no-slim), and report the model if that passes")
+    if what == "FP16":
+        fixes = "keep --precision fp32 (FP16 overflows or rounds this model's activations)"
+    else:
+        others = [m for m in CALIB_METHODS if m != cfg.calib_method]
+        asym = (", --int8-activations asymmetric (not for TensorRT)"
+                if cfg.int8_activations == "symmetric" else "")
+        fixes = (f"try --calib-method {' or '.join(others)}{asym}, more --calib-data images "
+                 f"(--calib-images), or --precision fp16")
+    if agreement < FAR_AGREEMENT:
+        return (f"{fixes}; at {agreement:.0f}% agreement a lower --min-agreement would only "
+                f"write a model that predicts differently")
+    return f"{fixes}; or accept the change with --min-agreement {int(agreement)}"
 
 
 def _accuracy(reference, path: Path, val, meta, profile: BatchProfile, cfg) -> dict:

@@ -24,6 +24,7 @@ import numpy as np
 from kdtool.errors import KdtoolError, check_choice
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
+HISTOGRAM_METHODS = ("entropy", "percentile")  # ONNX Runtime's HistogramCalibrater
 ACTIVATION_MODES = ("symmetric", "asymmetric")
 
 
@@ -69,13 +70,21 @@ def quantize_int8(
     check_choice(method, CALIB_METHODS, "calibration method")
     check_choice(activations, ACTIVATION_MODES, "INT8 activation mode")
     batches = [calib[i : i + batch_size] for i in range(0, len(calib), batch_size)]
-    if static:  # a fixed-batch graph takes only full batches
+    # A fixed-batch graph takes only full batches; ONNX Runtime's histogram calibrators
+    # stack every batch's outputs into one array, which a short last batch makes ragged.
+    if static or (method in HISTOGRAM_METHODS and len(batches) > 1):
         batches = [b for b in batches if len(b) == batch_size]
     if not batches:
         raise KdtoolError(
             f"{len(calib)} calibration images cannot fill one batch of {batch_size}",
             "give more --calib-data images or a smaller --batch",
         )
+    used = sum(len(b) for b in batches)
+    if used < len(calib):
+        from kdtool import console
+
+        console.info(f"{method} calibration takes batches of {batch_size}: it uses {used} of "
+                     f"the {len(calib)} images (a multiple of {batch_size} uses them all)")
 
     class Reader(CalibrationDataReader):
         def __init__(self, report=progress):
@@ -140,7 +149,7 @@ def quantize_int8(
         "activations": "int8 symmetric" if symmetric else "uint8 asymmetric",
         "tensorrt_compatible": symmetric,
         "calib_method": method,
-        "calib_images": sum(len(b) for b in batches),
+        "calib_images": used,
     }
 
 

@@ -4,7 +4,7 @@ import hashlib
 import importlib.util
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -398,12 +398,26 @@ def test_failed_parity_leaves_no_file(cli, digits_teacher, tmp_path, monkeypatch
     monkeypatch.setitem(pipeline.TOLERANCES, "fp32", Tolerance(max_rel_diff=-1.0))
     out = tmp_path / "m.onnx"
     r = cli("export", digits_teacher, "--onnx", out, "--triton-repo", tmp_path / "repo")
-    _one_line_error(r, "FP32 export fails its parity check", "nothing was written")
+    _one_line_error(r, "FP32 export fails its parity check", "nothing was written",
+                    "try --exporter torchscript")
     assert os.listdir(tmp_path) == []  # no ONNX, no Triton repository, no temporary folder
     out.write_bytes(b"an earlier export")  # with --force, a failed check keeps the old file
     r = cli("export", digits_teacher, "--onnx", out, "--force")
     _one_line_error(r, "FP32 export fails its parity check")
     assert out.read_bytes() == b"an earlier export" and os.listdir(tmp_path) == ["m.onnx"]
+
+
+def test_a_failed_reduced_precision_check_offers_fixes_and_a_lower_bar_only_when_close():
+    cfg = pipeline.ExportConfig(checkpoint="s.safetensors", onnx="s.onnx", precision="int8")
+    close = pipeline._parity_hint("INT8", 87.5, cfg)
+    assert "--calib-method entropy or percentile" in close
+    assert "--int8-activations asymmetric" in close and "--precision fp16" in close
+    assert close.endswith("--min-agreement 87")  # what the file would pass at
+    far = pipeline._parity_hint("INT8", 6.2, replace(cfg, calib_method="percentile",
+                                                     int8_activations="asymmetric"))
+    assert "--calib-method minmax or entropy" in far and "asymmetric" not in far
+    assert "--min-agreement" in far and "would only write a model that predicts" in far
+    assert "--precision fp32" in pipeline._parity_hint("FP16", 50.0, cfg)
 
 
 @pytest.mark.skipif(

@@ -185,3 +185,23 @@ def test_float_models_open_unchanged(fp32_export):
 def _digits_test(meta):
     data = load_data("digits:test", image_size=tuple(meta.input_size), channels=meta.in_chans)
     return normalise(data.x, meta.mean, meta.std), data.y.numpy()
+
+
+def test_every_calibration_method_takes_a_count_that_is_not_a_multiple_of_the_batch(
+        fp32_export, tmp_path, capsys):
+    """ONNX Runtime's histogram calibrators stack all batches' outputs: a short last batch
+    made them fail with numpy's 'inhomogeneous shape' (200 images in batches of 32)."""
+    from kdtool.export.precision import quantize_int8
+
+    meta = read_meta(fp32_export[1]["checkpoint"])
+    calib = normalise(load_data("digits", channels=meta.in_chans).x[:40],
+                      meta.mean, meta.std)
+    used = {}
+    for method in ("minmax", "percentile", "entropy"):
+        out = tmp_path / f"{method}.onnx"
+        used[method] = quantize_int8(Path(fp32_export[0]), out, calib, input_name="input",
+                                     batch_size=32, method=method)["calib_images"]
+        assert out.exists()
+    assert used == {"minmax": 40, "percentile": 32, "entropy": 32}
+    assert "percentile calibration takes batches of 32: it uses 32 of the 40 images" \
+        in capsys.readouterr().err
