@@ -30,8 +30,10 @@ from kdtool.cli.options import (
 def distill_cmd(
     teacher: Annotated[Path, typer.Option("--teacher", help="The teacher: a kdtool checkpoint "
                                           "(convert a plain state_dict with 'kdtool convert').")],
-    student: Annotated[str, typer.Option("--student", help="Student architecture "
-                                         "(see 'kdtool models').")] = "resnet18",
+    student: Annotated[str, typer.Option("--student", help="Student architecture: a kdtool "
+                                         "model for 32x32 inputs (see 'kdtool models'), or "
+                                         "tv:NAME / timm:NAME for ImageNet-size ones "
+                                         "(tv:mobilenet_v3_small).")] = "resnet18",
     noise: Annotated[str, typer.Option(
         "--noise", help="gaussian (N(0,1) in the normalised input space, the paper's), uniform "
         "or dead_leaves.")] = "gaussian",

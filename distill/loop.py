@@ -41,12 +41,34 @@ from kdtool.ema import check_decay, make_ema
 from kdtool.errors import KdtoolError, check_choice, check_val_every, check_weight_decay
 from kdtool.evaluate import percent_equal, predict
 from kdtool.loader import epoch_generator
-from kdtool.models import check_input_size, create_model, model_spec
+from kdtool.models import check_input_size, count_params, create_model, model_spec
 from kdtool.runinfo import provenance
 from kdtool.runstate import RunCheckpoint
 
 MIN_GOOD_BATCH = 32  # below this the teacher's batch statistics get noisy (appendix Fig. 3b)
 ALIGNED_TEACHER_LOSS_WARN = 5.0  # points of --val top-1 that alignment may cost silently
+# A student run at this many times its design input's pixels (a CIFAR network, made for
+# 32x32 with no early downsampling, at 224x224 costs 49x) is better replaced.
+OVERSIZE_INPUT = 4
+
+
+def warn_student_fit(student: torch.nn.Module, name: str, teacher: torch.nn.Module,
+                     teacher_arch: str, size: tuple[int, int]) -> None:
+    """Warn before a run whose student is no smaller than its teacher, or runs far above
+    the input size its architecture was made for: both cost hours for nothing."""
+    n_student, n_teacher = count_params(student), count_params(teacher)
+    if n_student >= n_teacher:
+        console.warn(f"the student {name} ({console.params_text(n_student)} parameters) is "
+                     f"not smaller than the teacher {teacher_arch} "
+                     f"({console.params_text(n_teacher)}): pick a "
+                     "smaller --student (kdtool models; tv: and timm: names work too)")
+    design = model_spec(name).input_size
+    ratio = (size[0] * size[1]) / (design[0] * design[1])
+    if ratio >= OVERSIZE_INPUT:
+        console.warn(f"the student {name} is made for {design[0]}x{design[1]} inputs and "
+                     f"runs at the teacher's {size[0]}x{size[1]}, {ratio:.0f}x the pixels and "
+                     "about as much more compute per image: a student made for this size, "
+                     "e.g. --student tv:mobilenet_v3_small or tv:resnet18, is faster")
 
 
 @dataclass
@@ -154,6 +176,7 @@ class DistillRun:
         check_input_size(student, c.student, tmeta.in_chans, size,
                          f"the student learns at the teacher's input size: pick a student "
                          f"that takes {size[0]}x{size[1]} images (kdtool models)")
+        warn_student_fit(student, c.student, teacher_model, tmeta.arch, size)
         student = student.to(dev, memory_format=fmt)
         distiller = NoiseKD(student, teacher, c.temperature, c.loss,
                             class_weighted=c.balance == "weight")

@@ -114,6 +114,13 @@ def _count(n: float) -> str:
     return f"{n:,.0f}"
 
 
+def params_text(n: int) -> str:
+    """A parameter count as people quote it: 11.17M, 1.6K (a test model has a few thousand)."""
+    if n >= 1_000_000:
+        return f"{n / 1e6:.2f}M"
+    return f"{n / 1e3:.1f}K" if n >= 1000 else str(n)
+
+
 class _LineProgress:
     """Progress as plain lines for logs: one per tenth of the work (at most one per
     ``LINE_MIN_S``) or per ``LINE_EVERY_S``, whichever comes first, and a last one at the

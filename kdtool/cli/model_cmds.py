@@ -71,7 +71,7 @@ def models_cmd(
         console.out.print(console.table(
             "kdtool architectures (parameters for 10 classes; 1000 for tv: and timm:)",
             ["name", "family", "params", "input", "description"],
-            [[r["name"], r["family"], params_text(r["params"]),
+            [[r["name"], r["family"], console.params_text(r["params"]),
               "x".join(map(str, r["input_size"])), r["description"]]
              for r in result["models"]]))
 
@@ -213,13 +213,6 @@ def _numel(shape) -> int:
     for s in shape:
         n *= s
     return n
-
-
-def params_text(n: int) -> str:
-    """A parameter count as people quote it: 11.17M, 1.6K (a test model has a few thousand)."""
-    if n >= 1_000_000:
-        return f"{n / 1e6:.2f}M"
-    return f"{n / 1e3:.1f}K" if n >= 1000 else str(n)
 
 
 def _fmt_list(values) -> str:

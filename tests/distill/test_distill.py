@@ -203,6 +203,25 @@ def test_cli_distill_json_and_errors(cli, small_teacher, tmp_path):
     assert bad.code == 1 and "did you mean 'reject'" in bad.err
 
 
+def test_a_student_no_smaller_than_its_teacher_or_far_above_its_input_size_is_warned(capsys):
+    from kdtool.distill.loop import warn_student_fit
+    from kdtool.models import create_model
+
+    tiny, cnn3 = create_model("tiny_cnn"), create_model("cnn3")
+    warn_student_fit(tiny, "tiny_cnn", cnn3, "cnn3", (32, 32))  # the usual case: silent
+    assert capsys.readouterr().err == ""
+    warn_student_fit(cnn3, "cnn3", tiny, "tiny_cnn", (32, 32))
+    err = " ".join(capsys.readouterr().err.split())
+    assert "the student cnn3 (94.8K parameters) is not smaller than the teacher tiny_cnn " \
+        "(1.6K)" in err and "pick a smaller --student" in err
+    warn_student_fit(tiny, "tiny_cnn", cnn3, "cnn3", (224, 224))  # a CIFAR net at ImageNet size
+    err = " ".join(capsys.readouterr().err.split())
+    assert "made for 32x32 inputs and runs at the teacher's 224x224, 49x the pixels" in err
+    assert "tv:mobilenet_v3_small" in err
+    warn_student_fit(tiny, "tiny_cnn", cnn3, "cnn3", (48, 48))  # 2.25x: not worth a word
+    assert capsys.readouterr().err == ""
+
+
 @pytest.fixture(scope="module")
 def digits_cnn3(tmp_path_factory):
     from kdtool.train import TrainConfig, Trainer

@@ -201,7 +201,7 @@ def test_train_and_distill_refuse_an_architecture_the_images_are_too_small_for(
 
 
 def test_the_models_table_quotes_small_counts_in_thousands(cli, monkeypatch):
-    from kdtool.cli.model_cmds import params_text
+    from kdtool.console import params_text
 
     assert [params_text(n) for n in (11_173_962, 1_634, 999)] == ["11.17M", "1.6K", "999"]
     monkeypatch.setenv("COLUMNS", "160")
