@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from kdtool import console
 from kdtool.errors import KdtoolError
 from kdtool.imageprep import Fit, parse_resize, record_problems
 from kdtool.io import atomic_write_bytes, check_output, require_file
@@ -33,7 +34,9 @@ FORMAT = "kdtool.checkpoint"
 FORMAT_VERSION = 1
 META_KEY = "kdtool"
 CHECKPOINT_SUFFIX = ".safetensors"  # kdtool writes these; a .pt is read as a plain state_dict
-FOREIGN_SUFFIXES = (".pt", ".pth", ".bin")
+FOREIGN_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")  # .ckpt: PyTorch Lightning
+# What loading a plain state_dict records of how it read the file (provenance keys)
+IMPORT_NOTES = ("shapes_read", "state_dict_key", "stripped_prefix")
 
 
 @dataclass
@@ -160,6 +163,12 @@ class ForeignSpec:
                 setattr(spec, dim, found[dim][0] if dim in found else default)
         return spec
 
+    def normalisation(self, mean=None, std=None, source: str = "") -> tuple[list, list]:
+        """``mean`` and ``std`` (default: the flags') checked and spread over the channels."""
+        return per_channel_norm(self.mean if mean is None else mean,
+                                self.std if std is None else std, self.in_chans,
+                                f"'{source}' (--in-chans {self.in_chans})")
+
     def to_meta(self, source: str) -> ModelMeta:
         from kdtool.models import model_spec
 
@@ -175,8 +184,7 @@ class ForeignSpec:
             # count gets its first channel's
             mean, std = (spec.mean, spec.std) if self.in_chans == len(spec.mean) else \
                 (spec.mean[:1], spec.std[:1])
-        mean, std = per_channel_norm(mean, std, self.in_chans,
-                                     f"'{source}' (--in-chans {self.in_chans})")
+        mean, std = self.normalisation(mean, std, source)
         size = list(self.input_size or spec.input_size)
         # The architecture's crop is its published weights' evaluation at their own size; a
         # model trained at another size (CIFAR's 32) saw its images whole, as kdtool train
@@ -342,7 +350,9 @@ def read_meta(path: str | Path) -> ModelMeta:
     return ModelMeta.from_json(header[META_KEY], str(path))
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _read_state_dict(path: Path, notes: dict | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of ``path``; ``notes`` (when given) gets how a torch file's weights were
+    found in it (provenance)."""
     if path.suffix.lower() in FOREIGN_SUFFIXES:
         _check_torch_file(path)
         try:
@@ -361,7 +371,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 "save it with torch.save(model.state_dict(), path); "
                 "only tensors and plain containers are accepted",
             ) from e
-        return _unwrap_state_dict(obj, path)
+        return _unwrap_state_dict(obj, path, {} if notes is None else notes)
     try:
         return st_load(path.read_bytes())
     except (SafetensorError, ValueError) as e:
@@ -390,10 +400,14 @@ def _check_torch_file(path: Path) -> None:
         raise _not_a_checkpoint(path, kind)
 
 
-def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+def _unwrap_state_dict(obj: Any, path: Path, notes: dict) -> dict[str, torch.Tensor]:
     # Training scripts often wrap the weights: {"state_dict": ...}, {"model": ...}.
     for key in ("state_dict", "model_state_dict", "model", "net"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            others = sorted(str(k) for k in obj if k != key)
+            console.info(f"'{path}': reading the weights under '{key}'"
+                         + (f" (it also holds {', '.join(others)})" if others else ""))
+            notes["state_dict_key"] = key
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -405,31 +419,56 @@ def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     for prefix in ("module.", "_orig_mod."):
         if obj and all(k.startswith(prefix) for k in obj):
             obj = {k[len(prefix):]: v for k, v in obj.items()}
+            notes["stripped_prefix"] = notes.get("stripped_prefix", "") + prefix
     return obj
+
+
+def _match_foreign(state: dict[str, torch.Tensor], foreign: ForeignSpec, source: str,
+                   notes: dict) -> tuple[dict[str, torch.Tensor], ForeignSpec]:
+    """``state`` and ``foreign`` resolved against each other, checked on the meta device
+    before anything else is asked of the user: a wrapper's prefix comes off (notes), and a
+    mismatch names the sibling architecture the tensors match (kdtool.state_match)."""
+    from kdtool.state_match import (
+        expected_shapes,
+        matching_sibling,
+        mismatch,
+        strip_common_prefix,
+    )
+
+    if None not in (foreign.mean, foreign.std, foreign.in_chans):  # the flags' own mistakes
+        foreign.normalisation(source=source)
+    names = expected_shapes(foreign.arch)
+    if names is not None:
+        state, prefix = strip_common_prefix(state, set(names))
+        if prefix:
+            console.info(f"'{source}': every tensor name starts with '{prefix}' (a training "
+                         f"wrapper's attribute): read without it")
+            notes["stripped_prefix"] = notes.get("stripped_prefix", "") + prefix
+    spec = foreign.resolved(state)
+    shapes = expected_shapes(spec.arch, num_classes=spec.num_classes, in_chans=spec.in_chans)
+    problem = mismatch(shapes, state, source) if shapes is not None else None
+    if problem:
+        def dims(arch: str) -> dict:
+            other = replace(foreign, arch=arch).resolved(state)
+            return {"num_classes": other.num_classes, "in_chans": other.in_chans}
+
+        message, hint = problem
+        sibling = matching_sibling(spec.arch, state, dims)
+        if sibling is not None:
+            hint = (f"its tensors are those of --arch {sibling}, not {spec.arch}: "
+                    f"pass --arch {sibling}")
+        raise KdtoolError(message, hint)
+    return state, spec
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load ``state`` strictly, naming the first mismatching tensor on failure."""
-    expected = model.state_dict()
-    for name, tensor in expected.items():
-        if name not in state:
-            raise KdtoolError(
-                f"'{source}' lacks tensor '{name}' that the architecture needs",
-                "check --arch and its arguments against the model that wrote the file",
-            )
-        if tuple(state[name].shape) != tuple(tensor.shape):
-            raise KdtoolError(
-                f"shape mismatch in '{source}' at '{name}': file {tuple(state[name].shape)}, "
-                f"architecture {tuple(tensor.shape)}",
-                "check --arch, --num-classes and --in-chans",
-            )
-    extra = sorted(set(state) - set(expected))
-    if extra:
-        raise KdtoolError(
-            f"'{source}' has tensor '{extra[0]}' the architecture does not have"
-            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""),
-            "check --arch against the model that wrote the file",
-        )
+    from kdtool.state_match import mismatch
+
+    problem = mismatch({k: tuple(v.shape) for k, v in model.state_dict().items()}, state,
+                       source)
+    if problem:
+        raise KdtoolError(*problem)
     model.load_state_dict(state, strict=True)
 
 
@@ -442,9 +481,11 @@ def load_checkpoint(
     if foreign is None:
         meta = read_meta(path)
         state = _read_state_dict(path)
-    else:  # a corrupt file is named as such before what the user's flags leave unsaid
-        state = _read_state_dict(path)
-        meta = foreign.resolved(state).to_meta(str(path))
+    else:  # a corrupt file, then a wrong --arch, are named before what the flags leave unsaid
+        notes: dict = {}
+        state, spec = _match_foreign(_read_state_dict(path, notes), foreign, str(path), notes)
+        meta = spec.to_meta(str(path))
+        meta.provenance.update(notes)
     model = meta.build()
     load_into(model, state, str(path))
     if foreign is not None:  # the user's --image-size: one the architecture takes?

@@ -252,6 +252,7 @@ def convert_cmd(
     from kdtool import console
     from kdtool.checkpoint import (
         CHECKPOINT_SUFFIX,
+        IMPORT_NOTES,
         has_kdtool_meta,
         load_checkpoint,
         save_checkpoint,
@@ -279,7 +280,8 @@ def convert_cmd(
     shapes_read = meta.provenance.get("shapes_read", {})
     meta.provenance = provenance(imported_from=str(state_dict),
                                  imported_sha256=file_sha256(state_dict),
-                                 **({"shapes_read": shapes_read} if shapes_read else {}))
+                                 **{k: meta.provenance[k] for k in IMPORT_NOTES
+                                    if k in meta.provenance})
     path = save_checkpoint(out, model, meta, force=force)
     h, w = meta.input_size
     fit = Fit.of(meta)

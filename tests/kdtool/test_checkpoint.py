@@ -156,6 +156,40 @@ def test_foreign_state_dict_loads_without_unpickling(tmp_path: Path):
         load_checkpoint(tmp_path / "evil.pt", ForeignSpec("tv:resnet18", 5))
 
 
+def test_a_torchvision_file_under_kdtools_name_is_told_its_architecture(tmp_path: Path):
+    """torchvision's resnet18 (7x7 stem, fc) and kdtool's (3x3 stem, linear) share a name:
+    the mismatch comes before any question on normalisation, with the name to pass."""
+    torch.save(create_model("tv:resnet18", num_classes=5).state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(KdtoolError) as e:
+        load_checkpoint(tmp_path / "r18.pth", ForeignSpec("resnet18"))
+    assert "(64, 3, 7, 7)" in e.value.message  # the stem, the first tensor that differs
+    assert e.value.hint == ("its tensors are those of --arch tv:resnet18, not resnet18: "
+                            "pass --arch tv:resnet18")
+    torch.save(create_model("resnet18").state_dict(), tmp_path / "k18.pth")
+    with pytest.raises(KdtoolError) as e:  # and the other way round
+        load_checkpoint(tmp_path / "k18.pth", ForeignSpec("tv:resnet18"))
+    assert "pass --arch resnet18" in e.value.hint
+
+
+def test_a_lightning_checkpoint_loads_with_its_wrapper_prefix_removed(tmp_path: Path):
+    model = _randomised(create_model("tiny_cnn", num_classes=4))
+    ckpt = {"epoch": 3, "global_step": 120, "optimizer_states": [],
+            "state_dict": {"model.net." + k: v for k, v in model.state_dict().items()}}
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    loaded, meta = load_checkpoint(tmp_path / "last.ckpt",
+                                   ForeignSpec("tiny_cnn", mean=[0.5], std=[0.5]))
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert meta.num_classes == 4  # read from the tensors once the prefix is off
+    assert meta.provenance["state_dict_key"] == "state_dict"
+    assert meta.provenance["stripped_prefix"] == "model.net."
+    # A prefix that does not make the names match stays, and the error shows the file's own.
+    ckpt["state_dict"]["loss.weight"] = torch.ones(4)
+    torch.save(ckpt, tmp_path / "mixed.ckpt")
+    with pytest.raises(KdtoolError, match=r"lacks tensor 'conv1.weight'.*its own are named "
+                                          r"like 'model.net.conv1.weight'"):
+        load_checkpoint(tmp_path / "mixed.ckpt", ForeignSpec("tiny_cnn", mean=[0.5], std=[0.5]))
+
+
 def test_foreign_zoo_model_needs_normalisation(tmp_path: Path):
     torch.save(create_model("resnet8").state_dict(), tmp_path / "r8.pt")
     with pytest.raises(KdtoolError, match="--mean and --std"):

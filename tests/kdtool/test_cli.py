@@ -342,6 +342,23 @@ def test_a_plain_state_dict_takes_its_input_size_and_scores_as_its_source(cli, d
     _one_line_error(cli("convert", tmp_path / "t.pt", *unsaid, "--class-names", "a,b", "--out",
                         tmp_path / "g.safetensors"), "gives 2 names for 10 classes")
     assert not (tmp_path / "g.safetensors").exists()
+    # A PyTorch Lightning checkpoint: its weights under 'state_dict', named 'model.<...>'
+    import torch
+
+    from kdtool.checkpoint import read_meta
+
+    state = torch.load(tmp_path / "t.pt", weights_only=True)
+    torch.save({"epoch": 9, "state_dict": {"model." + k: v for k, v in state.items()}},
+               tmp_path / "last.ckpt")
+    r = cli("convert", tmp_path / "last.ckpt", *plain, "--image-size", "8", "--out",
+            tmp_path / "l.safetensors")
+    assert r.code == 0, r.err
+    assert "reading the weights under 'state_dict' (it also holds epoch)" in r.err
+    assert "every tensor name starts with 'model.'" in " ".join(r.err.split())
+    prov = read_meta(tmp_path / "l.safetensors").provenance  # kept by convert
+    assert (prov["state_dict_key"], prov["stripped_prefix"]) == ("state_dict", "model.")
+    assert cli("eval", tmp_path / "l.safetensors", "--data", "digits:test",
+               "--json").json()["top1"] == want
 
 
 @pytest.mark.parametrize(("args", "fragments"), [
