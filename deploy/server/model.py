@@ -11,6 +11,7 @@ import numpy as np
 from kdtool.deploy.server.protocol import ORT_TO_V2, V2_TO_NP
 from kdtool.errors import KdtoolError, check_choice
 from kdtool.export.metadata import OnnxInfo, check_graph, info_from_props
+from kdtool.imageprep import Fit, describe_resize
 
 # --provider -> ONNX Runtime providers in priority order.  CPU is never appended to a GPU
 # list: ORT would silently run the whole graph there when the GPU provider fails to load.
@@ -119,11 +120,15 @@ class OnnxModel:
     def describe(self) -> dict[str, Any]:
         """kdtool's own part of the model metadata: what a client needs to preprocess."""
         i = self.info
+        fit = Fit.of(i)
         return {
             "arch": i.arch,
             "layout": i.layout,
             "input_size": i.input_size,
             "in_chans": i.in_chans,
+            # how /classify brings another size to input_size (kdtool's --resize rule)
+            "resize": describe_resize(fit.crop_fraction),
+            "interpolation": fit.interpolation,
             "mean": i.mean,
             "std": i.std,
             "class_names": self.class_names,

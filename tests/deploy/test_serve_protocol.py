@@ -25,6 +25,8 @@ def test_health_and_metadata(serve_model, tiny_onnx):
         assert m["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
         assert m["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
         assert m["kdtool"]["mean"] == [0.5] and m["kdtool"]["class_names"][3] == "class_3"
+        # what a client of /infer needs to resize as /classify does
+        assert (m["kdtool"]["resize"], m["kdtool"]["interpolation"]) == ("stretch", "bilinear")
         assert c.get("/v2/models/digits/ready").json() == {"name": "digits", "ready": True}
         assert c.get("/v2/models/digits/versions/1").json() == m
         r = c.get("/v2/models/tiny")
