@@ -147,7 +147,8 @@ def distill_cmd(
             aligned = (f" ({r['val_teacher_top1_aligned']:.2f}% batch-aligned, the answers "
                        "the student learns from)" if "val_teacher_top1_aligned" in r else "")
             rows.append(["val top-1 (teacher)", f"{r['val_teacher_top1']:.2f}%{aligned}"])
-        rows.append(["throughput", f"{r['images_per_s']:,.0f} img/s on {r['device']}"])
+        rows.append(["throughput",
+                     f"{console.rate_text(r['images_per_s'])} img/s on {r['device']}"])
         console.print_kv("kdtool distill", rows)
 
     console.emit(result, as_json, render)

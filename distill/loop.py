@@ -388,4 +388,4 @@ def _epoch_line(row: dict, epochs: int) -> str:
         if "val_top1_current_live" in row:
             val += f", live weights {row['val_top1_current_live']:.2f}% (current BN)"
     return (f"epoch {row['epoch']}/{epochs} loss {row['loss']:.4f}{val} lr {row['lr']:.2e} "
-            f"{row['images_per_s']:,.0f} img/s")
+            f"{console.rate_text(row['images_per_s'])} img/s")

@@ -234,8 +234,9 @@ def export_cmd(
         rows = [
             [
                 "onnx",
-                f"{r['onnx']} ({r['precision']}, {r['sizes']['onnx_bytes'] / 1e6:.2f} "
-                f"MB; fp32 {r['sizes']['fp32_bytes'] / 1e6:.2f} MB)",
+                f"{r['onnx']} ({r['precision']}, {r['sizes']['onnx_bytes'] / 1e6:.2f} MB"
+                + (f"; fp32 {r['sizes']['fp32_bytes'] / 1e6:.2f} MB)"
+                   if r["precision"] != "fp32" else ")"),
             ],
             [
                 "source",

@@ -114,6 +114,14 @@ def _count(n: float) -> str:
     return f"{n:,.0f}"
 
 
+def rate_text(rate: float) -> str:
+    """A rate at its useful precision: 12,345 and 123 whole, 6.3 and 0.42 with decimals (a
+    large model on a CPU runs below one image a second, which a whole number shows as 0)."""
+    if rate >= 100:
+        return f"{rate:,.0f}"
+    return f"{rate:.1f}" if rate >= 1 else f"{rate:.2g}"
+
+
 def params_text(n: int) -> str:
     """A parameter count as people quote it: 11.17M, 1.6K (a test model has a few thousand)."""
     if n >= 1_000_000:
@@ -165,8 +173,7 @@ class _LineProgress:
         else:
             parts.append(f"{_count(self.completed)} {self.unit}")
         if rate:
-            parts.append(f"{rate:,.0f} {self.unit}/s" if rate >= 100
-                         else f"{rate:.1f} {self.unit}/s")
+            parts.append(f"{rate_text(rate)} {self.unit}/s")
         parts.append(f"elapsed {_clock(elapsed)}")
         if rate and self.total and self.completed < self.total:
             parts.append(f"eta {_clock((self.total - self.completed) / rate)}")

@@ -278,4 +278,4 @@ def _epoch_line(row: dict, epochs: int) -> str:
         val += f" (EMA; live weights {row['val_top1_live']:.2f}%)"
     return (f"epoch {row['epoch']}/{epochs} loss {row['loss']:.4f} train "
             f"{row['train_top1']:.2f}%{val} lr {row['lr']:.2e} "
-            f"{row['images_per_s']:,.0f} img/s")
+            f"{console.rate_text(row['images_per_s'])} img/s")

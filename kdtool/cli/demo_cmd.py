@@ -76,7 +76,7 @@ def render_summary(r: dict) -> None:
             rows.append([what, f"{row['status']}: {row.get('reason') or ''}"])
             continue
         rows.append([what, f"p50 {row['latency_ms']['p50']:.3f} ms, "
-                           f"{row['throughput']:,.0f} img/s"])
+                           f"{console.rate_text(row['throughput'])} img/s"])
     console.out.print(console.table(f"kdtool demo: {r['seconds']:.0f} s", ["stage", "result"],
                                     rows))
     files = sorted(p.name for p in Path(r["out"]).iterdir())

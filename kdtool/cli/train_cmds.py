@@ -116,7 +116,8 @@ def train_cmd(
             rows.append(["val top-1", f"{r['val_top1']:.2f}%"])
         if "val_top1_live" in r:
             rows.append(["val top-1, live weights (not --ema)", f"{r['val_top1_live']:.2f}%"])
-        rows.append(["throughput", f"{r['images_per_s']:,.0f} img/s on {r['device']}"])
+        rows.append(["throughput",
+                     f"{console.rate_text(r['images_per_s'])} img/s on {r['device']}"])
         console.print_kv("kdtool train", rows)
 
     console.emit(result, as_json, render)

@@ -116,3 +116,11 @@ def test_progress_mode_follows_the_environment(monkeypatch, capsys):
     assert console.progress_mode() == "lines"  # not a terminal here: auto
     warning = capsys.readouterr().err
     assert "KDTOOL_PROGRESS='sometimes' is not one of auto, bar, lines, off" in warning
+
+
+def test_rates_keep_their_useful_digits():
+    """A big model on a CPU runs under one image a second: '0 img/s' said nothing."""
+    from kdtool.console import rate_text
+
+    assert [rate_text(r) for r in (17485.4, 123.4, 6.31, 0.4213, 0.0071)] == \
+        ["17,485", "123", "6.3", "0.42", "0.0071"]
