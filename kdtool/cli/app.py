@@ -121,9 +121,32 @@ def _usage_message(e: UsageError) -> str:
         hint = foreign_option_hint(e.option_name, options, e.ctx.command.name)
         if hint is not None:
             return f"No such option: {e.option_name}{hint}"
+        elsewhere = _commands_with(e.option_name, e.ctx.find_root().command)
+        if elsewhere:  # what the user meant, rather than click's look-alikes here
+            named = [f"'{c}'" for c in elsewhere[:3]]
+            more = f" and {len(elsewhere) - 3} more" if len(elsewhere) > 3 else ""
+            listed = ", ".join(named) + more if more else " and ".join(
+                [", ".join(named[:-1]), named[-1]] if len(named) > 1 else named)
+            return f"No such option: {e.option_name}; it is an option of {listed}"
         if e.possibilities == ["--help"]:  # click's only look-alike: no help at all
             return f"No such option: {e.option_name}"
     return e.format_message()
+
+
+def _commands_with(option: str, root) -> list[str]:
+    """The kdtool commands (``kdtool convert``, ``kdtool analyze sweep``) that take ``option``."""
+    found = []
+
+    def walk(command, path: str) -> None:
+        subs = getattr(command, "commands", None)
+        if subs:
+            for name, sub in sorted(subs.items()):
+                walk(sub, f"{path} {name}")
+        elif any(option in (*q.opts, *q.secondary_opts) for q in command.params):
+            found.append(path)
+
+    walk(root, "kdtool")
+    return found
 
 
 def _hide_flag_types(command) -> None:

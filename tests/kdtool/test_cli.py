@@ -145,6 +145,12 @@ def _one_line_error(r, *fragments):
          ["--format; kdtool spells it --json ("]),
         # click's only look-alike is --help: no "(Possible options: --help)"
         (["info", "m.safetensors", "--model", "x"], ["No such option: --model (see"]),
+        # an option of other commands says which, rather than click's look-alikes here
+        (["eval", "m.pth", "--resize", "stretch"],
+         ["No such option: --resize; it is an option of 'kdtool convert' and 'kdtool train' "
+          "(see 'kdtool eval --help')"]),
+        (["models", "--seed", "1"], ["--seed; it is an option of 'kdtool analyze activations', "
+                                     "'kdtool analyze student', 'kdtool analyze sweep' and "]),
     ],
 )
 def test_user_errors_are_one_line_exit_1(cli, tmp_path, monkeypatch, args, fragments,
