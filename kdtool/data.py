@@ -108,6 +108,11 @@ class ImageData:
                               "give a folder of <class>/<image> subfolders, a zip of one, or "
                               "an npz with y")
 
+    def checksum(self) -> str:
+        """CRC-32 of the pixels, labels and class names, as hex (0.1 s for CIFAR-10's 45k)."""
+        names = zlib.crc32("\n".join(self.class_names).encode())
+        return f"{zlib.crc32(self.y.numpy(), zlib.crc32(self.x.numpy(), names)):08x}"
+
     def subset(self, index: torch.Tensor | slice) -> ImageData:
         return ImageData(self.x[index].contiguous(), self.y[index].contiguous(),
                          list(self.class_names), self.source)

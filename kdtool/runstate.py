@@ -120,6 +120,10 @@ def load_state(path: Path) -> dict[str, Any]:
 # changed device or precision continues the run, not bit for bit: its generators and
 # arithmetic differ.
 RESUMABLE_CHANGES = ("device", "precision", "compile", "compile_mode", "channels_last")
+# A run's inputs by content: config[CONTENT_KEY.format("teacher")] holds a digest of the
+# teacher file, so a file replaced under the same path is refused and the same file under
+# another spelling of its path is not.
+CONTENT_KEY = "{}_contents"
 # Settings newer than some saved states, with the value that does what those runs did.
 ADDED_SETTINGS = {"val_every": 1}
 
@@ -136,6 +140,18 @@ def check_same_config(saved: dict[str, Any], current: dict[str, Any], path: Path
         if key in ignore or (key not in saved and (
                 not current[key] or current[key] == ADDED_SETTINGS.get(key))):
             continue
+        content = CONTENT_KEY.format(key)
+        if saved.get(content) is not None and saved.get(content) == current.get(content):
+            continue  # the same contents under another path ('T.safetensors', './T...')
+        if key.endswith(CONTENT_KEY.format("")):
+            if key in saved and saved[key] != current.get(key):
+                what = key.removesuffix(CONTENT_KEY.format(""))
+                raise KdtoolError(
+                    f"cannot resume '{path}': the {what} '{current.get(what)}' is not the one "
+                    f"the run started with (its contents changed)",
+                    f"resume with the run's {what}, or start over: drop --resume and pass "
+                    "--force")
+            continue  # a state written before contents were recorded: the paths decide
         if saved.get(key) != current.get(key):
             raise KdtoolError(
                 f"cannot resume '{path}': {key} was {saved.get(key)!r}, now {current.get(key)!r}",

@@ -11,6 +11,7 @@ from kdtool.distill.distiller import NoiseKD
 from kdtool.distill.loop import DistillConfig, DistillRun
 from kdtool.distill.teacher import FrozenTeacher, choose_running_layers
 from kdtool.errors import KdtoolError
+from kdtool.io import file_sha256
 from kdtool.models import create_model
 from kdtool.runstate import load_state, state_path_for
 
@@ -291,6 +292,30 @@ def test_noise_pool_run_resumes_exactly_and_is_recorded(small_teacher, tmp_path,
     assert all(torch.equal(a[k], b[k]) for k in a)
     noise = read_meta(tmp_path / "a.safetensors").stages["distill"]["noise"]
     assert noise["pool"] == 64 and noise["kind"] == "dead_leaves"
+
+
+def test_resume_refuses_a_teacher_replaced_under_the_same_path(small_teacher, tmp_path,
+                                                               interrupted_distill,
+                                                               monkeypatch):
+    """The run state held the teacher's path only: a resumed run finished its student on
+    whatever file was there now, and the output named only the new teacher."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(small_teacher, "t.safetensors")
+    cfg = _cfg("t.safetensors", epochs=2)
+    interrupted_distill(DistillRun(cfg, tmp_path / "s.safetensors"), 1)
+    meta = read_meta(small_teacher)
+    save_checkpoint("t.safetensors", _random_bn_model(seed=1), meta, force=True)
+    with pytest.raises(KdtoolError, match="the teacher 't.safetensors' is not the one the run "
+                                          r"started with \(its contents changed\)"):
+        DistillRun(cfg, tmp_path / "s.safetensors", resume=True).run()
+    # The run's own teacher resumes, under another spelling of its path too.
+    shutil.copy(small_teacher, "t.safetensors")
+    DistillRun(_cfg(tmp_path / "t.safetensors", epochs=2), tmp_path / "s.safetensors",
+               resume=True).run()
+    recorded = read_meta(tmp_path / "s.safetensors").stages["distill"]["config"]
+    assert recorded["teacher_contents"] == file_sha256(small_teacher)
 
 
 @pytest.mark.parametrize(("mode", "passed", "marks"),

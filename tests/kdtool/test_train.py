@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -161,6 +163,38 @@ def test_a_state_from_before_val_every_resumes(tmp_path):
     check_same_config(saved, {**saved, "val_every": 1}, tmp_path)
     with pytest.raises(KdtoolError, match="val_every was None, now 2"):
         check_same_config(saved, {**saved, "val_every": 2}, tmp_path)
+
+
+def test_resume_checks_the_data_by_its_contents_not_its_path(cli, tmp_path, monkeypatch):
+    """--data rewritten between a stop and --resume trained the rest on other images."""
+    import numpy as np
+
+    from kdtool.data import load_data
+    from kdtool.runstate import check_same_config, load_state
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    np.savez("d.npz", x=rng.integers(0, 255, (64, 8, 8, 1), dtype=np.uint8),
+             y=np.arange(64) % 4)
+    args = ["train", "--arch", "tiny_cnn", "--data", "d.npz", "--epochs", "2", "--out",
+            "t.safetensors"]
+    assert cli(*args).code == 0
+    state = "t.safetensors.state.pt"
+    saved = load_state(Path(state))["config"]
+    np.savez("d.npz", x=rng.integers(0, 255, (64, 8, 8, 1), dtype=np.uint8),
+             y=np.arange(64) % 4)
+    assert saved["data_contents"] != load_data("d.npz").checksum()  # rewritten: noticed
+    changed = {**saved, "data_contents": load_data("d.npz").checksum()}
+    with pytest.raises(KdtoolError, match="the data 'd.npz' is not the one the run started "
+                                          "with"):
+        check_same_config(saved, changed, Path(state))
+    # the same contents under another spelling of the path resume
+    check_same_config(saved, {**saved, "data": str(tmp_path / "d.npz")}, Path(state))
+    # a state written before contents were recorded: the paths decide, as they did
+    old = {k: v for k, v in saved.items() if k != "data_contents"}
+    check_same_config(old, changed, Path(state))
+    with pytest.raises(KdtoolError, match="data was 'd.npz', now 'e.npz'"):
+        check_same_config(old, {**changed, "data": "e.npz"}, Path(state))
 
 
 def test_one_class_of_training_data_is_refused_before_writing(cli, tmp_path):
