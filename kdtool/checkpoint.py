@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import re
+import warnings
 import zipfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -355,22 +357,10 @@ def _read_state_dict(path: Path, notes: dict | None = None) -> dict[str, torch.T
     found in it (provenance)."""
     if path.suffix.lower() in FOREIGN_SUFFIXES:
         _check_torch_file(path)
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises many types for bad pickles and refused globals
-            refused = _REFUSED_GLOBAL.search(str(e))
-            if refused:  # torch's own text is a paragraph of unpickling advice, with escapes
-                raise KdtoolError(
-                    f"'{path}' holds a pickled Python object ({refused.group(1)}), not just "
-                    "tensors: kdtool never unpickles a file (it could run any code)",
-                    "where the model is trusted, save its weights alone: "
-                    "torch.save(model.state_dict(), path)",
-                ) from e
-            raise KdtoolError(
-                f"cannot read '{path}' as a PyTorch state_dict: {str(e).splitlines()[0]}",
-                "save it with torch.save(model.state_dict(), path); "
-                "only tensors and plain containers are accepted",
-            ) from e
+        obj = load_tensors_only(
+            path, f"cannot read '{path}' as a PyTorch state_dict",
+            "where the model is trusted, save its weights alone: "
+            "torch.save(model.state_dict(), path)")
         return _unwrap_state_dict(obj, path, {} if notes is None else notes)
     try:
         return st_load(path.read_bytes())
@@ -383,7 +373,35 @@ def _read_state_dict(path: Path, notes: dict | None = None) -> dict[str, torch.T
         ) from e
 
 
-_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+# torch's weights-only loader names what it refuses in two ways ("Unsupported global:
+# GLOBAL argparse.Namespace", "unsupported GLOBAL posix.system whose module posix is
+# blocked"), inside a paragraph that suggests weights_only=False: never passed on.
+_REFUSED_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL ([\w.]+)", re.IGNORECASE)
+_UNPICKLER_DETAIL = re.compile(r"(Unsupported operand \d+|WeightsUnpickler error: \S.*)")
+
+
+def load_tensors_only(path: Path, cannot: str, hint: str) -> Any:
+    """``torch.load(path, weights_only=True)``; anything else in the file is a KdtoolError
+    that says what was refused (``cannot``: the message's start for other failures)."""
+    try:
+        with warnings.catch_warnings():  # its note on pickle protocols is not for users
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for bad pickles and refused globals
+        text = str(e)
+        refused = _REFUSED_GLOBAL.search(text)
+        if refused:
+            raise KdtoolError(
+                f"'{path}' holds a pickled Python object ({refused.group(1)}), not just "
+                "tensors: kdtool never unpickles a file (it could run any code)", hint) from e
+        if isinstance(e, pickle.UnpicklingError):
+            detail = _UNPICKLER_DETAIL.search(text)
+            raise KdtoolError(
+                f"'{path}' is a pickle that torch's tensors-only loader cannot read"
+                + (f" ({detail.group(1).strip()})" if detail else "")
+                + ": kdtool never unpickles a file (it could run any code)", hint) from e
+        raise KdtoolError(f"{cannot}: {(text.splitlines() or [type(e).__name__])[0]}",
+                          hint) from e
 
 
 def _check_torch_file(path: Path) -> None:

@@ -106,14 +106,13 @@ def load_state(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise KdtoolError(f"no run state to resume at '{path}'",
                           "start without --resume (the state file is written after each epoch)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, refused global, an empty file (EOFError), ...
-        why = (str(e).splitlines() or [type(e).__name__])[0]
-        if path.stat().st_size == 0:
-            why = "the file is empty (a write cut off by a crash or power loss)"
-        raise KdtoolError(f"run state '{path}' is unreadable: {why}",
-                          "start over: drop --resume and pass --force") from e
+    from kdtool.checkpoint import load_tensors_only
+
+    hint = "start over: drop --resume and pass --force"
+    if path.stat().st_size == 0:
+        raise KdtoolError(f"run state '{path}' is unreadable: the file is empty (a write cut "
+                          "off by a crash or power loss)", hint)
+    return load_tensors_only(path, f"run state '{path}' is unreadable", hint)
 
 
 # Where and how fast a run computes may change on resume; what it computes may not.  A

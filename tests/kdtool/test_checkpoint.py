@@ -190,6 +190,37 @@ def test_a_lightning_checkpoint_loads_with_its_wrapper_prefix_removed(tmp_path: 
         load_checkpoint(tmp_path / "mixed.ckpt", ForeignSpec("tiny_cnn", mean=[0.5], std=[0.5]))
 
 
+def test_pickles_are_refused_in_kdtools_words_never_with_torchs_advice(tmp_path: Path,
+                                                                       capsys):
+    """torch's message suggests weights_only=False; a blocked module (os) was named in a
+    form kdtool missed, so users read that advice instead of what the file holds."""
+    import os
+    import pickle
+
+    from kdtool.runstate import load_state
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"state_dict": {}, "x": Evil()}, tmp_path / "evil.pt")
+    (tmp_path / "raw.pt").write_bytes(pickle.dumps({"w": Evil()}, protocol=4))
+    spec = ForeignSpec("tiny_cnn", mean=[0.5], std=[0.5])
+    with pytest.raises(KdtoolError) as e:
+        load_checkpoint(tmp_path / "evil.pt", spec)
+    assert f"holds a pickled Python object ({os.system.__module__}.system)" in e.value.message
+    with pytest.raises(KdtoolError) as raw:  # pickle.dump: an opcode torch's loader lacks
+        load_checkpoint(tmp_path / "raw.pt", spec)
+    assert "a pickle that torch's tensors-only loader cannot read" in raw.value.message
+    (tmp_path / "run.state.pt").write_bytes((tmp_path / "evil.pt").read_bytes())
+    with pytest.raises(KdtoolError) as state:
+        load_state(tmp_path / "run.state.pt")
+    assert "holds a pickled Python object" in state.value.message
+    for err in (e, raw, state):
+        assert "weights_only" not in str(err.value) and "never unpickles" in err.value.message
+    assert "UserWarning" not in capsys.readouterr().err  # torch's note on pickle protocols
+
+
 def test_foreign_zoo_model_needs_normalisation(tmp_path: Path):
     torch.save(create_model("resnet8").state_dict(), tmp_path / "r8.pt")
     with pytest.raises(KdtoolError, match="--mean and --std"):
