@@ -137,7 +137,7 @@ def bench_cmd(
     from kdtool.deploy.bench import Bench, BenchConfig
     from kdtool.deploy.bench_report import check_plot_path, render, write_markdown, write_plot
     from kdtool.errors import KdtoolError
-    from kdtool.io import check_distinct, check_output
+    from kdtool.io import REPORT, check_distinct, check_output
 
     chosen = (
         None
@@ -167,7 +167,7 @@ def bench_cmd(
     # Refuse existing outputs before spending minutes measuring.
     check_distinct(markdown=markdown, plot=plot)
     if markdown is not None:
-        check_output(markdown, force, "Markdown report")
+        check_output(markdown, force, "Markdown report", (".md", ".markdown"), REPORT)
     if plot is not None:
         check_plot_path(plot)
         check_output(plot, force, "plot")

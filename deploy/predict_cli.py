@@ -47,13 +47,13 @@ def predict_cmd(
     from kdtool import console
     from kdtool.deploy.predict import PredictConfig, predict, to_csv
     from kdtool.errors import KdtoolError
-    from kdtool.io import atomic_write_text, check_output
+    from kdtool.io import REPORT, atomic_write_text, check_output
 
     if csv_out is not None:
         if csv_out.is_dir():  # before check_output, whose hint names --out
             raise KdtoolError(f"--csv '{csv_out}' is a folder; it takes the file to write",
                               f"e.g. --csv {csv_out / 'predictions.csv'}")
-        check_output(csv_out, force, "CSV")
+        check_output(csv_out, force, "CSV", (".csv",), REPORT)
     result = predict(PredictConfig(model=model, inputs=tuple(images), backend=backend, top=top,
                                    batch_size=batch_size, threads=threads))
     if csv_out is not None:

@@ -42,11 +42,16 @@ def check_distinct(**paths: str | Path | None) -> None:
         seen[resolved] = option
 
 
+READ_BACK = "kdtool tells files apart by their suffix and would not read it back as one"
+# Reports kdtool never reads (bench's Markdown, predict's CSV) keep their suffix so that a
+# slip of the tab key cannot put one over the model it was made from, --force or not.
+REPORT = "a report keeps its own suffix, so it never replaces a model or data file"
+
+
 def check_output(path: str | Path, force: bool, what: str = "output",
-                 suffixes: tuple[str, ...] = ()) -> Path:
+                 suffixes: tuple[str, ...] = (), why: str = READ_BACK) -> Path:
     """Refuse to overwrite ``path`` without ``force``; create its folder. With ``suffixes``
-    (the first is the canonical one), refuse a name that readers take for another kind of
-    file: kdtool tells files apart by their suffix."""
+    (the first is the canonical one), refuse a name of another kind of file (``why``)."""
     path = Path(path)
     if path.parts and path.parts[0].startswith("~"):
         # --out=~/x: the shell expands ~ only at the start of a word, not after "="
@@ -54,9 +59,8 @@ def check_output(path: str | Path, force: bool, what: str = "output",
                           "(it does not after '=')", f"write it as --out {path} (a space, not "
                           "'='), or give the full path")
     if suffixes and path.suffix.lower() not in suffixes:
-        raise KdtoolError(f"{what} '{path}' must end in {' or '.join(suffixes)}: kdtool "
-                          "tells files apart by their suffix and would not read it back as "
-                          f"one", f"name it '{path.with_suffix(suffixes[0])}'")
+        raise KdtoolError(f"{what} '{path}' must end in {' or '.join(suffixes)}: {why}",
+                          f"name it '{path.with_suffix(suffixes[0])}'")
     if path.is_dir():
         raise KdtoolError(f"{what} '{path}' is a directory", "pass a file path to --out")
     if path.exists() and not force:

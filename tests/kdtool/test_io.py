@@ -1,5 +1,7 @@
 """kdtool.io: input checks and atomic, never-overwriting output."""
 
+from pathlib import Path
+
 import pytest
 
 from kdtool.errors import KdtoolError
@@ -37,6 +39,9 @@ def test_outputs_are_written_whole_and_never_overwritten_without_force(tmp_path)
     (["convert", "{pt}", "--arch", "tiny_cnn", "--mean", "0.5", "--std", "0.5", "--out",
       "m.pt"], "'m.safetensors'"),
     (["export", "{teacher}", "--onnx", "m.txt"], "'m.onnx'"),
+    # reports kdtool never reads: a slip put one over the model it came from, with --force
+    (["bench", "{teacher}", "--markdown", "{teacher}", "--force"], "teacher.md'"),
+    (["predict", "{teacher}", "{teacher}", "--csv", "{teacher}", "--force"], "teacher.csv'"),
 ])
 def test_outputs_get_the_suffix_they_are_read_back_by(cli, digits_teacher, tmp_path,
                                                       monkeypatch, args, fragment):
@@ -46,9 +51,12 @@ def test_outputs_get_the_suffix_they_are_read_back_by(cli, digits_teacher, tmp_p
 
     monkeypatch.chdir(tmp_path)
     torch.save({}, tmp_path / "plain.pt")
-    r = cli(*[a.format(teacher=digits_teacher, pt=tmp_path / "plain.pt") for a in args])
+    teacher = tmp_path / "teacher.safetensors"
+    teacher.write_bytes(Path(digits_teacher).read_bytes())
+    r = cli(*[a.format(teacher=teacher, pt=tmp_path / "plain.pt") for a in args])
     assert r.code == 1 and "must end in" in r.err and fragment in r.err, r.err
     assert "Traceback" not in r.err and not list(tmp_path.glob("m.*"))
+    assert teacher.read_bytes() == Path(digits_teacher).read_bytes()
 
 
 def test_a_write_that_fails_names_the_file(tmp_path):
