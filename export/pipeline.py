@@ -248,20 +248,10 @@ def _validate(cfg: ExportConfig) -> tuple[BatchProfile, _Outputs]:
         sidecar = check_output(sidecar_path(engine), cfg.force, "engine sidecar")
     triton = name = None
     if cfg.triton_repo:
-        from kdtool.export.triton import model_name
+        from kdtool.export.triton import check_target, model_name
 
         name = model_name(cfg.triton_name or onnx_path.stem)
-        triton = Path(cfg.triton_repo) / name
-        if Path(cfg.triton_repo).exists() and not Path(cfg.triton_repo).is_dir():
-            raise KdtoolError(f"--triton-repo '{cfg.triton_repo}' is a file, not a folder",
-                              "name a folder (it is created if missing)")
-        if triton.exists() and not triton.is_dir():
-            raise KdtoolError(f"'{triton}' is a file where the Triton model's folder goes",
-                              "move it away, or choose another --triton-name")
-        if triton.exists() and not cfg.force:
-            raise KdtoolError(
-                f"Triton model '{triton}' already exists", "pass --force to replace it"
-            )
+        triton = check_target(Path(cfg.triton_repo), name, cfg.force)
     return profile, _Outputs(onnx_path, engine, sidecar, triton, name)
 
 

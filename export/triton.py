@@ -96,6 +96,43 @@ def config_text(name: str, kind: str, graph, profile: BatchProfile, labels: bool
     return "\n".join(lines) + "\n"
 
 
+def check_target(repo: Path, name: str, force: bool) -> Path:
+    """``repo/name``, checked before any work: a folder kdtool may write, and replace only
+    with ``force`` and only when it holds nothing kdtool did not write (another version
+    folder, a user's file), which the replacement would delete."""
+    target = repo / name
+    if repo.exists() and not repo.is_dir():
+        raise KdtoolError(f"--triton-repo '{repo}' is a file, not a folder",
+                          "name a folder (it is created if missing)")
+    if target.exists() and not target.is_dir():
+        raise KdtoolError(f"'{target}' is a file where the Triton model's folder goes",
+                          "move it away, or choose another --triton-name")
+    if target.exists():
+        if not force:
+            raise KdtoolError(f"Triton model '{target}' already exists",
+                              "pass --force to replace it")
+        ours = {"1", "config.pbtxt", "labels.txt"}
+        model_files = {f for _, f in PLATFORMS.values()}
+        others = sorted(e.name + "/" * e.is_dir() for e in target.iterdir() if e.name not in ours)
+        if (target / "1").is_dir():
+            others += sorted(f"1/{e.name}" for e in (target / "1").iterdir()
+                             if e.name not in model_files)
+        if others:
+            raise KdtoolError(
+                f"Triton model '{target}' holds what kdtool did not write "
+                f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): --force "
+                "replaces the whole folder and would delete it",
+                "move those away, or choose another --triton-name")
+    try:
+        repo.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise KdtoolError(f"cannot create --triton-repo '{repo}': {e.strerror}") from e
+    if not os.access(repo, os.W_OK):  # say so now, not after the ONNX is written
+        raise KdtoolError(f"cannot write to --triton-repo '{repo}': the folder is not "
+                          "writable", "choose a folder you can write to")
+    return target
+
+
 def write_repo(
     repo: Path,
     name: str,

@@ -357,6 +357,41 @@ def test_a_file_where_a_triton_folder_goes_is_refused_before_the_export(cli, dig
     assert not (tmp_path / "m.onnx").exists()
 
 
+def test_a_triton_folder_is_checked_before_the_export_replaces_the_onnx(
+        cli, digits_teacher, tmp_path, monkeypatch):
+    """An unwritable repository failed after the ONNX had replaced the old one; --force
+    replaced a model folder with another version (2/) and a user's file in it."""
+    import os
+
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"an earlier export")
+    model = tmp_path / "repo" / "m"
+    (model / "1").mkdir(parents=True)
+    (model / "1" / "model.onnx").write_bytes(b"kdtool's")
+    (model / "2").mkdir()
+    (model / "notes.txt").write_text("mine")
+    r = cli("export", digits_teacher, "--onnx", out, "--triton-repo", tmp_path / "repo",
+            "--force")
+    _one_line_error(r, "holds what kdtool did not write (2/, notes.txt)", "would delete it",
+                    "another --triton-name")
+    assert sorted(os.listdir(model)) == ["1", "2", "notes.txt"]
+    real = os.access
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(ro) and
+                        mode == os.W_OK else real(p, mode))
+    r = cli("export", digits_teacher, "--onnx", out, "--triton-repo", ro, "--force")
+    _one_line_error(r, f"cannot write to --triton-repo '{ro}'")
+    assert out.read_bytes() == b"an earlier export"  # nothing was exported
+    # kdtool's own files only: --force replaces them
+    (model / "notes.txt").unlink()
+    (model / "2").rmdir()
+    r = cli("export", digits_teacher, "--onnx", out, "--triton-repo", tmp_path / "repo",
+            "--force")
+    assert r.code == 0, r.err
+    assert (model / "1" / "model.onnx").read_bytes() == out.read_bytes()
+
+
 def test_refuses_to_overwrite_and_non_kdtool_checkpoints(cli, digits_teacher, tmp_path):
     out = tmp_path / "m.onnx"
     out.write_bytes(b"old")
