@@ -68,10 +68,12 @@ class ModelMeta:
     def from_json(cls, text: str, source: str) -> ModelMeta:
         try:
             d = json.loads(text)
-            if d.pop("format", None) != FORMAT:
+            if not isinstance(d, dict) or d.pop("format", None) != FORMAT:
                 raise ValueError("format tag missing")
             version = d.pop("format_version", None)
-            if not isinstance(version, int) or version > FORMAT_VERSION:
+            if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+                raise ValueError(f"format_version {version!r} is not a version number")
+            if version > FORMAT_VERSION:
                 raise KdtoolError(
                     f"'{source}' was written by a newer kdtool (format {version})",
                     "upgrade kdtool: pip install -U kdtool",
@@ -79,13 +81,17 @@ class ModelMeta:
             meta = cls(**d)
         except KdtoolError:
             raise
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, RecursionError) as e:  # RecursionError: deep nesting
             raise KdtoolError(f"'{source}' has malformed kdtool metadata: {e}") from e
         meta.validate(source)
         return meta
 
     def validate(self, source: str) -> None:
-        problems = record_problems(self)
+        problems = [f"{name} must be {kind.__name__}" for name, kind in _FIELD_TYPES.items()
+                    if not isinstance(getattr(self, name), kind)]
+        if not problems and not all(isinstance(v, dict) for v in self.stages.values()):
+            problems.append("every stage record must be an object")
+        problems = problems or record_problems(self)
         if problems:
             raise KdtoolError(f"'{source}' has inconsistent metadata: " + "; ".join(problems))
 
@@ -106,9 +112,16 @@ class ModelMeta:
                 f"learnt; calibrate it first: kdtool calibrate {source} --data REAL_IMAGES")
 
     def build(self) -> nn.Module:
-        model = create_model(
-            self.arch, num_classes=self.num_classes, in_chans=self.in_chans, **self.arch_args
-        )
+        try:
+            model = create_model(
+                self.arch, num_classes=self.num_classes, in_chans=self.in_chans,
+                **self.arch_args)
+        except TypeError as e:
+            if not self.arch_args:  # a bug of the builder: keep its traceback
+                raise
+            raise KdtoolError(f"the recorded arch_args {self.arch_args} do not fit "
+                              f"{self.arch}: {e}",
+                              "the checkpoint's metadata was edited or damaged") from e
         calibrate = self.stages.get("calibrate") or {}
         if calibrate.get("folded"):
             # BatchNorm was folded away: replay the recorded plan so the state_dict fits.
@@ -116,6 +129,11 @@ class ModelMeta:
 
             apply_plan(model, calibrate.get("fold_plan") or {})
         return model
+
+
+# The JSON types of ModelMeta's fields that record_problems does not check
+_FIELD_TYPES = {"arch": str, "arch_args": dict, "provenance": dict, "stages": dict,
+                "interpolation": str}
 
 
 def per_channel_norm(mean: list[float], std: list[float], channels: int,

@@ -63,6 +63,17 @@ def record_problems(model) -> list[str]:
     """What is wrong with a model record's input and class fields: a checkpoint's ModelMeta
     or an ONNX file's OnnxInfo (here, as the ONNX side must not import torch)."""
     problems = []
+    for name, top in (("num_classes", MAX_CLASSES), ("in_chans", MAX_CHANNELS)):
+        value = getattr(model, name)
+        if not _is_int(value) or not 1 <= value <= top:
+            problems.append(f"{name} must be a whole number from 1 to {top:,}, got {value!r}")
+    if problems:  # the checks below count with them
+        return problems
+    if not all(isinstance(v, (list, tuple)) for v in (model.mean, model.std,
+                                                       model.class_names, model.input_size)):
+        return ["mean, std, class_names and input_size must be lists"]
+    if not all(isinstance(n, str) for n in model.class_names):
+        problems.append("class names must be strings")
     if len(model.mean) != model.in_chans or len(model.std) != model.in_chans:
         problems.append(f"mean/std need {model.in_chans} values")
     if not all(isinstance(v, (int, float)) and math.isfinite(v)
@@ -75,14 +86,25 @@ def record_problems(model) -> list[str]:
     twice = repeated_name(model.class_names)
     if twice is not None:
         problems.append(f"class name '{twice}' appears twice")
-    if len(model.input_size) != 2 or not all(isinstance(s, int) and s > 0
+    if len(model.input_size) != 2 or not all(_is_int(s) and 0 < s <= MAX_SIDE
                                              for s in model.input_size):
-        problems.append("input_size must be [height, width], positive")
+        problems.append(f"input_size must be [height, width], each from 1 to {MAX_SIDE:,}")
     try:
         Fit.of(model)
     except KdtoolError as e:
         problems.append(str(e))
     return problems
+
+
+# Bounds on a model record's sizes: a crafted file asking for 10**9 classes made the
+# loader try to allocate 512 GB before any tensor was compared.
+MAX_CLASSES = 1_000_000
+MAX_CHANNELS = 1024
+MAX_SIDE = 16384
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def repeated_name(names: list[str]) -> str | None:

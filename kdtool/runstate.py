@@ -127,6 +127,21 @@ CONTENT_KEY = "{}_contents"
 ADDED_SETTINGS = {"val_every": 1}
 
 
+# What a run state holds, by type (states are written by RunCheckpoint.save)
+STATE_FIELDS = {"config": dict, "epoch": int, "best": (int, float), "history": list,
+                "model": dict, "optimizer": dict, "scheduler": dict}
+
+
+def _damage(state: Any) -> str | None:
+    """What is missing or of the wrong kind in a loaded run state, or None."""
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not a run's state"
+    for key, kind in STATE_FIELDS.items():
+        if not isinstance(state.get(key), kind):
+            return f"'{key}' is missing or of the wrong kind"
+    return None
+
+
 def check_same_config(saved: dict[str, Any], current: dict[str, Any], path: Path,
                       ignore: tuple[str, ...] = RESUMABLE_CHANGES) -> None:
     """A resumed run must be the same run: refuse when a setting changed.
@@ -227,6 +242,10 @@ class RunCheckpoint:
         if not self.resume:
             return 0, float("-inf"), []
         state = load_state(self.path)
+        damaged = _damage(state)
+        if damaged:
+            raise KdtoolError(f"run state '{self.path}' is damaged: {damaged}",
+                              "start over: drop --resume and pass --force")
         # States written before they named their command: distill's config has a teacher.
         other = state.get("command") or ("distill" if "teacher" in state["config"] else "train")
         if other != self.command:
@@ -235,11 +254,19 @@ class RunCheckpoint:
                               f"resume it with 'kdtool {other} --resume', or choose another "
                               "--out")
         check_same_config(state["config"], config, self.path)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            # load_state_dict's text opens with "Error(s) in loading state_dict for X:"
+            why = (lines[1] if len(lines) > 1 and lines[0].endswith(":") else
+                   lines[0] if lines else type(e).__name__)[:300]
+            raise KdtoolError(f"run state '{self.path}' does not fit this run: {why}",
+                              "start over: drop --resume and pass --force") from e
         return state["epoch"] + 1, state["best"], state["history"]
 
     def save(self, config: dict, epoch: int, best: float, history: list[dict], model, opt,

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -236,6 +237,48 @@ def test_inconsistent_metadata_is_refused(tmp_path: Path):
     bad.std = [0.25, float("nan"), 0.25]  # NaN > 0 is False, and so is NaN <= 0
     with pytest.raises(KdtoolError, match="mean/std must be finite numbers"):
         save_checkpoint(tmp_path / "m.safetensors", create_model("tiny_cnn"), bad, False)
+
+
+@pytest.mark.parametrize(("edit", "fragment"), [
+    (lambda d: "a string", "malformed kdtool metadata"),
+    (lambda d: {**d, "format_version": "1"}, "format_version '1' is not a version number"),
+    (lambda d: {**d, "stages": ["train"]}, "stages must be dict"),
+    (lambda d: {**d, "stages": {"calibrate": "folded"}}, "every stage record must be an obj"),
+    (lambda d: {**d, "class_names": list(range(10))}, "class names must be strings"),
+    (lambda d: {**d, "arch_args": [1]}, "arch_args must be dict"),
+    (lambda d: {**d, "arch_args": {"depth": 3}}, "the recorded arch_args {'depth': 3} do not fit"),
+    (lambda d: {**d, "num_classes": 10**9}, "num_classes must be a whole number from 1 to "
+                                            "1,000,000, got 1000000000"),
+    (lambda d: {**d, "num_classes": True}, "num_classes must be a whole number"),
+    (lambda d: {**d, "input_size": [100000, 100000]}, "each from 1 to 16,384"),
+    (lambda d: {**d, "provenance": {"x": [[[[1]]]]} | {"deep": "[" * 100_000}},
+     None),  # a long string is only data
+])
+def test_crafted_metadata_is_a_clear_error_not_a_traceback_or_a_huge_allocation(
+        tmp_path: Path, edit, fragment):
+    import json
+
+    from kdtool.checkpoint import write_checkpoint
+
+    model = create_model("tiny_cnn")
+    meta = json.loads(_meta().to_json())
+    path = tmp_path / "m.safetensors"
+    write_checkpoint(path, {k: v.contiguous() for k, v in model.state_dict().items()},
+                     json.dumps(edit(meta)))
+    if fragment is None:
+        load_checkpoint(path)
+        return
+    with pytest.raises(KdtoolError, match=re.escape(fragment)):
+        load_checkpoint(path)
+
+
+def test_deeply_nested_metadata_is_malformed_not_a_recursion_error(tmp_path: Path):
+    from kdtool.checkpoint import write_checkpoint
+
+    path = tmp_path / "m.safetensors"
+    write_checkpoint(path, {"w": torch.zeros(1)}, "[" * 100_000 + "]" * 100_000)
+    with pytest.raises(KdtoolError, match="malformed kdtool metadata"):
+        read_meta(path)
 
 
 def test_a_class_name_twice_is_refused(tmp_path: Path):

@@ -127,6 +127,29 @@ def test_an_empty_state_file_is_named_as_such(tmp_path):
         load_state(tmp_path / "out.safetensors.state.pt")
 
 
+def test_a_damaged_or_foreign_run_state_is_a_clear_error(tmp_path):
+    """A state of the wrong shape raised AttributeError, KeyError or load_state_dict's
+    RuntimeError paragraph."""
+    out = tmp_path / "out.safetensors"
+    model, opt, sched = _run_parts()
+    good = {"command": "train", "config": {}, "epoch": 0, "best": 1.0, "history": [],
+            "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict()}
+    other = create_model("tiny_cnn", num_classes=5, in_chans=1).state_dict()
+    for state, fragment in [([1, 2], "is damaged: it holds a list, not a run's state"),
+                            ({**good, "model": None}, "is damaged: 'model' is missing"),
+                            ({**good, "model": other}, "does not fit this run: size mismatch "
+                                                       "for linear.weight")]:
+        torch.save(state, tmp_path / "out.safetensors.state.pt")
+        out.write_bytes(b"")
+        ckpt = RunCheckpoint(out, force=False, resume=True)
+        with pytest.raises(KdtoolError, match=fragment) as e:
+            ckpt.restore({}, *_run_parts())
+        assert e.value.hint == "start over: drop --resume and pass --force"
+    torch.save(good, tmp_path / "out.safetensors.state.pt")
+    assert RunCheckpoint(out, force=False, resume=True).restore({}, *_run_parts())[0] == 1
+
+
 def test_a_second_process_writing_the_run_is_refused(tmp_path):
     """Two runs on one --out (or --resume of a run still going) took turns over its files."""
     model, opt, sched = _run_parts()
