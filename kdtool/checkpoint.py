@@ -269,6 +269,10 @@ def _looks_like(path: Path) -> str | None:
             head = f.read(512)  # enough for the magic numbers and to tell text
     except OSError:
         return None
+    if head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
+        # a safetensors layout (header length, then its JSON), whatever its length's first
+        # byte looks like (0x80: a pickle's, "BM": a bitmap's): damaged, not another kind
+        return None
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "a WebP image"
     if head[:2] == b"PK":

@@ -104,6 +104,22 @@ def test_missing_file_and_not_a_checkpoint(tmp_path: Path):
     load_checkpoint(legacy, ForeignSpec("tiny_cnn", mean=[0.5], std=[0.5]))
 
 
+def test_a_damaged_checkpoint_whose_header_length_looks_like_a_magic_number_is_corrupt(
+        tmp_path: Path):
+    """A header length whose first byte is 0x80 (a pickle's) or reads "BM" (a bitmap's) was
+    named as that kind, with advice to rename the file."""
+    path = tmp_path / "m.safetensors"
+    for first in (b"\x80", b"BM"):
+        header = b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+        # pad the JSON so that its length's low bytes are ``first``
+        header += b" " * ((int.from_bytes(first, "little") - len(header)) % 256 ** len(first))
+        data = len(header).to_bytes(8, "little") + header + b"\0" * 4
+        assert data.startswith(first)
+        path.write_bytes(data[:-2])  # cut: the tensor's bytes are short
+        with pytest.raises(KdtoolError, match="is corrupt or truncated"):
+            load_checkpoint(path)
+
+
 def test_a_file_of_another_kind_is_named_not_called_corrupt(tmp_path: Path, cli):
     import numpy as np
     from PIL import Image
