@@ -11,7 +11,7 @@
   names, label = index, images sorted by relative path, hidden files ignored); a
   directory with images directly inside and no class subfolders is unlabeled
   (y = -1, no class names).  Class names are NFC; a parent of split folders (train/,
-  val/) is refused; a symlink back up the tree is not followed.
+  val/) is refused; a symlink to a folder of the same tree is not followed.
 * a ``.zip`` with the same layout, optionally under one common top folder (so a
   zip holding only ``<folder>/<image>`` is unlabeled), read without extracting.
 * an ``.npz`` with ``x`` (uint8, NHWC or NHW) and ``y`` (int; all -1 = unlabeled) and
@@ -382,6 +382,11 @@ def _list_zip(path: Path) -> tuple[list[str], int]:
     except (OSError, zipfile.BadZipFile) as e:
         raise KdtoolError(f"cannot read zip file {path}: {e}",
                           "re-create or re-download it") from None
+    odd = next((n for n in names if n.startswith("/") or ".." in n.split("/")), None)
+    if odd is not None:  # "/x/a.png" made a class named "", "../a.png" was dropped as hidden
+        raise KdtoolError(f"zip file {path} holds '{odd}', a path that is absolute or climbs "
+                          "out of the archive", "re-create the zip from inside its folder, "
+                          "with relative names (cd data && zip -r ../data.zip .)")
     names = sorted(n for n in names
                    if n.lower().endswith(IMAGE_EXTS) and not is_hidden(n.split("/")))
     tops = {n.split("/")[0] for n in names}

@@ -36,10 +36,10 @@ def is_hidden(parts: list[str]) -> bool:
 def list_dir(root: Path, exts: tuple[str, ...] = IMAGE_EXTS) -> tuple[list[str], list[tuple]]:
     """Image paths relative to ``root`` (posix), and (path, size, mtime_ns) for the cache key."""
     names, stamp = [], []
+    top = os.path.realpath(root)
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        here = os.path.realpath(dirpath)
         dirnames[:] = [d for d in dirnames
-                       if not is_hidden([d]) and not _loops_back(dirpath, d, here)]
+                       if not is_hidden([d]) and not _links_within(dirpath, d, top)]
         rel = Path(dirpath).relative_to(root).as_posix()
         for f in filenames:
             if f.lower().endswith(exts) and not is_hidden([f]):
@@ -54,14 +54,20 @@ def list_dir(root: Path, exts: tuple[str, ...] = IMAGE_EXTS) -> tuple[list[str],
     return sorted(names), sorted(stamp)
 
 
-def _loops_back(dirpath: str, name: str, here: str) -> bool:
-    """Whether subfolder ``name`` is a symlink back to a folder above it (``up -> ..``):
-    followed, the walk would list the same images again, under other labels, until the
-    path grew too long."""
-    target = os.path.realpath(os.path.join(dirpath, name))
-    if here != target and not here.startswith(target.rstrip(os.sep) + os.sep):
+def _links_within(dirpath: str, name: str, top: str) -> bool:
+    """Whether subfolder ``name`` is a symlink to a folder of the same tree (``top``, real):
+    back up it (``up -> ..``), followed until the path grew too long, or across it
+    (``cat/dogs -> ../dog``), which listed the images under two classes. The real folder is
+    listed by its own path; links out of the tree (a class folder kept elsewhere) are
+    followed."""
+    link = os.path.join(dirpath, name)
+    if not os.path.islink(link):
         return False
-    console.warn(f"skipping {Path(dirpath, name)}: a link back to {target}", once=True)
+    target = os.path.realpath(link)
+    if target != top and not target.startswith(top.rstrip(os.sep) + os.sep):
+        return False
+    console.warn(f"skipping {Path(link)}: a link to {target}, which this folder lists "
+                 "already", once=True)
     return True
 
 

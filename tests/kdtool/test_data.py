@@ -482,6 +482,20 @@ def test_a_symlink_back_up_the_tree_is_not_followed(tmp_path):
     assert len(d) == 2 and d.y.tolist() == [0, 1]
 
 
+def test_a_link_across_the_tree_is_not_listed_twice_but_one_out_of_it_is_followed(tmp_path,
+                                                                                  capsys):
+    """cat/dogs -> ../dog trained dog's images as cats too, silently."""
+    root = tmp_path / "pets"
+    for cls in ("cat", "dog"):
+        _save(root / cls / "1.png")
+    (root / "cat" / "dogs").symlink_to("../dog")
+    _save(tmp_path / "elsewhere" / "2.png")
+    (root / "bird").symlink_to(tmp_path / "elsewhere")  # a class folder kept elsewhere
+    d = load_data(str(root))
+    assert d.class_names == ["bird", "cat", "dog"] and d.y.tolist() == [0, 1, 2]
+    assert "skipping" in capsys.readouterr().err
+
+
 def test_messy_npz_labels(tmp_path):
     x = np.zeros((6, 4, 4), np.uint8)
     np.save(tmp_path / "plain.npy", x)
@@ -598,3 +612,18 @@ def test_an_npz_label_the_model_lacks_is_a_class_not_a_folder(tmp_path):
     d = load_data(str(tmp_path / "d.npz"))
     with pytest.raises(KdtoolError, match=r"d\.npz: class '10' is not one of the model's"):
         match_classes(d, [str(i) for i in range(10)])
+
+
+@pytest.mark.parametrize("name", ["/tmp/cat/1.png", "cat/../../1.png"])
+def test_a_zip_with_absolute_or_climbing_names_is_refused(tmp_path, name):
+    """'/tmp/cat/1.png' made a class named '' and 'cat/../x.png' vanished as hidden."""
+    import io
+    import re
+
+    buf = io.BytesIO()
+    Image.new("L", (4, 4)).save(buf, "PNG")
+    with zipfile.ZipFile(tmp_path / "d.zip", "w") as z:
+        z.writestr("dog/1.png", buf.getvalue())
+        z.writestr(name, buf.getvalue())
+    _raises(re.escape(f"holds '{name}', a path that is absolute or climbs out"),
+            tmp_path / "d.zip")
