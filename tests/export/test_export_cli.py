@@ -421,8 +421,10 @@ def test_without_onnx_the_file_goes_beside_the_checkpoint(cli, digits_teacher, t
     assert r.json()["onnx"] == str(tmp_path / "student.cal.onnx")
     assert read_info(tmp_path / "student.cal.onnx").source == ckpt.name
     _one_line_error(cli("export", ckpt), "student.cal.onnx' already exists", "--force")
+    first = (tmp_path / "student.cal.onnx").read_bytes()
     table = " ".join(cli("export", ckpt, "--force").out.split())
     assert "student.cal.onnx (fp32, " in table and "; fp32" not in table  # one size, once
+    assert (tmp_path / "student.cal.onnx").read_bytes() == first  # byte for byte (README)
     # Each precision has a name of its own, as bench --formats names its exports.
     names = {p: onnx_path_for(ckpt, onnx_format(p)).name for p in ("fp32", "fp16", "int8")}
     assert names == {"fp32": "student.cal.onnx", "fp16": "student.cal.fp16.onnx",
