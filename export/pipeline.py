@@ -39,7 +39,9 @@ from kdtool.export.onnx_export import (
 from kdtool.export.parity import TOLERANCES, TRT_TOLERANCES, Tolerance, compare, normalise
 from kdtool.export.parity import parity_batches as make_parity_batches
 from kdtool.export.precision import ACTIVATION_MODES, CALIB_METHODS
-from kdtool.io import atomic_path, check_output, file_sha256
+from kdtool.io import atomic_path, check_output, file_sha256, remove_left_behind, temp_prefix
+
+EXPORT_WORK = "kdtool-export"  # the folder an export works in, beside its ONNX
 
 
 @dataclass
@@ -118,7 +120,9 @@ def run_export(cfg: ExportConfig) -> dict:
         "parity_inputs": source,
         **({"warning": uncalibrated} if uncalibrated else {}),
     }
-    with tempfile.TemporaryDirectory(prefix=".kdtool-export-", dir=outs.onnx.parent) as work:
+    remove_left_behind(outs.onnx.parent, EXPORT_WORK)
+    with tempfile.TemporaryDirectory(prefix=temp_prefix(EXPORT_WORK), suffix=".tmp",
+                                     dir=outs.onnx.parent) as work:
         work = Path(work)
         # 2. FP32 ONNX, checked against PyTorch whatever the final precision.
         console.info(

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from kdtool.errors import KdtoolError
 from kdtool.export.batch import BatchProfile
+from kdtool.io import remove_left_behind, temp_prefix
 
 PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "plan": ("tensorrt_plan", "model.plan")}
 _TRITON_TYPES = {
@@ -123,13 +124,12 @@ def check_target(repo: Path, name: str, force: bool) -> Path:
                 f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): --force "
                 "replaces the whole folder and would delete it",
                 "move those away, or choose another --triton-name")
-    try:
-        repo.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise KdtoolError(f"cannot create --triton-repo '{repo}': {e.strerror}") from e
-    if not os.access(repo, os.W_OK):  # say so now, not after the ONNX is written
-        raise KdtoolError(f"cannot write to --triton-repo '{repo}': the folder is not "
-                          "writable", "choose a folder you can write to")
+    # Writable now, not after the ONNX is written: the repository, or the folder it would
+    # be created in (created only when the export has passed its checks).
+    existing = next(p for p in (repo, *repo.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise KdtoolError(f"cannot write to --triton-repo '{repo}': '{existing}' is not a "
+                          "writable folder", "choose a folder you can write to")
     return target
 
 
@@ -148,7 +148,8 @@ def write_repo(
     if target.exists() and not force:
         raise KdtoolError(f"Triton model '{target}' already exists", "pass --force to replace it")
     repo.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=repo))
+    remove_left_behind(repo, name, (".tmp", ".old"))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(name), suffix=".tmp", dir=repo))
     try:
         (tmp / "1").mkdir()
         shutil.copyfile(model_file, tmp / "1" / PLATFORMS[kind][1])
@@ -172,7 +173,8 @@ def _swap_in(new: Path, target: Path) -> None:
     if not target.exists():
         os.replace(new, target)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    old = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name), suffix=".old",
+                                dir=target.parent))
     old.rmdir()  # only the unique name is wanted
     os.replace(target, old)
     try:

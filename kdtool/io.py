@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from kdtool.errors import KdtoolError
@@ -22,9 +25,10 @@ def require_file(path: str | Path, what: str, hint: str = "check the path") -> P
     return path
 
 
-# The longest name kdtool derives from an output's: ".NAME.XXXXXXXX.tmp" (atomic_path) and
-# ".NAME.state.pt.XXXXXXXX.tmp" (a run's state, written the same way).
-SIDE_NAME_EXTRA = len(".") + len(".state.pt") + len(".XXXXXXXX.tmp")
+# The longest name kdtool derives from an output's: ".NAME.HOST-PID.XXXXXXXX.tmp"
+# (atomic_path; HOST a 6-digit tag, PID up to 7 digits) and the same for NAME.state.pt (a
+# run's state, written the same way).
+SIDE_NAME_EXTRA = len(".") + len(".state.pt") + len(".hhhhhh-ppppppp") + len(".XXXXXXXX.tmp")
 
 
 def check_distinct(**paths: str | Path | None) -> None:
@@ -84,6 +88,54 @@ def check_output(path: str | Path, force: bool, what: str = "output",
     return path
 
 
+def temp_prefix(name: str) -> str:
+    """The prefix of a temporary beside output ``name``: hidden, and naming its writer
+    (host and process), so that a later write can tell one left by a killed process."""
+    return f".{name}.{_host_tag()}-{os.getpid()}."
+
+
+def _host_tag() -> str:
+    """Six hex digits for this host (a pod's name can be 63 characters)."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+
+
+def remove_left_behind(folder: Path, name: str, suffixes: tuple[str, ...] = (".tmp",)) -> None:
+    """Delete the temporaries of output ``name`` in ``folder`` whose writer, a process of
+    this host, is gone (SIGKILL or power loss skip every cleanup): a 44 MB checkpoint or a
+    whole export's folder otherwise stays behind, hidden, for good. Another host's are
+    left alone: their writer may be running there."""
+    pattern = re.compile(re.escape(f".{name}.{_host_tag()}-") + r"(\d+)\..*(" +
+                         "|".join(map(re.escape, suffixes)) + ")$")
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        with suppress(OSError):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            from kdtool import console
+
+            console.info(f"removed {entry.path}, left by an interrupted write")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by another user
+        return True
+    return True
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it over ``path``.
@@ -93,7 +145,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_left_behind(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     umask = os.umask(0)

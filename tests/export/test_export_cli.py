@@ -381,15 +381,29 @@ def test_a_triton_folder_is_checked_before_the_export_replaces_the_onnx(
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(ro) and
                         mode == os.W_OK else real(p, mode))
     r = cli("export", digits_teacher, "--onnx", out, "--triton-repo", ro, "--force")
-    _one_line_error(r, f"cannot write to --triton-repo '{ro}'")
+    _one_line_error(r, f"cannot write to --triton-repo '{ro}'", "not a writable folder")
+    r = cli("export", digits_teacher, "--onnx", out, "--triton-repo", ro / "sub" / "repo",
+            "--force")  # a repository to be made in it
+    _one_line_error(r, f"'{ro}' is not a writable folder")
     assert out.read_bytes() == b"an earlier export"  # nothing was exported
     # kdtool's own files only: --force replaces them
     (model / "notes.txt").unlink()
     (model / "2").rmdir()
+    # and the work folders of a killed export (SIGKILL: pid 2**22, above Linux's pid_max)
+    from kdtool.export.pipeline import EXPORT_WORK
+    from kdtool.io import temp_prefix
+
+    left = [tmp_path / (temp_prefix(n).replace(f"-{os.getpid()}.", f"-{2**22}.") + "x.tmp")
+            for n in (EXPORT_WORK, "m")]
+    left[1] = tmp_path / "repo" / left[1].name
+    for d in left:
+        d.mkdir()
+        (d / "fp32.onnx").write_bytes(b"half")
     r = cli("export", digits_teacher, "--onnx", out, "--triton-repo", tmp_path / "repo",
             "--force")
     assert r.code == 0, r.err
     assert (model / "1" / "model.onnx").read_bytes() == out.read_bytes()
+    assert not any(d.exists() for d in left)
 
 
 def test_refuses_to_overwrite_and_non_kdtool_checkpoints(cli, digits_teacher, tmp_path):

@@ -79,7 +79,8 @@ def test_outputs_the_shell_did_not_expand_or_too_long_to_write_beside(tmp_path, 
     name = "a" * 228 + ".safetensors"  # 240 bytes: legal, but its .state.pt temp is not
     with pytest.raises(KdtoolError, match="is 240 bytes; the files kdtool writes beside it"):
         check_output(tmp_path / name, False)
-    check_output(tmp_path / ("a" * 220 + ".safetensors"), False)
+    longest = check_output(tmp_path / ("a" * 205 + ".safetensors"), False)  # 217 bytes
+    atomic_write_text(longest.with_name(longest.name + ".state.pt"), "its state")  # fits
 
 
 def test_outputs_get_the_umasks_permissions_even_from_writers_that_make_their_own_file(
@@ -100,3 +101,30 @@ def test_outputs_get_the_umasks_permissions_even_from_writers_that_make_their_ow
         os.umask(old)
     for name in ("a.safetensors", "b.txt"):  # readable by others, as any new file (0644)
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_temporaries_left_by_a_killed_writer_are_removed_by_the_next_write(tmp_path):
+    """SIGKILL skips every cleanup: a run's 44 MB temporary stayed hidden beside its output
+    for good. One of a live process (this one; another host's) is left alone."""
+    import os
+    import subprocess
+    import sys
+
+    from kdtool.io import temp_prefix
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+    def temp(output: str, pid: str, tail: str) -> Path:
+        path = tmp_path / (temp_prefix(output).replace(f"-{os.getpid()}.", f"-{pid}.") + tail)
+        path.write_bytes(b"half a file")
+        return path
+
+    temp("m.safetensors", dead, "abcd1234.tmp")  # its writer is gone: removed
+    kept = [temp("m.safetensors", str(os.getpid()), "live0000.tmp"),  # being written
+            temp("n.safetensors", dead, "abcd1234.tmp")]  # another output's
+    kept.append(tmp_path / ".m.safetensors.0a0b0c-1.zzzz0000.tmp")  # another host's writer
+    kept[-1].write_bytes(b"being written there")
+    atomic_write_text(tmp_path / "m.safetensors", "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["m.safetensors", *(p.name for p in kept)])
