@@ -24,7 +24,6 @@ import numpy as np
 from kdtool.errors import KdtoolError, check_choice
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
-HISTOGRAM_METHODS = ("entropy", "percentile")  # ONNX Runtime's HistogramCalibrater
 ACTIVATION_MODES = ("symmetric", "asymmetric")
 
 
@@ -58,87 +57,42 @@ def quantize_int8(
     ``batch_size``; for a ``static`` graph that is its batch and a last short batch is
     dropped (padding would skew the ranges). ``progress(n)`` is called per batch.
     """
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     check_choice(method, CALIB_METHODS, "calibration method")
     check_choice(activations, ACTIVATION_MODES, "INT8 activation mode")
     batches = [calib[i : i + batch_size] for i in range(0, len(calib), batch_size)]
-    # A fixed-batch graph takes only full batches; ONNX Runtime's histogram calibrators
-    # stack every batch's outputs into one array, which a short last batch makes ragged.
-    if static or (method in HISTOGRAM_METHODS and len(batches) > 1):
+    if static:  # a fixed-batch graph takes only full batches
         batches = [b for b in batches if len(b) == batch_size]
     if not batches:
         raise KdtoolError(
             f"{len(calib)} calibration images cannot fill one batch of {batch_size}",
             "give more --calib-data images or a smaller --batch",
         )
-    used = sum(len(b) for b in batches)
-    if used < len(calib):
-        from kdtool import console
-
-        console.info(f"{method} calibration takes batches of {batch_size}: it uses {used} of "
-                     f"the {len(calib)} images (a multiple of {batch_size} uses them all)")
-
-    class Reader(CalibrationDataReader):
-        def __init__(self, report=progress):
-            self._it = iter(batches)
-            self._report = report
-
-        def get_next(self):
-            batch = next(self._it, None)
-            if batch is None:
-                return None
-            if self._report is not None:
-                self._report(1)
-            return {input_name: np.ascontiguousarray(batch, dtype=np.float32)}
-
-        def rewind(self):
-            self._it = iter(batches)
-
     # Pre-processing (shape inference + ORT's graph optimiser) fuses Conv+BN and gives
     # every tensor a shape, which the quantiser needs to place Q/DQ nodes.
     pre_path = out_path.with_name(out_path.stem + ".pre.onnx")
     with _quiet():
         quant_pre_process(str(fp32_path), str(pre_path), skip_symbolic_shape=False)
     symmetric = activations == "symmetric"
-    extra = {
-        "ActivationSymmetric": symmetric,
-        "WeightSymmetric": True,
-        # Not "CalibMaxIntermediateOutputs": in onnxruntime 1.32 it discards the batches
-        # collected so far instead of merging their ranges.
-    }
-    if method == "percentile":
-        extra["CalibPercentile"] = 99.999
-    reader = Reader()
     try:
-        if method == "entropy":
-            # quantize_static cannot pass the histogram's size to its entropy calibrator,
-            # whose default (128 bins for 128 quantised bins) leaves one candidate threshold:
-            # the full range, minmax under another name. Find the thresholds here on 2,048
-            # bins (TensorRT's and PyTorch's), and hand them to the quantiser as overrides.
-            extra["TensorQuantOverrides"] = _entropy_ranges(pre_path, reader, symmetric)
-            method_used, reader = CalibrationMethod.MinMax, Reader(report=None)
-        else:
-            method_used = {"minmax": CalibrationMethod.MinMax,
-                           "percentile": CalibrationMethod.Percentile}[method]
+        ranges = _activation_ranges(pre_path, batches, input_name, method, symmetric, progress)
         with _quiet():
             quantize_static(
                 str(pre_path),
                 str(out_path),
-                reader,
+                # The ranges are all set below: its own calibration pass needs one batch.
+                _Batches(input_name, batches[:1]),
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
                 activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
-                calibrate_method=method_used,
-                extra_options=extra,
+                extra_options={
+                    "ActivationSymmetric": symmetric,
+                    "WeightSymmetric": True,
+                    "TensorQuantOverrides": ranges,
+                },
             )
     finally:
         pre_path.unlink(missing_ok=True)
@@ -149,41 +103,100 @@ def quantize_int8(
         "activations": "int8 symmetric" if symmetric else "uint8 asymmetric",
         "tensorrt_compatible": symmetric,
         "calib_method": method,
-        "calib_images": used,
+        "calib_images": sum(len(b) for b in batches),
     }
 
 
 ENTROPY_BINS, ENTROPY_QUANTIZED_BINS = 2048, 128
+PERCENTILE = 99.999
 
 
-def _entropy_ranges(pre_path: Path, reader, symmetric: bool) -> dict[str, list[dict]]:
-    """Each calibrated tensor's (rmin, rmax) by minimal KL divergence over an
-    ``ENTROPY_BINS`` histogram, as ``TensorQuantOverrides`` (about 0.5 s per tensor on a
-    2-core CPU)."""
+class _Batches:
+    """An ONNX Runtime calibration data reader over ``batches`` (CalibrationDataReader's
+    protocol: get_next until None, rewind)."""
+
+    def __init__(self, input_name: str, batches: list[np.ndarray]):
+        self.input_name, self.batches, self._at = input_name, batches, 0
+
+    def get_next(self):
+        if self._at == len(self.batches):
+            return None
+        self._at += 1
+        return {self.input_name: np.ascontiguousarray(self.batches[self._at - 1], np.float32)}
+
+    def rewind(self):
+        self._at = 0
+
+    def __iter__(self):
+        return iter(self.get_next, None)
+
+
+def _activation_ranges(pre_path: Path, batches: list[np.ndarray], input_name: str,
+                       method: str, symmetric: bool, progress) -> dict[str, list[dict]]:
+    """Each calibrated tensor's (rmin, rmax) by ``method``, as ``TensorQuantOverrides``.
+
+    The calibrator is fed one batch at a time and merges as it goes (min/max exactly, the
+    histograms by re-binning), so memory holds one batch's activations, not every batch's
+    as quantize_static's own pass does (4.5 GB for 200 images of a 96-px MobileNetV3), and
+    batches of different sizes mix (its histograms stacked them into one array). The
+    options are quantize_static's own, except entropy's histogram: its default (128 bins
+    for 128 quantised bins) leaves one candidate threshold, the full range, so kdtool
+    searches 2,048 bins (TensorRT's and PyTorch's; about 0.5 s per tensor on 2 cores).
+    """
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
     from kdtool import console
 
+    kind, options = {
+        "minmax": (CalibrationMethod.MinMax, {}),
+        "percentile": (CalibrationMethod.Percentile, {"percentile": PERCENTILE}),
+        "entropy": (CalibrationMethod.Entropy, {
+            "num_bins": ENTROPY_BINS, "num_quantized_bins": ENTROPY_QUANTIZED_BINS,
+            "symmetric": symmetric}),
+    }[method]
     # the op types quantize_static calibrates by default, so the same tensors get ranges
     ops = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
     with _quiet():
         calibrator = create_calibrator(
             pre_path, ops,
             augmented_model_path=str(pre_path.with_name(pre_path.stem + ".augmented.onnx")),
-            calibrate_method=CalibrationMethod.Entropy,
-            extra_options={"num_bins": ENTROPY_BINS,
-                           "num_quantized_bins": ENTROPY_QUANTIZED_BINS,
-                           "symmetric": symmetric})
-        calibrator.collect_data(reader)
-    console.info(f"entropy calibration: searching each activation's threshold over "
-                 f"{ENTROPY_BINS:,} bins (about 0.5 s per tensor on 2 cores)")
+            calibrate_method=kind, extra_options=options)
+        for batch in batches:
+            calibrator.collect_data(_Batches(input_name, [batch]))
+            if progress is not None:
+                progress(1)
+    if method == "entropy":
+        console.info(f"entropy calibration: searching each activation's threshold over "
+                     f"{ENTROPY_BINS:,} bins (about 0.5 s per tensor on 2 cores)")
     with _quiet():
         ranges = calibrator.compute_data()
+    found = {name: tuple(td.range_value) for name, td in ranges.items()}
+    _adjust_as_the_quantizer_does(pre_path, found)
     # numpy scalars: the quantiser reads their dtype
-    return {name: [{"rmin": np.asarray(td.range_value[0], np.float32),
-                    "rmax": np.asarray(td.range_value[1], np.float32)}]
-            for name, td in ranges.items()}
+    return {name: [{"rmin": np.asarray(lo, np.float32), "rmax": np.asarray(hi, np.float32)}]
+            for name, (lo, hi) in found.items()}
+
+
+def _adjust_as_the_quantizer_does(pre_path: Path, ranges: dict[str, tuple]) -> None:
+    """ONNX Runtime's quantiser gives the input of a Relu or Clip that nothing else reads
+    its output's range (the activation fuses into the layer before it), and a Softmax's
+    output [0, 1]; overrides bypass that, so they carry it themselves (for minmax the
+    file is then byte for byte what quantize_static's own calibration writes)."""
+    import onnx
+
+    graph = onnx.load(str(pre_path), load_external_data=False).graph
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    for node in graph.node:
+        if node.op_type in ("Relu", "Clip"):
+            src, dst = node.input[0], node.output[0]
+            if readers.get(src) == 1 and src in ranges and dst in ranges:
+                ranges[src] = ranges[dst]
+        elif node.op_type == "Softmax" and node.output[0] in ranges:
+            ranges[node.output[0]] = (0.0, 1.0)
 
 
 def quant_zero_points(model) -> dict[str, np.ndarray]:
