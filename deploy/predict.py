@@ -87,16 +87,16 @@ READ_HINT = "pass JPEG, PNG, BMP, GIF, TIFF or WebP files; delete or replace thi
 def read_image(path: Path, model: BenchModel) -> np.ndarray | str:
     """One image as the model's input row, prepared as the server prepares it; or, for a
     file that does not decode, why (the run goes on without it)."""
-    from PIL import Image
+    from kdtool.deploy.server.images import decode, preprocess
+    from kdtool.deploy.server.protocol import RequestError
 
-    from kdtool.deploy.server.images import preprocess
-    from kdtool.imagefiles import DECODE_ERRORS, decode_error_text
-
-    try:
-        with Image.open(path) as im:
-            return preprocess(im, model, np.dtype(model.input_dtype))
-    except DECODE_ERRORS as e:
-        return decode_error_text(e)
+    try:  # the server's own steps: its formats, pixel limit and conversion errors
+        data = path.read_bytes()
+        return preprocess(decode(data, "it"), model, np.dtype(model.input_dtype), "it")
+    except RequestError as e:  # a truncated JPEG, a float TIFF: this image, not the run
+        return e.message
+    except OSError as e:
+        return e.strerror or str(e)
 
 
 def check_top(top: int, num_classes: int) -> int:

@@ -72,17 +72,28 @@ class RunLock:
             import fcntl
         except ImportError:  # Windows: no flock; runs are not guarded there
             return
-        f = open(self.path, "a+")  # noqa: SIM115 (held until release)
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            who = f.read().strip() or "?"
+        if not self.path.parent.is_dir():  # --resume into a folder that is not there: no run
+            return
+        while True:
+            f = open(self.path, "a+")  # noqa: SIM115 (held until release)
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                who = f.read().strip() or "?"
+                f.close()
+                out = self.path.with_name(self.path.name[1:].removesuffix(".lock"))
+                raise KdtoolError(f"another kdtool process (pid {who}) is writing '{out}'",
+                                  "wait for it to finish, stop it, or write to another --out") \
+                    from None
+            # A releasing process unlinks the file: one opened just before holds a lock on
+            # a name no one else sees, so lock the file the name holds now.
+            try:
+                if os.fstat(f.fileno()).st_ino == os.stat(self.path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             f.close()
-            out = self.path.with_name(self.path.name[1:].removesuffix(".lock"))
-            raise KdtoolError(f"another kdtool process (pid {who}) is writing '{out}'",
-                              "wait for it to finish, stop it, or write to another --out") \
-                from None
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))
@@ -102,17 +113,24 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_state(path: Path) -> dict[str, Any]:
-    if not path.exists():
+def require_state(path: Path) -> None:
+    """Refuse a --resume with no state file to resume, or an empty one (a cut write)."""
+    if not path.is_file():
         raise KdtoolError(f"no run state to resume at '{path}'",
                           "start without --resume (the state file is written after each epoch)")
-    from kdtool.checkpoint import load_tensors_only
-
-    hint = "start over: drop --resume and pass --force"
     if path.stat().st_size == 0:
         raise KdtoolError(f"run state '{path}' is unreadable: the file is empty (a write cut "
-                          "off by a crash or power loss)", hint)
-    return load_tensors_only(path, f"run state '{path}' is unreadable", hint)
+                          "off by a crash or power loss)", STARTOVER)
+
+
+STARTOVER = "start over: drop --resume and pass --force"
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    from kdtool.checkpoint import load_tensors_only
+
+    require_state(path)
+    return load_tensors_only(path, f"run state '{path}' is unreadable", STARTOVER)
 
 
 # Where and how fast a run computes may change on resume; what it computes may not.  A
@@ -234,6 +252,8 @@ class RunCheckpoint:
         if writer:  # refuse now, before the work, if another process holds the run
             self._lock.acquire()
             self._lock.release()
+        if resume:  # before the data or teacher load, which can take minutes
+            require_state(self.path)
 
     def restore(self, config: dict, model, opt, sched,
                 ema=None) -> tuple[int, float, list[dict]]:
@@ -245,7 +265,7 @@ class RunCheckpoint:
         damaged = _damage(state)
         if damaged:
             raise KdtoolError(f"run state '{self.path}' is damaged: {damaged}",
-                              "start over: drop --resume and pass --force")
+                              STARTOVER)
         # States written before they named their command: distill's config has a teacher.
         other = state.get("command") or ("distill" if "teacher" in state["config"] else "train")
         if other != self.command:
@@ -266,7 +286,7 @@ class RunCheckpoint:
             why = (lines[1] if len(lines) > 1 and lines[0].endswith(":") else
                    lines[0] if lines else type(e).__name__)[:300]
             raise KdtoolError(f"run state '{self.path}' does not fit this run: {why}",
-                              "start over: drop --resume and pass --force") from e
+                              STARTOVER) from e
         return state["epoch"] + 1, state["best"], state["history"]
 
     def save(self, config: dict, epoch: int, best: float, history: list[dict], model, opt,

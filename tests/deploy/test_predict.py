@@ -223,6 +223,30 @@ def test_an_unreadable_image_is_reported_and_the_others_predicted(cli, tiny_onnx
     assert all(by_image[p][5] == "" and by_image[p][1] for p in labels)
 
 
+def test_a_truncated_or_float_image_is_one_unreadable_file_not_a_traceback(cli, tiny_onnx,
+                                                                          tmp_path):
+    """Image.open reads only the header: the decode inside preprocessing raised the
+    server's RequestError, which predict did not catch."""
+    import io
+
+    from PIL import Image
+
+    folder = tmp_path / "d"
+    folder.mkdir()
+    buf = io.BytesIO()
+    Image.new("L", (64, 64), 120).save(buf, "JPEG")
+    (folder / "cut.jpg").write_bytes(buf.getvalue()[:200])
+    Image.new("F", (8, 8), 0.5).save(folder / "float.tif")
+    Image.new("L", (8, 8), 40).save(folder / "ok.png")
+    r = cli("predict", tiny_onnx, folder, "--json")
+    assert r.code == 1 and "Traceback" not in r.err, r.err
+    rows = {row["image"].rsplit("/", 1)[-1]: row for row in r.json()["results"]}
+    assert "predictions" in rows["ok.png"] and r.json()["unreadable"] == 2
+    assert "is not a decodable image" in rows["cut.jpg"]["error"]
+    assert "cannot be converted to the model's input" in rows["float.tif"]["error"]
+    assert "request body" not in r.err
+
+
 def test_when_no_image_can_be_read_the_error_is_one_line(cli, tiny_onnx, tmp_path):
     folder = tmp_path / "bad"
     folder.mkdir()

@@ -150,6 +150,25 @@ def test_a_damaged_or_foreign_run_state_is_a_clear_error(tmp_path):
     assert RunCheckpoint(out, force=False, resume=True).restore({}, *_run_parts())[0] == 1
 
 
+@pytest.mark.parametrize("command", ["train", "distill"])
+def test_resume_without_a_state_is_refused_before_any_data_loads(cli, tmp_path, monkeypatch,
+                                                                 command):
+    """A missing folder raised FileNotFoundError from the lock; a missing state was said
+    only after the data (or teacher) had loaded, minutes on a large set."""
+    import kdtool.data
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("data loaded before the run state was checked")
+
+    monkeypatch.setattr(kdtool.data, "load_data", no_loading)
+    args = (["train", "--arch", "tiny_cnn", "--data", "digits"] if command == "train" else
+            ["distill", "--teacher", "t.safetensors", "--val", "digits"])
+    for out in (tmp_path / "nodir" / "x.safetensors", tmp_path / "x.safetensors"):
+        r = cli(*args, "--resume", "--out", out)
+        assert r.code == 1 and "Traceback" not in r.err, r.err
+        assert f"no run state to resume at '{out}.state.pt'" in r.err
+
+
 def test_a_second_process_writing_the_run_is_refused(tmp_path):
     """Two runs on one --out (or --resume of a run still going) took turns over its files."""
     model, opt, sched = _run_parts()
