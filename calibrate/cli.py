@@ -165,7 +165,7 @@ def calibrate_cmd(
                 )
             )
         if "sweep" in r:
-            console.out.print(f"sweep: {r['sweep']['csv']}, {r['sweep']['png']}")
+            console.out.print(f"sweep: {r['sweep']['csv']}, {r['sweep']['png']}", markup=False)
 
     console.emit(result, as_json, render)
 

@@ -80,7 +80,7 @@ def _render(result: dict) -> None:
     where = (f"{result['model']['path']} on {result['backend']} ({result['runtime']}); images "
              f"fitted to {'x'.join(map(str, pre['input_size']))} by {pre['resize']}")
     if "csv" in result:
-        console.out.print(f"wrote {n} predictions to {result['csv']}: {where}")
+        console.out.print(f"wrote {n} predictions to {result['csv']}: {where}", markup=False)
         return
     rows = []
     for r in result["results"]:

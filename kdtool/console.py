@@ -228,8 +228,12 @@ def track(items: Iterable, description: str, total: int | None = None, unit="it"
             advance()
 
 
-def info(message: str) -> None:
-    err.print(message)
+# Messages carry paths, class names and exception text ("runs/[exp1]/s.safetensors", a
+# class "[/dog]"): printed as rich markup, brackets vanished or raised MarkupError. So
+# they print as plain text; kdtool's own styling is added around them, never inside.
+def info(message: str, heading: str = "") -> None:
+    """``message`` as plain text; ``heading``, in bold before it, is kdtool's own words."""
+    err.print(Text.assemble((heading, "bold"), message) if heading else Text(message))
 
 
 _warned: set[str] = set()  # messages given with once=True in this command
@@ -242,7 +246,7 @@ def warn(message: str, once: bool = False) -> None:
         if message in _warned:
             return
         _warned.add(message)
-    err.print(f"[yellow]warning:[/yellow] {message}")
+    err.print(Text.assemble(("warning:", "yellow"), " ", message))
 
 
 _NUMBER = re.compile(r"^[-+]?[\d,]*\.?\d+\s?(%|x|ms|s|MB|M|K)?$")
@@ -264,18 +268,18 @@ def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
         t.add_column(c, justify="right" if right else "left",
                      overflow="ellipsis" if right else "fold")
     for r in rows:
-        t.add_row(*[_fmt(v) for v in r])
+        t.add_row(*[Text(_fmt(v)) for v in r])
     return t
 
 
 def print_kv(title: str, rows: list[list[Any]]) -> None:
     """A two-column field/value table on stdout, under a bold title."""
-    out.print(f"[bold]{title}[/bold]")
+    out.print(Text(title, "bold"))
     t = Table(show_header=False)
     t.add_column(style="cyan")
     t.add_column()
     for k, v in rows:
-        t.add_row(str(k), _fmt(v))
+        t.add_row(Text(str(k)), Text(_fmt(v)))
     out.print(t)
 
 

@@ -88,7 +88,7 @@ class Demo:
         self.steps: list[dict] = []
 
     def _step(self, n: int, title: str) -> float:
-        console.info(f"[bold]demo step {n}/5[/bold]: {title}")
+        console.info(f": {title}", heading=f"demo step {n}/5")
         return time.perf_counter()
 
     def run(self) -> dict:

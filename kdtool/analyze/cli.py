@@ -48,7 +48,7 @@ def _report(result: dict, as_json: bool, title: str, columns: list[str], rows) -
 
     def render(res):
         console.out.print(console.table(title, columns, rows(res)))
-        console.out.print(f"wrote {res['png']} and {res['csv']}")
+        console.out.print(f"wrote {res['png']} and {res['csv']}", markup=False)
 
     console.emit(result, as_json, render)
 

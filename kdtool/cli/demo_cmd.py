@@ -83,8 +83,9 @@ def render_summary(r: dict) -> None:
     states = [f for f in files if f.endswith(".state.pt")]
     console.out.print(f"files in {r['out']}: " + ", ".join(f for f in files if f not in states)
                       + (f" (and {len(states)} run states, *.state.pt, for --resume)"
-                         if states else ""))
+                         if states else ""), markup=False)
     onnx = Path(r["out"]) / "student.onnx"
     if onnx.exists():
         console.out.print(f"next: kdtool predict {onnx} IMAGES... (a digit, light on dark, "
-                          f"8x8 or any size), or kdtool serve {onnx}", soft_wrap=True)
+                          f"8x8 or any size), or kdtool serve {onnx}", soft_wrap=True,
+                          markup=False)

@@ -124,3 +124,19 @@ def test_rates_keep_their_useful_digits():
 
     assert [rate_text(r) for r in (17485.4, 123.4, 6.31, 0.4213, 0.0071)] == \
         ["17,485", "123", "6.3", "0.42", "0.0071"]
+
+
+def test_user_text_prints_as_it_is_never_as_markup(capsys):
+    """'runs/[exp1]/s.safetensors' printed as 'runs//s.safetensors', and a class named
+    '[/dog]' raised rich's MarkupError, a traceback."""
+    from kdtool import console
+
+    console.info("resuming runs/[exp1]/s.safetensors")
+    console.warn("class '[/dog]' has no images", once=False)
+    console.out.print(console.table("per class", ["class", "top-1"], [["[/dog]", 50.0]]))
+    console.print_kv("kdtool eval [x]", [["data", "runs/[exp1]/val"]])
+    console.info(": teacher", heading="demo step 1/5")
+    out, err = capsys.readouterr()
+    assert "runs/[exp1]/s.safetensors" in err and "warning: class '[/dog]' has no" in err
+    assert "[/dog]" in out and "kdtool eval [x]" in out and "runs/[exp1]/val" in out
+    assert "demo step 1/5: teacher" in err
