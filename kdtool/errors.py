@@ -9,6 +9,7 @@ traceback; ``InternalError`` marks broken invariants explicitly.
 from __future__ import annotations
 
 import difflib
+import errno
 import math
 from collections.abc import Iterable
 
@@ -75,3 +76,17 @@ def check_weight_decay(weight_decay: float) -> None:
     if not (math.isfinite(weight_decay) and weight_decay >= 0):
         raise KdtoolError(f"--weight-decay must be a finite number >= 0, got {weight_decay:g}",
                           "use 0 for none, or a small positive value such as 5e-4")
+
+
+# OSErrors that are the machine's state, not a bug, with what to do about each: the CLI
+# prints them as one line, and a run's writer names them so.
+ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "free some disk space or write elsewhere",
+    errno.EDQUOT: "free some of your disk quota or write elsewhere",
+    errno.EACCES: "check the permissions of that file or folder, or use another",
+    errno.EPERM: "check the permissions of that file or folder, or use another",
+    errno.EROFS: "the filesystem is read-only: write elsewhere",
+    errno.EFBIG: "the file is over this filesystem's (or ulimit -f's) size limit: write "
+                 "elsewhere",
+    errno.ENAMETOOLONG: "use a shorter file name",
+}

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from kdtool import console
-from kdtool.errors import KdtoolError
+from kdtool.errors import ENVIRONMENT_ERRNOS, KdtoolError
 from kdtool.io import atomic_write_bytes
 
 
@@ -366,7 +366,9 @@ def _write_all(jobs: list[tuple[Path, Callable[[], None]]]) -> None:
         try:
             write()
         except OSError as e:
+            hint = ENVIRONMENT_ERRNOS.get(e.errno)
+            if hint is None:  # not the disk's or the permissions' fault: a bug, as it is
+                raise
             state = jobs[-1][0]  # the state is written last: resumable if an earlier one is
-            hint = "free some disk space or choose another --out" + (
-                ", then --resume" if state.exists() else "")
-            raise KdtoolError(f"could not write '{path}': {e.strerror or e}", hint) from e
+            raise KdtoolError(f"could not write '{path}': {e.strerror or e}",
+                              hint + (", then --resume" if state.exists() else "")) from e

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import inspect
 import re
 import sys
@@ -20,7 +19,7 @@ except ImportError:  # older typer runs on click itself
 from kdtool import __version__, console
 from kdtool.cli.helpfmt import negatives_in_descriptions
 from kdtool.cli.hints import foreign_option_hint
-from kdtool.errors import KdtoolError
+from kdtool.errors import ENVIRONMENT_ERRNOS, KdtoolError
 from kdtool.interrupts import Stopped, describe, sigterm_as_interrupt
 from kdtool.runinfo import set_command_line
 
@@ -51,20 +50,6 @@ def _root(
     ),
 ) -> None:
     """kdtool: data-free distillation of image classifiers for the edge."""
-
-
-# OS errors that are the machine's state, never kdtool's bug: a full disk, or a file or
-# folder the user may not touch, met where check_output could not foresee it.
-_ENVIRONMENT_ERRNOS = {
-    errno.ENOSPC: "free some disk space or write elsewhere",
-    errno.EDQUOT: "free some of your disk quota or write elsewhere",
-    errno.EACCES: "check the permissions of that file or folder, or use another",
-    errno.EPERM: "check the permissions of that file or folder, or use another",
-    errno.EROFS: "the filesystem is read-only: write elsewhere",
-    errno.EFBIG: "the file is over this filesystem's (or ulimit -f's) size limit: write "
-                 "elsewhere",
-    errno.ENAMETOOLONG: "use a shorter file name",
-}
 
 
 def _error(message: str) -> None:
@@ -227,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         _json_error(argv, _usage_message(e), f"see '{where} --help'")
         sys.exit(1)
     except OSError as e:
-        hint = _ENVIRONMENT_ERRNOS.get(e.errno)
+        hint = ENVIRONMENT_ERRNOS.get(e.errno)
         if hint is None:  # not the machine's state: a bug, with its traceback
             raise
         message = f"'{e.filename}': {e.strerror}" if e.filename else str(e.strerror or e)

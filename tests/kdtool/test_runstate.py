@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import threading
 
 import pytest
@@ -118,6 +119,15 @@ def test_a_failed_write_is_a_user_error_naming_the_file(tmp_path, monkeypatch):
     with pytest.raises(KdtoolError) as e, ckpt.writing():
         ckpt.save({}, 1, 1.0, [], model, opt, sched)
     assert e.value.hint.endswith(", then --resume")
+    # Permissions get their own hint; an errno that is no state of the machine is a bug.
+    for number, hint in ((errno.EACCES, "check the permissions"), (errno.EBADF, None)):
+        def failing(path, data, number=number):
+            raise OSError(number, os.strerror(number))
+
+        monkeypatch.setattr(runstate, "atomic_write_bytes", failing)
+        with pytest.raises(KdtoolError if hint else OSError) as e, ckpt.writing():
+            ckpt.save({}, 2, 1.0, [], model, opt, sched)
+        assert hint is None or e.value.hint.startswith(hint)
 
 
 def test_an_empty_state_file_is_named_as_such(tmp_path):
