@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ PROVIDERS: dict[str, tuple[str, ...]] = {
     "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider"),
 }
 
+
+URL_SAFE = re.compile(r"[A-Za-z0-9_.-]+")  # a model name in /v2/models/NAME/...
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -57,10 +60,13 @@ class OnnxModel:
         warmup: bool = True,
     ):
         from kdtool.export.ort_session import open_session
+        from kdtool.export.triton import model_name
 
         self.path = Path(path)
-        self.name = name or self.path.stem
-        if not self.name or "/" in self.name:
+        # The file's stem made URL-safe ('my model.onnx' -> my_model), as Triton's folders;
+        # a --name is the user's own choice: refused, not changed, when it does not fit.
+        self.name = model_name(self.path.stem) if name is None else name
+        if not URL_SAFE.fullmatch(self.name):
             raise KdtoolError(
                 f"model name '{self.name}' cannot be part of a URL path",
                 "pass --name with letters, digits, '-', '_' or '.'",

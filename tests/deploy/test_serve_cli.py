@@ -214,3 +214,20 @@ def test_no_memory_arena_reaches_the_session_and_the_model_metadata(cli, tiny_on
     assert cli("serve", tiny_onnx, "--no-memory-arena").code == 0
     assert got["memory_arena"] is False
     assert cli("serve", tiny_onnx).code == 0 and got["memory_arena"] is True
+
+
+def test_model_names_are_url_safe(tiny_onnx, tmp_path):
+    """Only '/' was refused: 'my model.onnx' served under a name that broke its URLs."""
+    import shutil
+
+    from kdtool.deploy.server.model import OnnxModel
+    from kdtool.errors import KdtoolError
+
+    spaced = tmp_path / "my model#2.onnx"
+    shutil.copy(tiny_onnx, spaced)
+    assert OnnxModel(spaced, threads=1, warmup=False).name == "my_model_2"  # from the file
+    for name in ("a b", "a#b", "x/y", ""):
+        with pytest.raises(KdtoolError, match="cannot be part of a URL path"):
+            OnnxModel(tiny_onnx, name=name, threads=1, warmup=False)
+    assert OnnxModel(tiny_onnx, name="digits-v1.2_b", threads=1, warmup=False).name == \
+        "digits-v1.2_b"
