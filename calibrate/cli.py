@@ -72,13 +72,13 @@ def calibrate_cmd(
         ),
     ] = None,
     tolerance: Annotated[
-        float,
+        float | None,
         typer.Option(
             "--tolerance", help="Largest allowed abs logit difference, folded vs unfolded, "
             "per unit of the largest abs logit (when above 1: float32 rounding grows with "
-            "the logits)."
+            "the logits).", show_default="1e-4"  # calibrate.fold.DEFAULT_TOLERANCE (test)
         ),
-    ] = 1e-4,
+    ] = None,
     out: Annotated[
         Path | None,
         typer.Option(

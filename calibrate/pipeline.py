@@ -11,7 +11,7 @@ import copy
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -59,7 +59,7 @@ class CalibrateConfig:
     repeats: int = 1
     sweep_out: str | None = None  # CSV path; the PNG goes beside it
     image_size: list[int] | None = None
-    tolerance: float = DEFAULT_TOLERANCE
+    tolerance: float | None = None  # None: DEFAULT_TOLERANCE (given only with folding)
     seed: int = 0
     device: str = "auto"
     force: bool = False
@@ -100,6 +100,12 @@ def _input_size(cfg_size: list[int] | None, meta: ModelMeta) -> tuple[int, int]:
 
 class CalibrateRun:
     def __init__(self, cfg: CalibrateConfig):
+        if cfg.tolerance is not None and not cfg.fold:
+            raise KdtoolError(f"--tolerance {cfg.tolerance:g} bounds what folding BatchNorm may "
+                              "change, and --no-fold skips folding", "drop --tolerance or "
+                              "--no-fold")
+        if cfg.tolerance is None:
+            cfg = replace(cfg, tolerance=DEFAULT_TOLERANCE)
         self.cfg = cfg
         if cfg.tolerance <= 0:
             raise KdtoolError(f"--tolerance must be > 0, got {cfg.tolerance}")
@@ -113,10 +119,6 @@ class CalibrateRun:
             raise KdtoolError(f"--sweep-out '{cfg.sweep_out}' names the CSV of a --sweep, and "
                               "there is none", "add --sweep 1,2,4,8,16,32 --val DIR, or drop "
                               "--sweep-out")
-        if cfg.tolerance != DEFAULT_TOLERANCE and not cfg.fold:
-            raise KdtoolError(f"--tolerance {cfg.tolerance:g} bounds what folding BatchNorm may "
-                              "change, and --no-fold skips folding", "drop --tolerance or "
-                              "--no-fold")
         if cfg.sweep and not cfg.val:
             raise KdtoolError(
                 "--sweep measures accuracy and needs labelled --val data", "add --val DIR"

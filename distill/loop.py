@@ -223,7 +223,8 @@ class DistillRun:
                     row.update(teacher_scores)
                 history.append(row)
                 console.info(_epoch_line(row, c.epochs))
-                best = max(best, row.get("val_top1_current", -row["loss"]))
+                # the best validated top-1 so far (the output is the last epoch's student)
+                best = max(best, row.get("val_top1_current", best))
                 meta = self._meta(tmeta, teacher, noise, config, history, row)
                 self.ckpt.save(config, epoch, best, history, student, opt, sched, output=meta,
                                ema=self.ema)

@@ -173,9 +173,17 @@ def test_errors_name_the_problem_and_write_nothing(cli, noise_student, tmp_path)
     r = cli("calibrate", noise_student, "--data", "digits", "--sweep", "1,2", "--val",
             "digits:test", "--sweep-out", tmp_path / "s.png", "--out", out)
     assert r.code == 1 and "sweep CSV" in r.err and "must end in .csv" in r.err, r.err
-    r = cli("calibrate", noise_student, "--data", "digits", "--no-fold", "--tolerance", "1e-3",
-            "--out", out)
-    assert r.code == 1 and "--no-fold skips folding" in r.err
+    for given in ("1e-3", "1e-4"):  # the default's value too: it was let through, unsaid
+        r = cli("calibrate", noise_student, "--data", "digits", "--no-fold", "--tolerance",
+                given, "--out", out)
+        assert r.code == 1 and "--no-fold skips folding" in r.err
+    import re
+
+    from kdtool.calibrate.fold import DEFAULT_TOLERANCE
+
+    shown = re.search(r"--tolerance <float> [^[]*\[default: \(([^)]+)\)\]",
+                      " ".join(cli("calibrate", "--help").out.replace("│", " ").split()))
+    assert shown and float(shown.group(1)) == DEFAULT_TOLERANCE  # --help says what it uses
     r = cli("calibrate", noise_student, "--data", "digits", "--val", few, "--out", out)
     assert r.code == 1 and "has no labels" in r.err
     r = cli("calibrate", noise_student, "--data", "digitz", "--out", out)
