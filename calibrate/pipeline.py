@@ -247,8 +247,10 @@ class CalibrateRun:
     def _load_val(self, meta: ModelMeta, size) -> ImageData | None:
         if not self.cfg.val:
             return None
-        val = load_data(self.cfg.val, image_size=size, fit=Fit.of(meta))
-        _check_images(val, meta, "validation data")
+        # Converted to the model's channels, as eval's --data: it measures, and BN
+        # statistics are never taken from it (--data's channels must match, for those).
+        val = load_data(self.cfg.val, image_size=size, channels=meta.in_chans,
+                        fit=Fit.of(meta))
         val.require_labels("validation data")
         val = match_classes(val, meta.class_names)
         check_fits(

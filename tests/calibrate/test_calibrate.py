@@ -125,6 +125,15 @@ def test_errors_name_the_problem_and_write_nothing(cli, noise_student, tmp_path)
     rgb = _npz(tmp_path / "rgb.npz", np.repeat(digits[..., None], 3, axis=3))
     r = cli("calibrate", noise_student, "--data", rgb, "--out", out)
     assert r.code == 1 and "has 3-channel images but the model takes 1" in r.err
+    # --val only measures: converted as eval converts, not refused like --data
+    labelled = tmp_path / "rgb_val.npz"
+    np.savez(labelled, x=np.repeat(digits[..., None], 3, axis=3), y=load_data("digits").y)
+    r = cli("calibrate", noise_student, "--data", "digits", "--val", labelled, "--batches",
+            "4", "--out", tmp_path / "v.safetensors", "--json")
+    assert r.code == 0, r.err
+    gray = cli("calibrate", noise_student, "--data", "digits", "--val", "digits", "--batches",
+               "4", "--out", tmp_path / "w.safetensors", "--json")
+    assert r.json()["accuracy"] == gray.json()["accuracy"]  # the same images and figures
 
     # Other sizes are fitted to the model's input (8x8) as everywhere else, no option needed;
     # --image-size, kept for scripts, changes nothing when it names that size.
