@@ -178,18 +178,18 @@ def bench_cmd(
     if plot is not None:
         write_plot(result, plot)
         result["plot"] = str(plot)
-    console.emit(result, as_json, render)
+    failed = None
     if not result["ok"]:
         bad = [
             f"{r['model']} {r['backend']} batch {r['batch']}: {r['status']}"
             for r in result["rows"]
             if r["status"] not in ("ok", "unavailable")
         ]
-        if bad:
-            raise KdtoolError(
-                f"{len(bad)} benchmark row(s) did not pass, first: {bad[0]}",
-                "see the reasons under the table",
-            )
-        raise KdtoolError(
-            "no backend could run any of the models", "see the reasons under the table"
-        )
+        failed = KdtoolError(
+            f"{len(bad)} benchmark row(s) did not pass, first: {bad[0]}" if bad else
+            "no backend could run any of the models", "see the reasons under the table")
+        # The one JSON object carries what every failure's object does, as predict's
+        result.update(error=failed.message, hint=failed.hint)
+    console.emit(result, as_json, render)
+    if failed is not None:
+        raise failed

@@ -258,6 +258,8 @@ def test_accuracy_checks_fail_rows_and_exit_1(cli, models):
         "--json",
     )
     assert r.code == 1 and "did not pass" in r.err
+    # the one JSON object says so too, as every failure's object does
+    assert "did not pass" in r.json()["error"] and r.json()["hint"]
     rows = {row["backend"]: row for row in r.json()["rows"]}
     assert rows["torch-cpu"]["status"] == "ok"
     assert rows["torch-cpu"]["accuracy"]["images"] == 100
