@@ -159,7 +159,8 @@ def calibrate_cmd(
                     ["model", "BN statistics", "top-1 %"],
                     [
                         ["input", "its own running statistics", f"{a['input_running']:.2f}"],
-                        ["input", "current (batch 256)", f"{a['input_current']:.2f}"],
+                        ["input", f"current (batch {r['current_batch']})",
+                         f"{a['input_current']:.2f}"],
                         ["calibrated", "running (any batch size, 1 too)", f"{a['calibrated']:.2f}"],
                     ],
                 )

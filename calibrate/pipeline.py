@@ -44,6 +44,7 @@ from kdtool.loader import DeviceLoader
 from kdtool.runinfo import provenance
 
 CHECK_IMAGES = 32  # images the folded and unfolded logits are compared on
+CURRENT_BATCH = 256  # the paper's batch for current-statistics evaluation
 
 
 @dataclass
@@ -179,11 +180,18 @@ class CalibrateRun:
             "bn_layers": n_bn,
         }
         accuracy: dict = {}
+        current_batch = None
         if val is not None:
+            current_batch = min(CURRENT_BATCH, len(val))
+            if current_batch < CURRENT_BATCH:  # as eval --bn current warns
+                console.warn(f"--val '{c.val}' has {len(val)} images, fewer than the "
+                             f"{CURRENT_BATCH} its current-statistics figure is meant for: "
+                             f"they come from one batch of {len(val)}, noisier")
             for bn in ("running", "current"):
                 with _timed(seconds, "validate"):
                     accuracy[f"input_{bn}"] = evaluate(
-                        model, val, meta.mean, meta.std, batch_size=256, device=dev, bn=bn,
+                        model, val, meta.mean, meta.std, batch_size=CURRENT_BATCH, device=dev,
+                        bn=bn,
                         seed=c.seed, progress=True,
                     )["top1"]
         sweep_rows = None
@@ -225,6 +233,7 @@ class CalibrateRun:
             model = self._fold(model, data, val, index, meta, stage, result)
         if accuracy:
             stage["accuracy"] = accuracy
+            stage["current_batch"] = current_batch
         # The checkpoint is written last, so a failed plot leaves no checkpoint that a rerun
         # would need --force to replace, and its metadata holds the total time.
         if sweep_rows is not None:
@@ -240,7 +249,8 @@ class CalibrateRun:
         stage["seconds"]["total"] = round(time.perf_counter() - t0, 3)
         save_checkpoint(self.out, model, self._meta(meta, stage), force=c.force)
         result.update(
-            out=str(self.out), folded=stage["folded"], accuracy=accuracy, seconds=stage["seconds"]
+            out=str(self.out), folded=stage["folded"], accuracy=accuracy, seconds=stage["seconds"],
+            current_batch=current_batch
         )
         return result
 

@@ -134,6 +134,13 @@ def test_errors_name_the_problem_and_write_nothing(cli, noise_student, tmp_path)
     gray = cli("calibrate", noise_student, "--data", "digits", "--val", "digits", "--batches",
                "4", "--out", tmp_path / "w.safetensors", "--json")
     assert r.json()["accuracy"] == gray.json()["accuracy"]  # the same images and figures
+    # a --val under the paper's batch of 256: the table says the batch it used, and warns
+    few_labelled = tmp_path / "few.npz"
+    np.savez(few_labelled, x=digits[:100, ..., None], y=load_data("digits").y[:100])
+    r = cli("calibrate", noise_student, "--data", "digits", "--val", few_labelled,
+            "--batches", "4", "--out", tmp_path / "x.safetensors", "--force")
+    assert r.code == 0 and "current (batch 256)" not in r.out
+    assert "current (batch 100)" in r.out and "fewer than the 256" in " ".join(r.err.split())
 
     # Other sizes are fitted to the model's input (8x8) as everywhere else, no option needed;
     # --image-size, kept for scripts, changes nothing when it names that size.
