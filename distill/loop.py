@@ -43,7 +43,7 @@ from kdtool.evaluate import percent_equal, predict
 from kdtool.io import file_sha256
 from kdtool.loader import epoch_generator
 from kdtool.models import check_input_size, count_params, create_model, model_spec
-from kdtool.runinfo import provenance
+from kdtool.runinfo import provenance, run_rate
 from kdtool.runstate import CONTENT_KEY, RunCheckpoint
 
 MIN_GOOD_BATCH = 32  # below this the teacher's batch statistics get noisy (appendix Fig. 3b)
@@ -233,7 +233,7 @@ class DistillRun:
         return {"out": str(self.ckpt.out), "state": str(self.ckpt.path), "device": str(dev),
                 "world_size": self.dist.world_size,
                 "teacher": c.teacher, "student": c.student, "noise": c.noise,
-                "teacher_bn": teacher.describe(), **row,
+                "teacher_bn": teacher.describe(), **row, **run_rate(history),
                 "history": history}
 
     def _load_val(self, tmeta: ModelMeta):

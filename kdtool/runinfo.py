@@ -44,3 +44,12 @@ def _torch_version() -> str:
         return metadata.version("torch")
     except metadata.PackageNotFoundError:
         return "not installed"
+
+
+def run_rate(history: list[dict]) -> dict[str, float]:
+    """A run's ``seconds`` (its epochs' step time, summed) and ``images_per_s`` (all images
+    over that time): one epoch's figures, or a mean of rates, misstate a run whose speed
+    changed (a busy machine, a resumed run on another device)."""
+    seconds = sum(row["seconds"] for row in history)
+    images = sum(row["images_per_s"] * row["seconds"] for row in history)
+    return {"seconds": seconds, "images_per_s": images / seconds if seconds > 0 else 0.0}

@@ -35,7 +35,7 @@ from kdtool.evaluate import evaluate
 from kdtool.imageprep import Fit, parse_resize
 from kdtool.loader import Augment, DeviceLoader
 from kdtool.models import check_input_size, create_model, model_spec
-from kdtool.runinfo import provenance
+from kdtool.runinfo import provenance, run_rate
 from kdtool.runstate import CONTENT_KEY, RunCheckpoint
 
 
@@ -227,7 +227,7 @@ class Trainer:
         best_row = max(scored, key=lambda r: r["val_top1"]) if scored else history[-1]
         return {"out": str(self.out), "state": str(self.ckpt.path), "device": str(self.device),
                 "epochs": c.epochs, "best_epoch": best_row["epoch"], **_metrics(best_row),
-                "images_per_s": sum(r["images_per_s"] for r in history) / len(history),
+                **run_rate(history),
                 "history": history}
 
     def _train_epoch(self, model, loader, epoch, opt, sched, criterion, advance,

@@ -234,3 +234,12 @@ def test_validating_on_the_training_data_is_named_and_unlabelled_val_refused(tmp
     np.savez(tmp_path / "u.npz", x=np.zeros((4, 8, 8), np.uint8), y=np.full(4, -1))
     with pytest.raises(KdtoolError, match="validation data .* has no labels"):
         Trainer(_cfg(epochs=1, val=str(tmp_path / "u.npz")), tmp_path / "u.safetensors").run()
+
+
+def test_a_runs_rate_is_its_images_over_its_time():
+    """train averaged its epochs' rates and distill gave its last epoch's: a run that slowed
+    (a busy machine) or was resumed elsewhere was misstated either way."""
+    from kdtool.runinfo import run_rate
+
+    history = [{"seconds": 10.0, "images_per_s": 100.0}, {"seconds": 30.0, "images_per_s": 20.0}]
+    assert run_rate(history) == {"seconds": 40.0, "images_per_s": 1600 / 40}
