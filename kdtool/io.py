@@ -8,6 +8,7 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -99,21 +100,29 @@ def _host_tag() -> str:
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
 
 
+LEFT_BEHIND_AGE_S = 600
+
+
 def remove_left_behind(folder: Path, name: str, suffixes: tuple[str, ...] = (".tmp",)) -> None:
     """Delete the temporaries of output ``name`` in ``folder`` whose writer, a process of
     this host, is gone (SIGKILL or power loss skip every cleanup): a 44 MB checkpoint or a
     whole export's folder otherwise stays behind, hidden, for good. Another host's are
-    left alone: their writer may be running there."""
+    left alone: their writer may be running there; so are those touched in the last
+    ``LEFT_BEHIND_AGE_S`` (a container sharing this host's name has its own process ids)."""
     pattern = re.compile(re.escape(f".{name}.{_host_tag()}-") + r"(\d+)\..*(" +
                          "|".join(map(re.escape, suffixes)) + ")$")
     try:
         entries = list(os.scandir(folder))
     except OSError:
         return
+    now = time.time()
     for entry in entries:
         m = pattern.match(entry.name)
         if m is None or _alive(int(m.group(1))):
             continue
+        with suppress(OSError):
+            if now - entry.stat(follow_symlinks=False).st_mtime < LEFT_BEHIND_AGE_S:
+                continue
         with suppress(OSError):
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path)

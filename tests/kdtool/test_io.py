@@ -109,20 +109,23 @@ def test_temporaries_left_by_a_killed_writer_are_removed_by_the_next_write(tmp_p
     import os
     import subprocess
     import sys
+    import time
 
     from kdtool.io import temp_prefix
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()
 
-    def temp(output: str, pid: str, tail: str) -> Path:
+    def temp(output: str, pid: str, tail: str, age_s: float = 3600) -> Path:
         path = tmp_path / (temp_prefix(output).replace(f"-{os.getpid()}.", f"-{pid}.") + tail)
         path.write_bytes(b"half a file")
+        os.utime(path, (time.time() - age_s,) * 2)
         return path
 
     temp("m.safetensors", dead, "abcd1234.tmp")  # its writer is gone: removed
     kept = [temp("m.safetensors", str(os.getpid()), "live0000.tmp"),  # being written
-            temp("n.safetensors", dead, "abcd1234.tmp")]  # another output's
+            temp("n.safetensors", dead, "abcd1234.tmp"),  # another output's
+            temp("m.safetensors", dead, "new00000.tmp", age_s=5)]  # touched just now
     kept.append(tmp_path / ".m.safetensors.0a0b0c-1.zzzz0000.tmp")  # another host's writer
     kept[-1].write_bytes(b"being written there")
     atomic_write_text(tmp_path / "m.safetensors", "new")
