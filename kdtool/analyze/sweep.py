@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from kdtool import console
 from kdtool.analyze import pyplot, save_png
 from kdtool.distill.loop import DistillConfig, DistillRun
 from kdtool.errors import KdtoolError, check_choice
@@ -67,6 +68,19 @@ def point_path(workdir: Path, param: str, value: float) -> Path:
     return Path(workdir) / f"{param}_{value:g}.safetensors"
 
 
+def clear_other_points(workdir: Path, param: str, keep: list[Path]) -> None:
+    """--force starts the sweep over: the points of an earlier sweep of ``param`` at other
+    values go too (files this command wrote in its own folder), or a later --resume of a
+    wider sweep would meet them with their old settings and refuse."""
+    if not workdir.is_dir():
+        return
+    for path in sorted(workdir.glob(f"{param}_*.safetensors")):
+        if path not in keep:
+            path.unlink()
+            state_path_for(path).unlink(missing_ok=True)
+            console.info(f"removed {path}, a point of an earlier sweep (--force)")
+
+
 def run_sweep(base: DistillConfig, param: str, values: list[float], workdir: Path,
               keep: str = "images", force: bool = False, resume: bool = False) -> list[dict]:
     """One distillation per value; ``resume``: points whose run state is in ``workdir``
@@ -83,6 +97,8 @@ def run_sweep(base: DistillConfig, param: str, values: list[float], workdir: Pat
                 raise KdtoolError(f"'{path}' exists from an earlier sweep",
                                   "pass --resume to continue that sweep (finished points are "
                                   "kept) or --force to start over")
+    if force:
+        clear_other_points(Path(workdir), param, paths)
     rows = []
     for value, cfg, path in zip(values, configs, paths, strict=True):
         cont = resume and state_path_for(path).exists()

@@ -119,3 +119,20 @@ def test_a_teacher_without_batchnorm_is_refused_with_what_the_sweep_offers(cli, 
         assert r.code == 1 and "has no BatchNorm layers, and both sweeps vary" in r.err, r.err
         assert "try --teacher-norm-align" not in r.err and "drop --teacher-bn" not in r.err
     assert not (tmp_path / "s").exists()
+
+
+def test_force_removes_the_points_of_an_earlier_sweep_at_other_values(tmp_path):
+    """A --force run over fewer values left the others with their old settings, and a later
+    --resume of the wider sweep refused them, its hint throwing away the finished points."""
+    from kdtool.analyze.sweep import clear_other_points, point_path
+    from kdtool.runstate import state_path_for
+
+    paths = {v: point_path(tmp_path, "running-fraction", v) for v in (0, 0.5, 1)}
+    for path in paths.values():
+        path.write_bytes(b"a point")
+        state_path_for(path).write_bytes(b"its state")
+    other = tmp_path / "batch-size_64.safetensors"  # another parameter's sweep: not ours
+    other.write_bytes(b"kept")
+    clear_other_points(tmp_path, "running-fraction", [paths[0]])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [paths[0].name, state_path_for(paths[0]).name, other.name])
