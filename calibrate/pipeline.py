@@ -276,7 +276,9 @@ class CalibrateRun:
         t = time.perf_counter()
         # Compare on real images the model has not been calibrated on where there are any.
         source = val if val is not None else data.subset(index)
-        check = source.subset(slice(0, CHECK_IMAGES))
+        # A seeded sample, not the first images: a class-sorted set's are all one class.
+        pick = torch.randperm(len(source), generator=torch.Generator().manual_seed(c.seed))
+        check = source.subset(pick[:CHECK_IMAGES])
         x = next(iter(DeviceLoader(check, CHECK_IMAGES, "cpu", meta.mean, meta.std)))[0]
         folded, report = fold_bn(model, x, c.tolerance)
         diff, scale = max_abs_diff(model, folded, x), logit_scale(model, x)

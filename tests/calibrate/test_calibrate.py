@@ -334,3 +334,32 @@ def test_eval_with_the_runs_seed_reproduces_its_current_statistics_figure(cli, n
             "--json")
     assert r.code == 0 and r.json()["seed"] == 3
     assert r.json()["top1"] == figure
+
+
+def test_the_fold_check_samples_the_validation_set_not_its_first_images(
+        cli, noise_student, tmp_path, monkeypatch):
+    """The check took --val's first 32 images: in a class-sorted set, all of one class."""
+    import kdtool.calibrate.pipeline as pipeline
+
+    digits = load_data("digits")
+    order = torch.argsort(digits.y, stable=True)  # class-sorted, as folders and zips load
+    x, y = digits.x[order, 0].numpy(), digits.y[order].numpy()
+    np.savez(tmp_path / "sorted.npz", x=x[..., None], y=y)
+    seen = []
+    real = pipeline.fold_bn
+
+    def spy(model, example=None, tolerance=1e-4):
+        seen.append(example)
+        return real(model, example, tolerance)
+
+    monkeypatch.setattr(pipeline, "fold_bn", spy)
+    r = cli("calibrate", noise_student, "--data", "digits", "--batches", "2", "--val",
+            tmp_path / "sorted.npz", "--out", tmp_path / "o.safetensors")
+    assert r.code == 0, r.err
+    (example,) = seen
+    meta = read_meta(noise_student)
+    pixels = (example.cpu() * torch.tensor(meta.std).view(1, -1, 1, 1)
+              + torch.tensor(meta.mean).view(1, -1, 1, 1)) * 255
+    rows = {tuple(img.flatten().tolist()): int(lab) for img, lab in zip(x, y, strict=True)}
+    labels = {rows[tuple(img.round().flatten().tolist())] for img in pixels[:, 0]}
+    assert len(labels) > 3, labels  # the first 32 were all zeros
