@@ -102,6 +102,11 @@ def read_image(path: Path, model: BenchModel) -> np.ndarray | str:
 def check_top(top: int, num_classes: int) -> int:
     if top < 1:
         raise KdtoolError(f"--top {top} is not a number of classes", "e.g. --top 5")
+    if top > num_classes:  # said, so that a script's "top" in the JSON is no surprise
+        from kdtool import console
+
+        console.info(f"--top {top} is more than the model's {num_classes} classes: "
+                     f"showing all {num_classes}")
     return min(top, num_classes)
 
 

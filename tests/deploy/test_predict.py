@@ -72,6 +72,10 @@ def test_onnx_files_predict_as_onnx_runtime_answers_with_a_static_batch_filled(
         for row, p in zip(res["results"], want, strict=True):
             probs = [q["probability"] for q in sorted(row["predictions"], key=lambda q: q["index"])]
             assert probs == pytest.approx(p, abs=1e-5)
+    # more than the classes: all of them, and said (serve's top_k answers 400 instead)
+    r = cli("predict", tiny_onnx, images[0], "--top", "20", "--json")
+    assert r.code == 0 and r.json()["top"] == 10
+    assert "--top 20 is more than the model's 10 classes: showing all 10" in r.err
 
 
 def test_an_rgb_nhwc_model_gets_its_own_size_channels_and_class_names(
