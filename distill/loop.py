@@ -44,7 +44,7 @@ from kdtool.io import file_sha256
 from kdtool.loader import epoch_generator
 from kdtool.models import check_input_size, count_params, create_model, model_spec
 from kdtool.runinfo import provenance, run_rate
-from kdtool.runstate import CONTENT_KEY, RunCheckpoint
+from kdtool.runstate import RunCheckpoint, content_key
 
 MIN_GOOD_BATCH = 32  # below this the teacher's batch statistics get noisy (appendix Fig. 3b)
 ALIGNED_TEACHER_LOSS_WARN = 5.0  # points of --val top-1 that alignment may cost silently
@@ -198,7 +198,7 @@ class DistillRun:
         opt, sched = optim.build(student, c.optimizer, c.schedule, c.lr, c.weight_decay,
                                  c.epochs * c.iters_per_epoch)
         step_fn = compile_step(distiller, c.compile_mode, dev) if c.compile else distiller
-        config = {**asdict(c), CONTENT_KEY.format("teacher"): file_sha256(c.teacher)}
+        config = {**asdict(c), content_key("teacher"): file_sha256(c.teacher)}
         start, best, history = self.ckpt.restore(config, student, opt, sched, self.ema)
         if start:
             console.info(f"resuming {self.ckpt.path} after epoch {start}/{c.epochs}")

@@ -127,9 +127,6 @@ class _Batches:
     def rewind(self):
         self._at = 0
 
-    def __iter__(self):
-        return iter(self.get_next, None)
-
 
 def _activation_ranges(pre_path: Path, batches: list[np.ndarray], input_name: str,
                        method: str, symmetric: bool, progress) -> dict[str, list[dict]]:

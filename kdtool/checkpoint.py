@@ -459,8 +459,13 @@ def _unwrap_state_dict(obj: Any, path: Path, notes: dict) -> dict[str, torch.Ten
     for prefix in ("module.", "_orig_mod."):
         if obj and all(k.startswith(prefix) for k in obj):
             obj = {k[len(prefix):]: v for k, v in obj.items()}
-            notes["stripped_prefix"] = notes.get("stripped_prefix", "") + prefix
+            _note_prefix(notes, prefix)
     return obj
+
+
+def _note_prefix(notes: dict, prefix: str) -> None:
+    """Record a removed name prefix in the provenance notes, after any removed before."""
+    notes["stripped_prefix"] = notes.get("stripped_prefix", "") + prefix
 
 
 def _match_foreign(state: dict[str, torch.Tensor], foreign: ForeignSpec, source: str,
@@ -483,7 +488,7 @@ def _match_foreign(state: dict[str, torch.Tensor], foreign: ForeignSpec, source:
         if prefix:
             console.info(f"'{source}': every tensor name starts with '{prefix}' (a training "
                          f"wrapper's attribute): read without it")
-            notes["stripped_prefix"] = notes.get("stripped_prefix", "") + prefix
+            _note_prefix(notes, prefix)
     spec = foreign.resolved(state)
     shapes = expected_shapes(spec.arch, num_classes=spec.num_classes, in_chans=spec.in_chans)
     problem = mismatch(shapes, state, source) if shapes is not None else None

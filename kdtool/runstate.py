@@ -113,6 +113,9 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+STARTOVER = "start over: drop --resume and pass --force"
+
+
 def require_state(path: Path) -> None:
     """Refuse a --resume with no state file to resume, or an empty one (a cut write)."""
     if not path.is_file():
@@ -121,9 +124,6 @@ def require_state(path: Path) -> None:
     if path.stat().st_size == 0:
         raise KdtoolError(f"run state '{path}' is unreadable: the file is empty (a write cut "
                           "off by a crash or power loss)", STARTOVER)
-
-
-STARTOVER = "start over: drop --resume and pass --force"
 
 
 def load_state(path: Path) -> dict[str, Any]:
@@ -137,10 +137,14 @@ def load_state(path: Path) -> dict[str, Any]:
 # changed device or precision continues the run, not bit for bit: its generators and
 # arithmetic differ.
 RESUMABLE_CHANGES = ("device", "precision", "compile", "compile_mode", "channels_last")
-# A run's inputs by content: config[CONTENT_KEY.format("teacher")] holds a digest of the
-# teacher file, so a file replaced under the same path is refused and the same file under
-# another spelling of its path is not.
-CONTENT_KEY = "{}_contents"
+# A run's inputs by content: config[content_key("teacher")] holds a digest of the teacher
+# file, so a file replaced under the same path is refused and the same file under another
+# spelling of its path is not.
+CONTENT_SUFFIX = "_contents"
+
+
+def content_key(option: str) -> str:
+    return option + CONTENT_SUFFIX
 # Settings newer than some saved states, with the value that does what those runs did.
 ADDED_SETTINGS = {"val_every": 1}
 
@@ -172,22 +176,21 @@ def check_same_config(saved: dict[str, Any], current: dict[str, Any], path: Path
         if key in ignore or (key not in saved and (
                 not current[key] or current[key] == ADDED_SETTINGS.get(key))):
             continue
-        content = CONTENT_KEY.format(key)
+        content = content_key(key)
         if saved.get(content) is not None and saved.get(content) == current.get(content):
             continue  # the same contents under another path ('T.safetensors', './T...')
-        if key.endswith(CONTENT_KEY.format("")):
+        if key.endswith(CONTENT_SUFFIX):
             if key in saved and saved[key] != current.get(key):
-                what = key.removesuffix(CONTENT_KEY.format(""))
+                what = key.removesuffix(CONTENT_SUFFIX)
                 raise KdtoolError(
                     f"cannot resume '{path}': the {what} '{current.get(what)}' is not the one "
                     f"the run started with (its contents changed)",
-                    f"resume with the run's {what}, or start over: drop --resume and pass "
-                    "--force")
+                    f"resume with the run's {what}, or {STARTOVER}")
             continue  # a state written before contents were recorded: the paths decide
         if saved.get(key) != current.get(key):
             raise KdtoolError(
                 f"cannot resume '{path}': {key} was {saved.get(key)!r}, now {current.get(key)!r}",
-                "resume with the same options, or start over: drop --resume and pass --force",
+                f"resume with the same options, or {STARTOVER}",
             )
 
 

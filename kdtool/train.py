@@ -36,7 +36,7 @@ from kdtool.imageprep import Fit, parse_resize
 from kdtool.loader import Augment, DeviceLoader
 from kdtool.models import check_input_size, create_model, model_spec
 from kdtool.runinfo import provenance, run_rate
-from kdtool.runstate import CONTENT_KEY, RunCheckpoint
+from kdtool.runstate import RunCheckpoint, content_key
 
 
 @dataclass
@@ -173,7 +173,7 @@ class Trainer:
         step_model = compile_step(model, c.compile_mode, self.device) if c.compile else model
         ema = make_ema(model, c.ema)
 
-        config = {**asdict(c), CONTENT_KEY.format("data"): train.checksum()}
+        config = {**asdict(c), content_key("data"): train.checksum()}
         start, best, history = self.ckpt.restore(config, model, opt, sched, ema)
         if start:
             console.info(f"resuming {self.ckpt.path} after epoch {start}/{c.epochs}")

@@ -109,9 +109,8 @@ def _usage_message(e: UsageError) -> str:
         elsewhere = _commands_with(e.option_name, e.ctx.find_root().command)
         if elsewhere:  # what the user meant, rather than click's look-alikes here
             named = [f"'{c}'" for c in elsewhere[:3]]
-            more = f" and {len(elsewhere) - 3} more" if len(elsewhere) > 3 else ""
-            listed = ", ".join(named) + more if more else " and ".join(
-                [", ".join(named[:-1]), named[-1]] if len(named) > 1 else named)
+            last = f"{len(elsewhere) - 3} more" if len(elsewhere) > 3 else named.pop()
+            listed = ", ".join(named) + " and " + last if named else last
             return f"No such option: {e.option_name}; it is an option of {listed}"
         if e.possibilities == ["--help"]:  # click's only look-alike: no help at all
             return f"No such option: {e.option_name}"

@@ -204,7 +204,7 @@ def test_calibration_streams_one_batch_at_a_time_and_takes_any_image_count(
         collect = calibrator.collect_data
 
         def collect_data(reader):
-            batches = list(reader)
+            batches = list(iter(reader.get_next, None))
             fed.append([len(b["input"]) for b in batches])
             reader.rewind()
             return collect(reader)
