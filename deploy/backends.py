@@ -19,6 +19,7 @@ import numpy as np
 
 from kdtool.errors import InternalError, KdtoolError, check_choice
 from kdtool.export.formats import GPU_EXTRA_HINT
+from kdtool.export.ort_session import ORT_TARGETS
 from kdtool.io import require_file
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -29,10 +30,7 @@ TRT_SUFFIXES = (".plan", ".engine", ".trt")
 BACKENDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "torch-cpu": ("checkpoint", ()),
     "torch-cuda": ("checkpoint", ()),
-    "ort-cpu": ("onnx", ("CPUExecutionProvider",)),
-    "ort-cuda": ("onnx", ("CUDAExecutionProvider",)),
-    # Nodes TensorRT cannot take run on CUDA; the check is that TensorRT leads.
-    "ort-trt": ("onnx", ("TensorrtExecutionProvider", "CUDAExecutionProvider")),
+    **{f"ort-{target}": ("onnx", providers) for target, providers in ORT_TARGETS.items()},
     "trt": ("trt", ()),
 }
 

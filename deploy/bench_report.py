@@ -8,6 +8,7 @@ from typing import Any
 from rich.markup import escape
 
 from kdtool.errors import KdtoolError
+from kdtool.export.ort_session import PROVIDER_LABELS
 from kdtool.io import atomic_path, atomic_write_text
 
 COLUMNS = [
@@ -25,11 +26,6 @@ COLUMNS = [
     "top-1 %",
 ]
 PLOT_FORMATS = ("png", "svg", "pdf")
-_SHORT = {
-    "CPUExecutionProvider": "CPU",
-    "CUDAExecutionProvider": "CUDA",
-    "TensorrtExecutionProvider": "TRT",
-}
 # The terminal table leaves out the model (one table per model), its size and p90.
 TERMINAL = [
     "backend",
@@ -56,7 +52,7 @@ def runs_on(row: dict) -> str:
     named one way in the column: a torch row's device "cpu" / "cuda:1" reads as ONNX
     Runtime's CPU / CUDA do (the JSON keeps torch's own name)."""
     if row["providers"]:
-        return "+".join(_SHORT.get(p, p) for p in row["providers"])
+        return "+".join(PROVIDER_LABELS.get(p, p) for p in row["providers"])
     if row["device"] is None:  # it did not run
         return ""
     return "TensorRT" if row["backend"] == "trt" else row["device"].upper()

@@ -86,7 +86,8 @@ def serve_cmd(
         str,
         typer.Option(
             "--provider",
-            help="ONNX Runtime provider: cpu, cuda or tensorrt; never falls back silently.",
+            help="ONNX Runtime provider: cpu, cuda or trt (TensorRT, with CUDA for the nodes "
+            "it cannot take; 'tensorrt' works too); never falls back silently.",
         ),
     ] = "cpu",
     api_key: Annotated[

@@ -309,7 +309,7 @@ class DistillRun:
         """The teacher's own top-1 on --val, the student's reference; batch-aligned too with
         --teacher-norm-align, since alignment changes the teacher itself, on real images as
         on noise, and the student can learn no better than the teacher it is shown."""
-        scores = {"val_teacher_top1": percent_equal(answers, labels)}
+        scores = {"val_teacher_top1": percent_equal(answers, labels), "val_images": len(labels)}
         if not self.cfg.teacher_norm_align:
             return scores
         logits, _ = predict(_Answering(teacher), val, tmeta.mean, tmeta.std, 256, self.device,

@@ -13,17 +13,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdtool.errors import KdtoolError
+from kdtool.errors import KdtoolError, check_choice
 from kdtool.export.formats import GPU_EXTRA_HINT
 from kdtool.io import require_file
 
-PROVIDER_ALIASES = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
+# The one table of ONNX Runtime targets: serve --provider T, bench and predict --backend
+# ort-T. Providers in priority order; CPU is never appended to a GPU list, where ORT would
+# silently run the whole graph when the GPU provider fails to load.
+ORT_TARGETS: dict[str, tuple[str, ...]] = {
+    "cpu": ("CPUExecutionProvider",),
+    "cuda": ("CUDAExecutionProvider",),
+    # Nodes TensorRT cannot take run on CUDA; the check is that TensorRT leads.
+    "trt": ("TensorrtExecutionProvider", "CUDAExecutionProvider"),
 }
+# ONNX Runtime's own name for the provider, accepted wherever a target is (serve took it).
+TARGET_ALIASES = {"tensorrt": "trt"}
+# Short labels of providers (bench tables); their lower case names one in open_session.
+PROVIDER_LABELS = {
+    "CPUExecutionProvider": "CPU",
+    "CUDAExecutionProvider": "CUDA",
+    "TensorrtExecutionProvider": "TRT",
+    "OpenVINOExecutionProvider": "OpenVINO",
+    "CoreMLExecutionProvider": "CoreML",
+}
+PROVIDER_ALIASES = {label.lower(): name for name, label in PROVIDER_LABELS.items()} | {
+    alias: ORT_TARGETS[target][0] for alias, target in TARGET_ALIASES.items()}
+
+
+def ort_target(name: str) -> str:
+    """``name`` as a key of ORT_TARGETS, in any case (an alias becomes its target), else
+    'did you mean'."""
+    name = name.lower()
+    return check_choice(TARGET_ALIASES.get(name, name), ORT_TARGETS, "ONNX Runtime provider")
 LOAD_HINT = "pass an .onnx file written by kdtool export"
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 

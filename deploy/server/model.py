@@ -10,19 +10,9 @@ from typing import Any
 import numpy as np
 
 from kdtool.deploy.server.protocol import ORT_TO_V2, V2_TO_NP
-from kdtool.errors import KdtoolError, check_choice
+from kdtool.errors import KdtoolError
 from kdtool.export.metadata import OnnxInfo, check_graph, info_from_props
 from kdtool.imageprep import Fit, describe_resize
-
-# --provider -> ONNX Runtime providers in priority order.  CPU is never appended to a GPU
-# list: ORT would silently run the whole graph there when the GPU provider fails to load.
-PROVIDERS: dict[str, tuple[str, ...]] = {
-    "cpu": ("CPUExecutionProvider",),
-    "cuda": ("CUDAExecutionProvider",),
-    # Nodes TensorRT cannot take run on CUDA.
-    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider"),
-}
-
 
 URL_SAFE = re.compile(r"[A-Za-z0-9_.-]+")  # a model name in /v2/models/NAME/...
 
@@ -59,7 +49,7 @@ class OnnxModel:
         memory_arena: bool = True,
         warmup: bool = True,
     ):
-        from kdtool.export.ort_session import open_session
+        from kdtool.export.ort_session import ORT_TARGETS, open_session, ort_target
         from kdtool.export.triton import model_name
 
         self.path = Path(path)
@@ -71,10 +61,9 @@ class OnnxModel:
                 f"model name '{self.name}' cannot be part of a URL path",
                 "pass --name with letters, digits, '-', '_' or '.'",
             )
-        check_choice(provider, PROVIDERS, "provider")
         self.opened = open_session(
             self.path,
-            PROVIDERS[provider],
+            ORT_TARGETS[ort_target(provider)],
             threads=max(0, threads),  # 0: ORT's default, one per core
             inter_op_threads=1,  # a plain CNN has no parallel branches worth a pool
             # Idle ORT threads spin by default, taking cores from the event loop that parses

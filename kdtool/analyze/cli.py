@@ -214,21 +214,26 @@ def sweep_cmd(
         "finished points are read back, the interrupted one continues from its last epoch, "
         "the rest run.")] = False,
     seed: Seed = 0,
+    seeds: Annotated[int, typer.Option(
+        "--seeds", help="Runs per point, with seeds --seed, --seed + 1, ...: the plot shows "
+        "their mean and range. On digits one run's top-1 moves by a few points with its "
+        "seed, as much as between neighbouring points.")] = 1,
     device: Device = "auto",
     as_json: Json = False,
 ) -> None:
-    """Distil once per point and plot student accuracy (Table 1 and Fig. 3b of the paper).
+    """Distil once per point and seed and plot student accuracy (Table 1 and Fig. 3b of the
+    paper).
 
     --param running-fraction: the share P of the teacher's BN layers kept on running
     statistics (0 = the method, 1 = classic KD). --param batch-size: the noise batch whose
-    statistics the teacher uses, at a constant number of noise images. Each point's student
+    statistics the teacher uses, at a constant number of noise images. Each run's student
     is kept in STEM/; an interrupted sweep continues with --resume. The students learn with
     the paper's plain loss (distill --balance off), as the paper's figures did.
 
     Example: [bold]kdtool analyze sweep --teacher teacher.safetensors --val digits:test
-    --param running-fraction --values 0,0.25,0.5,0.75,1 --out figures/table1[/bold]
+    --param running-fraction --values 0,0.25,0.5,0.75,1 --seeds 3 --out figures/table1[/bold]
     """
-    from kdtool.analyze.sweep import DEFAULT_VALUES, KEEP, PARAMS, run_sweep, write_png
+    from kdtool.analyze.sweep import DEFAULT_VALUES, KEEP, PARAMS, run_sweep, summarise, write_png
     from kdtool.cli.options import parse_floats
     from kdtool.distill.loop import DistillConfig
     from kdtool.errors import KdtoolError, check_choice
@@ -250,22 +255,28 @@ def sweep_cmd(
                          schedule="onecycle", lr=lr, val=val, seed=seed, device=device,
                          balance="off")  # the paper's figures: its plain loss
     try:
-        rows = run_sweep(base, param, points, out, keep, force=force, resume=resume)
+        rows = run_sweep(base, param, points, out, keep, force=force, resume=resume,
+                         seeds=seeds)
     except KeyboardInterrupt as e:
         from kdtool.interrupts import Stopped
 
         raise Stopped(e, "finished points and every finished epoch are saved; continue "
                       "with the same command and --resume") from None
     write_csv(csv_path, rows)
-    write_png(png_path, rows, f"{student} from {teacher.name}, {noise} noise")
-    result = {"param": param, "keep": keep, "rows": rows, "csv": str(csv_path),
-              "png": str(png_path)}
+    write_png(png_path, rows, f"{student} from {teacher.name}, {noise} noise", val)
+    result = {"param": param, "keep": keep, "seeds": seeds, "rows": rows,
+              "points": summarise(rows), "csv": str(csv_path), "png": str(png_path)}
 
-    _report(result, as_json, f"sweep of {param}",
+    def score(p: dict, key: str) -> str:
+        spread = f" ({p[key + '_min']:.1f}-{p[key + '_max']:.1f})" if p["seeds"] > 1 else ""
+        return f"{p[key]:.1f}%{spread}"
+
+    _report(result, as_json, f"sweep of {param}" + (f", mean of {seeds} seeds (min-max)"
+                                                     if seeds > 1 else ""),
             [param, "current BN", "running BN", "time"],
-            lambda res: [[f"{r['value']:g}", f"{r['val_top1_current']:.1f}%",
-                          f"{r['val_top1_running']:.1f}%", f"{r['seconds']:.0f} s"]
-                         for r in res["rows"]])
+            lambda res: [[f"{p['value']:g}", score(p, "val_top1_current"),
+                          score(p, "val_top1_running"), f"{p['seconds']:.0f} s"]
+                         for p in res["points"]])
 
 
 @analyze_app.command("curves")

@@ -1,8 +1,10 @@
 """Distillation sweeps: the paper's Table 1 (share of teacher BN layers on running
 statistics) and Fig. 3b (distillation batch size), at a scale the user chooses.
 
-Every point is one ``kdtool distill`` run (same seed, same number of noise images), whose
-student is evaluated on ``--val`` on current and on running statistics.
+Every point is one ``kdtool distill`` run per seed (the same seeds and number of noise
+images at every point), whose student is evaluated on ``--val`` on current and on running
+statistics. One run is one draw: on digits, students of two seeds differ by a few points,
+as much as neighbouring points do, so a curve worth reading averages several seeds.
 """
 
 from __future__ import annotations
@@ -64,8 +66,8 @@ def _require_batchnorm(teacher: str) -> None:
             "with 'kdtool distill --teacher-norm-align')")
 
 
-def point_path(workdir: Path, param: str, value: float) -> Path:
-    return Path(workdir) / f"{param}_{value:g}.safetensors"
+def point_path(workdir: Path, param: str, value: float, seed: int) -> Path:
+    return Path(workdir) / f"{param}_{value:g}_seed{seed}.safetensors"
 
 
 def clear_other_points(workdir: Path, param: str, keep: list[Path]) -> None:
@@ -82,15 +84,20 @@ def clear_other_points(workdir: Path, param: str, keep: list[Path]) -> None:
 
 
 def run_sweep(base: DistillConfig, param: str, values: list[float], workdir: Path,
-              keep: str = "images", force: bool = False, resume: bool = False) -> list[dict]:
-    """One distillation per value; ``resume``: points whose run state is in ``workdir``
-    continue from it (a finished one is read back, not run again), the others start."""
+              keep: str = "images", force: bool = False, resume: bool = False,
+              seeds: int = 1) -> list[dict]:
+    """One distillation per value and seed (``base.seed``, ``base.seed + 1``, ...: ``seeds``
+    of them); ``resume``: runs whose run state is in ``workdir`` continue from it (a finished
+    one is read back, not run again), the others start. One row per run."""
     check_choice(param, list(PARAMS), "sweep parameter")
     if not base.val:
         raise KdtoolError("a sweep measures accuracy and needs labelled --val data")
+    if seeds < 1:
+        raise KdtoolError(f"--seeds {seeds} runs nothing", "pass --seeds 1 or more")
     _require_batchnorm(base.teacher)
-    configs = [point_config(base, param, v, keep) for v in values]  # check every value first
-    paths = [point_path(workdir, param, v) for v in values]
+    runs = [(v, base.seed + i, replace(point_config(base, param, v, keep), seed=base.seed + i))
+            for v in values for i in range(seeds)]  # every value checked before any work
+    paths = [point_path(workdir, param, v, seed) for v, seed, _ in runs]
     if not (force or resume):
         for path in paths:
             if path.exists() or state_path_for(path).exists():
@@ -100,33 +107,65 @@ def run_sweep(base: DistillConfig, param: str, values: list[float], workdir: Pat
     if force:
         clear_other_points(Path(workdir), param, paths)
     rows = []
-    for value, cfg, path in zip(values, configs, paths, strict=True):
+    for (value, seed, cfg), path in zip(runs, paths, strict=True):
         cont = resume and state_path_for(path).exists()
         # force: without a state the file is this sweep's own, cut off before its state
         r = DistillRun(replace(cfg, val_every=cfg.epochs), path, force=not cont,
                        resume=cont).run()
-        rows.append({"param": param, "value": value, "teacher_bn": cfg.teacher_bn,
+        rows.append({"param": param, "value": value, "seed": seed, "teacher_bn": cfg.teacher_bn,
                      "batch_size": cfg.batch_size, "iters": cfg.epochs * cfg.iters_per_epoch,
                      "val_top1_current": r["val_top1_current"],
                      "val_top1_running": r["val_top1_running"],
+                     "val_teacher_top1": r["val_teacher_top1"], "val_images": r["val_images"],
                      # distillation time over all its epochs, also those run before a resume
                      "seconds": sum(h["seconds"] for h in r["history"])})
     return rows
 
 
-def write_png(path: Path, rows: list[dict], title: str) -> None:
+MODES = (("val_top1_current", "student, current BN", "o-"),
+         ("val_top1_running", "student, running BN", "s--"))
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """One row per point: each BN mode's mean, min and max over its seeds, in value order."""
+    points: dict[float, list[dict]] = {}
+    for r in rows:
+        points.setdefault(r["value"], []).append(r)
+    out = []
+    for value, runs in points.items():
+        p = {"value": value, "seeds": len(runs),
+             "seconds": sum(r["seconds"] for r in runs)}
+        for key, _, _ in MODES:
+            scores = [r[key] for r in runs]
+            p[key] = sum(scores) / len(scores)
+            p[key + "_min"], p[key + "_max"] = min(scores), max(scores)
+        out.append(p)
+    return out
+
+
+def write_png(path: Path, rows: list[dict], title: str, val: str) -> None:
+    """Each BN mode's mean over seeds, its min-max band when there are several seeds, and
+    the teacher's own accuracy: the ceiling the students are read against."""
     plt = pyplot()
 
+    points = summarise(rows)
+    seeds = max(p["seeds"] for p in points)
     fig, ax = plt.subplots(figsize=(6, 4))
-    xs = [r["value"] for r in rows]
-    ax.plot(xs, [r["val_top1_current"] for r in rows], "o-", label="student, current BN")
-    ax.plot(xs, [r["val_top1_running"] for r in rows], "s--", label="student, running BN")
+    xs = [p["value"] for p in points]
+    for key, label, style in MODES:
+        line, = ax.plot(xs, [p[key] for p in points], style,
+                        label=label + (f", mean of {seeds} seeds" if seeds > 1 else ""))
+        if seeds > 1:
+            ax.fill_between(xs, [p[key + "_min"] for p in points],
+                            [p[key + "_max"] for p in points], color=line.get_color(),
+                            alpha=0.15, linewidth=0)
+    ax.axhline(rows[0]["val_teacher_top1"], color="grey", linestyle=":", label="teacher")
     param = rows[0]["param"]
     if param == "batch-size":
         ax.set_xscale("log", base=2)
     ax.set_xlabel(PARAMS[param])
-    ax.set_ylabel("top-1 %")
-    ax.set_title(title)
+    ax.set_ylabel(f"top-1 % on {val} ({rows[0]['val_images']:,} images)")
+    ax.set_title(title + (f"\nbands: min to max of {seeds} seeds" if seeds > 1 else ""))
     ax.grid(alpha=0.3)
     ax.legend()
     save_png(fig, path)

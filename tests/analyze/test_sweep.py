@@ -37,7 +37,8 @@ def test_running_fraction_sweep_writes_csv_and_png(cli, digits_teacher, tmp_path
     assert [row["teacher_bn"] for row in rows] == ["current", "running"]
     assert len(list(csv.DictReader((tmp_path / "t1.csv").read_text().splitlines()))) == 2
     assert (tmp_path / "t1.png").read_bytes()[:4] == b"\x89PNG"
-    assert (tmp_path / "t1" / "running-fraction_0.safetensors").is_file()
+    assert (tmp_path / "t1" / "running-fraction_0_seed0.safetensors").is_file()
+    assert rows[0]["val_images"] == 360 and 0 <= rows[0]["val_teacher_top1"] <= 100
     bad = cli("analyze", "sweep", "--teacher", digits_teacher, "--val", "digits:test",
               "--param", "batchsize", "--out", tmp_path / "x")
     assert bad.code == 1 and "did you mean 'batch-size'" in bad.err
@@ -77,8 +78,8 @@ def test_an_interrupted_sweep_resumes_to_the_same_result(cli, digits_teacher, tm
         assert {k: v for k, v in a.items() if k != "seconds"} == \
             {k: v for k, v in b.items() if k != "seconds"}
     for v in (0, 1):
-        wa = load_file(point_path(tmp_path / "whole", "running-fraction", v))
-        wb = load_file(point_path(tmp_path / "cut", "running-fraction", v))
+        wa = load_file(point_path(tmp_path / "whole", "running-fraction", v, 0))
+        wb = load_file(point_path(tmp_path / "cut", "running-fraction", v, 0))
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -127,7 +128,7 @@ def test_force_removes_the_points_of_an_earlier_sweep_at_other_values(tmp_path):
     from kdtool.analyze.sweep import clear_other_points, point_path
     from kdtool.runstate import state_path_for
 
-    paths = {v: point_path(tmp_path, "running-fraction", v) for v in (0, 0.5, 1)}
+    paths = {v: point_path(tmp_path, "running-fraction", v, 0) for v in (0, 0.5, 1)}
     for path in paths.values():
         path.write_bytes(b"a point")
         state_path_for(path).write_bytes(b"its state")
@@ -136,3 +137,43 @@ def test_force_removes_the_points_of_an_earlier_sweep_at_other_values(tmp_path):
     clear_other_points(tmp_path, "running-fraction", [paths[0]])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [paths[0].name, state_path_for(paths[0]).name, other.name])
+
+
+def test_several_seeds_per_point_are_run_summarised_and_drawn_as_a_band(cli, digits_teacher,
+                                                                        tmp_path):
+    """One run is one draw (a few points apart between seeds on digits): --seeds N runs each
+    point N times, and the table, the JSON's points and the plot give their mean and range."""
+    from safetensors.torch import load_file
+
+    from kdtool.analyze.sweep import point_path
+
+    r = cli("analyze", "sweep", "--teacher", digits_teacher, "--val", "digits:test",
+            "--values", "0,1", "--epochs", "1", "--iters-per-epoch", "5", "--batch-size",
+            "32", "--seed", "7", "--seeds", "2", "--out", tmp_path / "s", "--json")
+    assert r.code == 0, r.err
+    res = r.json()
+    assert [(row["value"], row["seed"]) for row in res["rows"]] == [(0, 7), (0, 8), (1, 7),
+                                                                    (1, 8)]
+    assert len(list(csv.DictReader((tmp_path / "s.csv").read_text().splitlines()))) == 4
+    for point in res["points"]:
+        runs = [row for row in res["rows"] if row["value"] == point["value"]]
+        assert point["seeds"] == 2
+        for key in ("val_top1_current", "val_top1_running"):
+            scores = [row[key] for row in runs]
+            assert point[key] == pytest.approx(sum(scores) / 2)
+            assert (point[key + "_min"], point[key + "_max"]) == (min(scores), max(scores))
+    a, b = (load_file(point_path(tmp_path / "s", "running-fraction", 0, seed)) for seed in (7, 8))
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # two draws, not one run twice
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    table = cli("analyze", "sweep", "--teacher", digits_teacher, "--val", "digits:test",
+                "--values", "0,1", "--epochs", "1", "--iters-per-epoch", "5", "--batch-size",
+                "32", "--seed", "7", "--seeds", "2", "--out", tmp_path / "s", "--resume")
+    assert table.code == 0, table.err
+    out = " ".join(table.out.split())
+    assert "mean of 2 seeds (min-max)" in out
+    p0 = res["points"][0]
+    assert (f"{p0['val_top1_current']:.1f}% ({p0['val_top1_current_min']:.1f}-"
+            f"{p0['val_top1_current_max']:.1f})") in out
+    bad = cli("analyze", "sweep", "--teacher", digits_teacher, "--val", "digits:test",
+              "--seeds", "0", "--out", tmp_path / "z")
+    assert bad.code == 1 and "--seeds 0 runs nothing" in bad.err

@@ -360,6 +360,22 @@ def test_the_runs_on_column_names_devices_one_way(backend, device, providers, sh
     assert runs_on({"backend": backend, "device": device, "providers": providers}) == shown
 
 
+def test_onnx_runtime_backends_and_serve_providers_come_from_one_table():
+    """serve once took '--provider tensorrt' where bench and predict took 'ort-trt', from
+    tables of their own."""
+    from kdtool.deploy.backends import BACKENDS
+    from kdtool.errors import KdtoolError
+    from kdtool.export.ort_session import ORT_TARGETS, ort_target
+
+    ort = {b: providers for b, (kind, providers) in BACKENDS.items() if kind == "onnx"}
+    assert ort == {f"ort-{t}": providers for t, providers in ORT_TARGETS.items()}
+    assert all(ps[-1] != "CPUExecutionProvider" for ps in ORT_TARGETS.values() if len(ps) > 1)
+    assert [ort_target(n) for n in ("cpu", "CUDA", "trt", "tensorrt")] == \
+        ["cpu", "cuda", "trt", "trt"]
+    with pytest.raises(KdtoolError, match="did you mean 'cuda'"):
+        ort_target("gpu")
+
+
 def test_checkpoints_of_one_name_in_two_folders_export_and_report_apart(cli, models,
                                                                          tmp_path):
     """c1/s and c2/s once both exported to s.onnx: the second replaced the first, and the

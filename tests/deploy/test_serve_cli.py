@@ -50,6 +50,9 @@ def test_serve_errors(cli, tiny_onnx, tmp_path, monkeypatch):
     assert r.code == 1 and "no CUDAExecutionProvider" in r.err
     r = cli("serve", tiny_onnx, "--provider", "cpuu")
     assert r.code == 1 and "did you mean 'cpu'" in r.err
+    for trt in ("trt", "tensorrt", "TensorRT"):  # bench's name, and ONNX Runtime's own
+        r = cli("serve", tiny_onnx, "--provider", trt)
+        assert r.code == 1 and "no TensorrtExecutionProvider" in r.err, (trt, r.err)
     r = cli("serve", tiny_onnx, "--max-batch", "0")
     assert r.code == 1 and "--max-batch" in r.err
 
