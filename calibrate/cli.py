@@ -8,7 +8,15 @@ from typing import Annotated
 import typer
 
 from kdtool.cli.app import app
-from kdtool.cli.options import DATA_HELP, Device, Force, Json, Seed, parse_image_size
+from kdtool.cli.options import (
+    DATA_HELP,
+    Device,
+    Force,
+    Json,
+    Seed,
+    Threads,
+    parse_image_size,
+)
 
 _SHOWN = 12  # layers listed per group in the table output (--json lists all)
 
@@ -90,6 +98,7 @@ def calibrate_cmd(
     force: Force = False,
     seed: Seed = 0,
     device: Device = "auto",
+    threads: Threads = None,
     as_json: Json = False,
 ) -> None:
     """Recompute a student's BatchNorm statistics from a few real images, then fold BN away.
@@ -105,6 +114,7 @@ def calibrate_cmd(
     from kdtool import console
     from kdtool.calibrate.pipeline import CalibrateConfig, calibrate
     from kdtool.calibrate.sweep import parse_points
+    from kdtool.device import cpu_threads
 
     cfg = CalibrateConfig(
         checkpoint=str(checkpoint),
@@ -123,7 +133,8 @@ def calibrate_cmd(
         device=device,
         force=force,
     )
-    result = calibrate(cfg)
+    with cpu_threads(threads):
+        result = calibrate(cfg)
 
     def render(r):
         rows = [

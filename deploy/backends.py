@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from kdtool.errors import InternalError, KdtoolError, check_choice
+from kdtool.errors import InternalError, KdtoolError, check_choice, check_threads
 from kdtool.export.formats import GPU_EXTRA_HINT
 from kdtool.export.ort_session import ORT_TARGETS
 from kdtool.io import require_file
@@ -333,9 +333,7 @@ def make_runner(model: BenchModel, backend: str, threads: int | None = None,
     """
     from kdtool.export import runners
 
-    if threads is not None and threads < 0:
-        raise KdtoolError(f"--threads must be at least 0, not {threads}",
-                          "0 (or no --threads) is the library's default, one per core")
+    check_threads(threads)
     problem = backend_problem(backend)
     if problem:
         raise BackendUnavailable(problem)

@@ -22,6 +22,7 @@ from kdtool.cli.options import (
     Resume,
     Schedule,
     Seed,
+    Threads,
     WeightDecay,
 )
 
@@ -99,6 +100,7 @@ def distill_cmd(
     force: Force = False,
     seed: Seed = 0,
     device: Device = "auto",
+    threads: Threads = None,
     as_json: Json = False,
 ) -> None:
     """Distil a teacher into a student from noise alone: no training data.
@@ -112,6 +114,7 @@ def distill_cmd(
     gaussian --epochs 20 --val digits:test --out student.safetensors[/bold]
     """
     from kdtool import console
+    from kdtool.device import cpu_threads
     from kdtool.distill.loop import DistillConfig, DistillRun
     from kdtool.runstate import stopped_with_hint
 
@@ -126,7 +129,7 @@ def distill_cmd(
         weight_decay=weight_decay, val=val, val_every=val_every, seed=seed, device=device,
         compile=compile_ or compile_mode is not None, compile_mode=compile_mode or "default",
         precision=precision, channels_last=channels_last, ema=ema)
-    with stopped_with_hint(out, resume):
+    with stopped_with_hint(out, resume), cpu_threads(threads):
         result = DistillRun(cfg, out, force=force, resume=resume).run()
 
     def render(r):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 
-from kdtool.errors import KdtoolError, check_choice
+from kdtool import console
+from kdtool.errors import KdtoolError, check_choice, check_threads
 
 # torch.compile modes. The two marked with CUDA graphs replay each step as one graph: no CPU
 # cost per kernel launch, which bounds a step made of hundreds of small kernels.
@@ -38,6 +41,25 @@ def resolve_device(name: str) -> torch.device:
 # The arithmetic of a training step. auto: bf16 on CUDA (tensor cores), fp32 on a CPU.
 PRECISIONS = ("auto", "fp32", "bf16")
 _BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 AVX512-BF16 / AMX, Arm BF16
+
+
+@contextmanager
+def cpu_threads(threads: int | None) -> Iterator[None]:
+    """PyTorch's CPU threads while a command runs (--threads; None or 0: one per core), then
+    the number before: commands run in one process in tests and scripts."""
+    if not check_threads(threads):
+        yield
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if cores and threads > cores:
+        console.warn(f"--threads {threads} is more than the {cores} cores this process may "
+                     "use: the threads take turns, which is slower than one per core")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:

@@ -61,6 +61,15 @@ def check_choice(value: str, choices: Iterable[str], what: str) -> str:
     raise KdtoolError(f"unknown {what} '{value}'", hint)
 
 
+def check_threads(threads: int | None) -> int | None:
+    """--threads (None or 0: the library's default, one per core), checked. Here, not in
+    kdtool.device: predict and serve on ONNX never import torch."""
+    if threads is not None and threads < 0:
+        raise KdtoolError(f"--threads must be at least 0, not {threads}",
+                          "0 (or no --threads) is the library's default, one per core")
+    return threads
+
+
 def check_val_every(val_every: int, val: str | None) -> None:
     """--val-every paces validation on --val (train and distill alike)."""
     if val_every < 1:

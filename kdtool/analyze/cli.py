@@ -9,7 +9,7 @@ import typer
 
 from kdtool.analyze import write_csv
 from kdtool.cli.app import app
-from kdtool.cli.options import DATA_HELP, Device, Force, Json, Seed
+from kdtool.cli.options import DATA_HELP, Device, Force, Json, Seed, Threads
 
 analyze_app = typer.Typer(
     help="The paper's analyses, and learning curves of runs; each writes a PNG and a CSV.\n\n"
@@ -219,6 +219,7 @@ def sweep_cmd(
         "their mean and range. On digits one run's top-1 moves by a few points with its "
         "seed, as much as between neighbouring points.")] = 1,
     device: Device = "auto",
+    threads: Threads = None,
     as_json: Json = False,
 ) -> None:
     """Distil once per point and seed and plot student accuracy (Table 1 and Fig. 3b of the
@@ -235,6 +236,7 @@ def sweep_cmd(
     """
     from kdtool.analyze.sweep import DEFAULT_VALUES, KEEP, PARAMS, run_sweep, summarise, write_png
     from kdtool.cli.options import parse_floats
+    from kdtool.device import cpu_threads
     from kdtool.distill.loop import DistillConfig
     from kdtool.errors import KdtoolError, check_choice
 
@@ -255,8 +257,9 @@ def sweep_cmd(
                          schedule="onecycle", lr=lr, val=val, seed=seed, device=device,
                          balance="off")  # the paper's figures: its plain loss
     try:
-        rows = run_sweep(base, param, points, out, keep, force=force, resume=resume,
-                         seeds=seeds)
+        with cpu_threads(threads):
+            rows = run_sweep(base, param, points, out, keep, force=force, resume=resume,
+                             seeds=seeds)
     except KeyboardInterrupt as e:
         from kdtool.interrupts import Stopped
 

@@ -30,6 +30,7 @@ from kdtool.cli.options import (
     Schedule,
     Seed,
     Std,
+    Threads,
     WeightDecay,
     foreign_spec,
     parse_image_size,
@@ -81,6 +82,7 @@ def train_cmd(
     force: Force = False,
     seed: Seed = 0,
     device: Device = "auto",
+    threads: Threads = None,
     as_json: Json = False,
 ) -> None:
     """Train a classifier (a teacher) on real data; the data decide classes, channels and size.
@@ -89,6 +91,7 @@ def train_cmd(
     --out teacher.safetensors[/bold]
     """
     from kdtool import console
+    from kdtool.device import cpu_threads
     from kdtool.runstate import stopped_with_hint
     from kdtool.train import TrainConfig, Trainer
 
@@ -106,7 +109,7 @@ def train_cmd(
                       seed=seed, device=device, compile=compile_ or compile_mode is not None,
                       compile_mode=compile_mode or "default", precision=precision,
                       channels_last=channels_last, ema=ema)
-    with stopped_with_hint(out, resume):
+    with stopped_with_hint(out, resume), cpu_threads(threads):
         result = Trainer(cfg, out, force=force, resume=resume).run()
 
     def render(r):
@@ -147,6 +150,7 @@ def eval_cmd(
     std: Std = None,
     seed: Seed = 0,
     device: Device = "auto",
+    threads: Threads = None,
     as_json: Json = False,
 ) -> None:
     """Top-1 accuracy (overall and per class) of a checkpoint on a labelled dataset.
@@ -159,6 +163,7 @@ def eval_cmd(
     """
     from kdtool import console
     from kdtool.bn import BN_MODES
+    from kdtool.device import cpu_threads
     from kdtool.errors import KdtoolError, check_choice
     from kdtool.evaluate import TTA_MODES
 
@@ -169,12 +174,14 @@ def eval_cmd(
     if checkpoint.suffix.lower() in DEPLOYED_SUFFIXES:
         described = {"--arch": arch, "--num-classes": num_classes, "--in-chans": in_chans,
                      "--image-size": image_size, "--mean": mean, "--std": std}
-        rep = _eval_deployed(checkpoint, data, bn, batch_size, tta, device, described)
+        rep = _eval_deployed(checkpoint, data, bn, batch_size, tta, device, described, threads)
     else:
-        rep = _eval_checkpoint(checkpoint, data, bn, batch_size, tta, device, seed,
-                               foreign_spec(checkpoint, arch, num_classes, in_chans, mean, std,
-                                            image_size),
-                               parse_norm(mean, std) if arch is None and (mean or std) else None)
+        with cpu_threads(threads):
+            rep = _eval_checkpoint(checkpoint, data, bn, batch_size, tta, device, seed,
+                                   foreign_spec(checkpoint, arch, num_classes, in_chans, mean,
+                                                std, image_size),
+                                   parse_norm(mean, std) if arch is None and (mean or std)
+                                   else None)
     result = {"checkpoint": str(checkpoint), "data": data, "bn": bn, "tta": tta,
               "batch_size": batch_size, **rep}
     if bn == "current":  # which images share a batch, and so the statistics, follows --seed
@@ -250,7 +257,7 @@ def _eval_checkpoint(checkpoint: Path, data: str, bn: str, batch_size: int, tta:
 
 
 def _eval_deployed(path: Path, data: str, bn: str, batch_size: int, tta: str, device: str,
-                   described: dict) -> dict:
+                   described: dict, threads: int | None) -> dict:
     """An exported file as deployed: it records its input, normalisation and classes, and
     its BatchNorm is fixed (folded, or running statistics), so --bn current cannot apply."""
     from kdtool.deploy.accuracy import evaluate_file
@@ -264,5 +271,5 @@ def _eval_deployed(path: Path, data: str, bn: str, batch_size: int, tta: str, de
         raise KdtoolError(f"--bn current renormalises BatchNorm with batch statistics, and "
                           f"'{path}' is an exported graph whose BatchNorm is fixed",
                           "evaluate the checkpoint it was exported from with --bn current")
-    return {**evaluate_file(path, data, device=device, batch_size=batch_size, tta=tta),
-            "bn": "as exported"}
+    return {**evaluate_file(path, data, device=device, batch_size=batch_size, tta=tta,
+                            threads=threads), "bn": "as exported"}
