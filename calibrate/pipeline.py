@@ -45,6 +45,8 @@ from kdtool.runinfo import provenance
 
 CHECK_IMAGES = 32  # images the folded and unfolded logits are compared on
 CURRENT_BATCH = 256  # the paper's batch for current-statistics evaluation
+# --val top-1 points calibration may cost before it is warned: a few images' sampling noise.
+LOWERED_WARN = 1.0
 
 
 @dataclass
@@ -154,6 +156,12 @@ class CalibrateRun:
                 else "calibration recomputes BatchNorm statistics; this model has none",
             )
         dev = resolve_device(c.device)
+        if "distill" not in meta.stages:  # a trained model: its statistics are real already
+            console.warn(
+                f"'{c.checkpoint}' was not distilled from noise: its BatchNorm statistics come "
+                f"from the data it was trained on, and calibration replaces them with those of "
+                f"{c.batches * c.batch_size} images of '{c.data}'. Export folds BatchNorm "
+                "without it; pass --val to see what the new statistics cost or gain")
         model.to(dev)
         size = _input_size(c.image_size, meta)
         data = load_data(c.data, image_size=size, fit=Fit.of(meta))
@@ -214,6 +222,7 @@ class CalibrateRun:
                 accuracy["calibrated"] = evaluate(
                     model, val, meta.mean, meta.std, batch_size=256, device=dev, progress=True
                 )["top1"]
+            _warn_if_lowered(accuracy, c, cal.images)
         model = model.cpu()
         stage = {
             "source": c.data,
@@ -318,6 +327,18 @@ class CalibrateRun:
         metrics = {f"val_top1_{k}": v for k, v in stage.get("accuracy", {}).items()}
         new.provenance = provenance(seed=self.cfg.seed, metrics=metrics)
         return new
+
+
+def _warn_if_lowered(accuracy: dict, c: CalibrateConfig, images: int) -> None:
+    """Statistics from a few images can be worse than those a model already had (a trained
+    model's, or an earlier calibration on more images): the output is written, but said."""
+    before, after = accuracy["input_running"], accuracy["calibrated"]
+    if after < before - LOWERED_WARN:
+        console.warn(
+            f"calibration lowered top-1 on --val '{c.val}' from {before:.2f}% (the input on "
+            f"its own running statistics) to {after:.2f}%: the statistics of {images} images "
+            f"of '{c.data}' are worse than those '{c.checkpoint}' had; calibrate on more "
+            "images (--batches) or on images like those it will see, or keep the input")
 
 
 def calibrate(cfg: CalibrateConfig) -> dict:

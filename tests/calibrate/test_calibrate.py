@@ -34,6 +34,7 @@ def test_calibration_recovers_current_statistics_accuracy(cli, noise_student, tm
         "--json",
     )
     assert r.code == 0, r.err
+    assert "not distilled from noise" not in r.err and "calibration lowered" not in r.err
     res = r.json()
     acc = res["accuracy"]
     # Within 2 points of current statistics (above is no failure: with 360 test images the
@@ -78,6 +79,23 @@ def test_calibration_recovers_current_statistics_accuracy(cli, noise_student, tm
     again = cli("calibrate", out, "--data", "digits", "--out", tmp_path / "x.safetensors")
     assert again.code == 1 and "nothing to calibrate" in again.err
     assert "already calibrated and folded" in again.err
+
+
+def test_calibrating_a_trained_model_says_its_statistics_are_real_and_what_it_cost(
+        cli, digits_teacher, tmp_path):
+    """A trained teacher's statistics come from its training data; a few images' statistics
+    can only be worse. Calibration once lowered its accuracy without a word."""
+    r = cli("calibrate", digits_teacher, "--data", "digits", "--batches", "1", "--batch-size",
+            "2", "--val", "digits:test", "--out", tmp_path / "t.cal.safetensors", "--device",
+            "cpu", "--json")
+    assert r.code == 0, r.err
+    acc = r.json()["accuracy"]
+    err = " ".join(r.err.split())
+    assert f"'{digits_teacher}' was not distilled from noise" in err
+    assert "replaces them with those of 2 images of 'digits'" in err
+    assert acc["calibrated"] < acc["input_running"] - 1.0, acc  # two images' statistics
+    assert (f"calibration lowered top-1 on --val 'digits:test' from {acc['input_running']:.2f}% "
+            f"(the input on its own running statistics) to {acc['calibrated']:.2f}%") in err
 
 
 def test_no_fold_writes_recalibrated_batchnorm(cli, noise_student, tmp_path):
