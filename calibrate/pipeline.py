@@ -158,10 +158,10 @@ class CalibrateRun:
         dev = resolve_device(c.device)
         if "distill" not in meta.stages:  # a trained model: its statistics are real already
             console.warn(
-                f"'{c.checkpoint}' was not distilled from noise: its BatchNorm statistics come "
-                f"from the data it was trained on, and calibration replaces them with those of "
-                f"{c.batches * c.batch_size} images of '{c.data}'. Export folds BatchNorm "
-                "without it; pass --val to see what the new statistics cost or gain")
+                f"'{c.checkpoint}' records no noise distillation: its BatchNorm statistics are "
+                f"likely those of the data it was trained on, and calibration replaces them "
+                f"with those of {c.batches * c.batch_size} images of '{c.data}'. Export folds "
+                "BatchNorm without it; pass --val to see what the new statistics cost or gain")
         model.to(dev)
         size = _input_size(c.image_size, meta)
         data = load_data(c.data, image_size=size, fit=Fit.of(meta))

@@ -34,7 +34,7 @@ def test_calibration_recovers_current_statistics_accuracy(cli, noise_student, tm
         "--json",
     )
     assert r.code == 0, r.err
-    assert "not distilled from noise" not in r.err and "calibration lowered" not in r.err
+    assert "records no noise distillation" not in r.err and "calibration lowered" not in r.err
     res = r.json()
     acc = res["accuracy"]
     # Within 2 points of current statistics (above is no failure: with 360 test images the
@@ -91,7 +91,7 @@ def test_calibrating_a_trained_model_says_its_statistics_are_real_and_what_it_co
     assert r.code == 0, r.err
     acc = r.json()["accuracy"]
     err = " ".join(r.err.split())
-    assert f"'{digits_teacher}' was not distilled from noise" in err
+    assert f"'{digits_teacher}' records no noise distillation" in err
     assert "replaces them with those of 2 images of 'digits'" in err
     assert acc["calibrated"] < acc["input_running"] - 1.0, acc  # two images' statistics
     assert (f"calibration lowered top-1 on --val 'digits:test' from {acc['input_running']:.2f}% "
