@@ -128,8 +128,10 @@ def write_png(path: Path, r: dict) -> None:
             ax.hist(v, bins=bins, density=True, histtype="step", linewidth=1.4, label=label)
         ax.set_title(layer)
         ax.set_xlabel("per-channel mean activation")
+        ax.set_ylabel("density")
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(layers):]:
         ax.axis("off")
-    fig.suptitle(f"{r['arch']}: activations on {r['data']} and {r['noise']} noise")
+    fig.suptitle(f"{r['arch']}: activations on {r['images']:,} images of {r['data']} and as "
+                 f"many of {r['noise']} noise (W1: Wasserstein distance to real)")
     save_png(fig, path)

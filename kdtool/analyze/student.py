@@ -113,6 +113,8 @@ def write_png(path, r: dict) -> None:
         ax.hist(v, bins=bins, density=True, histtype="step", linewidth=1.4,
                 label=f"{row['state']} (W1 {row['wasserstein_to_current']:.3f}{acc})")
     ax.set_xlabel(f"feature value ({r['features']})")
-    ax.set_title(f"{r['arch']} student on {r['data']}")
+    ax.set_ylabel("density")
+    ax.set_title(f"{r['arch']} student on {r['images']:,} images of {r['data']}\n"
+                 "W1: Wasserstein distance to current BN")
     ax.legend(fontsize=7)
     save_png(fig, path)
