@@ -83,127 +83,150 @@ class _Outputs:
 def run_export(cfg: ExportConfig) -> dict:
     """Run ``kdtool export``; return its JSON result. Raises KdtoolError on any failure."""
     profile, outs = _validate(cfg)
-    from kdtool.checkpoint import load_checkpoint
-
-    model, meta = load_checkpoint(cfg.checkpoint)
-    uncalibrated = meta.noise_bn_warning(cfg.checkpoint)
-    if uncalibrated:  # an ONNX file runs on running statistics, whatever its consumer
-        console.warn(uncalibrated, once=True)
-    sample_shape = (meta.in_chans, *meta.input_size)
-    calib = _load(cfg.calib_data, meta, "--calib-data") if cfg.calib_data else None
-    val = _load(cfg.val, meta, "--val", labelled=True) if cfg.val else None
-    folded = bool((meta.stages.get("calibrate") or {}).get("folded"))
-    info = OnnxInfo.from_meta(
-        meta,
-        input_name=INPUT_NAME,
-        output_name=OUTPUT_NAME,
-        precision=cfg.precision,
-        batch=profile.max if profile.static else None,
-        source=Path(cfg.checkpoint).name,
-        source_sha256=file_sha256(cfg.checkpoint),
-        folded=folded,
-        opset=cfg.opset,
-        max_batch=profile.max,
-    )
-    from kdtool.export.runners import OrtRunner, TorchRunner
-
-    reference = TorchRunner(model)
-    batches, source = make_parity_batches(
-        val or calib, meta.mean, meta.std, sample_shape, profile, cfg.parity_batch, cfg.seed
-    )
-    result: dict = {
-        "checkpoint": cfg.checkpoint,
-        "arch": meta.arch,
-        "folded": folded,
-        "precision": cfg.precision,
-        "batch": profile.to_dict(),
-        "parity_inputs": source,
-        **({"warning": uncalibrated} if uncalibrated else {}),
-    }
+    job = _Job(cfg, profile, outs)
     remove_left_behind(outs.onnx.parent, EXPORT_WORK)
     with tempfile.TemporaryDirectory(prefix=temp_prefix(EXPORT_WORK), suffix=".tmp",
                                      dir=outs.onnx.parent) as work:
         work = Path(work)
-        # 2. FP32 ONNX, checked against PyTorch whatever the final precision.
+        fp32_path, proto = job.fp32(work)  # 2. checked against PyTorch whatever the precision
+        reduce = PRECISION_STEPS[onnx_format(cfg.precision).name]  # 3. reduced precision
+        final_path, proto = (fp32_path, proto) if reduce is None else \
+            reduce(job, proto, fp32_path, work)
+        job.check(final_path)
+        job.place(final_path, fp32_path)  # 4. accuracy, sizes, then the ONNX goes in place
+        if cfg.trt:  # 5.
+            job.result["tensorrt"] = _tensorrt(cfg, outs, job.batches, profile, job.info)
+        if outs.triton is not None:  # 6.
+            job.triton(proto)
+    return job.result
+
+
+class _Job:
+    """One export's model, metadata, parity batches and result, shared by its steps."""
+
+    def __init__(self, cfg: ExportConfig, profile: BatchProfile, outs: _Outputs):
+        from kdtool.checkpoint import load_checkpoint
+        from kdtool.export.runners import TorchRunner
+
+        self.cfg, self.profile, self.outs = cfg, profile, outs
+        self.model, self.meta = load_checkpoint(cfg.checkpoint)
+        meta = self.meta
+        uncalibrated = meta.noise_bn_warning(cfg.checkpoint)
+        if uncalibrated:  # an ONNX file runs on running statistics, whatever its consumer
+            console.warn(uncalibrated, once=True)
+        self.calib = _load(cfg.calib_data, meta, "--calib-data") if cfg.calib_data else None
+        self.val = _load(cfg.val, meta, "--val", labelled=True) if cfg.val else None
+        folded = bool((meta.stages.get("calibrate") or {}).get("folded"))
+        self.info = OnnxInfo.from_meta(
+            meta,
+            input_name=INPUT_NAME,
+            output_name=OUTPUT_NAME,
+            precision=cfg.precision,
+            batch=profile.max if profile.static else None,
+            source=Path(cfg.checkpoint).name,
+            source_sha256=file_sha256(cfg.checkpoint),
+            folded=folded,
+            opset=cfg.opset,
+            max_batch=profile.max,
+        )
+        self.reference = TorchRunner(self.model)
+        self.batches, source = make_parity_batches(
+            self.val or self.calib, meta.mean, meta.std, (meta.in_chans, *meta.input_size),
+            profile, cfg.parity_batch, cfg.seed
+        )
+        self.checks: dict = {}
+        self.result: dict = {
+            "checkpoint": cfg.checkpoint,
+            "arch": meta.arch,
+            "folded": folded,
+            "precision": cfg.precision,
+            "batch": profile.to_dict(),
+            "parity_inputs": source,
+            **({"warning": uncalibrated} if uncalibrated else {}),
+        }
+
+    def fp32(self, work: Path) -> tuple[Path, object]:
+        """The FP32 ONNX in ``work``, checked against PyTorch; its path and proto."""
+        from kdtool.export.runners import OrtRunner
+
+        cfg, meta = self.cfg, self.meta
         console.info(
             f"exporting {meta.arch} to ONNX ({cfg.exporter} exporter, opset "
-            f"{cfg.opset}, batch {profile.spec})"
+            f"{cfg.opset}, batch {self.profile.spec})"
         )
         proto, record = export_onnx(
-            model,
-            sample_shape,
-            batch=profile,
+            self.model,
+            (meta.in_chans, *meta.input_size),
+            batch=self.profile,
             opset=cfg.opset,
             exporter=cfg.exporter,
             slim=cfg.slim,
         )
-        result["onnx_export"] = record
-        fp32_path = work / "fp32.onnx"
-        _save(proto, replace(info, precision="fp32"), fp32_path)
-        with OrtRunner(fp32_path, threads=cfg.threads) as ort32:
-            checks = {"fp32": _parity(reference, ort32, batches, TOLERANCES["fp32"], "FP32")}
-        # 3. reduced precision
-        final_path = fp32_path
-        if cfg.precision == "fp16":
-            final_path = work / "fp16.onnx"
-            proto = _fp16(proto, info, final_path)
-        elif cfg.precision == "int8":
-            final_path = work / "int8.onnx"
-            quantized = _int8(cfg, fp32_path, final_path, calib, meta, info, profile)
-            proto, info = quantized.model, quantized.info
-            result["quantization"] = info.quantization
+        self.result["onnx_export"] = record
+        path = work / "fp32.onnx"
+        _save(proto, replace(self.info, precision="fp32"), path)
+        with OrtRunner(path, threads=cfg.threads) as ort32:
+            self.checks["fp32"] = _parity(self.reference, ort32, self.batches,
+                                          TOLERANCES["fp32"], "FP32")
+        return path, proto
+
+    def check(self, path: Path) -> None:
+        """The reduced-precision file against PyTorch (FP32 was checked as it was made)."""
+        from kdtool.export.runners import OrtRunner
+
+        cfg = self.cfg
         caveat = None
         if cfg.precision != "fp32":
             tol = _tolerance(TOLERANCES[cfg.precision], cfg.min_agreement)
-            with OrtRunner(final_path, threads=cfg.threads) as ort_final:
-                checks[cfg.precision] = _parity(
-                    reference, ort_final, batches, tol, cfg.precision.upper(), cfg
+            with OrtRunner(path, threads=cfg.threads) as ort_final:
+                self.checks[cfg.precision] = _parity(
+                    self.reference, ort_final, self.batches, tol, cfg.precision.upper(), cfg
                 )
                 caveat = ort_final.describe().get("int8_weights")
         if caveat:
             # The check stands (same values), but a speed measured here would mislead.
-            result["cpu_caveat"] = (
+            self.result["cpu_caveat"] = (
                 f"the check ran with {caveat}; the file keeps its int8 weights, which VNNI "
                 "x86 and ARM CPUs run on their fast int8 kernels: time INT8 on the target"
             )
-            console.info(f"note: {result['cpu_caveat']}")
-        result["parity"] = checks
-        # 4. accuracy, sizes, then the ONNX goes in place
-        if val is not None:
-            result["val"] = _accuracy(reference, final_path, val, meta, profile, cfg)
-        result["sizes"] = {
-            "fp32_bytes": fp32_path.stat().st_size,
-            "onnx_bytes": final_path.stat().st_size,
-        }
-        os.replace(final_path, outs.onnx)
-        result["onnx"] = str(outs.onnx)
-        console.info(f"wrote {outs.onnx} ({_mb(result['sizes']['onnx_bytes'])})")
-        # 5. TensorRT
-        if cfg.trt:
-            result["tensorrt"] = _tensorrt(cfg, outs, batches, profile, info)
-        # 6. Triton
-        if outs.triton is not None:
-            from kdtool.export.triton import write_repo
+            console.info(f"note: {self.result['cpu_caveat']}")
+        self.result["parity"] = self.checks
 
-            model_file, kind = (outs.engine, "plan") if cfg.trt else (outs.onnx, "onnx")
-            target = write_repo(
-                outs.triton.parent,
-                outs.triton.name,
-                model_file,
-                kind,
-                proto.graph,
-                profile,
-                list(meta.class_names),
-                cfg.force,
-            )
-            result["triton"] = {
-                "repo": str(outs.triton.parent),
-                "model": outs.triton.name,
-                "path": str(target),
-                "platform": kind,
-            }
-            console.info(f"wrote Triton model {target}")
-    return result
+    def place(self, path: Path, fp32_path: Path) -> None:
+        """Accuracy on --val and file sizes, then the checked file becomes --onnx."""
+        if self.val is not None:
+            self.result["val"] = _accuracy(self.reference, path, self.val, self.meta,
+                                           self.profile, self.cfg)
+        self.result["sizes"] = {
+            "fp32_bytes": fp32_path.stat().st_size,
+            "onnx_bytes": path.stat().st_size,
+        }
+        os.replace(path, self.outs.onnx)
+        self.result["onnx"] = str(self.outs.onnx)
+        console.info(f"wrote {self.outs.onnx} ({_mb(self.result['sizes']['onnx_bytes'])})")
+
+    def triton(self, proto) -> None:
+        from kdtool.export.triton import write_repo
+
+        outs = self.outs
+        model_file, kind = (outs.engine, "plan") if self.cfg.trt else (outs.onnx, "onnx")
+        target = write_repo(
+            outs.triton.parent,
+            outs.triton.name,
+            model_file,
+            kind,
+            proto.graph,
+            self.profile,
+            list(self.meta.class_names),
+            self.cfg.force,
+        )
+        self.result["triton"] = {
+            "repo": str(outs.triton.parent),
+            "model": outs.triton.name,
+            "path": str(target),
+            "platform": kind,
+        }
+        console.info(f"wrote Triton model {target}")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -293,36 +316,34 @@ def _save(proto, info: OnnxInfo, path: Path) -> None:
     onnx.save(proto, str(path))
 
 
-def _fp16(proto, info: OnnxInfo, path: Path):
+def _fp16(job: _Job, proto, fp32_path: Path, work: Path) -> tuple[Path, object]:
     from kdtool.export.precision import to_fp16
 
     console.info("converting to FP16")
+    path = work / "fp16.onnx"
     proto16 = to_fp16(proto)
-    _save(proto16, info, path)
-    return proto16
+    _save(proto16, job.info, path)
+    return path, proto16
 
 
-@dataclass
-class _Int8:
-    model: object  # onnx.ModelProto
-    info: OnnxInfo
-
-
-def _int8(cfg, fp32_path, out_path, calib, meta, info, profile) -> _Int8:
+def _int8(job: _Job, proto, fp32_path: Path, work: Path) -> tuple[Path, object]:
+    """Static INT8 QDQ from --calib-images seeded images of --calib-data; the quantisation
+    record goes into the file's metadata and the result."""
     import onnx
 
     from kdtool.export.precision import quantize_int8
 
+    cfg, calib, meta, profile = job.cfg, job.calib, job.meta, job.profile
     gen = torch.Generator().manual_seed(cfg.seed)
     n = min(cfg.calib_images, len(calib))
     idx = torch.randperm(len(calib), generator=gen)[:n]
     x = normalise(calib.x[idx], meta.mean, meta.std)
     batch = profile.max if profile.static else profile.clamp(32)
-    steps = -(-n // batch)
-    with console.progress_task("INT8 calibration", steps, unit="batch") as advance:
+    path = work / "int8.onnx"
+    with console.progress_task("INT8 calibration", -(-n // batch), unit="batch") as advance:
         record = quantize_int8(
             fp32_path,
-            out_path,
+            path,
             x,
             input_name=INPUT_NAME,
             batch_size=batch,
@@ -332,10 +353,15 @@ def _int8(cfg, fp32_path, out_path, calib, meta, info, profile) -> _Int8:
             progress=advance,
         )
     record["calib_data"] = cfg.calib_data
-    proto = onnx.load(str(out_path))
-    info = replace(info, quantization=record)
-    _save(proto, info, out_path)
-    return _Int8(proto, info)
+    proto8 = onnx.load(str(path))
+    job.info = replace(job.info, quantization=record)
+    _save(proto8, job.info, path)
+    job.result["quantization"] = record
+    return path, proto8
+
+
+# What turns the checked FP32 ONNX into each ONNX row of the export table (None: nothing).
+PRECISION_STEPS = {"onnx": None, "onnx-fp16": _fp16, "onnx-int8": _int8}
 
 
 def _tolerance(base: Tolerance, min_agreement: float | None) -> Tolerance:

@@ -297,3 +297,13 @@ def test_a_checkpoint_handed_to_an_onnx_consumer_gets_the_commands_that_make_one
     assert ("kdtool convert m/r18.pth --arch ARCH --out m/r18.safetensors, then kdtool export "
             "m/r18.safetensors --onnx m/r18.onnx") in hint
     assert load_hint("m/x.txt") == LOAD_HINT
+
+
+def test_every_onnx_row_of_the_export_table_has_its_precision_step():
+    """The export table names the ONNX formats; the pipeline's step table makes each."""
+    from kdtool.export.formats import FORMATS, ONNX_FORMAT_BY_PRECISION
+    from kdtool.export.pipeline import PRECISION_STEPS
+
+    onnx_rows = {name for name, f in FORMATS.items() if f.suffix == ".onnx"}
+    assert set(PRECISION_STEPS) == onnx_rows == set(ONNX_FORMAT_BY_PRECISION.values())
+    assert PRECISION_STEPS["onnx"] is None  # FP32 is the checked export itself
