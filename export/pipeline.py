@@ -390,7 +390,12 @@ def _parity_hint(what: str, agreement: float, cfg: ExportConfig | None) -> str:
     if what == "FP32" or cfg is None:
         return ("the exported graph computes something else than PyTorch: try --exporter "
                 "torchscript (and --no-slim), and report the model if that passes")
-    if what == "FP16":
+    if what == "TensorRT":  # checked against the ONNX it was built from
+        fixes = ("try --precision fp32: the engine's reduced precision is TensorRT's own "
+                 "kernels and tactics" if cfg.precision != "fp32" else
+                 "the ONNX is written and checked: run it on ONNX Runtime, and report the model "
+                 "with the TensorRT version")
+    elif what == "FP16":
         fixes = "keep --precision fp32 (FP16 overflows or rounds this model's activations)"
     else:
         others = [m for m in CALIB_METHODS if m != cfg.calib_method]
@@ -487,7 +492,7 @@ def _tensorrt(cfg, outs: _Outputs, batches, profile: BatchProfile, info: OnnxInf
             raise KdtoolError(
                 f"the TensorRT engine fails its parity check against ONNX Runtime: "
                 f"{report.problem}; the engine was not written (the ONNX was)",
-                "try --precision fp32, or --min-agreement",
+                _parity_hint("TensorRT", report.top1_agreement, cfg),
             )
         record.update(parity=report.to_dict(), kdtool=asdict(info))
         sidecar_tmp.write_text(sidecar_text(record))

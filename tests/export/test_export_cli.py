@@ -472,6 +472,12 @@ def test_a_failed_reduced_precision_check_offers_fixes_and_a_lower_bar_only_when
     assert "--calib-method minmax or entropy" in far and "asymmetric" not in far
     assert "--min-agreement" in far and "would only write a model that predicts" in far
     assert "--precision fp32" in pipeline._parity_hint("FP16", 50.0, cfg)
+    # A TensorRT engine: the same rule for a lower bar; it once offered it at any agreement.
+    trt_far = pipeline._parity_hint("TensorRT", 40.0, cfg)
+    assert "try --precision fp32" in trt_far and "would only write a model" in trt_far
+    assert pipeline._parity_hint("TensorRT", 99.0, cfg).endswith("--min-agreement 99")
+    trt32 = pipeline._parity_hint("TensorRT", 12.0, replace(cfg, precision="fp32"))
+    assert "run it on ONNX Runtime" in trt32 and "try --precision" not in trt32
 
 
 @pytest.mark.skipif(
