@@ -187,21 +187,7 @@ class CalibrateRun:
             "seed": c.seed,
             "bn_layers": n_bn,
         }
-        accuracy: dict = {}
-        current_batch = None
-        if val is not None:
-            current_batch = min(CURRENT_BATCH, len(val))
-            if current_batch < CURRENT_BATCH:  # as eval --bn current warns
-                console.warn(f"--val '{c.val}' has {len(val)} images, fewer than the "
-                             f"{CURRENT_BATCH} its current-statistics figure is meant for: "
-                             f"they come from one batch of {len(val)}, noisier")
-            for bn in ("running", "current"):
-                with _timed(seconds, "validate"):
-                    accuracy[f"input_{bn}"] = evaluate(
-                        model, val, meta.mean, meta.std, batch_size=CURRENT_BATCH, device=dev,
-                        bn=bn,
-                        seed=c.seed, progress=True,
-                    )["top1"]
+        accuracy, current_batch = self._score_input(model, val, meta, dev, seconds)
         sweep_rows = None
         if c.sweep:
             with _timed(seconds, "sweep"):
@@ -224,6 +210,7 @@ class CalibrateRun:
                 )["top1"]
             _warn_if_lowered(accuracy, c, cal.images)
         model = model.cpu()
+        seconds["recompute"] = round(cal.seconds, 3)
         stage = {
             "source": c.data,
             # Images of other sizes were fitted to the model's input by this rule.
@@ -237,7 +224,6 @@ class CalibrateRun:
             "folded": False,
             "seconds": seconds,
         }
-        seconds["recompute"] = round(cal.seconds, 3)
         if c.fold:
             model = self._fold(model, data, val, index, meta, stage, result)
         if accuracy:
@@ -262,6 +248,27 @@ class CalibrateRun:
             current_batch=current_batch
         )
         return result
+
+    def _score_input(self, model, val, meta: ModelMeta, dev, seconds: dict
+                     ) -> tuple[dict, int | None]:
+        """The input's top-1 on --val on its own running and on current statistics (the
+        references calibration is read against), and the current-statistics batch."""
+        c = self.cfg
+        if val is None:
+            return {}, None
+        current_batch = min(CURRENT_BATCH, len(val))
+        if current_batch < CURRENT_BATCH:  # as eval --bn current warns
+            console.warn(f"--val '{c.val}' has {len(val)} images, fewer than the "
+                         f"{CURRENT_BATCH} its current-statistics figure is meant for: "
+                         f"they come from one batch of {len(val)}, noisier")
+        accuracy = {}
+        for bn in ("running", "current"):
+            with _timed(seconds, "validate"):
+                accuracy[f"input_{bn}"] = evaluate(
+                    model, val, meta.mean, meta.std, batch_size=CURRENT_BATCH, device=dev,
+                    bn=bn, seed=c.seed, progress=True,
+                )["top1"]
+        return accuracy, current_batch
 
     def _load_val(self, meta: ModelMeta, size) -> ImageData | None:
         if not self.cfg.val:
