@@ -18,7 +18,7 @@ except ImportError:  # older typer runs on click itself
 
 from kdtool import __version__, console
 from kdtool.cli.helpfmt import negatives_in_descriptions
-from kdtool.cli.hints import foreign_option_hint
+from kdtool.cli.hints import FOREIGN_OPTIONS, MODEL_ARGUMENTS, MODEL_OPTIONS, foreign_option_hint
 from kdtool.errors import ENVIRONMENT_ERRNOS, KdtoolError
 from kdtool.interrupts import Stopped, describe, sigterm_as_interrupt
 from kdtool.runinfo import set_command_line
@@ -103,6 +103,11 @@ def _reflow_help(typer_app: typer.Typer) -> None:
 def _usage_message(e: UsageError) -> str:
     if isinstance(e, NoSuchOption) and e.ctx is not None:
         options = {o for p in e.ctx.command.params for o in (*p.opts, *p.secondary_opts)}
+        model = next((q.name for q in e.ctx.command.params
+                      if q.param_type_name == "argument" and q.name in MODEL_ARGUMENTS), None)
+        if model is not None and e.option_name in MODEL_OPTIONS:
+            return (f"No such option: {e.option_name}; the model is the first argument: "
+                    f"{e.ctx.command_path} {model.upper()} ...")
         hint = foreign_option_hint(e.option_name, options, e.ctx.command.name)
         if hint is not None:
             return f"No such option: {e.option_name}{hint}"
@@ -112,8 +117,14 @@ def _usage_message(e: UsageError) -> str:
             last = f"{len(elsewhere) - 3} more" if len(elsewhere) > 3 else named.pop()
             listed = ", ".join(named) + " and " + last if named else last
             return f"No such option: {e.option_name}; it is an option of {listed}"
-        if e.possibilities == ["--help"]:  # click's only look-alike: no help at all
-            return f"No such option: {e.option_name}"
+        if e.option_name in FOREIGN_OPTIONS:  # a setting we know, and this command lacks
+            return (f"No such option: {e.option_name}; '{e.ctx.command_path}' has no setting "
+                    "of that kind")
+        # click's look-alikes, never --help (it names no setting)
+        alike = [o for o in e.possibilities or [] if o != "--help"]
+        if alike:
+            return f"No such option: {e.option_name}; did you mean {' or '.join(alike)}?"
+        return f"No such option: {e.option_name}"
     return e.format_message()
 
 

@@ -25,8 +25,8 @@ FOREIGN_OPTIONS: dict[str, list[str]] = {
     "--dynamic": ["--batch MIN:OPT:MAX"],
     "--model": ["--arch", "--student", "--teacher"],
     "--weights": ["--teacher"],
-    "-b": ["--batch-size", "--batch"],
-    "--bs": ["--batch-size", "--batch"],
+    "-b": ["--batch-size", "--batch", "--max-batch"],
+    "--bs": ["--batch-size", "--batch", "--max-batch"],
     "--batch": ["--batch-size"],
     "--lr0": ["--lr"],
     "--data-dir": ["--data"],
@@ -57,7 +57,14 @@ FOREIGN_OPTIONS: dict[str, list[str]] = {
     "--top-k": ["--top"],
     "--topk": ["--top"],
     "-k": ["--top"],
+    # serve batches requests up to --max-batch; it has no batch of its own
+    "--batch-size": ["--batch", "--max-batch"],
 }
+
+# Where the model file is a command's first argument (serve, predict, bench, export, eval,
+# calibrate, info), an option naming it gets that answer instead.
+MODEL_OPTIONS = ("--model", "--models", "--checkpoint", "--ckpt", "--weights", "-m")
+MODEL_ARGUMENTS = ("model", "models", "checkpoint", "checkpoints")
 
 
 # The values an option takes in each command that has it, where commands differ: a

@@ -140,11 +140,25 @@ def _one_line_error(r, *fragments):
         (["train", "--data", "digits", "--half"], ["--half; kdtool spells it --precision bf16 ("]),
         (["distill", "--teacher", "t.safetensors", "--fp16"],
          ["--fp16; kdtool spells it --precision bf16 ("]),
-        (["distill", "--teacher", "t.safetensors", "--int8"], ["No such option: --int8 ("]),
+        # a setting kdtool knows from other tools, which this command lacks: no look-alike
+        (["distill", "--teacher", "t.safetensors", "--int8"],
+         ["No such option: --int8; 'kdtool distill' has no setting of that kind ("]),
+        (["calibrate", "s.safetensors", "--half"],
+         ["--half; 'kdtool calibrate' has no setting of that kind ("]),
+        (["serve", "m.onnx", "-b", "8"], ["-b; kdtool spells it --max-batch ("]),
+        (["serve", "m.onnx", "--batch-size", "8"], ["--batch-size; kdtool spells it --max-batch"]),
+        # click's look-alikes, without --help
+        (["eval", "m.safetensors", "--dat", "x"],
+         ["No such option: --dat; did you mean --data or "]),
         (["train", "--data", "digits", "--format", "onnx"],
          ["--format; kdtool spells it --json ("]),
-        # click's only look-alike is --help: no "(Possible options: --help)"
-        (["info", "m.safetensors", "--model", "x"], ["No such option: --model (see"]),
+        # where the model file is the first argument, an option for it says so
+        (["info", "m.safetensors", "--model", "x"],
+         ["No such option: --model; the model is the first argument: kdtool info CHECKPOINT "
+          "... (see"]),
+        (["serve", "m.onnx", "--model", "x"], ["the model is the first argument: kdtool serve "
+                                                "MODEL ..."]),
+        (["eval", "m.safetensors", "-m", "x"], ["kdtool eval CHECKPOINT ..."]),
         # an option of other commands says which, rather than click's look-alikes here
         (["eval", "m.pth", "--resize", "stretch"],
          ["No such option: --resize; it is an option of 'kdtool convert' and 'kdtool train' "
