@@ -115,8 +115,8 @@ def serve_cmd(
     GET /v2/health/live, /v2/health/ready, /v2, /v2/models/NAME,
     /v2/models/NAME/ready and /metrics (Prometheus).
     POST /v2/models/NAME/infer: JSON or binary tensors (tritonclient works).
-    POST /v2/models/NAME/classify: JPEG/PNG bytes -> top-k labels, with the
-    model's own preprocessing. Ctrl-C or SIGTERM finishes requests in flight.
+    POST /v2/models/NAME/classify: JPEG, PNG, WebP, BMP, GIF or TIFF bytes -> top-k
+    labels, with the model's own preprocessing. Ctrl-C or SIGTERM finishes requests in flight.
 
     Example: [bold]kdtool serve student.onnx --port 8000 --max-batch 32[/bold]
     """

@@ -234,7 +234,7 @@ class DistillRun:
                 "world_size": self.dist.world_size,
                 "teacher": c.teacher, "student": c.student, "noise": c.noise,
                 "teacher_bn": teacher.describe(), **row, **run_rate(history),
-                "history": history}
+                **({"val_images": len(val)} if val is not None else {}), "history": history}
 
     def _load_val(self, tmeta: ModelMeta):
         if not self.cfg.val:
@@ -309,7 +309,7 @@ class DistillRun:
         """The teacher's own top-1 on --val, the student's reference; batch-aligned too with
         --teacher-norm-align, since alignment changes the teacher itself, on real images as
         on noise, and the student can learn no better than the teacher it is shown."""
-        scores = {"val_teacher_top1": percent_equal(answers, labels), "val_images": len(labels)}
+        scores = {"val_teacher_top1": percent_equal(answers, labels)}
         if not self.cfg.teacher_norm_align:
             return scores
         logits, _ = predict(_Answering(teacher), val, tmeta.mean, tmeta.std, 256, self.device,

@@ -340,5 +340,5 @@ def curves_cmd(
 
     stages = " / ".join(sorted({r.stage for r in runs}))
     _report(result, as_json, f"learning curves ({stages})",
-            ["run", "epoch", "images", "steps", "loss", "val top-1", "best (epoch)"],
+            ["run", "epoch", "images", "step time", "loss", "val top-1", "best (epoch)"],
             table_rows)

@@ -5,9 +5,18 @@ of its own. One long negative widens every row's name columns, and at 80 columns
 session on a Jetson) the descriptions shrink to a word or two a line and long option names
 end in an ellipsis. kdtool names the negative in the flag's description instead; parsing
 is unchanged.
+
+A default described in words (``show_default="1e-4"``, where the option's own default is
+None so that kdtool can tell whether it was given) prints as typer prints a computed one,
+in parentheses: ``[default: (1e-4)]``. kdtool prints it as it prints any other default.
 """
 
 from __future__ import annotations
+
+
+def _as_written(text: str):
+    """A stand-in for typer's default-string method: ``text`` without parentheses."""
+    return lambda **_: text
 
 
 def negatives_in_descriptions() -> None:
@@ -21,8 +30,11 @@ def negatives_in_descriptions() -> None:
         return
 
     def options_panel(**kwargs):
-        moved = []
+        moved, described = [], []
         for param in kwargs.get("params") or ():
+            if isinstance(getattr(param, "show_default", None), str):
+                described.append(param)
+                param._get_default_string = _as_written(param.show_default)
             negatives = [o for o in getattr(param, "secondary_opts", None) or () if
                          o.startswith("--")]
             if not negatives:
@@ -37,6 +49,8 @@ def negatives_in_descriptions() -> None:
         finally:
             for param, secondary, text in moved:
                 param.secondary_opts, param.help = secondary, text
+            for param in described:
+                del param._get_default_string
 
     options_panel.kdtool_patched = True
     rich_utils._print_options_panel = options_panel

@@ -221,8 +221,9 @@ def _fmt_list(values) -> str:
 
 @app.command("convert")
 def convert_cmd(
-    state_dict: Annotated[Path, typer.Argument(help="A plain state_dict: .pt, .pth, .bin or "
-                                               ".safetensors without kdtool metadata.")],
+    state_dict: Annotated[Path, typer.Argument(help="A plain state_dict: .pt, .pth, .bin, "
+                                               "Lightning's .ckpt, or .safetensors without "
+                                               "kdtool metadata.")],
     arch: Arch = None,
     num_classes: NumClasses = None,
     in_chans: InChans = None,

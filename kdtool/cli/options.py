@@ -42,7 +42,7 @@ Resize = Annotated[str | None, typer.Option(
     rich_help_panel="Normalisation")]
 Interpolation = Annotated[str | None, typer.Option(
     "--interpolation", help="Of the --resize resizes: bilinear or bicubic (recorded like "
-    "--resize).", show_default="bilinear; a tv: or timm: arch, its weights'",
+    "--resize).", show_default="bilinear; for tv: and timm: architectures, their weights' own",
     rich_help_panel="Normalisation")]
 DATA_HELP = ("A dataset: an ImageFolder directory (<class>/<image>), a zip of one, an .npz "
              "(x uint8 NHWC, y int), or the embedded 'digits' / 'digits:test'.")

@@ -78,6 +78,7 @@ def test_a_run_in_progress_is_drawn_up_to_its_last_epoch(cli, digits_teacher, tm
     r = cli("analyze", "curves", tmp_path / "s.safetensors", "--out", tmp_path / "c")
     assert r.code == 0, r.err
     assert "2/5" in r.out
+    assert "step time" in r.out and " s " in r.out  # a time, once headed "steps"
     assert {int(x["epoch"]) for x in _csv(tmp_path / "c.csv")} == {1, 2}
 
 
