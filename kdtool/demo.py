@@ -78,13 +78,13 @@ def _check_teacher(arch: str) -> None:
 
 class Demo:
     def __init__(self, out: str | Path, quick: bool = False, seed: int = 0, force: bool = False,
-                 device: str = "auto", teacher: str | None = None):
+                 device: str = "auto", teacher: str | None = None, threads: int | None = None):
         scale = SCALES["quick" if quick else "full"]
         self.scale = replace(scale, teacher=teacher) if teacher else scale
         if teacher:  # a name or an architecture the digits do not fit fails before any file
             _check_teacher(teacher)
         self.out = check_out_dir(Path(out), force)
-        self.seed, self.device = seed, device
+        self.seed, self.device, self.threads = seed, device, threads
         self.steps: list[dict] = []
 
     def _step(self, n: int, title: str) -> float:
@@ -186,7 +186,7 @@ class Demo:
             r = run_export(ExportConfig(
                 checkpoint=checkpoint, onnx=str(self.out / name), precision=precision,
                 calib_data=TRAIN if precision == "int8" else None, val=TEST, force=True,
-                seed=self.seed))
+                seed=self.seed, threads=self.threads))
             rows[precision] = {"file": str(self.out / name), "result": r}
         rows["seconds"] = time.perf_counter() - t
         return rows
@@ -199,6 +199,6 @@ class Demo:
         r = Bench(BenchConfig(models=[checkpoint, onnx["fp32"]["file"], onnx["int8"]["file"]],
                               backends=["torch-cpu", "ort-cpu"], batches=s.bench_batches,
                               min_time=s.bench_min_time, warmup=3, data=TEST,
-                              seed=self.seed)).run()
+                              seed=self.seed, threads=self.threads)).run()
         r["seconds"] = time.perf_counter() - t
         return r

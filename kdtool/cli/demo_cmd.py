@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from kdtool.cli.app import app
-from kdtool.cli.options import Device, Force, Json, Seed
+from kdtool.cli.options import Device, Force, Json, Seed, Threads
 
 
 @app.command("demo")
@@ -24,6 +24,7 @@ def demo_cmd(
     force: Force = False,
     seed: Seed = 0,
     device: Device = "auto",
+    threads: Threads = None,
     as_json: Json = False,
 ) -> None:
     """Run the whole pipeline on scikit-learn's digits: no download, a few minutes on a CPU.
@@ -36,9 +37,11 @@ def demo_cmd(
     """
     from kdtool import console
     from kdtool.demo import Demo
+    from kdtool.device import cpu_threads
 
-    result = Demo(out, quick=quick, seed=seed, force=force, device=device,
-                  teacher=teacher).run()
+    with cpu_threads(threads):
+        result = Demo(out, quick=quick, seed=seed, force=force, device=device,
+                      teacher=teacher, threads=threads).run()
     console.emit(result, as_json, render_summary)
 
 

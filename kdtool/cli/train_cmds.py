@@ -230,6 +230,11 @@ def _eval_checkpoint(checkpoint: Path, data: str, bn: str, batch_size: int, tta:
             console.warn(f"--mean/--std override the normalisation '{checkpoint}' records "
                          f"(mean {recorded['mean']}, std {recorded['std']}): the accuracy is "
                          "that of the model fed otherwise than it was trained")
+    # The data first: a wrong --data is the error to see, not a warning about the model.
+    dev = resolve_device(device)
+    ds = load_for_model(data, meta)  # as export, bench and serve will fit them
+    check_fits(ds, num_classes=meta.num_classes, in_chans=meta.in_chans,
+               what=f"checkpoint '{checkpoint}'", class_names=meta.class_names)
     uncalibrated = meta.noise_bn_warning(str(checkpoint))
     if bn == "running" and uncalibrated:
         console.warn(f"{uncalibrated}; or measure what it learnt with --bn current")
@@ -240,10 +245,6 @@ def _eval_checkpoint(checkpoint: Path, data: str, bn: str, batch_size: int, tta:
                      "flip also shows it mirror images it never learnt, which can cost "
                      "accuracy (digits: 2 and 5 mirror into other shapes); compare with --tta "
                      "none")
-    dev = resolve_device(device)
-    ds = load_for_model(data, meta)  # as export, bench and serve will fit them
-    check_fits(ds, num_classes=meta.num_classes, in_chans=meta.in_chans,
-               what=f"checkpoint '{checkpoint}'", class_names=meta.class_names)
     if bn == "current" and len(ds) < batch_size:
         console.warn(f"'{data}' has {len(ds)} images, fewer than --batch-size {batch_size}: the "
                      f"current statistics come from one batch of {len(ds)}, noisier than the "

@@ -430,6 +430,8 @@ def test_an_uncalibrated_noise_student_is_flagged_where_running_statistics_are_u
     assert r.code == 0 and "BN running statistics are noise statistics" in r.err
     assert "kdtool calibrate" in r.err and "--bn current" in r.err
     assert "warning" not in cli("eval", student, "--data", "digits:test", "--bn", "current").err
+    # A mistyped --data is the one line to see, not a warning about the model first.
+    _one_line_error(cli("eval", student, "--data", tmp_path / "vall"), "'", "vall' not found")
     r = cli("export", student, "--onnx", tmp_path / "s.onnx", "--json")
     assert r.code == 0 and "are noise statistics" in r.json()["warning"] and "warning:" in r.err
     r = cli("bench", student, "--batch", "1", "--warmup", "1", "--min-iters", "2",

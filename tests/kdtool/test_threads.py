@@ -28,11 +28,14 @@ def _patch_work(monkeypatch, command: str, seen: list[int]) -> None:
         monkeypatch.setattr("kdtool.calibrate.pipeline.calibrate", record)
     elif command == "eval":
         monkeypatch.setattr("kdtool.cli.train_cmds._eval_checkpoint", record)
+    elif command == "demo":
+        from kdtool.demo import Demo
+        monkeypatch.setattr(Demo, "run", record)
     else:
         monkeypatch.setattr("kdtool.analyze.sweep.run_sweep", record)
 
 
-@pytest.mark.parametrize("command", ["train", "distill", "calibrate", "eval", "sweep"])
+@pytest.mark.parametrize("command", ["train", "distill", "calibrate", "eval", "sweep", "demo"])
 def test_threads_hold_while_the_command_works_and_are_restored(cli, monkeypatch, tmp_path,
                                                               digits_teacher, command):
     args = {
@@ -45,6 +48,7 @@ def test_threads_hold_while_the_command_works_and_are_restored(cli, monkeypatch,
         "eval": ["eval", digits_teacher, "--data", "digits:test"],
         "sweep": ["analyze", "sweep", "--teacher", digits_teacher, "--val", "digits:test",
                   "--out", tmp_path / "sw"],
+        "demo": ["demo", "--out", tmp_path / "demo", "--force"],
     }[command]
     before = torch.get_num_threads()
     want = 1 if before > 1 else 2
@@ -89,3 +93,28 @@ def test_an_exported_model_is_evaluated_on_the_threads_asked_for(cli, monkeypatc
     r = cli("eval", onnx, "--data", "digits:test", "--threads", 1, "--json")
     assert r.code == 0, r.err
     assert asked == [1]
+
+
+def test_the_demo_hands_its_threads_to_export_and_bench(monkeypatch, tmp_path):
+    """The demo's bench times PyTorch against ONNX Runtime: both on the threads asked for."""
+    from kdtool import demo as demo_module
+    from kdtool.deploy import bench
+    from kdtool.export import pipeline
+
+    seen = {}
+
+    def export(cfg):
+        seen["export"] = cfg.threads
+        raise KdtoolError("export recorded")
+
+    monkeypatch.setattr(pipeline, "run_export", export)
+    with pytest.raises(KdtoolError, match="export recorded"):
+        demo_module.Demo(tmp_path / "d", threads=1).export("m.safetensors")
+    def run(self):
+        seen["bench"] = self.cfg.threads
+        return {}
+
+    monkeypatch.setattr(bench.Bench, "run", run)
+    demo_module.Demo(tmp_path / "e", threads=1).bench("m.safetensors", {
+        "fp32": {"file": "a.onnx"}, "int8": {"file": "b.onnx"}})
+    assert seen == {"export": 1, "bench": 1}
