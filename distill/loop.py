@@ -47,6 +47,8 @@ from kdtool.runinfo import provenance, run_rate
 from kdtool.runstate import RunCheckpoint, content_key
 
 MIN_GOOD_BATCH = 32  # below this the teacher's batch statistics get noisy (appendix Fig. 3b)
+# A teacher below this share of the way from chance to 100% on --val is warned.
+NEAR_CHANCE = 0.1
 ALIGNED_TEACHER_LOSS_WARN = 5.0  # points of --val top-1 that alignment may cost silently
 # A student run at this many times its design input's pixels (a CIFAR network, made for
 # 32x32 with no early downsampling, at 224x224 costs 49x) is better replaced.
@@ -310,6 +312,13 @@ class DistillRun:
         --teacher-norm-align, since alignment changes the teacher itself, on real images as
         on noise, and the student can learn no better than the teacher it is shown."""
         scores = {"val_teacher_top1": percent_equal(answers, labels)}
+        chance = 100.0 / tmeta.num_classes
+        if scores["val_teacher_top1"] < chance + NEAR_CHANCE * (100.0 - chance):
+            console.warn(f"the teacher scores {scores['val_teacher_top1']:.2f}% on --val "
+                         f"'{self.cfg.val}', near chance ({chance:.3g}%): --val is likely not "
+                         "the teacher's task (other classes or class order, other images), and "
+                         "the student's --val figures will say little; pass the teacher's "
+                         "validation data")
         if not self.cfg.teacher_norm_align:
             return scores
         logits, _ = predict(_Answering(teacher), val, tmeta.mean, tmeta.std, 256, self.device,

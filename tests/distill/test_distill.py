@@ -431,3 +431,17 @@ def test_cli_table_shows_the_teachers_val_top1_beside_the_students(cli, small_te
     r = cli(*args, "--out", tmp_path / "t.safetensors")  # no --val: no teacher row
     assert r.code == 0, r.err
     assert "val top-1" not in r.out
+
+
+def test_a_teacher_near_chance_on_val_is_warned(small_teacher, digits_teacher, tmp_path,
+                                                capsys):
+    """--val from another task (a CIFAR teacher validated on digits) once ran silently and
+    reported a student figure against a teacher at 12%."""
+    r = DistillRun(_cfg(small_teacher, epochs=1, iters_per_epoch=1, val="digits:test"),
+                   tmp_path / "a.safetensors").run()  # random weights: chance
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"the teacher scores {r['val_teacher_top1']:.2f}% on --val 'digits:test', near " \
+        "chance (10%)" in err and r["val_images"] == 360
+    DistillRun(_cfg(digits_teacher, epochs=1, iters_per_epoch=1, val="digits:test"),
+               tmp_path / "b.safetensors").run()
+    assert "near chance" not in capsys.readouterr().err
