@@ -96,7 +96,7 @@ def model_kind(path: Path) -> str:
         if suffix in suffixes:
             return kind
     raise KdtoolError(
-        f"'{path}' is not a model file kdtool bench can run",
+        f"'{path}' is not a model file kdtool can run",
         "pass a kdtool checkpoint (.safetensors), an .onnx file or a TensorRT .plan engine",
     )
 

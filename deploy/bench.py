@@ -103,6 +103,12 @@ class BenchConfig:
             from kdtool.deploy.bench_export import check_formats, needs_calib
 
             self.formats = check_formats(self.formats)
+            int8 = [f for f in self.formats if f != "torch" and needs_calib([f])]
+            if int8 and not self.calib_data:
+                raise KdtoolError(
+                    f"--formats {','.join(int8)} needs calibration images for its INT8 "
+                    "activation ranges", "add --calib-data DIR (a few hundred representative "
+                    f"images; labels not needed), or drop {','.join(int8)}")
             if self.calib_data and not needs_calib(self.formats):
                 raise KdtoolError(
                     f"--calib-data calibrates INT8 exports, and --formats "
@@ -150,11 +156,15 @@ def cell_stats(times_s: np.ndarray, batch: int) -> dict[str, Any]:
     }
 
 
-def time_calls(fn, x, warmup: int, min_time: float, min_iters: int) -> np.ndarray:
-    """Seconds per call of ``fn(x)``: warm-up (at most min_time / 2), then the timed calls."""
+def time_calls(fn, x, warmup: int, min_time: float, min_iters: int
+               ) -> tuple[np.ndarray, int]:
+    """Seconds per call of ``fn(x)`` and the warm-up calls made before them (up to
+    ``warmup``, stopped after min_time / 2)."""
     warm_end = time.perf_counter() + min_time / 2
-    for _ in range(warmup):
+    warmed = 0
+    while warmed < warmup:
         fn(x)
+        warmed += 1
         if time.perf_counter() > warm_end:
             break
     times = []
@@ -172,7 +182,7 @@ def time_calls(fn, x, warmup: int, min_time: float, min_iters: int) -> np.ndarra
     finally:
         if gc_was_on:
             gc.enable()
-    return np.asarray(times, dtype=np.float64) * 1e-9
+    return np.asarray(times, dtype=np.float64) * 1e-9, warmed
 
 
 def plan_pairs(models: list, backends: list[str] | None):
@@ -221,6 +231,7 @@ class Bench:
         self.cfg = cfg
         self.mem = MemoryProbe()
         self._data: dict[tuple, Any] = {}
+        self._started: set[str] = set()  # backends whose runtime has been loaded
 
     def run(self) -> dict[str, Any]:
         from kdtool import console
@@ -273,6 +284,11 @@ class Bench:
         given = [load_model(p) for p in cfg.models]  # every file checked before any export
         if not cfg.formats:
             return given, []
+        if not any(m.kind == "checkpoint" for m in given):
+            raise KdtoolError(
+                f"--formats {','.join(cfg.formats)} exports kdtool checkpoints, and none of "
+                "the models is one", "pass the .safetensors checkpoint, or drop --formats to "
+                "bench the files as they are")
         if cfg.export_dir:
             out_dir = Path(cfg.export_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -330,6 +346,7 @@ class Bench:
 
         if problem:
             return rows_with(UNAVAILABLE, problem)
+        self._start_runtime(model, backend)
         self.mem.start_backend(backend)
         try:
             runner = make_runner(model, backend, cfg.threads, cfg.memory_arena)
@@ -347,14 +364,42 @@ class Bench:
                 runtime=desc.pop("runtime"),
                 details=desc,
             )
+            # Smallest batch first, accuracy last: ONNX Runtime's arena keeps the memory of
+            # its largest call, which a later, smaller cell would otherwise report as its own.
+            cells = {b: self._cell(model, runner, base, b, advance)
+                     for b in sorted(set(cfg.batches))}
             if cfg.data is not None:
                 try:
-                    base["accuracy"] = self._accuracy(model, runner, advance)
+                    accuracy = self._accuracy(model, runner, advance)
                 except (KdtoolError, *PROGRAMMING_ERRORS):
                     raise
                 except Exception as e:
-                    return rows_with(FAILED, f"accuracy run failed: {first_line(e)}")
-            return [self._cell(model, runner, base, b, advance) for b in cfg.batches]
+                    return [empty_row(base, b, FAILED, f"accuracy run failed: {first_line(e)}")
+                            for b in cfg.batches]
+                for row in cells.values():
+                    row["accuracy"] = accuracy
+            return [cells[b] for b in cfg.batches]
+        finally:
+            runner.close()
+
+    def _start_runtime(self, model: BenchModel, backend: str) -> None:
+        """Load ``backend``'s runtime once per run with a throwaway session of the first
+        model it runs, so that its one-time start (about 15 MB of RSS for ONNX Runtime's
+        libraries) is not charged to whichever model happens to come first."""
+        if backend in self._started:
+            return
+        self._started.add(backend)
+        batch = model.fixed_batch or 1
+        try:
+            runner = make_runner(model, backend, self.cfg.threads, self.cfg.memory_arena)
+        except Exception:  # the measured load reports it, as a row
+            return
+        try:
+            if runner.batch_problem(batch) is None:
+                runner.infer(model.prepare(np.zeros((batch, model.in_chans, *model.input_size),
+                                                    dtype=np.float32)))
+        except Exception:  # the measured cells report it
+            pass
         finally:
             runner.close()
 
@@ -371,7 +416,8 @@ class Bench:
         )
         self.mem.start_cell()
         try:
-            times = time_calls(runner.infer, x, cfg.warmup, cfg.min_time, cfg.min_iters)
+            times, warmed = time_calls(runner.infer, x, cfg.warmup, cfg.min_time,
+                                       cfg.min_iters)
         except PROGRAMMING_ERRORS:
             raise
         except Exception as e:  # the backend failed at this batch size
@@ -384,6 +430,7 @@ class Bench:
             "status": OK,
             "reason": "",
             **cell_stats(times, batch),
+            "warmup_calls": warmed,
             **self.mem.cell_peak(),
         }
 
@@ -413,6 +460,7 @@ def empty_row(base: dict, batch: int, status: str, reason: str) -> dict:
         "throughput": None,
         "iters": 0,
         "clipped": 0,
+        "warmup_calls": 0,
         "peak_rss_mb": None,
         "gpu_mem_mb": None,
         "gpu_mem_kind": None,

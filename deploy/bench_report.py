@@ -20,6 +20,7 @@ COLUMNS = [
     "p50 ms",
     "p90 ms",
     "p99 ms",
+    "calls",
     "img/s",
     "peak MB",
     "size MB",
@@ -81,13 +82,26 @@ def _accuracy(row: dict) -> str:
     return f"{acc['top1']:.2f}" + (f" ({-drop:+.2f})" if drop else "")
 
 
+# A cell whose mean latency is this many times its median: img/s (from the mean) and p50
+# tell different stories, as when other work takes the cores for some calls.
+UNSTABLE_MEAN_OVER_P50 = 1.5
+
+
 def _runtime_note(row: dict) -> str | None:
-    """What a reader of a row that ran must know to trust its speed (from describe())."""
+    """What a reader of a row that ran must know to trust its speed: INT8 weights run as
+    uint8 (from describe()), or timings too spread for img/s and p50 to agree."""
+    notes = []
     weights = (row.get("details") or {}).get("int8_weights")
-    if not weights:
-        return None
-    return (f"{weights}; exact, but without the fast int8 kernels, so INT8 may be no faster "
-            "than FP32 on this CPU: time it on the target")
+    if weights:
+        notes.append(f"{weights}; exact, but without the fast int8 kernels, so INT8 may be no "
+                     "faster than FP32 on this CPU: time it on the target")
+    lat = row.get("latency_ms")
+    if lat and lat["mean"] > UNSTABLE_MEAN_OVER_P50 * lat["p50"]:
+        notes.append(f"unstable timings: mean {_num(lat['mean'])} ms against p50 "
+                     f"{_num(lat['p50'])} ms over {row['iters']} calls (img/s follows the "
+                     "mean); other work is taking the cores: rerun on a quiet machine, or "
+                     "with --threads 1")
+    return "; ".join(notes) or None
 
 
 def table_rows(result: dict, with_paths: bool = False):
@@ -125,6 +139,7 @@ def table_rows(result: dict, with_paths: bool = False):
                 _num(lat.get("p50")),
                 _num(lat.get("p90")),
                 _num(lat.get("p99")),
+                str(r["iters"]) if r["latency_ms"] else "-",
                 _num(r["throughput"]),
                 _memory(r) if r["latency_ms"] else "-",
                 "-" if r["file_bytes"] is None else f"{r['file_bytes'] / 1e6:.3g}",
@@ -181,20 +196,27 @@ def _legend(result: dict) -> str:
     s = result["settings"]
     m = result["machine"]
     where = f"{m['cpu']}, {m['usable_cpus']} usable CPUs" + (f", {m['gpu']}" if m["gpu"] else "")
+    ran = [r for r in result["rows"] if r["latency_ms"]]
+    warmed = sorted({r["warmup_calls"] for r in ran}) or [0]
+    warm = f"{warmed[0]}" if len(warmed) == 1 else f"{warmed[0]}-{warmed[-1]}"
     text = (
         f"latency per batch (host array in, logits out), >= {s['min_time']:g} s and "
-        f">= {s['min_iters']} calls per cell after {s['warmup']} warm-up calls; "
+        f">= {s['min_iters']} calls per cell after {warm} warm-up calls; "
         f"{s['clip']}; img/s = batch / mean latency; peak MB = RSS above the RSS before "
-        f"loading the backend (+ GPU memory); on {where}"
+        f"loading the model, its runtime already started (+ GPU memory); on {where}"
     )
-    if s["threads"]:
-        text += f"; {s['threads']} CPU thread(s)"
+    if any(r["iters"] < 100 for r in ran):
+        text += "; the p99 of fewer than 100 calls is about the slowest call"
+    text += (f"; {s['threads']} CPU thread(s)" if s["threads"] else
+             "; the libraries' default CPU threads (one per core)")
     if not s.get("memory_arena", True):
         text += "; ONNX Runtime without its CPU memory arena"
     ref = result.get("reference")
     if ref:
+        images = next(r["accuracy"]["images"] for r in result["rows"] if r["accuracy"])
         text += (
-            f"; top-1 on {s['data']} (change vs {ref['model']} {ref['backend']} {ref['top1']:.2f}%)"
+            f"; top-1 on {images:,} images of {s['data']} (change vs {ref['model']} "
+            f"{ref['backend']} {ref['top1']:.2f}%)"
         )
     return text
 
@@ -207,7 +229,8 @@ def markdown(result: dict) -> str:
         f"`{result['command']}`",
         "",
         f"{result['created']}, kdtool {result['kdtool_version']}, "
-        + ", ".join(f"{k} {v}" for k, v in result["machine"]["versions"].items()),
+        + ", ".join(f"{k} {v}" for k, v in result["machine"]["versions"].items())
+        + f", Python {result['machine']['python']}, {result['machine']['platform']}",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "|".join("---" if i < 5 else "---:" for i in range(len(COLUMNS))) + "|",

@@ -47,8 +47,12 @@ def predict_cmd(
     from kdtool import console
     from kdtool.deploy.predict import PredictConfig, predict, to_csv
     from kdtool.errors import KdtoolError
+    from kdtool.imagefiles import IMAGE_EXTS
     from kdtool.io import REPORT, atomic_write_text, check_output
 
+    if model.suffix.lower() in IMAGE_EXTS:
+        raise KdtoolError(f"'{model}' is an image, and predict takes the model first",
+                          f"kdtool predict MODEL {model} ...")
     if csv_out is not None:
         if csv_out.is_dir():  # before check_output, whose hint names --out
             raise KdtoolError(f"--csv '{csv_out}' is a folder; it takes the file to write",

@@ -123,22 +123,30 @@ def test_time_calls_honours_warmup_min_time_and_min_iters():
         time.sleep(0.002)
 
     start = time.perf_counter()
-    times = time_calls(fn, 1, warmup=3, min_time=0.05, min_iters=2)
+    times, warmed = time_calls(fn, 1, warmup=3, min_time=0.05, min_iters=2)
     wall = time.perf_counter() - start
-    assert len(calls) == len(times) + 3
+    assert len(calls) == len(times) + 3 and warmed == 3
     # The stop rule is on the wall clock of the timed phase; the per-call times sum to a
     # little less (loop overhead between calls), so the sum gets 0.1 ms per call of slack.
     assert wall >= 0.05 and times.sum() >= 0.05 - 1e-4 * len(times)
     assert np.all(times >= 0.002)
     calls.clear()
-    times = time_calls(fn, 1, warmup=0, min_time=1e-6, min_iters=7)
-    assert len(times) == 7 == len(calls)
+    times, warmed = time_calls(fn, 1, warmup=0, min_time=1e-6, min_iters=7)
+    assert len(times) == 7 == len(calls) and warmed == 0
+    calls.clear()  # a slow call: warm-up stops after half of min_time, and says how many ran
+    times, warmed = time_calls(fn, 1, warmup=10, min_time=0.003, min_iters=1)
+    assert warmed == 1 and len(calls) == 1 + len(times)
 
 
 # ----------------------------------------------------------------------------- end to end
 
 
-def test_bench_checkpoint_and_onnx_end_to_end(cli, models, tmp_path):
+def test_bench_checkpoint_and_onnx_end_to_end(cli, models, tmp_path, monkeypatch):
+    from kdtool.deploy import bench_report
+
+    # Cells of five calls on a busy machine can be noisy enough for an "unstable" note,
+    # which would renumber the notes checked below (that note has a test of its own).
+    monkeypatch.setattr(bench_report, "UNSTABLE_MEAN_OVER_P50", float("inf"))
     md, png = tmp_path / "bench.md", tmp_path / "bench.png"
     r = cli(
         "bench",
@@ -291,7 +299,7 @@ def test_formats_export_on_the_fly_and_failed_exports_are_rows(cli, models, tmp_
         "bench",
         models["dir"] / "tiny.safetensors",
         "--formats",
-        "torch,onnx,onnx-int8",
+        "torch,onnx",
         "--export-dir",
         out,
         "--batch",
@@ -303,17 +311,12 @@ def test_formats_export_on_the_fly_and_failed_exports_are_rows(cli, models, tmp_
         "40",
         "--json",
     )
-    assert r.code == 1 and "export failed" in r.err  # int8 without --calib-data
+    assert r.code == 0, r.err
     res = r.json()
     got = [(row["model"], row["backend"], row["status"]) for row in res["rows"]]
-    assert got == [
-        ("tiny.safetensors", "torch-cpu", "ok"),
-        ("tiny.onnx", "ort-cpu", "ok"),
-        ("tiny.int8.onnx", "ort-cpu", "export failed"),
-    ]
-    assert "needs calibration images" in res["rows"][2]["reason"]
-    assert [e["status"] for e in res["exports"]] == ["ok", "ok", "export failed"]
-    assert (out / "tiny.onnx").is_file() and not (out / "tiny.int8.onnx").exists()
+    assert got == [("tiny.safetensors", "torch-cpu", "ok"), ("tiny.onnx", "ort-cpu", "ok")]
+    assert [e["status"] for e in res["exports"]] == ["ok", "ok"]
+    assert (out / "tiny.onnx").is_file()
     # the export is the checkpoint: same predictions on the same images
     assert res["rows"][1]["accuracy"]["correct"] == res["rows"][0]["accuracy"]["correct"]
     # A rerun reuses the export of the same checkpoint; one of other weights is refused.
@@ -329,8 +332,11 @@ def test_formats_export_on_the_fly_and_failed_exports_are_rows(cli, models, tmp_
     save_checkpoint(other, model, meta, force=False)
     r = cli("bench", other, "--formats", "onnx", "--export-dir", out, "--batch", "2", *FAST,
             "--json")
+    assert r.code == 1 and "export failed" in r.err  # a failed export is a row, not a stop
     assert r.json()["exports"][0]["status"] == "export failed"
     assert "already exists" in r.json()["exports"][0]["reason"]
+    assert [(row["model"], row["status"]) for row in r.json()["rows"]] == [
+        ("tiny.onnx", "export failed")]
     bad = cli("bench", models["onnx"], "--formats", "onnx8")
     assert bad.code == 1 and "unknown bench format 'onnx8'" in bad.err
     bad = cli("bench", models["onnx"], "--formats", "triton")  # no runner executes it
@@ -526,7 +532,7 @@ def test_tensorrt_engine_without_tensorrt_or_gpu_is_an_unavailable_row(cli, mode
         (["{onnx}", "--limit", "10"], "--limit 10 picks images of --data"),
         (["{onnx}", "--plot", "out.jpg"], "cannot tell the plot format of 'out.jpg'"),
         (["{onnx}", "--data", "digits:tset"], "did you mean 'digits:test'"),
-        (["model.h5"], "is not a model file kdtool bench can run"),
+        (["model.h5"], "is not a model file kdtool can run"),
         (["{plain}"], "plain.onnx' has no kdtool metadata"),
         (["{onnx}", "--threads", "-1"], "--threads must be at least 0, not -1"),
     ],
@@ -656,3 +662,76 @@ def test_peak_memory_is_in_the_megabytes_of_the_file_size_column(monkeypatch):
     # /proc reports KiB: 97,656 KiB above the base is 99,999,744 bytes (95.4 MiB).
     monkeypatch.setattr(memory, "_status_kb", lambda field: 1000 + 97_656)
     assert probe.cell_peak()["peak_rss_mb"] == pytest.approx(100.0, abs=0.001)
+
+
+@pytest.mark.skipif(not memory.MemoryProbe().host, reason="no resettable RSS high-water mark")
+def test_a_small_batch_is_not_charged_the_memory_of_a_larger_one_or_of_the_accuracy_run(
+        cli, graph_onnx):
+    """ONNX Runtime's arena keeps its largest call's memory: the accuracy pass (at the
+    largest batch) and a larger batch given first once made batch 1 read as batch 64."""
+    path = graph_onnx("wide.onnx", in_chans=3, size=256, num_classes=10)
+    r = cli("bench", path, "--backends", "ort-cpu", "--batch", "64,1", *FAST, "--data",
+            "digits:test", "--limit", "64", "--json")
+    assert r.code == 0, r.err
+    rows = r.json()["rows"]
+    assert [row["batch"] for row in rows] == [64, 1]  # reported in the order asked
+    peak = {row["batch"]: row["peak_rss_mb"] for row in rows}
+    assert peak[1] < 64 * 3 * 256**2 * 4 / 1e6 < peak[64], peak  # below batch 64's input
+    assert all(row["accuracy"]["images"] == 64 for row in rows)
+
+
+def test_each_backends_runtime_starts_before_any_model_is_measured(models, monkeypatch):
+    """The first model of a backend once carried the runtime's own start-up (15 MB of ONNX
+    Runtime): a throwaway session of it runs before the baseline, once per backend."""
+    from kdtool.deploy import bench as bench_module
+
+    events = []
+    real_make = bench_module.make_runner
+
+    def make(model, backend, *args):
+        events.append(("load", model.path.name, backend))
+        return real_make(model, backend, *args)
+
+    monkeypatch.setattr(bench_module, "make_runner", make)
+    monkeypatch.setattr(bench_module.MemoryProbe, "start_backend",
+                        lambda self, backend: events.append(("baseline", backend)))
+    Bench(BenchConfig(models=[str(models["onnx"]), str(models["tiny"]), str(models["teacher"])],
+                      backends=["ort-cpu", "torch-cpu"], min_time=0.01, min_iters=2,
+                      warmup=0)).run()
+    assert events == [
+        ("load", "teacher.onnx", "ort-cpu"),  # the runtime's start, not measured
+        ("baseline", "ort-cpu"), ("load", "teacher.onnx", "ort-cpu"),
+        ("baseline", "ort-cpu"), ("load", "tiny.onnx", "ort-cpu"),
+        ("load", "teacher.safetensors", "torch-cpu"),
+        ("baseline", "torch-cpu"), ("load", "teacher.safetensors", "torch-cpu"),
+    ]
+
+
+def test_unstable_cells_warmup_calls_and_sample_sizes_are_stated():
+    from kdtool.deploy.bench_report import _legend, _runtime_note
+
+    lat = {"p50": 0.4, "p90": 1.0, "p99": 140.0, "mean": 11.7, "min": 0.3, "max": 150.0,
+           "std": 30.0}
+    note = _runtime_note({"latency_ms": lat, "iters": 40, "details": {}})
+    assert "unstable timings: mean 11.7 ms against p50 0.4 ms over 40 calls" in note
+    assert "--threads 1" in note
+    assert _runtime_note({"latency_ms": {**lat, "mean": 0.45}, "iters": 40}) is None
+    row = {"latency_ms": lat, "iters": 40, "warmup_calls": 3,
+           "accuracy": {"images": 97, "top1": 97.0}}
+    result = {"settings": {"min_time": 1, "min_iters": 10, "clip": "drop", "threads": None,
+                           "data": "digits:test"},
+              "machine": {"cpu": "x86", "usable_cpus": 2, "gpu": None},
+              "reference": {"model": "m.onnx", "backend": "ort-cpu", "top1": 97.0},
+              "rows": [row, {**row, "warmup_calls": 10, "iters": 500}]}
+    text = _legend(result)
+    assert "after 3-10 warm-up calls" in text and "p99 of fewer than 100 calls" in text
+    assert "top-1 on 97 images of digits:test" in text and "default CPU threads" in text
+    assert "before loading the model, its runtime already started" in text
+
+
+def test_formats_are_checked_before_any_work(cli, models):
+    r = cli("bench", models["dir"] / "tiny.safetensors", "--formats", "torch,onnx-int8")
+    assert r.code == 1 and "--formats onnx-int8 needs calibration images" in r.err
+    assert "add --calib-data DIR" in r.err
+    r = cli("bench", models["onnx"], "--formats", "onnx")  # nothing to export
+    assert r.code == 1 and "exports kdtool checkpoints, and none of the models is one" in r.err

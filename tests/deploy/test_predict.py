@@ -322,3 +322,11 @@ def test_a_model_without_class_names_is_labelled_by_index_as_the_server_labels_i
     assert r.code == 0, r.err
     labels = [q["label"] for q in r.json()["results"][0]["predictions"]]
     assert sorted(labels) == ["0", "1", "2"] == OnnxModel(path, threads=1).class_names
+
+
+def test_an_image_where_the_model_goes_says_the_order(cli, tiny_onnx, tmp_path):
+    """'kdtool predict img.png m.onnx' once said the image was no model kdtool bench runs."""
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "img.png")
+    r = cli("predict", tmp_path / "img.png", tiny_onnx)
+    assert r.code == 1 and "img.png' is an image, and predict takes the model first" in r.err
+    assert f"kdtool predict MODEL {tmp_path / 'img.png'}" in r.err
