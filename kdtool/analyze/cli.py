@@ -266,7 +266,9 @@ def sweep_cmd(
         raise Stopped(e, "finished points and every finished epoch are saved; continue "
                       "with the same command and --resume") from None
     write_csv(csv_path, rows)
-    write_png(png_path, rows, f"{student} from {teacher.name}, {noise} noise", val)
+    budget = {"steps": ", equal optimiser steps", "images": ", equal noise images"}
+    write_png(png_path, rows, f"{student} from {teacher.name}, {noise} noise"
+              + (budget[keep] if param == "batch-size" else ""), val)
     result = {"param": param, "keep": keep, "seeds": seeds, "rows": rows,
               "points": summarise(rows), "csv": str(csv_path), "png": str(png_path)}
 

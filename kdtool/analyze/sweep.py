@@ -150,7 +150,7 @@ def write_png(path: Path, rows: list[dict], title: str, val: str) -> None:
 
     points = summarise(rows)
     seeds = max(p["seeds"] for p in points)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
     xs = [p["value"] for p in points]
     for key, label, style in MODES:
         line, = ax.plot(xs, [p[key] for p in points], style,
@@ -167,5 +167,7 @@ def write_png(path: Path, rows: list[dict], title: str, val: str) -> None:
     ax.set_ylabel(f"top-1 % on {val} ({rows[0]['val_images']:,} images)")
     ax.set_title(title + (f"\nbands: min to max of {seeds} seeds" if seeds > 1 else ""))
     ax.grid(alpha=0.3)
-    ax.legend()
+    # Below the axes: inside, it covered the teacher's line or a curve, whichever was empty.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=8,
+              frameon=False)
     save_png(fig, path)
