@@ -215,7 +215,7 @@ def test_errors_name_the_problem_and_write_nothing(cli, noise_student, tmp_path)
 
     from kdtool.calibrate.fold import DEFAULT_TOLERANCE
 
-    shown = re.search(r"--tolerance <float> [^[]*\[default: \(([^)]+)\)\]",
+    shown = re.search(r"--tolerance <float> [^[]*\[default: ([^]]+)\]",
                       " ".join(cli("calibrate", "--help").out.replace("│", " ").split()))
     assert shown and float(shown.group(1)) == DEFAULT_TOLERANCE  # --help says what it uses
     r = cli("calibrate", noise_student, "--data", "digits", "--val", few, "--out", out)
