@@ -211,6 +211,9 @@ def _legend(result: dict) -> str:
              "; the libraries' default CPU threads (one per core)")
     if not s.get("memory_arena", True):
         text += "; ONNX Runtime without its CPU memory arena"
+    if s.get("formats") and not s.get("export_dir"):
+        text += ("; the --formats exports went to a temporary folder, removed after the run "
+                 "(--export-dir keeps them)")
     ref = result.get("reference")
     if ref:
         images = next(r["accuracy"]["images"] for r in result["rows"] if r["accuracy"])

@@ -725,6 +725,11 @@ def test_unstable_cells_warmup_calls_and_sample_sizes_are_stated():
               "rows": [row, {**row, "warmup_calls": 10, "iters": 500}]}
     text = _legend(result)
     assert "after 3-10 warm-up calls" in text and "p99 of fewer than 100 calls" in text
+    assert "temporary folder" not in text
+    result["settings"]["formats"] = ["torch", "onnx"]
+    assert "--formats exports went to a temporary folder" in _legend(result)
+    result["settings"]["export_dir"] = "exports"
+    assert "temporary folder" not in _legend(result)
     assert "top-1 on 97 images of digits:test" in text and "default CPU threads" in text
     assert "before loading the model, its runtime already started" in text
 
