@@ -103,7 +103,7 @@ class BenchConfig:
             from kdtool.deploy.bench_export import check_formats, needs_calib
 
             self.formats = check_formats(self.formats)
-            int8 = [f for f in self.formats if f != "torch" and needs_calib([f])]
+            int8 = [f for f in self.formats if needs_calib([f])]
             if int8 and not self.calib_data:
                 raise KdtoolError(
                     f"--formats {','.join(int8)} needs calibration images for its INT8 "
@@ -392,13 +392,17 @@ class Bench:
         batch = model.fixed_batch or 1
         try:
             runner = make_runner(model, backend, self.cfg.threads, self.cfg.memory_arena)
+        except PROGRAMMING_ERRORS:
+            raise
         except Exception:  # the measured load reports it, as a row
             return
         try:
             if runner.batch_problem(batch) is None:
                 runner.infer(model.prepare(np.zeros((batch, model.in_chans, *model.input_size),
                                                     dtype=np.float32)))
-        except Exception:  # the measured cells report it
+        except PROGRAMMING_ERRORS:
+            raise
+        except Exception:  # the measured cells report it, as rows
             pass
         finally:
             runner.close()
