@@ -31,9 +31,9 @@ from kdtool.checkpoint import CHECKPOINT_SUFFIX, ModelMeta, load_checkpoint, sav
 from kdtool.data import (
     ImageData,
     check_fits,
+    load_calibration,
     load_data,
     match_classes,
-    require_model_channels,
 )
 from kdtool.device import resolve_device
 from kdtool.errors import KdtoolError
@@ -71,10 +71,6 @@ class CalibrateConfig:
 def default_out(checkpoint: str | Path) -> Path:
     p = Path(checkpoint)
     return p.with_name(p.name.removesuffix(p.suffix) + ".cal.safetensors")
-
-
-def _check_images(data: ImageData, meta: ModelMeta, what: str) -> None:
-    require_model_channels(data, meta.in_chans, what, "BN statistics")
 
 
 @contextmanager
@@ -164,8 +160,7 @@ class CalibrateRun:
                 "BatchNorm without it; pass --val to see what the new statistics cost or gain")
         model.to(dev)
         size = _input_size(c.image_size, meta)
-        data = load_data(c.data, image_size=size, fit=Fit.of(meta))
-        _check_images(data, meta, "calibration data")
+        data = load_calibration(c.data, meta, "calibration data", "BN statistics", size)
         index = sample_indices(len(data), c.batches, c.batch_size, c.seed, f"'{c.data}'")
         if c.sweep and max(c.sweep) * c.batch_size > len(data):
             raise KdtoolError(

@@ -283,15 +283,12 @@ def _validate(cfg: ExportConfig) -> tuple[BatchProfile, _Outputs]:
 
 
 def _load(spec: str, meta, option: str, labelled: bool = False):
-    from kdtool.data import check_fits, load_data, load_for_model, require_model_channels
-    from kdtool.imageprep import Fit
+    from kdtool.data import check_fits, load_calibration, load_for_model
 
     # Images are fitted to the model's input; --val is converted to its channels too and
-    # must have its classes; calibration images are taken as they are, as calibrate takes
-    # them: ranges of converted copies are not those of the images served.
+    # must have its classes; calibration images as calibrate takes them.
     if not labelled:
-        data = load_data(spec, image_size=tuple(meta.input_size), fit=Fit.of(meta))
-        require_model_channels(data, meta.in_chans, option, "INT8 activation ranges")
+        data = load_calibration(spec, meta, option, "INT8 activation ranges")
     else:
         data = load_for_model(spec, meta)
         check_fits(

@@ -190,15 +190,30 @@ def load_for_model(spec: str, model) -> ImageData:
     return match_classes(data, model.class_names)
 
 
-def require_model_channels(data: ImageData, in_chans: int, what: str, stats: str) -> None:
-    """Refuse calibration images whose channels are not the model's: ``stats`` (BN's, INT8
-    ranges) taken from converted copies are not those of the images it will be served.
-    (Sizes are fitted: every stage loads images at the model's input size.)"""
-    if data.channels != in_chans:
+def load_calibration(spec: str, model, what: str, stats: str,
+                     image_size: tuple[int, int] | None = None) -> ImageData:
+    """Images a model's ``stats`` (BN's, INT8 ranges) are taken from, fitted to its input.
+
+    Colour images for a grey model are converted as predict and serve convert them: a
+    colour photo served to it becomes those very pixels (said in a warning). Grey images
+    for a colour model are refused: copies with three equal channels have none of the
+    colour of the images it will be served. (``model`` as for load_for_model.)
+    """
+    size = image_size or tuple(model.input_size)
+    data = load_data(spec, image_size=size, fit=Fit.of(model))
+    if data.channels > model.in_chans:
+        console.warn(f"{what} '{data.source}' has {data.channels}-channel images and the model "
+                     f"takes {model.in_chans}: they are converted to grey as predict and serve "
+                     f"convert what they are sent, and its {stats} are those of the converted "
+                     "images")
+        data = load_data(spec, image_size=size, channels=model.in_chans, fit=Fit.of(model))
+    elif data.channels < model.in_chans:
         raise KdtoolError(
             f"{what} '{data.source}' has {data.channels}-channel images but the model takes "
-            f"{in_chans}: {stats} of converted copies are not those of the images it will be "
-            "served", f"give {in_chans}-channel images, like those it will see in deployment")
+            f"{model.in_chans}: {stats} of grey copies with equal channels have none of the "
+            "colour of the images it will be served",
+            f"give {model.in_chans}-channel images, like those it will see in deployment")
+    return data
 
 
 def match_classes(data: ImageData, names: list[str]) -> ImageData:

@@ -140,9 +140,20 @@ def test_errors_name_the_problem_and_write_nothing(cli, noise_student, tmp_path)
     out = tmp_path / "o.safetensors"
     digits = load_data("digits").x[:, 0].numpy()  # N x 8 x 8
 
+    # Colour images for a grey model are converted as predict and serve convert them: grey
+    # digits stored as RGB give the very statistics of the grey digits (they were refused).
     rgb = _npz(tmp_path / "rgb.npz", np.repeat(digits[..., None], 3, axis=3))
-    r = cli("calibrate", noise_student, "--data", rgb, "--out", out)
-    assert r.code == 1 and "has 3-channel images but the model takes 1" in r.err
+    r = cli("calibrate", noise_student, "--data", rgb, "--out", out, "--device", "cpu")
+    assert r.code == 0, r.err
+    assert "has 3-channel images and the model takes 1: they are converted to grey as " \
+        "predict and serve convert" in " ".join(r.err.split())
+    ref = tmp_path / "ref.safetensors"
+    assert cli("calibrate", noise_student, "--data", "digits", "--out", ref, "--device",
+               "cpu").code == 0
+    a, b = load_checkpoint(out)[0].state_dict(), load_checkpoint(ref)[0].state_dict()
+    # the same pixels; float sums over other memory reach 1e-6 apart
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-5) for k in a)
+    out.unlink()
     # --val only measures: converted as eval converts, not refused like --data
     labelled = tmp_path / "rgb_val.npz"
     np.savez(labelled, x=np.repeat(digits[..., None], 3, axis=3), y=load_data("digits").y)

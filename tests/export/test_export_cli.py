@@ -329,17 +329,31 @@ def test_bad_options_are_one_line_errors(cli, digits_teacher, tmp_path, args, fr
     assert not out.exists()
 
 
-def test_int8_calibration_images_of_other_channels_are_refused_as_calibrate_refuses_them(
+def test_int8_calibration_images_take_the_models_channels_as_calibrate_takes_them(
         cli, digits_teacher, tmp_path):
     import numpy as np
 
-    rgb = tmp_path / "rgb.npz"  # colour images for a grey model: converted copies' ranges
+    from kdtool.checkpoint import ModelMeta, save_checkpoint
+    from kdtool.models import create_model
+
+    # Colour images for a grey model: converted to grey, as predict and serve convert them.
+    rgb = tmp_path / "rgb.npz"
     np.savez(rgb, x=np.random.default_rng(0).integers(0, 256, (64, 8, 8, 3), dtype=np.uint8),
              y=np.full(64, -1))
-    out = tmp_path / "q.onnx"
-    r = cli("export", digits_teacher, "--onnx", out, "--precision", "int8", "--calib-data", rgb)
-    _one_line_error(r, "--calib-data", "has 3-channel images but the model takes 1",
-                    "INT8 activation ranges of converted copies")
+    r = cli("export", digits_teacher, "--onnx", tmp_path / "q.onnx", "--precision", "int8",
+            "--calib-data", rgb)
+    assert r.code == 0, r.err
+    assert "they are converted to grey" in " ".join(r.err.split())
+    # Grey images for a colour model: refused, equal channels carry no colour.
+    colour = tmp_path / "rgb_model.safetensors"
+    save_checkpoint(colour, create_model("tiny_cnn", num_classes=10, in_chans=3),
+                    ModelMeta(arch="tiny_cnn", num_classes=10, in_chans=3, input_size=[8, 8],
+                              mean=[0.5] * 3, std=[0.25] * 3), force=False)
+    out = tmp_path / "c.onnx"
+    r = cli("export", colour, "--onnx", out, "--precision", "int8", "--calib-data", "digits")
+    _one_line_error(r, "--calib-data", "has 1-channel images but the model takes 3",
+                    "INT8 activation ranges of grey copies with equal channels have none of "
+                    "the colour")
     assert not out.exists()
 
 
