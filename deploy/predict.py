@@ -42,7 +42,7 @@ class PredictConfig:
     model: Path
     inputs: tuple[Path, ...]
     backend: str = "auto"
-    top: int = 5
+    top: int | None = None  # None: up to DEFAULT_TOP
     batch_size: int = 32
     threads: int | None = None
 
@@ -74,6 +74,10 @@ def list_images(inputs: tuple[Path, ...]) -> list[Path]:
                 raise KdtoolError(f"folder '{path}' holds no images",
                                   f"looked for {' '.join(exts)} files (any case)")
             found += inside
+        elif path.suffix.lower() in (".zip", ".npz") and path.is_file():
+            raise KdtoolError(f"'{path}' is a dataset archive, and predict takes image files "
+                              "or folders of them", f"unzip it, or measure the model on it: "
+                              f"kdtool eval MODEL --data {path}")
         elif path.is_file():
             found.append(path)  # any name: a file that is no image says so when decoded
         else:
@@ -81,7 +85,7 @@ def list_images(inputs: tuple[Path, ...]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-READ_HINT = "pass JPEG, PNG, BMP, GIF, TIFF or WebP files; delete or replace this one"
+READ_HINT = "pass JPEG, PNG, WebP, BMP, GIF, TIFF or PPM/PGM files; replace this one"
 
 
 def read_image(path: Path, model: BenchModel) -> np.ndarray | str:
@@ -99,7 +103,13 @@ def read_image(path: Path, model: BenchModel) -> np.ndarray | str:
         return e.strerror or str(e)
 
 
-def check_top(top: int, num_classes: int) -> int:
+DEFAULT_TOP = 5
+
+
+def check_top(top: int | None, num_classes: int) -> int:
+    """The classes to show: --top capped at the model's classes (said, when it was given)."""
+    if top is None:
+        return min(DEFAULT_TOP, num_classes)
     if top < 1:
         raise KdtoolError(f"--top {top} is not a number of classes", "e.g. --top 5")
     if top > num_classes:  # said, so that a script's "top" in the JSON is no surprise
@@ -210,6 +220,7 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
             "input_size": list(model.input_size),
             "channels": model.in_chans,
             "resize": _resize_rule(model),
+            "interpolation": model.interpolation,
             "mean": list(model.mean),
             "std": list(model.std),
         },

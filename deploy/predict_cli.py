@@ -19,8 +19,9 @@ def predict_cmd(
     images: Annotated[list[Path], typer.Argument(
         help="Image files, and folders searched for images (with their subfolders).",
         show_default=False)],
-    top: Annotated[int, typer.Option("--top", help="Classes to give per image, most likely "
-                                     "first.")] = 5,
+    top: Annotated[int | None, typer.Option(
+        "--top", help="Classes to give per image, most likely first (at most the model's).",
+        show_default="5")] = None,
     backend: Annotated[str, typer.Option(
         "--backend", help="torch-cpu or torch-cuda (checkpoints), ort-cpu, ort-cuda or ort-trt "
         "(ONNX), trt (engines). auto: the GPU one when it runs here, else the CPU one.")

@@ -216,11 +216,12 @@ def load_calibration(spec: str, model, what: str, stats: str,
     return data
 
 
-def match_classes(data: ImageData, names: list[str]) -> ImageData:
+def match_classes(data: ImageData, names: list[str], whose: str = "the model's") -> ImageData:
     """``data`` labelled in the order of a model's class ``names`` when its own class names
     are all among them (a folder holding some of the classes, or all in another order);
     unchanged when none is (labels then mean class indices); refused when only some are:
-    index labels would score those images against other classes."""
+    index labels would score those images against other classes. ``whose`` names the
+    owner of ``names`` in messages (train's --val: "the training data's")."""
     if not data.labeled or not names or data.class_names == names:
         return data
     index = {unicodedata.normalize("NFC", n): i for i, n in enumerate(names)}
@@ -229,18 +230,17 @@ def match_classes(data: ImageData, names: list[str]) -> ImageData:
     if len(strangers) == len(own):
         # Say so, as every stage that scores or calibrates with labels gets here: digits
         # (0..9) scored against a CIFAR teacher would otherwise pass for a 10% model.
-        console.warn(f"{data.source}: none of its class names ({_few(own)}) is one of the "
-                     f"model's ({_few(names)}); its labels are read as class indices")
+        console.warn(f"{data.source}: none of its class names ({_few(own)}) is one of "
+                     f"{whose} ({_few(names)}); its labels are read as class indices")
         return data
     if strangers:
         guess = suggest(strangers[0], list(index))
         noun = "class" if str(data.source).lower().endswith(".npz") else "class folder"
         raise KdtoolError(
-            f"{data.source}: {noun} '{strangers[0]}' is not one of the model's classes"
+            f"{data.source}: {noun} '{strangers[0]}' is not one of {whose} classes"
             + (f" (did you mean '{guess}'?)" if guess else "")
             + (f", nor are {len(strangers) - 1} more" if len(strangers) > 1 else ""),
-            "name class folders as the model's classes ('kdtool info' lists them) or leave "
-            "the others out")
+            f"name class folders as {whose} classes ({_few(names)}) or leave the others out")
     remap = torch.tensor([index[n] for n in own])
     return ImageData(data.x, remap[data.y], list(names), data.source)
 
@@ -547,8 +547,9 @@ def _gather(path: Path, chunks: list[list[str]], results, channels) -> np.ndarra
                 mismatch = (chunks[0][0], parts[0].shape[1:3], chunk[0], x.shape[1:3])
             if mismatch is not None:
                 a, sa, b, sb = mismatch
-                raise KdtoolError(f"images in {path} differ in size: {a} is {sa[0]}x{sa[1]}, "
-                                  f"{b} is {sb[0]}x{sb[1]}", "pass --image-size to resize them")
+                raise KdtoolError(f"images in {path} differ in size: {a} is {sa[1]} wide x "
+                                  f"{sa[0]} high, {b} {sb[1]} wide x {sb[0]} high",
+                                  "pass --image-size to resize them")
             parts.append(x)
             advance(len(chunk))
     c = channels or max(x.shape[3] for x in parts)

@@ -126,7 +126,7 @@ class Trainer:
             # Fitted to the training images' size, as eval and serve will fit them.
             val = match_classes(load_data(c.val, image_size=train.image_size,
                                           channels=train.channels, fit=self.fit),
-                                train.class_names)
+                                train.class_names, "the training data's")
             val.require_labels("validation data")
             check_fits(val, num_classes=train.num_classes, in_chans=train.channels,
                        what=f"training data '{c.data}'")

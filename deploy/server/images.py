@@ -25,7 +25,7 @@ MAX_PIXELS = 64_000_000  # larger images are refused before decoding (decompress
 
 def decode(data: bytes, what: str = "the request body") -> Image.Image:
     if not data:
-        raise RequestError(f"{what} is empty; send JPEG or PNG bytes")
+        raise RequestError(f"{what} is empty: no image bytes")
     try:
         im = Image.open(io.BytesIO(data), formats=FORMATS)
         if im.width * im.height > MAX_PIXELS:

@@ -87,6 +87,7 @@ def test_an_rgb_nhwc_model_gets_its_own_size_channels_and_class_names(
     assert r.code == 0, r.err
     (row,) = r.json()["results"]
     assert len(row["predictions"]) == 5  # --top beyond the class count gives every class
+    assert r.json()["preprocessing"]["interpolation"] == "bilinear"  # as serve's metadata
     x = np.asarray(Image.open(path).resize((16, 16), Image.BILINEAR), np.float32) / 255
     want = _softmax(offline(rgb_nhwc_onnx, ((x - 0.5) / 0.25)[None]).astype(np.float64))[0]
     best = int(np.argmax(want))
@@ -137,6 +138,8 @@ def test_the_table_names_each_image_and_how_it_was_fitted(cli, tiny_onnx, tmp_pa
          "backend torch-cpu runs a kdtool checkpoint"),
         ("good", ["good.png", "--backend", "ort-cpux"], "did you mean 'ort-cpu'"),
         ("good", ["good.png", "--batch-size", "0"], "--batch-size 0 is not a batch size"),
+        ("zip", ["val.zip"], "'{tmp}/val.zip' is a dataset archive, and predict takes image "
+         "files or folders of them"),
     ],
 )
 def test_bad_input_is_one_line_naming_it(cli, tiny_onnx, tmp_path, make, args, message):
@@ -147,7 +150,13 @@ def test_bad_input_is_one_line_naming_it(cli, tiny_onnx, tmp_path, make, args, m
         (tmp_path / "bad.png").write_bytes(b"not a png")
     elif make == "good":
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "good.png")
-    args = [str(tmp_path / a) if a.endswith(".png") or a == "empty" else a for a in args]
+    elif make == "zip":
+        import zipfile
+
+        with zipfile.ZipFile(tmp_path / "val.zip", "w") as z:
+            z.writestr("a/1.png", b"")
+    args = [str(tmp_path / a) if a.endswith((".png", ".zip")) or a == "empty" else a
+            for a in args]
     r = cli("predict", tiny_onnx, *args)
     assert r.code == 1
     assert message.format(tmp=tmp_path, onnx=tiny_onnx) in r.err
@@ -330,3 +339,13 @@ def test_an_image_where_the_model_goes_says_the_order(cli, tiny_onnx, tmp_path):
     r = cli("predict", tmp_path / "img.png", tiny_onnx)
     assert r.code == 1 and "img.png' is an image, and predict takes the model first" in r.err
     assert f"kdtool predict MODEL {tmp_path / 'img.png'}" in r.err
+
+
+def test_the_default_top_is_capped_quietly_and_a_given_one_with_a_word(capsys):
+    """A 4-class model once printed '--top 5 is more than ...' on every call without --top."""
+    from kdtool.deploy.predict import check_top
+
+    assert check_top(None, 4) == 4 and check_top(None, 1000) == 5
+    assert capsys.readouterr().err == ""
+    assert check_top(9, 4) == 4
+    assert "--top 9 is more than the model's 4 classes" in capsys.readouterr().err

@@ -238,7 +238,8 @@ def test_subset_and_stats():
 def test_mixed_sizes(tmp_path):
     _save(tmp_path / "s" / "a" / "1.png", (8, 8, 3))
     _save(tmp_path / "s" / "a" / "2.png", (6, 9, 3))
-    with pytest.raises(KdtoolError, match=r"1\.png is 8x8.*2\.png is 6x9") as e:
+    with pytest.raises(KdtoolError,
+                       match=r"1\.png is 8 wide x 8 high.*2\.png 9 wide x 6 high") as e:
         load_data(str(tmp_path / "s"))
     assert "--image-size" in e.value.hint
     d = load_data(str(tmp_path / "s"), image_size=4)
@@ -262,7 +263,7 @@ def test_many_chunks(tmp_path, monkeypatch, parallel):
     z = _zip(tmp_path / "d", tmp_path / "d.zip")
     assert _same(load_data(z), d)  # a Path works as spec; with workers, each opens the zip
     _save(tmp_path / "d" / "1" / "999.png", (5, 4), value=7)
-    with pytest.raises(KdtoolError, match=r"png is 4x4, 1/999\.png is 5x4"):
+    with pytest.raises(KdtoolError, match=r"png is 4 wide x 4 high, 1/999\.png 4 wide x 5 high"):
         load_data(str(tmp_path / "d"))
     (tmp_path / "d" / "1" / "999.png").write_bytes(b"\x89PNG broken")
     with pytest.raises(KdtoolError, match=r"cannot read image .*999\.png"):
@@ -546,6 +547,11 @@ def test_class_folders_are_matched_to_the_model_by_name_or_refused(tmp_path, cap
     with pytest.raises(KdtoolError, match="class folder 'dgo' is not one of the model's "
                                           "classes \\(did you mean 'dog'\\?\\)"):
         match_classes(load_data(str(tmp_path / "typo")), names)
+    # train's --val against the training data: there is no model yet for 'kdtool info'
+    with pytest.raises(KdtoolError, match="'dgo' is not one of the training data's classes") \
+            as e:
+        match_classes(load_data(str(tmp_path / "typo")), names, "the training data's")
+    assert "as the training data's classes (cat, dog, über)" in e.value.hint
     for cls in ("x", "y"):  # no name in common: labels are class indices
         _save(tmp_path / "idx" / cls / "1.png")
     capsys.readouterr()

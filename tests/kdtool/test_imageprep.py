@@ -101,7 +101,9 @@ def _mixed_folder(root):
 
 def test_load_data_fits_mixed_sizes_and_caches_each_rule_apart(tmp_path):
     root = _mixed_folder(tmp_path / "imgs")
-    with pytest.raises(KdtoolError, match="differ in size"):
+    # sizes as a viewer gives them: a/0.png is 40 wide and 30 high (it read "30x40")
+    with pytest.raises(KdtoolError, match="differ in size: a/0.png is 40 wide x 30 high, "
+                                          "a/1.png 30 wide x 44 high"):
         load_data(str(root))
     crop = load_data(str(root), image_size=(16, 16), fit=Fit(0.875))
     stretch = load_data(str(root), image_size=(16, 16))
