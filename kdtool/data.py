@@ -456,7 +456,8 @@ def _why_unlabeled(spec: str) -> str:
             top = names[0].split("/")[0]
             return (f"its images all sit in one top folder '{top}/', which is read as a "
                     "folder around unlabeled images (a labeled zip has one folder per class, "
-                    "at least two)")
+                    f"at least two; for images of class '{top}' alone, zip the folder around "
+                    f"'{top}/')")
         return "its images sit at the top of the zip, not in class folders"
     return "its images sit directly in it, not in class subfolders"
 

@@ -194,8 +194,12 @@ def test_unlabeled_folder_and_zip(tmp_path):
     assert _same(load_data(str(z)), d)
     # Where labels are needed, the error says why the data read as unlabeled: a zip of one
     # class folder is ambiguous with a wrapper folder, and the user would not guess that.
-    with pytest.raises(KdtoolError, match="one top folder 'calib/'.*at least two"):
+    with pytest.raises(KdtoolError, match="one top folder 'calib/'.*at least two; for "
+                                          "images of class 'calib' alone, zip the folder "
+                                          "around 'calib/'"):
         load_data(str(z)).require_labels("dataset")
+    wrapped = _zip(tmp_path / "calib", tmp_path / "w.zip", "around/calib/")  # as the hint says
+    assert load_data(str(wrapped)).class_names == ["calib"]
     with pytest.raises(KdtoolError, match="directly in it, not in class subfolders"):
         d.require_labels("--val")
     np.savez(tmp_path / "u.npz", x=np.zeros((2, 4, 4), np.uint8), y=np.full(2, -1))
