@@ -114,6 +114,10 @@ class BenchConfig:
                     f"--calib-data calibrates INT8 exports, and --formats "
                     f"{','.join(self.formats)} has none", "add onnx-int8 to --formats, or "
                     "drop --calib-data")
+            if self.export_dir and Path(self.export_dir).exists() and \
+                    not Path(self.export_dir).is_dir():
+                raise KdtoolError(f"--export-dir '{self.export_dir}' is a file",
+                                  "pass a folder to keep the exports in")
         elif self.export_dir or self.calib_data:
             raise KdtoolError(
                 "--export-dir and --calib-data go with --formats",

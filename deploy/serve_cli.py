@@ -8,9 +8,11 @@ from typing import Annotated
 import typer
 
 from kdtool.cli.app import app
+from kdtool.errors import MAX_THREADS
 from kdtool.export.ort_session import MEMORY_ARENA_HELP
 
 SERVE_DEPS = ("uvicorn", "starlette", "prometheus_client", "orjson")
+MAX_DELAY_MS = 60_000.0  # a minute: longer is no batching delay but a hung request
 
 
 @app.command("serve")
@@ -122,8 +124,15 @@ def serve_cmd(
     """
     import importlib.util
 
-    from kdtool.errors import KdtoolError
+    from kdtool.errors import KdtoolError, check_threads
 
+    if max_delay_ms > MAX_DELAY_MS:  # longer is no batching delay but a hung request
+        raise KdtoolError(f"--max-delay-ms {max_delay_ms:g} is more than a minute",
+                          "a few ms at most: 0 (the default) serves a lone request at once")
+    if workers > MAX_THREADS:
+        raise KdtoolError(f"--workers {workers} is more than kdtool runs ({MAX_THREADS})",
+                          "one per core at most")
+    check_threads(threads)
     missing = [m for m in SERVE_DEPS if importlib.util.find_spec(m) is None]
     if missing:
         raise KdtoolError(f"kdtool serve needs {', '.join(missing)}", "pip install 'kdtool[serve]'")

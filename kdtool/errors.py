@@ -51,14 +51,30 @@ def suggest(value: str, choices: Iterable[str]) -> str | None:
     return lowered[match[0]] if match else None
 
 
-def check_choice(value: str, choices: Iterable[str], what: str) -> str:
-    """Return ``value`` if it is one of ``choices``, else raise with 'did you mean'."""
+# Beyond this many choices a hint names where they are listed instead of listing them (timm
+# has over 1,000 models: the line ran to 26 KB).
+MAX_LISTED_CHOICES = 30
+
+
+def check_choice(value: str, choices: Iterable[str], what: str,
+                 listing: str | None = None) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise with 'did you mean'.
+    ``listing``: where a long list of choices can be seen (said instead of the list)."""
     choices = list(choices)
     if value in choices:
         return value
     guess = suggest(value, choices)
-    hint = f"did you mean '{guess}'?" if guess else "choose one of: " + ", ".join(choices)
+    if guess:
+        hint = f"did you mean '{guess}'?"
+    elif len(choices) > MAX_LISTED_CHOICES:
+        hint = f"{len(choices):,} to choose from" + (f": {listing}" if listing else "")
+    else:
+        hint = "choose one of: " + ", ".join(choices)
     raise KdtoolError(f"unknown {what} '{value}'", hint)
+
+
+# More threads than any machine kdtool runs on has cores (torch crashed at 100,000).
+MAX_THREADS = 1024
 
 
 def check_threads(threads: int | None) -> int | None:
@@ -67,6 +83,9 @@ def check_threads(threads: int | None) -> int | None:
     if threads is not None and threads < 0:
         raise KdtoolError(f"--threads must be at least 0, not {threads}",
                           "0 (or no --threads) is the library's default, one per core")
+    if threads is not None and threads > MAX_THREADS:
+        raise KdtoolError(f"--threads {threads} is more than kdtool runs ({MAX_THREADS})",
+                          "give at most the cores of this machine")
     return threads
 
 

@@ -58,6 +58,8 @@ def check_output(path: str | Path, force: bool, what: str = "output",
     """Refuse to overwrite ``path`` without ``force``; create its folder. With ``suffixes``
     (the first is the canonical one), refuse a name of another kind of file (``why``)."""
     path = Path(path)
+    if not path.name:  # '' and '.' (typer reads an empty --out as '.')
+        raise KdtoolError(f"{what} path '{path}' names no file", "pass a file name")
     if path.parts and path.parts[0].startswith("~"):
         # --out=~/x: the shell expands ~ only at the start of a word, not after "="
         raise KdtoolError(f"{what} '{path}' starts with '~', which the shell did not expand "

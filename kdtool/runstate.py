@@ -31,6 +31,8 @@ from kdtool.io import atomic_write_bytes
 
 def state_path_for(out: str | Path) -> Path:
     out = Path(out)
+    if not out.name:  # '' and '.' (typer reads an empty --out as '.')
+        raise KdtoolError(f"--out '{out}' names no file", "pass a file name")
     return out.with_name(out.name + ".state.pt")
 
 
@@ -302,6 +304,7 @@ class RunCheckpoint:
         epoch's writes finish first (at most one snapshot waits in memory) and a failed
         write raises here or in ``wait``.
         """
+        _require_finite(model, epoch)
         if not self.writer:
             return
         from kdtool.checkpoint import write_checkpoint
@@ -375,3 +378,15 @@ def _write_all(jobs: list[tuple[Path, Callable[[], None]]]) -> None:
             state = jobs[-1][0]  # the state is written last: resumable if an earlier one is
             raise KdtoolError(f"could not write '{path}': {e.strerror or e}",
                               hint + (", then --resume" if state.exists() else "")) from e
+
+
+def _require_finite(model, epoch: int) -> None:
+    """Refuse to save a model whose weights are NaN or infinite: a diverged run (a learning
+    rate far too high) once wrote such a checkpoint and exited 0."""
+    with torch.no_grad():
+        bad = next((n for n, t in model.state_dict().items()
+                    if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise KdtoolError(
+            f"the run diverged at epoch {epoch + 1}: '{bad}' holds NaN or infinite values, so "
+            "this epoch was not saved", "lower --lr (an earlier epoch's files are kept)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import re
 import sys
 import typing
@@ -144,6 +145,33 @@ def _commands_with(option: str, root) -> list[str]:
     return found
 
 
+# No kdtool count, size or seed needs more; beyond it values overflow C integers deep in
+# torch or numpy (a seed of 10**16, --threads 10**12) instead of meeting a clear check.
+MAX_INT_OPTION = 2**31 - 1
+
+
+def _bound_numbers(param) -> None:
+    """Every number option: a float must be finite (NaN slipped past every range check, and
+    --lr inf wrote a checkpoint of NaNs) and an integer within MAX_INT_OPTION."""
+    process = getattr(param, "process_value", None)
+    if process is None or getattr(process, "kdtool_bounded", False):
+        return
+
+    def bounded(ctx, value):
+        out = process(ctx, value)
+        for v in out if isinstance(out, (list, tuple)) else (out,):
+            name = (param.opts or [param.name])[0]
+            if isinstance(v, float) and not math.isfinite(v):
+                raise KdtoolError(f"{name} must be a finite number, not {v}")
+            if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_INT_OPTION:
+                raise KdtoolError(f"{name} {v} is out of range", f"kdtool takes at most "
+                                  f"{MAX_INT_OPTION:,} here")
+        return out
+
+    bounded.kdtool_bounded = True
+    param.process_value = bounded
+
+
 def _hide_flag_types(command) -> None:
     """A flag takes no value: newer typer labels it <bool> in --help, which reads as if
     '--force true' were the way to pass it."""
@@ -153,6 +181,7 @@ def _hide_flag_types(command) -> None:
         if getattr(param, "is_flag", False) and param.metavar is None:
             param.metavar = ""
         _name_list_items(param)
+        _bound_numbers(param)
     make_help_option = command.get_help_option
 
     def get_help_option(ctx):  # click builds --help afresh for each context
@@ -229,6 +258,15 @@ def main(argv: list[str] | None = None) -> None:
         _error(f"{message} ({hint})")
         _json_error(argv, message, hint)
         sys.exit(1)
+    except (MemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not _out_of_memory(e):
+            raise  # a bug, with its traceback
+        message = f"out of memory: {_first_line(e) or type(e).__name__}"
+        hint = ("use a smaller --batch-size, image size, noise pool or model, or a machine "
+                "with more memory")
+        _error(f"{message} ({hint})")
+        _json_error(argv, message, hint)
+        sys.exit(1)
     except Stopped as e:
         _stopped(argv, e.interrupt, e.hint)
     except (typer.Abort, KeyboardInterrupt) as e:
@@ -238,6 +276,20 @@ def main(argv: list[str] | None = None) -> None:
     if argv is None:  # the program itself, not a caller in its own process (tests)
         _late_signals_keep_status(code or 0)
     sys.exit(code or 0)
+
+
+# What torch (CPU and CUDA) and numpy say when an allocation fails.
+_OOM = re.compile(r"can't allocate memory|out of memory|Unable to allocate", re.I)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or bool(_OOM.search(str(e)))
+
+
+def _first_line(e: BaseException) -> str:
+    """The allocation failure in a line (torch's starts with a C++ source location)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return re.sub(r"^\[enforce fail at [^\]]*\]\s*", "", text)[:300]
 
 
 def _late_signals_keep_status(code: int) -> None:

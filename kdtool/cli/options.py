@@ -123,6 +123,11 @@ def parse_image_size(text: str | None, option: str = "--image-size") -> list[int
         size *= 2
     if len(size) != 2 or min(size) < 1:
         raise KdtoolError(f"{option} '{text}' is not a size", f"e.g. {option} 32 or 32,32")
+    from kdtool.imageprep import MAX_SIDE
+
+    if max(size) > MAX_SIDE:  # what a checkpoint may record: refused before, not after, work
+        raise KdtoolError(f"{option} '{text}' is more than {MAX_SIDE} pixels a side",
+                          f"e.g. {option} 224")
     return size
 
 

@@ -65,7 +65,7 @@ def _builder(name: str):
 
 def spec(name: str) -> ModelSpec:
     """The ``ModelSpec`` of timm classifier ``name`` (without the ``timm:`` prefix)."""
-    check_choice(name, _names(), "timm model")
+    check_choice(name, _names(), "timm model", "kdtool models --timm 'PATTERN' lists them")
     cfg = _config(name)
     return ModelSpec(
         name=TIMM_PREFIX + name,

@@ -120,7 +120,7 @@ def _builder(name: str):
 
 def spec(name: str) -> ModelSpec:
     """The ``ModelSpec`` of torchvision classifier ``name`` (without the ``tv:`` prefix)."""
-    check_choice(name, _names(), "torchvision model")
+    check_choice(name, _names(), "torchvision model", "kdtool models --torchvision lists them")
     crop, resize, interpolation = eval_transform(name)
     return ModelSpec(
         name=TV_PREFIX + name,
