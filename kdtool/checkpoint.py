@@ -269,6 +269,10 @@ def _looks_like(path: Path) -> str | None:
             head = f.read(512)  # enough for the magic numbers and to tell text
     except OSError:
         return None
+    if not head:
+        return "an empty file (0 bytes)"
+    if path.suffix.lower() == ".onnx":  # protobuf has no magic number; the name says it
+        return "an ONNX model"
     if head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
         # a safetensors layout (header length, then its JSON), whatever its length's first
         # byte looks like (0x80: a pickle's, "BM": a bitmap's): damaged, not another kind
@@ -310,6 +314,10 @@ def _not_a_checkpoint(path: Path, kind: str) -> KdtoolError:
             f"'{path}' is {kind}, not a safetensors file",
             f"rename it to {pt}; then kdtool reads it as a state_dict (kdtool convert {pt} "
             "--arch ARCH ... makes a kdtool checkpoint of it)")
+    if kind == "an ONNX model":
+        return KdtoolError(f"'{path}' is {kind}, not a model checkpoint",
+                           "run it as it is (kdtool eval, bench, predict, serve), or pass the "
+                           "checkpoint it was exported from")
     return KdtoolError(f"'{path}' is {kind}, not a model checkpoint",
                        "pass a kdtool checkpoint (.safetensors), or a PyTorch state_dict "
                        "(.pt/.pth) with --arch")

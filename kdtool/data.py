@@ -141,6 +141,9 @@ def load_data(spec: str, *, image_size: int | tuple[int, int] | None = None,
     or a centre crop (kdtool.imageprep).
     """
     spec = str(spec)  # a Path works too
+    if not spec.strip():  # '' read as the current folder, whatever it holds
+        raise KdtoolError("a dataset was given as an empty string",
+                          "pass a folder, a .zip, an .npz, or digits / digits:test")
     size = _check_size(image_size)
     if size is None:
         fit = STRETCH  # nothing to fit to

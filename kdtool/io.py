@@ -23,6 +23,9 @@ def require_file(path: str | Path, what: str, hint: str = "check the path") -> P
         raise KdtoolError(f"{what} '{path}' does not exist", hint)
     if not path.is_file():
         raise KdtoolError(f"{what} '{path}' is not a file", hint)
+    if path.stat().st_size == 0:  # said as such, not as "no metadata" or "header too small"
+        raise KdtoolError(f"{what} '{path}' is empty (0 bytes)",
+                          "copy it again or re-create it")
     return path
 
 

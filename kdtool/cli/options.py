@@ -82,8 +82,11 @@ Std = Annotated[str | None, typer.Option(
 def parse_list(text: str, option: str, kind: type = float, example: str = "0.5,0.5,0.5",
                what: str = "numbers") -> list:
     """``--option 1,2,3`` as a list of ``kind`` (int or float), in the order given."""
+    items = text.replace(" ", "").split(",")
+    if len(items) > 1 and "" in items:  # '0.5,,0.5' once lost a value without a word
+        raise KdtoolError(f"{option} '{text}' has an empty item", f"e.g. {option} {example}")
     try:
-        values = [kind(v) for v in text.replace(" ", "").split(",") if v]
+        values = [kind(v) for v in items if v]
     except ValueError:
         raise KdtoolError(f"{option} '{text}' is not a comma-separated list of {what}",
                           f"e.g. {option} {example}") from None

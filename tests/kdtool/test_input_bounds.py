@@ -108,3 +108,18 @@ def test_bench_export_dir_that_is_a_file_and_long_model_lists(cli, digits_teache
         check_choice("zzzz", [f"model_{i}" for i in range(40)], "timm model",
                      "kdtool models --timm 'PATTERN' lists them")
     assert e.value.hint == "40 to choose from: kdtool models --timm 'PATTERN' lists them"
+
+
+def test_empty_files_and_names_and_list_items_say_so(cli, digits_teacher, tmp_path):
+    empty = tmp_path / "m.onnx"
+    empty.write_bytes(b"")
+    _one_line(cli("info", empty), "ONNX model", "is empty (0 bytes)")  # not "no metadata"
+    (tmp_path / "s.safetensors").write_bytes(b"")
+    _one_line(cli("eval", tmp_path / "s.safetensors", "--data", "digits"), "is empty (0 bytes)")
+    _one_line(cli("eval", digits_teacher, "--data", ""), "a dataset was given as an empty string")
+    _one_line(cli("eval", digits_teacher, "--data", "digits", "--mean", "0.5,,0.5", "--std",
+                  "1,1,1"), "--mean '0.5,,0.5' has an empty item")
+    onnx = tmp_path / "t.onnx"  # an ONNX where a checkpoint goes: said, not "corrupt"
+    onnx.write_bytes(b"\x08\x07\x12\x07pytorch")
+    _one_line(cli("convert", onnx, "--arch", "tiny_cnn", "--out", tmp_path / "c.safetensors"),
+              "is an ONNX model, not a model checkpoint", "run it as it is")
