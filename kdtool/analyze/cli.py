@@ -244,7 +244,7 @@ def sweep_cmd(
     from kdtool.errors import KdtoolError, check_choice
 
     check_choice(param, list(PARAMS), "sweep parameter")
-    points = parse_floats(values or DEFAULT_VALUES[param], "--values")
+    points = parse_floats(values or DEFAULT_VALUES[param], "--values", distinct=True)
     if keep is not None:
         check_choice(keep, KEEP, "--keep")
     if keep is not None and param != "batch-size":

@@ -80,8 +80,9 @@ Std = Annotated[str | None, typer.Option(
 
 
 def parse_list(text: str, option: str, kind: type = float, example: str = "0.5,0.5,0.5",
-               what: str = "numbers") -> list:
-    """``--option 1,2,3`` as a list of ``kind`` (int or float), in the order given."""
+               what: str = "numbers", distinct: bool = False) -> list:
+    """``--option 1,2,3`` as a list of ``kind`` (int or float), in the order given;
+    ``distinct``: points of a sweep or a benchmark, where a repeat would run twice."""
     items = text.replace(" ", "").split(",")
     if len(items) > 1 and "" in items:  # '0.5,,0.5' once lost a value without a word
         raise KdtoolError(f"{option} '{text}' has an empty item", f"e.g. {option} {example}")
@@ -95,11 +96,16 @@ def parse_list(text: str, option: str, kind: type = float, example: str = "0.5,0
     if not all(math.isfinite(v) for v in values):  # float() reads "nan" and "inf"
         raise KdtoolError(f"{option} '{text}' has a value that is not a finite number",
                           f"e.g. {option} {example}")
+    repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
+    if distinct and repeated is not None:
+        raise KdtoolError(f"{option} '{text}' gives {repeated:g} twice", f"e.g. {option} "
+                          f"{example}")
     return values
 
 
-def parse_floats(text: str | None, option: str) -> list[float] | None:
-    return None if text is None else parse_list(text, option)
+def parse_floats(text: str | None, option: str, distinct: bool = False
+                 ) -> list[float] | None:
+    return None if text is None else parse_list(text, option, distinct=distinct)
 
 
 def parse_norm(mean: str | None, std: str | None) -> tuple[list[float] | None, ...]:

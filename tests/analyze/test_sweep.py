@@ -177,3 +177,7 @@ def test_several_seeds_per_point_are_run_summarised_and_drawn_as_a_band(cli, dig
     bad = cli("analyze", "sweep", "--teacher", digits_teacher, "--val", "digits:test",
               "--seeds", "0", "--out", tmp_path / "z")
     assert bad.code == 1 and "--seeds 0 runs nothing" in bad.err
+    # a point given twice ran twice into one student file, and the table had it twice
+    bad = cli("analyze", "sweep", "--teacher", digits_teacher, "--val", "digits:test",
+              "--values", "0,0.5,0", "--out", tmp_path / "z")
+    assert bad.code == 1 and "--values '0,0.5,0' gives 0 twice" in bad.err
