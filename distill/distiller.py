@@ -37,6 +37,16 @@ class Distiller(nn.Module):
                                                            teacher_logits)
 
 
+# Softened past use: at T = 1e308 the loss scaled by T^2 overflowed and read as divergence.
+MAX_TEMPERATURE = 100.0
+
+
+def check_temperature(temperature: float) -> None:
+    if not 0 < temperature <= MAX_TEMPERATURE:
+        raise KdtoolError(f"--temperature must be above 0 and at most {MAX_TEMPERATURE:g}, "
+                          f"got {temperature:g}", "1 is the paper's; KD uses 1 to 20")
+
+
 class NoiseKD(Distiller):
     """Match the teacher's softened outputs on noise.
 
@@ -54,8 +64,7 @@ class NoiseKD(Distiller):
                  loss: str = "soft_ce", class_weighted: bool = False):
         super().__init__(student, teacher)
         check_choice(loss, KD_LOSSES, "KD loss")
-        if not temperature > 0:
-            raise KdtoolError(f"--temperature must be positive, got {temperature}")
+        check_temperature(temperature)
         self.temperature = temperature
         self.loss = loss
         self.class_weighted = class_weighted

@@ -33,7 +33,7 @@ from kdtool.device import (
 )
 from kdtool.dist import all_reduce_mean, finish, init_from_env, sync_buffers
 from kdtool.distill.balance import BALANCE_MODES, BalancedNoise
-from kdtool.distill.distiller import NoiseKD
+from kdtool.distill.distiller import NoiseKD, check_temperature
 from kdtool.distill.noise import check_noise_options, make_noise
 from kdtool.distill.pool import PooledNoise
 from kdtool.distill.teacher import TEACHER_BN_MODES, TEACHER_STATS, FrozenTeacher
@@ -120,6 +120,7 @@ class DistillConfig:
         check_decay(c.ema)
         c.schedule, c.lr = optim.resolve(c.optimizer, c.schedule, c.lr)
         check_weight_decay(c.weight_decay)
+        check_temperature(c.temperature)  # before the teacher loads
         check_noise_options(c.noise, c.noise_options)
         for name, value in (("--epochs", c.epochs), ("--iters-per-epoch", c.iters_per_epoch),
                             ("--batch-size", c.batch_size), ("--log-every", c.log_every)):

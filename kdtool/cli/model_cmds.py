@@ -52,6 +52,9 @@ def models_cmd(
     if timm is not None:
         from kdtool.models import timm_models
 
+        if not timm.strip():  # '' listed every model, for minutes
+            raise KdtoolError("--timm needs a pattern", "e.g. --timm 'resnet*', or '*' for all")
+
         matched = timm_models.list_names(timm)
         if not matched:
             raise KdtoolError(f"no timm model matches '{timm}'",

@@ -38,10 +38,17 @@ def _one_line(r, *fragments):
     (["serve", "m.onnx", "--max-delay-ms", "1e300"], "--max-delay-ms"),
     (["train", "--data", "digits", "--image-size", "1,100000"],
      "--image-size '1,100000' is more than 16384 pixels a side"),
+    # 1e308 overflowed the T^2-scaled loss, which then read as divergence ("lower --lr")
+    (["distill", "--teacher", "{teacher}", "--temperature", "1e308", "--loss", "kl"],
+     "--temperature must be above 0 and at most 100, got 1e+308"),
+    (["distill", "--teacher", "{teacher}", "--temperature", "0"],
+     "--temperature must be above 0"),
+    (["models", "--timm", ""], "--timm needs a pattern"),  # '' listed all, for minutes
 ])
-def test_senseless_numbers_are_refused_in_one_line(cli, tmp_path, monkeypatch, args, message):
+def test_senseless_numbers_are_refused_in_one_line(cli, tmp_path, monkeypatch, digits_teacher,
+                                                  args, message):
     monkeypatch.chdir(tmp_path)
-    _one_line(cli(*args), message)
+    _one_line(cli(*[str(a).format(teacher=digits_teacher) for a in args]), message)
 
 
 @pytest.mark.parametrize("args", [
