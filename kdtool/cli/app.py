@@ -60,6 +60,14 @@ def _error(message: str) -> None:
     sys.stderr.flush()
 
 
+def _fail(argv: list[str] | None, message: str, hint: str | None) -> typing.NoReturn:
+    """A user's error or the machine's state: one line on stderr (and the JSON object under
+    --json), exit 1."""
+    _error(str(KdtoolError(message, hint)))
+    _json_error(argv, message, hint)
+    sys.exit(1)
+
+
 def _json_error(argv: list[str] | None, message: str, hint: str | None) -> None:
     """Under --json, a failure is also the one JSON object on stdout: a script reads
     {"error", "hint"} where it would have read the result."""
@@ -242,31 +250,22 @@ def main(argv: list[str] | None = None) -> None:
         with sigterm_as_interrupt():
             code = command.main(args=argv, prog_name="kdtool", standalone_mode=False)
     except KdtoolError as e:
-        _error(str(e))
-        _json_error(argv, e.message, e.hint)
-        sys.exit(1)
+        _fail(argv, e.message, e.hint)
     except UsageError as e:
         where = e.ctx.command_path if e.ctx is not None else "kdtool"
-        _error(f"{_usage_message(e)} (see '{where} --help')")
-        _json_error(argv, _usage_message(e), f"see '{where} --help'")
-        sys.exit(1)
+        _fail(argv, _usage_message(e), f"see '{where} --help'")
     except OSError as e:
         hint = ENVIRONMENT_ERRNOS.get(e.errno)
         if hint is None:  # not the machine's state: a bug, with its traceback
             raise
-        message = f"'{e.filename}': {e.strerror}" if e.filename else str(e.strerror or e)
-        _error(f"{message} ({hint})")
-        _json_error(argv, message, hint)
-        sys.exit(1)
+        _fail(argv, f"'{e.filename}': {e.strerror}" if e.filename else str(e.strerror or e),
+              hint)
     except (MemoryError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not _out_of_memory(e):
             raise  # a bug, with its traceback
-        message = f"out of memory: {_first_line(e) or type(e).__name__}"
-        hint = ("use a smaller --batch-size, image size, noise pool or model, or a machine "
-                "with more memory")
-        _error(f"{message} ({hint})")
-        _json_error(argv, message, hint)
-        sys.exit(1)
+        _fail(argv, f"out of memory: {_first_line(e) or type(e).__name__}",
+              "use a smaller --batch-size, image size, noise pool or model, or a machine with "
+              "more memory")
     except Stopped as e:
         _stopped(argv, e.interrupt, e.hint)
     except (typer.Abort, KeyboardInterrupt) as e:
