@@ -526,7 +526,9 @@ def machine_info() -> dict[str, Any]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from kdtool.runinfo import usable_cores
+
+    usable = usable_cores()
     versions = {}
     for pkg in ("torch", "onnxruntime", "onnxruntime-gpu", "tensorrt"):
         with contextlib.suppress(metadata.PackageNotFoundError):

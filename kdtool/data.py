@@ -57,6 +57,7 @@ from kdtool.imagefiles import (
 )
 from kdtool.imageprep import STRETCH, Fit, to_array
 from kdtool.io import atomic_path
+from kdtool.runinfo import usable_cores
 
 BUILTIN_DATASETS = ("digits", "digits:train", "digits:test")
 # Top folders that name splits, not classes: a parent of train/ and val/ given as --data.
@@ -523,8 +524,7 @@ def _decode_in_worker(names: list[str]):
 def _decode_images(path: Path, names: list[str], is_zip: bool, channels, size,
                    fit: Fit) -> np.ndarray:
     """Decode ``names`` (files under a dir or members of a zip) into N x H x W x C uint8."""
-    affinity = getattr(os, "sched_getaffinity", None)  # Linux: the cores this process may use
-    workers = min(len(affinity(0)) if affinity else os.cpu_count() or 1, 8)
+    workers = min(usable_cores(), 8)
     step = max(200, min(2000, len(names) // (workers * 8) + 1))
     chunks = [names[i:i + step] for i in range(0, len(names), step)]
     args = (str(path), is_zip, channels, size, fit)

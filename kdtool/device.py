@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -11,6 +10,7 @@ import torch
 
 from kdtool import console
 from kdtool.errors import KdtoolError, check_choice, check_threads
+from kdtool.runinfo import usable_cores
 
 # torch.compile modes. The two marked with CUDA graphs replay each step as one graph: no CPU
 # cost per kernel launch, which bounds a step made of hundreds of small kernels.
@@ -50,8 +50,8 @@ def cpu_threads(threads: int | None) -> Iterator[None]:
     if not check_threads(threads):
         yield
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if cores and threads > cores:
+    cores = usable_cores()
+    if threads > cores:
         console.warn(f"--threads {threads} is more than the {cores} cores this process may "
                      "use: the threads take turns, which is slower than one per core")
     before = torch.get_num_threads()

@@ -16,6 +16,15 @@ from pathlib import Path
 from kdtool.errors import KdtoolError
 
 
+def require_name(path: str | Path, what: str, hint: str = "pass a file name") -> Path:
+    """``path`` as a Path if it names a file; '' and '.' (typer reads an empty --out as
+    '.') are a KdtoolError."""
+    path = Path(path)
+    if not path.name:
+        raise KdtoolError(f"{what} path '{path}' names no file", hint)
+    return path
+
+
 def require_file(path: str | Path, what: str, hint: str = "check the path") -> Path:
     """``path`` as a Path if it is an existing file; otherwise a KdtoolError naming it."""
     path = Path(path)
@@ -60,9 +69,7 @@ def check_output(path: str | Path, force: bool, what: str = "output",
                  suffixes: tuple[str, ...] = (), why: str = READ_BACK) -> Path:
     """Refuse to overwrite ``path`` without ``force``; create its folder. With ``suffixes``
     (the first is the canonical one), refuse a name of another kind of file (``why``)."""
-    path = Path(path)
-    if not path.name:  # '' and '.' (typer reads an empty --out as '.')
-        raise KdtoolError(f"{what} path '{path}' names no file", "pass a file name")
+    path = require_name(path, what)
     if path.parts and path.parts[0].startswith("~"):
         # --out=~/x: the shell expands ~ only at the start of a word, not after "="
         raise KdtoolError(f"{what} '{path}' starts with '~', which the shell did not expand "

@@ -11,6 +11,15 @@ from typing import Any
 _command_line: list[str] | None = None
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may use (Linux: its affinity, as a container's limit
+    sets it), else the machine's."""
+    import os
+
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
+
+
 def set_command_line(args: list[str]) -> None:
     """Record the CLI arguments (the CLI may be called with an explicit argv, as in tests)."""
     global _command_line

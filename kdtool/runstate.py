@@ -26,13 +26,11 @@ import torch
 
 from kdtool import console
 from kdtool.errors import ENVIRONMENT_ERRNOS, KdtoolError
-from kdtool.io import atomic_write_bytes
+from kdtool.io import atomic_write_bytes, require_name
 
 
 def state_path_for(out: str | Path) -> Path:
-    out = Path(out)
-    if not out.name:  # '' and '.' (typer reads an empty --out as '.')
-        raise KdtoolError(f"--out '{out}' names no file", "pass a file name")
+    out = require_name(out, "--out")
     return out.with_name(out.name + ".state.pt")
 
 

@@ -32,11 +32,9 @@ def _beside(checkpoint: Path, analysis: str) -> Path:
 def _outputs(out: Path, force: bool) -> tuple[Path, Path]:
     """STEM.csv and STEM.png, checked before any work (no overwrite without --force)."""
     from kdtool.analyze import require_matplotlib
-    from kdtool.errors import KdtoolError
-    from kdtool.io import check_output
+    from kdtool.io import check_output, require_name
 
-    if not out.name:  # '' and '.' (typer reads an empty --out as '.')
-        raise KdtoolError(f"--out '{out}' names no file", "pass a file stem, e.g. --out fig")
+    require_name(out, "--out", "pass a file stem, e.g. --out fig")
     # A stem may hold dots (runs/r18.v2); a .csv or .png given as --out names the stem too.
     stem = out.with_suffix("") if out.suffix.lower() in (".csv", ".png") else out
     paths = (check_output(stem.with_name(stem.name + ".csv"), force, "CSV"),
