@@ -136,50 +136,53 @@ def calibrate_cmd(
     with cpu_threads(threads):
         result = calibrate(cfg)
 
-    def render(r):
-        rows = [
-            ["output", r["out"]],
-            [
-                "calibration",
-                f"{r['images']} images of '{r['data']}' ({r['batches']} x "
-                f"{r['batch_size']}, seed {r['seed']})",
-            ],
-            ["BatchNorm layers", r["bn_layers"]],
-        ]
-        if r["folded"]:
-            f = r["fold"]
-            rows += [
-                ["folded", f["summary"]],
-                [
-                    "fold check",
-                    f"max abs logit difference {f['max_abs_diff']:.2e} (<= {f['tolerance']:g} "
-                    f"x {f['logit_scale']:.3g}, the largest logit)",
-                ],
-            ]
-        else:
-            rows.append(["folded", "no (--no-fold): BN layers kept with the new statistics"])
-        rows.append(["time", ", ".join(f"{k} {v:.2f} s" for k, v in r["seconds"].items())])
-        console.print_kv("kdtool calibrate", rows)
-        if r["folded"]:
-            _print_layers(r["fold"]["layers"])
-        if r["accuracy"]:
-            a = r["accuracy"]
-            console.out.print(
-                console.table(
-                    f"top-1 on '{val}'",
-                    ["model", "BN statistics", "top-1 %"],
-                    [
-                        ["input", "its own running statistics", f"{a['input_running']:.2f}"],
-                        ["input", f"current (batch {r['current_batch']})",
-                         f"{a['input_current']:.2f}"],
-                        ["calibrated", "running (any batch size, 1 too)", f"{a['calibrated']:.2f}"],
-                    ],
-                )
-            )
-        if "sweep" in r:
-            console.out.print(f"sweep: {r['sweep']['csv']}, {r['sweep']['png']}", markup=False)
+    console.emit(result, as_json, lambda r: _render(r, val))
 
-    console.emit(result, as_json, render)
+
+def _render(r: dict, val: str | None) -> None:
+    from kdtool import console
+
+    rows = [
+        ["output", r["out"]],
+        [
+            "calibration",
+            f"{r['images']} images of '{r['data']}' ({r['batches']} x "
+            f"{r['batch_size']}, seed {r['seed']})",
+        ],
+        ["BatchNorm layers", r["bn_layers"]],
+    ]
+    if r["folded"]:
+        f = r["fold"]
+        rows += [
+            ["folded", f["summary"]],
+            [
+                "fold check",
+                f"max abs logit difference {f['max_abs_diff']:.2e} (<= {f['tolerance']:g} "
+                f"x {f['logit_scale']:.3g}, the largest logit)",
+            ],
+        ]
+    else:
+        rows.append(["folded", "no (--no-fold): BN layers kept with the new statistics"])
+    rows.append(["time", ", ".join(f"{k} {v:.2f} s" for k, v in r["seconds"].items())])
+    console.print_kv("kdtool calibrate", rows)
+    if r["folded"]:
+        _print_layers(r["fold"]["layers"])
+    if r["accuracy"]:
+        a = r["accuracy"]
+        console.out.print(
+            console.table(
+                f"top-1 on '{val}'",
+                ["model", "BN statistics", "top-1 %"],
+                [
+                    ["input", "its own running statistics", f"{a['input_running']:.2f}"],
+                    ["input", f"current (batch {r['current_batch']})",
+                     f"{a['input_current']:.2f}"],
+                    ["calibrated", "running (any batch size, 1 too)", f"{a['calibrated']:.2f}"],
+                ],
+            )
+        )
+    if "sweep" in r:
+        console.out.print(f"sweep: {r['sweep']['csv']}, {r['sweep']['png']}", markup=False)
 
 
 def _print_layers(layers: list[dict]) -> None:

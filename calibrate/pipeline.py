@@ -142,22 +142,8 @@ class CalibrateRun:
     def run(self) -> dict:
         c, t0 = self.cfg, time.perf_counter()
         model, meta = load_checkpoint(c.checkpoint)
-        n_bn = len(bn_layers(model))
-        if n_bn == 0:
-            folded = (meta.stages.get("calibrate") or {}).get("folded")
-            raise KdtoolError(
-                f"'{c.checkpoint}' has no BatchNorm layers: nothing to calibrate",
-                "it is already calibrated and folded"
-                if folded
-                else "calibration recomputes BatchNorm statistics; this model has none",
-            )
+        n_bn = self._check_input(model, meta)
         dev = resolve_device(c.device)
-        if "distill" not in meta.stages:  # a trained model: its statistics are real already
-            console.warn(
-                f"'{c.checkpoint}' records no noise distillation: its BatchNorm statistics are "
-                f"likely those of the data it was trained on, and calibration replaces them "
-                f"with those of {c.batches * c.batch_size} images of '{c.data}'. Export folds "
-                "BatchNorm without it; pass --val to see what the new statistics cost or gain")
         model.to(dev)
         size = _input_size(c.image_size, meta)
         data = load_calibration(c.data, meta, "calibration data", "BN statistics", size)
@@ -210,13 +196,8 @@ class CalibrateRun:
             "source": c.data,
             # Images of other sizes were fitted to the model's input by this rule.
             "fit": f"{size[0]}x{size[1]} ({Fit.of(meta).describe()})",
-            "images": cal.images,
-            "batches": c.batches,
-            "batch_size": c.batch_size,
-            "seed": c.seed,
-            "bn_layers": n_bn,
-            "bn_running_stats": "real",
-            "folded": False,
+            "images": cal.images, "batches": c.batches, "batch_size": c.batch_size,
+            "seed": c.seed, "bn_layers": n_bn, "bn_running_stats": "real", "folded": False,
             "seconds": seconds,
         }
         if c.fold:
@@ -227,15 +208,7 @@ class CalibrateRun:
         # The checkpoint is written last, so a failed plot leaves no checkpoint that a rerun
         # would need --force to replace, and its metadata holds the total time.
         if sweep_rows is not None:
-            write_csv(self.csv, sweep_rows)
-            write_png(
-                self.png,
-                sweep_rows,
-                f"{meta.arch} ({Path(c.checkpoint).name})\nBN "
-                f"calibration on '{c.data}', val '{c.val}'",
-                noise=(meta.stages.get("distill") or {}).get("bn_running_stats") == "noise",
-            )
-            result["sweep"] = {"csv": str(self.csv), "png": str(self.png), "rows": sweep_rows}
+            result["sweep"] = self._write_sweep(sweep_rows, meta)
         stage["seconds"]["total"] = round(time.perf_counter() - t0, 3)
         save_checkpoint(self.out, model, self._meta(meta, stage), force=c.force)
         result.update(
@@ -243,6 +216,39 @@ class CalibrateRun:
             current_batch=current_batch
         )
         return result
+
+    def _check_input(self, model, meta: ModelMeta) -> int:
+        """The number of BN layers to calibrate (none is refused), with a warning for a
+        model whose statistics are already real."""
+        c = self.cfg
+        n_bn = len(bn_layers(model))
+        if n_bn == 0:
+            folded = (meta.stages.get("calibrate") or {}).get("folded")
+            raise KdtoolError(
+                f"'{c.checkpoint}' has no BatchNorm layers: nothing to calibrate",
+                "it is already calibrated and folded"
+                if folded
+                else "calibration recomputes BatchNorm statistics; this model has none",
+            )
+        if "distill" not in meta.stages:  # a trained model: its statistics are real already
+            console.warn(
+                f"'{c.checkpoint}' records no noise distillation: its BatchNorm statistics are "
+                f"likely those of the data it was trained on, and calibration replaces them "
+                f"with those of {c.batches * c.batch_size} images of '{c.data}'. Export folds "
+                "BatchNorm without it; pass --val to see what the new statistics cost or gain")
+        return n_bn
+
+    def _write_sweep(self, rows: list[dict], meta: ModelMeta) -> dict:
+        c = self.cfg
+        write_csv(self.csv, rows)
+        write_png(
+            self.png,
+            rows,
+            f"{meta.arch} ({Path(c.checkpoint).name})\nBN "
+            f"calibration on '{c.data}', val '{c.val}'",
+            noise=(meta.stages.get("distill") or {}).get("bn_running_stats") == "noise",
+        )
+        return {"csv": str(self.csv), "png": str(self.png), "rows": rows}
 
     def _score_input(self, model, val, meta: ModelMeta, dev, seconds: dict
                      ) -> tuple[dict, int | None]:

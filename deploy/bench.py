@@ -73,6 +73,7 @@ class BenchConfig:
     def check(self) -> None:
         if not self.models:
             raise KdtoolError("no model given", "pass one or more model files")
+        self.models = _unique_files(self.models)
         if not self.batches or any(b < 1 for b in self.batches):
             raise KdtoolError(
                 f"batch sizes must be positive, not {list(self.batches)}", "e.g. --batch 1,8,64"
@@ -98,11 +99,12 @@ class BenchConfig:
                 "e.g. --data val/ (labelled images)",
             )
         if self.backends is not None:
-            self.backends = [check_backend(b) for b in self.backends]
+            # a name given twice would be measured twice (as --batch, repeats are dropped)
+            self.backends = list(dict.fromkeys(check_backend(b) for b in self.backends))
         if self.formats is not None:
             from kdtool.deploy.bench_export import check_formats, needs_calib
 
-            self.formats = check_formats(self.formats)
+            self.formats = list(dict.fromkeys(check_formats(self.formats)))
             int8 = [f for f in self.formats if needs_calib([f])]
             if int8 and not self.calib_data:
                 raise KdtoolError(
@@ -456,6 +458,22 @@ class Bench:
         if key not in self._data:
             self._data[key] = load_eval_data(self.cfg.data, model, self.cfg.limit, self.cfg.seed)
         return self._data[key]
+
+
+def _unique_files(models: list[str]) -> list[str]:
+    """``models`` without a file given twice (``a.onnx ./a.onnx``), which would be measured
+    twice under one name; the first spelling stays."""
+    from kdtool import console
+
+    seen: dict[Path, str] = {}
+    for m in models:
+        key = Path(m).expanduser().resolve()
+        if key in seen:
+            also = "" if m == seen[key] else f" (as {seen[key]})"
+            console.info(f"bench: {m} is given twice{also}: measured once")
+        else:
+            seen[key] = m
+    return list(seen.values())
 
 
 def empty_row(base: dict, batch: int, status: str, reason: str) -> dict:

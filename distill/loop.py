@@ -168,20 +168,8 @@ class DistillRun:
                                 source=f"teacher '{c.teacher}'",
                                 norm_align=c.teacher_norm_align,
                                 stats=c.teacher_stats).to(dev, fmt)
-        size = tuple(tmeta.input_size)
-        noise = make_noise(c.noise, tmeta.in_chans, size, tmeta.mean, tmeta.std, dev,
-                           **c.noise_options)
-        if c.noise_pool:
-            noise = PooledNoise(noise, c.noise_pool)
-        if c.balance == "reject":
-            noise = BalancedNoise(noise, teacher, tmeta.num_classes)
-        student = create_model(c.student, num_classes=tmeta.num_classes,
-                               in_chans=tmeta.in_chans)
-        check_input_size(student, c.student, tmeta.in_chans, size,
-                         f"the student learns at the teacher's input size: pick a student "
-                         f"that takes {size[0]}x{size[1]} images (kdtool models)")
-        warn_student_fit(student, c.student, teacher_model, tmeta.arch, size)
-        student = student.to(dev, memory_format=fmt)
+        noise = self._noise(tmeta, teacher)
+        student = self._student(tmeta, teacher_model).to(dev, memory_format=fmt)
         distiller = NoiseKD(student, teacher, c.temperature, c.loss,
                             class_weighted=c.balance == "weight")
         self.ema = make_ema(student, c.ema)
@@ -238,6 +226,27 @@ class DistillRun:
                 "teacher": c.teacher, "student": c.student, "noise": c.noise,
                 "teacher_bn": teacher.describe(), **row, **run_rate(history),
                 **({"val_images": len(val)} if val is not None else {}), "history": history}
+
+    def _noise(self, tmeta: ModelMeta, teacher: FrozenTeacher):
+        """The noise source: rendered fresh, drawn from a pool, and/or class-balanced."""
+        c = self.cfg
+        noise = make_noise(c.noise, tmeta.in_chans, tuple(tmeta.input_size), tmeta.mean,
+                           tmeta.std, self.device, **c.noise_options)
+        if c.noise_pool:
+            noise = PooledNoise(noise, c.noise_pool)
+        if c.balance == "reject":
+            noise = BalancedNoise(noise, teacher, tmeta.num_classes)
+        return noise
+
+    def _student(self, tmeta: ModelMeta, teacher_model: torch.nn.Module) -> torch.nn.Module:
+        """A new student for the teacher's classes, channels and input size."""
+        arch, size = self.cfg.student, tuple(tmeta.input_size)
+        student = create_model(arch, num_classes=tmeta.num_classes, in_chans=tmeta.in_chans)
+        check_input_size(student, arch, tmeta.in_chans, size,
+                         f"the student learns at the teacher's input size: pick a student "
+                         f"that takes {size[0]}x{size[1]} images (kdtool models)")
+        warn_student_fit(student, arch, teacher_model, tmeta.arch, size)
+        return student
 
     def _load_val(self, tmeta: ModelMeta):
         if not self.cfg.val:

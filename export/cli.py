@@ -230,65 +230,68 @@ def export_cmd(
     )
     result = run_export(cfg)
 
-    def render(r):
-        rows = [
-            [
-                "onnx",
-                f"{r['onnx']} ({r['precision']}, {r['sizes']['onnx_bytes'] / 1e6:.2f} MB"
-                + (f"; fp32 {r['sizes']['fp32_bytes'] / 1e6:.2f} MB)"
-                   if r["precision"] != "fp32" else ")"),
-            ],
-            [
-                "source",
-                f"{r['checkpoint']} ({r['arch']}, "
-                f"{'BN folded' if r['folded'] else 'BN not folded'})",
-            ],
-            ["batch", _batch_text(r["batch"])],
-            ["parity inputs", r["parity_inputs"]],
-        ]
-        for name, p in r["parity"].items():
-            rows.append(
-                [
-                    f"parity {name} vs torch",
-                    f"max|diff| {p['max_abs_diff']:.3g}, top-1 agreement "
-                    f"{p['top1_agreement']:.1f}% ({p['images']} images)",
-                ]
-            )
-        if "quantization" in r:
-            q = r["quantization"]
-            rows.append(
-                [
-                    "int8",
-                    f"{q['activations']} activations, {q['weights']} weights, "
-                    f"{q['calib_images']} images ({q['calib_method']})",
-                ]
-            )
-        if "cpu_caveat" in r:
-            rows.append(["this CPU", r["cpu_caveat"]])
-        if "val" in r:
-            v = r["val"]
-            exported = v[f"onnx_{r['precision']}_top1"]
-            rows.append(
-                [
-                    "val top-1",
-                    f"torch fp32 {v['torch_fp32_top1']:.2f}%, onnx "
-                    f"{r['precision']} {exported:.2f}% ({v['top1_change']:+.2f})",
-                ]
-            )
-        if "tensorrt" in r:
-            t = r["tensorrt"]
-            rows.append(
-                [
-                    "tensorrt",
-                    f"{t['engine']} (TensorRT {t['tensorrt_version']}, "
-                    f"{t['gpu']}, agreement {t['parity']['top1_agreement']:.1f}%)",
-                ]
-            )
-        if "triton" in r:
-            rows.append(["triton", f"{r['triton']['path']} ({r['triton']['platform']})"])
-        console.print_kv("kdtool export", rows)
+    console.emit(result, as_json, _render)
 
-    console.emit(result, as_json, render)
+
+def _render(r: dict) -> None:
+    from kdtool import console
+
+    rows = [
+        [
+            "onnx",
+            f"{r['onnx']} ({r['precision']}, {r['sizes']['onnx_bytes'] / 1e6:.2f} MB"
+            + (f"; fp32 {r['sizes']['fp32_bytes'] / 1e6:.2f} MB)"
+               if r["precision"] != "fp32" else ")"),
+        ],
+        [
+            "source",
+            f"{r['checkpoint']} ({r['arch']}, "
+            f"{'BN folded' if r['folded'] else 'BN not folded'})",
+        ],
+        ["batch", _batch_text(r["batch"])],
+        ["parity inputs", r["parity_inputs"]],
+    ]
+    for name, p in r["parity"].items():
+        rows.append(
+            [
+                f"parity {name} vs torch",
+                f"max|diff| {p['max_abs_diff']:.3g}, top-1 agreement "
+                f"{p['top1_agreement']:.1f}% ({p['images']} images)",
+            ]
+        )
+    if "quantization" in r:
+        q = r["quantization"]
+        rows.append(
+            [
+                "int8",
+                f"{q['activations']} activations, {q['weights']} weights, "
+                f"{q['calib_images']} images ({q['calib_method']})",
+            ]
+        )
+    if "cpu_caveat" in r:
+        rows.append(["this CPU", r["cpu_caveat"]])
+    if "val" in r:
+        v = r["val"]
+        exported = v[f"onnx_{r['precision']}_top1"]
+        rows.append(
+            [
+                "val top-1",
+                f"torch fp32 {v['torch_fp32_top1']:.2f}%, onnx "
+                f"{r['precision']} {exported:.2f}% ({v['top1_change']:+.2f})",
+            ]
+        )
+    if "tensorrt" in r:
+        t = r["tensorrt"]
+        rows.append(
+            [
+                "tensorrt",
+                f"{t['engine']} (TensorRT {t['tensorrt_version']}, "
+                f"{t['gpu']}, agreement {t['parity']['top1_agreement']:.1f}%)",
+            ]
+        )
+    if "triton" in r:
+        rows.append(["triton", f"{r['triton']['path']} ({r['triton']['platform']})"])
+    console.print_kv("kdtool export", rows)
 
 
 def _refuse_unused(given: dict, unused: bool, what: str, fix: str) -> None:

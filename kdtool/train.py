@@ -141,32 +141,12 @@ class Trainer:
         else:
             mean, std = per_channel_norm(c.mean, c.std, train.channels,
                                          f"training data '{c.data}'")
-        augment = trained_with_flips(c.augment, train.image_size)
-        if c.cutout and not augment:  # cutout is part of the augmentation: it would do nothing
-            why = "--no-augment" if c.augment is False else \
-                f"augmentation is off for {train.image_size[0]}x{train.image_size[1]} images"
-            raise KdtoolError(f"--cutout {c.cutout} erases squares during augmentation, and "
-                              f"{why}", "drop --cutout, or add --augment")
-        cuda = self.device.type == "cuda"
-        if cuda:
+        augment = self._augmentation(train)
+        if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         fmt = memory_format_for(c.channels_last)
-        model = create_model(c.arch, num_classes=train.num_classes, in_chans=train.channels)
-        check_input_size(model, c.arch, train.channels, train.image_size,
-                         f"fit the images to a size it takes (e.g. --image-size "
-                         f"{','.join(map(str, model_spec(c.arch).input_size))}), or pick an "
-                         f"architecture for {train.image_size[0]}x{train.image_size[1]} "
-                         f"images (kdtool models)")
-        model = model.to(self.device, memory_format=fmt)
-        if c.batch_size > len(train):
-            tenth = max(1, len(train) // 10)
-            console.warn(f"--batch-size {c.batch_size} is more than the {len(train)} training "
-                         f"images: every epoch is one step on all of them; a batch of "
-                         f"{tenth} gives {len(train) // tenth} steps an epoch")
-        loader = DeviceLoader(train, c.batch_size, self.device, mean, std, shuffle=True,
-                              augment=Augment(cutout=c.cutout) if augment else None,
-                              drop_last=len(train) >= 2 * c.batch_size, seed=c.seed,
-                              channels_last=fmt is not None)
+        model = self._model(train).to(self.device, memory_format=fmt)
+        loader = self._loader(train, mean, std, augment, channels_last=fmt is not None)
         opt, sched = optim.build(model, c.optimizer, c.schedule, c.lr, c.weight_decay,
                                  c.epochs * len(loader))
         criterion = nn.CrossEntropyLoss(label_smoothing=c.label_smoothing)
@@ -229,6 +209,39 @@ class Trainer:
                 "epochs": c.epochs, "best_epoch": best_row["epoch"], **_metrics(best_row),
                 **run_rate(history),
                 "history": history}
+
+    def _augmentation(self, train: ImageData) -> bool:
+        c = self.cfg
+        augment = trained_with_flips(c.augment, train.image_size)
+        if c.cutout and not augment:  # cutout is part of the augmentation: it would do nothing
+            why = "--no-augment" if c.augment is False else \
+                f"augmentation is off for {train.image_size[0]}x{train.image_size[1]} images"
+            raise KdtoolError(f"--cutout {c.cutout} erases squares during augmentation, and "
+                              f"{why}", "drop --cutout, or add --augment")
+        return augment
+
+    def _model(self, train: ImageData) -> nn.Module:
+        arch = self.cfg.arch
+        model = create_model(arch, num_classes=train.num_classes, in_chans=train.channels)
+        check_input_size(model, arch, train.channels, train.image_size,
+                         f"fit the images to a size it takes (e.g. --image-size "
+                         f"{','.join(map(str, model_spec(arch).input_size))}), or pick an "
+                         f"architecture for {train.image_size[0]}x{train.image_size[1]} "
+                         f"images (kdtool models)")
+        return model
+
+    def _loader(self, train: ImageData, mean, std, augment: bool, channels_last: bool
+                ) -> DeviceLoader:
+        batch_size, seed = self.cfg.batch_size, self.cfg.seed
+        if batch_size > len(train):
+            tenth = max(1, len(train) // 10)
+            console.warn(f"--batch-size {batch_size} is more than the {len(train)} training "
+                         f"images: every epoch is one step on all of them; a batch of "
+                         f"{tenth} gives {len(train) // tenth} steps an epoch")
+        return DeviceLoader(train, batch_size, self.device, mean, std, shuffle=True,
+                            augment=Augment(cutout=self.cfg.cutout) if augment else None,
+                            drop_last=len(train) >= 2 * batch_size, seed=seed,
+                            channels_last=channels_last)
 
     def _train_epoch(self, model, loader, epoch, opt, sched, criterion, advance,
                      ema=None) -> dict:

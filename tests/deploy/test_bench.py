@@ -740,3 +740,18 @@ def test_formats_are_checked_before_any_work(cli, models):
     assert "add --calib-data DIR" in r.err
     r = cli("bench", models["onnx"], "--formats", "onnx")  # nothing to export
     assert r.code == 1 and "exports kdtool checkpoints, and none of the models is one" in r.err
+
+
+def test_a_model_backend_format_or_batch_given_twice_is_measured_once(cli, models):
+    onnx = models["onnx"]
+    again = onnx.parent / ".." / onnx.parent.name / onnx.name  # another spelling, one file
+    r = cli("bench", onnx, again, "--backends", "ort-cpu,ort-cpu", "--batch", "2,2", *FAST,
+            "--json")
+    assert r.code == 0, r.err
+    assert f"is given twice (as {onnx})" in r.err
+    assert [(row["backend"], row["batch"]) for row in r.json()["rows"]] == [("ort-cpu", 2)]
+    assert [m["path"] for m in r.json()["models"]] == [str(onnx)]
+    r = cli("bench", models["dir"] / "tiny.safetensors", "--formats", "torch,onnx,torch",
+            "--backends", "torch-cpu,ort-cpu", "--batch", "1", *FAST, "--json")
+    assert r.code == 0, r.err
+    assert [e["format"] for e in r.json()["exports"]] == ["torch", "onnx"]
