@@ -25,8 +25,7 @@ REF=${REF:-}
 CIFAR_MIN=${CIFAR_MIN:-2.5}
 export KDTOOL_CACHE=${KDTOOL_CACHE:-/tmp/kdtool-cache} PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
-python3 -m pip install -q -e . --no-deps --no-build-isolation >"$OUT/install.log" 2>&1 \
-  || export PYTHONPATH=$PWD
+. bench/install_here.sh "$OUT/install.log"
 
 # step NAME SECONDS CMD...: run CMD under a timeout, log to $OUT/NAME.log, print its tail.
 step() {

@@ -15,8 +15,7 @@ OUT=${OUT:-runs}
 export KDTOOL_CACHE=${KDTOOL_CACHE:-/tmp/kdtool-cache}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
-python3 -m pip install -q -e . --no-deps --no-build-isolation >/dev/null 2>&1 \
-  || export PYTHONPATH=$PWD
+. bench/install_here.sh "$OUT/install.log"
 KD="python3 -m kdtool"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
