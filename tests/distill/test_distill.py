@@ -447,3 +447,17 @@ def test_a_teacher_near_chance_on_val_is_warned(small_teacher, digits_teacher, t
     DistillRun(_cfg(digits_teacher, epochs=1, iters_per_epoch=1, val="digits:test"),
                tmp_path / "b.safetensors").run()
     assert "near chance" not in capsys.readouterr().err
+
+
+def test_validating_on_real_data_never_touches_the_student(small_teacher, tmp_path):
+    """The student's BN running buffers are noise statistics: real images scored every
+    epoch (current and running statistics) leave it bit-identical to an unvalidated run."""
+    cfg = _cfg(small_teacher, epochs=2)
+    DistillRun(cfg, tmp_path / "plain.safetensors").run()
+    DistillRun(_cfg(small_teacher, epochs=2, val="digits:test", val_every=1),
+               tmp_path / "val.safetensors").run()
+    plain = load_checkpoint(tmp_path / "plain.safetensors")[0].state_dict()
+    val = load_checkpoint(tmp_path / "val.safetensors")[0].state_dict()
+    assert plain.keys() == val.keys() and all(torch.equal(plain[k], val[k]) for k in plain)
+    counts = {k: int(v) for k, v in val.items() if k.endswith("num_batches_tracked")}
+    assert counts and set(counts.values()) == {cfg.epochs * cfg.iters_per_epoch}
