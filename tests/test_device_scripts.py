@@ -49,12 +49,48 @@ def _run_script(name: str, out: Path, timeout: int, **env) -> subprocess.Complet
 
 
 @pytest.mark.skipif(INSTALLED != ROOT, reason="kdtool is not installed from this checkout")
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(600)
 def test_the_recipe_script_runs_end_to_end_at_toy_scale(tmp_path):
     """GPU time is scarce: a script that breaks on its first GPU run wastes it."""
-    r = _run_script("gpu_recipe.sh", tmp_path, 380, SKIP_THROUGHPUT="1",
-                    KDTOOL_CACHE=str(tmp_path / "cache"), GPU_TESTS="tests/test_packaging.py")
+    r = _run_script("gpu_recipe.sh", tmp_path, 580, SKIP_THROUGHPUT="1",
+                    KDTOOL_CACHE=str(tmp_path / "cache"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "bs64_lr0.05_e1: epochs 1: best val" in r.stdout, r.stdout[-2000:]
     assert "with flip TTA failed" not in r.stdout
     assert (tmp_path / "r18_bs64_lr0.05_e1.safetensors").is_file()
+
+
+def _cifar_like_zip(path: Path, per_class: int, seed: int) -> None:
+    """A zip of class folders of random 32x32 RGB PNGs, shaped as the CIFAR-10 zips."""
+    import io
+    import zipfile
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    with zipfile.ZipFile(path, "w") as z:
+        for c in range(10):
+            for i in range(per_class):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                    buf, "PNG")
+                z.writestr(f"class{c}/{i}.png", buf.getvalue())
+
+
+@pytest.mark.skipif(INSTALLED != ROOT, reason="kdtool is not installed from this checkout")
+@pytest.mark.timeout(600)
+def test_the_distill_script_runs_end_to_end_at_toy_scale(tmp_path):
+    data = tmp_path / "cifar10"
+    data.mkdir()
+    _cifar_like_zip(data / "train45k.zip", 30, 0)
+    _cifar_like_zip(data / "val5k.zip", 10, 1)
+    r = _run_script("gpu_distill.sh", tmp_path / "out", 580, DATA=str(data),
+                    KDTOOL_CACHE=str(tmp_path / "cache"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    for step in ("pytest_gpu", "noise_cost", "distill_speed", "cifar_distill", "curves"):
+        assert f"== {step} (" in r.stdout
+    assert "rc=0" in r.stdout and all(line.startswith("rc=0")
+                                      for line in r.stdout.splitlines() if line.startswith("rc="))
+    assert "| gaussian, running BN (baseline) |" in r.stdout
+    assert (tmp_path / "out" / "cifar_curves.png").is_file()
