@@ -20,7 +20,12 @@ from kdtool import console
 from kdtool.analyze import require_matplotlib
 from kdtool.bn import bn_layers
 from kdtool.calibrate.fold import DEFAULT_TOLERANCE, fold_bn, logit_scale, max_abs_diff
-from kdtool.calibrate.recompute import check_counts, recompute_bn_stats, sample_indices
+from kdtool.calibrate.recompute import (
+    check_counts,
+    check_enough,
+    recompute_bn_stats,
+    sample_indices,
+)
 from kdtool.calibrate.sweep import (
     reference_rows,
     run_sweep,
@@ -29,6 +34,7 @@ from kdtool.calibrate.sweep import (
 )
 from kdtool.checkpoint import CHECKPOINT_SUFFIX, ModelMeta, load_checkpoint, save_checkpoint
 from kdtool.data import (
+    Draw,
     ImageData,
     check_fits,
     load_calibration,
@@ -146,8 +152,18 @@ class CalibrateRun:
         dev = resolve_device(c.device)
         model.to(dev)
         size = _input_size(c.image_size, meta)
-        data = load_calibration(c.data, meta, "calibration data", "BN statistics", size)
-        index = sample_indices(len(data), c.batches, c.batch_size, c.seed, f"'{c.data}'")
+        # The images calibration uses, alone: a draw decodes just those files of a folder or
+        # zip (the same images, in the same order, as sample_indices picks from all of it).
+        # A sweep's points and repeats draw with other seeds, from all of it.
+        draw = None if c.sweep else Draw(c.batches * c.batch_size, c.seed)
+        data = load_calibration(c.data, meta, "calibration data", "BN statistics", size,
+                                draw=draw)
+        if draw is None:
+            images = data.subset(
+                sample_indices(len(data), c.batches, c.batch_size, c.seed, f"'{c.data}'"))
+        else:
+            check_enough(len(data), c.batches, c.batch_size, f"'{c.data}'")
+            images = data
         if c.sweep and max(c.sweep) * c.batch_size > len(data):
             raise KdtoolError(
                 f"--sweep up to {max(c.sweep)} batches of {c.batch_size} needs "
@@ -164,7 +180,7 @@ class CalibrateRun:
             "device": str(dev),
             "batches": c.batches,
             "batch_size": c.batch_size,
-            "images": len(index),
+            "images": len(images),
             "seed": c.seed,
             "bn_layers": n_bn,
         }
@@ -178,7 +194,7 @@ class CalibrateRun:
                 )
             sweep_rows += reference_rows(accuracy["input_running"], accuracy["input_current"])
         cal = recompute_bn_stats(
-            model, data, meta.mean, meta.std, c.batches, c.batch_size, c.seed, dev
+            model, images, meta.mean, meta.std, c.batches, c.batch_size, None, dev
         )
         console.info(
             f"recomputed {n_bn} BatchNorm layers from {cal.images} images "
@@ -201,7 +217,7 @@ class CalibrateRun:
             "seconds": seconds,
         }
         if c.fold:
-            model = self._fold(model, data, val, index, meta, stage, result)
+            model = self._fold(model, images, val, meta, stage, result)
         if accuracy:
             stage["accuracy"] = accuracy
             stage["current_batch"] = current_batch
@@ -288,11 +304,11 @@ class CalibrateRun:
         )
         return val
 
-    def _fold(self, model, data, val, index, meta, stage, result):
+    def _fold(self, model, images, val, meta, stage, result):
         c = self.cfg
         t = time.perf_counter()
         # Compare on real images the model has not been calibrated on where there are any.
-        source = val if val is not None else data.subset(index)
+        source = val if val is not None else images
         # A seeded sample, not the first images: a class-sorted set's are all one class.
         pick = torch.randperm(len(source), generator=torch.Generator().manual_seed(c.seed))
         check = source.subset(pick[:CHECK_IMAGES])

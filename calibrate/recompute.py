@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from kdtool import console
 from kdtool.bn import bn_layers
-from kdtool.data import ImageData
+from kdtool.data import Draw, ImageData
 from kdtool.errors import KdtoolError
 from kdtool.loader import DeviceLoader
 
@@ -31,7 +31,7 @@ class Calibration:
     images: int
     batches: int
     batch_size: int
-    seed: int
+    seed: int | None  # None: the images came drawn (load_data's draw)
     layers: int
     seconds: float = 0.0
 
@@ -46,15 +46,8 @@ def check_counts(batches: int, batch_size: int) -> None:
         )
 
 
-def sample_indices(
-    n_available: int, batches: int, batch_size: int, seed: int, source: str = "the data"
-) -> torch.Tensor:
-    """``batches * batch_size`` distinct image indices drawn with ``seed``.
-
-    The order is one seeded permutation, so fewer batches with the same seed use
-    a prefix of the same images (the sweep's points are nested).
-    """
-    check_counts(batches, batch_size)
+def check_enough(n_available: int, batches: int, batch_size: int,
+                 source: str = "the data") -> None:
     need = batches * batch_size
     if n_available < need:
         raise KdtoolError(
@@ -62,8 +55,20 @@ def sample_indices(
             f"{batch_size} needs {need}",
             f"lower --batches to {max(1, n_available // batch_size)} or add images",
         )
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randperm(n_available, generator=gen)[:need]
+
+
+def sample_indices(
+    n_available: int, batches: int, batch_size: int, seed: int, source: str = "the data"
+) -> torch.Tensor:
+    """``batches * batch_size`` distinct image indices drawn with ``seed``.
+
+    The order is one seeded permutation, so fewer batches with the same seed use
+    a prefix of the same images (the sweep's points are nested). They are the images
+    ``load_data(..., draw=Draw(batches * batch_size, seed))`` decodes, in its order.
+    """
+    check_counts(batches, batch_size)
+    check_enough(n_available, batches, batch_size, source)
+    return Draw(batches * batch_size, seed).indices(n_available)
 
 
 @torch.no_grad()
@@ -74,20 +79,28 @@ def recompute_bn_stats(
     std: list[float],
     batches: int = 32,
     batch_size: int = 16,
-    seed: int = 0,
+    seed: int | None = 0,
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> Calibration:
     """Reset and recompute every BN layer's running statistics of ``model`` (in place).
 
-    Images are ``sample_indices(len(data), batches, batch_size, seed)``; ``data.y``
-    is never read.  ``model`` must already be on ``device``; it is left in eval mode.
+    Images are ``sample_indices(len(data), batches, batch_size, seed)``; with ``seed``
+    None, ``data`` is that draw already (``load_data(..., draw=...)``) and its first
+    ``batches * batch_size`` images are taken in order. ``data.y`` is never read.
+    ``model`` must already be on ``device``; it is left in eval mode.
     """
     layers = [m for _, m in bn_layers(model)]
     if not layers:
         raise KdtoolError("the model has no BatchNorm layers: nothing to calibrate")
     t0 = time.perf_counter()
-    index = sample_indices(len(data), batches, batch_size, seed, f"'{data.source}'")
+    source = f"'{data.source}'"
+    if seed is None:
+        check_counts(batches, batch_size)
+        check_enough(len(data), batches, batch_size, source)
+        index = torch.arange(batches * batch_size)
+    else:
+        index = sample_indices(len(data), batches, batch_size, seed, source)
     images = ImageData(
         data.x[index].contiguous(), torch.full((len(index),), -1), [], data.source
     )  # labels dropped: calibration never needs them

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from kdtool import console
-from kdtool.data import ImageData, check_fits, load_for_model
+from kdtool.data import Draw, ImageData, check_fits, load_for_model
 from kdtool.deploy.backends import BenchModel, int8_caveat
 from kdtool.errors import KdtoolError
 from kdtool.loader import DeviceLoader
@@ -16,8 +16,9 @@ from kdtool.loader import DeviceLoader
 
 def load_eval_data(spec: str, model: BenchModel, limit: int | None, seed: int) -> ImageData:
     """``spec`` at the model's input size and channels; ``limit`` keeps a seeded random subset
-    (image folders are sorted by class, so the first N images would be one class)."""
-    data = load_for_model(spec, model)
+    (image folders are sorted by class, so the first N images would be one class), and a
+    folder or zip decodes just those images."""
+    data = load_for_model(spec, model, None if limit is None else Draw(limit, seed))
     data.require_labels("accuracy data")
     check_fits(
         data,
@@ -26,9 +27,6 @@ def load_eval_data(spec: str, model: BenchModel, limit: int | None, seed: int) -
         what=model.label,
         class_names=model.class_names,
     )
-    if limit is not None and limit < len(data):
-        gen = torch.Generator().manual_seed(seed)
-        data = data.subset(torch.randperm(len(data), generator=gen)[:limit].sort().values)
     return data
 
 

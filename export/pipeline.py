@@ -106,6 +106,7 @@ class _Job:
 
     def __init__(self, cfg: ExportConfig, profile: BatchProfile, outs: _Outputs):
         from kdtool.checkpoint import load_checkpoint
+        from kdtool.data import Draw
         from kdtool.export.runners import TorchRunner
 
         self.cfg, self.profile, self.outs = cfg, profile, outs
@@ -114,7 +115,9 @@ class _Job:
         uncalibrated = meta.noise_bn_warning(cfg.checkpoint)
         if uncalibrated:  # an ONNX file runs on running statistics, whatever its consumer
             console.warn(uncalibrated, once=True)
-        self.calib = _load(cfg.calib_data, meta, "--calib-data") if cfg.calib_data else None
+        # The --calib-images images alone: a folder or zip decodes just those (kdtool.data.Draw)
+        self.calib = _load(cfg.calib_data, meta, "--calib-data",
+                           draw=Draw(cfg.calib_images, cfg.seed)) if cfg.calib_data else None
         self.val = _load(cfg.val, meta, "--val", labelled=True) if cfg.val else None
         folded = bool((meta.stages.get("calibrate") or {}).get("folded"))
         self.info = OnnxInfo.from_meta(
@@ -282,13 +285,13 @@ def _validate(cfg: ExportConfig) -> tuple[BatchProfile, _Outputs]:
     return profile, _Outputs(onnx_path, engine, sidecar, triton, name)
 
 
-def _load(spec: str, meta, option: str, labelled: bool = False):
+def _load(spec: str, meta, option: str, labelled: bool = False, draw=None):
     from kdtool.data import check_fits, load_calibration, load_for_model
 
     # Images are fitted to the model's input; --val is converted to its channels too and
     # must have its classes; calibration images as calibrate takes them.
     if not labelled:
-        data = load_calibration(spec, meta, option, "INT8 activation ranges")
+        data = load_calibration(spec, meta, option, "INT8 activation ranges", draw=draw)
     else:
         data = load_for_model(spec, meta)
         check_fits(
@@ -331,10 +334,8 @@ def _int8(job: _Job, proto, fp32_path: Path, work: Path) -> tuple[Path, object]:
     from kdtool.export.precision import quantize_int8
 
     cfg, calib, meta, profile = job.cfg, job.calib, job.meta, job.profile
-    gen = torch.Generator().manual_seed(cfg.seed)
-    n = min(cfg.calib_images, len(calib))
-    idx = torch.randperm(len(calib), generator=gen)[:n]
-    x = normalise(calib.x[idx], meta.mean, meta.std)
+    n = len(calib)  # drawn as it was loaded: --calib-images seeded images, or all there are
+    x = normalise(calib.x, meta.mean, meta.std)
     batch = profile.max if profile.static else profile.clamp(32)
     path = work / "int8.onnx"
     with console.progress_task("INT8 calibration", -(-n // batch), unit="batch") as advance:

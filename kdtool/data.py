@@ -69,6 +69,20 @@ _FORMS_HINT = ("give a directory of <class>/<image> folders, a .zip or .npz file
                + ", ".join(BUILTIN_DATASETS))
 
 
+@dataclass(frozen=True)
+class Draw:
+    """Some images of a dataset: the first ``count`` (all when it has fewer) of one seeded
+    random order, ``torch.randperm(n)`` under ``seed``, in that order. A folder or zip then
+    decodes just those files: a calibration's 512 images of a folder of 100,000 cost 512
+    decodes, not 100,000 (and no cache entry; a cached full decode is read instead)."""
+
+    count: int
+    seed: int
+
+    def indices(self, n: int) -> torch.Tensor:
+        return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[:self.count]
+
+
 @dataclass
 class ImageData:
     x: torch.Tensor  # uint8, N x C x H x W, contiguous, CPU
@@ -135,11 +149,12 @@ class ImageData:
 
 def load_data(spec: str, *, image_size: int | tuple[int, int] | None = None,
               channels: int | None = None, cache_dir: str | Path | None = None,
-              fit: Fit = STRETCH) -> ImageData:
+              fit: Fit = STRETCH, draw: Draw | None = None) -> ImageData:
     """Load a dataset spec (see the module docstring) as uint8 N x C x H x W tensors.
 
     With ``image_size``, images are fitted to it by ``fit``: stretching (the default)
-    or a centre crop (kdtool.imageprep).
+    or a centre crop (kdtool.imageprep). With ``draw``, only the images it picks, in its
+    order (``load_data(spec, draw=d)`` equals ``load_data(spec).subset(d.indices(n))``).
     """
     spec = str(spec)  # a Path works too
     if not spec.strip():  # '' read as the current folder, whatever it holds
@@ -155,7 +170,7 @@ def load_data(spec: str, *, image_size: int | tuple[int, int] | None = None,
     if spec in BUILTIN_DATASETS:
         x, y, names = _load_digits(spec)
     elif path.is_dir() or (path.is_file() and path.suffix.lower() == ".zip"):
-        return _load_images_cached(spec, path.resolve(), size, channels, fit, cache_dir)
+        return _load_images_cached(spec, path.resolve(), size, channels, fit, cache_dir, draw)
     elif path.is_file() and path.suffix.lower() == ".npz":
         x, y, names = _load_npz(path)
     elif path.exists():
@@ -169,6 +184,9 @@ def load_data(spec: str, *, image_size: int | tuple[int, int] | None = None,
         guess = suggest(spec, BUILTIN_DATASETS) if looks_like_name else None
         raise KdtoolError(f"dataset '{spec}' not found: no such file or directory",
                           f"did you mean '{guess}'?" if guess else _FORMS_HINT)
+    if draw is not None:  # before fitting: only the drawn images are resized
+        index = draw.indices(len(x)).numpy()
+        x, y = x[index], y[index]
     x = _conform(x, channels, size, fit)
     return _to_data(x, y, names, spec)
 
@@ -182,7 +200,7 @@ def same_dataset(a: str, b: str) -> bool:
     return canonical(str(a)) == canonical(str(b))
 
 
-def load_for_model(spec: str, model) -> ImageData:
+def load_for_model(spec: str, model, draw: Draw | None = None) -> ImageData:
     """``spec`` fitted to a model's input: its channels, size and --resize rule.
 
     ``model`` is anything that describes one (a ModelMeta, an ONNX file's OnnxInfo, a
@@ -190,27 +208,30 @@ def load_for_model(spec: str, model) -> ImageData:
     ``interpolation``.
     """
     data = load_data(spec, image_size=tuple(model.input_size), channels=model.in_chans,
-                     fit=Fit.of(model))
+                     fit=Fit.of(model), draw=draw)
     return match_classes(data, model.class_names)
 
 
 def load_calibration(spec: str, model, what: str, stats: str,
-                     image_size: tuple[int, int] | None = None) -> ImageData:
+                     image_size: tuple[int, int] | None = None,
+                     draw: Draw | None = None) -> ImageData:
     """Images a model's ``stats`` (BN's, INT8 ranges) are taken from, fitted to its input.
 
     Colour images for a grey model are converted as predict and serve convert them: a
     colour photo served to it becomes those very pixels (said in a warning). Grey images
     for a colour model are refused: copies with three equal channels have none of the
-    colour of the images it will be served. (``model`` as for load_for_model.)
+    colour of the images it will be served. (``model`` as for load_for_model; ``draw``
+    as for load_data.)
     """
     size = image_size or tuple(model.input_size)
-    data = load_data(spec, image_size=size, fit=Fit.of(model))
+    data = load_data(spec, image_size=size, fit=Fit.of(model), draw=draw)
     if data.channels > model.in_chans:
         console.warn(f"{what} '{data.source}' has {data.channels}-channel images and the model "
                      f"takes {model.in_chans}: they are converted to grey as predict and serve "
                      f"convert what they are sent, and its {stats} are those of the converted "
                      "images")
-        data = load_data(spec, image_size=size, channels=model.in_chans, fit=Fit.of(model))
+        data = load_data(spec, image_size=size, channels=model.in_chans, fit=Fit.of(model),
+                         draw=draw)
     elif data.channels < model.in_chans:
         raise KdtoolError(
             f"{what} '{data.source}' has {data.channels}-channel images but the model takes "
@@ -564,7 +585,7 @@ def _gather(path: Path, chunks: list[list[str]], results, channels) -> np.ndarra
 
 
 def _load_images_cached(spec: str, path: Path, size, channels, fit: Fit,
-                        cache_dir) -> ImageData:
+                        cache_dir, draw: Draw | None = None) -> ImageData:
     is_zip = path.is_file()
     if is_zip:
         names, strip = _list_zip(path)
@@ -594,14 +615,18 @@ def _load_images_cached(spec: str, path: Path, size, channels, fit: Fit,
         cached = _read_cache(entry(None)[0], str(path))
         cached = cached if cached is not None and cached[0].shape[1] == channels else None
     if cached is not None:
-        return ImageData(*cached, spec)
+        data = ImageData(*cached, spec)
+        return data if draw is None else data.subset(draw.indices(len(data)))
     rels = ["/".join(n.split("/")[strip:]) for n in names]
     labels, classes = _labels(path, rels, not is_zip)
     if classes and len(labels) < len(names):  # drop images outside class folders
         names = [n for n, r in zip(names, rels, strict=True) if "/" in r]
+    if draw is not None:  # decode the drawn files alone, and cache nothing
+        index = draw.indices(len(names)).tolist()
+        names, labels = [names[i] for i in index], [labels[i] for i in index]
     data = _to_data(_decode_images(path, names, is_zip, channels, size, fit),
-                    np.array(labels), classes, spec)
-    if _write_cache(cache, data, str(path), json.dumps(variant)):
+                    np.array(labels, dtype=np.int64), classes, spec)
+    if draw is None and _write_cache(cache, data, str(path), json.dumps(variant)):
         _drop_superseded(cache, json.dumps(variant))
     return data
 

@@ -93,6 +93,41 @@ def digits_teacher(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def decoded(monkeypatch) -> list[int]:
+    """How many images each decode of an image folder or zip was asked for, in order."""
+    import kdtool.data as data_mod
+
+    counts: list[int] = []
+    real = data_mod._decode_images
+
+    def counting(path, names, *args):
+        counts.append(len(names))
+        return real(path, names, *args)
+
+    monkeypatch.setattr(data_mod, "_decode_images", counting)
+    return counts
+
+
+@pytest.fixture
+def digits_pngs(tmp_path):
+    """``digits_pngs(n)``: a folder of the first ``n`` digits training images as PNGs,
+    without class folders (unlabelled, as calibration data is)."""
+    from PIL import Image
+
+    from kdtool.data import load_data
+
+    def make(n: int) -> Path:
+        folder = tmp_path / f"digits_{n}"
+        folder.mkdir()
+        x = load_data("digits").x[:n, 0].numpy()
+        for i, image in enumerate(x):
+            Image.fromarray(image).save(folder / f"{i:04d}.png")
+        return folder
+
+    return make
+
+
+@pytest.fixture
 def interrupted_distill(monkeypatch):
     """``interrupted_distill(run, epoch)``: a ``DistillRun`` whose ``run()`` is stopped by
     Ctrl-C as the 0-based ``epoch`` starts, as a user would stop it; later runs are not."""

@@ -392,3 +392,34 @@ def test_the_fold_check_samples_the_validation_set_not_its_first_images(
     rows = {tuple(img.flatten().tolist()): int(lab) for img, lab in zip(x, y, strict=True)}
     labels = {rows[tuple(img.round().flatten().tolist())] for img in pixels[:, 0]}
     assert len(labels) > 3, labels  # the first 32 were all zeros
+
+
+def test_only_the_images_calibration_uses_are_decoded(cli, noise_student, tmp_path,
+                                                      monkeypatch, decoded, digits_pngs):
+    """A folder of many images costs the --batches x --batch-size it is sampled for, and
+    gives the very statistics a decode of all of it would (the same seeded draw)."""
+    import copy
+
+    from kdtool.calibrate.recompute import recompute_bn_stats
+
+    monkeypatch.setenv("KDTOOL_CACHE", str(tmp_path / "cache"))
+    folder = digits_pngs(300)
+    out = tmp_path / "s.cal.safetensors"
+    r = cli("calibrate", noise_student, "--data", folder, "--batches", "4", "--batch-size",
+            "16", "--seed", "5", "--no-fold", "--out", out, "--device", "cpu", "--json")
+    assert r.code == 0, r.err
+    assert decoded == [64] and r.json()["images"] == 64
+    assert not (tmp_path / "cache").exists()
+
+    model, meta = load_checkpoint(noise_student)
+    reference = copy.deepcopy(model)
+    recompute_bn_stats(reference, load_data(folder, image_size=meta.input_size), meta.mean,
+                       meta.std, 4, 16, seed=5, progress=False)
+    calibrated = load_checkpoint(out)[0]
+    for (_, a), (_, b) in zip(bn_layers(calibrated), bn_layers(reference), strict=True):
+        assert torch.equal(a.running_mean, b.running_mean)
+        assert torch.equal(a.running_var, b.running_var)
+    # Too few images is said as before, with the count there is.
+    r = cli("calibrate", noise_student, "--data", folder, "--batches", "32", "--batch-size",
+            "16", "--out", tmp_path / "t.safetensors", "--device", "cpu")
+    assert r.code == 1 and "has 300 images but --batches 32 x --batch-size 16 needs 512" in r.err

@@ -614,3 +614,26 @@ def test_an_uncalibrated_students_onnx_keeps_the_warning(cli, digits_teacher, tm
     assert r.code == 0 and "not yet calibrated" not in r.err
     r = cli("info", tmp_path / "c.onnx")
     assert r.code == 0 and "noise statistics" not in r.err + r.out
+
+
+def test_int8_calibration_decodes_only_the_calib_images_it_uses(cli, digits_teacher, tmp_path,
+                                                               decoded, digits_pngs):
+    import numpy as np
+    import onnx
+
+    folder = digits_pngs(200)
+    r = cli("export", digits_teacher, "--onnx", tmp_path / "q.onnx", "--precision", "int8",
+            "--calib-data", folder, "--calib-images", "48", "--json")
+    assert r.code == 0, r.err
+    assert decoded == [48] and r.json()["quantization"]["calib_images"] == 48
+    # The graph a decode of all 200 gives: the draw picks the images it picked.
+    from kdtool.data import load_data
+
+    x = load_data("digits").x[:200, 0].numpy()  # the PNGs' pixels: PNG is lossless
+    np.savez(tmp_path / "calib.npz", x=x, y=np.full(200, -1))
+    r2 = cli("export", digits_teacher, "--onnx", tmp_path / "q2.onnx", "--precision", "int8",
+             "--calib-data", tmp_path / "calib.npz", "--calib-images", "48", "--json")
+    assert r2.code == 0, r2.err
+    graphs = [onnx.load(str(tmp_path / f)).graph for f in ("q.onnx", "q2.onnx")]
+    # the graphs (weights, scales, zero points) are one; metadata names each calib source
+    assert graphs[0].SerializeToString() == graphs[1].SerializeToString()

@@ -535,3 +535,50 @@ def test_the_hints_option_values_are_the_commands_own():
     from kdtool.export.metadata import PRECISIONS as FILE
 
     assert OPTION_VALUES["--precision"] == {"train": STEP, "distill": STEP, "export": FILE}
+
+
+def _doc_snippets(text: str) -> list[str]:
+    import re
+
+    text = text.replace("\\\n", " ")
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", text, re.S)
+    snippets = [line for b in blocks for line in b.splitlines()]
+    inline = re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+    return snippets + [s.replace("\n", " ") for s in inline]
+
+
+def _broken_references(text: str, root: Path) -> list[str]:
+    """Bench scripts that do not exist or lack a documented --option, and test files or
+    test names (``tests/x.py::test_y``) that do not exist, in ``text``."""
+    import re
+
+    bad = []
+    for snippet in _doc_snippets(text):
+        for m in re.finditer(r"python3? (bench/[\w.]+\.py)(.*)", snippet):
+            script = root / m.group(1)
+            if not script.is_file():
+                bad.append(m.group(1))
+                continue
+            calls = re.findall(r"add_argument\(((?:\s*[\"'][^\"']+[\"']\s*,?)+)",
+                               script.read_text())
+            known = {o for c in calls for o in re.findall(r"(--[a-z0-9-]+)", c)}
+            args = re.split(r"\s(?:&&|\||;)\s", m.group(2))[0]
+            bad += [f"{m.group(1)} {o}" for o in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)",
+                                                            args) if o not in known | {"--help"}]
+        for path, name in re.findall(r"(tests/[\w/]+\.py)(?:::(\w+))?", snippet):
+            if not (root / path).is_file():
+                bad.append(path)
+            elif name and not re.search(rf"def {name}\(", (root / path).read_text()):
+                bad.append(f"{path}::{name}")
+    return bad
+
+
+def test_documented_bench_scripts_and_tests_exist():
+    root = Path(__file__).resolve().parents[2]
+    assert _broken_references("`python bench/data_load.py --draww 5`", root) == [
+        "bench/data_load.py --draww"]
+    assert _broken_references("```bash\npython bench/nope.py\n```", root) == ["bench/nope.py"]
+    assert _broken_references("`tests/kdtool/test_cli.py::test_nope`", root) == [
+        "tests/kdtool/test_cli.py::test_nope"]
+    for doc in ("README.md", "docs/BENCHMARKS.md", "docs/RESULTS.md"):
+        assert _broken_references((root / doc).read_text(), root) == [], doc

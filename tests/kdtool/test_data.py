@@ -637,3 +637,45 @@ def test_a_zip_with_absolute_or_climbing_names_is_refused(tmp_path, name):
         z.writestr(name, buf.getvalue())
     _raises(re.escape(f"holds '{name}', a path that is absolute or climbs out"),
             tmp_path / "d.zip")
+
+
+# ----------------------------------------------------------------------------- draws
+
+
+def _many_folder(root: Path, per_class: int = 20) -> Path:
+    for c in ("ant", "bee", "cow"):
+        for i in range(per_class):
+            _save(root / c / f"{i:03d}.png", shape=(12, 10, 3))
+    return root
+
+
+@pytest.mark.parametrize("form", ["folder", "zip", "npz", "digits"])
+def test_a_draw_is_the_same_images_as_a_subset_of_all_and_decodes_only_them(tmp_path, decoded,
+                                                                             form):
+    from kdtool.data import Draw
+
+    spec = _many_folder(tmp_path / "ds")
+    if form == "zip":
+        spec = _zip(spec, tmp_path / "ds.zip")
+    elif form == "npz":
+        full = load_data(str(spec))
+        spec = tmp_path / "ds.npz"
+        np.savez(spec, x=full.x.permute(0, 2, 3, 1).numpy(), y=full.y.numpy())
+    elif form == "digits":
+        spec = "digits:test"
+    cache = tmp_path / "draw-cache"
+    draw = Draw(count=17, seed=3)
+    decoded.clear()  # the npz was made from a decode of the folder
+    drawn = load_data(str(spec), image_size=8, draw=draw, cache_dir=cache)
+    assert decoded == ([17] if form in ("folder", "zip") else [])
+    assert not cache.exists()  # a draw writes no cache entry
+    whole = load_data(str(spec), image_size=8, cache_dir=cache)
+    assert _same(drawn, whole.subset(draw.indices(len(whole))))
+    assert len(drawn) == 17 and drawn.source == str(spec)
+    # A cached full decode serves a later draw: nothing decoded again.
+    decoded.clear()
+    assert _same(load_data(str(spec), image_size=8, draw=draw, cache_dir=cache), drawn)
+    assert decoded == []
+    # More than there are: all of them, in the draw's order.
+    everything = load_data(str(spec), image_size=8, draw=Draw(10**6, 3), cache_dir=cache)
+    assert len(everything) == len(whole) and not _same(everything, whole)
