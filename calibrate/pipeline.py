@@ -41,11 +41,11 @@ from kdtool.data import (
     load_data,
     match_classes,
 )
-from kdtool.device import resolve_device
+from kdtool.device import device_label, resolve_device
 from kdtool.errors import KdtoolError
 from kdtool.evaluate import evaluate
 from kdtool.imageprep import Fit
-from kdtool.io import check_output
+from kdtool.io import check_output, file_sha256
 from kdtool.loader import DeviceLoader
 from kdtool.runinfo import provenance
 
@@ -150,6 +150,7 @@ class CalibrateRun:
         model, meta = load_checkpoint(c.checkpoint)
         n_bn = self._check_input(model, meta)
         dev = resolve_device(c.device)
+        self.device = dev
         model.to(dev)
         size = _input_size(c.image_size, meta)
         # The images calibration uses, alone: a draw decodes just those files of a folder or
@@ -213,7 +214,8 @@ class CalibrateRun:
             # Images of other sizes were fitted to the model's input by this rule.
             "fit": f"{size[0]}x{size[1]} ({Fit.of(meta).describe()})",
             "images": cal.images, "batches": c.batches, "batch_size": c.batch_size,
-            "seed": c.seed, "bn_layers": n_bn, "bn_running_stats": "real", "folded": False,
+            "seed": c.seed, "images_checksum": images.checksum(),  # the pixels calibrated on
+            "bn_layers": n_bn, "bn_running_stats": "real", "folded": False,
             "seconds": seconds,
         }
         if c.fold:
@@ -346,10 +348,13 @@ class CalibrateRun:
 
     def _meta(self, meta: ModelMeta, stage: dict) -> ModelMeta:
         new = copy.deepcopy(meta)
-        stage["input"] = {"file": str(self.cfg.checkpoint), "provenance": meta.provenance}
+        stage["input"] = {"file": str(self.cfg.checkpoint),
+                          "sha256": file_sha256(self.cfg.checkpoint),
+                          "provenance": meta.provenance}
         new.stages["calibrate"] = stage
         metrics = {f"val_top1_{k}": v for k, v in stage.get("accuracy", {}).items()}
-        new.provenance = provenance(seed=self.cfg.seed, metrics=metrics)
+        new.provenance = provenance(seed=self.cfg.seed, metrics=metrics,
+                                    device=device_label(self.device))
         return new
 
 

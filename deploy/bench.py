@@ -538,15 +538,9 @@ def machine_info() -> dict[str, Any]:
     import platform
     from importlib import metadata
 
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").is_file():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    from kdtool.runinfo import usable_cores
+    from kdtool.runinfo import cpu_name, usable_cores
 
-    usable = usable_cores()
+    cpu, usable = cpu_name(), usable_cores()
     versions = {}
     for pkg in ("torch", "onnxruntime", "onnxruntime-gpu", "tensorrt"):
         with contextlib.suppress(metadata.PackageNotFoundError):

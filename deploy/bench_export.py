@@ -128,6 +128,7 @@ def _made_by_this_export(onnx: Path, source_sha256: str, cfg) -> bool:
         info = read_info(onnx)
     except KdtoolError:  # not a kdtool export: run_export refuses to overwrite it
         return False
-    calib = info.quantization.get("calib_data") if info.quantization else None
+    quantization = info.quantization or {}
     return (info.source_sha256 == source_sha256 and info.precision == cfg.precision
-            and calib == cfg.calib_data)
+            and quantization.get("calib_data") == cfg.calib_data
+            and quantization.get("calib_seed", cfg.seed) == cfg.seed)

@@ -27,6 +27,7 @@ from kdtool.device import (
     autocast_for,
     begin_step,
     compile_step,
+    device_label,
     memory_format_for,
     resolve_device,
     resolve_precision,
@@ -369,7 +370,8 @@ class DistillRun:
             input_size=list(tmeta.input_size), mean=list(tmeta.mean), std=list(tmeta.std),
             class_names=list(tmeta.class_names), crop_fraction=tmeta.crop_fraction,
             interpolation=tmeta.interpolation,
-            provenance=provenance(seed=self.cfg.seed, metrics=metrics),
+            provenance=provenance(seed=self.cfg.seed, metrics=metrics,
+                                  device=device_label(self.device), precision=self.precision),
             stages={"distill": {
                 "teacher": {"file": self.cfg.teacher, "arch": tmeta.arch,
                             "metrics": tmeta.provenance.get("metrics", {})},

@@ -351,6 +351,7 @@ def _int8(job: _Job, proto, fp32_path: Path, work: Path) -> tuple[Path, object]:
             progress=advance,
         )
     record["calib_data"] = cfg.calib_data
+    record["calib_seed"] = cfg.seed  # which --calib-images images of it were drawn
     proto8 = onnx.load(str(path))
     job.info = replace(job.info, quantization=record)
     _save(proto8, job.info, path)

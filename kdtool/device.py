@@ -38,6 +38,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def device_label(device: torch.device) -> str:
+    """``cpu``, or ``cuda:0 (NVIDIA H100 80GB HBM3)``: what a run's provenance records."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
 # The arithmetic of a training step. auto: bf16 on CUDA (tensor cores), fp32 on a CPU.
 PRECISIONS = ("auto", "fp32", "bf16")
 _BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 AVX512-BF16 / AMX, Arm BF16

@@ -277,6 +277,7 @@ class RunCheckpoint:
                               f"resume it with 'kdtool {other} --resume', or choose another "
                               "--out")
         check_same_config(state["config"], config, self.path)
+        _warn_if_numerics_differ(state.get("numerics"), self.path)
         try:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
@@ -310,7 +311,7 @@ class RunCheckpoint:
         self.wait()
         state = snapshot({
             "command": self.command, "config": config, "epoch": epoch, "best": best,
-            "history": history,
+            "history": history, "numerics": numerics(),
             "model": model.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
             **({"ema": ema.state_dict()} if ema is not None else {})})
@@ -388,3 +389,22 @@ def _require_finite(model, epoch: int) -> None:
         raise KdtoolError(
             f"the run diverged at epoch {epoch + 1}: '{bad}' holds NaN or infinite values, so "
             "this epoch was not saved", "lower --lr (an earlier epoch's files are kept)")
+
+
+def numerics() -> dict:
+    """What a run's float results depend on besides its seed and settings."""
+    from kdtool.runinfo import cpu_name
+
+    return {"torch_threads": torch.get_num_threads(), "cpu": cpu_name()}
+
+
+def _warn_if_numerics_differ(began: dict | None, path: Path) -> None:
+    """A resumed run computes on; on other threads or another CPU its sums round otherwise,
+    and the result differs from an uninterrupted run's: say so, do not refuse."""
+    now = numerics()
+    changed = [f"{key.replace('_', ' ')} {began[key]} -> {now[key]}" for key in now
+               if began and key in began and began[key] != now[key]]
+    if changed:
+        console.warn(f"resuming '{path}' with other numerics than it began with "
+                     f"({'; '.join(changed)}): the remaining epochs will not be bit-identical "
+                     "to an uninterrupted run (pass --threads to match)")

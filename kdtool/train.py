@@ -25,6 +25,7 @@ from kdtool.device import (
     autocast_for,
     begin_step,
     compile_step,
+    device_label,
     memory_format_for,
     resolve_device,
     resolve_precision,
@@ -168,7 +169,8 @@ class Trainer:
                 input_size=list(train.image_size), mean=mean, std=std,
                 class_names=list(train.class_names), crop_fraction=self.fit.crop_fraction,
                 interpolation=self.fit.interpolation,
-                provenance=provenance(seed=c.seed, metrics=metrics),
+                provenance=provenance(seed=c.seed, metrics=metrics,
+                                      device=device_label(self.device), precision=self.precision),
                 stages={"train": {"config": config, "epoch": epoch, "epochs": c.epochs,
                                   "history": history}})
 

@@ -126,13 +126,24 @@ def info_cmd(
                 ["mean / std", f"{_fmt_list(r['mean'])} / {_fmt_list(r['std'])}"],
                 ["tensors", f"{r['tensors']} ({r['values']:,} values)"],
                 ["file", f"{r['bytes']:,} bytes, sha256 {r['sha256'][:16]}..."]]
-        rows += [[k, str(v)] for k, v in prov.items() if k != "metrics" and v is not None]
+        rows += [[k, _machine_line(v) if k == "machine" else str(v)]
+                 for k, v in prov.items() if k != "metrics" and v is not None]
         rows += [[f"metric {k}", f"{v:.4g}" if isinstance(v, float) else str(v)]
                  for k, v in prov.get("metrics", {}).items()]
         rows += [[f"stage {k}", _stage_line(k, v, checkpoint)] for k, v in r["stages"].items()]
         console.print_kv(str(r["file"]), rows)
 
     console.emit(result, as_json, render)
+
+
+def _machine_line(m: dict) -> str:
+    """'cpu, fp32, 2 torch threads; Intel(R) Xeon(R), 2 usable CPUs; Linux-...'."""
+    threads = m.get("torch_threads")
+    run = [m.get("device"), m.get("precision"),
+           f"{threads} torch thread{'s' * (threads != 1)}" if threads else None]
+    host = [m.get("cpu"), f"{m['usable_cpus']} usable CPUs" if "usable_cpus" in m else None]
+    parts = [", ".join(p for p in run if p), ", ".join(p for p in host if p), m.get("platform")]
+    return "; ".join(p for p in parts if p)
 
 
 def _train_summary(v: dict) -> str:

@@ -72,6 +72,13 @@ def test_calibration_recovers_current_statistics_accuracy(cli, noise_student, tm
         "reason": "",
     }
     assert stage["input"]["file"] == str(noise_student)
+    from kdtool.calibrate.recompute import sample_indices
+    from kdtool.io import file_sha256
+
+    assert stage["input"]["sha256"] == file_sha256(noise_student)
+    digits = load_data("digits", image_size=meta.input_size)
+    drawn = digits.subset(sample_indices(len(digits), 32, 16, 0))
+    assert stage["images_checksum"] == drawn.checksum()  # the very pixels calibrated on
     assert meta.stages["distill"]["bn_running_stats"] == "noise"  # the history is kept
     assert meta.provenance["metrics"]["val_top1_calibrated"] == acc["calibrated"]
 

@@ -461,3 +461,26 @@ def test_validating_on_real_data_never_touches_the_student(small_teacher, tmp_pa
     assert plain.keys() == val.keys() and all(torch.equal(plain[k], val[k]) for k in plain)
     counts = {k: int(v) for k, v in val.items() if k.endswith("num_batches_tracked")}
     assert counts and set(counts.values()) == {cfg.epochs * cfg.iters_per_epoch}
+
+
+def test_a_run_resumed_on_other_threads_says_it_will_not_be_bit_identical(
+        small_teacher, tmp_path, interrupted_distill, capsys):
+    cfg = _cfg(small_teacher, epochs=2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        interrupted_distill(DistillRun(cfg, tmp_path / "s.safetensors"), 1)
+        capsys.readouterr()
+        DistillRun(cfg, tmp_path / "s.safetensors", resume=True).run()  # same threads: quiet
+        assert "other numerics" not in capsys.readouterr().err
+        interrupted_distill(DistillRun(cfg, tmp_path / "t.safetensors"), 1)
+        torch.set_num_threads(2)
+        capsys.readouterr()
+        DistillRun(cfg, tmp_path / "t.safetensors", resume=True).run()
+    finally:
+        torch.set_num_threads(threads)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "with other numerics than it began with (torch threads 1 -> 2)" in err
+    assert "not be bit-identical to an uninterrupted run (pass --threads to match)" in err
+    prov = read_meta(tmp_path / "t.safetensors").provenance
+    assert prov["machine"]["torch_threads"] == 2 and prov["machine"]["device"] == "cpu"

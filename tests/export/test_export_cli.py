@@ -144,7 +144,7 @@ def test_int8_is_qdq_with_zero_zero_points_and_agrees_with_fp32(int8_export, fp3
     assert {z.dtype for z in zps.values()} <= {np.dtype(np.int8), np.dtype(np.int32)}
     info = read_info(path)
     assert info.precision == "int8" and info.quantization["activations"] == "int8 symmetric"
-    assert info.quantization["calib_images"] == 256
+    assert info.quantization["calib_images"] == 256 and info.quantization["calib_seed"] == 0
     v = r["val"]
     assert v["agreement"] >= 95.0, v  # top-1 agreement with FP32 on digits:test
     assert abs(v["top1_change"]) <= 3.0

@@ -306,3 +306,35 @@ def test_a_class_name_twice_is_refused(tmp_path: Path):
     bad.class_names[4] = "Caf\u00e9"
     with pytest.raises(KdtoolError, match="appears twice"):
         save_checkpoint(tmp_path / "m.safetensors", create_model("tiny_cnn"), bad, False)
+
+
+def test_provenance_names_the_code_and_the_machine_a_rerun_needs(tmp_path, cli, monkeypatch):
+    import subprocess
+
+    import kdtool.runinfo as runinfo
+
+    root = Path(runinfo.__file__).resolve().parents[1]
+    prov = provenance(seed=1, device="cpu", precision="fp32")
+    assert prov["machine"]["device"] == "cpu" and prov["machine"]["precision"] == "fp32"
+    assert prov["machine"]["torch_threads"] == torch.get_num_threads()
+    assert prov["machine"]["usable_cpus"] >= 1 and prov["machine"]["cpu"]
+    if (root / ".git").exists():  # a checkout: its commit, and whether it has changes
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        assert re.fullmatch(re.escape(head) + r"(-dirty)?", prov["kdtool_commit"])
+    runinfo.code_commit.cache_clear()
+    monkeypatch.setattr(runinfo, "__file__", str(tmp_path / "kdtool" / "runinfo.py"))
+    try:
+        assert "kdtool_commit" not in provenance()  # an installed release: its version says
+    finally:
+        runinfo.code_commit.cache_clear()
+    path = save_checkpoint(tmp_path / "m.safetensors", create_model("tiny_cnn"),
+                           ModelMeta(arch="tiny_cnn", num_classes=10, in_chans=3,
+                                     input_size=[32, 32], mean=[0.5] * 3, std=[0.25] * 3,
+                                     provenance=prov), force=False)
+    r = cli("info", path)
+    assert r.code == 0, r.err
+    line = " ".join(r.out.split())
+    threads = torch.get_num_threads()
+    assert f"cpu, fp32, {threads} torch thread{'s' * (threads != 1)};" in line
+    assert "usable CPUs" in line and "{" not in line
