@@ -81,11 +81,13 @@ def runner_accuracy(
 
 
 def evaluate_file(path, spec: str, *, device: str = "auto", batch_size: int = 256,
-                  tta: str = "none", threads: int | None = None) -> dict[str, Any]:
+                  tta: str = "none", threads: int | None = None, limit: int | None = None,
+                  seed: int = 0) -> dict[str, Any]:
     """``kdtool eval`` of an ONNX file or TensorRT engine: the deployed model's own accuracy
     report (top-1 with its interval, top-5, per class) on ``spec``, run by the runners
     ``kdtool bench`` uses. ``device``: auto, cpu or cuda[:N] (the provider for ONNX);
-    ``threads``: ONNX Runtime's intra-op threads (None or 0: one per core)."""
+    ``threads``: ONNX Runtime's intra-op threads (None or 0: one per core); ``limit``:
+    a ``seed``ed random ``limit`` of the images (load_eval_data)."""
     from kdtool.deploy.backends import load_model
     from kdtool.deploy.predict import batch_for, start_runner
     from kdtool.evaluate import accuracy_report
@@ -104,7 +106,7 @@ def evaluate_file(path, spec: str, *, device: str = "auto", batch_size: int = 25
         elif dev.type == "cpu":
             raise KdtoolError(f"'{path}' is a TensorRT engine, which runs on a GPU only",
                               "drop --device cpu, or evaluate the .onnx it was built from")
-    data = load_eval_data(spec, model, None, 0)
+    data = load_eval_data(spec, model, limit, seed)
     runner, used = start_runner(model, backend, threads)
     try:
         batch = batch_for(runner, batch_size)

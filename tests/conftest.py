@@ -111,17 +111,19 @@ def decoded(monkeypatch) -> list[int]:
 @pytest.fixture
 def digits_pngs(tmp_path):
     """``digits_pngs(n)``: a folder of the first ``n`` digits training images as PNGs,
-    without class folders (unlabelled, as calibration data is)."""
+    without class folders (unlabelled, as calibration data is); ``labelled=True``: in
+    class folders named after their digit."""
     from PIL import Image
 
     from kdtool.data import load_data
 
-    def make(n: int) -> Path:
-        folder = tmp_path / f"digits_{n}"
-        folder.mkdir()
-        x = load_data("digits").x[:n, 0].numpy()
-        for i, image in enumerate(x):
-            Image.fromarray(image).save(folder / f"{i:04d}.png")
+    def make(n: int, labelled: bool = False) -> Path:
+        folder = tmp_path / f"digits_{n}{'_labelled' * labelled}"
+        digits = load_data("digits")
+        for i in range(n):
+            where = folder / str(int(digits.y[i])) if labelled else folder
+            where.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(digits.x[i, 0].numpy()).save(where / f"{i:04d}.png")
         return folder
 
     return make

@@ -142,6 +142,9 @@ def eval_cmd(
         "--tta", help="Test-time augmentation: none, or flip (average the logits of each "
         "image and its mirror image; for classes that mirroring does not change, unlike "
         "digits).")] = "none",
+    limit: Annotated[int | None, typer.Option(
+        "--limit", help="Score a random N of the images (chosen with --seed; a folder or zip "
+        "decodes only those): a quick check on a large set, with its 95% interval.")] = None,
     arch: Arch = None,
     num_classes: NumClasses = None,
     in_chans: InChans = None,
@@ -171,28 +174,34 @@ def eval_cmd(
     check_choice(tta, TTA_MODES, "--tta mode")
     if batch_size < 1:
         raise KdtoolError(f"--batch-size must be >= 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise KdtoolError(f"--limit must be >= 1, got {limit}")
     if checkpoint.suffix.lower() in DEPLOYED_SUFFIXES:
         described = {"--arch": arch, "--num-classes": num_classes, "--in-chans": in_chans,
                      "--image-size": image_size, "--mean": mean, "--std": std}
-        rep = _eval_deployed(checkpoint, data, bn, batch_size, tta, device, described, threads)
+        rep = _eval_deployed(checkpoint, data, bn, batch_size, tta, device, described, threads,
+                             limit, seed)
     else:
         with cpu_threads(threads):
-            rep = _eval_checkpoint(checkpoint, data, bn, batch_size, tta, device, seed,
+            rep = _eval_checkpoint(checkpoint, data, bn, batch_size, tta, device, seed, limit,
                                    foreign_spec(checkpoint, arch, num_classes, in_chans, mean,
                                                 std, image_size),
                                    parse_norm(mean, std) if arch is None and (mean or std)
                                    else None)
     result = {"checkpoint": str(checkpoint), "data": data, "bn": bn, "tta": tta,
               "batch_size": batch_size, **rep}
-    if bn == "current":  # which images share a batch, and so the statistics, follows --seed
+    if bn == "current" or limit is not None:  # --seed chose the images, or their batches
         result["seed"] = seed
+    if limit is not None:
+        result["limit"] = limit
     if not per_class:
         result.pop("per_class")
         result.pop("per_class_images")
 
     def render(r):
         lo, hi = r["top1_ci95"]
-        rows = [["images", r["images"]], ["top-1", f"{r['top1']:.2f}%"],
+        drawn = f" (a random {r['limit']}, --seed {r['seed']})" if "limit" in r else ""
+        rows = [["images", f"{r['images']}{drawn}"], ["top-1", f"{r['top1']:.2f}%"],
                 ["top-1, 95% interval", f"{lo:.1f}-{hi:.1f}%"]]
         if "top5" in r:
             rows.append(["top-5", f"{r['top5']:.2f}%"])
@@ -212,10 +221,10 @@ DEPLOYED_SUFFIXES = (".onnx", ".plan", ".engine", ".trt")
 
 
 def _eval_checkpoint(checkpoint: Path, data: str, bn: str, batch_size: int, tta: str,
-                     device: str, seed: int, spec, norm) -> dict:
+                     device: str, seed: int, limit: int | None, spec, norm) -> dict:
     from kdtool import console
     from kdtool.checkpoint import load_checkpoint, per_channel_norm
-    from kdtool.data import check_fits, load_for_model
+    from kdtool.data import Draw, check_fits, load_for_model
     from kdtool.device import memory_format_for, resolve_device
     from kdtool.evaluate import evaluate
     from kdtool.train import trained_with_flips
@@ -232,7 +241,8 @@ def _eval_checkpoint(checkpoint: Path, data: str, bn: str, batch_size: int, tta:
                          "that of the model fed otherwise than it was trained")
     # The data first: a wrong --data is the error to see, not a warning about the model.
     dev = resolve_device(device)
-    ds = load_for_model(data, meta)  # as export, bench and serve will fit them
+    # As export, bench and serve will fit them; --limit: a seeded draw of them
+    ds = load_for_model(data, meta, None if limit is None else Draw(limit, seed))
     check_fits(ds, num_classes=meta.num_classes, in_chans=meta.in_chans,
                what=f"checkpoint '{checkpoint}'", class_names=meta.class_names)
     uncalibrated = meta.noise_bn_warning(str(checkpoint))
@@ -258,7 +268,7 @@ def _eval_checkpoint(checkpoint: Path, data: str, bn: str, batch_size: int, tta:
 
 
 def _eval_deployed(path: Path, data: str, bn: str, batch_size: int, tta: str, device: str,
-                   described: dict, threads: int | None) -> dict:
+                   described: dict, threads: int | None, limit: int | None, seed: int) -> dict:
     """An exported file as deployed: it records its input, normalisation and classes, and
     its BatchNorm is fixed (folded, or running statistics), so --bn current cannot apply."""
     from kdtool.deploy.accuracy import evaluate_file
@@ -273,4 +283,4 @@ def _eval_deployed(path: Path, data: str, bn: str, batch_size: int, tta: str, de
                           f"'{path}' is an exported graph whose BatchNorm is fixed",
                           "evaluate the checkpoint it was exported from with --bn current")
     return {**evaluate_file(path, data, device=device, batch_size=batch_size, tta=tta,
-                            threads=threads), "bn": "as exported"}
+                            threads=threads, limit=limit, seed=seed), "bn": "as exported"}

@@ -36,6 +36,36 @@ def test_an_exported_onnx_scores_what_its_checkpoint_scores(cli, digits_teacher,
     assert got["top1_ci95"][0] < got["top1"] < got["top1_ci95"][1]
 
 
+def test_limit_scores_a_seeded_draw_of_the_images_for_a_checkpoint_and_its_onnx(
+        cli, digits_teacher, tmp_path, decoded, digits_pngs):
+    from kdtool.data import Draw
+
+    onnx_path = tmp_path / "teacher.onnx"
+    assert cli("export", digits_teacher, "--out", onnx_path).code == 0
+    test = load_data("digits:test")
+    picked = Draw(50, 7).indices(len(test))
+    per_class = {str(c): int((test.y[picked] == c).sum()) for c in range(10)}
+    for model in (digits_teacher, onnx_path):
+        r = cli("eval", model, "--data", "digits:test", "--limit", "50", "--seed", "7", "--json")
+        assert r.code == 0, r.err
+        got = r.json()
+        assert got["images"] == 50 and got["limit"] == 50 and got["seed"] == 7
+        # the very images of the draw (their classes), scored by each
+        assert {k: v for k, v in got["per_class_images"].items() if v} == \
+            {k: v for k, v in per_class.items() if v}
+    other = cli("eval", onnx_path, "--data", "digits:test", "--limit", "50", "--seed", "8",
+                "--json").json()["per_class_images"]
+    assert other != got["per_class_images"]
+    # A folder decodes only the images drawn, and says how they were chosen.
+    folder = digits_pngs(300, labelled=True)
+    decoded.clear()
+    r = cli("eval", digits_teacher, "--data", folder, "--limit", "40", "--no-per-class")
+    assert r.code == 0, r.err
+    assert decoded == [40] and "40 (a random 40, --seed 0)" in r.out
+    r = cli("eval", onnx_path, "--data", "digits:test", "--limit", "0")
+    assert r.code == 1 and "--limit must be >= 1, got 0" in r.err
+
+
 def test_a_static_batch_graph_is_scored_on_every_image_with_and_without_flip_tta(
         cli, static_onnx, offline):
     x, y = _digits_test_normalised()
