@@ -100,10 +100,13 @@ def export_all(
             force=force,
             threads=threads,
         )
-        if not force and not trt and onnx.is_file():
+        if not force and target.is_file():
             source_sha256 = source_sha256 or file_sha256(checkpoint)  # once per checkpoint
-            if _made_by_this_export(onnx, source_sha256, cfg):
-                console.info(f"bench: reusing {onnx}, exported from this {checkpoint.name} "
+            # An engine takes minutes to build (tens on a Jetson): reused as an ONNX is, when
+            # built from this checkpoint for this GPU and TensorRT.
+            made = _engine_made_by_this_export if trt else _made_by_this_export
+            if made(target, source_sha256, cfg):
+                console.info(f"bench: reusing {target}, exported from this {checkpoint.name} "
                              f"as {fmt}")
                 done.append(Exported(checkpoint, fmt, target, reused=True))
                 continue
@@ -116,6 +119,35 @@ def export_all(
             console.warn(escape(f"export of {checkpoint.name} as {fmt} failed: {e}"))
             done.append(Exported(checkpoint, fmt, target, str(e), time.perf_counter() - start))
     return done
+
+
+def _engine_made_by_this_export(engine: Path, source_sha256: str, cfg) -> bool:
+    """Whether ``engine``'s sidecar says it was built from ``cfg``'s export of the same
+    checkpoint bytes, at its precision, by this TensorRT for this GPU (an engine runs on
+    the GPU model and TensorRT version that built it, and no other)."""
+    import json
+
+    from kdtool.export.engine import sidecar_path
+
+    try:
+        record = json.loads(sidecar_path(engine).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(record, dict) or not isinstance(record.get("kdtool"), dict):
+        return False
+    trt_version, gpu = tensorrt_and_gpu()
+    return (record["kdtool"].get("source_sha256") == source_sha256
+            and record.get("precision") == cfg.precision
+            and record.get("tensorrt_version") == trt_version and record.get("gpu") == gpu)
+
+
+def tensorrt_and_gpu() -> tuple[str, str]:
+    """This machine's TensorRT version and first GPU's name, as an engine's sidecar records
+    them (``kdtool.export.engine.build_engine``)."""
+    import tensorrt
+    import torch
+
+    return tensorrt.__version__, torch.cuda.get_device_name(0)
 
 
 def _made_by_this_export(onnx: Path, source_sha256: str, cfg) -> bool:

@@ -755,3 +755,41 @@ def test_a_model_backend_format_or_batch_given_twice_is_measured_once(cli, model
             "--backends", "torch-cpu,ort-cpu", "--batch", "1", *FAST, "--json")
     assert r.code == 0, r.err
     assert [e["format"] for e in r.json()["exports"]] == ["torch", "onnx"]
+
+
+def test_an_engine_built_from_this_checkpoint_for_this_gpu_and_tensorrt_is_reused(
+        models, tmp_path, monkeypatch):
+    """Engines take minutes to build: bench --export-dir reuses one whose sidecar says it
+    was built from the same checkpoint bytes and precision, by this TensorRT for this GPU."""
+    from kdtool.deploy import bench_export
+    from kdtool.export import pipeline
+    from kdtool.io import file_sha256
+
+    checkpoint = models["dir"] / "tiny.safetensors"
+    engine = tmp_path / "tiny.trt.engine"
+    engine.write_bytes(b"an engine")
+    record = {"tensorrt_version": "10.9.0", "gpu": "NVIDIA H100 80GB HBM3", "precision": "fp32",
+              "kdtool": {"source_sha256": file_sha256(checkpoint), "precision": "fp32"}}
+    (tmp_path / "tiny.trt.engine.json").write_text(json.dumps(record))
+    built = []
+    monkeypatch.setattr(backends, "backend_problem", lambda b: None)
+    monkeypatch.setattr(pipeline, "run_export", lambda cfg: built.append(cfg.onnx))
+    here = ("10.9.0", "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(bench_export, "tensorrt_and_gpu", lambda: here)
+
+    def export(force=False):
+        built.clear()
+        return bench_export.export_all(checkpoint, ["tensorrt"], tmp_path, None, force, None)[0]
+
+    ex = export()
+    assert ex.reused and ex.path == engine and built == []
+    assert export(force=True).reused is False and len(built) == 1
+    for other in (("10.13.0", here[1]), (here[0], "NVIDIA A100-SXM4-80GB")):
+        here = other  # another TensorRT, another GPU: the engine would not run; rebuilt
+        assert not export().reused and len(built) == 1
+    here = ("10.9.0", "NVIDIA H100 80GB HBM3")
+    record["kdtool"]["source_sha256"] = "0" * 64  # from other weights
+    (tmp_path / "tiny.trt.engine.json").write_text(json.dumps(record))
+    assert not export().reused and len(built) == 1
+    (tmp_path / "tiny.trt.engine.json").write_text("{not json")
+    assert not export().reused and len(built) == 1
