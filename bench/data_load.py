@@ -32,6 +32,10 @@ def main() -> None:
     args = parser.parse_args()
     cache_dir = args.cache_dir or Path(tempfile.mkdtemp(prefix="kdtool-bench-"))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    import resource  # peak RSS: what a first decode costs in memory beyond its pixels
+
+    start_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = None
     try:
         times, drawn = [], None
         if args.draw:  # first, while the cache holds no full decode of the zip
@@ -42,6 +46,7 @@ def main() -> None:
             start = time.perf_counter()
             data = load_data(str(args.zip), cache_dir=cache_dir)
             times.append(time.perf_counter() - start)
+            peak = peak or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     finally:
         if args.cache_dir is None:
             shutil.rmtree(cache_dir, ignore_errors=True)
@@ -50,6 +55,9 @@ def main() -> None:
           f"{data.num_classes} classes, {cores} cores")
     for label, t in zip(("first load (decode)", "second load (cache)"), times, strict=True):
         print(f"{label:20s} {t:7.2f} s  {n / t:12,.0f} img/s")
+    kib = 1 if sys.platform == "linux" else 1024  # ru_maxrss: KiB on Linux, bytes on macOS
+    print(f"peak RSS during the first load: {(peak - start_rss) / kib / 1024:,.0f} MiB above "
+          f"start-up, for {data.x.numel() / 2**20:,.0f} MiB of pixels")
     if drawn is not None:
         print(f"{'draw of ' + str(args.draw):20s} {drawn:7.2f} s  "
               f"({times[0] / drawn:.0f}x less than the first load)")

@@ -543,8 +543,8 @@ def _decode_in_worker(names: list[str]):
 
 
 def _decode_images(path: Path, names: list[str], is_zip: bool, channels, size,
-                   fit: Fit) -> np.ndarray:
-    """Decode ``names`` (files under a dir or members of a zip) into N x H x W x C uint8."""
+                   fit: Fit) -> torch.Tensor:
+    """Decode ``names`` (files under a dir or members of a zip) into N x C x H x W uint8."""
     workers = min(usable_cores(), 8)
     step = max(200, min(2000, len(names) // (workers * 8) + 1))
     chunks = [names[i:i + step] for i in range(0, len(names), step)]
@@ -563,22 +563,35 @@ def _decode_images(path: Path, names: list[str], is_zip: bool, channels, size,
             raise
 
 
-def _gather(path: Path, chunks: list[list[str]], results, channels) -> np.ndarray:
-    """Join decoded chunks as they arrive (with progress), checking that sizes agree."""
-    parts: list[np.ndarray] = []
-    with console.progress_task(f"decode {path.name}", sum(map(len, chunks)), unit="img") as advance:
+def _gather(path: Path, chunks: list[list[str]], results, channels) -> torch.Tensor:
+    """Copy decoded chunks as they arrive (with progress) into one N x C x H x W tensor,
+    checking that sizes agree. Filled in place: a decode peaks at the dataset's size plus a
+    chunk, not twice the dataset (chunks kept, then joined, then laid out channels-first)."""
+    total = sum(map(len, chunks))
+    out: torch.Tensor | None = None
+    first, done = None, 0
+    with console.progress_task(f"decode {path.name}", total, unit="img") as advance:
         for chunk, (x, mismatch) in zip(chunks, results, strict=True):
-            if mismatch is None and parts and x.shape[1:3] != parts[0].shape[1:3]:
-                mismatch = (chunks[0][0], parts[0].shape[1:3], chunk[0], x.shape[1:3])
+            if mismatch is None and first is not None and x.shape[1:3] != first[1]:
+                mismatch = (first[0], first[1], chunk[0], x.shape[1:3])
             if mismatch is not None:
                 a, sa, b, sb = mismatch
                 raise KdtoolError(f"images in {path} differ in size: {a} is {sa[1]} wide x "
                                   f"{sa[0]} high, {b} {sb[1]} wide x {sb[0]} high",
                                   "pass --image-size to resize them")
-            parts.append(x)
+            if out is None:
+                first = (chunk[0], x.shape[1:3])
+                out = torch.empty((total, channels or x.shape[3], *x.shape[1:3]),
+                                  dtype=torch.uint8)
+            elif x.shape[3] > out.shape[1]:  # colour after grey, images read as they are
+                out = out.expand(-1, x.shape[3], -1, -1).contiguous()
+            rows = torch.from_numpy(_promote(x, out.shape[1])).permute(0, 3, 1, 2)
+            out[done:done + len(x)] = rows
+            done += len(x)
             advance(len(chunk))
-    c = channels or max(x.shape[3] for x in parts)
-    return np.concatenate([_promote(x, c) for x in parts])
+    if out is None:
+        raise InternalError("no images to decode")
+    return out
 
 
 # ----------------------------------------------------------------------------- cache
@@ -624,8 +637,8 @@ def _load_images_cached(spec: str, path: Path, size, channels, fit: Fit,
     if draw is not None:  # decode the drawn files alone, and cache nothing
         index = draw.indices(len(names)).tolist()
         names, labels = [names[i] for i in index], [labels[i] for i in index]
-    data = _to_data(_decode_images(path, names, is_zip, channels, size, fit),
-                    np.array(labels, dtype=np.int64), classes, spec)
+    data = ImageData(_decode_images(path, names, is_zip, channels, size, fit),
+                     torch.tensor(labels, dtype=torch.int64), list(classes), spec)
     if draw is None and _write_cache(cache, data, str(path), json.dumps(variant)):
         _drop_superseded(cache, json.dumps(variant))
     return data

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 
 import numpy as np
 from PIL import Image
@@ -27,7 +28,11 @@ def decode(data: bytes, what: str = "the request body") -> Image.Image:
     if not data:
         raise RequestError(f"{what} is empty: no image bytes")
     try:
-        im = Image.open(io.BytesIO(data), formats=FORMATS)
+        with warnings.catch_warnings():
+            # kdtool's own limit, below PIL's, is checked next: PIL's warning on stderr for
+            # every such upload would only be noise
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=FORMATS)
         if im.width * im.height > MAX_PIXELS:
             raise RequestError(
                 f"{what} is {im.width}x{im.height}, over the "
@@ -36,6 +41,9 @@ def decode(data: bytes, what: str = "the request body") -> Image.Image:
         im.load()
     except RequestError:
         raise
+    except Image.DecompressionBombError:  # over twice PIL's limit: refused before its size
+        raise RequestError(f"{what} is over the {MAX_PIXELS // 1_000_000} megapixel limit"
+                           ) from None
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         reason = _BUFFER_REPR.sub("", reason)  # PIL names the in-memory buffer, not the data

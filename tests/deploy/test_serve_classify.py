@@ -218,3 +218,27 @@ def test_compressed_bodies_inflate_off_the_event_loop(rgb_server, monkeypatch):
         r = c.post(URL, content=gzip.compress(png), headers={"Content-Encoding": "gzip"})
     assert r.status_code == 200, r.text
     assert on_loop == [False]
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG of a few bytes whose header says it is ``width`` x ``height``: what a
+    decompression bomb sends."""
+    import struct
+    import zlib
+
+    png = bytearray(_bytes(Image.new("L", (1, 1))))
+    png[16:24] = struct.pack(">II", width, height)  # IHDR's data starts at byte 16
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    return bytes(png)
+
+
+@pytest.mark.parametrize("size", [(8001, 8001), (10800, 10000), (20000, 20000)])
+def test_images_over_the_megapixel_limit_are_refused_quietly_before_decoding(size):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(images.RequestError, match="over the 64 megapixel limit"):
+            images.decode(_png_header(*size), "image 'big.png'")
+    # PIL warns above its own limit (89 MP) and refuses above twice it: neither reaches stderr
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
