@@ -536,15 +536,11 @@ def check_accuracy(rows: list[dict], min_accuracy: float | None, max_drop: float
 def machine_info() -> dict[str, Any]:
     import os
     import platform
-    from importlib import metadata
 
-    from kdtool.runinfo import cpu_name, usable_cores
+    from kdtool.runinfo import cpu_name, package_versions, usable_cores
 
     cpu, usable = cpu_name(), usable_cores()
-    versions = {}
-    for pkg in ("torch", "onnxruntime", "onnxruntime-gpu", "tensorrt"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[pkg] = metadata.version(pkg)
+    versions = package_versions("torch", "onnxruntime", "onnxruntime-gpu", "tensorrt")
     return {
         "cpu": cpu,
         "cpu_count": os.cpu_count(),

@@ -53,6 +53,9 @@ class OnnxInfo:
     # "noise": exported from a distilled student never calibrated, so the graph normalises
     # with the noise's BN statistics; "" otherwise (and in files that predate the field).
     bn_running_stats: str = ""
+    # The software that wrote the graph (kdtool_version, its commit from a checkout, torch,
+    # onnx, onnxruntime): no time or command line, so one export run twice is one file.
+    exported_with: dict = field(default_factory=dict)
 
     @classmethod
     def from_meta(cls, meta, *, input_name: str, output_name: str, **fields) -> OnnxInfo:
@@ -213,3 +216,13 @@ def check_graph(info: OnnxInfo, inputs: Dims, outputs: Dims, source: str) -> Non
 def _shape(dims: list) -> str:
     return "[" + ", ".join(str(d) if isinstance(d, int) and d > 0 else "N" if i == 0 else "?"
                            for i, d in enumerate(dims)) + "]"
+
+
+def exporting_software() -> dict[str, str]:
+    """``OnnxInfo.exported_with`` for an export made by this process."""
+    import kdtool
+    from kdtool.runinfo import code_commit, package_versions
+
+    commit = code_commit()
+    return {"kdtool_version": kdtool.__version__, **({"kdtool_commit": commit} if commit else {}),
+            **package_versions("torch", "onnx", "onnxruntime", "onnxslim")}

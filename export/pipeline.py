@@ -27,7 +27,7 @@ from kdtool import console
 from kdtool.errors import KdtoolError, check_choice
 from kdtool.export.batch import DEFAULT_BATCH, BatchProfile, parse_batch
 from kdtool.export.formats import FORMATS, check_precision, onnx_format
-from kdtool.export.metadata import OnnxInfo, write_info
+from kdtool.export.metadata import OnnxInfo, exporting_software, write_info
 from kdtool.export.onnx_export import (
     DEFAULT_OPSET,
     EXPORTERS,
@@ -131,6 +131,7 @@ class _Job:
             folded=folded,
             opset=cfg.opset,
             max_batch=profile.max,
+            exported_with=exporting_software(),
         )
         self.reference = TorchRunner(self.model)
         self.batches, source = make_parity_batches(

@@ -52,6 +52,19 @@ def provenance(seed: int | None = None, metrics: dict | None = None,
     }
 
 
+def package_versions(*names: str) -> dict[str, str]:
+    """The installed versions of ``names`` (distribution names), leaving out the absent."""
+    from importlib import metadata
+
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
 def _machine(device: str | None, precision: str | None) -> dict[str, Any]:
     machine: dict[str, Any] = {"cpu": cpu_name(), "usable_cpus": usable_cores(),
                                "platform": platform.platform()}

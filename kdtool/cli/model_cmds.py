@@ -206,6 +206,9 @@ def _onnx_info(path: Path, as_json: bool) -> None:
                 ["output", f"'{r['output_name']}'"],
                 ["mean / std", f"{_fmt_list(r['mean'])} / {_fmt_list(r['std'])}"],
                 ["exported from", f"{r['source']} (sha256 {r['source_sha256'][:16]}...)"],
+                *([["exported with", ", ".join(f"{k} {v}" for k, v in
+                                               r["exported_with"].items())]]
+                  if r["exported_with"] else []),
                 *([["BN running stats", "noise statistics: never calibrated"]]
                   if r["bn_running_stats"] == "noise" else []),
                 ["file", f"{r['bytes']:,} bytes, sha256 {r['sha256'][:16]}..."]]

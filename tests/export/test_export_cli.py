@@ -44,6 +44,13 @@ def test_metadata_round_trips(fp32_export, digits_teacher):
     with OrtRunner(path) as runner:
         assert runner.info == info  # ONNX Runtime's custom metadata map carries the same
     assert result["onnx_export"]["opset"] == 18 and result["onnx_export"]["exporter"] == "dynamo"
+    from importlib import metadata
+
+    import kdtool
+
+    assert info.exported_with["kdtool_version"] == kdtool.__version__
+    assert info.exported_with["torch"] == metadata.version("torch")
+    assert info.exported_with["onnx"] == onnx.__version__
 
 
 def test_info_reads_the_onnx_metadata_and_checkpoint_stages_refuse_onnx(cli, int8_export,
@@ -58,6 +65,7 @@ def test_info_reads_the_onnx_metadata_and_checkpoint_stages_refuse_onnx(cli, int
     monkeypatch.setenv("COLUMNS", "200")
     out = cli("info", path).out
     assert "ONNX, int8, opset 18, batch dynamic" in out and "int8 calib_method" in out
+    assert f"onnx {onnx.__version__}" in out  # exported with
     r = cli("calibrate", path, "--data", "digits")
     assert r.code == 1 and "is an ONNX model, not a kdtool checkpoint" in r.err
     assert "kdtool eval FILE.onnx" in r.err and "Traceback" not in r.err
