@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from kdtool.errors import InternalError, KdtoolError, check_choice, check_threads
+from kdtool.errors import InternalError, KdtoolError, check_choice, check_threads, message_line
 from kdtool.export.formats import GPU_EXTRA_HINT
 from kdtool.export.ort_session import ORT_TARGETS
 from kdtool.io import require_file
@@ -356,10 +356,10 @@ def make_runner(model: BenchModel, backend: str, threads: int | None = None,
                 )
             else:
                 inner = runners.TrtRunner(model.path)
-    except KdtoolError as e:
+    except BaseException as e:  # the thread count is process-wide: never left changed
         if restore is not None:
             restore()
-        if backend in ("torch-cpu", "ort-cpu"):
+        if not isinstance(e, KdtoolError) or backend in ("torch-cpu", "ort-cpu"):
             raise
         raise BackendUnavailable(str(e)) from e
     return BenchRunner(inner, backend, restore)
@@ -372,7 +372,8 @@ PROGRAMMING_ERRORS = (AttributeError, NameError, TypeError, KeyError, IndexError
 
 
 def first_line(e: BaseException) -> str:
-    text = str(e).strip()
+    """A row's reason: a user error's own line, else the exception's type and line."""
+    text = message_line(e)
     if isinstance(e, KdtoolError):
-        return text.splitlines()[0]
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

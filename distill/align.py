@@ -4,7 +4,8 @@ Noise distillation works because a BN teacher re-standardises every channel with
 statistics of the noise batch: the samples of a batch are coupled, and each channel
 reaches the next layer at the scale it was trained for. GroupNorm, LayerNorm and
 InstanceNorm normalise each sample alone, so a noise batch gets no such correction.
-Following NormShift-KD's batch-alignment idea (REFERENCE.md), ``batch_aligned`` makes
+Following the batch-alignment idea of NormShift-KD ("Breaking BatchNorm Barriers for
+Noise-driven Data Free Knowledge Distillation", under review 2026), ``batch_aligned`` makes
 each such layer, while the teacher answers, standardise its normalised output per
 channel over the batch (as BN does) before its own affine transform:
 

@@ -1,7 +1,8 @@
 """Class-balanced noise: the teacher's predicted classes count evenly.
 
 A BN teacher fed Gaussian noise predicts a few classes far more often than the
-others (NormShift-KD, REFERENCE.md), so the student hears little about the
+others (NormShift-KD: "Breaking BatchNorm Barriers for Noise-driven Data Free
+Knowledge Distillation", under review 2026), so the student hears little about the
 rest.  Two remedies (``--balance``):
 
 - ``reject``: ``BalancedNoise`` draws ``oversample`` x n candidates, asks the

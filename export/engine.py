@@ -124,19 +124,20 @@ def build_engine(
     gpu = torch.cuda.get_device_name(0)
 
     source = onnx_path
-    if precision == "int8":
-        model = onnx.load(str(onnx_path))
-        if fold_bias_dequantize(model):
-            source = engine_path.with_suffix(".trt-input.onnx")
-            onnx.save(model, str(source))
-
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    # 0: explicit batch (the only mode since 10); strongly typed is implied on 11, where
-    # the STRONGLY_TYPED creation flag is deprecated and ignored.
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
     try:
+        if precision == "int8":
+            model = onnx.load(str(onnx_path))
+            if fold_bias_dequantize(model):
+                # Named as the engine's temporary is (it is one): a killed build's copy is
+                # removed by a later write of the engine (kdtool.io.remove_left_behind).
+                source = engine_path.with_name(engine_path.name + ".trt-input.tmp")
+                onnx.save(model, str(source))
+        logger = trt.Logger(trt.Logger.WARNING)
+        builder = trt.Builder(logger)
+        # 0: explicit batch (the only mode since 10); strongly typed is implied on 11, where
+        # the STRONGLY_TYPED creation flag is deprecated and ignored.
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(str(source)):
             errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
             raise KdtoolError(

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdtool.errors import KdtoolError
+from kdtool.errors import KdtoolError, message_line
 from kdtool.imageprep import record_problems
 from kdtool.io import require_file
 
@@ -154,7 +154,7 @@ def load_proto(path: str | Path):
     try:
         return onnx.load(str(path), load_external_data=False)
     except Exception as e:  # onnx raises DecodeError, ValueError, ... for foreign files
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = message_line(e) or type(e).__name__
         from kdtool.export.ort_session import load_hint
 
         raise KdtoolError(

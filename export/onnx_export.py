@@ -15,7 +15,7 @@ import warnings
 
 import torch
 
-from kdtool.errors import KdtoolError, check_choice
+from kdtool.errors import KdtoolError, check_choice, message_line
 from kdtool.export.batch import BatchProfile
 from kdtool.interrupts import raise_if_interrupted
 
@@ -70,7 +70,7 @@ def export_onnx(
         raise
     except Exception as e:  # the exporters raise many types for untraceable code
         raise_if_interrupted(e)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = message_line(e) or type(e).__name__
         other = "torchscript" if exporter == "dynamo" else "dynamo"
         raise KdtoolError(
             f"torch.onnx ({exporter} exporter) cannot export the model: {first}",
@@ -136,7 +136,7 @@ def _slim(proto):
     except Exception as e:  # a graph onnxslim cannot simplify: --no-slim exports it as is
         raise_if_interrupted(e)
         raise KdtoolError(f"onnxslim failed to simplify the graph: {type(e).__name__}: "
-                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+                          f"{message_line(e)}",
                           "export with --no-slim") from e
     return slimmed, f"onnxslim {getattr(onnxslim, '__version__', '')}".strip()
 
@@ -149,6 +149,6 @@ def _check(proto, what: str) -> None:
     # full_check runs shape inference too, whose errors are not ValidationErrors
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise KdtoolError(
-            f"the {what} ONNX graph fails onnx.checker: {str(e).strip().splitlines()[0]}",
+            f"the {what} ONNX graph fails onnx.checker: {message_line(e)}",
             "try --no-slim or --exporter torchscript, and report it",
         ) from e

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdtool.errors import KdtoolError, check_choice
+from kdtool.errors import KdtoolError, check_choice, message_line
 from kdtool.export.formats import GPU_EXTRA_HINT
 from kdtool.io import require_file
 
@@ -144,7 +144,7 @@ def open_session(
     try:
         session = ort.InferenceSession(source, options, providers=names)
     except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = message_line(e) or type(e).__name__
         raise KdtoolError(f"ONNX Runtime cannot load '{path}': {reason}", load_hint(path)) from e
     # A provider whose libraries fail to load is dropped with only a log line: refuse it.
     active = session.get_providers()

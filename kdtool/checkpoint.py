@@ -27,7 +27,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from kdtool import console
-from kdtool.errors import KdtoolError
+from kdtool.errors import KdtoolError, message_line
 from kdtool.imageprep import Fit, parse_resize, record_problems
 from kdtool.io import atomic_write_bytes, check_output, require_file
 from kdtool.models import check_input_size, create_model, model_spec
@@ -417,6 +417,8 @@ def load_tensors_only(path: Path, cannot: str, hint: str) -> Any:
         with warnings.catch_warnings():  # its note on pickle protocols is not for users
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:  # not the file's fault: main says what to shrink
+        raise
     except Exception as e:  # torch raises many types for bad pickles and refused globals
         text = str(e)
         refused = _REFUSED_GLOBAL.search(text)
@@ -430,7 +432,7 @@ def load_tensors_only(path: Path, cannot: str, hint: str) -> Any:
                 f"'{path}' is a pickle that torch's tensors-only loader cannot read"
                 + (f" ({detail.group(1).strip()})" if detail else "")
                 + ": kdtool never unpickles a file (it could run any code)", hint) from e
-        raise KdtoolError(f"{cannot}: {(text.splitlines() or [type(e).__name__])[0]}",
+        raise KdtoolError(f"{cannot}: {message_line(e) or type(e).__name__}",
                           hint) from e
 
 

@@ -47,7 +47,7 @@ import torch
 from PIL import Image
 
 from kdtool import console
-from kdtool.errors import InternalError, KdtoolError, check_choice, suggest
+from kdtool.errors import InternalError, KdtoolError, check_choice, message_line, suggest
 from kdtool.imagefiles import (
     DECODE_ERRORS,
     IMAGE_EXTS,
@@ -647,7 +647,7 @@ def _load_images_cached(spec: str, path: Path, size, channels, fit: Fit,
 def _read_cache(cache: Path, source: str) -> tuple[torch.Tensor, torch.Tensor, list[str]] | None:
     if not cache.is_file():
         return None
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(cache), framework="pt") as f:
@@ -662,8 +662,10 @@ def _read_cache(cache: Path, source: str) -> tuple[torch.Tensor, torch.Tensor, l
         if meta["crc32"] != _crc32(x, y):  # flipped bytes would train on wrong pixels
             raise ValueError("checksum mismatch")
         return x, y, [str(n) for n in names]
-    except Exception as e:  # any damage to the file: rebuild instead of failing the run
-        why = str(e).strip().split("\n")[0][:120] if isinstance(e, ValueError) else ""
+    # Any damage to the file (unreadable, not safetensors, metadata or tensors not as
+    # written): rebuild instead of failing the run. Anything else is a bug, and says so.
+    except (OSError, SafetensorError, ValueError, KeyError, TypeError, InternalError) as e:
+        why = message_line(e, 120) if isinstance(e, ValueError) else ""
         console.warn(f"ignoring cache file {cache} ({type(e).__name__}{': ' * bool(why)}"
                      f"{why}); rebuilding")
         return None

@@ -35,6 +35,13 @@ class InternalError(RuntimeError):
 _SYNONYMS = (("gpu", "cuda"), ("nvidia", "cuda"), ("tensorrt", "trt"))
 
 
+def message_line(e: BaseException, limit: int | None = None) -> str:
+    """The first line of ``e``'s message ('' when it has none), cut at ``limit`` characters:
+    libraries' messages run to paragraphs, and a user error is one line."""
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else "")[:limit]
+
+
 def suggest(value: str, choices: Iterable[str]) -> str | None:
     """The closest of ``choices`` to a mistyped ``value``, or None."""
     choices = list(choices)

@@ -62,18 +62,30 @@ def predict(
     ctx = batch_stats(model) if bn == "current" else nullcontext()
     bar = (console.progress_task("evaluate", len(loader), unit="batch", transient=not lasting)
            if progress else nullcontext(lambda n=1, info=None: None))
+    if bn == "current" and len(data) < 2:  # one image has no batch statistics
+        raise KdtoolError(f"--bn current needs 2 or more images, and '{data.source}' has "
+                          f"{len(data)}", "evaluate more images, or use --bn running")
+
+    def run(x: torch.Tensor, idx: torch.Tensor, batches: int) -> None:
+        out = model(x).float()
+        if tta == "flip":
+            out = (out + model(x.flip(-1)).float()) / 2
+        logits.append(out.cpu())
+        indices.append(idx.cpu())
+        advance(batches)
+
     with bar as advance, ctx, autocast_for(device):
-        for x, y, idx in loader.epoch(0, with_index=True):
-            if bn == "current" and len(y) == 1:
-                # one image has no batch statistics; BN would divide by zero variance
-                raise KdtoolError("--bn current needs batches of 2 or more images",
-                                  "choose a --batch-size that does not leave one image over")
-            out = model(x).float()
-            if tta == "flip":
-                out = (out + model(x.flip(-1)).float()) / 2
-            logits.append(out.cpu())
-            indices.append(idx.cpu())
-            advance()
+        held = None  # each batch waits for the next: a last batch of one image joins it
+        for x, _, idx in loader.epoch(0, with_index=True):
+            if held is not None and bn == "current" and len(idx) == 1:
+                # one image has no batch statistics (BN would divide by a zero variance):
+                # 257 images at batch 256 run as one batch of 257
+                held = (torch.cat([held[0], x]), torch.cat([held[1], idx]), 2)
+                continue
+            if held is not None:
+                run(*held)
+            held = (x, idx, 1)
+        run(*held)
     ordered = torch.empty(len(data), logits[0].shape[1])
     ordered[torch.cat(indices)] = torch.cat(logits)
     return ordered, data.y.clone()

@@ -162,7 +162,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it over ``path``.
 
     A crash or an exception leaves the old file (or nothing) in place, never a
-    half-written one: the rename is atomic within a filesystem.
+    half-written one: the rename is atomic within a filesystem, and the file's bytes
+    reach the disk before it (fsync), then the rename itself (the folder's fsync), so a
+    power loss cannot leave the new name on an empty or partial file either.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -178,7 +180,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         # temp file (safetensors' save_file): outputs get the permissions of any new file
         # (umask), so a shared dataset cache stays readable by the others who share it.
         tmp.chmod(0o666 & ~umask)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     except OSError as e:
         if e.filename is None:  # writers of bytes (safetensors, onnx) say "disk full", not where
             e.filename = str(path)
@@ -187,11 +191,24 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') writes to the disk. A folder cannot be
+    opened for that on Windows, nor a file some filesystems: those go without."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

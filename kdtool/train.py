@@ -1,8 +1,8 @@
 """``kdtool train``: supervised training of a teacher on real data.
 
 Fast default: SGD + Nesterov with a one-cycle schedule; the paper's recipe:
-Adam 1e-3 + ReduceLROnPlateau.  On CUDA: bf16 autocast, channels_last and
-augmentation on the GPU.  The run state is saved after every epoch and
+Adam 1e-3 + ReduceLROnPlateau.  Channels-last steps on every device; on CUDA also bf16
+autocast and augmentation on the GPU.  The run state is saved after every epoch and
 ``--resume`` continues exactly; the best-by-validation model is the output.
 """
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kdtool.deploy.server.protocol import RequestError
+from kdtool.errors import message_line
 
 log = logging.getLogger("kdtool.serve")
 
@@ -222,7 +223,7 @@ class DynamicBatcher:
     def _deliver(self, items, size, y, error, t_start: float, t_end: float) -> None:
         if error is not None:
             if not isinstance(error, InferenceFailed):
-                reason = str(error).splitlines()[0][:300] if str(error) else ""
+                reason = message_line(error, 300)
                 error = InferenceFailed(f"inference failed: {type(error).__name__}: {reason}")
             for item in items:
                 if not item.future.done():

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from kdtool.deploy.server.protocol import RequestError
+from kdtool.errors import message_line
 from kdtool.imagefiles import decode_error_text
 from kdtool.imageprep import Fit, to_array
 
@@ -39,13 +40,13 @@ def decode(data: bytes, what: str = "the request body") -> Image.Image:
                 f"{MAX_PIXELS // 1_000_000} megapixel limit"
             )
         im.load()
-    except RequestError:
+    except (RequestError, MemoryError):  # a full server is not a bad image
         raise
     except Image.DecompressionBombError:  # over twice PIL's limit: refused before its size
         raise RequestError(f"{what} is over the {MAX_PIXELS // 1_000_000} megapixel limit"
                            ) from None
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
-        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        reason = message_line(e, 200) or type(e).__name__
         reason = _BUFFER_REPR.sub("", reason)  # PIL names the in-memory buffer, not the data
         raise RequestError(
             f"{what} is not a decodable image ({', '.join(FORMATS)}): {reason}"

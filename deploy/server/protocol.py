@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from kdtool.errors import message_line
+
 V2_TO_NP: dict[str, type] = {
     "BOOL": np.bool_,
     "UINT8": np.uint8,
@@ -250,7 +252,7 @@ def _json_numbers(data: list, dtype: np.dtype, name: str, count: int) -> np.ndar
     try:
         raw = np.array(data)  # None -> object; mixed bool/number promotes to number
     except (ValueError, TypeError, OverflowError) as e:
-        refuse(str(e).splitlines()[0][:200])
+        refuse(message_line(e, 200))
     found = _first_bool(data, raw)
     if found:
         refuse(f"true/false are not numbers (found {found})")

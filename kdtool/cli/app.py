@@ -20,7 +20,7 @@ except ImportError:  # older typer runs on click itself
 from kdtool import __version__, console
 from kdtool.cli.helpfmt import negatives_in_descriptions
 from kdtool.cli.hints import FOREIGN_OPTIONS, MODEL_ARGUMENTS, MODEL_OPTIONS, foreign_option_hint
-from kdtool.errors import ENVIRONMENT_ERRNOS, KdtoolError
+from kdtool.errors import ENVIRONMENT_ERRNOS, KdtoolError, message_line
 from kdtool.interrupts import Stopped, describe, sigterm_as_interrupt
 from kdtool.runinfo import set_command_line
 
@@ -180,11 +180,13 @@ def _bound_numbers(param) -> None:
     param.process_value = bounded
 
 
-def _hide_flag_types(command) -> None:
-    """A flag takes no value: newer typer labels it <bool> in --help, which reads as if
-    '--force true' were the way to pass it."""
+def _prepare_params(command) -> None:
+    """Every option of ``command`` and its subcommands, as kdtool presents and checks them:
+    flags shown without a type (newer typer labels them <bool>, which reads as if
+    '--force true' were the way to pass one), list options naming their items, and every
+    number bounded (finite, within an int32: _bound_numbers)."""
     for sub in (getattr(command, "commands", None) or {}).values():
-        _hide_flag_types(sub)
+        _prepare_params(sub)
     for param in command.params:
         if getattr(param, "is_flag", False) and param.metavar is None:
             param.metavar = ""
@@ -243,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     set_command_line(sys.argv[1:] if argv is None else argv)
     _reflow_help(app)
     command = typer.main.get_command(app)
-    _hide_flag_types(command)
+    _prepare_params(command)
     _carry_interrupts(command)
     console.reset()
     try:
@@ -287,7 +289,7 @@ def _out_of_memory(e: BaseException) -> bool:
 
 def _first_line(e: BaseException) -> str:
     """The allocation failure in a line (torch's starts with a C++ source location)."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = message_line(e)
     return re.sub(r"^\[enforce fail at [^\]]*\]\s*", "", text)[:300]
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from kdtool.errors import KdtoolError, check_choice
+from kdtool.errors import KdtoolError, check_choice, message_line
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def check_input_size(model: nn.Module, name: str, in_chans: int, size: tuple[int
             if native == tuple(size):
                 raise
             forward(native)  # a bug if this fails too: it raises as it is
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = message_line(e) or type(e).__name__
             raise KdtoolError(
                 f"{name} cannot take {in_chans}x{size[0]}x{size[1]} images ({first}); it "
                 f"works at its own {native[0]}x{native[1]}", fix) from e

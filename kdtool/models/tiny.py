@@ -2,7 +2,8 @@
 
 ``tiny_cnn`` (1.6K params) builds, trains and exports in milliseconds;
 ``cnn3`` is a 3-conv network, the kind of small BN teacher the method's CPU
-figures on digits use (REFERENCE.md, "Measured here").
+figures on digits use (the project's reference figures: a 3-conv teacher at 99.5%
+distilled into an 8-channel student).
 """
 
 from __future__ import annotations

@@ -307,3 +307,51 @@ def test_every_onnx_row_of_the_export_table_has_its_precision_step():
     onnx_rows = {name for name, f in FORMATS.items() if f.suffix == ".onnx"}
     assert set(PRECISION_STEPS) == onnx_rows == set(ONNX_FORMAT_BY_PRECISION.values())
     assert PRECISION_STEPS["onnx"] is None  # FP32 is the checked export itself
+
+
+@pytest.mark.parametrize("fails_at", ["builder", "parser"])
+def test_an_int8_engine_build_that_fails_leaves_no_copy_of_its_graph(tmp_path, monkeypatch,
+                                                                     fails_at):
+    """An INT8 graph goes to TensorRT as a copy with float biases; a build that fails (or a
+    killed one, whose copy is named as a temporary of the engine) leaves no copy behind."""
+    import types
+
+    import kdtool.export.engine as engine_mod
+    import kdtool.export.formats as formats_mod
+    import kdtool.export.precision as precision_mod
+    from kdtool.io import temp_prefix
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])])
+    onnx_path = tmp_path / "m.int8.onnx"
+    onnx.save(helper.make_model(graph), str(onnx_path))
+
+    class Refused(Exception):
+        pass
+
+    def builder(logger):
+        if fails_at == "builder":
+            raise Refused("no GPU for the builder")
+        return types.SimpleNamespace(create_network=lambda flags: object())
+
+    class Parser:
+        def __init__(self, network, logger):
+            pass
+
+        def parse_from_file(self, path):
+            assert Path(path).is_file() and Path(path).name.endswith(".tmp")
+            raise Refused("parser crashed")
+
+    trt = types.SimpleNamespace(__version__="10.9.0", Logger=lambda level: None, Builder=builder,
+                                OnnxParser=Parser)
+    trt.Logger.WARNING = 2
+    monkeypatch.setattr(formats_mod, "require", lambda *a, **k: None)
+    monkeypatch.setattr(engine_mod, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
+    monkeypatch.setattr(precision_mod, "fold_bias_dequantize", lambda model: 1)
+    engine_tmp = tmp_path / f"{temp_prefix('m.engine')}abc.tmp"  # as export passes it
+    with pytest.raises(Refused):
+        engine_mod.build_engine(onnx_path, engine_tmp, precision="int8",
+                                profile=parse_batch("1:8:16"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.int8.onnx"]

@@ -582,3 +582,12 @@ def test_documented_bench_scripts_and_tests_exist():
         "tests/kdtool/test_cli.py::test_nope"]
     for doc in ("README.md", "docs/BENCHMARKS.md", "docs/RESULTS.md"):
         assert _broken_references((root / doc).read_text(), root) == [], doc
+
+
+def test_a_message_line_is_the_first_line_of_any_exception():
+    from kdtool.errors import message_line
+
+    assert message_line(ValueError("one\ntwo")) == "one"
+    assert message_line(ValueError("\n  padded\nmore")) == "padded"
+    assert message_line(ValueError()) == "" and message_line(ValueError("   ")) == ""
+    assert message_line(ValueError("x" * 500), 200) == "x" * 200

@@ -8,6 +8,7 @@ import torch
 from kdtool.bn import batch_stats
 from kdtool.checkpoint import load_checkpoint
 from kdtool.data import ImageData, load_data
+from kdtool.errors import KdtoolError
 from kdtool.evaluate import accuracy_report, predict, wilson_interval
 
 
@@ -148,3 +149,32 @@ def test_eval_runs_nhwc_and_scores_what_nchw_scores(cli, digits_teacher, monkeyp
     model, meta = real(digits_teacher)
     logits, labels = predict(model, load_data("digits:test", channels=1), meta.mean, meta.std)
     assert r.json()["top1"] == 100.0 * int((logits.argmax(1) == labels).sum()) / len(labels)
+
+
+@pytest.mark.parametrize("tta", ["none", "flip"])
+def test_a_last_batch_of_one_image_joins_the_batch_before_it(digits_teacher, tta):
+    """360 images at batch 359 (as 257 --val images at distill's batch 256): one image has no
+    batch statistics, so it runs with the batch before it, which here is all the images."""
+    model, meta = load_checkpoint(digits_teacher)
+    data = load_data("digits:test", channels=1)
+    args = dict(mean=meta.mean, std=meta.std, bn="current", seed=3, tta=tta)
+    ragged, labels = predict(model, data, batch_size=359, **args)
+    whole, _ = predict(model, data, batch_size=360, **args)
+    torch.testing.assert_close(ragged, whole, rtol=1e-5, atol=1e-5)
+    assert torch.equal(labels, data.y)
+    with pytest.raises(KdtoolError, match="needs 2 or more images, and 'digits:test' has 1"):
+        predict(model, data.subset(slice(0, 1)), batch_size=256, **args)
+
+
+def test_distill_validates_on_a_set_one_image_over_a_batch(digits_teacher, tmp_path):
+    """--val of 257 images at the validation batch of 256 once failed after an epoch."""
+    import numpy as np
+
+    from kdtool.distill.loop import DistillConfig, DistillRun
+
+    test = load_data("digits:test")
+    np.savez(tmp_path / "val257.npz", x=test.x[:257, 0].numpy(), y=test.y[:257].numpy())
+    cfg = DistillConfig(teacher=str(digits_teacher), student="tiny_cnn", epochs=1,
+                        iters_per_epoch=2, batch_size=32, val=str(tmp_path / "val257.npz"))
+    r = DistillRun(cfg, tmp_path / "s.safetensors").run()
+    assert r["val_images"] == 257 and 0 <= r["val_top1_current"] <= 100

@@ -131,3 +131,32 @@ def test_temporaries_left_by_a_killed_writer_are_removed_by_the_next_write(tmp_p
     atomic_write_text(tmp_path / "m.safetensors", "new")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["m.safetensors", *(p.name for p in kept)])
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names fds through /proc")
+def test_an_output_reaches_the_disk_before_its_name_and_its_name_after(tmp_path, monkeypatch):
+    """fsync of the written temporary, then the rename, then the folder's fsync: a power loss
+    leaves the old file or the whole new one under the name, never an empty one."""
+    import os
+
+    from kdtool.io import atomic_path
+
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("fsync " + os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "model.safetensors"
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(b"weights")
+        written = tmp.name
+    assert events == [f"fsync {written}", "rename", f"fsync {tmp_path.name}"]
+    assert out.read_bytes() == b"weights"
