@@ -281,16 +281,7 @@ class DistillRun:
                 with autocast_for(dev, self.precision):
                     s_logits, t_logits, terms = step_fn(x)
                 loss = sum(terms.values())
-            with record_function("distill/backward"):
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-            lr = opt.param_groups[0]["lr"]
-            with record_function("distill/optimizer"):
-                opt.step()
-                if per_step:
-                    sched.step()
-                if self.ema is not None:
-                    self.ema.update()
+            lr = optim.update(loss, opt, sched, per_step, self.ema, phase="distill")
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0) + v.detach()
             t_pred = t_logits.argmax(1)

@@ -259,14 +259,7 @@ class Trainer:
             with autocast_for(self.device, self.precision):
                 logits = model(x)
                 loss = criterion(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            lr = opt.param_groups[0]["lr"]  # the rate this step used
-            opt.step()
-            if step_sched:
-                sched.step()
-            if ema is not None:
-                ema.update()
+            lr = optim.update(loss, opt, sched, step_sched, ema, phase="train")
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)

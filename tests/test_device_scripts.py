@@ -93,4 +93,6 @@ def test_the_distill_script_runs_end_to_end_at_toy_scale(tmp_path):
     assert "rc=0" in r.stdout and all(line.startswith("rc=0")
                                       for line in r.stdout.splitlines() if line.startswith("rc="))
     assert "| gaussian, running BN (baseline) |" in r.stdout
+    for phase in ("noise", "forward", "backward", "optimizer"):  # the profile's labels
+        assert f'"{phase}": {{"cpu_ms"' in r.stdout, phase
     assert (tmp_path / "out" / "cifar_curves.png").is_file()
