@@ -1,9 +1,9 @@
 """The ASGI app: Open Inference Protocol routes, ``/classify``, ``/metrics``.
 
-Plain Starlette routes (no pydantic on the hot path).  Every handler is wrapped by
-``endpoint(label)``, which checks the API key, turns ``RequestError`` into its status with
-``{"error": ...}``, turns anything unexpected into a logged 500, and records the
-request in the Prometheus metrics.
+Plain Starlette routes (no pydantic on the hot path), one ``_Server`` method each.  Every
+handler is marked ``endpoint(label)`` and wrapped when routed: the wrapper checks the API
+key, turns ``RequestError`` into its status with ``{"error": ...}``, turns anything
+unexpected into a logged 500, and records the request in the Prometheus metrics.
 """
 
 from __future__ import annotations
@@ -60,57 +60,112 @@ def error_response(message: str, status: int) -> Response:
 
 
 def create_app(model: OnnxModel, config: ServerConfig | None = None) -> Starlette:
-    config = config or ServerConfig()
-    metrics = Metrics(model.name, model.providers)
-    batcher = DynamicBatcher(
-        model.run,
-        max_batch=config.max_batch,
-        max_delay_s=config.max_delay_ms / 1000,
-        max_queue=config.max_queue,
-        fixed_batch=model.fixed_batch,
-        metrics=metrics,
-        workers=config.workers,
+    server = _Server(model, config or ServerConfig())
+    app = Starlette(
+        routes=server.routes(),
+        lifespan=server.lifespan,
+        exception_handlers={Exception: server.unhandled, 404: server.http_error,
+                            405: server.http_error},
     )
-    body_limit = int(config.max_body_mb * 1024 * 1024)
-    api_key = config.api_key.encode() if config.api_key else None
+    app.state.model, app.state.batcher, app.state.metrics = model, server.batcher, server.metrics
+    return app
 
-    def authorized(request: Request) -> bool:
-        if api_key is None:
+
+def endpoint(label: str, auth: bool = True):
+    """Mark a ``_Server`` method as a route handler whose requests count under ``label`` in
+    the metrics; ``auth``: behind the API key (health checks are not)."""
+    def mark(handler):
+        handler.endpoint = (label, auth)
+        return handler
+
+    return mark
+
+
+class _Server:
+    """One model's routes, its batcher and metrics."""
+
+    def __init__(self, model: OnnxModel, config: ServerConfig):
+        self.model, self.config = model, config
+        self.metrics = Metrics(model.name, model.providers)
+        self.batcher = DynamicBatcher(
+            model.run,
+            max_batch=config.max_batch,
+            max_delay_s=config.max_delay_ms / 1000,
+            max_queue=config.max_queue,
+            fixed_batch=model.fixed_batch,
+            metrics=self.metrics,
+            workers=config.workers,
+        )
+        self.body_limit = int(config.max_body_mb * 1024 * 1024)
+        self.api_key = config.api_key.encode() if config.api_key else None
+
+    def routes(self) -> list[Route]:
+        h = self._wrapped
+        routes = [
+            Route("/v2/health/live", h(self.live)),
+            Route("/v2/health/ready", h(self.ready)),
+            Route("/v2", h(self.server_metadata)),
+            Route("/metrics", h(self.prometheus)),
+        ]
+        for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+            routes += [
+                Route(prefix, h(self.model_metadata)),
+                Route(prefix + "/ready", h(self.model_ready)),
+                Route(prefix + "/infer", h(self.infer), methods=["POST"]),
+                Route(prefix + "/classify", h(self.classify), methods=["POST"]),
+            ]
+        return routes
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app):
+        await self.batcher.start()
+        try:
+            yield
+        finally:
+            await self.batcher.close()  # uvicorn has finished the in-flight requests by now
+
+    # ------------------------------------------------------------------ request plumbing
+
+    def _wrapped(self, handler):
+        """``handler`` behind the API key (unless its endpoint says otherwise), with
+        ``RequestError`` as its status and ``{"error": ...}``, anything unexpected as a
+        logged 500, and the request counted and timed in the metrics."""
+        label, auth = handler.endpoint
+
+        async def run(request: Request) -> Response:
+            t0 = time.perf_counter()
+            try:
+                if auth and not self._authorized(request):
+                    raise RequestError(
+                        "missing or wrong API key: send the header "
+                        "'Authorization: Bearer <key>'",
+                        401,
+                    )
+                response = await handler(request)
+            except RequestError as e:
+                response = error_response(e.message, e.status)
+            except InferenceFailed as e:
+                response = error_response(str(e), 500)
+            except Exception as e:  # a bug: log it, answer 500, keep serving
+                log.exception("unexpected error on %s %s", request.method, request.url.path)
+                response = error_response(
+                    f"internal server error ({type(e).__name__}); see the server log", 500
+                )
+            self.metrics.requests.labels(label, str(response.status_code)).inc()
+            self.metrics.latency.labels(label).observe(time.perf_counter() - t0)
+            return response
+
+        return run
+
+    def _authorized(self, request: Request) -> bool:
+        if self.api_key is None:
             return True
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key)
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
+                                                                  self.api_key)
 
-    def endpoint(label: str, auth: bool = True):
-        def wrap(handler):
-            async def run(request: Request) -> Response:
-                t0 = time.perf_counter()
-                try:
-                    if auth and not authorized(request):
-                        raise RequestError(
-                            "missing or wrong API key: send the header "
-                            "'Authorization: Bearer <key>'",
-                            401,
-                        )
-                    response = await handler(request)
-                except RequestError as e:
-                    response = error_response(e.message, e.status)
-                except InferenceFailed as e:
-                    response = error_response(str(e), 500)
-                except Exception as e:  # a bug: log it, answer 500, keep serving
-                    log.exception("unexpected error on %s %s", request.method, request.url.path)
-                    response = error_response(
-                        f"internal server error ({type(e).__name__}); see the server log", 500
-                    )
-                metrics.requests.labels(label, str(response.status_code)).inc()
-                metrics.latency.labels(label).observe(time.perf_counter() - t0)
-                return response
-
-            return run
-
-        return wrap
-
-    def check_model(request: Request) -> None:
-        name = request.path_params["model"]
+    def _check_model(self, request: Request) -> None:
+        name, model = request.path_params["model"], self.model
         if name != model.name:
             raise RequestError(f"unknown model '{name}'; this server serves '{model.name}'", 404)
         version = request.path_params.get("version")
@@ -119,27 +174,28 @@ def create_app(model: OnnxModel, config: ServerConfig | None = None) -> Starlett
                 f"model '{name}' has no version '{version}'; it has version '1'", 404
             )
 
-    async def read_body(request: Request) -> bytes:
+    async def _read_body(self, request: Request) -> bytes:
         """The body, at most --max-body-mb, decompressed as its Content-Encoding says.
 
         Every route that reads a body goes through here, so that /infer and /classify
         (raw or multipart) take gzip/deflate alike and refuse what is over the limit
         before and after decompressing (a zip bomb stops at the limit: 413).
         """
+        limit_mb, limit = self.config.max_body_mb, self.body_limit
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > body_limit:
+        if declared is not None and declared.isdigit() and int(declared) > limit:
             raise RequestError(
                 f"request body of {int(declared)} bytes is over the "
-                f"{config.max_body_mb:g} MB limit (--max-body-mb)",
+                f"{limit_mb:g} MB limit (--max-body-mb)",
                 413,
             )
         chunks, size = [], 0
         try:
             async for chunk in request.stream():
                 size += len(chunk)
-                if size > body_limit:
+                if size > limit:
                     raise RequestError(
-                        f"request body is over the {config.max_body_mb:g} MB limit (--max-body-mb)",
+                        f"request body is over the {limit_mb:g} MB limit (--max-body-mb)",
                         413,
                     )
                 chunks.append(chunk)
@@ -151,25 +207,28 @@ def create_app(model: OnnxModel, config: ServerConfig | None = None) -> Starlett
             return body
         # Inflating up to --max-body-mb takes tens of ms: off the loop, as parsing is.
         return await asyncio.get_running_loop().run_in_executor(
-            None, protocol.decompress, body, encoding, body_limit
+            None, protocol.decompress, body, encoding, limit
         )
 
+    # ------------------------------------------------------------------ routes
+
     @endpoint("health", auth=False)
-    async def live(request: Request) -> Response:
+    async def live(self, request: Request) -> Response:
         return json_response({"live": True})
 
     @endpoint("health", auth=False)
-    async def ready(request: Request) -> Response:
-        ok = batcher.ready
+    async def ready(self, request: Request) -> Response:
+        ok = self.batcher.ready
         return json_response({"ready": ok}, 200 if ok else 503)
 
     @endpoint("metadata")
-    async def server_metadata(request: Request) -> Response:
+    async def server_metadata(self, request: Request) -> Response:
         return json_response({"name": "kdtool", "version": __version__, "extensions": EXTENSIONS})
 
     @endpoint("metadata")
-    async def model_metadata(request: Request) -> Response:
-        check_model(request)
+    async def model_metadata(self, request: Request) -> Response:
+        self._check_model(request)
+        model = self.model
         return json_response(
             {
                 "name": model.name,
@@ -182,24 +241,24 @@ def create_app(model: OnnxModel, config: ServerConfig | None = None) -> Starlett
         )
 
     @endpoint("ready")
-    async def model_ready(request: Request) -> Response:
-        check_model(request)
-        ok = batcher.ready
-        return json_response({"name": model.name, "ready": ok}, 200 if ok else 503)
+    async def model_ready(self, request: Request) -> Response:
+        self._check_model(request)
+        ok = self.batcher.ready
+        return json_response({"name": self.model.name, "ready": ok}, 200 if ok else 503)
 
     @endpoint("infer")
-    async def infer(request: Request) -> Response:
-        check_model(request)
-        body = await read_body(request)
+    async def infer(self, request: Request) -> Response:
+        self._check_model(request)
+        body = await self._read_body(request)
         header_length = request.headers.get(protocol.HEADER_LENGTH)
         if len(body) > OFFLOAD_BYTES:
             req = await asyncio.get_running_loop().run_in_executor(
-                None, protocol.parse_infer, body, header_length, model
+                None, protocol.parse_infer, body, header_length, self.model
             )
         else:
-            req = protocol.parse_infer(body, header_length, model)
-        y = await batcher.infer(req.x)
-        content, headers = protocol.encode_infer(req, y, model)
+            req = protocol.parse_infer(body, header_length, self.model)
+        y = await self.batcher.infer(req.x)
+        content, headers = protocol.encode_infer(req, y, self.model)
         media = "application/octet-stream" if headers else "application/json"
         content, encoding = protocol.compress(content, request.headers.get("accept-encoding"))
         if encoding:
@@ -207,10 +266,12 @@ def create_app(model: OnnxModel, config: ServerConfig | None = None) -> Starlett
         return Response(content, 200, headers, media_type=media)
 
     @endpoint("classify")
-    async def classify(request: Request) -> Response:
-        check_model(request)
-        k = _top_k(request.query_params.get("top_k"), config.default_top_k, model.info.num_classes)
-        body = await read_body(request)
+    async def classify(self, request: Request) -> Response:
+        self._check_model(request)
+        model = self.model
+        k = _top_k(request.query_params.get("top_k"), self.config.default_top_k,
+                   model.info.num_classes)
+        body = await self._read_body(request)
         content_type = request.headers.get("content-type", "")
         if content_type.lower().startswith("multipart/form-data"):
             files = images.multipart_files(body, content_type)
@@ -228,7 +289,7 @@ def create_app(model: OnnxModel, config: ServerConfig | None = None) -> Starlett
             return np.stack(rows)
 
         x = await asyncio.get_running_loop().run_in_executor(None, prepare)
-        y = await batcher.infer(x)
+        y = await self.batcher.infer(x)
         results = []
         for (name, _), row in zip(files, y, strict=True):
             r = {"filename": name} if name else {}
@@ -237,57 +298,29 @@ def create_app(model: OnnxModel, config: ServerConfig | None = None) -> Starlett
         return json_response({"model_name": model.name, "model_version": "1", "results": results})
 
     @endpoint("metrics")
-    async def prometheus(request: Request) -> Response:
-        body, content_type = metrics.render()
+    async def prometheus(self, request: Request) -> Response:
+        body, content_type = self.metrics.render()
         return Response(body, 200, media_type=content_type)
 
     @endpoint("other", auth=False)
-    async def not_found(request: Request) -> Response:
+    async def not_found(self, request: Request) -> Response:
         raise RequestError(
             f"no route {request.method} {request.url.path}; see GET /v2 and "
-            f"/v2/models/{model.name}",
+            f"/v2/models/{self.model.name}",
             404,
         )
 
-    async def unhandled(request: Request, exc: Exception) -> Response:
+    # ------------------------------------------------------------------ Starlette's errors
+
+    async def unhandled(self, request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return error_response("internal server error; see the server log", 500)
 
-    async def http_error(request: Request, exc) -> Response:
+    async def http_error(self, request: Request, exc) -> Response:
         if exc.status_code == 404:
-            return await not_found(request)
-        metrics.requests.labels("other", str(exc.status_code)).inc()
+            return await self._wrapped(self.not_found)(request)
+        self.metrics.requests.labels("other", str(exc.status_code)).inc()
         return error_response(f"{request.method} {request.url.path}: {exc.detail}", exc.status_code)
-
-    routes = [
-        Route("/v2/health/live", live),
-        Route("/v2/health/ready", ready),
-        Route("/v2", server_metadata),
-        Route("/metrics", prometheus),
-    ]
-    for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
-        routes += [
-            Route(prefix, model_metadata),
-            Route(prefix + "/ready", model_ready),
-            Route(prefix + "/infer", infer, methods=["POST"]),
-            Route(prefix + "/classify", classify, methods=["POST"]),
-        ]
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        await batcher.start()
-        try:
-            yield
-        finally:
-            await batcher.close()  # uvicorn has finished the in-flight requests by now
-
-    app = Starlette(
-        routes=routes,
-        lifespan=lifespan,
-        exception_handlers={Exception: unhandled, 404: http_error, 405: http_error},
-    )
-    app.state.model, app.state.batcher, app.state.metrics = model, batcher, metrics
-    return app
 
 
 def _top_k(value: str | None, default: int, num_classes: int) -> int:
