@@ -141,10 +141,13 @@ RESUMABLE_CHANGES = ("device", "precision", "compile", "compile_mode", "channels
 # file, so a file replaced under the same path is refused and the same file under another
 # spelling of its path is not.
 CONTENT_SUFFIX = "_contents"
+_CONTENT_NAMES = {"val": "--val data"}  # as messages name an input recorded by contents
 
 
 def content_key(option: str) -> str:
     return option + CONTENT_SUFFIX
+
+
 # Settings newer than some saved states, with the value that does what those runs did.
 ADDED_SETTINGS = {"val_every": 1}
 
@@ -183,7 +186,8 @@ def check_same_config(saved: dict[str, Any], current: dict[str, Any], path: Path
             if key in saved and saved[key] != current.get(key):
                 what = key.removesuffix(CONTENT_SUFFIX)
                 raise KdtoolError(
-                    f"cannot resume '{path}': the {what} '{current.get(what)}' is not the one "
+                    f"cannot resume '{path}': the {_CONTENT_NAMES.get(what, what)} "
+                    f"'{current.get(what)}' is not the one "
                     f"the run started with (its contents changed)",
                     f"resume with the run's {what}, or {STARTOVER}")
             continue  # a state written before contents were recorded: the paths decide

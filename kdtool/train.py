@@ -154,7 +154,9 @@ class Trainer:
         step_model = compile_step(model, c.compile_mode, self.device) if c.compile else model
         ema = make_ema(model, c.ema)
 
-        config = {**asdict(c), content_key("data"): train.checksum()}
+        # --val's contents too: it chooses which epoch is the output
+        config = {**asdict(c), content_key("data"): train.checksum(),
+                  **({content_key("val"): val.checksum()} if val is not None else {})}
         start, best, history = self.ckpt.restore(config, model, opt, sched, ema)
         if start:
             console.info(f"resuming {self.ckpt.path} after epoch {start}/{c.epochs}")

@@ -243,3 +243,29 @@ def test_a_runs_rate_is_its_images_over_its_time():
 
     history = [{"seconds": 10.0, "images_per_s": 100.0}, {"seconds": 30.0, "images_per_s": 20.0}]
     assert run_rate(history) == {"seconds": 40.0, "images_per_s": 1600 / 40}
+
+
+def test_resume_checks_the_val_data_by_its_contents(cli, tmp_path, monkeypatch):
+    """--val chooses the epoch that is the output: rewritten between a stop and --resume,
+    the best of the first epochs and of the rest were scored on other images."""
+    import numpy as np
+
+    from kdtool.data import load_data
+    from kdtool.runstate import check_same_config, load_state
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    for name in ("d.npz", "v.npz"):
+        np.savez(name, x=rng.integers(0, 255, (64, 8, 8, 1), dtype=np.uint8),
+                 y=np.arange(64) % 4)
+    assert cli("train", "--arch", "tiny_cnn", "--data", "d.npz", "--val", "v.npz", "--epochs",
+               "1", "--out", "t.safetensors").code == 0
+    saved = load_state(Path("t.safetensors.state.pt"))["config"]
+    assert saved["val_contents"] == load_data("v.npz").checksum()
+    changed = {**saved, "val_contents": "0" * 8}
+    with pytest.raises(KdtoolError, match="the --val data 'v.npz' is not the one the run started"):
+        check_same_config(saved, changed, Path("t.safetensors.state.pt"))
+    # a run without --val records none
+    assert cli("train", "--arch", "tiny_cnn", "--data", "d.npz", "--epochs", "1", "--out",
+               "u.safetensors").code == 0
+    assert "val_contents" not in load_state(Path("u.safetensors.state.pt"))["config"]
