@@ -225,6 +225,12 @@ def load_calibration(spec: str, model, what: str, stats: str,
     """
     size = image_size or tuple(model.input_size)
     data = load_data(spec, image_size=size, fit=Fit.of(model), draw=draw)
+    if data.channels < model.in_chans and draw is not None and \
+            load_data(spec, image_size=size, fit=Fit.of(model)).channels == model.in_chans:
+        # A draw of a folder of colour and grey images may hold grey ones alone: the whole
+        # folder has the model's channels, and its grey images are used as copies, as before
+        data = load_data(spec, image_size=size, channels=model.in_chans, fit=Fit.of(model),
+                         draw=draw)
     if data.channels > model.in_chans:
         console.warn(f"{what} '{data.source}' has {data.channels}-channel images and the model "
                      f"takes {model.in_chans}: they are converted to grey as predict and serve "

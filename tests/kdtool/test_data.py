@@ -679,3 +679,24 @@ def test_a_draw_is_the_same_images_as_a_subset_of_all_and_decodes_only_them(tmp_
     # More than there are: all of them, in the draw's order.
     everything = load_data(str(spec), image_size=8, draw=Draw(10**6, 3), cache_dir=cache)
     assert len(everything) == len(whole) and not _same(everything, whole)
+
+
+def test_a_draw_of_only_the_grey_images_of_a_mixed_folder_calibrates_a_colour_model(tmp_path):
+    """A folder of colour and grey images reads as colour (grey ones as equal channels); a
+    draw that happens to pick grey images alone must not read as a grey folder."""
+    from types import SimpleNamespace
+
+    from kdtool.data import Draw, load_calibration
+
+    folder = tmp_path / "mixed"
+    for i in range(12):
+        _save(folder / f"{i:02d}.png", (8, 8))  # grey
+    _save(folder / "99.png", (8, 8, 3))  # one colour image, sorted last
+    whole = load_data(str(folder))
+    assert whole.channels == 3
+    seed = next(s for s in range(100) if 12 not in Draw(4, s).indices(13).tolist())
+    model = SimpleNamespace(in_chans=3, input_size=[8, 8], crop_fraction=None,
+                            interpolation="bilinear")
+    drawn = load_calibration(str(folder), model, "calibration data", "BN statistics",
+                             draw=Draw(4, seed))
+    assert drawn.channels == 3 and _same(drawn, whole.subset(Draw(4, seed).indices(13)))
