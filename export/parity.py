@@ -78,20 +78,23 @@ def parity_batches(
     profile: BatchProfile,
     large: int,
     seed: int = 0,
+    drawn: bool = False,
 ) -> tuple[list[np.ndarray], str]:
     """The batches parity runs on: 1 image and ``large`` images (or the static batch).
 
     Real images (a seeded random choice, repeated if there are too few) when ``data`` is
     given, else seeded N(0, 1) noise in the normalised space. Returns (batches, source).
+    ``drawn``: ``data`` is a draw with this ``seed`` already (``kdtool.data.Draw``), taken
+    in its order: the same images as this seed's choice from all of the data.
     """
     sizes = [profile.max] if profile.static else sorted({profile.clamp(1), profile.clamp(large)})
     gen = torch.Generator().manual_seed(seed)
     total = sum(sizes)
     if data is not None and len(data):
-        idx = torch.randperm(len(data), generator=gen)
+        idx = torch.arange(len(data)) if drawn else torch.randperm(len(data), generator=gen)
         idx = idx.repeat(-(-total // len(idx)))[:total]
         x = normalise(data.x[idx], mean, std)
-        source = f"{data.source} ({len(data)} images)"
+        source = f"{data.source} ({len(data)} images{f', drawn with seed {seed}' * drawn})"
     else:
         x = torch.randn(total, *sample_shape, generator=gen).numpy()
         source = f"seeded N(0,1) noise (seed {seed})"

@@ -134,9 +134,11 @@ class _Job:
             exported_with=exporting_software(),
         )
         self.reference = TorchRunner(self.model)
+        on_calib = self.val is None and self.calib is not None  # a draw of --calib-data
         self.batches, source = make_parity_batches(
-            self.val or self.calib, meta.mean, meta.std, (meta.in_chans, *meta.input_size),
-            profile, cfg.parity_batch, cfg.seed
+            self.calib if on_calib else self.val, meta.mean, meta.std,
+            (meta.in_chans, *meta.input_size), profile, cfg.parity_batch, cfg.seed,
+            drawn=on_calib,
         )
         self.checks: dict = {}
         self.result: dict = {

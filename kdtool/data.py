@@ -154,7 +154,10 @@ def load_data(spec: str, *, image_size: int | tuple[int, int] | None = None,
 
     With ``image_size``, images are fitted to it by ``fit``: stretching (the default)
     or a centre crop (kdtool.imageprep). With ``draw``, only the images it picks, in its
-    order (``load_data(spec, draw=d)`` equals ``load_data(spec).subset(d.indices(n))``).
+    order: ``load_data(spec, channels=c, draw=d)`` equals ``load_data(spec, channels=c)
+    .subset(d.indices(n))``. Read as they are (``channels`` None), a draw has the channels of
+    its own images: a folder of colour and grey images whose draw holds only grey ones reads
+    as grey (load_calibration decides on the whole folder then).
     """
     spec = str(spec)  # a Path works too
     if not spec.strip():  # '' read as the current folder, whatever it holds

@@ -65,6 +65,9 @@ def predict(
     if bn == "current" and len(data) < 2:  # one image has no batch statistics
         raise KdtoolError(f"--bn current needs 2 or more images, and '{data.source}' has "
                           f"{len(data)}", "evaluate more images, or use --bn running")
+    if bn == "current" and batch_size < 2:
+        raise KdtoolError(f"--bn current normalises with each batch's statistics, and a batch "
+                          f"of {batch_size} image has none", "use --batch-size 2 or more")
 
     def run(x: torch.Tensor, idx: torch.Tensor, batches: int) -> None:
         out = model(x).float()
@@ -75,9 +78,9 @@ def predict(
         advance(batches)
 
     with bar as advance, ctx, autocast_for(device):
-        held = None  # each batch waits for the next: a last batch of one image joins it
-        for x, _, idx in loader.epoch(0, with_index=True):
-            if held is not None and bn == "current" and len(idx) == 1:
+        held, last = None, len(loader) - 1  # each batch waits: a last one of one image joins it
+        for i, (x, _, idx) in enumerate(loader.epoch(0, with_index=True)):
+            if held is not None and bn == "current" and i == last and len(idx) == 1:
                 # one image has no batch statistics (BN would divide by a zero variance):
                 # 257 images at batch 256 run as one batch of 257
                 held = (torch.cat([held[0], x]), torch.cat([held[1], idx]), 2)

@@ -99,8 +99,11 @@ def code_commit() -> str | None:
         return None
     try:
         def git(*args: str) -> str:
-            return subprocess.run(["git", "-C", str(root), *args], capture_output=True,
-                                  text=True, timeout=10, check=True).stdout.strip()
+            # no optional locks: git status would otherwise take the index lock, and a
+            # user's own git command in that checkout could fail on it
+            return subprocess.run(["git", "--no-optional-locks", "-C", str(root), *args],
+                                  capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
 
         commit = git("rev-parse", "HEAD")
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))

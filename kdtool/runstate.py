@@ -189,7 +189,7 @@ def check_same_config(saved: dict[str, Any], current: dict[str, Any], path: Path
                     f"cannot resume '{path}': the {_CONTENT_NAMES.get(what, what)} "
                     f"'{current.get(what)}' is not the one "
                     f"the run started with (its contents changed)",
-                    f"resume with the run's {what}, or {STARTOVER}")
+                    f"resume with the run's {_CONTENT_NAMES.get(what, what)}, or {STARTOVER}")
             continue  # a state written before contents were recorded: the paths decide
         if saved.get(key) != current.get(key):
             raise KdtoolError(

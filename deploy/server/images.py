@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import re
+import threading
 import warnings
 
 import numpy as np
@@ -23,15 +24,18 @@ from kdtool.imageprep import Fit, to_array
 FORMATS = ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM"]  # what the dataset loaders read
 _BUFFER_REPR = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 MAX_PIXELS = 64_000_000  # larger images are refused before decoding (decompression bombs)
+# catch_warnings swaps the process's filters and is not thread-safe, and images are opened
+# on worker threads: one at a time (opening reads the header alone: microseconds).
+_QUIET_OPEN = threading.Lock()
 
 
 def decode(data: bytes, what: str = "the request body") -> Image.Image:
     if not data:
         raise RequestError(f"{what} is empty: no image bytes")
     try:
-        with warnings.catch_warnings():
-            # kdtool's own limit, below PIL's, is checked next: PIL's warning on stderr for
-            # every such upload would only be noise
+        with _QUIET_OPEN, warnings.catch_warnings():
+            # kdtool's limit, below PIL's, is checked next: PIL's warning on stderr for
+            # each such upload would only be noise
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data), formats=FORMATS)
         if im.width * im.height > MAX_PIXELS:

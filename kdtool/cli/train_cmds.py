@@ -200,7 +200,9 @@ def eval_cmd(
 
     def render(r):
         lo, hi = r["top1_ci95"]
-        drawn = f" (a random {r['limit']}, --seed {r['seed']})" if "limit" in r else ""
+        # fewer images than --limit: all of them were scored, and that is no sample
+        drawn = (f" (a random {r['limit']}, --seed {r['seed']})"
+                 if r.get("limit") == r["images"] else "")
         rows = [["images", f"{r['images']}{drawn}"], ["top-1", f"{r['top1']:.2f}%"],
                 ["top-1, 95% interval", f"{lo:.1f}-{hi:.1f}%"]]
         if "top5" in r:

@@ -237,8 +237,31 @@ def test_images_over_the_megapixel_limit_are_refused_quietly_before_decoding(siz
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+        warnings.simplefilter("always", append=True)  # after the filters in force
         with pytest.raises(images.RequestError, match="over the 64 megapixel limit"):
             images.decode(_png_header(*size), "image 'big.png'")
     # PIL warns above its own limit (89 MP) and refuses above twice it: neither reaches stderr
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_decoding_on_many_threads_leaves_the_warning_filters_as_they_were():
+    """serve decodes on worker threads, and catch_warnings is not thread-safe: opening is
+    serialised, so the process's filters end as they began."""
+    import sys
+    import threading
+    import warnings
+
+    png = _bytes(_image())
+    before = list(warnings.filters)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        threads = [threading.Thread(target=lambda: [images.decode(png) for _ in range(300)])
+                   for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert warnings.filters == before

@@ -178,6 +178,21 @@ def test_parity_batches_use_real_images_when_given():
     assert [len(b) for b in capped] == [2, 16]  # sizes stay inside the profile
 
 
+def test_parity_on_a_calibration_draw_uses_the_images_a_choice_from_all_of_them_would():
+    """export decodes only its --calib-images draw of --calib-data: parity without --val
+    still checks the images this seed picks from the whole set."""
+    from kdtool.data import Draw, load_data
+
+    data = load_data("digits")
+    profile = parse_batch("1:32:256")
+    for seed in (0, 5):
+        whole, _ = parity_batches(data, [0.3], [0.37], (1, 8, 8), profile, 64, seed)
+        drawn, source = parity_batches(data.subset(Draw(512, seed).indices(len(data))), [0.3],
+                                       [0.37], (1, 8, 8), profile, 64, seed, drawn=True)
+        assert all(np.array_equal(a, b) for a, b in zip(whole, drawn, strict=True))
+        assert source == f"digits (512 images, drawn with seed {seed})"
+
+
 def _graph(batch):
     x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, 32, 32])
     y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])

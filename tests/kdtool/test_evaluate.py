@@ -164,6 +164,9 @@ def test_a_last_batch_of_one_image_joins_the_batch_before_it(digits_teacher, tta
     assert torch.equal(labels, data.y)
     with pytest.raises(KdtoolError, match="needs 2 or more images, and 'digits:test' has 1"):
         predict(model, data.subset(slice(0, 1)), batch_size=256, **args)
+    # only a last batch joins the one before: a batch size of 1 is refused, not run as one
+    with pytest.raises(KdtoolError, match="a batch of 1 image has none"):
+        predict(model, data, batch_size=1, **args)
 
 
 def test_distill_validates_on_a_set_one_image_over_a_batch(digits_teacher, tmp_path):
