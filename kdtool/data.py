@@ -55,7 +55,7 @@ from kdtool.imagefiles import (
     is_hidden,
     list_dir,
 )
-from kdtool.imageprep import STRETCH, Fit, to_array
+from kdtool.imageprep import GRAY_MODES, STRETCH, Fit, to_array
 from kdtool.io import atomic_path
 from kdtool.runinfo import usable_cores
 
@@ -228,10 +228,10 @@ def load_calibration(spec: str, model, what: str, stats: str,
     """
     size = image_size or tuple(model.input_size)
     data = load_data(spec, image_size=size, fit=Fit.of(model), draw=draw)
-    if data.channels < model.in_chans and draw is not None and \
-            load_data(spec, image_size=size, fit=Fit.of(model)).channels == model.in_chans:
+    if data.channels < model.in_chans and draw is not None and _has_colour(spec):
         # A draw of a folder of colour and grey images may hold grey ones alone: the whole
-        # folder has the model's channels, and its grey images are used as copies, as before
+        # folder has the model's channels, and its grey images are used as copies, as a
+        # decode of all of it uses them
         data = load_data(spec, image_size=size, channels=model.in_chans, fit=Fit.of(model),
                          draw=draw)
     if data.channels > model.in_chans:
@@ -248,6 +248,19 @@ def load_calibration(spec: str, model, what: str, stats: str,
             "colour of the images it will be served",
             f"give {model.in_chans}-channel images, like those it will see in deployment")
     return data
+
+
+def _has_colour(spec: str) -> bool:
+    """Whether a folder or zip of images holds a colour one, from the files' headers alone
+    (stopping at the first one): what a decode of all of them as they are says, without
+    the decode. Other datasets are one array: a draw of them has their channels."""
+    path = Path(spec).expanduser()
+    if not (path.is_dir() or (path.is_file() and path.suffix.lower() == ".zip")):
+        return False
+    is_zip = path.is_file()
+    names = _list_zip(path)[0] if is_zip else list_dir(path)[0]
+    with contextlib.closing(_Decoder(str(path), is_zip, None, None, STRETCH)) as decoder:
+        return any(decoder.mode(name) not in GRAY_MODES for name in names)
 
 
 def match_classes(data: ImageData, names: list[str], whose: str = "the model's") -> ImageData:
@@ -516,11 +529,18 @@ class _Decoder:
             self.zip.close()
 
     def read(self, name: str) -> np.ndarray:
+        return self._open(name, lambda im: to_array(im, self.channels, self.size, self.fit))
+
+    def mode(self, name: str) -> str:
+        """The image's PIL mode, from its header: no pixels are decoded."""
+        return self._open(name, lambda im: im.mode)
+
+    def _open(self, name: str, use):
         where = f"{self.path}:{name}" if self.zip else os.path.join(self.path, name)
         try:
             src = io.BytesIO(self.zip.read(self.members[name])) if self.zip else where
             with Image.open(src) as im:
-                return to_array(im, self.channels, self.size, self.fit)
+                return use(im)
         except DECODE_ERRORS as e:
             raise KdtoolError(f"cannot read image {where}: {decode_error_text(e)}",
                               "delete or replace the file, then load again") from None

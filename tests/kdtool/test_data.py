@@ -681,7 +681,8 @@ def test_a_draw_is_the_same_images_as_a_subset_of_all_and_decodes_only_them(tmp_
     assert len(everything) == len(whole) and not _same(everything, whole)
 
 
-def test_a_draw_of_only_the_grey_images_of_a_mixed_folder_calibrates_a_colour_model(tmp_path):
+def test_a_draw_of_only_the_grey_images_of_a_mixed_folder_calibrates_a_colour_model(tmp_path,
+                                                                                   decoded):
     """A folder of colour and grey images reads as colour (grey ones as equal channels); a
     draw that happens to pick grey images alone must not read as a grey folder."""
     from types import SimpleNamespace
@@ -697,6 +698,16 @@ def test_a_draw_of_only_the_grey_images_of_a_mixed_folder_calibrates_a_colour_mo
     seed = next(s for s in range(100) if 12 not in Draw(4, s).indices(13).tolist())
     model = SimpleNamespace(in_chans=3, input_size=[8, 8], crop_fraction=None,
                             interpolation="bilinear")
+    decoded.clear()
     drawn = load_calibration(str(folder), model, "calibration data", "BN statistics",
-                             draw=Draw(4, seed))
+                             draw=Draw(4, seed), image_size=(6, 6))  # no cached entry
+    assert decoded == [4, 4]  # the draw as it is, then as colour: never the whole folder
+    whole = load_data(str(folder), image_size=(6, 6))
     assert drawn.channels == 3 and _same(drawn, whole.subset(Draw(4, seed).indices(13)))
+    # a grey folder for a colour model is refused, after the headers, not a whole decode
+    (folder / "99.png").unlink()
+    decoded.clear()
+    with pytest.raises(KdtoolError, match="has 1-channel images but the model takes 3"):
+        load_calibration(str(folder), model, "calibration data", "BN statistics",
+                         draw=Draw(4, seed), image_size=(7, 7))
+    assert decoded == [4]
