@@ -30,7 +30,8 @@ def calibrate_cmd(
             "--data",
             "--calib-data",
             help="Real images to compute BN statistics from; labels are not read (an "
-            "unlabeled folder of images works). " + DATA_HELP,
+            "unlabeled folder of images works), and only the --batches x --batch-size images "
+            "drawn are decoded (all of them with --sweep). " + DATA_HELP,
         ),
     ],
     batches: Annotated[

@@ -68,7 +68,8 @@ def bench_cmd(
     ] = None,
     limit: Annotated[
         int | None,
-        typer.Option("--limit", help="Use a seeded random subset of N images of --data."),
+        typer.Option("--limit", help="Use a seeded random subset of N images of --data (a "
+                     "folder or zip decodes only those)."),
     ] = None,
     min_accuracy: Annotated[
         float | None,

@@ -85,7 +85,8 @@ def export_cmd(
         str | None,
         typer.Option(
             "--calib-data",
-            help="INT8 calibration images (labels not needed). " + DATA_HELP,
+            help="INT8 calibration images (labels not needed; only the --calib-images "
+            "drawn are decoded). " + DATA_HELP,
             rich_help_panel=_INT8,
         ),
     ] = None,
