@@ -112,14 +112,17 @@ def write_png(path: Path, rows: list[dict], title: str, noise: bool = True) -> N
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     if any(len(v) > 1 for v in by_point.values()):
-        sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in by_point.values()]
+        # The range the seeds measured, not a standard deviation: from 2 or 3 seeds an sd
+        # is itself noise, and its bar can reach past every value measured.
+        low = [m - min(by_point[n]) for n, m in zip(points, means, strict=True)]
+        high = [max(by_point[n]) - m for n, m in zip(points, means, strict=True)]
         ax.errorbar(
             points,
             means,
-            yerr=sd,
+            yerr=[low, high],
             marker="o",
             capsize=3,
-            label=f"calibrated (mean ± sd of {len(by_point[points[0]])} seeds)",
+            label=f"calibrated (mean, min to max of {len(by_point[points[0]])} seeds)",
         )
     else:
         ax.plot(points, means, marker="o", label="calibrated (running statistics)")

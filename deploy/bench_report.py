@@ -267,7 +267,7 @@ def check_plot_path(path: Path) -> str:
 def write_plot(result: dict, path: Path) -> None:
     """Latency (p50, with the p50..p99 band) and throughput against batch size, per series."""
     fmt = check_plot_path(path)
-    from matplotlib.ticker import NullLocator
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
 
     from kdtool.analyze import pyplot
 
@@ -278,17 +278,18 @@ def write_plot(result: dict, path: Path) -> None:
         if r["latency_ms"] is not None:
             series.setdefault(f"{r['model']} · {r['backend']}", []).append(r)
     fig, (ax_lat, ax_thr) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for label, rs in series.items():
+    for i, (label, rs) in enumerate(series.items()):
         rs = sorted(rs, key=lambda r: r["batch"])
         b = [r["batch"] for r in rs]
         p50 = [r["latency_ms"]["p50"] for r in rs]
-        (line,) = ax_lat.plot(b, p50, marker="o", label=label)
+        # a marker and a dash pattern each: the series tell apart in greyscale too
+        style = {"marker": "os^Dv<>p"[i % 8], "linestyle": ("-", "--", "-.", ":")[i % 4]}
+        (line,) = ax_lat.plot(b, p50, label=label, **style)
         ax_lat.fill_between(
             b, p50, [r["latency_ms"]["p99"] for r in rs], alpha=0.15, color=line.get_color()
         )
-        ax_thr.plot(
-            b, [r["throughput"] for r in rs], marker="o", label=label, color=line.get_color()
-        )
+        ax_thr.plot(b, [r["throughput"] for r in rs], label=label, color=line.get_color(),
+                    **style)
     for ax, ylabel in (
         (ax_lat, "latency per batch, ms (p50; band to p99)"),
         (ax_thr, "throughput, images/s"),
@@ -302,12 +303,19 @@ def write_plot(result: dict, path: Path) -> None:
             batches = sorted({r["batch"] for rs in series.values() for r in rs})
             ax.set_xticks(batches, [str(b) for b in batches])  # the sizes measured, as numbers
             ax.xaxis.set_minor_locator(NullLocator())
+            # values between the decades read off the axis: 1, 2 and 5 of each labelled
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(
+                lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:.2g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
     if series:
         ax_thr.legend(fontsize=8)
     else:
         ax_lat.text(0.5, 0.5, "no backend ran", ha="center", transform=ax_lat.transAxes)
-    m = result["machine"]
-    fig.suptitle(f"kdtool bench on {m['gpu'] or m['cpu']}", fontsize=10)
+    m, settings = result["machine"], result["settings"]
+    threads = (f"{settings['threads']} CPU thread{'s' * (settings['threads'] != 1)}"
+               if settings.get("threads") else "default CPU threads (one per core)")
+    fig.suptitle(f"kdtool bench on {m['gpu'] or m['cpu']}, {threads}", fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=fmt, dpi=120)

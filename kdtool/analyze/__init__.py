@@ -27,11 +27,12 @@ def pyplot():
     return plt
 
 
-def save_png(fig, path: Path, dpi: int = 100) -> None:
-    """Write ``fig`` to ``path`` atomically and close it."""
+def save_png(fig, path: Path, dpi: int = 100, rect=None) -> None:
+    """Write ``fig`` to ``path`` atomically and close it. ``rect``: the part of the figure
+    the axes are laid out in (room left for a figure legend)."""
     from kdtool.io import atomic_path
 
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
     pyplot().close(fig)

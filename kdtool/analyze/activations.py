@@ -123,15 +123,21 @@ def write_png(path: Path, r: dict) -> None:
         lo = min(np.percentile(v, 0.5) for v in values)
         hi = max(np.percentile(v, 99.5) for v in values)
         bins = np.linspace(lo, hi, 60) if hi > lo else 10
-        for cond, v in zip(CONDITIONS, values, strict=True):
-            label = cond if cond == CONDITIONS[0] else f"{cond} (W1 {dist[(layer, cond)]:.3f})"
-            ax.hist(v, bins=bins, density=True, histtype="step", linewidth=1.4, label=label)
-        ax.set_title(layer)
+        for cond, v, style in zip(CONDITIONS, values, ("-", "--", ":"), strict=False):
+            ax.hist(v, bins=bins, density=True, histtype="step", linewidth=1.4,
+                    linestyle=style, label=cond)
+        # The distances in the title, one legend for the figure: a legend in each panel
+        # covered the peaks it labelled
+        w1 = ", ".join(f"{cond.split(', ')[-1]} {dist[(layer, cond)]:.3f}"
+                       for cond in CONDITIONS[1:])
+        ax.set_title(f"{layer}\nW1 to real: {w1}", fontsize=10)
         ax.set_xlabel("per-channel mean activation")
         ax.set_ylabel("density")
-        ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(layers):]:
         ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(CONDITIONS), fontsize=9,
+               frameon=False)
     fig.suptitle(f"{r['arch']}: activations on {r['images']:,} images of {r['data']} and as "
                  f"many of {r['noise']} noise (W1: Wasserstein distance to real)")
-    save_png(fig, path)
+    save_png(fig, path, rect=(0, 0.07, 1, 1))

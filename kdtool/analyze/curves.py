@@ -28,6 +28,8 @@ class Panel:
     title: str
     series: tuple[tuple[str, str, str], ...]  # (history key, line style, legend suffix)
     log: bool = False
+    from_zero: bool = False  # a rate: a blip on a shared machine must not read as a collapse
+    reference: str = ""  # a history key drawn as a level line (the teacher's own top-1)
 
 
 # One table drives the plot: a panel is drawn when some run records one of its keys.
@@ -40,14 +42,14 @@ PANELS = (
         ("val_top1_live", "-.", "val, live weights"),
         ("val_top1_current_live", "-.", "val, live weights"),
         ("train_top1", ":", "train"),
-    )),
+    ), reference="val_teacher_top1"),
     Panel("agreement with the teacher (%)", (
         ("agreement_current", "-", "val, current BN"),
         ("agreement_running", "--", "val, running BN"),
         ("noise_agreement", ":", "on noise"),
     )),
     Panel("learning rate", (("lr", "-", ""),), log=True),
-    Panel("images/s", (("images_per_s", "-", ""),)),
+    Panel("images/s", (("images_per_s", "-", ""),), from_zero=True),
 )
 
 
@@ -205,6 +207,8 @@ def write_png(path: Path, runs: list[Run], title: str | None = None,
     fig, axes = plt.subplots(rows_n, cols, figsize=(5.2 * cols, 3.6 * rows_n), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colour = {run.label: colours[i % len(colours)] for i, run in enumerate(runs)}
+    # and a marker each, so that runs tell apart in greyscale too
+    marker = {run.label: "osD^v<>p"[i % 8] for i, run in enumerate(runs)}
     for ax, panel in zip(axes.flat, panels, strict=False):
         drawn = {}  # line style -> what it shows, for this panel's own legend
         for run in runs:
@@ -212,12 +216,17 @@ def write_png(path: Path, runs: list[Run], title: str | None = None,
                 xs, ys = series(run, key, x)
                 if not xs:
                     continue
-                # A sparse series (validation every N epochs) shows its points.
-                marker = "o" if len(xs) < len(run.history) or len(xs) == 1 else None
-                ax.plot(xs, ys, linestyle=style, marker=marker, markersize=3,
-                        color=colour[run.label])
+                ax.plot(xs, ys, linestyle=style, marker=marker[run.label], markersize=3,
+                        markevery=max(1, len(xs) // 8), color=colour[run.label])
                 drawn.setdefault(style, suffix)
+            level = next((row[panel.reference] for row in reversed(run.history)
+                          if panel.reference and panel.reference in row), None)
+            if level is not None:
+                ax.axhline(level, color=colour[run.label], linestyle=(0, (1, 3)), linewidth=1)
+                drawn.setdefault((0, (1, 3)), "teacher")
         ax.set_title(panel.title)
+        if panel.from_zero:
+            ax.set_ylim(bottom=0)
         ax.set_xlabel(X_AXES[x])
         if x == "epoch":
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -226,11 +235,12 @@ def write_png(path: Path, runs: list[Run], title: str | None = None,
         ax.grid(alpha=0.3)
         if any(drawn.values()):
             ax.legend([Line2D([], [], color="0.3", linestyle=st) for st in drawn],
-                      list(drawn.values()), fontsize=7)
+                      list(drawn.values()), fontsize=8)
     spare = list(axes.flat)[len(panels):]
     for ax in spare:
         ax.axis("off")
-    spare[0].legend([Line2D([], [], color=colour[run.label], linewidth=2) for run in runs],
+    spare[0].legend([Line2D([], [], color=colour[run.label], marker=marker[run.label],
+                            linewidth=2) for run in runs],
                     [f"{run.label} ({run.stage}, epoch {_progress(run)})" for run in runs],
                     loc="center", fontsize=9, title="runs")
     stages = sorted({run.stage for run in runs})

@@ -122,8 +122,8 @@ def run_sweep(base: DistillConfig, param: str, values: list[float], workdir: Pat
     return rows
 
 
-MODES = (("val_top1_current", "student, current BN", "o-"),
-         ("val_top1_running", "student, running BN", "s--"))
+MODES = (("val_top1_current", "student evaluated on current BN", "o-"),
+         ("val_top1_running", "student evaluated on its running BN", "s--"))
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -146,6 +146,8 @@ def summarise(rows: list[dict]) -> list[dict]:
 def write_png(path: Path, rows: list[dict], title: str, val: str) -> None:
     """Each BN mode's mean over seeds, its min-max band when there are several seeds, and
     the teacher's own accuracy: the ceiling the students are read against."""
+    from matplotlib.ticker import NullLocator
+
     plt = pyplot()
 
     points = summarise(rows)
@@ -159,13 +161,18 @@ def write_png(path: Path, rows: list[dict], title: str, val: str) -> None:
             ax.fill_between(xs, [p[key + "_min"] for p in points],
                             [p[key + "_max"] for p in points], color=line.get_color(),
                             alpha=0.15, linewidth=0)
-    ax.axhline(rows[0]["val_teacher_top1"], color="grey", linestyle=":", label="teacher")
+    teacher = rows[0]["val_teacher_top1"]
+    ax.axhline(teacher, color="grey", linestyle=":", label=f"teacher ({teacher:.1f}%)")
     param = rows[0]["param"]
     if param == "batch-size":
         ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [f"{x:g}" for x in xs])  # the points run, as numbers
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel(PARAMS[param])
     ax.set_ylabel(f"top-1 % on {val} ({rows[0]['val_images']:,} images)")
-    ax.set_title(title + (f"\nbands: min to max of {seeds} seeds" if seeds > 1 else ""))
+    spread = (f"bands: min to max of {seeds} seeds" if seeds > 1 else
+              "one seed: a point can move by several points with another (--seeds N)")
+    ax.set_title(f"{title}\n{spread}", fontsize=10)
     ax.grid(alpha=0.3)
     # Below the axes: inside, it covered the teacher's line or a curve, whichever was empty.
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=8,

@@ -121,23 +121,46 @@ def write_csv(path: Path, r: dict) -> None:
 
 
 def write_png(path: Path, r: dict) -> None:
-    plt = pyplot()
+    from matplotlib.lines import Line2D
 
-    fig, axes = plt.subplots(1, 5, figsize=(20, 4))
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 5, figsize=(20, 4.6))
+    cmap = plt.get_cmap("coolwarm")
+    classes = [Line2D([], [], ls="", marker="o", color=cmap(v), label=f"class {k}")
+               for k, v in ((0, 0.0), (1, 1.0))]
     real, labels = r["inputs"]["real"], r["inputs"]["labels"]
-    axes[0].scatter(real[:, 0], real[:, 1], c=labels, s=4, cmap="coolwarm")
+    axes[0].scatter(real[:, 0], real[:, 1], c=labels, s=4, cmap=cmap)
     axes[0].set_title(f"real data (train acc {r['train_accuracy']:.1f}%)")
+    axes[0].legend(handles=classes, title="colour: label", fontsize=8, loc="center")
     noise = r["inputs"]["noise"]
     axes[1].scatter(noise[:, 0], noise[:, 1], s=4, c="grey")
     axes[1].set_title("Gaussian noise input")
+    for ax in axes[:2]:
+        ax.set_xlabel("input x1")
+        ax.set_ylabel("input x2")
     ref = r["embeddings"][SETS[0]]
+    # One scale for the three embeddings: the distances in the titles compare by eye.
+    every = np.concatenate([r["embeddings"][name] for name in SETS])
+    lo, hi = every.min(0), every.max(0)
+    pad = 0.05 * (hi - lo)
     for ax, name in zip(axes[2:], SETS, strict=True):
         e = r["embeddings"][name]
-        if name != SETS[0]:
-            ax.scatter(ref[:, 0], ref[:, 1], s=3, c="lightgrey", label="real, running BN")
-        ax.scatter(e[:, 0], e[:, 1], s=4, c=r["predictions"][name], cmap="coolwarm")
+        ax.scatter(e[:, 0], e[:, 1], s=4, c=r["predictions"][name], cmap=cmap)
+        if name != SETS[0]:  # drawn over the points, so that it shows where they miss it
+            ax.scatter(ref[:, 0], ref[:, 1], s=2, c="black", alpha=0.25, zorder=3)
         dist = r["summary"][name]["mean_distance_to_real"]
         ax.set_title(f"embedding: {name}\nmean distance to real {dist:.3f}")
-    for ax in axes:
+        ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0])
+        ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
+        ax.set_xlabel("penultimate unit 1")
+        ax.set_ylabel("penultimate unit 2")
+    reference = Line2D([], [], ls="", marker="o", color="black", alpha=0.4,
+                       label="real data, running BN")
+    axes[3].legend(handles=[*classes, reference], title="colour: prediction", fontsize=8,
+                   loc="lower right")
+    for ax in axes[:2]:
         ax.set_aspect("equal", adjustable="datalim")
+    fig.suptitle("Toy problem (appendix A.1): a BN network's 2-D embedding of real data and of "
+                 "Gaussian noise, with its BN layers on running or on the noise batch's own "
+                 "statistics")
     save_png(fig, path, dpi=110)
