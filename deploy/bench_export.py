@@ -127,7 +127,7 @@ def _engine_made_by_this_export(engine: Path, source_sha256: str, cfg) -> bool:
     the GPU model and TensorRT version that built it, and no other)."""
     import json
 
-    from kdtool.export.engine import sidecar_path
+    from kdtool.export.engine import engine_identity, sidecar_path
 
     try:
         record = json.loads(sidecar_path(engine).read_text())
@@ -135,19 +135,10 @@ def _engine_made_by_this_export(engine: Path, source_sha256: str, cfg) -> bool:
         return False
     if not isinstance(record, dict) or not isinstance(record.get("kdtool"), dict):
         return False
-    trt_version, gpu = tensorrt_and_gpu()
+    trt_version, gpu = engine_identity()
     return (record["kdtool"].get("source_sha256") == source_sha256
             and record.get("precision") == cfg.precision
             and record.get("tensorrt_version") == trt_version and record.get("gpu") == gpu)
-
-
-def tensorrt_and_gpu() -> tuple[str, str]:
-    """This machine's TensorRT version and first GPU's name, as an engine's sidecar records
-    them (``kdtool.export.engine.build_engine``)."""
-    import tensorrt
-    import torch
-
-    return tensorrt.__version__, torch.cuda.get_device_name(0)
 
 
 def _made_by_this_export(onnx: Path, source_sha256: str, cfg) -> bool:

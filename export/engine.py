@@ -56,6 +56,15 @@ def precision_plan(precision: str, trt_version: str) -> BuildPlan:
     return BuildPlan(trt_version, precision, True, ())
 
 
+def engine_identity(trt=None) -> tuple[str, str]:
+    """(TensorRT version, first GPU's name): what an engine is built for and runs on alone.
+    Its sidecar records them; a reuse compares them (kdtool.deploy.bench_export)."""
+    import torch
+
+    trt = trt or import_tensorrt()
+    return trt.__version__, torch.cuda.get_device_name(0)
+
+
 def import_tensorrt():
     """``import tensorrt``, or a KdtoolError saying how to get it."""
     try:
@@ -121,7 +130,7 @@ def build_engine(
     plan = precision_plan(precision, trt.__version__)
     if workspace_gib <= 0:
         raise KdtoolError(f"--workspace must be positive, got {workspace_gib}")
-    gpu = torch.cuda.get_device_name(0)
+    _, gpu = engine_identity(trt)
 
     source = onnx_path
     try:

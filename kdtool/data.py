@@ -257,8 +257,7 @@ def _has_colour(spec: str) -> bool:
     path = Path(spec).expanduser()
     if not (path.is_dir() or (path.is_file() and path.suffix.lower() == ".zip")):
         return False
-    is_zip = path.is_file()
-    names = _list_zip(path)[0] if is_zip else list_dir(path)[0]
+    is_zip, names, _, _ = _list_images(path)
     with contextlib.closing(_Decoder(str(path), is_zip, None, None, STRETCH)) as decoder:
         return any(decoder.mode(name) not in GRAY_MODES for name in names)
 
@@ -628,14 +627,7 @@ def _gather(path: Path, chunks: list[list[str]], results, channels) -> torch.Ten
 
 def _load_images_cached(spec: str, path: Path, size, channels, fit: Fit,
                         cache_dir, draw: Draw | None = None) -> ImageData:
-    is_zip = path.is_file()
-    if is_zip:
-        names, strip = _list_zip(path)
-        st = path.stat()
-        stamp: object = (st.st_size, st.st_mtime_ns)
-    else:
-        names, stamp = list_dir(path)
-        strip = 0
+    is_zip, names, strip, stamp = _list_images(path)
     if not names:
         raise KdtoolError(f"no images found in {path}",
                           f"looked for {' '.join(IMAGE_EXTS)} files (any case) in class folders"
@@ -671,6 +663,17 @@ def _load_images_cached(spec: str, path: Path, size, channels, fit: Fit,
     if draw is None and _write_cache(cache, data, str(path), json.dumps(variant)):
         _drop_superseded(cache, json.dumps(variant))
     return data
+
+
+def _list_images(path: Path) -> tuple[bool, list[str], int, object]:
+    """A folder's or zip's images: (is a zip, their names, the leading path parts a zip's
+    common top folder adds, a stamp that changes when the files do)."""
+    if path.is_file():
+        names, strip = _list_zip(path)
+        st = path.stat()
+        return True, names, strip, (st.st_size, st.st_mtime_ns)
+    names, stamp = list_dir(path)
+    return False, names, 0, stamp
 
 
 def _read_cache(cache: Path, source: str) -> tuple[torch.Tensor, torch.Tensor, list[str]] | None:

@@ -15,12 +15,16 @@ ROOT = Path(__file__).resolve().parents[1]
 INSTALLED = Path(kdtool.distill.__file__).resolve().parents[1]
 
 
-def _source(cwd: Path) -> subprocess.CompletedProcess:
-    # python3 is this test's Python, whatever PATH held: never another environment's pip
+def _env(**extra: str) -> dict[str, str]:
+    """python3 is this test's Python, whatever PATH held: never another environment's pip."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "PATH": path, **extra}
+
+
+def _source(cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", "-c", '. bench/install_here.sh "$1"; echo continued', "-",
                            str(cwd / "install.log")], cwd=cwd, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PATH": path})
+                          timeout=120, env=_env())
 
 
 @pytest.mark.skipif(INSTALLED != ROOT, reason="kdtool is not installed from this checkout")
@@ -42,10 +46,8 @@ def test_every_device_script_installs_through_the_guarded_step():
 
 
 def _run_script(name: str, out: Path, timeout: int, **env) -> subprocess.CompletedProcess:
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     return subprocess.run(["bash", f"bench/{name}"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PATH": path, "SMOKE": "1",
-                                                "OUT": str(out), **env})
+                          timeout=timeout, env=_env(SMOKE="1", OUT=str(out), **env))
 
 
 @pytest.mark.skipif(INSTALLED != ROOT, reason="kdtool is not installed from this checkout")

@@ -762,6 +762,7 @@ def test_an_engine_built_from_this_checkpoint_for_this_gpu_and_tensorrt_is_reuse
     """Engines take minutes to build: bench --export-dir reuses one whose sidecar says it
     was built from the same checkpoint bytes and precision, by this TensorRT for this GPU."""
     from kdtool.deploy import bench_export
+    from kdtool.export import engine as engine_mod
     from kdtool.export import pipeline
     from kdtool.io import file_sha256
 
@@ -775,7 +776,7 @@ def test_an_engine_built_from_this_checkpoint_for_this_gpu_and_tensorrt_is_reuse
     monkeypatch.setattr(backends, "backend_problem", lambda b: None)
     monkeypatch.setattr(pipeline, "run_export", lambda cfg: built.append(cfg.onnx))
     here = ("10.9.0", "NVIDIA H100 80GB HBM3")
-    monkeypatch.setattr(bench_export, "tensorrt_and_gpu", lambda: here)
+    monkeypatch.setattr(engine_mod, "engine_identity", lambda: here)
 
     def export(force=False):
         built.clear()
