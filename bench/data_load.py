@@ -3,12 +3,16 @@ and a seeded draw of --draw images (what calibrate, export --calib-data and benc
 load), from a fresh cache: it decodes those images alone.
 
     python bench/data_load.py [ZIP] [--cache-dir DIR] [--draw 512]
+    python bench/data_load.py VAL.zip --upscale 256 --images 4000   # photo-sized images
+
+``--upscale S --images N``: the first N images of ZIP resized to S x S (bicubic) and stored
+as JPEG quality 90 in a temporary zip, which is what is loaded: CIFAR-10's images at the
+size of a photo dataset's, for the cost of decoding larger images.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -19,6 +23,28 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from kdtool.data import Draw, load_data  # noqa: E402
+from kdtool.runinfo import usable_cores  # noqa: E402
+
+
+def upscaled_zip(src: Path, size: int, count: int, dest: Path) -> Path:
+    """The first ``count`` images of the zip ``src`` (by name), ``size`` x ``size``, JPEG
+    quality 90, under their own names, in the zip ``dest``."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    from kdtool.imagefiles import IMAGE_EXTS
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dest, "w") as zout:
+        names = sorted(n for n in zin.namelist() if n.lower().endswith(tuple(IMAGE_EXTS)))
+        for name in names[:count]:
+            with Image.open(io.BytesIO(zin.read(name))) as im:
+                big = im.convert("RGB").resize((size, size), Image.BICUBIC)
+            out = io.BytesIO()
+            big.save(out, "JPEG", quality=90)
+            zout.writestr(name, out.getvalue())
+    return dest
 
 
 def main() -> None:
@@ -29,9 +55,17 @@ def main() -> None:
                         help="dataset cache (default: a fresh temp dir, deleted afterwards)")
     parser.add_argument("--draw", type=int, default=512,
                         help="images of the timed draw (0: none)")
+    parser.add_argument("--upscale", type=int, default=0,
+                        help="load the first --images images resized to N x N (JPEG q90)")
+    parser.add_argument("--images", type=int, default=4000)
     args = parser.parse_args()
     cache_dir = args.cache_dir or Path(tempfile.mkdtemp(prefix="kdtool-bench-"))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
+    if args.upscale:
+        made = Path(tempfile.mkdtemp(prefix="kdtool-bench-zip-"))
+        source = args.zip
+        args.zip = upscaled_zip(source, args.upscale, args.images, made / source.name)
+        print(f"{args.images} images of {source} at {args.upscale}x{args.upscale}, JPEG q90")
     import resource  # peak RSS: what a first decode costs in memory beyond its pixels
 
     start_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -50,6 +84,8 @@ def main() -> None:
     finally:
         if args.cache_dir is None:
             shutil.rmtree(cache_dir, ignore_errors=True)
+        if args.upscale:
+            shutil.rmtree(args.zip.parent, ignore_errors=True)
     n = len(data)
     print(f"{args.zip}: {n} images {data.channels}x{data.image_size[0]}x{data.image_size[1]}, "
           f"{data.num_classes} classes, {cores} cores")

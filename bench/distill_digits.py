@@ -92,6 +92,11 @@ VARIANTS = {
         "teacher BN current, class-weighted": {**FAST, "balance": "weight"},
         "teacher BN running (classic KD)": {**FAST, "teacher_bn": "running"},
     },
+    "method_paper": {  # the "method" group on the paper's schedule (Adam 1e-3 + plateau)
+        "teacher BN current": {"balance": "off"},
+        "teacher BN current, class-weighted": {"balance": "weight"},
+        "teacher BN running (classic KD)": {"teacher_bn": "running", "balance": "off"},
+    },
     "demo": {  # kdtool/demo.py's three students (its STUDENTS and full SCALE)
         "gaussian, teacher BN running (classic KD)": {**FAST, "teacher_bn": "running"},
         "gaussian, class-weighted": {**FAST, "balance": "weight"},
@@ -131,9 +136,11 @@ def main() -> None:
             no_align = kw.pop("_no_align", False)
             teacher = work / f"teacher_{arch}_{args.teacher_epochs}.safetensors"
             if not teacher.exists():
-                Trainer(TrainConfig(arch=arch, data="digits", val="digits:test",
-                                    epochs=args.teacher_epochs, batch_size=64),
-                        teacher, force=True).run()
+                r = Trainer(TrainConfig(arch=arch, data="digits", val="digits:test",
+                                        epochs=args.teacher_epochs, batch_size=64),
+                            teacher, force=True).run()
+                print(json.dumps({"teacher": arch, "epochs": args.teacher_epochs,
+                                  "digits_test_top1": r["val_top1"]}), flush=True)
             for seed in args.seeds:
                 cfg = DistillConfig(teacher=str(teacher), student=args.student,
                                     epochs=args.epochs, iters_per_epoch=args.iters_per_epoch,
