@@ -8,17 +8,18 @@ import numpy as np
 import torch
 
 from kdtool import console
-from kdtool.data import Draw, ImageData, check_fits, load_for_model
+from kdtool.data import Draw, ImageData, ImageStream, check_fits, chunk_rows, open_for_model
 from kdtool.deploy.backends import BenchModel, int8_caveat
 from kdtool.errors import KdtoolError
 from kdtool.loader import DeviceLoader
 
 
-def load_eval_data(spec: str, model: BenchModel, limit: int | None, seed: int) -> ImageData:
+def load_eval_data(spec: str, model: BenchModel, limit: int | None,
+                   seed: int) -> ImageData | ImageStream:
     """``spec`` at the model's input size and channels; ``limit`` keeps a seeded random subset
     (image folders are sorted by class, so the first N images would be one class), and a
-    folder or zip decodes just those images."""
-    data = load_for_model(spec, model, None if limit is None else Draw(limit, seed))
+    folder or zip decodes just those images; one too large to hold is an ImageStream."""
+    data = open_for_model(spec, model, None if limit is None else Draw(limit, seed))
     data.require_labels("accuracy data")
     check_fits(
         data,
@@ -30,25 +31,29 @@ def load_eval_data(spec: str, model: BenchModel, limit: int | None, seed: int) -
     return data
 
 
-def runner_logits(runner, model: BenchModel, data: ImageData, batch: int, advance=None,
-                  flip: bool = False) -> np.ndarray:
+def runner_logits(runner, model: BenchModel, data: ImageData | ImageStream, batch: int,
+                  advance=None, flip: bool = False) -> np.ndarray:
     """Float32 logits of ``runner`` on ``data``, in the dataset's order, in batches of
     ``batch`` (the last one padded when the runner only takes whole batches). ``flip``: the
     mean of each image's logits and its mirror image's (``kdtool eval --tta flip``)."""
-    # The same loader as kdtool eval: identical normalisation arithmetic, so the torch row
-    # matches kdtool eval exactly.
-    loader = DeviceLoader(data, batch, "cpu", model.mean, model.std)
     out, done = [], 0
-    for x, _ in loader:
-        n = len(x)
-        logits = _infer(runner, model, x.numpy(), batch)
-        if flip:
-            logits = (logits + _infer(runner, model, x.flip(-1).numpy(), batch)) / 2
-        out.append(logits)
-        done += n
-        if advance is not None:
-            advance(0, info=f"{model.label} {runner.backend} accuracy {done}/{len(data)}")
+    for chunk, _ in data.chunks(torch.arange(len(data)), chunk_rows(data, batch)):
+        # The same loader as kdtool eval: identical normalisation arithmetic, so the torch
+        # row matches kdtool eval exactly.
+        for x, _ in DeviceLoader(chunk, batch, "cpu", model.mean, model.std):
+            out.append(_logits(runner, model, x, batch, flip))
+            done += len(x)
+            if advance is not None:
+                advance(0, info=f"{model.label} {runner.backend} accuracy {done}/{len(data)}")
+        del chunk  # freed before the next chunk decodes
     return np.concatenate(out)
+
+
+def _logits(runner, model: BenchModel, x: torch.Tensor, batch: int, flip: bool) -> np.ndarray:
+    logits = _infer(runner, model, x.numpy(), batch)
+    if flip:
+        logits = (logits + _infer(runner, model, x.flip(-1).numpy(), batch)) / 2
+    return logits
 
 
 def _infer(runner, model: BenchModel, xb: np.ndarray, batch: int) -> np.ndarray:
@@ -67,7 +72,7 @@ def _infer(runner, model: BenchModel, xb: np.ndarray, batch: int) -> np.ndarray:
 
 
 def runner_accuracy(
-    runner, model: BenchModel, data: ImageData, batch: int, advance=None
+    runner, model: BenchModel, data: ImageData | ImageStream, batch: int, advance=None
 ) -> dict[str, Any]:
     """Top-1 of ``runner`` on ``data`` in batches of ``batch``."""
     logits = runner_logits(runner, model, data, batch, advance)

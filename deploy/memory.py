@@ -17,10 +17,10 @@ memory after the cell minus before the load (``torch.cuda.mem_get_info``).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 from pathlib import Path
+
+from kdtool.heap import release_freed
 
 STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -36,21 +36,10 @@ def _status_kb(field: str) -> int | None:
     return None
 
 
-def _load_malloc_trim():
-    try:  # glibc only; musl and other C libraries have no malloc_trim
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_MALLOC_TRIM = _load_malloc_trim()
-
-
 def _settle() -> None:
     """Free what is garbage now and hand freed heap pages back to the kernel."""
     gc.collect()
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
+    release_freed()
 
 
 def _reset_peak() -> bool:

@@ -21,6 +21,8 @@ A zip or directory is decoded once (in parallel) and cached as safetensors under
 ``cache_dir``, ``$KDTOOL_CACHE`` or ``~/.cache/kdtool/datasets``, keyed by the
 absolute path, the file sizes and mtimes, image_size, channels and the fit rule. A new
 entry replaces the one for the same path and conversion whose files have since changed.
+An evaluation of a folder or zip too large to hold (``open_for_model``) gets an ImageStream,
+decoded a chunk at a time and never cached.
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ import unicodedata
 import zipfile
 import zlib
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +51,7 @@ from PIL import Image
 
 from kdtool import console
 from kdtool.errors import InternalError, KdtoolError, check_choice, message_line, suggest
+from kdtool.heap import release_freed
 from kdtool.imagefiles import (
     DECODE_ERRORS,
     IMAGE_EXTS,
@@ -65,6 +69,10 @@ SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testi
 MAX_NPZ_CLASSES = 100_000  # more is a sentinel label (255, 10**9), not a class count
 CACHE_FORMAT = 3  # 2: images turned upright by their EXIF orientation; 3: Info-ZIP UTF-8 names
 PARALLEL_MIN_IMAGES = 2000  # below this, starting worker processes costs more than it saves
+# An evaluation whose pixels would take more memory than this decodes them a chunk at a time
+# (ImageStream): ImageNet's 50,000 validation images at 224x224 are 7.5 GB.
+STREAM_ABOVE_BYTES = 2 << 30
+CHUNK_BYTES = 256 << 20  # a streamed chunk's pixels, rounded to whole batches
 _FORMS_HINT = ("give a directory of <class>/<image> folders, a .zip or .npz file, or one of: "
                + ", ".join(BUILTIN_DATASETS))
 
@@ -83,8 +91,33 @@ class Draw:
         return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[:self.count]
 
 
+class _Labels:
+    """What a dataset in memory (ImageData) and one decoded a chunk at a time (ImageStream)
+    share: labels ``y``, ``class_names`` and the ``source`` spec."""
+
+    y: torch.Tensor
+    class_names: list[str]
+    source: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def labeled(self) -> bool:
+        return bool(self.class_names)
+
+    def require_labels(self, what: str) -> None:
+        """Refuse unlabeled data for ``what`` (e.g. "--val"), saying why it read as unlabeled."""
+        if not self.labeled:
+            raise KdtoolError(f"{what} '{self.source}' has no labels: "
+                              f"{_why_unlabeled(self.source)}",
+                              "give a folder of <class>/<image> subfolders, a zip of one, or "
+                              "an npz with y")
+
+
 @dataclass
-class ImageData:
+class ImageData(_Labels):
     x: torch.Tensor  # uint8, N x C x H x W, contiguous, CPU
     y: torch.Tensor  # int64, N; -1 for every image when unlabeled
     class_names: list[str] = field(default_factory=list)  # [] when unlabeled
@@ -100,10 +133,6 @@ class ImageData:
         return self.x.shape[0]
 
     @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
     def channels(self) -> int:
         return self.x.shape[1]
 
@@ -111,17 +140,13 @@ class ImageData:
     def image_size(self) -> tuple[int, int]:
         return (self.x.shape[2], self.x.shape[3])
 
-    @property
-    def labeled(self) -> bool:
-        return bool(self.class_names)
-
-    def require_labels(self, what: str) -> None:
-        """Refuse unlabeled data for ``what`` (e.g. "--val"), saying why it read as unlabeled."""
-        if not self.labeled:
-            raise KdtoolError(f"{what} '{self.source}' has no labels: "
-                              f"{_why_unlabeled(self.source)}",
-                              "give a folder of <class>/<image> subfolders, a zip of one, or "
-                              "an npz with y")
+    def chunks(self, order: torch.Tensor, rows: int) -> Iterator[tuple[ImageData, torch.Tensor]]:
+        """The images at positions ``order``, ``rows`` at a time, each chunk with its
+        positions (ImageStream's interface: a loop over either is one loop)."""
+        for start in range(0, len(order), rows):
+            pos = order[start:start + rows]
+            yield self.subset(pos), pos
+            release_freed()  # the caller is done with the chunk (kdtool.heap says why)
 
     def checksum(self) -> str:
         """CRC-32 of the pixels, labels and class names, as hex (0.1 s for CIFAR-10's 45k)."""
@@ -215,6 +240,64 @@ def load_for_model(spec: str, model, draw: Draw | None = None) -> ImageData:
     return match_classes(data, model.class_names)
 
 
+@dataclass
+class ImageStream(_Labels):
+    """The labelled images of a folder or zip fitted to a model's input, decoded a chunk at a
+    time when asked for and never cached (``open_for_model``): an evaluation then holds one
+    chunk's pixels, not the whole dataset's, in memory and on disk."""
+
+    path: Path
+    is_zip: bool
+    names: list[str]  # as _Decoder reads them, in dataset order
+    y: torch.Tensor
+    class_names: list[str]
+    source: str
+    channels: int
+    image_size: tuple[int, int]
+    fit: Fit
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def chunks(self, order: torch.Tensor, rows: int) -> Iterator[tuple[ImageData, torch.Tensor]]:
+        """As ImageData.chunks: the images at positions ``order``, decoded ``rows`` at a time."""
+        for start in range(0, len(order), rows):
+            pos = order[start:start + rows]
+            names = [self.names[i] for i in pos.tolist()]
+            x = _decode_images(self.path, names, self.is_zip, self.channels, self.image_size,
+                               self.fit, progress=False)
+            yield ImageData(x, self.y[pos], list(self.class_names), self.source), pos
+            del x  # the caller is done with this chunk: free it before the next decodes
+            release_freed()  # kdtool.heap says why
+
+
+def chunk_rows(data: ImageData | ImageStream, batch_size: int) -> int:
+    """Images per chunk when iterating ``data`` in batches: whole batches, CHUNK_BYTES of
+    pixels or one batch."""
+    h, w = data.image_size
+    return max(1, CHUNK_BYTES // (data.channels * h * w * batch_size)) * batch_size
+
+
+def open_for_model(spec: str, model, draw: Draw | None = None) -> ImageData | ImageStream:
+    """As load_for_model, but a folder or zip whose pixels at the model's input would take
+    more than STREAM_ABOVE_BYTES comes back as an ImageStream (for evaluation: scores in
+    the same batches, whose images are decoded a chunk at a time)."""
+    path = Path(str(spec)).expanduser()
+    if draw is None and (path.is_dir() or (path.is_file() and path.suffix.lower() == ".zip")):
+        is_zip, names, strip, _ = _list_images(path.resolve())
+        h, w = model.input_size
+        if len(names) * model.in_chans * h * w > STREAM_ABOVE_BYTES:
+            names, labels, classes = _labelled(path.resolve(), names, strip, is_zip)
+            stream = ImageStream(path.resolve(), is_zip, names,
+                                 torch.tensor(labels, dtype=torch.int64), list(classes),
+                                 str(spec), model.in_chans, (h, w), Fit.of(model))
+            console.info(f"{spec}: {len(names)} images take "
+                         f"{len(names) * model.in_chans * h * w / 2**30:.1f} GB at "
+                         f"{h}x{w}; decoding them a chunk at a time, uncached")
+            return match_classes(stream, model.class_names)
+    return load_for_model(spec, model, draw)
+
+
 def load_calibration(spec: str, model, what: str, stats: str,
                      image_size: tuple[int, int] | None = None,
                      draw: Draw | None = None) -> ImageData:
@@ -262,7 +345,8 @@ def _has_colour(spec: str) -> bool:
         return any(decoder.mode(name) not in GRAY_MODES for name in names)
 
 
-def match_classes(data: ImageData, names: list[str], whose: str = "the model's") -> ImageData:
+def match_classes(data: ImageData | ImageStream, names: list[str],
+                  whose: str = "the model's") -> ImageData | ImageStream:
     """``data`` labelled in the order of a model's class ``names`` when its own class names
     are all among them (a folder holding some of the classes, or all in another order);
     unchanged when none is (labels then mean class indices); refused when only some are:
@@ -288,14 +372,14 @@ def match_classes(data: ImageData, names: list[str], whose: str = "the model's")
             + (f", nor are {len(strangers) - 1} more" if len(strangers) > 1 else ""),
             f"name class folders as {whose} classes ({_few(names)}) or leave the others out")
     remap = torch.tensor([index[n] for n in own])
-    return ImageData(data.x, remap[data.y], list(names), data.source)
+    return replace(data, y=remap[data.y], class_names=list(names))
 
 
 def _few(names: list[str]) -> str:
     return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
 
 
-def check_fits(data: ImageData, *, num_classes: int, in_chans: int, what: str,
+def check_fits(data: ImageData | ImageStream, *, num_classes: int, in_chans: int, what: str,
                class_names: list[str] | None = None) -> None:
     """Raise if ``data`` cannot feed the model ``what``: channels, class count.
 
@@ -571,8 +655,9 @@ def _decode_in_worker(names: list[str]):
 
 
 def _decode_images(path: Path, names: list[str], is_zip: bool, channels, size,
-                   fit: Fit) -> torch.Tensor:
-    """Decode ``names`` (files under a dir or members of a zip) into N x C x H x W uint8."""
+                   fit: Fit, progress: bool = True) -> torch.Tensor:
+    """Decode ``names`` (files under a dir or members of a zip) into N x C x H x W uint8,
+    with a progress bar unless a caller's bar is showing (ImageStream's chunks)."""
     workers = min(usable_cores(), 8)
     step = max(200, min(2000, len(names) // (workers * 8) + 1))
     chunks = [names[i:i + step] for i in range(0, len(names), step)]
@@ -580,25 +665,29 @@ def _decode_images(path: Path, names: list[str], is_zip: bool, channels, size,
     # Daemonic processes (e.g. DataLoader workers) cannot start children.
     if len(names) < PARALLEL_MIN_IMAGES or workers == 1 or mp.current_process().daemon:
         with contextlib.closing(_Decoder(*args)) as decoder:
-            return _gather(path, chunks, map(decoder, chunks), channels)
+            return _gather(path, chunks, map(decoder, chunks), channels, progress)
     # fork skips re-importing torch in each worker; other platforms cannot fork safely.
     ctx = mp.get_context("fork" if sys.platform == "linux" else None)
     with ProcessPoolExecutor(workers, ctx, initializer=_init_worker, initargs=args) as pool:
         try:
-            return _gather(path, chunks, pool.map(_decode_in_worker, chunks), channels)
+            return _gather(path, chunks, pool.map(_decode_in_worker, chunks), channels,
+                           progress)
         except BaseException:
             pool.shutdown(cancel_futures=True)  # a bad file: don't wait for the rest to decode
             raise
 
 
-def _gather(path: Path, chunks: list[list[str]], results, channels) -> torch.Tensor:
+def _gather(path: Path, chunks: list[list[str]], results, channels,
+            progress: bool = True) -> torch.Tensor:
     """Copy decoded chunks as they arrive (with progress) into one N x C x H x W tensor,
     checking that sizes agree. Filled in place: a decode peaks at the dataset's size plus a
     chunk, not twice the dataset (chunks kept, then joined, then laid out channels-first)."""
     total = sum(map(len, chunks))
     out: torch.Tensor | None = None
     first, done = None, 0
-    with console.progress_task(f"decode {path.name}", total, unit="img") as advance:
+    bar = (console.progress_task(f"decode {path.name}", total, unit="img") if progress
+           else contextlib.nullcontext(lambda n=1, info=None: None))
+    with bar as advance:
         for chunk, (x, mismatch) in zip(chunks, results, strict=True):
             if mismatch is None and first is not None and x.shape[1:3] != first[1]:
                 mismatch = (first[0], first[1], chunk[0], x.shape[1:3])
@@ -651,10 +740,7 @@ def _load_images_cached(spec: str, path: Path, size, channels, fit: Fit,
     if cached is not None:
         data = ImageData(*cached, spec)
         return data if draw is None else data.subset(draw.indices(len(data)))
-    rels = ["/".join(n.split("/")[strip:]) for n in names]
-    labels, classes = _labels(path, rels, not is_zip)
-    if classes and len(labels) < len(names):  # drop images outside class folders
-        names = [n for n, r in zip(names, rels, strict=True) if "/" in r]
+    names, labels, classes = _labelled(path, names, strip, is_zip)
     if draw is not None:  # decode the drawn files alone, and cache nothing
         index = draw.indices(len(names)).tolist()
         names, labels = [names[i] for i in index], [labels[i] for i in index]
@@ -663,6 +749,17 @@ def _load_images_cached(spec: str, path: Path, size, channels, fit: Fit,
     if draw is None and _write_cache(cache, data, str(path), json.dumps(variant)):
         _drop_superseded(cache, json.dumps(variant))
     return data
+
+
+def _labelled(path: Path, names: list[str], strip: int,
+              is_zip: bool) -> tuple[list[str], list[int], list[str]]:
+    """A listing's images with their labels and the class names; images outside class
+    folders are dropped when there are classes."""
+    rels = ["/".join(n.split("/")[strip:]) for n in names]
+    labels, classes = _labels(path, rels, not is_zip)
+    if classes and len(labels) < len(names):
+        names = [n for n, r in zip(names, rels, strict=True) if "/" in r]
+    return names, labels, classes
 
 
 def _list_images(path: Path) -> tuple[bool, list[str], int, object]:

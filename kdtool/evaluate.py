@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import nullcontext
 
 import torch
@@ -10,10 +11,10 @@ import torch.nn as nn
 
 from kdtool import console
 from kdtool.bn import BN_MODES, batch_stats, bn_layers
-from kdtool.data import ImageData
+from kdtool.data import ImageData, ImageStream, chunk_rows
 from kdtool.device import autocast_for
 from kdtool.errors import KdtoolError, check_choice
-from kdtool.loader import DeviceLoader
+from kdtool.loader import DeviceLoader, epoch_generator, epoch_order
 
 TTA_MODES = ("none", "flip")  # test-time augmentation: none, or horizontal mirror images
 
@@ -21,7 +22,7 @@ TTA_MODES = ("none", "flip")  # test-time augmentation: none, or horizontal mirr
 @torch.no_grad()
 def predict(
     model: nn.Module,
-    data: ImageData,
+    data: ImageData | ImageStream,
     mean: list[float],
     std: list[float],
     batch_size: int = 256,
@@ -47,39 +48,51 @@ def predict(
     ``progress``: a progress bar over the batches, on stderr. It goes when done, as a step of
     a larger command should, unless ``lasting`` (``kdtool eval``, whose work it is: the bar
     stays, and with ``KDTOOL_PROGRESS=lines`` a log gets its lines and a last one).
+    An ImageStream is decoded a chunk of whole batches at a time: the same batches, the
+    same logits as the dataset in memory.
     """
     check_choice(bn, BN_MODES, "BN mode")
     check_choice(tta, TTA_MODES, "--tta mode")
     if bn == "current" and not bn_layers(model):
         raise KdtoolError("--bn current needs BatchNorm layers and the model has none",
                           "use --bn running")
-    device = torch.device(device)
-    model.eval()
-    shuffle = bn == "current" if shuffle is None else shuffle
-    loader = DeviceLoader(data, batch_size, device, mean, std, shuffle=shuffle,
-                          seed=seed, channels_last=channels_last)
-    logits, indices = [], []
-    ctx = batch_stats(model) if bn == "current" else nullcontext()
-    bar = (console.progress_task("evaluate", len(loader), unit="batch", transient=not lasting)
-           if progress else nullcontext(lambda n=1, info=None: None))
     if bn == "current" and len(data) < 2:  # one image has no batch statistics
         raise KdtoolError(f"--bn current needs 2 or more images, and '{data.source}' has "
                           f"{len(data)}", "evaluate more images, or use --bn running")
     if bn == "current" and batch_size < 2:
         raise KdtoolError(f"--bn current normalises with each batch's statistics, and a batch "
                           f"of {batch_size} image has none", "use --batch-size 2 or more")
+    device = torch.device(device)
+    model.eval()
+    shuffle = bn == "current" if shuffle is None else shuffle
+    order = epoch_order(len(data), shuffle, epoch_generator(seed, 0, device), device).cpu()
+    batches = -(-len(data) // batch_size)
+    logits, indices = [], []
+    ctx = batch_stats(model) if bn == "current" else nullcontext()
+    bar = (console.progress_task("evaluate", batches, unit="batch", transient=not lasting)
+           if progress else nullcontext(lambda n=1, info=None: None))
+
+    def in_order() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Normalised batches on ``device``, with their dataset positions (on the CPU)."""
+        for chunk, pos in data.chunks(order, chunk_rows(data, batch_size)):
+            loader = DeviceLoader(chunk, batch_size, device, mean, std,
+                                  channels_last=channels_last)
+            del chunk  # held by the loader alone, and freed with it before the next decode
+            for x, _, idx in loader.epoch(0, with_index=True):
+                yield x, pos[idx.cpu()]
+            del loader
 
     def run(x: torch.Tensor, idx: torch.Tensor, batches: int) -> None:
         out = model(x).float()
         if tta == "flip":
             out = (out + model(x.flip(-1)).float()) / 2
         logits.append(out.cpu())
-        indices.append(idx.cpu())
+        indices.append(idx)
         advance(batches)
 
     with bar as advance, ctx, autocast_for(device):
-        held, last = None, len(loader) - 1  # each batch waits: a last one of one image joins it
-        for i, (x, _, idx) in enumerate(loader.epoch(0, with_index=True)):
+        held, last = None, batches - 1  # each batch waits: a last one of one image joins it
+        for i, (x, idx) in enumerate(in_order()):
             if held is not None and bn == "current" and i == last and len(idx) == 1:
                 # one image has no batch statistics (BN would divide by a zero variance):
                 # 257 images at batch 256 run as one batch of 257

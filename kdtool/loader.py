@@ -32,6 +32,13 @@ def epoch_generator(seed: int, epoch: int, device: torch.device | str = "cpu") -
     return g
 
 
+def epoch_order(n: int, shuffle: bool, gen: torch.Generator,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """Positions of an epoch's images: a permutation drawn from ``gen``, or 0..n-1."""
+    return (torch.randperm(n, device=device, generator=gen) if shuffle
+            else torch.arange(n, device=device))
+
+
 def random_crop_flip(x: torch.Tensor, aug: Augment, gen: torch.Generator) -> torch.Tensor:
     """Vectorised per-sample random crop (zero padding) and horizontal flip of NCHW ``x``."""
     n, _, h, w = x.shape
@@ -110,11 +117,7 @@ class DeviceLoader:
         """Batches ``(x, y)``, or ``(x, y, index into the dataset)`` with ``with_index``."""
         gen = epoch_generator(self.seed, epoch, self.device)
         n = len(self.y)
-        order = (
-            torch.randperm(n, device=self.device, generator=gen)
-            if self.shuffle
-            else torch.arange(n, device=self.device)
-        )
+        order = epoch_order(n, self.shuffle, gen, self.device)
         for i in range(len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             x = self.x[idx]

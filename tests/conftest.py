@@ -100,9 +100,9 @@ def decoded(monkeypatch) -> list[int]:
     counts: list[int] = []
     real = data_mod._decode_images
 
-    def counting(path, names, *args):
+    def counting(path, names, *args, **kwargs):
         counts.append(len(names))
-        return real(path, names, *args)
+        return real(path, names, *args, **kwargs)
 
     monkeypatch.setattr(data_mod, "_decode_images", counting)
     return counts

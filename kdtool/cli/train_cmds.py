@@ -226,7 +226,7 @@ def _eval_checkpoint(checkpoint: Path, data: str, bn: str, batch_size: int, tta:
                      device: str, seed: int, limit: int | None, spec, norm) -> dict:
     from kdtool import console
     from kdtool.checkpoint import load_checkpoint, per_channel_norm
-    from kdtool.data import Draw, check_fits, load_for_model
+    from kdtool.data import Draw, check_fits, open_for_model
     from kdtool.device import memory_format_for, resolve_device
     from kdtool.evaluate import evaluate
     from kdtool.train import trained_with_flips
@@ -243,8 +243,9 @@ def _eval_checkpoint(checkpoint: Path, data: str, bn: str, batch_size: int, tta:
                          "that of the model fed otherwise than it was trained")
     # The data first: a wrong --data is the error to see, not a warning about the model.
     dev = resolve_device(device)
-    # As export, bench and serve will fit them; --limit: a seeded draw of them
-    ds = load_for_model(data, meta, None if limit is None else Draw(limit, seed))
+    # As export, bench and serve will fit them; --limit: a seeded draw of them; more than
+    # memory should hold: decoded a chunk at a time
+    ds = open_for_model(data, meta, None if limit is None else Draw(limit, seed))
     check_fits(ds, num_classes=meta.num_classes, in_chans=meta.in_chans,
                what=f"checkpoint '{checkpoint}'", class_names=meta.class_names)
     uncalibrated = meta.noise_bn_warning(str(checkpoint))

@@ -794,3 +794,23 @@ def test_an_engine_built_from_this_checkpoint_for_this_gpu_and_tensorrt_is_reuse
     assert not export().reused and len(built) == 1
     (tmp_path / "tiny.trt.engine.json").write_text("{not json")
     assert not export().reused and len(built) == 1
+
+
+def test_accuracy_on_a_folder_too_large_to_hold_is_scored_a_chunk_at_a_time(
+        cli, models, digits_pngs, monkeypatch, decoded):
+    import kdtool.data as data_mod
+
+    folder = digits_pngs(37, labelled=True)
+    args = ("bench", models["teacher"], models["onnx"], "--batch", "4",
+            *FAST, "--data", folder, "--json")
+    first = cli(*args)
+    assert first.code == 0, first.err
+    whole = [row["accuracy"] for row in first.json()["rows"]]
+    monkeypatch.setattr(data_mod, "STREAM_ABOVE_BYTES", 0)
+    monkeypatch.setattr(data_mod, "CHUNK_BYTES", 2 * 4 * 64)  # two batches of 8x8 grey
+    decoded.clear()
+    r = cli(*args)
+    assert r.code == 0, r.err
+    assert [row["accuracy"] for row in r.json()["rows"]] == whole
+    assert whole[0]["images"] == 37
+    assert decoded == [8, 8, 8, 8, 5] * 2  # once per backend

@@ -188,3 +188,21 @@ def test_info_of_a_tensorrt_engine_shows_the_metadata_kept_beside_it(cli, tiny_o
     (tmp_path / "lone.plan").write_bytes(b"\x00" * 64)
     r = cli("info", tmp_path / "lone.plan")
     assert r.code == 1 and "has no kdtool metadata next to it" in r.err, r.err
+
+
+@pytest.mark.parametrize("fixture", ["tiny_onnx", "static_onnx"])
+def test_a_folder_too_large_to_hold_scores_a_chunk_at_a_time(cli, request, digits_pngs,
+                                                             monkeypatch, decoded, fixture):
+    import kdtool.data as data_mod
+
+    onnx_path = request.getfixturevalue(fixture)  # static_onnx: batches of 4, the last padded
+    folder = digits_pngs(37, labelled=True)
+    args = ("eval", onnx_path, "--data", folder, "--batch-size", "4", "--json")
+    whole = cli(*args).json()
+    monkeypatch.setattr(data_mod, "STREAM_ABOVE_BYTES", 0)
+    monkeypatch.setattr(data_mod, "CHUNK_BYTES", 2 * 4 * 64)  # two batches of 8x8 grey
+    decoded.clear()
+    r = cli(*args)
+    assert r.code == 0, r.err
+    assert r.json() == whole and whole["images"] == 37
+    assert decoded == [8, 8, 8, 8, 5]
