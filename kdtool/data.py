@@ -264,8 +264,9 @@ class ImageStream(_Labels):
         for start in range(0, len(order), rows):
             pos = order[start:start + rows]
             names = [self.names[i] for i in pos.tolist()]
+            # a chunk is 256 MiB of pixels: in parallel whatever its image count
             x = _decode_images(self.path, names, self.is_zip, self.channels, self.image_size,
-                               self.fit, progress=False)
+                               self.fit, progress=False, parallel_from=0)
             yield ImageData(x, self.y[pos], list(self.class_names), self.source), pos
             del x  # the caller is done with this chunk: free it before the next decodes
             release_freed()  # kdtool.heap says why
@@ -655,15 +656,19 @@ def _decode_in_worker(names: list[str]):
 
 
 def _decode_images(path: Path, names: list[str], is_zip: bool, channels, size,
-                   fit: Fit, progress: bool = True) -> torch.Tensor:
+                   fit: Fit, progress: bool = True,
+                   parallel_from: int | None = None) -> torch.Tensor:
     """Decode ``names`` (files under a dir or members of a zip) into N x C x H x W uint8,
-    with a progress bar unless a caller's bar is showing (ImageStream's chunks)."""
+    with a progress bar unless a caller's bar is showing (ImageStream's chunks), in worker
+    processes from ``parallel_from`` images (default PARALLEL_MIN_IMAGES)."""
     workers = min(usable_cores(), 8)
     step = max(200, min(2000, len(names) // (workers * 8) + 1))
     chunks = [names[i:i + step] for i in range(0, len(names), step)]
     args = (str(path), is_zip, channels, size, fit)
     # Daemonic processes (e.g. DataLoader workers) cannot start children.
-    if len(names) < PARALLEL_MIN_IMAGES or workers == 1 or mp.current_process().daemon:
+    if parallel_from is None:
+        parallel_from = PARALLEL_MIN_IMAGES
+    if len(names) < parallel_from or workers == 1 or mp.current_process().daemon:
         with contextlib.closing(_Decoder(*args)) as decoder:
             return _gather(path, chunks, map(decoder, chunks), channels, progress)
     # fork skips re-importing torch in each worker; other platforms cannot fork safely.

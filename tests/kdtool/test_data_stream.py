@@ -128,3 +128,24 @@ def test_a_chunk_is_freed_before_the_next_one_decodes(cli, digits_teacher, digit
     r = cli("eval", path, "--data", folder, "--batch-size", "4", "--json")
     assert r.code == 0, r.err
     assert len(held_chunks) == 5
+
+
+def test_a_streamed_chunk_decodes_in_worker_processes(digits_teacher, digits_pngs, streamed,
+                                                      monkeypatch):
+    # a chunk is 256 MiB of large images: worth the workers' start at any image count
+    started = []
+
+    class Pool(data_mod.ProcessPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            started.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(data_mod, "ProcessPoolExecutor", Pool)
+    monkeypatch.setattr(data_mod, "usable_cores", lambda: 2)
+    _, meta = load_checkpoint(digits_teacher)
+    stream = open_for_model(digits_pngs(12, labelled=True), meta)
+    whole = load_for_model(digits_pngs(12, labelled=True), meta)
+    assert started == []  # 12 images in memory: too few for workers
+    got = [chunk for chunk, _ in stream.chunks(torch.arange(12), 8)]
+    assert started == [2, 2]
+    assert torch.equal(torch.cat([c.x for c in got]), whole.x)
