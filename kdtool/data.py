@@ -30,18 +30,14 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
-import io
 import json
-import multiprocessing as mp
 import os
 import re
-import sys
 import unicodedata
 import zipfile
 import zlib
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -49,26 +45,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kdtool import console
+from kdtool import console, imagefolder
 from kdtool.errors import InternalError, KdtoolError, check_choice, message_line, suggest
 from kdtool.heap import release_freed
 from kdtool.imagefiles import (
-    DECODE_ERRORS,
     IMAGE_EXTS,
-    decode_error_text,
-    is_hidden,
-    list_dir,
 )
 from kdtool.imageprep import GRAY_MODES, STRETCH, Fit, to_array
 from kdtool.io import atomic_path
-from kdtool.runinfo import usable_cores
 
 BUILTIN_DATASETS = ("digits", "digits:train", "digits:test")
-# Top folders that name splits, not classes: a parent of train/ and val/ given as --data.
-SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing", "dev"}
 MAX_NPZ_CLASSES = 100_000  # more is a sentinel label (255, 10**9), not a class count
 CACHE_FORMAT = 3  # 2: images turned upright by their EXIF orientation; 3: Info-ZIP UTF-8 names
-PARALLEL_MIN_IMAGES = 2000  # below this, starting worker processes costs more than it saves
 # An evaluation whose pixels would take more memory than this decodes them a chunk at a time
 # (ImageStream): ImageNet's 50,000 validation images at 224x224 are 7.5 GB.
 STREAM_ABOVE_BYTES = 2 << 30
@@ -111,7 +99,7 @@ class _Labels:
         """Refuse unlabeled data for ``what`` (e.g. "--val"), saying why it read as unlabeled."""
         if not self.labeled:
             raise KdtoolError(f"{what} '{self.source}' has no labels: "
-                              f"{_why_unlabeled(self.source)}",
+                              f"{imagefolder.why_unlabeled(self.source)}",
                               "give a folder of <class>/<image> subfolders, a zip of one, or "
                               "an npz with y")
 
@@ -248,7 +236,7 @@ class ImageStream(_Labels):
 
     path: Path
     is_zip: bool
-    names: list[str]  # as _Decoder reads them, in dataset order
+    names: list[str]  # as Decoder reads them, in dataset order
     y: torch.Tensor
     class_names: list[str]
     source: str
@@ -265,8 +253,9 @@ class ImageStream(_Labels):
             pos = order[start:start + rows]
             names = [self.names[i] for i in pos.tolist()]
             # a chunk is 256 MiB of pixels: in parallel whatever its image count
-            x = _decode_images(self.path, names, self.is_zip, self.channels, self.image_size,
-                               self.fit, progress=False, parallel_from=0)
+            x = imagefolder.decode_images(self.path, names, self.is_zip, self.channels,
+                                          self.image_size, self.fit, progress=False,
+                                          parallel_from=0)
             yield ImageData(x, self.y[pos], list(self.class_names), self.source), pos
             del x  # the caller is done with this chunk: free it before the next decodes
             release_freed()  # kdtool.heap says why
@@ -285,10 +274,10 @@ def open_for_model(spec: str, model, draw: Draw | None = None) -> ImageData | Im
     the same batches, whose images are decoded a chunk at a time)."""
     path = Path(str(spec)).expanduser()
     if draw is None and (path.is_dir() or (path.is_file() and path.suffix.lower() == ".zip")):
-        is_zip, names, strip, _ = _list_images(path.resolve())
+        is_zip, names, strip, _ = imagefolder.list_images(path.resolve())
         h, w = model.input_size
         if len(names) * model.in_chans * h * w > STREAM_ABOVE_BYTES:
-            names, labels, classes = _labelled(path.resolve(), names, strip, is_zip)
+            names, labels, classes = imagefolder.labelled(path.resolve(), names, strip, is_zip)
             stream = ImageStream(path.resolve(), is_zip, names,
                                  torch.tensor(labels, dtype=torch.int64), list(classes),
                                  str(spec), model.in_chans, (h, w), Fit.of(model))
@@ -341,8 +330,9 @@ def _has_colour(spec: str) -> bool:
     path = Path(spec).expanduser()
     if not (path.is_dir() or (path.is_file() and path.suffix.lower() == ".zip")):
         return False
-    is_zip, names, _, _ = _list_images(path)
-    with contextlib.closing(_Decoder(str(path), is_zip, None, None, STRETCH)) as decoder:
+    is_zip, names, _, _ = imagefolder.list_images(path)
+    decoder = imagefolder.Decoder(str(path), is_zip, None, None, STRETCH)
+    with contextlib.closing(decoder):
         return any(decoder.mode(name) not in GRAY_MODES for name in names)
 
 
@@ -497,231 +487,12 @@ def _conform(x: np.ndarray, channels: int | None, size: tuple[int, int] | None,
     return np.stack(out)
 
 
-# ----------------------------------------------------------------------------- image files
-
-
-ZIP_UTF8_FLAG = 0x800
-
-
-def zip_members(zf: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
-    """The zip's files by their names as written. Info-ZIP (Linux's ``zip``) and older tools
-    store UTF-8 names without the flag that says so, and zipfile then reads them as cp437
-    ("ñu" as "├▒u"): such a name is read as UTF-8 when it is valid UTF-8."""
-    members = {}
-    for info in zf.infolist():
-        if info.is_dir():
-            continue
-        name = info.filename
-        if not info.flag_bits & ZIP_UTF8_FLAG and not name.isascii():
-            with contextlib.suppress(UnicodeEncodeError, UnicodeDecodeError):
-                name = name.encode("cp437").decode("utf-8")
-        members[name] = info
-    return members
-
-
-def _list_zip(path: Path) -> tuple[list[str], int]:
-    """Names of the images in the zip (``zip_members``), and how many leading folders to
-    strip (0 or 1)."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = list(zip_members(zf))
-    except (OSError, zipfile.BadZipFile) as e:
-        raise KdtoolError(f"cannot read zip file {path}: {e}",
-                          "re-create or re-download it") from None
-    odd = next((n for n in names if n.startswith("/") or ".." in n.split("/")), None)
-    if odd is not None:  # "/x/a.png" made a class named "", "../a.png" was dropped as hidden
-        raise KdtoolError(f"zip file {path} holds '{odd}', a path that is absolute or climbs "
-                          "out of the archive", "re-create the zip from inside its folder, "
-                          "with relative names (cd data && zip -r ../data.zip .)")
-    names = sorted(n for n in names
-                   if n.lower().endswith(IMAGE_EXTS) and not is_hidden(n.split("/")))
-    tops = {n.split("/")[0] for n in names}
-    strip = int(len(tops) == 1 and all("/" in n for n in names))
-    return names, strip
-
-
-def _labels(path: Path, rels: list[str], is_dir: bool) -> tuple[list[int], list[str]]:
-    """Labels from ``<class>/...`` relative paths; unlabeled when all images are at the top."""
-    nested = [r for r in rels if "/" in r]
-    if not nested:
-        return [-1] * len(rels), []
-    classes = sorted({_class_of(r) for r in nested})
-    tops = {r.split("/")[0] for r in nested}
-    if len(tops) > len(classes):  # macOS (NFD) and other systems (NFC) spell "é" differently
-        twins = sorted(t for t in tops if sum(_class_of(u) == _class_of(t) for u in tops) > 1)
-        raise KdtoolError(
-            f"{path}: class folders {' and '.join(repr(t) for t in twins[:2])} are one name in "
-            "two Unicode forms (composed and decomposed), which would make one class",
-            "move the images into one of them and remove the other")
-    if all(r.count("/") >= 2 for r in nested):  # no image directly in a class folder
-        if {c.lower() for c in classes} <= SPLIT_NAMES:
-            raise KdtoolError(
-                f"{path} holds splits ({', '.join(classes)}), not classes: its images sit in "
-                f"{classes[0]}/<class>/...",
-                f"give one split: --data {path / classes[0]}" if is_dir else
-                f"zip one split's folder, e.g. {classes[0]}/")
-        console.warn(f"{path}: every image sits in a subfolder of its class folder; the "
-                     f"classes are the {len(classes)} top folders ({', '.join(classes[:5])}"
-                     f"{' ...' if len(classes) > 5 else ''})")
-    if is_dir:  # torchvision-style: every subfolder is a class, so an empty one is a mistake
-        empty = sorted(d.name for d in path.iterdir()
-                       if d.is_dir() and not is_hidden([d.name])
-                       and unicodedata.normalize("NFC", d.name) not in classes)
-        if empty:
-            raise KdtoolError(f"class folder {path / empty[0]} has no images",
-                              "add images or remove the folder (it would shift the labels)")
-    if len(nested) < len(rels):
-        console.warn(f"{path}: ignoring {len(rels) - len(nested)} images outside class folders")
-    index = {c: i for i, c in enumerate(classes)}
-    return [index[_class_of(r)] for r in nested], classes
-
-
-def _why_unlabeled(spec: str) -> str:
-    """Why ``spec`` loaded without labels (only called on that error path)."""
-    path = Path(spec).expanduser()
-    if path.suffix.lower() == ".npz":
-        return "its y is -1 for every image"
-    if path.is_file():
-        names, strip = _list_zip(path)
-        if strip:  # one top folder holding images directly is read as a wrapper folder
-            top = names[0].split("/")[0]
-            return (f"its images all sit in one top folder '{top}/', which is read as a "
-                    "folder around unlabeled images (a labeled zip has one folder per class, "
-                    f"at least two; for images of class '{top}' alone, zip the folder around "
-                    f"'{top}/')")
-        return "its images sit at the top of the zip, not in class folders"
-    return "its images sit directly in it, not in class subfolders"
-
-
-def _class_of(rel: str) -> str:
-    """The class folder of a relative image path, in NFC: macOS writes folder names
-    decomposed (NFD), so "ü" would otherwise differ from the model's "ü"."""
-    return unicodedata.normalize("NFC", rel.split("/")[0])
-
-
-class _Decoder:
-    """Decodes lists of image names from one directory or zip (one per process)."""
-
-    def __init__(self, path: str, is_zip: bool, channels: int | None, size, fit: Fit):
-        self.path, self.channels, self.size, self.fit = path, channels, size, fit
-        # Opened in each process: a zip handle inherited by fork would share its file offset.
-        self.zip = zipfile.ZipFile(path) if is_zip else None
-        self.members = zip_members(self.zip) if is_zip else {}
-
-    def close(self) -> None:
-        if self.zip:
-            self.zip.close()
-
-    def read(self, name: str) -> np.ndarray:
-        return self._open(name, lambda im: to_array(im, self.channels, self.size, self.fit))
-
-    def mode(self, name: str) -> str:
-        """The image's PIL mode, from its header: no pixels are decoded."""
-        return self._open(name, lambda im: im.mode)
-
-    def _open(self, name: str, use):
-        where = f"{self.path}:{name}" if self.zip else os.path.join(self.path, name)
-        try:
-            src = io.BytesIO(self.zip.read(self.members[name])) if self.zip else where
-            with Image.open(src) as im:
-                return use(im)
-        except DECODE_ERRORS as e:
-            raise KdtoolError(f"cannot read image {where}: {decode_error_text(e)}",
-                              "delete or replace the file, then load again") from None
-
-    def __call__(self, names: list[str]) -> tuple[np.ndarray | None, tuple | None]:
-        """Stacked N x H x W x C images, or (None, two names + sizes) when sizes differ."""
-        images = [self.read(n) for n in names]
-        for n, im in zip(names, images, strict=True):
-            if im.shape[:2] != images[0].shape[:2]:
-                return None, (names[0], images[0].shape[:2], n, im.shape[:2])
-        c = max(im.shape[2] for im in images)
-        return np.stack([_promote(im, c) for im in images]), None
-
-
-def _promote(x: np.ndarray, c: int) -> np.ndarray:
-    return np.repeat(x, c, axis=-1) if x.shape[-1] < c else x
-
-
-_worker: _Decoder | None = None
-
-
-def _init_worker(*args) -> None:
-    global _worker
-    _worker = _Decoder(*args)
-
-
-def _decode_in_worker(names: list[str]):
-    return _worker(names)  # type: ignore[misc]
-
-
-def _decode_images(path: Path, names: list[str], is_zip: bool, channels, size,
-                   fit: Fit, progress: bool = True,
-                   parallel_from: int | None = None) -> torch.Tensor:
-    """Decode ``names`` (files under a dir or members of a zip) into N x C x H x W uint8,
-    with a progress bar unless a caller's bar is showing (ImageStream's chunks), in worker
-    processes from ``parallel_from`` images (default PARALLEL_MIN_IMAGES)."""
-    workers = min(usable_cores(), 8)
-    step = max(200, min(2000, len(names) // (workers * 8) + 1))
-    chunks = [names[i:i + step] for i in range(0, len(names), step)]
-    args = (str(path), is_zip, channels, size, fit)
-    # Daemonic processes (e.g. DataLoader workers) cannot start children.
-    if parallel_from is None:
-        parallel_from = PARALLEL_MIN_IMAGES
-    if len(names) < parallel_from or workers == 1 or mp.current_process().daemon:
-        with contextlib.closing(_Decoder(*args)) as decoder:
-            return _gather(path, chunks, map(decoder, chunks), channels, progress)
-    # fork skips re-importing torch in each worker; other platforms cannot fork safely.
-    ctx = mp.get_context("fork" if sys.platform == "linux" else None)
-    with ProcessPoolExecutor(workers, ctx, initializer=_init_worker, initargs=args) as pool:
-        try:
-            return _gather(path, chunks, pool.map(_decode_in_worker, chunks), channels,
-                           progress)
-        except BaseException:
-            pool.shutdown(cancel_futures=True)  # a bad file: don't wait for the rest to decode
-            raise
-
-
-def _gather(path: Path, chunks: list[list[str]], results, channels,
-            progress: bool = True) -> torch.Tensor:
-    """Copy decoded chunks as they arrive (with progress) into one N x C x H x W tensor,
-    checking that sizes agree. Filled in place: a decode peaks at the dataset's size plus a
-    chunk, not twice the dataset (chunks kept, then joined, then laid out channels-first)."""
-    total = sum(map(len, chunks))
-    out: torch.Tensor | None = None
-    first, done = None, 0
-    bar = (console.progress_task(f"decode {path.name}", total, unit="img") if progress
-           else contextlib.nullcontext(lambda n=1, info=None: None))
-    with bar as advance:
-        for chunk, (x, mismatch) in zip(chunks, results, strict=True):
-            if mismatch is None and first is not None and x.shape[1:3] != first[1]:
-                mismatch = (first[0], first[1], chunk[0], x.shape[1:3])
-            if mismatch is not None:
-                a, sa, b, sb = mismatch
-                raise KdtoolError(f"images in {path} differ in size: {a} is {sa[1]} wide x "
-                                  f"{sa[0]} high, {b} {sb[1]} wide x {sb[0]} high",
-                                  "pass --image-size to resize them")
-            if out is None:
-                first = (chunk[0], x.shape[1:3])
-                out = torch.empty((total, channels or x.shape[3], *x.shape[1:3]),
-                                  dtype=torch.uint8)
-            elif x.shape[3] > out.shape[1]:  # colour after grey, images read as they are
-                out = out.expand(-1, x.shape[3], -1, -1).contiguous()
-            rows = torch.from_numpy(_promote(x, out.shape[1])).permute(0, 3, 1, 2)
-            out[done:done + len(x)] = rows
-            done += len(x)
-            advance(len(chunk))
-    if out is None:
-        raise InternalError("no images to decode")
-    return out
-
-
 # ----------------------------------------------------------------------------- cache
 
 
 def _load_images_cached(spec: str, path: Path, size, channels, fit: Fit,
                         cache_dir, draw: Draw | None = None) -> ImageData:
-    is_zip, names, strip, stamp = _list_images(path)
+    is_zip, names, strip, stamp = imagefolder.list_images(path)
     if not names:
         raise KdtoolError(f"no images found in {path}",
                           f"looked for {' '.join(IMAGE_EXTS)} files (any case) in class folders"
@@ -745,37 +516,15 @@ def _load_images_cached(spec: str, path: Path, size, channels, fit: Fit,
     if cached is not None:
         data = ImageData(*cached, spec)
         return data if draw is None else data.subset(draw.indices(len(data)))
-    names, labels, classes = _labelled(path, names, strip, is_zip)
+    names, labels, classes = imagefolder.labelled(path, names, strip, is_zip)
     if draw is not None:  # decode the drawn files alone, and cache nothing
         index = draw.indices(len(names)).tolist()
         names, labels = [names[i] for i in index], [labels[i] for i in index]
-    data = ImageData(_decode_images(path, names, is_zip, channels, size, fit),
+    data = ImageData(imagefolder.decode_images(path, names, is_zip, channels, size, fit),
                      torch.tensor(labels, dtype=torch.int64), list(classes), spec)
     if draw is None and _write_cache(cache, data, str(path), json.dumps(variant)):
         _drop_superseded(cache, json.dumps(variant))
     return data
-
-
-def _labelled(path: Path, names: list[str], strip: int,
-              is_zip: bool) -> tuple[list[str], list[int], list[str]]:
-    """A listing's images with their labels and the class names; images outside class
-    folders are dropped when there are classes."""
-    rels = ["/".join(n.split("/")[strip:]) for n in names]
-    labels, classes = _labels(path, rels, not is_zip)
-    if classes and len(labels) < len(names):
-        names = [n for n, r in zip(names, rels, strict=True) if "/" in r]
-    return names, labels, classes
-
-
-def _list_images(path: Path) -> tuple[bool, list[str], int, object]:
-    """A folder's or zip's images: (is a zip, their names, the leading path parts a zip's
-    common top folder adds, a stamp that changes when the files do)."""
-    if path.is_file():
-        names, strip = _list_zip(path)
-        st = path.stat()
-        return True, names, strip, (st.st_size, st.st_mtime_ns)
-    names, stamp = list_dir(path)
-    return False, names, 0, stamp
 
 
 def _read_cache(cache: Path, source: str) -> tuple[torch.Tensor, torch.Tensor, list[str]] | None:

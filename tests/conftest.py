@@ -95,16 +95,16 @@ def digits_teacher(tmp_path_factory) -> Path:
 @pytest.fixture
 def decoded(monkeypatch) -> list[int]:
     """How many images each decode of an image folder or zip was asked for, in order."""
-    import kdtool.data as data_mod
+    from kdtool import imagefolder
 
     counts: list[int] = []
-    real = data_mod._decode_images
+    real = imagefolder.decode_images
 
     def counting(path, names, *args, **kwargs):
         counts.append(len(names))
         return real(path, names, *args, **kwargs)
 
-    monkeypatch.setattr(data_mod, "_decode_images", counting)
+    monkeypatch.setattr(imagefolder, "decode_images", counting)
     return counts
 
 

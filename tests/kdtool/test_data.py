@@ -12,9 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-import kdtool.data as data_mod
+from kdtool import imagefolder
 from kdtool.data import BUILTIN_DATASETS, ImageData, check_fits, load_data
 from kdtool.errors import KdtoolError
+from kdtool.imageprep import to_array
 
 RNG = np.random.default_rng(0)
 
@@ -257,7 +258,7 @@ def test_mixed_sizes(tmp_path):
 def test_many_chunks(tmp_path, monkeypatch, parallel):
     """Enough images for several decode chunks, in process and in worker processes."""
     if parallel:
-        monkeypatch.setattr(data_mod, "PARALLEL_MIN_IMAGES", 0)
+        monkeypatch.setattr(imagefolder, "PARALLEL_MIN_IMAGES", 0)
     for i in range(450):
         _save(tmp_path / "d" / f"{i % 2}" / f"{i:03d}.png", (4, 4), value=i % 251)
     _save(tmp_path / "d" / "1" / "999.png", (4, 4, 3), value=7)  # one RGB image, in the last chunk
@@ -287,7 +288,7 @@ def test_cache_reused(tmp_path, monkeypatch):
     def no_decode(*args, **kwargs):
         raise AssertionError("decoded again instead of using the cache")
 
-    monkeypatch.setattr(data_mod, "_decode_images", no_decode)
+    monkeypatch.setattr(imagefolder, "decode_images", no_decode)
     second = load_data(str(z), cache_dir=cache)
     assert _same(first, second) and second.x.is_contiguous()
     # Asking for the channels the images have is the same entry (train loads --data as it
@@ -530,7 +531,7 @@ def test_32_bit_images(tmp_path):
     Image.fromarray(np.full((4, 4), 200, np.int32)).save(tmp_path / "i32.tiff")
     with Image.open(tmp_path / "i32.tiff") as im:
         assert im.mode == "I"
-        assert (data_mod.to_array(im, None, None) == 200).all()
+        assert (to_array(im, None, None) == 200).all()
     _save(tmp_path / "f" / "a" / "1.png")
     Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "f" / "a" / "2.tiff")
     _raises(r"2\.tiff: a 32-bit float image has no standard pixel scale", tmp_path / "f")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import kdtool.data as data_mod
+from kdtool import imagefolder
 from kdtool.checkpoint import load_checkpoint
 from kdtool.data import ImageData, ImageStream, load_for_model, open_for_model
 from kdtool.evaluate import predict
@@ -102,7 +103,7 @@ def held_chunks(monkeypatch):
     """Fails a decode of a streamed chunk while an earlier chunk is still referenced."""
     import weakref
 
-    real = data_mod._decode_images
+    real = imagefolder.decode_images
     chunks: list = []
 
     def tracking(*args, **kwargs):
@@ -111,7 +112,7 @@ def held_chunks(monkeypatch):
         chunks.append(weakref.ref(x))
         return x
 
-    monkeypatch.setattr(data_mod, "_decode_images", tracking)
+    monkeypatch.setattr(imagefolder, "decode_images", tracking)
     return chunks
 
 
@@ -135,13 +136,13 @@ def test_a_streamed_chunk_decodes_in_worker_processes(digits_teacher, digits_png
     # a chunk is 256 MiB of large images: worth the workers' start at any image count
     started = []
 
-    class Pool(data_mod.ProcessPoolExecutor):
+    class Pool(imagefolder.ProcessPoolExecutor):
         def __init__(self, *args, **kwargs):
             started.append(args[0])
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(data_mod, "ProcessPoolExecutor", Pool)
-    monkeypatch.setattr(data_mod, "usable_cores", lambda: 2)
+    monkeypatch.setattr(imagefolder, "ProcessPoolExecutor", Pool)
+    monkeypatch.setattr(imagefolder, "usable_cores", lambda: 2)
     _, meta = load_checkpoint(digits_teacher)
     stream = open_for_model(digits_pngs(12, labelled=True), meta)
     whole = load_for_model(digits_pngs(12, labelled=True), meta)
