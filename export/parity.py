@@ -50,9 +50,20 @@ class ParityReport:
     tolerance: dict
     passed: bool
     problem: str = ""
+    reference_classes: int = 0  # distinct top-1 classes of the reference on these images
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def agreement_caveat(self) -> str:
+        """Why the top-1 agreement says little here ('' when it does not): a reference that
+        answers one class for every image (an untrained or collapsed model) agrees with any
+        candidate that does too, however far apart their logits are."""
+        if self.images < 2 or self.reference_classes != 1:
+            return ""
+        return (f"{self.reference} answers one class for all {self.images} parity images, so "
+                f"the top-1 agreement cannot tell a faithful {self.candidate} from a broken "
+                f"one; judge it by its logits (relative difference {self.max_rel_diff:.3g})")
 
     def summary(self) -> str:
         sizes = "+".join(str(b["batch"]) for b in self.batches)
@@ -133,6 +144,7 @@ def compare(reference, candidate, batches: list[np.ndarray], tolerance: Toleranc
         tolerance={k: v for k, v in asdict(tolerance).items() if v is not None},
         passed=not problem,
         problem=problem,
+        reference_classes=len(np.unique(ref.argmax(1))) if len(ref) else 0,
     )
 
 

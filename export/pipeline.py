@@ -338,6 +338,9 @@ def _int8(job: _Job, proto, fp32_path: Path, work: Path) -> tuple[Path, object]:
 
     cfg, calib, meta, profile = job.cfg, job.calib, job.meta, job.profile
     n = len(calib)  # drawn as it was loaded: --calib-images seeded images, or all there are
+    if n < cfg.calib_images:  # calibrate refuses too few; INT8 ranges only grow less sure
+        console.warn(f"--calib-data '{cfg.calib_data}' has {n} images, fewer than "
+                     f"--calib-images {cfg.calib_images}: the INT8 ranges come from all {n}")
     x = normalise(calib.x, meta.mean, meta.std)
     batch = profile.max if profile.static else profile.clamp(32)
     path = work / "int8.onnx"
@@ -374,6 +377,8 @@ def _parity(reference, candidate, batches, tolerance: Tolerance, what: str,
             cfg: ExportConfig | None = None) -> dict:
     report = compare(reference, candidate, batches, tolerance)
     console.info(f"parity {what}: {report.summary()}")
+    if report.passed and tolerance.max_rel_diff is None and report.agreement_caveat():
+        console.warn(report.agreement_caveat())  # judged by agreement alone
     if not report.passed:
         raise KdtoolError(
             f"{what} export fails its parity check: {report.problem} ({report.summary()}); "

@@ -223,6 +223,12 @@ def load_for_model(spec: str, model, draw: Draw | None = None) -> ImageData:
     benchmark's BenchModel): ``in_chans``, ``input_size``, ``crop_fraction`` and
     ``interpolation``.
     """
+    path = Path(str(spec)).expanduser()
+    if model.class_names and _is_image_tree(spec):
+        # class folders the model has not: refused before minutes of decoding and a cache
+        # entry of data that cannot be used
+        _refuse_strangers(imagefolder.folder_classes(path.resolve()), model.class_names,
+                          str(spec), "the model's")
     data = load_data(spec, image_size=tuple(model.input_size), channels=model.in_chans,
                      fit=Fit.of(model), draw=draw)
     return match_classes(data, model.class_names)
@@ -273,7 +279,7 @@ def open_for_model(spec: str, model, draw: Draw | None = None) -> ImageData | Im
     more than STREAM_ABOVE_BYTES comes back as an ImageStream (for evaluation: scores in
     the same batches, whose images are decoded a chunk at a time)."""
     path = Path(str(spec)).expanduser()
-    if draw is None and (path.is_dir() or (path.is_file() and path.suffix.lower() == ".zip")):
+    if draw is None and _is_image_tree(spec):
         is_zip, names, strip, _ = imagefolder.list_images(path.resolve())
         h, w = model.input_size
         if len(names) * model.in_chans * h * w > STREAM_ABOVE_BYTES:
@@ -282,7 +288,7 @@ def open_for_model(spec: str, model, draw: Draw | None = None) -> ImageData | Im
                                  torch.tensor(labels, dtype=torch.int64), list(classes),
                                  str(spec), model.in_chans, (h, w), Fit.of(model))
             console.info(f"{spec}: {len(names)} images take "
-                         f"{len(names) * model.in_chans * h * w / 2**30:.1f} GB at "
+                         f"{len(names) * model.in_chans * h * w / 1e9:.1f} GB at "
                          f"{h}x{w}; decoding them a chunk at a time, uncached")
             return match_classes(stream, model.class_names)
     return load_for_model(spec, model, draw)
@@ -327,9 +333,9 @@ def _has_colour(spec: str) -> bool:
     """Whether a folder or zip of images holds a colour one, from the files' headers alone
     (stopping at the first one): what a decode of all of them as they are says, without
     the decode. Other datasets are one array: a draw of them has their channels."""
-    path = Path(spec).expanduser()
-    if not (path.is_dir() or (path.is_file() and path.suffix.lower() == ".zip")):
+    if not _is_image_tree(spec):
         return False
+    path = Path(spec).expanduser()
     is_zip, names, _, _ = imagefolder.list_images(path)
     decoder = imagefolder.Decoder(str(path), is_zip, None, None, STRETCH)
     with contextlib.closing(decoder):
@@ -343,6 +349,12 @@ def match_classes(data: ImageData | ImageStream, names: list[str],
     unchanged when none is (labels then mean class indices); refused when only some are:
     index labels would score those images against other classes. ``whose`` names the
     owner of ``names`` in messages (train's --val: "the training data's")."""
+    if data.labeled and not names and _is_image_tree(data.source):
+        # a folder's names are its classes' only identity: unmatched, say how they are read
+        console.warn(f"{data.source}: {whose} classes have no names, so its class folders "
+                     f"({_few(data.class_names)}) are read as classes 0 to "
+                     f"{data.num_classes - 1} in sorted order (kdtool convert --class-names "
+                     "gives a model its names, and folders are then matched by name)")
     if not data.labeled or not names or data.class_names == names:
         return data
     index = {unicodedata.normalize("NFC", n): i for i, n in enumerate(names)}
@@ -354,16 +366,29 @@ def match_classes(data: ImageData | ImageStream, names: list[str],
         console.warn(f"{data.source}: none of its class names ({_few(own)}) is one of "
                      f"{whose} ({_few(names)}); its labels are read as class indices")
         return data
-    if strangers:
-        guess = suggest(strangers[0], list(index))
-        noun = "class" if str(data.source).lower().endswith(".npz") else "class folder"
-        raise KdtoolError(
-            f"{data.source}: {noun} '{strangers[0]}' is not one of {whose} classes"
-            + (f" (did you mean '{guess}'?)" if guess else "")
-            + (f", nor are {len(strangers) - 1} more" if len(strangers) > 1 else ""),
-            f"name class folders as {whose} classes ({_few(names)}) or leave the others out")
+    _refuse_strangers(own, names, data.source, whose)
     remap = torch.tensor([index[n] for n in own])
     return replace(data, y=remap[data.y], class_names=list(names))
+
+
+def _refuse_strangers(own: list[str], names: list[str], source: str, whose: str) -> None:
+    """Refuse class names ``own`` of which some, not all, are not among ``names``."""
+    known = [unicodedata.normalize("NFC", n) for n in names]
+    strangers = [n for n in (unicodedata.normalize("NFC", o) for o in own) if n not in known]
+    if not strangers or len(strangers) == len(own):
+        return
+    guess = suggest(strangers[0], known)
+    noun = "class" if str(source).lower().endswith(".npz") else "class folder"
+    raise KdtoolError(
+        f"{source}: {noun} '{strangers[0]}' is not one of {whose} classes"
+        + (f" (did you mean '{guess}'?)" if guess else "")
+        + (f", nor are {len(strangers) - 1} more" if len(strangers) > 1 else ""),
+        f"name class folders as {whose} classes ({_few(names)}) or leave the others out")
+
+
+def _is_image_tree(spec: str) -> bool:
+    path = Path(str(spec)).expanduser()
+    return path.is_dir() or (path.is_file() and path.suffix.lower() == ".zip")
 
 
 def _few(names: list[str]) -> str:

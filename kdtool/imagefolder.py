@@ -67,6 +67,14 @@ def list_zip(path: Path) -> tuple[list[str], int]:
     return names, strip
 
 
+def folder_classes(path: Path) -> list[str]:
+    """The class names a folder or zip will load with, from its listing alone (no decode,
+    no warnings; what class_labels would find wrong with them it says when loading)."""
+    _, names, strip, _ = list_images(path)
+    rels = ["/".join(n.split("/")[strip:]) for n in names]
+    return sorted({class_of(r) for r in rels if "/" in r})
+
+
 def class_labels(path: Path, rels: list[str], is_dir: bool) -> tuple[list[int], list[str]]:
     """Labels from ``<class>/...`` relative paths; unlabeled when all images are at the top."""
     nested = [r for r in rels if "/" in r]

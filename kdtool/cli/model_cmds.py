@@ -122,7 +122,7 @@ def info_cmd(
         rows = [["architecture", r["arch"] + (f" {r['arch_args']}" if r["arch_args"] else "")],
                 ["classes", _classes(r["num_classes"], r["class_names"])],
                 ["input", f"{r['in_chans']}x{r['input_size'][0]}x{r['input_size'][1]} "
-                          f"({fit.explain(r['input_size'])})"],
+                          f"({fit.explain(r['input_size'])}; {fit.interpolation})"],
                 ["mean / std", f"{_fmt_list(r['mean'])} / {_fmt_list(r['std'])}"],
                 ["tensors", f"{r['tensors']} ({r['values']:,} values)"],
                 ["file", f"{r['bytes']:,} bytes, sha256 {r['sha256'][:16]}..."]]

@@ -68,10 +68,10 @@ ImageSize = Annotated[str | None, typer.Option(
     "chance.",
     rich_help_panel="Plain state_dict")]
 Mean = Annotated[str | None, typer.Option(
-    "--mean", help="Normalisation mean per channel, e.g. 0.4914,0.4822,0.4465. Default: train "
-    "measures the data's; a tv: or timm: state_dict has its weights'; a plain state_dict of a "
-    "kdtool architecture needs it given; on a kdtool checkpoint it overrides the recorded one, "
-    "with a warning.",
+    "--mean", help="Normalisation mean per channel, e.g. 0.4914,0.4822,0.4465. Default: "
+    "'kdtool train' measures its data's; a tv: or timm: state_dict has its weights'; a plain "
+    "state_dict of a kdtool architecture needs it given; on a kdtool checkpoint it overrides "
+    "the recorded one, with a warning.",
     rich_help_panel="Normalisation")]
 Std = Annotated[str | None, typer.Option(
     "--std", help="Normalisation std per channel, e.g. 0.2023,0.1994,0.2010; given with "

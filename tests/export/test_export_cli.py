@@ -645,3 +645,37 @@ def test_int8_calibration_decodes_only_the_calib_images_it_uses(cli, digits_teac
     graphs = [onnx.load(str(tmp_path / f)).graph for f in ("q.onnx", "q2.onnx")]
     # the graphs (weights, scales, zero points) are one; metadata names each calib source
     assert graphs[0].SerializeToString() == graphs[1].SerializeToString()
+
+
+def test_fewer_calibration_images_than_calib_images_says_so(cli, digits_teacher, tmp_path,
+                                                            digits_pngs):
+    folder = digits_pngs(40)
+    r = cli("export", digits_teacher, "--onnx", tmp_path / "q.onnx", "--precision", "int8",
+            "--calib-data", folder, "--calib-images", "64", "--json")
+    assert r.code == 0, r.err
+    assert r.json()["quantization"]["calib_images"] == 40
+    err = " ".join(r.err.split())
+    assert "has 40 images, fewer than --calib-images 64: the INT8 ranges come from all 40" in err
+    r = cli("export", digits_teacher, "--onnx", tmp_path / "q2.onnx", "--precision", "int8",
+            "--calib-data", folder, "--calib-images", "40", "--json")
+    assert r.code == 0 and "fewer than" not in r.err
+
+
+def test_an_int8_export_of_a_one_class_model_warns_that_agreement_says_little(cli, tmp_path):
+    from kdtool.checkpoint import ModelMeta, save_checkpoint
+    from kdtool.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("tiny_cnn", num_classes=10, in_chans=1).eval()
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        head.bias[3] = 1000.0  # collapsed: class 3 for every image
+    meta = ModelMeta(arch="tiny_cnn", num_classes=10, in_chans=1, input_size=[8, 8],
+                     mean=[0.5], std=[0.25], class_names=[str(i) for i in range(10)])
+    ckpt = save_checkpoint(tmp_path / "one.safetensors", model, meta, force=False)
+    r = cli("export", ckpt, "--onnx", tmp_path / "q.onnx", "--precision", "int8",
+            "--calib-data", "digits", "--calib-images", "64", "--val", "digits:test", "--json")
+    assert r.code == 0, r.err
+    err = " ".join(r.err.split())
+    assert "answers one class for all" in err and "judge it by its logits" in err
+    assert r.json()["parity"]["int8"]["reference_classes"] == 1

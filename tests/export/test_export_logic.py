@@ -165,6 +165,25 @@ def test_parity_judges_difference_agreement_and_finiteness():
     assert not nan.passed and nan.problem == "non-finite outputs"
 
 
+def test_agreement_with_a_reference_of_one_class_is_flagged_as_saying_little():
+    batches = [np.random.default_rng(0).standard_normal((37, 1, 4, 4)).astype(np.float32)]
+
+    def one_class(x):  # an untrained or collapsed model: class 3 for every image
+        y = _logits(x)
+        y[:, 3] += 100
+        return y
+
+    ref = _Fixed(one_class, "ref")
+    far = compare(ref, _Fixed(lambda x: one_class(x) * 1.4, "int8"), batches, TOLERANCES["int8"])
+    assert far.passed and far.top1_agreement == 100.0 and far.reference_classes == 1
+    caveat = far.agreement_caveat()
+    assert "ref answers one class for all 37 parity images" in caveat
+    assert f"relative difference {far.max_rel_diff:.3g}" in caveat
+    varied = compare(_Fixed(_logits, "ref"), _Fixed(_logits, "int8"), batches,
+                     TOLERANCES["int8"])
+    assert varied.reference_classes > 1 and varied.agreement_caveat() == ""
+
+
 def test_parity_batches_use_real_images_when_given():
     x = torch.randint(0, 256, (5, 1, 4, 4), dtype=torch.uint8)
     data = ImageData(x, torch.zeros(5, dtype=torch.int64), ["a"], "five")

@@ -712,3 +712,40 @@ def test_a_draw_of_only_the_grey_images_of_a_mixed_folder_calibrates_a_colour_mo
         load_calibration(str(folder), model, "calibration data", "BN statistics",
                          draw=Draw(4, seed), image_size=(7, 7))
     assert decoded == [4]
+
+
+def test_a_class_folder_the_model_has_not_is_refused_before_any_decode(tmp_path, decoded,
+                                                                       monkeypatch):
+    from kdtool.checkpoint import ModelMeta
+    from kdtool.data import load_for_model
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("KDTOOL_CACHE", str(cache))
+    for cls in ("cat", "dog", "dgo"):
+        _save(tmp_path / "val" / cls / "1.png")
+    meta = ModelMeta(arch="tiny_cnn", num_classes=3, in_chans=3, input_size=[4, 4],
+                     mean=[0.5] * 3, std=[0.25] * 3, class_names=["cat", "dog", "owl"])
+    zipped = _zip(tmp_path / "val", tmp_path / "val.zip")
+    for spec in (tmp_path / "val", zipped):
+        with pytest.raises(KdtoolError, match="class folder 'dgo' is not one of the model's "
+                                              "classes \\(did you mean 'dog'\\?\\)"):
+            load_for_model(str(spec), meta)
+    assert decoded == [] and not cache.exists()
+    (tmp_path / "val" / "dgo" / "1.png").rename(tmp_path / "val" / "dog" / "2.png")
+    (tmp_path / "val" / "dgo").rmdir()
+    assert load_for_model(str(tmp_path / "val"), meta).y.tolist() == [0, 1, 1]
+
+
+def test_folders_for_a_model_without_class_names_are_read_in_sorted_order_and_said_so(
+        tmp_path, capsys):
+    from kdtool.data import match_classes
+
+    for cls in ("b", "a"):
+        _save(tmp_path / "val" / cls / "1.png")
+    capsys.readouterr()
+    assert match_classes(load_data(str(tmp_path / "val")), []).y.tolist() == [0, 1]
+    err = " ".join(capsys.readouterr().err.split())
+    assert "the model's classes have no names, so its class folders (a, b) are read as " \
+           "classes 0 to 1 in sorted order" in err
+    match_classes(load_data("digits:test"), [])  # digits' labels are its classes: no word
+    assert "have no names" not in capsys.readouterr().err

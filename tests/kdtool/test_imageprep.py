@@ -235,6 +235,7 @@ def test_imagenet_names_for_a_torchvision_teacher(cli, tmp_path):
     assert "images already 32x32 are used as they are" in r.err
     shown = cli("info", tmp_path / "c32.safetensors").out
     assert "used as they are" in shown and "None" not in shown  # a converted file has no seed
+    assert "used as they are; bilinear)" in " ".join(shown.split())  # torchvision's resize
     r = cli("convert", path, "--arch", "tv:resnet18", "--num-classes", "1000", "--image-size",
             "32", "--resize", "crop:0.875", "--out", tmp_path / "crop32.safetensors")
     assert cli("info", tmp_path / "crop32.safetensors", "--json").json()["crop_fraction"] == 0.875
