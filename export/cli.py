@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from kdtool.cli.app import app
-from kdtool.cli.options import DATA_HELP, Force, Json, Seed
+from kdtool.cli.options import DATA_HELP, Force, Json, Seed, Threads
 
 _ONNX = "ONNX"
 _INT8 = "INT8"
@@ -168,6 +168,7 @@ def export_cmd(
     ] = None,
     force: Force = False,
     seed: Seed = 0,
+    threads: Threads = None,
     as_json: Json = False,
 ) -> None:
     """Export a checkpoint to ONNX (FP32, FP16 or INT8), TensorRT and Triton, each verified.
@@ -184,6 +185,7 @@ def export_cmd(
     --val val/ --triton-repo models/[/bold] (writes student.cal.int8.onnx)
     """
     from kdtool import console
+    from kdtool.device import cpu_threads
     from kdtool.export.pipeline import ExportConfig, run_export
 
     # An option that would change nothing is refused, with what it belongs to.
@@ -228,8 +230,10 @@ def export_cmd(
         triton_name=triton_name,
         force=force,
         seed=seed,
+        threads=threads,
     )
-    result = run_export(cfg)
+    with cpu_threads(threads):  # PyTorch's side; cfg.threads is ONNX Runtime's
+        result = run_export(cfg)
 
     console.emit(result, as_json, _render)
 

@@ -28,6 +28,8 @@ def _patch_work(monkeypatch, command: str, seen: list[int]) -> None:
         monkeypatch.setattr("kdtool.calibrate.pipeline.calibrate", record)
     elif command == "eval":
         monkeypatch.setattr("kdtool.cli.train_cmds._eval_checkpoint", record)
+    elif command == "export":
+        monkeypatch.setattr("kdtool.export.pipeline.run_export", record)
     elif command == "demo":
         from kdtool.demo import Demo
         monkeypatch.setattr(Demo, "run", record)
@@ -35,7 +37,8 @@ def _patch_work(monkeypatch, command: str, seen: list[int]) -> None:
         monkeypatch.setattr("kdtool.analyze.sweep.run_sweep", record)
 
 
-@pytest.mark.parametrize("command", ["train", "distill", "calibrate", "eval", "sweep", "demo"])
+@pytest.mark.parametrize("command", ["train", "distill", "calibrate", "eval", "sweep", "demo",
+                                     "export"])
 def test_threads_hold_while_the_command_works_and_are_restored(cli, monkeypatch, tmp_path,
                                                               digits_teacher, command):
     args = {
@@ -49,6 +52,7 @@ def test_threads_hold_while_the_command_works_and_are_restored(cli, monkeypatch,
         "sweep": ["analyze", "sweep", "--teacher", digits_teacher, "--val", "digits:test",
                   "--out", tmp_path / "sw"],
         "demo": ["demo", "--out", tmp_path / "demo", "--force"],
+        "export": ["export", digits_teacher, "--onnx", tmp_path / "m.onnx"],
     }[command]
     before = torch.get_num_threads()
     want = 1 if before > 1 else 2
@@ -118,3 +122,20 @@ def test_the_demo_hands_its_threads_to_export_and_bench(monkeypatch, tmp_path):
     demo_module.Demo(tmp_path / "e", threads=1).bench("m.safetensors", {
         "fp32": {"file": "a.onnx"}, "int8": {"file": "b.onnx"}})
     assert seen == {"export": 1, "bench": 1}
+
+
+def test_export_runs_its_parity_checks_on_the_threads_asked_for(cli, monkeypatch, tmp_path,
+                                                                digits_teacher):
+    from kdtool.export import runners
+
+    asked: list = []
+    real = runners.OrtRunner.__init__
+
+    def init(self, path, *args, threads=None, **kwargs):
+        asked.append(threads)
+        real(self, path, *args, threads=threads, **kwargs)
+
+    monkeypatch.setattr(runners.OrtRunner, "__init__", init)
+    r = cli("export", digits_teacher, "--onnx", tmp_path / "m.onnx", "--threads", 1, "--json")
+    assert r.code == 0, r.err
+    assert asked and set(asked) == {1}
