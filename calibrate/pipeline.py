@@ -40,6 +40,7 @@ from kdtool.data import (
     load_calibration,
     load_data,
     match_classes,
+    refuse_unknown_classes,
 )
 from kdtool.device import device_label, resolve_device
 from kdtool.errors import KdtoolError
@@ -294,6 +295,7 @@ class CalibrateRun:
             return None
         # Converted to the model's channels, as eval's --data: it measures, and BN
         # statistics are never taken from it (--data's channels must match, for those).
+        refuse_unknown_classes(self.cfg.val, meta.class_names)
         val = load_data(self.cfg.val, image_size=size, channels=meta.in_chans,
                         fit=Fit.of(meta))
         val.require_labels("validation data")

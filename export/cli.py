@@ -95,7 +95,7 @@ def export_cmd(
         typer.Option(
             "--calib-images",
             help="Calibration images used (a seeded random choice).",
-            show_default="512",
+            show_default="512, or all there are when fewer",
             rich_help_panel=_INT8,
         ),
     ] = None,
@@ -216,7 +216,7 @@ def export_cmd(
         exporter=exporter,
         slim=slim,
         calib_data=calib_data,
-        calib_images=defaults.calib_images if calib_images is None else calib_images,
+        calib_images=calib_images,
         calib_method=calib_method or defaults.calib_method,
         int8_activations=int8_activations or defaults.int8_activations,
         val=val,

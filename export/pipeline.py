@@ -54,7 +54,7 @@ class ExportConfig:
     exporter: str = "dynamo"
     slim: bool = True
     calib_data: str | None = None
-    calib_images: int = 512
+    calib_images: int | None = None  # None: CALIB_IMAGES, or all there are when fewer
     calib_method: str = "minmax"
     int8_activations: str = "symmetric"
     val: str | None = None
@@ -69,6 +69,9 @@ class ExportConfig:
     force: bool = False
     seed: int = 0
     threads: int | None = None  # ONNX Runtime threads for the checks
+
+
+CALIB_IMAGES = 512  # --calib-images by default
 
 
 @dataclass
@@ -117,7 +120,8 @@ class _Job:
             console.warn(uncalibrated, once=True)
         # The --calib-images images alone: a folder or zip decodes just those (kdtool.data.Draw)
         self.calib = _load(cfg.calib_data, meta, "--calib-data",
-                           draw=Draw(cfg.calib_images, cfg.seed)) if cfg.calib_data else None
+                           draw=Draw(cfg.calib_images or CALIB_IMAGES, cfg.seed)
+                           ) if cfg.calib_data else None
         self.val = _load(cfg.val, meta, "--val", labelled=True) if cfg.val else None
         folded = bool((meta.stages.get("calibrate") or {}).get("folded"))
         self.info = OnnxInfo.from_meta(
@@ -263,7 +267,7 @@ def _validate(cfg: ExportConfig) -> tuple[BatchProfile, _Outputs]:
         ("--parity-batch", cfg.parity_batch, 1),
         ("--calib-images", cfg.calib_images, 1),
     ):
-        if value < low:
+        if value is not None and value < low:
             raise KdtoolError(f"{name} must be >= {low}, got {value}")
     if cfg.workspace <= 0:
         raise KdtoolError(f"--workspace must be a positive number of GiB, got {cfg.workspace}")
@@ -338,7 +342,7 @@ def _int8(job: _Job, proto, fp32_path: Path, work: Path) -> tuple[Path, object]:
 
     cfg, calib, meta, profile = job.cfg, job.calib, job.meta, job.profile
     n = len(calib)  # drawn as it was loaded: --calib-images seeded images, or all there are
-    if n < cfg.calib_images:  # calibrate refuses too few; INT8 ranges only grow less sure
+    if cfg.calib_images and n < cfg.calib_images:  # asked for more than there are
         console.warn(f"--calib-data '{cfg.calib_data}' has {n} images, fewer than "
                      f"--calib-images {cfg.calib_images}: the INT8 ranges come from all {n}")
     x = normalise(calib.x, meta.mean, meta.std)

@@ -216,22 +216,30 @@ def same_dataset(a: str, b: str) -> bool:
     return canonical(str(a)) == canonical(str(b))
 
 
-def load_for_model(spec: str, model, draw: Draw | None = None) -> ImageData:
-    """``spec`` fitted to a model's input: its channels, size and --resize rule.
+def load_for_model(spec: str, model, draw: Draw | None = None,
+                   labels: bool = True) -> ImageData:
+    """``spec`` fitted to a model's input: its channels, size and --resize rule, labelled
+    in the model's class order (``labels=False``: images whose labels nothing reads, as
+    they are).
 
     ``model`` is anything that describes one (a ModelMeta, an ONNX file's OnnxInfo, a
     benchmark's BenchModel): ``in_chans``, ``input_size``, ``crop_fraction`` and
     ``interpolation``.
     """
-    path = Path(str(spec)).expanduser()
-    if model.class_names and _is_image_tree(spec):
-        # class folders the model has not: refused before minutes of decoding and a cache
-        # entry of data that cannot be used
-        _refuse_strangers(imagefolder.folder_classes(path.resolve()), model.class_names,
-                          str(spec), "the model's")
+    if labels:
+        refuse_unknown_classes(spec, model.class_names)
     data = load_data(spec, image_size=tuple(model.input_size), channels=model.in_chans,
                      fit=Fit.of(model), draw=draw)
-    return match_classes(data, model.class_names)
+    return match_classes(data, model.class_names) if labels else data
+
+
+def refuse_unknown_classes(spec: str, names: list[str], whose: str = "the model's") -> None:
+    """Refuse a folder or zip with class folders among which some are not in ``names`` (as
+    match_classes would), from its listing: before minutes of decoding and a cache entry of
+    data that cannot be used."""
+    if names and _is_image_tree(spec):
+        path = Path(str(spec)).expanduser().resolve()
+        _refuse_strangers(imagefolder.folder_classes(path), names, str(spec), whose)
 
 
 @dataclass
@@ -387,7 +395,12 @@ def _refuse_strangers(own: list[str], names: list[str], source: str, whose: str)
 
 
 def _is_image_tree(spec: str) -> bool:
-    path = Path(str(spec)).expanduser()
+    """Whether load_data reads ``spec`` as a folder or zip of images (a built-in name wins
+    over a folder of that name; '' is no folder)."""
+    spec = str(spec)
+    if not spec.strip() or spec in BUILTIN_DATASETS:
+        return False
+    path = Path(spec).expanduser()
     return path.is_dir() or (path.is_file() and path.suffix.lower() == ".zip")
 
 

@@ -18,7 +18,14 @@ import torch.nn as nn
 
 from kdtool import console, optim
 from kdtool.checkpoint import ModelMeta, per_channel_norm
-from kdtool.data import ImageData, check_fits, load_data, match_classes, same_dataset
+from kdtool.data import (
+    ImageData,
+    check_fits,
+    load_data,
+    match_classes,
+    refuse_unknown_classes,
+    same_dataset,
+)
 from kdtool.device import (
     COMPILE_MODES,
     PRECISIONS,
@@ -125,6 +132,7 @@ class Trainer:
                 console.warn(f"--val '{c.val}' is the training data: its accuracy will be "
                              "training accuracy, not a held-out figure")
             # Fitted to the training images' size, as eval and serve will fit them.
+            refuse_unknown_classes(c.val, train.class_names, "the training data's")
             val = match_classes(load_data(c.val, image_size=train.image_size,
                                           channels=train.channels, fit=self.fit),
                                 train.class_names, "the training data's")

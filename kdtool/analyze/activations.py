@@ -84,7 +84,7 @@ def run_activations(cfg: ActivationsConfig) -> dict:
         check_choice(name, [n for n in modules if n], f"layer of {meta.arch}")
     if cfg.samples < 2 or cfg.batch_size < 2:
         raise KdtoolError("--samples and --batch-size must be >= 2")
-    data = load_for_model(cfg.data, meta)
+    data = load_for_model(cfg.data, meta, labels=False)  # pixels only
     gen = torch.Generator().manual_seed(cfg.seed)
     n = min(cfg.samples, len(data))
     idx = torch.randperm(len(data), generator=gen)[:n]

@@ -55,7 +55,7 @@ def run_student(cfg: StudentConfig) -> dict:
         raise KdtoolError(f"'{cfg.student}' has no BatchNorm layers (already folded?)",
                           "pass the distilled student, before kdtool calibrate")
     data = load_for_model(cfg.data, meta)
-    calib = load_for_model(cfg.calib_data, meta) if cfg.calib_data else data
+    calib = load_for_model(cfg.calib_data, meta, labels=False) if cfg.calib_data else data
     gen = torch.Generator().manual_seed(cfg.seed)
     idx = torch.randperm(len(data), generator=gen)[:min(cfg.samples, len(data))]
     mean = torch.tensor(meta.mean).view(1, -1, 1, 1)

@@ -659,6 +659,11 @@ def test_fewer_calibration_images_than_calib_images_says_so(cli, digits_teacher,
     r = cli("export", digits_teacher, "--onnx", tmp_path / "q2.onnx", "--precision", "int8",
             "--calib-data", folder, "--calib-images", "40", "--json")
     assert r.code == 0 and "fewer than" not in r.err
+    # the default (512) takes all there are when fewer, without a word
+    r = cli("export", digits_teacher, "--onnx", tmp_path / "q3.onnx", "--precision", "int8",
+            "--calib-data", folder, "--json")
+    assert r.code == 0 and "fewer than" not in r.err
+    assert r.json()["quantization"]["calib_images"] == 40
 
 
 def test_an_int8_export_of_a_one_class_model_warns_that_agreement_says_little(cli, tmp_path):

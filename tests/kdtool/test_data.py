@@ -749,3 +749,37 @@ def test_folders_for_a_model_without_class_names_are_read_in_sorted_order_and_sa
            "classes 0 to 1 in sorted order" in err
     match_classes(load_data("digits:test"), [])  # digits' labels are its classes: no word
     assert "have no names" not in capsys.readouterr().err
+
+
+def test_the_early_class_check_reads_specs_as_load_data_does(tmp_path, monkeypatch):
+    """A folder named like a built-in is not the built-in's concern, and '' is no folder."""
+    from kdtool.checkpoint import ModelMeta
+    from kdtool.data import load_for_model
+
+    monkeypatch.chdir(tmp_path)
+    for cls in ("0", "1", "foo"):  # ./digits shadows nothing: --data digits is the built-in
+        _save(tmp_path / "digits" / cls / "1.png", (8, 8))
+    meta = ModelMeta(arch="tiny_cnn", num_classes=10, in_chans=1, input_size=[8, 8],
+                     mean=[0.5], std=[0.25], class_names=[str(i) for i in range(10)])
+    assert len(load_for_model("digits", meta)) == 1437
+    with pytest.raises(KdtoolError, match="a dataset was given as an empty string"):
+        load_for_model("", meta)
+    # labels nothing reads (analyze's pixels): no class check, no matching
+    data = load_for_model(str(tmp_path / "digits"), meta, labels=False)
+    assert data.class_names == ["0", "1", "foo"]
+    with pytest.raises(KdtoolError, match="class folder 'foo' is not one of the model's"):
+        load_for_model(str(tmp_path / "digits"), meta)
+
+
+def test_calibrate_and_train_refuse_val_classes_before_decoding_them(cli, tmp_path, decoded,
+                                                                     digits_teacher):
+    for cls in ("3", "cat"):
+        _save(tmp_path / "val" / cls / "1.png", (8, 8))
+    decoded.clear()
+    r = cli("calibrate", digits_teacher, "--data", "digits", "--val", tmp_path / "val",
+            "--out", tmp_path / "c.safetensors")
+    assert r.code == 1 and "class folder 'cat' is not one of the model's classes" in r.err
+    r = cli("train", "--arch", "tiny_cnn", "--data", "digits", "--val", tmp_path / "val",
+            "--epochs", "1", "--out", tmp_path / "t.safetensors")
+    assert r.code == 1 and "'cat' is not one of the training data's classes" in r.err
+    assert decoded == []
