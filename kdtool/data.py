@@ -185,7 +185,7 @@ def load_data(spec: str, *, image_size: int | tuple[int, int] | None = None,
     path = Path(spec).expanduser()
     if spec in BUILTIN_DATASETS:
         x, y, names = _load_digits(spec)
-    elif path.is_dir() or (path.is_file() and path.suffix.lower() == ".zip"):
+    elif _is_image_tree(spec):
         return _load_images_cached(spec, path.resolve(), size, channels, fit, cache_dir, draw)
     elif path.is_file() and path.suffix.lower() == ".npz":
         x, y, names = _load_npz(path)
@@ -228,6 +228,10 @@ def load_for_model(spec: str, model, draw: Draw | None = None,
     """
     if labels:
         refuse_unknown_classes(spec, model.class_names)
+    return _fitted(spec, model, draw, labels)
+
+
+def _fitted(spec: str, model, draw: Draw | None, labels: bool = True) -> ImageData:
     data = load_data(spec, image_size=tuple(model.input_size), channels=model.in_chans,
                      fit=Fit.of(model), draw=draw)
     return match_classes(data, model.class_names) if labels else data
@@ -238,8 +242,9 @@ def refuse_unknown_classes(spec: str, names: list[str], whose: str = "the model'
     match_classes would), from its listing: before minutes of decoding and a cache entry of
     data that cannot be used."""
     if names and _is_image_tree(spec):
-        path = Path(str(spec)).expanduser().resolve()
-        _refuse_strangers(imagefolder.folder_classes(path), names, str(spec), whose)
+        _, listed, strip, _ = imagefolder.list_images(Path(str(spec)).expanduser().resolve())
+        _refuse_strangers(imagefolder.classes_of(imagefolder.relative(listed, strip)), names,
+                          str(spec), whose)
 
 
 @dataclass
@@ -286,20 +291,22 @@ def open_for_model(spec: str, model, draw: Draw | None = None) -> ImageData | Im
     """As load_for_model, but a folder or zip whose pixels at the model's input would take
     more than STREAM_ABOVE_BYTES comes back as an ImageStream (for evaluation: scores in
     the same batches, whose images are decoded a chunk at a time)."""
-    path = Path(str(spec)).expanduser()
-    if draw is None and _is_image_tree(spec):
-        is_zip, names, strip, _ = imagefolder.list_images(path.resolve())
-        h, w = model.input_size
-        if len(names) * model.in_chans * h * w > STREAM_ABOVE_BYTES:
-            names, labels, classes = imagefolder.labelled(path.resolve(), names, strip, is_zip)
-            stream = ImageStream(path.resolve(), is_zip, names,
-                                 torch.tensor(labels, dtype=torch.int64), list(classes),
-                                 str(spec), model.in_chans, (h, w), Fit.of(model))
-            console.info(f"{spec}: {len(names)} images take "
-                         f"{len(names) * model.in_chans * h * w / 1e9:.1f} GB at "
-                         f"{h}x{w}; decoding them a chunk at a time, uncached")
-            return match_classes(stream, model.class_names)
-    return load_for_model(spec, model, draw)
+    if draw is not None or not _is_image_tree(spec):
+        return load_for_model(spec, model, draw)
+    path = Path(str(spec)).expanduser().resolve()
+    is_zip, names, strip, _ = imagefolder.list_images(path)
+    h, w = model.input_size
+    pixels = len(names) * model.in_chans * h * w
+    if pixels <= STREAM_ABOVE_BYTES:  # load_for_model's class check, from this listing
+        _refuse_strangers(imagefolder.classes_of(imagefolder.relative(names, strip)),
+                          model.class_names, str(spec), "the model's")
+        return _fitted(spec, model, None)
+    names, labels, classes = imagefolder.labelled(path, names, strip, is_zip)
+    stream = ImageStream(path, is_zip, names, torch.tensor(labels, dtype=torch.int64),
+                         list(classes), str(spec), model.in_chans, (h, w), Fit.of(model))
+    console.info(f"{spec}: {len(names)} images take {pixels / 1e9:.1f} GB at {h}x{w}; "
+                 "decoding them a chunk at a time, uncached")
+    return match_classes(stream, model.class_names)  # refuses from the names: no decode
 
 
 def load_calibration(spec: str, model, what: str, stats: str,
@@ -367,8 +374,7 @@ def match_classes(data: ImageData | ImageStream, names: list[str],
         return data
     index = {unicodedata.normalize("NFC", n): i for i, n in enumerate(names)}
     own = [unicodedata.normalize("NFC", n) for n in data.class_names]
-    strangers = [n for n in own if n not in index]
-    if len(strangers) == len(own):
+    if not any(n in index for n in own):
         # Say so, as every stage that scores or calibrates with labels gets here: digits
         # (0..9) scored against a CIFAR teacher would otherwise pass for a 10% model.
         console.warn(f"{data.source}: none of its class names ({_few(own)}) is one of "

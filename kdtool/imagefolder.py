@@ -67,11 +67,14 @@ def list_zip(path: Path) -> tuple[list[str], int]:
     return names, strip
 
 
-def folder_classes(path: Path) -> list[str]:
-    """The class names a folder or zip will load with, from its listing alone (no decode,
-    no warnings; what class_labels would find wrong with them it says when loading)."""
-    _, names, strip, _ = list_images(path)
-    rels = ["/".join(n.split("/")[strip:]) for n in names]
+def relative(names: list[str], strip: int) -> list[str]:
+    """A listing's names without the ``strip`` leading folders a zip's wrapper adds."""
+    return ["/".join(n.split("/")[strip:]) for n in names]
+
+
+def classes_of(rels: list[str]) -> list[str]:
+    """The class names of ``<class>/...`` relative paths, sorted: from a listing alone (no
+    decode, no warnings; what class_labels finds wrong with them it says when loading)."""
     return sorted({class_of(r) for r in rels if "/" in r})
 
 
@@ -80,7 +83,7 @@ def class_labels(path: Path, rels: list[str], is_dir: bool) -> tuple[list[int], 
     nested = [r for r in rels if "/" in r]
     if not nested:
         return [-1] * len(rels), []
-    classes = sorted({class_of(r) for r in nested})
+    classes = classes_of(nested)
     tops = {r.split("/")[0] for r in nested}
     if len(tops) > len(classes):  # macOS (NFD) and other systems (NFC) spell "é" differently
         twins = sorted(t for t in tops if sum(class_of(u) == class_of(t) for u in tops) > 1)
@@ -255,7 +258,7 @@ def labelled(path: Path, names: list[str], strip: int,
              is_zip: bool) -> tuple[list[str], list[int], list[str]]:
     """A listing's images with their labels and the class names; images outside class
     folders are dropped when there are classes."""
-    rels = ["/".join(n.split("/")[strip:]) for n in names]
+    rels = relative(names, strip)
     labels, classes = class_labels(path, rels, not is_zip)
     if classes and len(labels) < len(names):
         names = [n for n, r in zip(names, rels, strict=True) if "/" in r]
