@@ -87,7 +87,7 @@ def _accuracy(row: dict) -> str:
 UNSTABLE_MEAN_OVER_P50 = 1.5
 
 
-def _runtime_note(row: dict) -> str | None:
+def runtime_note(row: dict) -> str | None:
     """What a reader of a row that ran must know to trust its speed: INT8 weights run as
     uint8 (from describe()), or timings too spread for img/s and p50 to agree."""
     notes = []
@@ -122,7 +122,7 @@ def table_rows(result: dict, with_paths: bool = False):
     for entry in rows:
         r = entry["row"]
         status = r["status"]
-        why = r["reason"] or _runtime_note(r)
+        why = r["reason"] or runtime_note(r)
         if why:
             note = f"{r['model']} {r['backend']} ({status}): {why}"
             if note not in notes:

@@ -51,6 +51,7 @@ def _pct(v) -> str:
 
 def render_summary(r: dict) -> None:
     from kdtool import console
+    from kdtool.deploy.bench_report import runtime_note
 
     t = r["teacher"]
     rows = [[f"teacher ({t['arch']})", f"{_pct(t['top1'])} on digits:test"]]
@@ -78,8 +79,10 @@ def render_summary(r: dict) -> None:
         if row["status"] != "ok":
             rows.append([what, f"{row['status']}: {row.get('reason') or ''}"])
             continue
+        note = runtime_note(row)  # e.g. other work took the cores: figures not to quote
         rows.append([what, f"p50 {row['latency_ms']['p50']:.3f} ms, "
-                           f"{console.rate_text(row['throughput'])} img/s"])
+                           f"{console.rate_text(row['throughput'])} img/s"
+                           + (f" ({note})" if note else "")])
     console.out.print(console.table(f"kdtool demo: {r['seconds']:.0f} s", ["stage", "result"],
                                     rows))
     files = sorted(p.name for p in Path(r["out"]).iterdir())

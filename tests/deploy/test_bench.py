@@ -708,14 +708,14 @@ def test_each_backends_runtime_starts_before_any_model_is_measured(models, monke
 
 
 def test_unstable_cells_warmup_calls_and_sample_sizes_are_stated():
-    from kdtool.deploy.bench_report import _legend, _runtime_note
+    from kdtool.deploy.bench_report import _legend, runtime_note
 
     lat = {"p50": 0.4, "p90": 1.0, "p99": 140.0, "mean": 11.7, "min": 0.3, "max": 150.0,
            "std": 30.0}
-    note = _runtime_note({"latency_ms": lat, "iters": 40, "details": {}})
+    note = runtime_note({"latency_ms": lat, "iters": 40, "details": {}})
     assert "unstable timings: mean 11.7 ms against p50 0.4 ms over 40 calls" in note
     assert "--threads 1" in note
-    assert _runtime_note({"latency_ms": {**lat, "mean": 0.45}, "iters": 40}) is None
+    assert runtime_note({"latency_ms": {**lat, "mean": 0.45}, "iters": 40}) is None
     row = {"latency_ms": lat, "iters": 40, "warmup_calls": 3,
            "accuracy": {"images": 97, "top1": 97.0}}
     result = {"settings": {"min_time": 1, "min_iters": 10, "clip": "drop", "threads": None,
