@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +33,7 @@ from kdtool.deploy.server.protocol import RequestError
 log = logging.getLogger("kdtool.serve")
 EXTENSIONS = ["binary_tensor_data", "classification"]
 OFFLOAD_BYTES = 256 * 1024  # parse larger bodies on a thread: keep the event loop responsive
+DECODE_THREADS = min(8, os.cpu_count() or 1)  # /classify's image decoding
 
 
 @dataclass
@@ -40,6 +43,7 @@ class ServerConfig:
     max_queue: int = 512  # images waiting for a batch; more get 503
     workers: int = 1  # ONNX Runtime calls in flight at once
     max_body_mb: float = 16.0
+    body_idle_s: float = 15.0  # a body's bytes stop coming for this long: 408, the task ends
     api_key: str | None = None
     default_top_k: int = 5
 
@@ -53,9 +57,15 @@ def json_response(obj, status: int = 200, headers: dict | None = None) -> Respon
 RETRY_AFTER_S = 1
 
 
+# Answers after which the connection cannot go on: the rest of a stalled body may still
+# come, and would be read as the next request.
+CLOSING = {408}
+
+
 def error_response(message: str, status: int) -> Response:
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else \
-        {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+        {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else \
+        {"Connection": "close"} if status in CLOSING else None
     return json_response({"error": message}, status, headers)
 
 
@@ -97,6 +107,7 @@ class _Server:
             workers=config.workers,
         )
         self.body_limit = int(config.max_body_mb * 1024 * 1024)
+        self.decode_pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="kdtool-decode")
         self.api_key = config.api_key.encode() if config.api_key else None
 
     def routes(self) -> list[Route]:
@@ -123,6 +134,7 @@ class _Server:
             yield
         finally:
             await self.batcher.close()  # uvicorn has finished the in-flight requests by now
+            self.decode_pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ request plumbing
 
@@ -142,6 +154,12 @@ class _Server:
                         401,
                     )
                 response = await handler(request)
+            except asyncio.CancelledError:
+                if not self.batcher.stopping:
+                    raise
+                # uvicorn's shutdown grace is over: an answer (not its 500 and a traceback)
+                response = error_response("the server stopped before this request finished",
+                                          503)
             except RequestError as e:
                 response = error_response(e.message, e.status)
             except InferenceFailed as e:
@@ -190,8 +208,18 @@ class _Server:
                 413,
             )
         chunks, size = [], 0
+        stream = request.stream()
         try:
-            async for chunk in request.stream():
+            while True:
+                try:
+                    async with asyncio.timeout(self.config.body_idle_s):
+                        chunk = await anext(stream)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise RequestError(
+                        f"no request body bytes for {self.config.body_idle_s:g} s "
+                        f"({size} received): the client stalled", 408) from None
                 size += len(chunk)
                 if size > limit:
                     raise RequestError(
@@ -278,17 +306,20 @@ class _Server:
         else:
             files = [(None, body)]
 
-        def prepare() -> np.ndarray:  # decoding a large JPEG takes a while: off the loop
-            rows = []
-            for name, data in files:
-                what = f"image '{name}'" if name else "the request body"
-                rows.append(
-                    images.preprocess(images.decode(data, what), model.info, model.input.dtype,
-                                      what)
-                )
-            return np.stack(rows)
+        self.batcher.check_size(len(files))  # before decoding what could never be served
 
-        x = await asyncio.get_running_loop().run_in_executor(None, prepare)
+        def prepare() -> np.ndarray:  # decoding a large JPEG takes a while: off the loop
+            whats = [f"image '{name}'" if name else "the request body" for name, _ in files]
+            opened = [images.open_image(data, what)
+                      for (_, data), what in zip(files, whats, strict=True)]
+            images.check_request_pixels(opened)  # from the headers: nothing decoded yet
+            return np.stack([images.preprocess(images.load(im, what), model.info,
+                                               model.input.dtype, what)
+                             for im, what in zip(opened, whats, strict=True)])
+
+        # On threads of its own: a flood of large images waits for these, while /infer's
+        # parsing and every inflate go on in the loop's default pool.
+        x = await asyncio.get_running_loop().run_in_executor(self.decode_pool, prepare)
         y = await self.batcher.infer(x)
         results = []
         for (name, _), row in zip(files, y, strict=True):

@@ -79,6 +79,11 @@ class DynamicBatcher:
             bool(self._threads) and all(t.is_alive() for t in self._threads) and not self._closing
         )
 
+    @property
+    def stopping(self) -> bool:
+        """The server was told to stop (flush_soon) or is closing."""
+        return self._flushing or self._closing
+
     async def start(self) -> None:
         loop = self._event_loop = asyncio.get_running_loop()
         for i in range(self.workers):
@@ -112,16 +117,21 @@ class DynamicBatcher:
             self._flushing = True
             self._cond.notify_all()
 
+    def check_size(self, n: int) -> None:
+        """Refuse a request of ``n`` images that could never be served (not a 503 to retry):
+        callers that prepare their inputs at a cost check before preparing them."""
+        if n > self.max_queue:
+            raise RequestError(
+                f"a batch of {n} images is more than the server queues "
+                f"({self.max_queue}, --max-queue); send smaller batches"
+            )
+
     async def infer(self, x: np.ndarray) -> np.ndarray:
         """The model's output for the batch ``x``: raises RequestError(503) when full."""
         if not self.ready:
             raise RequestError("the server is shutting down", status=503)
         n = len(x)
-        if n > self.max_queue:  # could never be served: not a 503 to retry
-            raise RequestError(
-                f"a batch of {n} images is more than the server queues "
-                f"({self.max_queue}, --max-queue); send smaller batches"
-            )
+        self.check_size(n)
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in range(0, n, self.max_batch)]
         with self._cond:

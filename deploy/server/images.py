@@ -8,6 +8,7 @@ torch, and neither does the server.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import threading
@@ -29,10 +30,18 @@ MAX_PIXELS = 64_000_000  # larger images are refused before decoding (decompress
 _QUIET_OPEN = threading.Lock()
 
 
+MAX_REQUEST_PIXELS = 256_000_000  # all of one request's images: bounds its decoding time
+
+
 def decode(data: bytes, what: str = "the request body") -> Image.Image:
+    return load(open_image(data, what), what)
+
+
+def open_image(data: bytes, what: str = "the request body") -> Image.Image:
+    """The image's header read (its size checked), its pixels not yet decoded."""
     if not data:
         raise RequestError(f"{what} is empty: no image bytes")
-    try:
+    with _decode_errors(what):
         with _QUIET_OPEN, warnings.catch_warnings():
             # kdtool's limit, below PIL's, is checked next: PIL's warning on stderr for
             # each such upload would only be noise
@@ -43,7 +52,31 @@ def decode(data: bytes, what: str = "the request body") -> Image.Image:
                 f"{what} is {im.width}x{im.height}, over the "
                 f"{MAX_PIXELS // 1_000_000} megapixel limit"
             )
+    return im
+
+
+def load(im: Image.Image, what: str = "the request body") -> Image.Image:
+    with _decode_errors(what):
         im.load()
+    return im
+
+
+def check_request_pixels(opened: list[Image.Image]) -> None:
+    """Refuse, before decoding any, images whose decoding would hold the server for
+    seconds: each is under MAX_PIXELS, but a request may send many."""
+    total = sum(im.width * im.height for im in opened)
+    if total > MAX_REQUEST_PIXELS:
+        raise RequestError(
+            f"the request's {len(opened)} images hold {total / 1e6:.0f} megapixels, over "
+            f"the {MAX_REQUEST_PIXELS // 1_000_000} megapixel limit of one request: send "
+            "fewer images a request, or downscale them (the model sees them at its input "
+            "size)", 413)
+
+
+@contextlib.contextmanager
+def _decode_errors(what: str):
+    try:
+        yield
     except (RequestError, MemoryError):  # a full server is not a bad image
         raise
     except Image.DecompressionBombError:  # over twice PIL's limit: refused before its size
@@ -55,7 +88,6 @@ def decode(data: bytes, what: str = "the request body") -> Image.Image:
         raise RequestError(
             f"{what} is not a decodable image ({', '.join(FORMATS)}): {reason}"
         ) from None
-    return im
 
 
 def preprocess(im: Image.Image, info, dtype: np.dtype,

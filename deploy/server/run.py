@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import ipaddress
 import logging
+import resource
 import shlex
 import signal
 import socket
@@ -13,12 +16,15 @@ from pathlib import Path
 
 import uvicorn
 
+from kdtool.deploy.server import guard
 from kdtool.deploy.server.app import ServerConfig, create_app
 from kdtool.deploy.server.model import OnnxModel
 from kdtool.errors import KdtoolError
 
 API_KEY_ENV = "KDTOOL_API_KEY"
-GRACE_S = 30  # how long a stop waits for in-flight requests before cancelling them
+FORCED_STOP_S = 2  # after a second Ctrl-C, how long the queued requests may still take
+GRACE_S = 20  # how long a stop waits for in-flight requests before cancelling them (under
+# the 30 s a container is given to stop before it is killed)
 
 
 def is_loopback(host: str) -> bool:
@@ -47,10 +53,10 @@ def check_exposure(host: str, api_key: str | None) -> None:
         )
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket; connections made before uvicorn accepts wait in the backlog."""
+def resolve(host: str, port: int) -> tuple:
+    """getaddrinfo's first answer for ``host``: (family, type, proto, canonname, address)."""
     try:
-        family, kind, proto, _, addr = socket.getaddrinfo(
+        return socket.getaddrinfo(
             host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
     except socket.gaierror as e:
@@ -58,6 +64,11 @@ def bind(host: str, port: int) -> socket.socket:
             f"cannot resolve --host '{host}': {e.strerror}",
             "pass an IP address such as 127.0.0.1 or 0.0.0.0",
         ) from None
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket; connections made before uvicorn accepts wait in the backlog."""
+    family, kind, proto, _, addr = resolve(host, port)
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -139,31 +150,58 @@ def serve(
 ) -> None:
     """Load the model, bind, print the banner and serve until SIGINT/SIGTERM."""
     config = config or ServerConfig()
+    resolve(host, port)  # a host that is no address says so before asking for a key
     check_exposure(host, config.api_key)
+    raise_open_files_limit()
     model = OnnxModel(model_path, name=name, provider=provider, threads=threads,
                       memory_arena=memory_arena)
     app = create_app(model, config)
     sock = bind(host, port)
     logging.getLogger("kdtool.serve").setLevel(logging.INFO)
-    server = GracefulServer(
-        uvicorn.Config(
-            app,
-            loop="auto",
-            http="auto",
-            log_level=log_level,
-            access_log=False,
-            timeout_graceful_shutdown=GRACE_S,
-            timeout_keep_alive=30,
-        )
-    )
+    server = uvicorn_server(app, log_level)
     sys.stderr.write(banner(model, config, base_url(host, sock)) + "\n")
     sys.stderr.flush()
     server.run(sockets=[sock])
     sys.stderr.write("kdtool serve: stopped\n")
 
 
+def uvicorn_server(app, log_level: str = "warning") -> GracefulServer:
+    """The server ``serve`` runs ``app`` on (and the tests: the same settings)."""
+    return GracefulServer(
+        uvicorn.Config(
+            app,
+            loop="auto",
+            **guard.http_settings(),
+            log_level=log_level,
+            access_log=False,
+            timeout_graceful_shutdown=GRACE_S,
+            timeout_keep_alive=30,
+        )
+    )
+
+
+def raise_open_files_limit() -> None:
+    """Each connection takes a file descriptor, and a common default soft limit is 1024:
+    raise it to the hard limit, so that many idle or slow clients do not starve the rest."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 class GracefulServer(uvicorn.Server):
-    """uvicorn's Server, but a stop signal ends ``run`` normally instead of re-raising it."""
+    """uvicorn's Server, but a stop signal ends ``run`` normally instead of re-raising it,
+    and a forced stop (a second Ctrl-C) still shuts the app down."""
+
+    async def shutdown(self, sockets=None) -> None:
+        await super().shutdown(sockets)
+        if self.force_exit:
+            # uvicorn skips the app's shutdown when forced: the app would be cancelled at
+            # exit and log a traceback. The batcher's queue is short: give it a moment.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(FORCED_STOP_S):
+                    await self.lifespan.shutdown()
 
     def handle_exit(self, sig, frame) -> None:
         if self.should_exit and sig == signal.SIGINT:

@@ -194,17 +194,13 @@ def running_server(
     model_path: Path, *, name: str | None = None, api_key: str | None = None, **config
 ):
     """``kdtool serve``'s app on uvicorn in a background thread, on a free loopback port."""
-    import uvicorn
-
     from kdtool.deploy.server import OnnxModel, ServerConfig, create_app
-    from kdtool.deploy.server.run import base_url, bind
+    from kdtool.deploy.server.run import base_url, bind, uvicorn_server
 
     model = OnnxModel(model_path, name=name, threads=1)
     app = create_app(model, ServerConfig(api_key=api_key, **config))
     sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=10)
-    )
+    server = uvicorn_server(app)  # serve's own settings: the guard, the grace, ...
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

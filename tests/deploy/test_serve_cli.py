@@ -87,6 +87,14 @@ def _start(args: list[str], env: dict) -> tuple[subprocess.Popen, str, list[str]
     raise AssertionError("kdtool serve did not start:\n" + "".join(lines) + proc.stderr.read())
 
 
+def _reap(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    proc.stdout.close()
+    proc.stderr.close()
+
+
 def test_cli_banner_auth_and_sigterm_finishes_in_flight(tiny_onnx):
     """The real command: banner with curl, env API key, SIGTERM waits for the request."""
     env = {**os.environ, "KDTOOL_API_KEY": "k3y"}
@@ -164,11 +172,34 @@ def test_cli_banner_auth_and_sigterm_finishes_in_flight(tiny_onnx):
         rest = proc.stderr.read()
         assert "finishing the requests in flight" in rest and "kdtool serve: stopped" in rest
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+        _reap(proc)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_quietly(tiny_onnx):
+    """The real command with a request whose body stalls: Ctrl-C waits for it (up to the
+    grace), a second Ctrl-C stops at once, the request gets a 503, and no traceback."""
+    proc, url, _ = _start([str(tiny_onnx), "--port", "0", "--threads", "1"], dict(os.environ))
+    try:
+        host, port = url.removeprefix("http://").split(":")
+        s = socket.create_connection((host, int(port)), timeout=20)
+        s.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\n"
+                  b"Content-Length: 1000\r\n\r\n{")
+        time.sleep(0.5)  # the request is in the app, waiting for the rest of its body
+        t_stop = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        answer = s.recv(4096)
+        s.close()
+        assert proc.wait(timeout=20) == 0
+        assert time.monotonic() - t_stop < 8  # not the 20 s grace
+        assert answer.startswith(b"HTTP/1.1 503"), answer
+        assert b"the server stopped before this request finished" in answer
+        rest = proc.stderr.read()
+        assert "kdtool serve: stopped" in rest
+        assert "Traceback" not in rest and "Exception in" not in rest, rest
+    finally:
+        _reap(proc)
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1"])
