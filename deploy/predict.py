@@ -86,6 +86,12 @@ def list_images(inputs: tuple[Path, ...]) -> list[Path]:
 
 
 READ_HINT = "pass JPEG, PNG, WebP, BMP, GIF, TIFF or PPM/PGM files; replace this one"
+LARGE_HINT = "downscale it (the model sees it at its input size)"
+
+
+def read_hint(why: str) -> str:
+    """What to do about an image read_image could not read, given why."""
+    return LARGE_HINT if "megapixel limit" in why else READ_HINT
 
 
 def read_image(path: Path, model: BenchModel) -> np.ndarray | str:
@@ -201,8 +207,8 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
                 # Nothing to show: one line, as any user error (and no progress line after).
                 path, why = unreadable[0]
                 raise KdtoolError(
-                    f"cannot read image '{path}': {why}", READ_HINT if len(images) == 1
-                    else f"none of the {len(images)} images could be read; {READ_HINT}")
+                    f"cannot read image '{path}': {why}", read_hint(why) if len(images) == 1
+                    else f"none of the {len(images)} images could be read; {read_hint(why)}")
         described = runner.describe()
     finally:
         runner.close()

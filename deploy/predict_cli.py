@@ -67,8 +67,9 @@ def predict_cmd(
     failed = None
     if result["unreadable"]:
         failed = KdtoolError(f"{result['unreadable']} of {len(result['results'])} images "
-                             "could not be read", "see the warnings above; the others were "
-                             "predicted")
+                             "could not be read", ("their entries say why" if as_json else
+                                                   "the warnings above say why") +
+                             "; the others were predicted")
         # --json: the one object holds the predictions made and, as any failure's does,
         # "error" and "hint" (the exit status is 1)
         result.update(error=failed.message, hint=failed.hint)

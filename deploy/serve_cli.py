@@ -75,7 +75,8 @@ def serve_cmd(
         typer.Option(
             "--threads",
             min=0,
-            help="ONNX Runtime intra-op threads (0: one per core).",
+            help="ONNX Runtime intra-op threads per worker (0: the cores shared "
+            "among the workers, one per core for one worker).",
             rich_help_panel="Batching",
         ),
     ] = 0,
@@ -133,6 +134,7 @@ def serve_cmd(
         raise KdtoolError(f"--workers {workers} is more than kdtool runs ({MAX_THREADS})",
                           "one per core at most")
     check_threads(threads)
+    threads = threads_per_worker(workers, threads, provider)
     missing = [m for m in SERVE_DEPS if importlib.util.find_spec(m) is None]
     if missing:
         raise KdtoolError(f"kdtool serve needs {', '.join(missing)}", "pip install 'kdtool[serve]'")
@@ -148,3 +150,23 @@ def serve_cmd(
     )
     serve(model, host=host, port=port, name=name, provider=provider, threads=threads,
           memory_arena=memory_arena, config=config)
+
+
+def threads_per_worker(workers: int, threads: int, provider: str) -> int:
+    """--threads for each worker: 0 with several CPU workers shares the cores among them
+    (ONNX Runtime's own default, one thread per core each, would run workers x cores
+    threads on the cores); a product over the cores is said."""
+    from kdtool import console
+    from kdtool.runinfo import usable_cores
+
+    if workers == 1 or provider != "cpu":
+        return threads
+    cores = usable_cores()
+    if threads == 0:
+        threads = max(1, cores // workers)
+        console.info(f"--workers {workers} on {cores} cores: --threads {threads} each")
+    elif workers * threads > cores:
+        console.warn(f"--workers {workers} x --threads {threads} is {workers * threads} "
+                     f"threads on {cores} cores: they will take turns, slower than fewer "
+                     f"(e.g. --threads {max(1, cores // workers)})")
+    return threads

@@ -231,7 +231,8 @@ def _tensor(t: dict, spec, binary: memoryview | None, offset: int) -> tuple[np.n
     if x.dtype.kind == "f":
         bad = count - int(np.count_nonzero(np.isfinite(x)))
         if bad:
-            raise RequestError(f"input '{name}' has {bad} non-finite values (NaN or infinity)")
+            raise RequestError(f"input '{name}' has {bad} non-finite values (NaN, infinity "
+                               "or JSON null)")
     return x, offset
 
 
@@ -252,6 +253,9 @@ def _json_numbers(data: list, dtype: np.dtype, name: str, count: int) -> np.ndar
     try:
         raw = np.array(data)  # None -> object; mixed bool/number promotes to number
     except (ValueError, TypeError, OverflowError) as e:
+        if "inhomogeneous" in str(e):  # numpy's words for it are about its own internals
+            refuse("nested lists of different lengths (each level must be as long as the "
+                   "shape says)")
         refuse(message_line(e, 200))
     found = _first_bool(data, raw)
     if found:
@@ -321,7 +325,7 @@ def _outputs(header: dict, model) -> list[OutputRequest]:
     if not isinstance(default_binary, bool):
         raise RequestError("parameter binary_data_output must be true or false")
     wanted = header.get("outputs")
-    if wanted is None:
+    if wanted is None or wanted == []:  # none named: all (the model's one), as Triton does
         return [OutputRequest(model.output.name, default_binary)]
     if not isinstance(wanted, list):
         raise RequestError("'outputs' must be a list of {name, parameters}")

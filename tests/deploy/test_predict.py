@@ -220,7 +220,8 @@ def test_an_unreadable_image_is_reported_and_the_others_predicted(cli, tiny_onnx
     assert all(len(rows[p]["predictions"]) == 2 and "error" not in rows[p] for p in labels)
     assert res["unreadable"] == 1
     # ... and, as every failure's object does, "error" and "hint" (a script tests for them)
-    assert res["error"] == "1 of 5 images could not be read" and "others were" in res["hint"]
+    assert res["error"] == "1 of 5 images could not be read"
+    assert res["hint"] == "their entries say why; the others were predicted"
 
     # The table names it too; the CSV gives it a row with its error and no prediction.
     r = cli("predict", tiny_onnx, tmp_path / "d", "--top", "2")
@@ -228,6 +229,7 @@ def test_an_unreadable_image_is_reported_and_the_others_predicted(cli, tiny_onnx
     out = tmp_path / "pred.csv"
     r = cli("predict", tiny_onnx, tmp_path / "d", "--top", "2", "--csv", out)
     assert r.code == 1 and "1 of 5 images could not be read" in r.err
+    assert "the warnings above say why; the others were predicted" in r.err
     with open(out, newline="") as f:
         table = list(csv.reader(f))
     assert table[0] == ["image", "label1", "p1", "label2", "p2", "error"]
@@ -349,3 +351,20 @@ def test_the_default_top_is_capped_quietly_and_a_given_one_with_a_word(capsys):
     assert capsys.readouterr().err == ""
     assert check_top(9, 4) == 4
     assert "--top 9 is more than the model's 4 classes" in capsys.readouterr().err
+
+
+def test_an_image_over_the_pixel_limit_is_to_be_downscaled(cli, tiny_onnx, tmp_path):
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    path = tmp_path / "huge.png"  # a few bytes whose header says 9000 x 9000
+    Image.new("L", (1, 1)).save(path)
+    png = bytearray(path.read_bytes())
+    png[16:24] = struct.pack(">II", 9000, 9000)
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    path.write_bytes(bytes(png))
+    r = cli("predict", tiny_onnx, path)
+    assert r.code == 1 and "over the 64 megapixel limit" in r.err, r.err
+    assert "downscale it" in r.err and "replace this one" not in r.err

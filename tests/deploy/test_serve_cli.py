@@ -265,3 +265,18 @@ def test_model_names_are_url_safe(tiny_onnx, tmp_path):
             OnnxModel(tiny_onnx, name=name, threads=1, warmup=False)
     assert OnnxModel(tiny_onnx, name="digits-v1.2_b", threads=1, warmup=False).name == \
         "digits-v1.2_b"
+
+
+def test_workers_share_the_cores_unless_threads_are_given(monkeypatch, capsys):
+    from kdtool import runinfo
+    from kdtool.deploy.serve_cli import threads_per_worker
+
+    monkeypatch.setattr(runinfo, "usable_cores", lambda: 8)
+    assert threads_per_worker(1, 0, "cpu") == 0  # one worker: ONNX Runtime's own default
+    assert threads_per_worker(4, 0, "cpu") == 2
+    assert "--workers 4 on 8 cores: --threads 2 each" in capsys.readouterr().err
+    assert threads_per_worker(16, 0, "cpu") == 1
+    assert threads_per_worker(4, 2, "cpu") == 2 and capsys.readouterr().err.count("warn") == 0
+    assert threads_per_worker(4, 4, "cpu") == 4  # given: kept, and the oversubscription said
+    assert "16 threads on 8 cores" in capsys.readouterr().err
+    assert threads_per_worker(4, 0, "cuda") == 0  # the GPU's workers do not share the cores

@@ -58,6 +58,9 @@ def test_json_infer_matches_offline_and_splits_large_batches(serve_model, tiny_o
         }
         y = np.asarray(c.post("/v2/models/tiny/infer", json=body).json()["outputs"][0]["data"])
         np.testing.assert_allclose(y, offline(tiny_onnx, x[:1])[0], rtol=1e-5, atol=1e-6)
+        # an empty 'outputs' names none: all of them, as Triton answers it
+        (out,) = c.post("/v2/models/tiny/infer", json={**body, "outputs": []}).json()["outputs"]
+        assert out["name"] == "logits" and out["shape"] == [1, 10]
 
 
 def test_static_batch_model_is_padded(serve_model, static_onnx, offline):
@@ -236,7 +239,7 @@ BAD_REQUESTS = {
             ]
         },
         {},
-        "must be 64 numbers",
+        "must be 64 numbers (flat or nested by shape): nested lists of different lengths",
     ),
     "overflow to inf": (
         {
@@ -259,7 +262,7 @@ BAD_REQUESTS = {
             ]
         },
         {},
-        "64 non-finite",
+        "64 non-finite values (NaN, infinity or JSON null)",
     ),
     "binary NaN": (*_binary(NAN), "non-finite"),
     "binary size mismatch": (_binary(GOOD)[0][:-4], _binary(GOOD)[1], "needs 256 bytes"),
