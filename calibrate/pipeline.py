@@ -132,7 +132,7 @@ class CalibrateRun:
         check_counts(cfg.batches, cfg.batch_size)
         self.out = check_output(
             cfg.out or default_out(cfg.checkpoint), cfg.force, "checkpoint",
-            (CHECKPOINT_SUFFIX,)
+            (CHECKPOINT_SUFFIX,), sources={"the checkpoint to calibrate": cfg.checkpoint}
         )
         self.csv = self.png = None
         if cfg.sweep:

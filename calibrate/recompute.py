@@ -53,7 +53,10 @@ def check_enough(n_available: int, batches: int, batch_size: int,
         raise KdtoolError(
             f"{source} has {n_available} images but --batches {batches} x --batch-size "
             f"{batch_size} needs {need}",
-            f"lower --batches to {max(1, n_available // batch_size)} or add images",
+            f"lower --batches to {n_available // batch_size} or add images"
+            if n_available >= batch_size else
+            f"lower --batch-size to {n_available} (or less) or add images"
+            if n_available >= 2 else "add images: BatchNorm statistics need at least 2",
         )
 
 

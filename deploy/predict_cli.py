@@ -16,7 +16,7 @@ def predict_cmd(
     model: Annotated[Path, typer.Argument(
         help="A kdtool checkpoint (.safetensors), an .onnx file with kdtool metadata or a "
         "TensorRT engine with its sidecar.", show_default=False)],
-    images: Annotated[list[Path], typer.Argument(
+    images: Annotated[list[str], typer.Argument(
         help="Image files, and folders searched for images (with their subfolders).",
         show_default=False)],
     top: Annotated[int | None, typer.Option(
@@ -51,6 +51,10 @@ def predict_cmd(
     from kdtool.imagefiles import IMAGE_EXTS
     from kdtool.io import REPORT, atomic_write_text, check_output
 
+    if "" in images:  # Path("") is the working folder: every image under it, unasked
+        raise KdtoolError("an image was given as an empty string",
+                          "check the shell variable that names it (unset, or quoted empty)")
+    images = [Path(p) for p in images]
     if model.suffix.lower() in IMAGE_EXTS:
         raise KdtoolError(f"'{model}' is an image, and predict takes the model first",
                           f"kdtool predict MODEL {model} ...")

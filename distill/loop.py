@@ -41,7 +41,7 @@ from kdtool.distill.teacher import TEACHER_BN_MODES, TEACHER_STATS, FrozenTeache
 from kdtool.ema import check_decay, make_ema
 from kdtool.errors import KdtoolError, check_choice, check_val_every, check_weight_decay
 from kdtool.evaluate import percent_equal, predict
-from kdtool.io import file_sha256
+from kdtool.io import file_sha256, refuse_input_as_output
 from kdtool.loader import epoch_generator
 from kdtool.models import check_input_size, count_params, create_model, model_spec
 from kdtool.runinfo import provenance, run_rate
@@ -139,9 +139,7 @@ class DistillRun:
                  resume: bool = False):
         self.cfg = cfg.resolved()
         self.dist, self.device = init_from_env(resolve_device(self.cfg.device))
-        if Path(out).resolve() == Path(self.cfg.teacher).resolve():
-            raise KdtoolError(f"--out '{out}' is the teacher: the student would replace it",
-                              "choose another --out")
+        refuse_input_as_output(out, {"the teacher": self.cfg.teacher})
         self.ckpt = RunCheckpoint(out, force, resume, writer=self.dist.is_main,
                                   command="distill")
         self.precision = resolve_precision(self.cfg.precision, self.device)

@@ -527,6 +527,23 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
     model.load_state_dict(state, strict=True)
 
 
+def unfinished_run(meta: ModelMeta) -> str | None:
+    """What a checkpoint that a train or distill run wrote before its last epoch says of it
+    (None for a finished run, or one whose last stage is another: calibrate, ...)."""
+    if not meta.stages:
+        return None
+    stage, record = list(meta.stages.items())[-1]
+    if stage not in ("train", "distill") or not isinstance(record, dict):
+        return None
+    if stage == "train" and (record.get("config") or {}).get("val"):
+        return None  # written at its best validated epoch: its history ends there
+    done = record.get("history")
+    total = record.get("epochs") or (record.get("config") or {}).get("epochs")
+    if not isinstance(done, list) or not isinstance(total, int) or len(done) >= total:
+        return None
+    return (f"holds a 'kdtool {stage}' run stopped after epoch {len(done)} of {total}")
+
+
 def load_checkpoint(
     path: str | Path, foreign: ForeignSpec | None = None
 ) -> tuple[nn.Module, ModelMeta]:
@@ -536,6 +553,12 @@ def load_checkpoint(
     if foreign is None:
         meta = read_meta(path)
         state = _read_state_dict(path)
+        unfinished = unfinished_run(meta)
+        if unfinished:
+            from kdtool import console
+
+            console.warn(f"'{path}' {unfinished}: if it was not stopped on purpose, continue "
+                         "it with its command and --resume", once=True)
     else:  # a corrupt file, then a wrong --arch, are named before what the flags leave unsaid
         notes: dict = {}
         state, spec = _match_foreign(_read_state_dict(path, notes), foreign, str(path), notes)

@@ -391,12 +391,15 @@ def _refuse_strangers(own: list[str], names: list[str], source: str, whose: str)
     strangers = [n for n in (unicodedata.normalize("NFC", o) for o in own) if n not in known]
     if not strangers or len(strangers) == len(own):
         return
-    guess = suggest(strangers[0], known)
-    noun = "class" if str(source).lower().endswith(".npz") else "class folder"
+    npz = str(source).lower().endswith(".npz")
+    # a label of 10 is no typo of '1': guesses are for names
+    guess = None if strangers[0].isdigit() else suggest(strangers[0], known)
     raise KdtoolError(
-        f"{source}: {noun} '{strangers[0]}' is not one of {whose} classes"
-        + (f" (did you mean '{guess}'?)" if guess else "")
+        f"{source}: {'class' if npz else 'class folder'} '{strangers[0]}' is not one of "
+        f"{whose} classes" + (f" (did you mean '{guess}'?)" if guess else "")
         + (f", nor are {len(strangers) - 1} more" if len(strangers) > 1 else ""),
+        f"keep the labels {whose} classes have ({_few(names)}), leaving the others out of x "
+        "and y" if npz else
         f"name class folders as {whose} classes ({_few(names)}) or leave the others out")
 
 
@@ -463,6 +466,14 @@ def _load_digits(spec: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
 def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     how = "save it with np.savez(path, x=uint8 NHWC images, y=int labels (-1 = unlabeled))"
     try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise KdtoolError(f"cannot read {path}: {e.strerror}", how) from None
+    if not magic.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY")):
+        # numpy takes any other bytes for a pickle, and its message offers to unpickle it
+        raise KdtoolError(f"{path} is not an .npz archive (not a zip file)", how)
+    try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):  # np.save's .npy under an .npz name
             raise KdtoolError(f"{path} is one array ({loaded.dtype}, shape {loaded.shape}), "
@@ -474,6 +485,9 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
             x, y = f["x"], f["y"]
             names = f["class_names"] if "class_names" in f.files else None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        if "pickle" in str(e):  # object arrays: numpy's text suggests loading them unsafely
+            raise KdtoolError(f"{path} holds Python objects (pickled), which kdtool never "
+                              "loads", how) from None
         raise KdtoolError(f"cannot read {path} as .npz: {e}", how) from None
     if x.dtype != np.uint8:
         raise KdtoolError(f"{path}: x has dtype {x.dtype}, expected uint8 (0..255)", how)
@@ -593,8 +607,12 @@ def _read_cache(cache: Path, source: str) -> tuple[torch.Tensor, torch.Tensor, l
     # written): rebuild instead of failing the run. Anything else is a bug, and says so.
     except (OSError, SafetensorError, ValueError, KeyError, TypeError, InternalError) as e:
         why = message_line(e, 120) if isinstance(e, ValueError) else ""
+        # Removed: a rebuild may write another entry (other channels) and leave this one
+        # to be warned of on every run.
+        with contextlib.suppress(OSError):
+            cache.unlink()
         console.warn(f"ignoring cache file {cache} ({type(e).__name__}{': ' * bool(why)}"
-                     f"{why}); rebuilding")
+                     f"{why}); removed it, rebuilding")
         return None
 
 

@@ -65,11 +65,31 @@ READ_BACK = "kdtool tells files apart by their suffix and would not read it back
 REPORT = "a report keeps its own suffix, so it never replaces a model or data file"
 
 
+def refuse_input_as_output(path: str | Path, sources: dict[str, str | Path | None],
+                           what: str = "--out") -> None:
+    """Refuse an output that is one of its own inputs (``sources``: what each is, e.g.
+    "the teacher", and its path), by name, link or hard link: --force or not, the run
+    would replace what it reads."""
+    for desc, source in sources.items():
+        if source is None:
+            continue
+        try:
+            same = os.path.samefile(path, source)
+        except OSError:  # either is not there (yet): the same only by name
+            same = Path(path).expanduser().resolve() == Path(source).expanduser().resolve()
+        if same:
+            raise KdtoolError(f"{what} '{path}' is {desc}: the output would replace its own "
+                              "input, --force or not", "choose another --out")
+
+
 def check_output(path: str | Path, force: bool, what: str = "output",
-                 suffixes: tuple[str, ...] = (), why: str = READ_BACK) -> Path:
+                 suffixes: tuple[str, ...] = (), why: str = READ_BACK,
+                 sources: dict[str, str | Path | None] | None = None) -> Path:
     """Refuse to overwrite ``path`` without ``force``; create its folder. With ``suffixes``
-    (the first is the canonical one), refuse a name of another kind of file (``why``)."""
+    (the first is the canonical one), refuse a name of another kind of file (``why``);
+    with ``sources``, an output that is one of the inputs (refuse_input_as_output)."""
     path = require_name(path, what)
+    refuse_input_as_output(path, sources or {}, what)
     if path.parts and path.parts[0].startswith("~"):
         # --out=~/x: the shell expands ~ only at the start of a word, not after "="
         raise KdtoolError(f"{what} '{path}' starts with '~', which the shell did not expand "
@@ -169,7 +189,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_left_behind(path.parent, path.name)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp",
+                                   dir=path.parent)
+    except OSError as e:  # a folder that takes no new files (/proc, a special filesystem)
+        raise KdtoolError(f"cannot create a file in folder '{path.parent}' (for '{path}'): "
+                          f"{e.strerror}", "write it elsewhere") from e
     os.close(fd)
     tmp = Path(tmp)
     umask = os.umask(0)

@@ -75,7 +75,11 @@ class RunLock:
         if not self.path.parent.is_dir():  # --resume into a folder that is not there: no run
             return
         while True:
-            f = open(self.path, "a+")  # noqa: SIM115 (held until release)
+            try:
+                f = open(self.path, "a+")  # noqa: SIM115 (held until release)
+            except OSError as e:  # a folder that takes no new files (/proc, ...)
+                raise KdtoolError(f"cannot create the run's lock file '{self.path}': "
+                                  f"{e.strerror}", "write --out elsewhere") from e
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -256,6 +260,9 @@ class RunCheckpoint:
                                   "finished epoch (if it stopped early), or --force to start "
                                   "over")
             check_output(self.out, force, "checkpoint", (CHECKPOINT_SUFFIX,))
+            if force and self.out.is_file():  # a finished run's output, perhaps: say when
+                console.warn(f"--force: '{self.out}' is replaced when this run saves its "
+                             "first epoch (stop it before then to keep the old one)")
         if writer:  # refuse now, before the work, if another process holds the run
             self._lock.acquire()
             self._lock.release()

@@ -289,7 +289,8 @@ def convert_cmd(
     # The flags first (a --mean without --std is the mistake to fix, not an existing --out),
     # then the output, before any work.
     spec = foreign_spec(state_dict, arch, num_classes, in_chans, mean, std, image_size)
-    check_output(out, force, "checkpoint", (CHECKPOINT_SUFFIX,))
+    check_output(out, force, "checkpoint", (CHECKPOINT_SUFFIX,),
+                 sources={"the state_dict to convert": state_dict})
     # None: the architecture's default (torchvision's: its weights' evaluation transform)
     spec.resize, spec.interpolation = resize, interpolation
     model, meta = load_checkpoint(state_dict, foreign=spec)

@@ -106,6 +106,11 @@ def test_too_few_images_says_how_many_there_are(digits):
         r"needs 512.*lower --batches to 6",
     ):
         recompute_bn_stats(_noise_stats_model(), small, MEAN, STD, 32, 16, progress=False)
+    # Fewer images than one batch: the fix is a smaller batch, not fewer batches.
+    with pytest.raises(KdtoolError, match=r"has 7 images but --batches 1 x --batch-size 16 "
+                                          r"needs 16 \(lower --batch-size to 7 \(or less\)"):
+        recompute_bn_stats(_noise_stats_model(), digits.subset(slice(0, 7)), MEAN, STD, 1, 16,
+                           progress=False)
     with pytest.raises(KdtoolError, match="--batch-size must be >= 2"):
         recompute_bn_stats(_noise_stats_model(), digits, MEAN, STD, 4, 1, progress=False)
     with pytest.raises(KdtoolError, match="no BatchNorm layers: nothing to calibrate"):

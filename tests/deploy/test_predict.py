@@ -368,3 +368,15 @@ def test_an_image_over_the_pixel_limit_is_to_be_downscaled(cli, tiny_onnx, tmp_p
     r = cli("predict", tiny_onnx, path)
     assert r.code == 1 and "over the 64 megapixel limit" in r.err, r.err
     assert "downscale it" in r.err and "replace this one" not in r.err
+
+
+def test_an_empty_image_argument_is_refused_not_the_working_folder(cli, tiny_onnx, tmp_path,
+                                                                   monkeypatch):
+    """predict MODEL "$IMG" with IMG unset classified every image under the working folder."""
+    from PIL import Image
+
+    Image.new("L", (8, 8)).save(tmp_path / "unrelated.png")
+    monkeypatch.chdir(tmp_path)
+    r = cli("predict", tiny_onnx, "", "--json")
+    assert r.code == 1 and "an image was given as an empty string" in r.err, r.err
+    assert "unrelated.png" not in r.out

@@ -347,6 +347,13 @@ def test_corrupt_cache_rebuilt(tmp_path, capsys):
     capsys.readouterr()
     assert _same(load_data(str(root), cache_dir=tmp_path / "c"), first)
     assert "checksum mismatch" in capsys.readouterr().err
+    # A damaged entry of the images as they are, read for a one-channel load that writes an
+    # entry of its own: removed, not warned of on every later run.
+    entry.write_bytes(b"garbage")
+    grey = load_data(str(root), cache_dir=tmp_path / "c", channels=1)
+    assert "removed it, rebuilding" in capsys.readouterr().err and not entry.exists()
+    assert _same(load_data(str(root), cache_dir=tmp_path / "c", channels=1), grey)
+    assert "ignoring cache file" not in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- errors
@@ -406,7 +413,11 @@ def test_npz_errors(tmp_path):
         np.savez(tmp_path / f"{name}.npz", **arrays)
         _raises(f"{name}.npz.*{match[name]}", tmp_path / f"{name}.npz")
     np.savez(tmp_path / "obj.npz", x=np.array([object()]), y=np.zeros(1, int))
-    _raises("obj.npz", tmp_path / "obj.npz")  # pickled arrays are refused, not loaded
+    e = _raises("obj.npz holds Python objects", tmp_path / "obj.npz")  # refused, not loaded
+    assert "unsafely" not in str(e) + e.hint
+    (tmp_path / "text.npz").write_text("hello")  # numpy took it for a pickle, and said so
+    e = _raises(r"text\.npz is not an \.npz archive \(not a zip file\)", tmp_path / "text.npz")
+    assert "pickle" not in str(e) + e.hint
 
 
 def test_check_fits():
@@ -621,8 +632,10 @@ def test_an_npz_label_the_model_lacks_is_a_class_not_a_folder(tmp_path):
 
     np.savez(tmp_path / "d.npz", x=np.zeros((2, 8, 8, 1), np.uint8), y=np.array([0, 10]))
     d = load_data(str(tmp_path / "d.npz"))
-    with pytest.raises(KdtoolError, match=r"d\.npz: class '10' is not one of the model's"):
+    with pytest.raises(KdtoolError, match=r"d\.npz: class '10' is not one of the model's "
+                                          r"classes \(keep the labels") as e:
         match_classes(d, [str(i) for i in range(10)])
+    assert "did you mean" not in str(e.value) and "folder" not in e.value.hint
 
 
 @pytest.mark.parametrize("name", ["/tmp/cat/1.png", "cat/../../1.png"])

@@ -160,3 +160,38 @@ def test_an_output_reaches_the_disk_before_its_name_and_its_name_after(tmp_path,
         written = tmp.name
     assert events == [f"fsync {written}", "rename", f"fsync {tmp_path.name}"]
     assert out.read_bytes() == b"weights"
+
+
+@pytest.mark.parametrize(("args", "what"), [
+    (["calibrate", "{teacher}", "--data", "digits", "--out", "{out}", "--force"],
+     "the checkpoint to calibrate"),
+    (["convert", "{plain}", "--arch", "tiny_cnn", "--mean", "0.5", "--std", "0.5", "--out",
+      "{plain_out}", "--force"], "the state_dict to convert"),
+    (["distill", "--teacher", "{teacher}", "--student", "tiny_cnn", "--out", "{out}",
+      "--force"], "the teacher"),
+])
+@pytest.mark.parametrize("link", ["same", "hard", "sym"])
+def test_an_output_that_is_its_own_input_is_refused_even_with_force(
+        cli, digits_teacher, tmp_path, args, what, link):
+    """calibrate --out X.safetensors --force on X replaced the noise student it calibrates,
+    which could then never be calibrated again."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    teacher = tmp_path / "teacher.safetensors"
+    teacher.write_bytes(Path(digits_teacher).read_bytes())
+    plain = tmp_path / "plain.safetensors"  # a plain state_dict, as convert takes one
+    save_file({k: v.contiguous() for k, v in torch.nn.Linear(2, 2).state_dict().items()}, plain)
+    out = {"same": lambda p: p, "hard": lambda p: (os.link(p, tmp_path / "h.safetensors"),
+                                                   tmp_path / "h.safetensors")[1],
+           "sym": lambda p: ((tmp_path / "s.safetensors").symlink_to(p),
+                             tmp_path / "s.safetensors")[1]}[link]
+    source = plain if "{plain_out}" in args else teacher
+    before = source.read_bytes()
+    target = out(source)
+    r = cli(*[a.format(teacher=teacher, plain=plain, out=target, plain_out=target)
+              for a in args])
+    assert r.code == 1 and f"is {what}: the output would replace its own input" in r.err, r.err
+    assert source.read_bytes() == before

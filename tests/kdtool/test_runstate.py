@@ -166,11 +166,18 @@ def test_resume_without_a_state_is_refused_before_any_data_loads(cli, tmp_path, 
     """A missing folder raised FileNotFoundError from the lock; a missing state was said
     only after the data (or teacher) had loaded, minutes on a large set."""
     import kdtool.data
+    import kdtool.distill.loop
+    import kdtool.train
 
     def no_loading(*args, **kwargs):
         raise AssertionError("data loaded before the run state was checked")
 
+    # The names the runs call (imported before patching: a module first imported under the
+    # patch would keep the stand-in for the tests after this one).
     monkeypatch.setattr(kdtool.data, "load_data", no_loading)
+    monkeypatch.setattr(kdtool.train, "load_data", no_loading)
+    monkeypatch.setattr(kdtool.distill.loop, "load_for_model", no_loading)
+    monkeypatch.setattr(kdtool.distill.loop, "load_checkpoint", no_loading)
     args = (["train", "--arch", "tiny_cnn", "--data", "digits"] if command == "train" else
             ["distill", "--teacher", "t.safetensors", "--val", "digits"])
     for out in (tmp_path / "nodir" / "x.safetensors", tmp_path / "x.safetensors"):
@@ -266,3 +273,63 @@ def test_force_with_resume_is_refused_not_ignored(cli, digits_teacher, tmp_path,
     r = cli(*args, "--out", tmp_path / "m.safetensors", "--resume", "--force")
     assert r.code == 1 and "--force and --resume contradict each other" in r.err
     assert len(r.err.strip().splitlines()) == 1
+
+
+def test_a_checkpoint_of_an_unfinished_run_says_so_when_used(tmp_path, capsys):
+    """A run stopped at epoch 2 of 200 leaves a checkpoint that export and eval took as
+    the finished model without a word."""
+    from kdtool.checkpoint import save_checkpoint
+
+    model = create_model("tiny_cnn", num_classes=3, in_chans=1)
+    cases = {  # the last stage recorded decides
+        "stopped.safetensors": ({"distill": {"config": {"epochs": 200}, "history": [{}, {}]}},
+                                "holds a 'kdtool distill' run stopped after epoch 2 of 200"),
+        "trained.safetensors": ({"train": {"epochs": 3, "epoch": 2, "history": [{}] * 3}}, None),
+        "stopped_train.safetensors": ({"train": {"epochs": 3, "epoch": 1, "history": [{}]}},
+                                      "holds a 'kdtool train' run stopped after epoch 1 of 3"),
+        # kept at its best validated epoch (2 of 3): its history ends there, finished or not
+        "best.safetensors": ({"train": {"config": {"val": "digits:test"}, "epochs": 3,
+                                        "epoch": 2, "history": [{}] * 2}}, None),
+        "calibrated.safetensors": ({"distill": {"config": {"epochs": 9}, "history": [{}]},
+                                    "calibrate": {"batches": 32}}, None),
+    }
+    for name, (stages, said) in cases.items():
+        meta = _meta()
+        meta.stages = stages
+        path = save_checkpoint(tmp_path / name, model, meta, force=False)
+        capsys.readouterr()
+        load_checkpoint(path)
+        err = capsys.readouterr().err
+        if said:
+            assert said in err and "--resume" in err, err
+        else:
+            assert "warning" not in err, err
+
+
+def test_force_over_an_output_says_when_it_is_replaced(tmp_path, capsys):
+    out = tmp_path / "m.safetensors"
+    out.write_bytes(b"a finished run's model")
+    RunCheckpoint(out, force=True, resume=False)
+    assert (f"--force: '{out}' is replaced when this run saves its first epoch"
+            in capsys.readouterr().err.replace("\n", ""))
+    assert out.read_bytes() == b"a finished run's model"
+
+
+def test_a_folder_that_takes_no_new_files_is_a_user_error(tmp_path, monkeypatch):
+    """/proc passes the writable check and refuses to create files (ENOENT): a traceback
+    from every writer."""
+    import tempfile
+
+    from kdtool.io import atomic_write_text
+    from kdtool.runstate import RunLock
+
+    def refuse(*args, **kwargs):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(KdtoolError, match=r"cannot create a file in folder '.*' \(for "
+                                          r"'.*x\.json'\): No such file or directory"):
+        atomic_write_text(tmp_path / "x.json", "{}")
+    monkeypatch.setattr("builtins.open", refuse)
+    with pytest.raises(KdtoolError, match="cannot create the run's lock file"):
+        RunLock(tmp_path / "m.safetensors").acquire()
