@@ -91,6 +91,9 @@ class BenchConfig:
                               "add --data DIR to measure accuracy too, or drop --limit")
         if self.min_time <= 0:
             raise KdtoolError(f"--min-time must be positive, not {self.min_time}")
+        if self.min_accuracy is not None and not 0 <= self.min_accuracy <= 100:
+            raise KdtoolError(f"--min-accuracy is a top-1 percentage, 0 to 100, not "
+                              f"{self.min_accuracy:g}", "e.g. --min-accuracy 90")
         if self.max_drop is not None and self.max_drop < 0:
             raise KdtoolError(f"--max-drop must be >= 0 points, not {self.max_drop}")
         if (self.min_accuracy is not None or self.max_drop is not None) and self.data is None:

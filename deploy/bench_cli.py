@@ -192,5 +192,8 @@ def bench_cmd(
         # The one JSON object carries what every failure's object does, as predict's
         result.update(error=failed.message, hint=failed.hint)
     console.emit(result, as_json, render)
+    for key, what in (("markdown", "Markdown table"), ("plot", "plot")):
+        if key in result:
+            console.info(f"wrote {what} {result[key]}")
     if failed is not None:
         raise failed

@@ -203,6 +203,10 @@ def load_data(spec: str, *, image_size: int | tuple[int, int] | None = None,
     if draw is not None:  # before fitting: only the drawn images are resized
         index = draw.indices(len(x)).numpy()
         x, y = x[index], y[index]
+    if channels == 3 and x.shape[3] == 1:  # a whole grey dataset for a colour model
+        console.warn(f"{spec}: grey images for a model of 3 channels; each grey value is "
+                     "copied to R, G and B (is this the data the model was trained on?)",
+                     once=True)
     x = _conform(x, channels, size, fit)
     return _to_data(x, y, names, spec)
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from kdtool.errors import KdtoolError
+from kdtool.errors import ENVIRONMENT_ERRNOS, KdtoolError
 
 
 def require_name(path: str | Path, what: str, hint: str = "pass a file name") -> Path:
@@ -105,7 +105,14 @@ def check_output(path: str | Path, force: bool, what: str = "output",
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise KdtoolError(f"cannot create folder '{path.parent}': {e.strerror}") from e
+        blocking = next((p for p in [path.parent, *path.parent.parents]
+                         if p.is_file() or (p.is_symlink() and not p.exists())), None)
+        if blocking is not None:  # mkdir says only "File exists"
+            raise KdtoolError(f"cannot create folder '{path.parent}': '{blocking}' is "
+                              f"{'a broken link' if blocking.is_symlink() else 'a file'}",
+                              "choose another --out folder") from e
+        raise KdtoolError(f"cannot create folder '{path.parent}': {e.strerror}",
+                          ENVIRONMENT_ERRNOS.get(e.errno, "choose another folder")) from e
     if not os.access(path.parent, os.W_OK):  # say so now, not after the work
         raise KdtoolError(f"cannot write {what} '{path}': folder '{path.parent}' is not "
                           "writable", "choose a folder you can write to")

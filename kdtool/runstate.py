@@ -122,6 +122,9 @@ STARTOVER = "start over: drop --resume and pass --force"
 
 def require_state(path: Path) -> None:
     """Refuse a --resume with no state file to resume, or an empty one (a cut write)."""
+    if path.is_dir():
+        raise KdtoolError(f"run state '{path}' is a folder, not a file", "move it away, then "
+                          "start over: drop --resume and pass --force")
     if not path.is_file():
         raise KdtoolError(f"no run state to resume at '{path}'",
                           "start without --resume (the state file is written after each epoch)")
@@ -131,9 +134,14 @@ def require_state(path: Path) -> None:
 
 
 def load_state(path: Path) -> dict[str, Any]:
-    from kdtool.checkpoint import load_tensors_only
+    from kdtool.checkpoint import _looks_like, load_tensors_only
 
     require_state(path)
+    kind = _looks_like(path)
+    if kind != "a torch.save file":  # torch.load's own word for it is a bare "KeyError: 101"
+        raise KdtoolError(f"run state '{path}' is not a whole torch.save archive"
+                          + (f": it is {kind}" if kind else " (corrupt or truncated)"),
+                          STARTOVER)
     return load_tensors_only(path, f"run state '{path}' is unreadable", STARTOVER)
 
 

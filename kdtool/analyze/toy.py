@@ -52,6 +52,11 @@ SETS = ("real, running BN", "noise, running BN", "noise, current BN")
 
 
 def run_toy(cfg: ToyConfig) -> dict:
+    if not cfg.noise_scale > 0:  # a negative std draws the same noise mirrored: no meaning
+        from kdtool.errors import KdtoolError
+
+        raise KdtoolError(f"--noise-scale is a standard deviation and must be above 0, not "
+                          f"{cfg.noise_scale:g}", "e.g. --noise-scale 1")
     # Full-batch steps on 1,000 points x 32 units are too small to split across threads: on
     # 2 cores the 600 steps took 1.9 s on one thread against 5-8 s on two.
     threads = torch.get_num_threads()

@@ -221,7 +221,11 @@ def test_bench_checkpoint_and_onnx_end_to_end(cli, models, tmp_path, monkeypatch
     assert again.code == 1 and "already exists" in again.err and "--force" in again.err
     table = cli("bench", models["onnx"], "--batch", "1", *FAST, "--markdown", md, "--force")
     assert table.code == 0 and "ort-cpu" in table.out and "ok" in table.out
-    assert "ort-cpu" in md.read_text()
+    assert "ort-cpu" in md.read_text() and f"wrote Markdown table {md}" in table.err
+    # an accuracy no row can have is refused before measuring
+    r = cli("bench", models["onnx"], "--data", "digits:test", "--min-accuracy", "101")
+    assert r.code == 1 and "--min-accuracy is a top-1 percentage, 0 to 100" in r.err
+    assert "ort-cpu" not in r.out
     # one file for two reports: the plot would replace the table, --force or not
     same = cli("bench", models["onnx"], "--batch", "1", *FAST, "--markdown", png, "--plot",
                png, "--force")

@@ -796,3 +796,16 @@ def test_calibrate_and_train_refuse_val_classes_before_decoding_them(cli, tmp_pa
             "--epochs", "1", "--out", tmp_path / "t.safetensors")
     assert r.code == 1 and "'cat' is not one of the training data's classes" in r.err
     assert decoded == []
+
+
+def test_a_grey_dataset_for_a_colour_model_is_said(capsys):
+    """eval of a 3-channel model on the 1-channel digits ran silently, at chance."""
+    from kdtool import console
+
+    console.reset()  # as each command starts: said once a command
+    capsys.readouterr()
+    x = load_data("digits:test", channels=3).x
+    assert x.shape[1] == 3 and torch.equal(x[:, 0], x[:, 2])
+    assert "grey images for a model of 3 channels" in capsys.readouterr().err
+    load_data("digits:test", channels=1)
+    assert "grey" not in capsys.readouterr().err

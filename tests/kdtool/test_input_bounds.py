@@ -44,6 +44,7 @@ def _one_line(r, *fragments):
     (["distill", "--teacher", "{teacher}", "--temperature", "0"],
      "--temperature must be above 0"),
     (["models", "--timm", ""], "--timm needs a pattern"),  # '' listed all, for minutes
+    (["analyze", "toy", "--noise-scale", "-1"], "--noise-scale is a standard deviation"),
 ])
 def test_senseless_numbers_are_refused_in_one_line(cli, tmp_path, monkeypatch, digits_teacher,
                                                   args, message):

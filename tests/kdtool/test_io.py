@@ -195,3 +195,15 @@ def test_an_output_that_is_its_own_input_is_refused_even_with_force(
               for a in args])
     assert r.code == 1 and f"is {what}: the output would replace its own input" in r.err, r.err
     assert source.read_bytes() == before
+
+
+def test_an_output_under_a_file_names_the_file(tmp_path):
+    """mkdir said only "File exists", of the folder it could not create."""
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(KdtoolError, match=r"cannot create folder '.*afile/sub': '.*afile' is "
+                                          r"a file") as e:
+        check_output(tmp_path / "afile" / "sub" / "x.onnx", force=False)
+    assert e.value.hint == "choose another --out folder"
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(KdtoolError, match="'.*dangling' is a broken link"):
+        check_output(tmp_path / "dangling" / "x.onnx", force=False)

@@ -158,6 +158,21 @@ def test_a_damaged_or_foreign_run_state_is_a_clear_error(tmp_path):
         assert e.value.hint == "start over: drop --resume and pass --force"
     torch.save(good, tmp_path / "out.safetensors.state.pt")
     assert RunCheckpoint(out, force=False, resume=True).restore({}, *_run_parts())[0] == 1
+    # Bytes that are no torch.save archive: torch's own message was "unreadable: 101".
+    state = tmp_path / "out.safetensors.state.pt"
+    whole = state.read_bytes()
+    for damage, fragment in [(whole[:100], r"is not a whole torch\.save archive \(corrupt or "
+                                           r"truncated\)"),
+                             (b"some notes\n", "is not a whole torch.save archive: it is a "
+                                               r"text file \(\.pt\)")]:
+        state.write_bytes(damage)
+        with pytest.raises(KdtoolError, match=fragment) as e:
+            RunCheckpoint(out, force=False, resume=True).restore({}, *_run_parts())
+        assert e.value.hint == "start over: drop --resume and pass --force"
+    state.unlink()
+    state.mkdir()
+    with pytest.raises(KdtoolError, match="is a folder, not a file"):
+        RunCheckpoint(out, force=False, resume=True)
 
 
 @pytest.mark.parametrize("command", ["train", "distill"])
