@@ -112,6 +112,17 @@ def serve_cmd(
             rich_help_panel="Security",
         ),
     ] = 16.0,
+    body_idle_s: Annotated[
+        float,
+        typer.Option(
+            "--body-timeout",
+            min=0.1,
+            max=3600,
+            help="Seconds a request body's bytes may stop coming before the request gets "
+            "408 (raise it for clients on slow links).",
+            rich_help_panel="Security",
+        ),
+    ] = 15.0,
 ) -> None:
     """Serve an ONNX model over HTTP (Open Inference Protocol, dynamic batching).
 
@@ -146,6 +157,7 @@ def serve_cmd(
         max_queue=max_queue,
         workers=workers,
         max_body_mb=max_body_mb,
+        body_idle_s=body_idle_s,
         api_key=api_key or None,
     )
     serve(model, host=host, port=port, name=name, provider=provider, threads=threads,

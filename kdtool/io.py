@@ -200,6 +200,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp",
                                    dir=path.parent)
     except OSError as e:  # a folder that takes no new files (/proc, a special filesystem)
+        if e.errno in ENVIRONMENT_ERRNOS:  # a full disk, no permission: said as for any write
+            raise
         raise KdtoolError(f"cannot create a file in folder '{path.parent}' (for '{path}'): "
                           f"{e.strerror}", "write it elsewhere") from e
     os.close(fd)
