@@ -188,7 +188,10 @@ class DistillRun:
         opt, sched = optim.build(student, c.optimizer, c.schedule, c.lr, c.weight_decay,
                                  c.epochs * c.iters_per_epoch)
         step_fn = compile_step(distiller, c.compile_mode, dev) if c.compile else distiller
-        config = {**asdict(c), content_key("teacher"): file_sha256(c.teacher)}
+        # world_size: its ranks draw their own noise and average gradients, so another
+        # number of processes is another run (refused on resume; recorded in the output)
+        config = {**asdict(c), content_key("teacher"): file_sha256(c.teacher),
+                  "world_size": self.dist.world_size}
         start, best, history = self.ckpt.restore(config, student, opt, sched, self.ema)
         if start:
             console.info(f"resuming {self.ckpt.path} after epoch {start}/{c.epochs}")

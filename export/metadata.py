@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdtool.checkpoint import require_fields
 from kdtool.errors import KdtoolError, message_line
 from kdtool.imageprep import record_problems
 from kdtool.io import require_file
@@ -100,11 +101,13 @@ class OnnxInfo:
                     "upgrade kdtool: pip install -U kdtool",
                 )
             known = set(cls.__dataclass_fields__)
+            require_fields(cls, d)
             info = cls(**{k: v for k, v in d.items() if k in known})
         except KdtoolError:
             raise
-        except (ValueError, TypeError) as e:
-            raise KdtoolError(f"'{source}' has malformed kdtool ONNX metadata: {e}") from e
+        except (ValueError, TypeError, AttributeError) as e:  # AttributeError: not an object
+            raise KdtoolError(f"'{source}' has malformed kdtool ONNX metadata: {e}",
+                              "export it again with 'kdtool export'") from e
         info.validate(source)
         return info
 

@@ -10,6 +10,7 @@ nothing a user hands in is ever unpickled.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pickle
@@ -39,6 +40,16 @@ CHECKPOINT_SUFFIX = ".safetensors"  # kdtool writes these; a .pt is read as a pl
 FOREIGN_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")  # .ckpt: PyTorch Lightning
 # What loading a plain state_dict records of how it read the file (provenance keys)
 IMPORT_NOTES = ("shapes_read", "state_dict_key", "stripped_prefix")
+
+
+def require_fields(cls, record: dict) -> None:
+    """Raise ValueError naming the fields without a default that ``record`` lacks for the
+    dataclass ``cls`` (its __init__ would say "missing 1 required positional argument")."""
+    missing = sorted(f.name for f in dataclasses.fields(cls)
+                     if f.name not in record and f.default is dataclasses.MISSING
+                     and f.default_factory is dataclasses.MISSING)
+    if missing:
+        raise ValueError(f"it lacks {', '.join(map(repr, missing))}")
 
 
 @dataclass
@@ -78,11 +89,19 @@ class ModelMeta:
                     f"'{source}' was written by a newer kdtool (format {version})",
                     "upgrade kdtool: pip install -U kdtool",
                 )
+            require_fields(cls, d)
+            unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+            if unknown:
+                raise ValueError(f"it has unknown fields {', '.join(map(repr, unknown))}")
             meta = cls(**d)
         except KdtoolError:
             raise
         except (ValueError, TypeError, RecursionError) as e:  # RecursionError: deep nesting
-            raise KdtoolError(f"'{source}' has malformed kdtool metadata: {e}") from e
+            why = f"its JSON is broken ({e})" if isinstance(e, json.JSONDecodeError) else str(e)
+            raise KdtoolError(f"'{source}' has malformed kdtool metadata: {why}",
+                              "re-create it with the kdtool command that wrote it (its "
+                              "weights may be fine: 'kdtool convert' with --arch makes a new "
+                              "checkpoint of them)") from e
         meta.validate(source)
         return meta
 

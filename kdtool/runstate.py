@@ -125,6 +125,12 @@ def require_state(path: Path) -> None:
     if path.is_dir():
         raise KdtoolError(f"run state '{path}' is a folder, not a file", "move it away, then "
                           "start over: drop --resume and pass --force")
+    out = path.with_name(path.name.removesuffix(".state.pt"))
+    if not path.is_file() and out.is_file():  # killed while writing the first epoch's state
+        raise KdtoolError(f"no run state to resume at '{path}': '{out}' is there without "
+                          "it (a run stopped before its first state was saved, or the state "
+                          "was removed)", "start over with --force, which replaces it (a run "
+                          "stopped that early loses at most its first epoch)")
     if not path.is_file():
         raise KdtoolError(f"no run state to resume at '{path}'",
                           "start without --resume (the state file is written after each epoch)")
@@ -161,7 +167,7 @@ def content_key(option: str) -> str:
 
 
 # Settings newer than some saved states, with the value that does what those runs did.
-ADDED_SETTINGS = {"val_every": 1}
+ADDED_SETTINGS = {"val_every": 1, "world_size": 1}
 
 
 # What a run state holds, by type (states are written by RunCheckpoint.save)
@@ -246,6 +252,7 @@ class RunCheckpoint:
         self.command = command  # "train" or "distill": another's state cannot be resumed
         self.writer = writer  # in a multi-process run only rank 0 checks and writes files
         self._executor: ThreadPoolExecutor | None = None
+        self.segments: list[dict] = []  # the run's parts, one per start or resume
         self._pending: Future | None = None
         if resume and force:
             raise KdtoolError("--force and --resume contradict each other",
@@ -282,6 +289,7 @@ class RunCheckpoint:
         """(first epoch to run, best metric, history): from the state when resuming.
         ``ema``: a ``kdtool.ema.WeightEMA`` restored too."""
         if not self.resume:
+            self.segments = [_segment(0, config)]
             return 0, float("-inf"), []
         state = load_state(self.path)
         damaged = _damage(state)
@@ -297,6 +305,14 @@ class RunCheckpoint:
                               "--out")
         check_same_config(state["config"], config, self.path)
         _warn_if_numerics_differ(state.get("numerics"), self.path)
+        _warn_if_settings_differ(state["config"], config, self.path)
+        total = config.get("epochs")
+        if isinstance(total, int) and state["epoch"] + 1 >= total and not self.out.is_file():
+            raise KdtoolError(
+                f"the run in '{self.path}' finished (epoch {total} of {total}), and its output "
+                f"'{self.out}' is gone", "there is nothing to resume: start over with --force "
+                "(the run state holds the last epoch's weights, not a checkpoint)")
+        self.segments = [*state.get("segments", []), _segment(state["epoch"] + 1, config)]
         try:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
@@ -330,12 +346,14 @@ class RunCheckpoint:
         self.wait()
         state = snapshot({
             "command": self.command, "config": config, "epoch": epoch, "best": best,
-            "history": history, "numerics": numerics(),
+            "history": history, "numerics": numerics(), "segments": self.segments,
             "model": model.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
             **({"ema": ema.state_dict()} if ema is not None else {})})
         jobs: list[tuple[Path, Callable[[], None]]] = []
         if output is not None:
+            if isinstance(output.stages.get(self.command), dict):  # how the run went, resumes
+                output.stages[self.command]["segments"] = self.segments  # and all
             output.validate(str(self.out))
             # The snapshot's own copies (one each, so no shared storage for safetensors).
             weights = state["ema"]["model"] if ema is not None else state["model"]
@@ -415,6 +433,23 @@ def numerics() -> dict:
     from kdtool.runinfo import cpu_name
 
     return {"torch_threads": torch.get_num_threads(), "cpu": cpu_name()}
+
+
+def _segment(first_epoch: int, config: dict) -> dict:
+    """One part of a run, from its start or a resume: where and how its epochs computed."""
+    return {"from_epoch": first_epoch + 1, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **{k: config[k] for k in (*RESUMABLE_CHANGES, "world_size") if k in config},
+            **numerics()}
+
+
+def _warn_if_settings_differ(saved: dict, current: dict, path: Path) -> None:
+    """Where and how fast may change on resume (RESUMABLE_CHANGES); the numbers then differ
+    from an uninterrupted run's: say so (the output records each part, ``segments``)."""
+    changed = [f"{key} {saved[key]} -> {current[key]}" for key in ("device", "precision")
+               if key in saved and key in current and saved[key] != current[key]]
+    if changed:
+        console.warn(f"resuming '{path}' with {'; '.join(changed)}: the run goes on, but not "
+                     "bit-identical to an uninterrupted one (its output records each part)")
 
 
 def _warn_if_numerics_differ(began: dict | None, path: Path) -> None:

@@ -166,11 +166,23 @@ def _distill_summary(v: dict) -> str:
 STAGE_SUMMARIES = {"train": _train_summary, "distill": _distill_summary}
 
 
+def _resumes(segments: list) -> str:
+    """'resumed at epoch 3 (cpu, bf16, 2 threads)': each part of a run after its start."""
+    def how(p: dict) -> str:
+        return ", ".join(str(v) for v in (p.get("device"), p.get("precision"),
+                                          f"{p['torch_threads']} threads"
+                                          if "torch_threads" in p else None) if v)
+
+    return "resumed " + ", ".join(f"at epoch {p.get('from_epoch')} ({how(p)})"
+                                  for p in segments[1:] if isinstance(p, dict))
+
+
 def _stage_line(name: str, record: dict, path: Path) -> str:
     fields = ", ".join(f"{a}={b}" for a, b in record.items()
                        if not isinstance(b, list | dict) and a not in ("epoch", "epochs"))
     parts = [STAGE_SUMMARIES[name](record)] if name in STAGE_SUMMARIES else []
     parts += [fields] if fields else []
+    parts += [_resumes(record.get("segments"))] if len(record.get("segments") or []) > 1 else []
     if record.get("history"):
         parts.append(f"learning curves: kdtool analyze curves {path}")
     return "; ".join(parts)

@@ -146,6 +146,17 @@ def test_resume_continues_exactly(small_teacher, tmp_path, interrupted_distill, 
     a = load_checkpoint(tmp_path / "a.safetensors")[0].state_dict()
     b = load_checkpoint(tmp_path / "b.safetensors")[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # The output records each part of the run: the start, and the resume at epoch 3.
+    parts = read_meta(tmp_path / "b.safetensors").stages["distill"]["segments"]
+    assert [p["from_epoch"] for p in parts] == [1, 3]
+    assert all({"device", "precision", "world_size", "torch_threads"} <= set(p) for p in parts)
+    assert [p["from_epoch"] for p in
+            read_meta(tmp_path / "a.safetensors").stages["distill"]["segments"]] == [1]
+    from kdtool.cli.model_cmds import _stage_line
+
+    line = _stage_line("distill", read_meta(tmp_path / "b.safetensors").stages["distill"],
+                       tmp_path / "b.safetensors")
+    assert "; resumed at epoch 3 (" in line
 
 
 def test_ema_student_is_the_output_and_the_live_one_is_validated_beside(small_teacher,

@@ -269,6 +269,10 @@ def test_inconsistent_metadata_is_refused(tmp_path: Path):
     (lambda d: {**d, "input_size": [100000, 100000]}, "each from 1 to 16,384"),
     (lambda d: {**d, "provenance": {"x": [[[[1]]]]} | {"deep": "[" * 100_000}},
      None),  # a long string is only data
+    # said by name, not as ModelMeta.__init__()'s missing positional argument
+    (lambda d: {k: v for k, v in d.items() if k != "mean"}, "malformed kdtool metadata: it "
+                                                             "lacks 'mean'"),
+    (lambda d: {**d, "colour": 1}, "it has unknown fields 'colour'"),
 ])
 def test_crafted_metadata_is_a_clear_error_not_a_traceback_or_a_huge_allocation(
         tmp_path: Path, edit, fragment):
@@ -293,7 +297,11 @@ def test_deeply_nested_metadata_is_malformed_not_a_recursion_error(tmp_path: Pat
 
     path = tmp_path / "m.safetensors"
     write_checkpoint(path, {"w": torch.zeros(1)}, "[" * 100_000 + "]" * 100_000)
-    with pytest.raises(KdtoolError, match="malformed kdtool metadata"):
+    with pytest.raises(KdtoolError, match="malformed kdtool metadata") as e:
+        read_meta(path)
+    assert "kdtool convert" in e.value.hint
+    write_checkpoint(path, {"w": torch.zeros(1)}, '{"format": "kdtool", "mean": [0.5],}')
+    with pytest.raises(KdtoolError, match=r"malformed kdtool metadata: its JSON is broken"):
         read_meta(path)
 
 

@@ -13,7 +13,7 @@ import kdtool.runstate as runstate
 from kdtool.checkpoint import ModelMeta, load_checkpoint
 from kdtool.errors import KdtoolError
 from kdtool.models import create_model
-from kdtool.runstate import RunCheckpoint, load_state, snapshot
+from kdtool.runstate import RunCheckpoint, load_state, snapshot, state_path_for
 
 
 def _run_parts():
@@ -348,3 +348,46 @@ def test_a_folder_that_takes_no_new_files_is_a_user_error(tmp_path, monkeypatch)
     monkeypatch.setattr("builtins.open", refuse)
     with pytest.raises(KdtoolError, match="cannot create the run's lock file"):
         RunLock(tmp_path / "m.safetensors").acquire()
+
+
+def test_a_resume_with_another_device_precision_or_world_size(tmp_path, capsys):
+    """Another number of processes is another run (its ranks' noise and averaging): refused.
+    Another device or precision goes on, but is said (it was silent)."""
+    from kdtool.runstate import check_same_config
+
+    with pytest.raises(KdtoolError, match="world_size was 2, now 1"):
+        check_same_config({"lr": 0.1, "world_size": 2}, {"lr": 0.1, "world_size": 1}, tmp_path)
+    check_same_config({"lr": 0.1}, {"lr": 0.1, "world_size": 1}, tmp_path)  # an older state
+    out = tmp_path / "out.safetensors"
+    model, opt, sched = _run_parts()
+    ckpt = RunCheckpoint(out, force=False, resume=False)
+    ckpt.restore({"precision": "fp32", "device": "cpu", "epochs": 5}, model, opt, sched)
+    with ckpt.writing():
+        ckpt.save({"precision": "fp32", "device": "cpu", "epochs": 5}, 0, 1.0, [], model, opt,
+                  sched, output=None)
+    out.write_bytes(b"")
+    capsys.readouterr()
+    RunCheckpoint(out, force=False, resume=True).restore(
+        {"precision": "bf16", "device": "cpu", "epochs": 5}, *_run_parts())
+    assert "with precision fp32 -> bf16: the run goes on" in capsys.readouterr().err.replace(
+        "\n", "")
+
+
+def test_resume_of_a_finished_run_without_its_output_or_an_output_without_state(tmp_path):
+    out = tmp_path / "out.safetensors"
+    model, opt, sched = _run_parts()
+    ckpt = RunCheckpoint(out, force=False, resume=False)
+    ckpt.restore({"epochs": 1}, model, opt, sched)
+    with ckpt.writing():
+        ckpt.save({"epochs": 1}, 0, 1.0, [], model, opt, sched)  # its last epoch
+    # It exited 0 naming the missing file as its output.
+    with pytest.raises(KdtoolError, match=r"finished \(epoch 1 of 1\), and its output "
+                                          r"'.*out\.safetensors' is gone"):
+        RunCheckpoint(out, force=False, resume=True).restore({"epochs": 1}, *_run_parts())
+    # The output without its state (a kill during the first state write): --resume said
+    # "start without --resume", which said "already exists".
+    state_path_for(out).unlink()
+    out.write_bytes(b"weights")
+    with pytest.raises(KdtoolError, match="is there without it") as e:
+        RunCheckpoint(out, force=False, resume=True)
+    assert "start over with --force" in e.value.hint
