@@ -193,6 +193,7 @@ def check_same_config(saved: dict[str, Any], current: dict[str, Any], path: Path
     (0, None or False) or at the value that behaves as before (``ADDED_SETTINGS``), so a
     run started before an upgrade still resumes.
     """
+    changed = []
     for key in sorted(set(saved) | set(current)):
         if key in ignore or (key not in saved and (
                 not current[key] or current[key] == ADDED_SETTINGS.get(key))):
@@ -210,10 +211,10 @@ def check_same_config(saved: dict[str, Any], current: dict[str, Any], path: Path
                     f"resume with the run's {_CONTENT_NAMES.get(what, what)}, or {STARTOVER}")
             continue  # a state written before contents were recorded: the paths decide
         if saved.get(key) != current.get(key):
-            raise KdtoolError(
-                f"cannot resume '{path}': {key} was {saved.get(key)!r}, now {current.get(key)!r}",
-                f"resume with the same options, or {STARTOVER}",
-            )
+            changed.append(f"{key} was {saved.get(key)!r}, now {current.get(key)!r}")
+    if changed:  # all of them: one option may change another's default (--optimizer, --lr)
+        raise KdtoolError(f"cannot resume '{path}': {'; '.join(changed)}",
+                          f"resume with the same options, or {STARTOVER}")
 
 
 def snapshot(obj: Any) -> Any:

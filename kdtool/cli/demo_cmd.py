@@ -38,10 +38,15 @@ def demo_cmd(
     from kdtool import console
     from kdtool.demo import Demo
     from kdtool.device import cpu_threads
+    from kdtool.interrupts import Stopped
 
-    with cpu_threads(threads):
-        result = Demo(out, quick=quick, seed=seed, force=force, device=device,
-                      teacher=teacher, threads=threads).run()
+    try:
+        with cpu_threads(threads):
+            result = Demo(out, quick=quick, seed=seed, force=force, device=device,
+                          teacher=teacher, threads=threads).run()
+    except KeyboardInterrupt as e:  # the folder now holds a part of the demo's files
+        raise Stopped(e, f"'{out}' holds what the demo finished; to run it again, pass "
+                         "--force (it starts over)") from None
     console.emit(result, as_json, render_summary)
 
 

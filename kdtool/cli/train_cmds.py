@@ -90,11 +90,18 @@ def train_cmd(
     Example: [bold]kdtool train --arch resnet8 --data digits --val digits:test --epochs 15
     --out teacher.safetensors[/bold]
     """
+    import os
+
     from kdtool import console
     from kdtool.device import cpu_threads
+    from kdtool.errors import KdtoolError
     from kdtool.runstate import stopped_with_hint
     from kdtool.train import TrainConfig, Trainer
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would train alone
+        raise KdtoolError("kdtool train runs in one process; torchrun started "
+                          f"{os.environ['WORLD_SIZE']}", "run 'kdtool train' without torchrun "
+                          "(torchrun is for 'kdtool distill')")
     mean_values, std_values = parse_norm(mean, std)
     size = parse_image_size(image_size)
     if size is not None and size[0] == size[1]:

@@ -154,3 +154,17 @@ def test_a_signal_after_the_command_finished_keeps_its_status(sig):
                        timeout=120, check=False)
     assert r.returncode == 0, (r.returncode, r.stderr[-500:])
     assert r.stdout.startswith("kdtool ")  # what it printed was flushed before the exit
+
+
+def test_a_stopped_demo_says_how_to_run_it_again(cli, tmp_path, monkeypatch):
+    """It said only "interrupted", and its next run: "--out is not empty"."""
+    from kdtool.demo import Demo
+
+    def stopped(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Demo, "run", stopped)
+    r = cli("demo", "--quick", "--out", tmp_path / "demo")
+    assert r.code == 130 and "Traceback" not in r.err
+    assert "interrupted: " in r.err and "holds what the demo finished" in r.err
+    assert "pass --force (it starts over)" in r.err.replace("\n", " ")

@@ -358,6 +358,11 @@ def test_a_resume_with_another_device_precision_or_world_size(tmp_path, capsys):
     with pytest.raises(KdtoolError, match="world_size was 2, now 1"):
         check_same_config({"lr": 0.1, "world_size": 2}, {"lr": 0.1, "world_size": 1}, tmp_path)
     check_same_config({"lr": 0.1}, {"lr": 0.1, "world_size": 1}, tmp_path)  # an older state
+    # every change at once: --optimizer sgd was refused as "lr was 0.001, now 0.1" alone
+    with pytest.raises(KdtoolError, match="lr was 0.001, now 0.1; optimizer was 'adam', now "
+                                          "'sgd'"):
+        check_same_config({"lr": 0.001, "optimizer": "adam"}, {"lr": 0.1, "optimizer": "sgd"},
+                          tmp_path)
     out = tmp_path / "out.safetensors"
     model, opt, sched = _run_parts()
     ckpt = RunCheckpoint(out, force=False, resume=False)

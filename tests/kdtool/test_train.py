@@ -269,3 +269,11 @@ def test_resume_checks_the_val_data_by_its_contents(cli, tmp_path, monkeypatch):
     assert cli("train", "--arch", "tiny_cnn", "--data", "d.npz", "--epochs", "1", "--out",
                "u.safetensors").code == 0
     assert "val_contents" not in load_state(Path("u.safetensors.state.pt"))["config"]
+
+
+def test_train_under_torchrun_is_refused(cli, tmp_path, monkeypatch):
+    """Each rank trained alone (the second was then refused by the run lock)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    r = cli("train", "--arch", "tiny_cnn", "--data", "digits", "--out", tmp_path / "t.safetensors")
+    assert r.code == 1 and "kdtool train runs in one process; torchrun started 2" in r.err
+    assert not (tmp_path / "t.safetensors").exists()
