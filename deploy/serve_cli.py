@@ -116,8 +116,6 @@ def serve_cmd(
         float,
         typer.Option(
             "--body-timeout",
-            min=0.1,
-            max=3600,
             help="Seconds a request body's bytes may stop coming before the request gets "
             "408 (raise it for clients on slow links).",
             rich_help_panel="Security",
@@ -144,6 +142,9 @@ def serve_cmd(
     if workers > MAX_THREADS:
         raise KdtoolError(f"--workers {workers} is more than kdtool runs ({MAX_THREADS})",
                           "one per core at most")
+    if not 0.1 <= body_idle_s <= 3600:
+        raise KdtoolError(f"--body-timeout {body_idle_s:g} is not 0.1 to 3600 seconds",
+                          "e.g. --body-timeout 60 for clients on slow links")
     check_threads(threads)
     threads = threads_per_worker(workers, threads, provider)
     missing = [m for m in SERVE_DEPS if importlib.util.find_spec(m) is None]

@@ -13,8 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdtool.checkpoint import require_fields
-from kdtool.errors import KdtoolError, message_line
+from kdtool.errors import KdtoolError, message_line, require_fields
 from kdtool.imageprep import record_problems
 from kdtool.io import require_file
 

@@ -28,7 +28,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from kdtool import console
-from kdtool.errors import KdtoolError, message_line
+from kdtool.errors import KdtoolError, message_line, require_fields
 from kdtool.imageprep import Fit, parse_resize, record_problems
 from kdtool.io import atomic_write_bytes, check_output, require_file
 from kdtool.models import check_input_size, create_model, model_spec
@@ -40,16 +40,6 @@ CHECKPOINT_SUFFIX = ".safetensors"  # kdtool writes these; a .pt is read as a pl
 FOREIGN_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")  # .ckpt: PyTorch Lightning
 # What loading a plain state_dict records of how it read the file (provenance keys)
 IMPORT_NOTES = ("shapes_read", "state_dict_key", "stripped_prefix")
-
-
-def require_fields(cls, record: dict) -> None:
-    """Raise ValueError naming the fields without a default that ``record`` lacks for the
-    dataclass ``cls`` (its __init__ would say "missing 1 required positional argument")."""
-    missing = sorted(f.name for f in dataclasses.fields(cls)
-                     if f.name not in record and f.default is dataclasses.MISSING
-                     and f.default_factory is dataclasses.MISSING)
-    if missing:
-        raise ValueError(f"it lacks {', '.join(map(repr, missing))}")
 
 
 @dataclass

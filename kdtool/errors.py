@@ -8,6 +8,7 @@ traceback; ``InternalError`` marks broken invariants explicitly.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import errno
 import math
@@ -125,3 +126,13 @@ ENVIRONMENT_ERRNOS = {
                  "elsewhere",
     errno.ENAMETOOLONG: "use a shorter file name",
 }
+
+
+def require_fields(cls, record: dict) -> None:
+    """Raise ValueError naming the fields without a default that ``record`` lacks for the
+    dataclass ``cls`` (its __init__ would say "missing 1 required positional argument")."""
+    missing = sorted(f.name for f in dataclasses.fields(cls)
+                     if f.name not in record and f.default is dataclasses.MISSING
+                     and f.default_factory is dataclasses.MISSING)
+    if missing:
+        raise ValueError(f"it lacks {', '.join(map(repr, missing))}")

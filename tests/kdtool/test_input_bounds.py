@@ -36,6 +36,7 @@ def _one_line(r, *fragments):
     (["serve", "m.onnx", "--workers", "100000"], "--workers"),
     # an infinite batching delay killed the batch worker and hung the client
     (["serve", "m.onnx", "--max-delay-ms", "1e300"], "--max-delay-ms"),
+    (["serve", "m.onnx", "--body-timeout", "0"], "--body-timeout 0 is not 0.1 to 3600 seconds"),
     (["train", "--data", "digits", "--image-size", "1,100000"],
      "--image-size '1,100000' is more than 16384 pixels a side"),
     # 1e308 overflowed the T^2-scaled loss, which then read as divergence ("lower --lr")
