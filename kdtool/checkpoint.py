@@ -271,7 +271,7 @@ _MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"),
           (b"\x93NUMPY", "a NumPy .npy array"))
 
 
-def _looks_like(path: Path) -> str | None:
+def file_kind(path: Path) -> str | None:
     """What a file that is not the expected checkpoint is, by its content; None: unknown."""
     try:
         with path.open("rb") as f:
@@ -337,7 +337,7 @@ def _safetensors_header(path: Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
-        kind = _looks_like(path)
+        kind = file_kind(path)
         if kind is not None:
             raise _not_a_checkpoint(path, kind) from e
         raise KdtoolError(
@@ -404,7 +404,7 @@ def _read_state_dict(path: Path, notes: dict | None = None) -> dict[str, torch.T
     try:
         return st_load(path.read_bytes())
     except (SafetensorError, ValueError) as e:
-        kind = _looks_like(path)
+        kind = file_kind(path)
         if kind is not None:
             raise _not_a_checkpoint(path, kind) from e
         raise KdtoolError(
@@ -448,8 +448,8 @@ def load_tensors_only(path: Path, cannot: str, hint: str) -> Any:
 def _check_torch_file(path: Path) -> None:
     """torch.load's own errors for a damaged file are a bare ``KeyError: 101`` or a
     paragraph on miniz: name the damage instead."""
-    # _looks_like reads a zip's central directory, which truncation loses: None then
-    kind = _looks_like(path)
+    # file_kind reads a zip's central directory, which truncation loses: None then
+    kind = file_kind(path)
     if kind is None:
         raise KdtoolError(
             f"'{path}' is corrupt or truncated: it is neither a whole torch.save archive "
@@ -550,7 +550,7 @@ def unfinished_run(meta: ModelMeta) -> str | None:
     total = record.get("epochs") or (record.get("config") or {}).get("epochs")
     if not isinstance(done, list) or not isinstance(total, int) or len(done) >= total:
         return None
-    return (f"holds a 'kdtool {stage}' run stopped after epoch {len(done)} of {total}")
+    return f"holds a 'kdtool {stage}' run stopped after epoch {len(done)} of {total}"
 
 
 def load_checkpoint(
@@ -564,8 +564,6 @@ def load_checkpoint(
         state = _read_state_dict(path)
         unfinished = unfinished_run(meta)
         if unfinished:
-            from kdtool import console
-
             console.warn(f"'{path}' {unfinished}: if it was not stopped on purpose, continue "
                          "it with its command and --resume", once=True)
     else:  # a corrupt file, then a wrong --arch, are named before what the flags leave unsaid

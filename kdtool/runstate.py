@@ -125,13 +125,13 @@ def require_state(path: Path) -> None:
     if path.is_dir():
         raise KdtoolError(f"run state '{path}' is a folder, not a file", "move it away, then "
                           "start over: drop --resume and pass --force")
-    out = path.with_name(path.name.removesuffix(".state.pt"))
-    if not path.is_file() and out.is_file():  # killed while writing the first epoch's state
-        raise KdtoolError(f"no run state to resume at '{path}': '{out}' is there without "
-                          "it (a run stopped before its first state was saved, or the state "
-                          "was removed)", "start over with --force, which replaces it (a run "
-                          "stopped that early loses at most its first epoch)")
     if not path.is_file():
+        out = path.with_name(path.name.removesuffix(".state.pt"))
+        if out.is_file():  # e.g. killed while writing the first epoch's state
+            raise KdtoolError(f"no run state to resume at '{path}': '{out}' is there without "
+                              "it (a run stopped before its first state was saved, or the "
+                              "state was removed)", "start over with --force, which replaces "
+                              "it (a run stopped that early loses at most its first epoch)")
         raise KdtoolError(f"no run state to resume at '{path}'",
                           "start without --resume (the state file is written after each epoch)")
     if path.stat().st_size == 0:
@@ -140,10 +140,10 @@ def require_state(path: Path) -> None:
 
 
 def load_state(path: Path) -> dict[str, Any]:
-    from kdtool.checkpoint import _looks_like, load_tensors_only
+    from kdtool.checkpoint import file_kind, load_tensors_only
 
     require_state(path)
-    kind = _looks_like(path)
+    kind = file_kind(path)
     if kind != "a torch.save file":  # torch.load's own word for it is a bare "KeyError: 101"
         raise KdtoolError(f"run state '{path}' is not a whole torch.save archive"
                           + (f": it is {kind}" if kind else " (corrupt or truncated)"),

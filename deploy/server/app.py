@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,11 +28,12 @@ from kdtool.deploy.server.batcher import DynamicBatcher, InferenceFailed
 from kdtool.deploy.server.metrics import Metrics
 from kdtool.deploy.server.model import OnnxModel
 from kdtool.deploy.server.protocol import RequestError
+from kdtool.runinfo import usable_cores
 
 log = logging.getLogger("kdtool.serve")
 EXTENSIONS = ["binary_tensor_data", "classification"]
 OFFLOAD_BYTES = 256 * 1024  # parse larger bodies on a thread: keep the event loop responsive
-DECODE_THREADS = min(8, os.cpu_count() or 1)  # /classify's image decoding
+DECODE_THREADS = min(8, usable_cores())  # /classify's image decoding
 
 
 @dataclass

@@ -25,12 +25,10 @@ from kdtool.imageprep import Fit, to_array
 FORMATS = ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM"]  # what the dataset loaders read
 _BUFFER_REPR = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 MAX_PIXELS = 64_000_000  # larger images are refused before decoding (decompression bombs)
+MAX_REQUEST_PIXELS = 256_000_000  # all of one request's images: bounds its decoding time
 # catch_warnings swaps the process's filters and is not thread-safe, and images are opened
 # on worker threads: one at a time (opening reads the header alone: microseconds).
 _QUIET_OPEN = threading.Lock()
-
-
-MAX_REQUEST_PIXELS = 256_000_000  # all of one request's images: bounds its decoding time
 
 
 def decode(data: bytes, what: str = "the request body") -> Image.Image:
