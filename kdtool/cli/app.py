@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import inspect
 import math
@@ -293,17 +294,21 @@ def _first_line(e: BaseException) -> str:
     return re.sub(r"^\[enforce fail at [^\]]*\]\s*", "", text)[:300]
 
 
+_finished_status: list[int] = []  # set by _late_signals_keep_status: the program's own run
+
+
 def _late_signals_keep_status(code: int) -> None:
     """The command is done and its files written: a Ctrl-C or SIGTERM during the second or
     so of interpreter shutdown (torch and ONNX Runtime tearing down) ends the process at
     once with the command's own status, not 130 or 143 for a job a scheduler would then
-    count as failed."""
+    count as failed. (Past the last exit hook, ``_ignore_late_signals`` takes over.)"""
     import os
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         return
+    _finished_status.append(code)
 
     def finish(signum, frame):
         for stream in (sys.stdout, sys.stderr):
@@ -313,3 +318,19 @@ def _late_signals_keep_status(code: int) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, finish)
+
+
+def _ignore_late_signals() -> None:
+    """The last exit hook (registered as the CLI loads, before torch and the others that
+    register theirs later and so run earlier): from here on a late signal is ignored.
+    Finalisation resets Python's own handlers to the default action, which would end a
+    finished command with 143 while its modules tear down; it keeps an ignored signal
+    ignored."""
+    if _finished_status:
+        import signal
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+
+
+atexit.register(_ignore_late_signals)

@@ -156,6 +156,24 @@ def test_a_signal_after_the_command_finished_keeps_its_status(sig):
     assert r.stdout.startswith("kdtool ")  # what it printed was flushed before the exit
 
 
+def test_signals_after_the_last_exit_hook_are_ignored():
+    """Finalisation resets Python's handlers to the default action, and a SIGTERM while
+    torch tore down still ended a finished run with 143 (an audit: 10-200 ms after the
+    summary). A hook registered before kdtool loads runs after kdtool's last one: it sees
+    the signals ignored, which finalisation leaves so."""
+    script = (
+        "import atexit, signal, sys\n"
+        "atexit.register(lambda: print('ignored', all(signal.getsignal(s) == signal.SIG_IGN "
+        "for s in (signal.SIGINT, signal.SIGTERM))))\n"
+        "from kdtool.cli import main\n"
+        "sys.argv = ['kdtool', '--version']\n"
+        "main()\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=120, check=False)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ignored True"), (r.stdout, r.stderr)
+
+
 def test_a_stopped_demo_says_how_to_run_it_again(cli, tmp_path, monkeypatch):
     """It said only "interrupted", and its next run: "--out is not empty"."""
     from kdtool.demo import Demo
