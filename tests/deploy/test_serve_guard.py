@@ -188,3 +188,28 @@ def test_serve_runs_uvicorn_with_the_guard():
     assert config.http is guard.GuardedHttpTools
     assert config.timeout_graceful_shutdown == GRACE_S < 30  # a container's stop: 30 s
 
+
+
+def test_the_guard_cost_bench_times_both_protocols(tiny_onnx, capsys):
+    """bench/serve_guard_cost.py: the same requests against uvicorn's protocol and the
+    guarded one, side by side."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "serve_guard_cost.py"
+    spec = importlib.util.spec_from_file_location("serve_guard_cost", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from kdtool.deploy.server import OnnxModel, create_app
+
+    app = create_app(OnnxModel(tiny_onnx, threads=1))
+    for guarded in (False, True):
+        _, server, thread = bench.start(app, guarded)
+        assert (server.config.http is guard.GuardedHttpTools) is guarded
+        server.should_exit = True
+        thread.join(timeout=20)
+    figures = bench.main(["--model", str(tiny_onnx), "--requests", "8", "--rounds", "2"])
+    assert set(figures) == {"live", "infer", "connect"}
+    for f in figures.values():
+        assert f["plain"] > 0 and f["ratio"] == f["guarded"] / f["plain"]
+    assert "guarded/plain" in capsys.readouterr().out
