@@ -23,6 +23,7 @@ from kdtool.cli.options import (
     Schedule,
     Seed,
     Threads,
+    ValLimit,
     WeightDecay,
 )
 
@@ -89,6 +90,7 @@ def distill_cmd(
         "--val", help="Optional labelled real data to validate on. " + DATA_HELP)] = None,
     val_every: Annotated[int, typer.Option(
         "--val-every", help="Validate every N epochs and after the last.")] = 1,
+    val_limit: ValLimit = None,
     compile_: Compile = False,
     compile_mode: CompileMode = None,
     precision: Precision = "auto",
@@ -126,7 +128,8 @@ def distill_cmd(
         teacher_norm_align=teacher_norm_align, teacher_stats=teacher_stats, loss=loss,
         temperature=temperature, epochs=epochs, iters_per_epoch=iters_per_epoch,
         batch_size=batch_size, optimizer=optimizer, schedule=schedule, lr=lr,
-        weight_decay=weight_decay, val=val, val_every=val_every, seed=seed, device=device,
+        weight_decay=weight_decay, val=val, val_every=val_every, val_limit=val_limit, seed=seed,
+        device=device,
         compile=compile_ or compile_mode is not None, compile_mode=compile_mode or "default",
         precision=precision, channels_last=channels_last, ema=ema)
     with stopped_with_hint(out, resume), cpu_threads(threads):

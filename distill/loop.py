@@ -20,7 +20,7 @@ from torch.profiler import record_function
 
 from kdtool import console, optim
 from kdtool.checkpoint import ModelMeta, load_checkpoint
-from kdtool.data import check_fits, load_for_model
+from kdtool.data import Draw, check_fits, load_for_model
 from kdtool.device import (
     COMPILE_MODES,
     PRECISIONS,
@@ -39,7 +39,13 @@ from kdtool.distill.noise import check_noise_options, make_noise
 from kdtool.distill.pool import PooledNoise
 from kdtool.distill.teacher import TEACHER_BN_MODES, TEACHER_STATS, FrozenTeacher
 from kdtool.ema import check_decay, make_ema
-from kdtool.errors import KdtoolError, check_choice, check_val_every, check_weight_decay
+from kdtool.errors import (
+    KdtoolError,
+    check_choice,
+    check_val_every,
+    check_val_limit,
+    check_weight_decay,
+)
 from kdtool.evaluate import percent_equal, predict
 from kdtool.io import file_sha256, refuse_input_as_output
 from kdtool.loader import epoch_generator
@@ -101,6 +107,7 @@ class DistillConfig:
     weight_decay: float = 0.0
     val: str | None = None
     val_every: int = 1
+    val_limit: int | None = None  # a seeded random N of --val's images
     seed: int = 0
     device: str = "auto"
     compile: bool = False
@@ -131,6 +138,7 @@ class DistillConfig:
             raise KdtoolError("--batch-size must be >= 2: the teacher normalises with the "
                               "statistics of the batch")
         check_val_every(c.val_every, c.val)
+        check_val_limit(c.val_limit, c.val)
         return c
 
 
@@ -253,7 +261,9 @@ class DistillRun:
     def _load_val(self, tmeta: ModelMeta):
         if not self.cfg.val:
             return None
-        val = load_for_model(self.cfg.val, tmeta)
+        c = self.cfg
+        val = load_for_model(c.val, tmeta, None if c.val_limit is None else
+                             Draw(c.val_limit, c.seed))
         check_fits(val, num_classes=tmeta.num_classes, in_chans=tmeta.in_chans,
                    what=f"teacher '{self.cfg.teacher}'")
         val.require_labels("validation data")

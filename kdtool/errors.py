@@ -106,6 +106,17 @@ def check_val_every(val_every: int, val: str | None) -> None:
                           "is none", "add --val DATA, or drop --val-every")
 
 
+def check_val_limit(val_limit: int | None, val: str | None) -> None:
+    """--val-limit draws some of --val's images (train and distill alike)."""
+    if val_limit is None:
+        return
+    if val_limit < 1:
+        raise KdtoolError(f"--val-limit must be >= 1, got {val_limit}")
+    if not val:
+        raise KdtoolError(f"--val-limit {val_limit} draws images of --val, and there is none",
+                          "add --val DATA, or drop --val-limit")
+
+
 def check_weight_decay(weight_decay: float) -> None:
     """--weight-decay shrinks weights towards zero (train and distill alike): a negative or
     non-finite value would grow them without bound."""

@@ -19,6 +19,7 @@ import torch.nn as nn
 from kdtool import console, optim
 from kdtool.checkpoint import ModelMeta, per_channel_norm
 from kdtool.data import (
+    Draw,
     ImageData,
     check_fits,
     load_data,
@@ -38,7 +39,13 @@ from kdtool.device import (
     resolve_precision,
 )
 from kdtool.ema import check_decay, make_ema
-from kdtool.errors import KdtoolError, check_choice, check_val_every, check_weight_decay
+from kdtool.errors import (
+    KdtoolError,
+    check_choice,
+    check_val_every,
+    check_val_limit,
+    check_weight_decay,
+)
 from kdtool.evaluate import evaluate
 from kdtool.imageprep import Fit, parse_resize
 from kdtool.loader import Augment, DeviceLoader
@@ -53,6 +60,7 @@ class TrainConfig:
     data: str = "digits"
     val: str | None = None
     val_every: int = 1  # validate every N epochs and after the last
+    val_limit: int | None = None  # a seeded random N of --val's images
     epochs: int = 30
     batch_size: int = 128
     optimizer: str = "sgd"
@@ -89,6 +97,7 @@ class TrainConfig:
             if value < low:
                 raise KdtoolError(f"{name} must be >= {low}, got {value}")
         check_val_every(c.val_every, c.val)
+        check_val_limit(c.val_limit, c.val)
         check_choice(c.compile_mode, COMPILE_MODES, "--compile-mode")
         check_choice(c.precision, PRECISIONS, "--precision")
         check_decay(c.ema)
@@ -133,8 +142,9 @@ class Trainer:
                              "training accuracy, not a held-out figure")
             # Fitted to the training images' size, as eval and serve will fit them.
             refuse_unknown_classes(c.val, train.class_names, "the training data's")
+            draw = None if c.val_limit is None else Draw(c.val_limit, c.seed)
             val = match_classes(load_data(c.val, image_size=train.image_size,
-                                          channels=train.channels, fit=self.fit),
+                                          channels=train.channels, fit=self.fit, draw=draw),
                                 train.class_names, "the training data's")
             val.require_labels("validation data")
             check_fits(val, num_classes=train.num_classes, in_chans=train.channels,

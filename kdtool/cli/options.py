@@ -30,6 +30,10 @@ CompileMode = Annotated[str | None, typer.Option(
     "--compile-mode", help="torch.compile mode, implies --compile: default, reduce-overhead "
     "(CUDA graphs: no CPU cost per kernel launch), max-autotune (CUDA graphs and tuned "
     "kernels; slow to start) or max-autotune-no-cudagraphs.")]
+ValLimit = Annotated[int | None, typer.Option(
+    "--val-limit", help="Validate on a seeded random N of --val's images (chosen with "
+    "--seed; a folder or zip decodes only those): for a validation set too large to score, "
+    "or to hold, every epoch.", show_default=False)]
 Ema = Annotated[float, typer.Option(
     "--ema", help="Keep an exponential moving average of the weights with this decay (e.g. "
     "0.999; it spans ~1/(1-decay) steps) and validate and write it instead of the last "

@@ -31,6 +31,7 @@ from kdtool.cli.options import (
     Seed,
     Std,
     Threads,
+    ValLimit,
     WeightDecay,
     foreign_spec,
     parse_image_size,
@@ -49,6 +50,7 @@ def train_cmd(
     val_every: Annotated[int, typer.Option(
         "--val-every", help="Validate every N epochs and after the last (a large --val costs "
         "time each epoch); the best of the validated epochs is kept.")] = 1,
+    val_limit: ValLimit = None,
     epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training data.")] = 30,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step.")] = 128,
     optimizer: Annotated[str, typer.Option(
@@ -106,7 +108,8 @@ def train_cmd(
     size = parse_image_size(image_size)
     if size is not None and size[0] == size[1]:
         size = size[0]  # a square size as an int, as run states have recorded it
-    cfg = TrainConfig(arch=arch, data=data, val=val, val_every=val_every, epochs=epochs,
+    cfg = TrainConfig(arch=arch, data=data, val=val, val_every=val_every, val_limit=val_limit,
+                      epochs=epochs,
                       batch_size=batch_size, optimizer=optimizer, schedule=schedule, lr=lr,
                       weight_decay=weight_decay,
                       label_smoothing=label_smoothing, augment=augment, cutout=cutout,

@@ -495,3 +495,19 @@ def test_a_run_resumed_on_other_threads_says_it_will_not_be_bit_identical(
     assert "not be bit-identical to an uninterrupted run (pass --threads to match)" in err
     prov = read_meta(tmp_path / "t.safetensors").provenance
     assert prov["machine"]["torch_threads"] == 2 and prov["machine"]["device"] == "cpu"
+
+
+def test_val_limit_validates_on_a_seeded_subset(small_teacher, tmp_path):
+    """A validation set too large to score (or hold) every epoch: N of its images."""
+    r = DistillRun(_cfg(small_teacher, val="digits:test", val_limit=50, epochs=1),
+                   tmp_path / "a.safetensors").run()
+    assert r["val_images"] == 50 and 0 <= r["val_top1_current"] <= 100
+    again = DistillRun(_cfg(small_teacher, val="digits:test", val_limit=50, epochs=1),
+                       tmp_path / "b.safetensors").run()
+    assert again["val_top1_current"] == r["val_top1_current"]  # the same images, by --seed
+    assert read_meta(tmp_path / "a.safetensors").stages["distill"]["config"]["val_limit"] == 50
+    for kw, said in [(dict(val_limit=0, val="digits:test"), "--val-limit must be >= 1"),
+                     (dict(val_limit=5), "--val-limit 5 draws images of --val, and there is "
+                                         "none")]:
+        with pytest.raises(KdtoolError, match=said):
+            DistillRun(_cfg(small_teacher, **kw), tmp_path / "c.safetensors")

@@ -277,3 +277,17 @@ def test_train_under_torchrun_is_refused(cli, tmp_path, monkeypatch):
     r = cli("train", "--arch", "tiny_cnn", "--data", "digits", "--out", tmp_path / "t.safetensors")
     assert r.code == 1 and "kdtool train runs in one process; torchrun started 2" in r.err
     assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_val_limit_draws_the_validation_images(tmp_path):
+    cfg = TrainConfig(arch="tiny_cnn", data="digits", val="digits:test", val_limit=40,
+                      epochs=1)
+    _, val = Trainer(cfg, tmp_path / "t.safetensors")._load_data()
+    _, whole = Trainer(TrainConfig(arch="tiny_cnn", data="digits", val="digits:test"),
+                       tmp_path / "u.safetensors")._load_data()
+    assert len(val) == 40 and len(whole) == 360
+    first = torch.randperm(360, generator=torch.Generator().manual_seed(0))[:40]
+    assert torch.equal(val.x, whole.x[first])  # the first 40 of --seed's order
+    with pytest.raises(KdtoolError, match="--val-limit 3 draws images of --val"):
+        Trainer(TrainConfig(arch="tiny_cnn", data="digits", val_limit=3),
+                tmp_path / "v.safetensors")
