@@ -259,13 +259,13 @@ class DistillRun:
         return student
 
     def _load_val(self, tmeta: ModelMeta):
-        if not self.cfg.val:
-            return None
         c = self.cfg
+        if not c.val:
+            return None
         val = load_for_model(c.val, tmeta, None if c.val_limit is None else
                              Draw(c.val_limit, c.seed))
         check_fits(val, num_classes=tmeta.num_classes, in_chans=tmeta.in_chans,
-                   what=f"teacher '{self.cfg.teacher}'")
+                   what=f"teacher '{c.teacher}'")
         val.require_labels("validation data")
         return val
 

@@ -294,7 +294,7 @@ def _first_line(e: BaseException) -> str:
     return re.sub(r"^\[enforce fail at [^\]]*\]\s*", "", text)[:300]
 
 
-_finished_status: list[int] = []  # set by _late_signals_keep_status: the program's own run
+_finished_status: list[int] = []  # the program's own run finished with this status
 
 
 def _late_signals_keep_status(code: int) -> None:

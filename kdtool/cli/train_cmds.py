@@ -109,8 +109,8 @@ def train_cmd(
     if size is not None and size[0] == size[1]:
         size = size[0]  # a square size as an int, as run states have recorded it
     cfg = TrainConfig(arch=arch, data=data, val=val, val_every=val_every, val_limit=val_limit,
-                      epochs=epochs,
-                      batch_size=batch_size, optimizer=optimizer, schedule=schedule, lr=lr,
+                      epochs=epochs, batch_size=batch_size, optimizer=optimizer,
+                      schedule=schedule, lr=lr,
                       weight_decay=weight_decay,
                       label_smoothing=label_smoothing, augment=augment, cutout=cutout,
                       image_size=size, resize=resize,
