@@ -66,9 +66,10 @@ def resolve(host: str, port: int) -> tuple:
         ) from None
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket; connections made before uvicorn accepts wait in the backlog."""
-    family, kind, proto, _, addr = resolve(host, port)
+def bind(host: str, port: int, resolved: tuple | None = None) -> socket.socket:
+    """A listening socket; connections made before uvicorn accepts wait in the backlog.
+    ``resolved``: resolve's answer for host and port, when the caller has it."""
+    family, kind, proto, _, addr = resolved or resolve(host, port)
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -150,13 +151,13 @@ def serve(
 ) -> None:
     """Load the model, bind, print the banner and serve until SIGINT/SIGTERM."""
     config = config or ServerConfig()
-    resolve(host, port)  # a host that is no address says so before asking for a key
+    resolved = resolve(host, port)  # a host that is no address says so before the key
     check_exposure(host, config.api_key)
     raise_open_files_limit()
     model = OnnxModel(model_path, name=name, provider=provider, threads=threads,
                       memory_arena=memory_arena)
     app = create_app(model, config)
-    sock = bind(host, port)
+    sock = bind(host, port, resolved)
     logging.getLogger("kdtool.serve").setLevel(logging.INFO)
     server = uvicorn_server(app, log_level)
     sys.stderr.write(banner(model, config, base_url(host, sock)) + "\n")
